@@ -1,0 +1,1 @@
+"""xlaserve.runtime.models."""

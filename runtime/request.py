@@ -1,0 +1,151 @@
+"""Host-side request records: SamplingParams, Request, RequestStatus, RequestOutput.
+
+Plain Python only. This module must never import jax (a test asserts it): the scheduler, the page
+allocator and the server all use it on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import time
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples its tokens. Validated on construction.
+
+    A bad value raises ValueError naming the field and the value, e.g. ``temperature=-1.0``.
+    """
+
+    max_tokens: int = 16  # most tokens to generate
+    min_tokens: int = 0  # EOS and stop token ids are suppressed until this many tokens
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # nucleus; 1.0 = off
+    min_p: float = 0.0  # keep tokens with p >= min_p * p_max; 0 = off
+    repetition_penalty: float = 1.0  # HF-style multiplicative penalty on seen tokens; 1 = off
+    presence_penalty: float = 0.0  # OpenAI-style additive penalty on generated tokens
+    frequency_penalty: float = 0.0  # OpenAI-style, scaled by count of generated occurrences
+    seed: int | None = None  # per-request seed: reproducible whatever else is batched
+    stop: tuple[str, ...] = ()  # stop strings; the output is trimmed before the match
+    stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the request
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs to return per token (0: only sampled)
+    n: int = 1  # samples per prompt, sharing the prompt's pages
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        checks = [
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be >= 1"),
+            ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens,
+             "must be >= 0"),
+            ("min_tokens", self.min_tokens <= self.max_tokens, "must be <= max_tokens"),
+            ("temperature", _finite(self.temperature) and self.temperature >= 0, "must be >= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be >= 0 (0 = off)"),
+            ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("repetition_penalty", _finite(self.repetition_penalty) and
+             self.repetition_penalty > 0, "must be > 0"),
+            ("presence_penalty", _finite(self.presence_penalty) and
+             -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", _finite(self.frequency_penalty) and
+             -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and
+                                                   0 <= self.logprobs <= 20), "must be in [0, 20]"),
+            ("n", isinstance(self.n, int) and 1 <= self.n <= 64, "must be in [1, 64]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop),
+             "must be non-empty strings"),
+        ]
+        for field, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{field}={getattr(self, field)!r}: {why}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"  # EOS, a stop token id or a stop string
+    FINISHED_LENGTH = "length"  # max_tokens or max_model_len reached
+    FINISHED_ABORTED = "abort"  # aborted by the client or by an error
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+@dataclasses.dataclass
+class Request:
+    """One sequence being generated. Mutated by the scheduler only.
+
+    For n > 1 the engine adds n Requests whose ids are ``f"{parent}#{i}"``; they share the prompt's
+    pages through the prefix cache.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
+    page_ids: list[int] = dataclasses.field(default_factory=list)
+    eos_token_ids: tuple[int, ...] = ()
+    stop_reason: str | int | None = None  # matched stop string or token id
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probability of the sampled token and the top-n alternatives at one position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), best first
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request: the delta since the last output."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_text: str  # detokenized delta, with stop strings held back / trimmed
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    stop_reason: str | int | None = None
+    new_logprobs: tuple[TokenLogprobs, ...] = ()
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None  # set when the request failed (finish_reason "abort")

@@ -1,0 +1,1 @@
+"""Subcommands of the xlaserve CLI, one module each (see xlaserve/cli.py)."""
