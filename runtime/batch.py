@@ -26,7 +26,8 @@ class SamplingInputs:
     repetition_penalty: np.ndarray  # f32[S]; 1 = off
     presence_penalty: np.ndarray  # f32[S]; 0 = off
     frequency_penalty: np.ndarray  # f32[S]; 0 = off
-    rng_keys: np.ndarray  # u32[S, 2]; raw PRNG key data: fold(seed, output position)
+    seeds: np.ndarray  # u32[S]; per-request seed. key = fold_in(PRNGKey(seed), output_position)
+    output_positions: np.ndarray  # i32[S]; index of the token being sampled in the output
     # Token history for penalties: prompt and output ids per sequence, -1 padded. [S, W]
     # W is 1 (all -1) when no request in the batch uses a penalty, so the common case moves nothing.
     prompt_token_ids: np.ndarray  # i32[S, W]
