@@ -1,0 +1,147 @@
+"""Building blocks of the Llama-family decoder: RMSNorm, rotary embedding, projections, SwiGLU MLP.
+
+Every parameter is declared once, here, with its shape, initializer and logical axis names
+(``nn.with_logical_partitioning``); the sharding rules map those names to mesh axes. Nothing in
+this module names a mesh axis, touches the KV cache, or knows about pages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xlaserve.runtime.config import RopeScaling
+
+# Logical axis names used by model parameters (sharding/rules.py maps them to mesh axes).
+LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm")
+
+_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def _param(module: nn.Module, name: str, init: nn.initializers.Initializer,
+           shape: Sequence[int], axes: tuple[str | None, ...], dtype: jnp.dtype) -> jax.Array:
+    """Declares one parameter with its logical axes (one place for shape, dtype, axes, init)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"param {name}: axes {axes} do not match shape {tuple(shape)}")
+    return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype)
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * scale, computed in float32 (as HF does) and cast back to x's dtype."""
+
+    dim: int
+    eps: float
+    dtype: jnp.dtype
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = _param(self, "scale", nn.initializers.ones, (self.dim,), (self.axis_name,),
+                       self.dtype)
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.eps)
+        return (y.astype(x.dtype) * scale).astype(x.dtype)
+
+
+class Projection(nn.Module):
+    """A linear map whose input and output may each span several named axes.
+
+    ``kernel`` has shape ``in_shape + out_shape``; the optional ``bias`` has shape ``out_shape``.
+    Example: the q projection maps [T, D] to [T, N, H] with kernel [D, N, H].
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    in_axes: tuple[str | None, ...]
+    out_axes: tuple[str | None, ...]
+    dtype: jnp.dtype
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = _param(self, "kernel", _KERNEL_INIT, self.in_shape + self.out_shape,
+                        self.in_axes + self.out_axes, self.dtype)
+        n_in = len(self.in_shape)
+        # Contract x's trailing len(in_shape) dims with the kernel's leading ones.
+        y = jax.lax.dot_general(
+            x, kernel,
+            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+            preferred_element_type=jnp.float32)
+        if self.use_bias:
+            bias = _param(self, "bias", nn.initializers.zeros, self.out_shape, self.out_axes,
+                          self.dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding table [V, D]; `attend` gives logits against it (tied embeddings)."""
+
+    vocab_size: int
+    dim: int
+    dtype: jnp.dtype
+
+    def setup(self) -> None:
+        self.embedding = _param(self, "embedding", _KERNEL_INIT, (self.vocab_size, self.dim),
+                                ("vocab", "embed"), self.dtype)
+
+    def __call__(self, token_ids: jax.Array) -> jax.Array:  # [T] -> [T, D]
+        return jnp.take(self.embedding, token_ids, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:  # [..., D] -> f32[..., V]
+        return jnp.einsum("...d,vd->...v", x, self.embedding, preferred_element_type=jnp.float32)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); the Llama/Mistral/Qwen MLP."""
+
+    dim: int
+    hidden: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
+        gate = Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",), self.dtype,
+                          name="gate_proj")(x)
+        up = Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",), self.dtype,
+                        name="up_proj")(x)
+        h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
+        return Projection((self.hidden,), (self.dim,), ("mlp",), ("embed",), self.dtype,
+                          name="down_proj")(h)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:
+    """Inverse frequencies f32[H/2] with the config's scaling applied (HF's definitions).
+
+    "linear" divides every frequency by `factor`; "llama3" (Llama 3.1+) divides only the low
+    frequencies, keeps the high ones, and blends smoothly in between.
+    """
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling.rope_type == "linear":
+        return inv / scaling.factor
+    if scaling.rope_type == "llama3":
+        low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+        high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+        wavelen = 2 * jnp.pi / inv
+        scaled = jnp.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+        smooth = ((scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor)
+                  / (scaling.high_freq_factor - scaling.low_freq_factor))
+        blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, blended, scaled)
+    return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates x [T, heads, H] by its positions i32[T] (the half-split layout HF Llama uses)."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
+    cos = jnp.cos(angles)[:, None, :]  # [T, 1, H/2]
+    sin = jnp.sin(angles)[:, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
