@@ -1,30 +1,74 @@
 """The `ragged_paged_attention` op and its dispatcher.
 
 Implementations (each with the op's signature, all tested against the reference):
-  "reference"  pure jnp (any platform)
-The dispatcher picks one by platform and shape, logs its choice once per (platform, shape class),
-and raises if an explicitly requested implementation is unavailable: it never falls back silently.
+  "reference"         pure jnp (any platform); the ground truth.
+  "pallas_triton"     the portable Pallas kernel compiled through the Triton lowering (NVIDIA GPU).
+  "pallas_interpret"  the same kernel through the Pallas interpreter (any platform; slow: tests).
+"auto" picks "pallas_triton" on GPU and "reference" elsewhere. The choice is logged once per
+(platform, implementation, shape class). An explicitly requested implementation that is not
+available raises RuntimeError: the dispatcher never falls back silently.
+
+`write_kv_pages` has two implementations: "xla" (an XLA scatter, in place under donation) and
+"pallas" (a Pallas kernel with input_output_aliases). "auto" takes the one measured faster on the
+GPU (bench/results/attention_*.json: see bench/NOTES_attention.md).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
 
-from xlaserve.pallas_kernels.ragged_paged_attention import (
-    ragged_paged_attention_reference,
-    write_kv_pages_reference,
-)
+from xlaserve.pallas_kernels import ragged_paged_attention as rpa
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("auto", "reference")
+IMPLEMENTATIONS = ("auto", "reference", "pallas_triton", "pallas_interpret")
+WRITE_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
+# Measured on one H100 (bench/results/attention_h100.json): the XLA scatter into the donated pool
+# is faster than (or as fast as) the one-row-per-program Pallas write kernel.
+_AUTO_WRITE = "xla"
+
+
+def _platform(platform: str | None) -> str:
+    platform = platform or jax.default_backend()
+    return "gpu" if platform in ("cuda", "gpu") else platform
 
 
 def available_implementations(platform: str | None = None) -> dict[str, str]:
     """Maps implementation name -> "available" or the reason it is not, on `platform`."""
-    return {"reference": "available"}
+    platform = _platform(platform)
+    triton = "available"
+    if platform != "gpu":
+        triton = f"needs an NVIDIA GPU (platform is {platform!r})"
+    else:
+        try:
+            from jax.experimental.pallas import triton as _  # noqa: F401
+        except ImportError as e:  # pragma: no cover - depends on the jax build
+            triton = f"jax.experimental.pallas.triton does not import: {e}"
+    return {"reference": "available", "pallas_triton": triton,
+            "pallas_interpret": "available (interpreter: for tests, slow)"}
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(platform: str, impl: str, requested: str, shape_class: str) -> None:
+    """Logs once per distinct argument tuple (lru_cache remembers what was logged)."""
+    log.info("ragged_paged_attention: chose %r on %s (requested %r, shapes %s)", impl, platform,
+             requested, shape_class)
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """The implementation `impl` resolves to on `platform`; raises if it is not available."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl={impl!r}: must be one of {IMPLEMENTATIONS}")
+    platform = _platform(platform)
+    if impl == "auto":
+        return "pallas_triton" if platform == "gpu" else "reference"
+    reason = available_implementations(platform)[impl]
+    if not reason.startswith("available"):
+        raise RuntimeError(f"ragged_paged_attention impl={impl!r} is not available: {reason}")
+    return impl
 
 
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -32,12 +76,42 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            num_seqs: jax.Array, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            impl: str = "auto") -> jax.Array:
-    """Dispatches to an implementation of ragged paged attention. See ragged_paged_attention.py."""
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"impl={impl!r}: must be one of {IMPLEMENTATIONS}")
-    return ragged_paged_attention_reference(
-        q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=sm_scale,
-        sliding_window=sliding_window, soft_cap=soft_cap)
+    """Dispatches to an implementation of ragged paged attention. See ragged_paged_attention.py.
+
+    Args:
+      q: [T, N, H]. k_pages, v_pages: [K, P, L, H]. kv_lens: i32[S]. page_table: i32[S, M].
+      cu_q_lens: i32[S+1]. num_seqs: i32[1]. impl: one of IMPLEMENTATIONS.
+    Returns:
+      [T, N, H] attention output in q's dtype (padded rows 0).
+    """
+    platform = _platform(None)
+    chosen = resolve_impl(impl, platform)
+    from xlaserve.pallas_kernels.tuning import q_len_class
+
+    _log_choice(platform, chosen, impl,
+                f"H{q.shape[-1]} L{k_pages.shape[2]} G{q.shape[1] // k_pages.shape[0]} "
+                f"{q_len_class(q.shape[0], page_table.shape[0])}")
+    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    args = (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
+    if chosen == "reference":
+        return rpa.ragged_paged_attention_reference(*args, **kwargs)
+    return rpa.ragged_paged_attention(*args, interpret=chosen == "pallas_interpret", **kwargs)
 
 
-write_kv_pages = write_kv_pages_reference
+def write_kv_pages(k_pages: jax.Array, v_pages: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                   slot_mapping: jax.Array, *, impl: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """Writes this step's K/V ([T, K, H]) into their slots of the [K, P, L, H] pools.
+
+    In place when the caller's jit donates the pools. impl: "auto", "xla", "pallas" (GPU only)
+    or "pallas_interpret".
+    """
+    if impl not in WRITE_IMPLEMENTATIONS:
+        raise ValueError(f"impl={impl!r}: must be one of {WRITE_IMPLEMENTATIONS}")
+    chosen = _AUTO_WRITE if impl == "auto" else impl
+    if chosen == "pallas" and _platform(None) != "gpu":
+        raise RuntimeError(f"write_kv_pages impl='pallas' needs an NVIDIA GPU (platform is "
+                           f"{_platform(None)!r})")
+    if chosen == "xla":
+        return rpa.write_kv_pages_reference(k_pages, v_pages, k_new, v_new, slot_mapping)
+    return rpa.write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping,
+                              interpret=chosen == "pallas_interpret")

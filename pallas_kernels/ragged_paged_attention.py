@@ -16,13 +16,75 @@ Query row i of sequence s sits at position ``kv_lens[s] - q_len[s] + i`` and att
 positions ``<=`` its own (and ``> pos - sliding_window`` when a window is set). GQA: q head n uses
 KV head ``n // (N // K)``. Optional logit soft cap: ``s = soft_cap * tanh(s / soft_cap)``.
 
-This file holds the pure-jnp reference, the ground truth of every implementation of the op.
+Implementations in this file:
+  * `ragged_paged_attention`: the portable Pallas kernel (Triton lowering on NVIDIA GPUs,
+    ``interpret=True`` on CPU). Algorithm: FlashAttention-2 online softmax over blocks of
+    ``pages_per_block`` pages, gathered straight from the pools through the page table.
+    - A 1-D work list of (sequence, first q token) tiles is built in jnp inside the jitted wrapper,
+      bounded statically by ``cdiv(T, block_q) + min(S, T)``, so ragged q lengths cost no empty
+      programs beyond that bound (unused items have no rows and no KV blocks).
+    - GQA: the G q heads of one KV head are folded into the tile rows (rows = block_q * G, token
+      major), so a decode row (q_len 1) still gives G rows per dot and each K/V page is read once
+      per KV head, not once per q head. Rows past the sequence's end are loaded but never stored.
+    - Long contexts with few tiles: the KV range is split over ``num_splits`` programs
+      (flash-decoding); each writes an unnormalised partial output with its row max and sum, and
+      a jnp combine step merges them.
+    - The causal mask is applied only on KV blocks that reach past the tile's first position.
+  * `write_kv_pages`: a Pallas kernel writing this step's K/V rows into their slots in place
+    (``input_output_aliases``; donate the pools so XLA does not copy them).
+  * `*_reference`: pure jnp, the ground truth.
+
+Constraints of the kernel: H, L, pages_per_block and block_q * G' are powers of two (G' = G
+rounded up to a power of two: extra q heads are zero padding); block_q * G' >= 16 on the GPU
+(Triton dots need 16 rows). The wrapper zeroes the page-table entries past each sequence's last
+page, so the kernel never reads a page id it was not given for that sequence.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedPagedAttentionConfig:
+    """Tile sizes and launch parameters of the Pallas kernel (see tuning.py for the table).
+
+    Attributes:
+      block_q: q tokens per tile; the tile has block_q * G' rows (G' = padded GQA group).
+      pages_per_block: pages per KV step; block_k = pages_per_block * page_size keys.
+      num_splits: programs sharing one tile's KV range (flash-decoding); 1 = no split.
+      num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining depth of the KV loop.
+      key_gather: gather K/V with one page id per key ([block_k, H] pointers straight away)
+        instead of one per page ([pages_per_block, L, H] pointers, then a reshape).
+    """
+
+    block_q: int = 16
+    pages_per_block: int = 4
+    num_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+    key_gather: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("block_q", "pages_per_block", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a positive power of two, got {value}")
+        if self.num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
 
 def check_inputs(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
@@ -52,6 +114,324 @@ def check_inputs(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: 
                     ("num_seqs", num_seqs)):
         if a.dtype != jnp.int32:
             raise ValueError(f"{name} must be int32, got {a.dtype}")
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+    """Triton compiler params; the class name differs between jax releases, so look it up."""
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _next_power_of_2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _ragged_paged_attention_kernel(
+    meta_ref,  # i32[4, W]: per work item (seq, first token t0, seq's end token, position of t0)
+    page_table_ref,  # i32[S, M'] (M' = M rounded up to pages_per_block; unused entries = 0)
+    q_ref,  # [R, H]: this KV head's q rows, R = (T + block_q) * G', row = token * G' + head
+    k_pages_ref,  # [P, L, H]: this KV head's K pool
+    v_pages_ref,  # [P, L, H]: this KV head's V pool
+    o_ref,  # [R, H] (num_splits == 1) or f32 [R, H] unnormalised partial output
+    *stat_refs,  # num_splits > 1 only: m_ref f32[R] (log2 domain), l_ref f32[R]
+    group: int,
+    block_q: int,
+    pages_per_block: int,
+    num_splits: int,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    key_gather: bool,
+):
+    """One program: one q tile (block_q tokens x G' heads) of one KV head, one KV split."""
+    w, split = pl.program_id(0), pl.program_id(2)
+    page_size, head_dim = k_pages_ref.shape[1], k_pages_ref.shape[2]
+    block_k = pages_per_block * page_size
+    rows = block_q * group
+    seq, t0, t_end, pos0 = meta_ref[0, w], meta_ref[1, w], meta_ref[2, w], meta_ref[3, w]
+
+    tok = lax.broadcasted_iota(jnp.int32, (rows,), 0) // group  # [rows] token within tile
+    row_valid = t0 + tok < t_end  # [rows]
+    q_pos = pos0 + tok  # [rows]
+    kv_stop = pos0 + jnp.clip(t_end - t0, 0, block_q)  # keys < kv_stop are needed by the tile
+    kv_start = 0 if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
+    j_lo = kv_start // block_k
+    j_hi = (kv_stop + block_k - 1) // block_k
+    if num_splits > 1:
+        per_split = (j_hi - j_lo + num_splits - 1) // num_splits
+        j_lo = j_lo + split * per_split
+        j_hi = jnp.minimum(j_lo + per_split, j_hi)
+    # Blocks whose last key is <= pos0 need no causal mask (every row sees all of them).
+    j_mid = jnp.clip((pos0 + 1) // block_k, j_lo, j_hi)
+    if sliding_window is not None:
+        j_mid = j_lo  # the window mask depends on the row: mask every block
+
+    q = q_ref[pl.ds(t0 * group, rows), :]  # [rows, H]
+    # Fold sm_scale (and log2 e, for exp2) into the logits once.
+    logit_scale = sm_scale if soft_cap is not None else sm_scale * _LOG2E
+
+    def body(j, carry, *, masked: bool):
+        o, m, l = carry  # [rows, H] f32, [rows] f32, [rows] f32
+        if key_gather:
+            key = lax.broadcasted_iota(jnp.int32, (block_k,), 0)  # [block_k]
+            page_ids = page_table_ref[seq, j * pages_per_block + key // page_size]  # [block_k]
+            k = k_pages_ref[page_ids, key % page_size, :]  # [block_k, H]
+            v = v_pages_ref[page_ids, key % page_size, :]  # [block_k, H]
+        else:
+            page_ids = page_table_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]  # [ppb]
+            k = k_pages_ref[page_ids].reshape(block_k, head_dim)  # [block_k, H]
+            v = v_pages_ref[page_ids].reshape(block_k, head_dim)  # [block_k, H]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32) * logit_scale  # [rows, block_k]
+        if soft_cap is not None:
+            s = (soft_cap * _LOG2E) * jnp.tanh(s / soft_cap)
+        if masked:
+            k_pos = j * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+            mask = k_pos <= q_pos[:, None]
+            if sliding_window is not None:
+                mask = mask & (k_pos > q_pos[:, None] - sliding_window)
+            s = jnp.where(mask, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with no key yet
+        alpha = jnp.exp2(m - m_safe)
+        p = jnp.exp2(s - m_safe[:, None])
+        l = alpha * l + jnp.sum(p, axis=1)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+        return alpha[:, None] * o + pv, m_new, l
+
+    carry = (jnp.zeros((rows, head_dim), jnp.float32),
+             jnp.full((rows,), -jnp.inf, jnp.float32),
+             jnp.zeros((rows,), jnp.float32))
+    carry = lax.fori_loop(j_lo, j_mid, functools.partial(body, masked=False), carry)
+    o, m, l = lax.fori_loop(j_mid, j_hi, functools.partial(body, masked=True), carry)
+
+    out_rows = pl.ds(t0 * group, rows)
+    if num_splits == 1:
+        o = o / jnp.where(l == 0.0, 1.0, l)[:, None]
+        plgpu.store(o_ref.at[out_rows, :], o.astype(o_ref.dtype), mask=row_valid[:, None])
+    else:
+        m_ref, l_ref = stat_refs
+        plgpu.store(o_ref.at[out_rows, :], o, mask=row_valid[:, None])
+        plgpu.store(m_ref.at[out_rows], m, mask=row_valid)
+        plgpu.store(l_ref.at[out_rows], l, mask=row_valid)
+
+
+def _work_list(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
+               num_tokens: int, block_q: int) -> jax.Array:
+    """i32[4, W]: (seq, t0, seq end token, position of t0) per q tile; unused items are zeros.
+
+    W = cdiv(T, block_q) + min(S, T) bounds sum_s cdiv(q_len_s, block_q) statically.
+    """
+    s_max = kv_lens.shape[0]
+    num_items = -(-num_tokens // block_q) + min(s_max, num_tokens)
+    seq_ids = jnp.arange(s_max, dtype=jnp.int32)
+    q_lens = jnp.where(seq_ids < num_seqs.reshape(()), cu_q_lens[1:] - cu_q_lens[:-1], 0)
+    q_lens = jnp.maximum(q_lens, 0)  # [S]
+    blocks = (q_lens + block_q - 1) // block_q  # [S]
+    cum = jnp.cumsum(blocks)  # [S]
+    items = jnp.arange(num_items, dtype=jnp.int32)  # [W]
+    seq = jnp.searchsorted(cum, items, side="right", method="compare_all").astype(jnp.int32)
+    seq = jnp.minimum(seq, s_max - 1)
+    valid = items < cum[-1]
+    q_start = cu_q_lens[seq]
+    t0 = q_start + (items - (cum[seq] - blocks[seq])) * block_q
+    t_end = q_start + q_lens[seq]
+    pos0 = kv_lens[seq] - q_lens[seq] + (t0 - q_start)
+    meta = jnp.stack([seq, t0, t_end, pos0])  # [4, W]
+    return jnp.where(valid[None, :], meta, 0).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "config",
+                                             "interpret"))
+def ragged_paged_attention(
+    q: jax.Array,  # [T, N, H]
+    k_pages: jax.Array,  # [K, P, L, H]
+    v_pages: jax.Array,  # [K, P, L, H]
+    kv_lens: jax.Array,  # i32[S]
+    page_table: jax.Array,  # i32[S, M]
+    cu_q_lens: jax.Array,  # i32[S+1]
+    num_seqs: jax.Array,  # i32[1]
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    config: RaggedPagedAttentionConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [T, N, H]
+    """Ragged paged attention with the Pallas kernel. Same semantics as the reference.
+
+    Args:
+      q: [T, N, H] queries of all sequences, flattened. k_pages, v_pages: [K, P, L, H] pools.
+      kv_lens: i32[S]. page_table: i32[S, M]. cu_q_lens: i32[S+1]. num_seqs: i32[1].
+      sm_scale: logit scale. sliding_window: keys with pos > q_pos - window only. soft_cap:
+        logit soft cap. config: tiles; None takes the tuning table's entry for these shapes.
+      interpret: run the kernel in the Pallas interpreter (CPU tests).
+    Returns:
+      [T, N, H] in q's dtype; rows past cu_q_lens[num_seqs] are 0.
+    """
+    check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
+    t_total, n, h = q.shape
+    k_heads, num_pages, page_size, _ = k_pages.shape
+    s_max, m_pages = page_table.shape
+    g = n // k_heads
+    gp = _next_power_of_2(g)
+    if config is None:
+        from xlaserve.pallas_kernels.tuning import lookup_config
+
+        config = lookup_config(head_dim=h, page_size=page_size, group=g, num_tokens=t_total,
+                               num_seqs=s_max, max_kv_len=m_pages * page_size,
+                               num_kv_heads=k_heads)
+    bq, ppb = config.block_q, config.pages_per_block
+    rows = bq * gp
+    for name, value in (("head dim H", h), ("page size L", page_size)):
+        if value & (value - 1):
+            raise ValueError(f"{name} must be a power of two for the Pallas kernel, got {value}; "
+                             f"q {q.shape}, k_pages {k_pages.shape}")
+    if not interpret and rows < 16:
+        raise ValueError(f"block_q * G' = {bq} * {gp} = {rows} rows < 16: Triton dots need 16; "
+                         f"q {q.shape}, k_pages {k_pages.shape}, {config}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+
+    meta = _work_list(kv_lens, cu_q_lens, num_seqs, num_tokens=t_total, block_q=bq)  # [4, W]
+    num_items = meta.shape[1]
+    # Page table: pad to whole KV blocks; zero (padding page) every entry past a sequence's last
+    # page, or of a padded sequence, so the kernel only reads pages it was given.
+    m_padded = -(-m_pages // ppb) * ppb
+    cols = jnp.arange(m_padded, dtype=jnp.int32)[None, :]
+    seq_pages = jnp.where(jnp.arange(s_max) < num_seqs.reshape(()),
+                          (kv_lens + page_size - 1) // page_size, 0)  # [S]
+    table = jnp.pad(page_table, ((0, 0), (0, m_padded - m_pages)))
+    table = jnp.where(cols < seq_pages[:, None], jnp.clip(table, 0, num_pages - 1), 0)  # [S, M']
+    # q rows per KV head, token major: [K, (T + bq) * G', H]; the extra bq tokens keep every
+    # tile's load in bounds.
+    qg = q.reshape(t_total, k_heads, g, h)
+    qg = jnp.pad(qg, ((0, bq), (0, 0), (0, gp - g), (0, 0)))
+    qg = qg.transpose(1, 0, 2, 3).reshape(k_heads, (t_total + bq) * gp, h)
+    r_total = qg.shape[1]
+
+    splits = config.num_splits
+    kernel = functools.partial(
+        _ragged_paged_attention_kernel, group=gp, block_q=bq, pages_per_block=ppb,
+        num_splits=splits, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        key_gather=config.key_gather)
+    in_specs = [
+        pl.BlockSpec((4, num_items), lambda w, kh, sp: (0, 0)),  # meta (whole)
+        pl.BlockSpec((s_max, m_padded), lambda w, kh, sp: (0, 0)),  # page_table (whole)
+        pl.BlockSpec((None, r_total, h), lambda w, kh, sp: (kh, 0, 0)),  # q rows of KV head kh
+        pl.BlockSpec((None, num_pages, page_size, h),
+                     lambda w, kh, sp: (kh, 0, 0, 0)),  # k_pages of KV head kh (whole pool)
+        pl.BlockSpec((None, num_pages, page_size, h),
+                     lambda w, kh, sp: (kh, 0, 0, 0)),  # v_pages of KV head kh (whole pool)
+    ]
+    if splits == 1:
+        out_shape = jax.ShapeDtypeStruct((k_heads, r_total, h), q.dtype)
+        out_specs = pl.BlockSpec((None, r_total, h), lambda w, kh, sp: (kh, 0, 0))  # o
+    else:
+        out_shape = (jax.ShapeDtypeStruct((splits, k_heads, r_total, h), jnp.float32),
+                     jax.ShapeDtypeStruct((splits, k_heads, r_total), jnp.float32),
+                     jax.ShapeDtypeStruct((splits, k_heads, r_total), jnp.float32))
+        out_specs = (
+            pl.BlockSpec((None, None, r_total, h), lambda w, kh, sp: (sp, kh, 0, 0)),  # o part
+            pl.BlockSpec((None, None, r_total), lambda w, kh, sp: (sp, kh, 0)),  # row max m
+            pl.BlockSpec((None, None, r_total), lambda w, kh, sp: (sp, kh, 0)),  # row sum l
+        )
+    out = pl.pallas_call(
+        kernel,
+        grid=(num_items, k_heads, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_compiler_params(config.num_warps, config.num_stages),
+        interpret=interpret,
+        name=f"ragged_paged_attention_bq{bq}_ppb{ppb}_sp{splits}",
+    )(meta, table, qg, k_pages, v_pages)
+
+    if splits > 1:
+        o_part, m_part, l_part = out  # [sp, K, R, H], [sp, K, R], [sp, K, R]
+        m_max = jnp.max(m_part, axis=0)
+        m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+        weight = jnp.exp2(m_part - m_max[None])  # [sp, K, R]; 0 for empty splits
+        l_sum = jnp.sum(weight * l_part, axis=0)
+        o = jnp.sum(weight[..., None] * o_part, axis=0) / jnp.where(l_sum == 0, 1.0, l_sum)[
+            ..., None]
+    else:
+        o = out  # [K, R, H]
+    o = o.reshape(k_heads, t_total + bq, gp, h)[:, :t_total, :g]
+    o = o.transpose(1, 0, 2, 3).reshape(t_total, n, h)
+    # Rows the kernel never stored (padding tokens) hold garbage: zero them.
+    real = jnp.arange(t_total) < cu_q_lens[num_seqs.reshape(())]
+    return jnp.where(real[:, None, None], o, 0).astype(q.dtype)
+
+
+def _write_kv_pages_kernel(
+    slot_ref,  # i32[T]
+    k_new_ref,  # [T, K, H]
+    v_new_ref,  # [T, K, H]
+    k_in_ref,  # [K, P, L, H] (aliased to k_out_ref; not read)
+    v_in_ref,  # [K, P, L, H] (aliased to v_out_ref; not read)
+    k_out_ref,  # [K, P, L, H]
+    v_out_ref,  # [K, P, L, H]
+    *,
+    page_size: int,
+):
+    """One program: one token's K and V row of one KV head, stored into its slot."""
+    del k_in_ref, v_in_ref
+    t, kh = pl.program_id(0), pl.program_id(1)
+    slot = slot_ref[t]
+    page, offset = slot // page_size, slot % page_size
+    k_out_ref[kh, page, offset, :] = k_new_ref[t, kh, :].astype(k_out_ref.dtype)
+    v_out_ref[kh, page, offset, :] = v_new_ref[t, kh, :].astype(v_out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def write_kv_pages(
+    k_pages: jax.Array,  # [K, P, L, H]
+    v_pages: jax.Array,  # [K, P, L, H]
+    k_new: jax.Array,  # [T, K, H]
+    v_new: jax.Array,  # [T, K, H]
+    slot_mapping: jax.Array,  # i32[T]; page * L + offset (padding rows -> slots of page 0)
+    *,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Writes this step's K/V rows into their slots with a Pallas kernel, in place (aliased).
+
+    The pools are aliased to the outputs; the caller's jit must donate them (as the model step
+    does) or XLA inserts a copy of the whole pool.
+    """
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages and v_pages must both be [K, P, L, H], got {k_pages.shape} "
+                         f"and {v_pages.shape}")
+    k_heads, num_pages, page_size, h = k_pages.shape
+    t_total = slot_mapping.shape[0]
+    if k_new.shape != (t_total, k_heads, h) or v_new.shape != k_new.shape:
+        raise ValueError(f"k_new and v_new must be [T, K, H] = [{t_total}, {k_heads}, {h}], got "
+                         f"{k_new.shape} and {v_new.shape}")
+    if slot_mapping.ndim != 1 or slot_mapping.dtype != jnp.int32:
+        raise ValueError(f"slot_mapping must be i32[T], got {slot_mapping.shape} "
+                         f"{slot_mapping.dtype}")
+    slots = jnp.clip(slot_mapping, 0, num_pages * page_size - 1)  # never write out of the pool
+    pool_spec = pl.BlockSpec((k_heads, num_pages, page_size, h), lambda t, kh: (0, 0, 0, 0))
+    row_spec = pl.BlockSpec((t_total, k_heads, h), lambda t, kh: (0, 0, 0))
+    return pl.pallas_call(
+        functools.partial(_write_kv_pages_kernel, page_size=page_size),
+        grid=(t_total, k_heads),
+        in_specs=[
+            pl.BlockSpec((t_total,), lambda t, kh: (0,)),  # slot_mapping (whole)
+            row_spec,  # k_new (whole)
+            row_spec,  # v_new (whole)
+            pool_spec,  # k_pages (aliased to output 0)
+            pool_spec,  # v_pages (aliased to output 1)
+        ],
+        out_specs=(pool_spec, pool_spec),
+        out_shape=(jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
+                   jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
+        input_output_aliases={3: 0, 4: 1},
+        compiler_params=_compiler_params(1, 1),
+        interpret=interpret,
+        name="write_kv_pages",
+    )(slots, k_new, v_new, k_pages, v_pages)
 
 
 def ragged_paged_attention_reference(

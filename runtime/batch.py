@@ -9,9 +9,13 @@ here is registering StepInputs as a pytree.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+
+from xlaserve.runtime.request import SamplingParams
+from xlaserve.runtime.scheduler import ScheduledSeq, SchedulerOutput
 
 
 @jax.tree_util.register_dataclass
@@ -62,3 +66,101 @@ class StepInputs:
     @property
     def num_seqs_bucket(self) -> int:
         return int(self.kv_lens.shape[0])
+
+
+def choose_bucket(n: int, buckets: Sequence[int], field: str = "n") -> int:
+    """Smallest bucket >= n. Raises ValueError naming `field` when n exceeds the largest."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{field}={n}: exceeds the largest bucket {max(buckets)}")
+
+
+def history_width(n: int) -> int:
+    """Power-of-two width (>= 1) for a token-history array holding `n` ids."""
+    w = 1
+    while w < n:
+        w *= 2
+    return w
+
+
+def build(sched_out: SchedulerOutput, *, page_size: int, token_buckets: Sequence[int],
+          seq_buckets: Sequence[int], max_pages_per_seq: int) -> StepInputs:
+    """Lays out one step's scheduled sequences as bucket-padded StepInputs.
+
+    Args:
+      sched_out: the scheduler's choice for this step (decode rows first).
+      page_size: L, tokens per page.
+      token_buckets: allowed T sizes, ascending; T = the smallest >= the scheduled tokens.
+      seq_buckets: allowed S sizes, ascending; S = the smallest >= the scheduled sequences.
+      max_pages_per_seq: width of the page table.
+    Returns:
+      StepInputs with padded token rows (token 0, position 0, slot 0 = page 0) and padded
+      sequences of zero length whose page-table rows are 0.
+    Raises:
+      ValueError: more tokens or sequences than the largest bucket, or a sequence needing more
+        than max_pages_per_seq pages.
+    """
+    seqs = sched_out.seqs
+    num_tokens = sched_out.num_scheduled_tokens
+    T = choose_bucket(num_tokens, token_buckets, "num_scheduled_tokens")
+    S = choose_bucket(len(seqs), seq_buckets, "num_seqs")
+    token_ids = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    slot_mapping = np.zeros(T, np.int32)
+    cu_q_lens = np.zeros(S + 1, np.int32)
+    kv_lens = np.zeros(S, np.int32)
+    page_table = np.zeros((S, max_pages_per_seq), np.int32)
+    logits_indices = np.zeros(S, np.int32)
+    row = 0
+    for s, seq in enumerate(seqs):
+        n = seq.num_new_tokens
+        if len(seq.page_ids) > max_pages_per_seq:
+            raise ValueError(f"page_ids: {seq.request_id} has {len(seq.page_ids)} pages > "
+                             f"max_pages_per_seq={max_pages_per_seq}")
+        pos = np.arange(seq.start_position, seq.start_position + n, dtype=np.int32)
+        pages = np.asarray(seq.page_ids, np.int32)
+        token_ids[row:row + n] = seq.token_ids
+        positions[row:row + n] = pos
+        slot_mapping[row:row + n] = pages[pos // page_size] * page_size + pos % page_size
+        page_table[s, :len(pages)] = pages
+        kv_lens[s] = seq.start_position + n
+        row += n
+        cu_q_lens[s + 1] = row
+        logits_indices[s] = row - 1
+    cu_q_lens[len(seqs) + 1:] = row  # padded sequences: zero q length
+    return StepInputs(token_ids, positions, slot_mapping, cu_q_lens, kv_lens, page_table,
+                      np.array([len(seqs)], np.int32), logits_indices,
+                      _sampling_inputs(seqs, S))
+
+
+def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int) -> SamplingInputs:
+    def col(fn: Callable[[SamplingParams], float], default: float, dtype: type) -> np.ndarray:
+        a = np.full(S, default, dtype)
+        a[:len(seqs)] = [fn(q.sampling) for q in seqs]
+        return a
+
+    seeds = np.zeros(S, np.uint32)
+    seeds[:len(seqs)] = [(q.sampling.seed or 0) & 0xFFFFFFFF for q in seqs]
+    out_pos = np.zeros(S, np.int32)
+    out_pos[:len(seqs)] = [q.output_position for q in seqs]
+    hist = [q for q in seqs if q.prompt_token_ids is not None]
+    W = history_width(max([max(len(q.prompt_token_ids or ()), len(q.output_token_ids or ()))
+                           for q in hist], default=1))
+    prompt_hist = np.full((S, W), -1, np.int32)
+    output_hist = np.full((S, W), -1, np.int32)
+    for s, q in enumerate(seqs):
+        if q.prompt_token_ids is not None:
+            prompt_hist[s, :len(q.prompt_token_ids)] = q.prompt_token_ids
+        if q.output_token_ids:
+            output_hist[s, :len(q.output_token_ids)] = q.output_token_ids
+    return SamplingInputs(
+        temperature=col(lambda p: p.temperature, 0.0, np.float32),
+        top_k=col(lambda p: p.top_k, 0, np.int32),
+        top_p=col(lambda p: p.top_p, 1.0, np.float32),
+        min_p=col(lambda p: p.min_p, 0.0, np.float32),
+        repetition_penalty=col(lambda p: p.repetition_penalty, 1.0, np.float32),
+        presence_penalty=col(lambda p: p.presence_penalty, 0.0, np.float32),
+        frequency_penalty=col(lambda p: p.frequency_penalty, 0.0, np.float32),
+        seeds=seeds, output_positions=out_pos,
+        prompt_token_ids=prompt_hist, output_token_ids=output_hist)

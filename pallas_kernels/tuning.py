@@ -1,0 +1,94 @@
+"""Tile choice for the Pallas ragged paged attention kernel, from a table measured on the GPU.
+
+The table (``tuning_h100.json`` beside this file) is written by ``bench/attention_sweep.py``: for
+each (head dim H, page size L, GQA group G, q-length class) it holds the fastest measured
+(block_q, pages_per_block, num_warps, num_stages), and one rule for KV splits (flash-decoding):
+split until the grid holds about ``target_programs`` programs, each split keeping at least
+``min_blocks_per_split`` KV blocks. Keys missing from the table fall back to the table's
+``default`` entries for the q-length class; the fallback is logged once, never silent.
+
+This module reads shapes only (all static under jit); it never touches device arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from xlaserve.pallas_kernels.ragged_paged_attention import RaggedPagedAttentionConfig
+
+log = logging.getLogger(__name__)
+
+TABLE_PATH = Path(__file__).with_name("tuning_h100.json")
+Q_CLASSES = ("decode", "mixed", "prefill")
+
+
+def q_len_class(num_tokens: int, num_seqs: int) -> str:
+    """Classifies a (T bucket, S bucket) by mean q tokens per sequence slot.
+
+    decode: T <= 2 S (q_len 1 rows, maybe a few short chunks); prefill: T >= 128 S (one or a few
+    long chunks); mixed: everything between (decode rows plus prefill chunks).
+    """
+    mean = num_tokens / max(num_seqs, 1)
+    if mean <= 2:
+        return "decode"
+    if mean >= 128:
+        return "prefill"
+    return "mixed"
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> dict[str, Any]:
+    with open(TABLE_PATH) as f:
+        return json.load(f)
+
+
+def table_key(head_dim: int, page_size: int, group: int, q_class: str) -> str:
+    return f"H{head_dim}_L{page_size}_G{group}_{q_class}"
+
+
+@functools.lru_cache(maxsize=None)
+def lookup_config(*, head_dim: int, page_size: int, group: int, num_tokens: int, num_seqs: int,
+                  max_kv_len: int, num_kv_heads: int) -> RaggedPagedAttentionConfig:
+    """The tuned config for these static shapes (cached; logs a missing key once)."""
+    table = _table()
+    q_class = q_len_class(num_tokens, num_seqs)
+    key = table_key(head_dim, page_size, group, q_class)
+    entry = table["entries"].get(key)
+    if entry is None:
+        entry = table["default"][q_class]
+        log.warning("ragged_paged_attention tuning: no entry %s in %s; using the default %s "
+                    "entry %s", key, TABLE_PATH.name, q_class, entry)
+    block_q = int(entry["block_q"])
+    gp = 1 << max(0, (group - 1).bit_length())
+    block_q = max(block_q, -(-16 // gp))  # Triton dots need >= 16 rows
+    block_k = int(entry["pages_per_block"]) * page_size
+    num_splits = num_kv_splits(num_tokens=num_tokens, num_seqs=num_seqs, block_q=block_q,
+                               num_kv_heads=num_kv_heads, max_kv_len=max_kv_len, block_k=block_k,
+                               target_programs=int(table["split"]["target_programs"]),
+                               min_blocks_per_split=int(table["split"]["min_blocks_per_split"]),
+                               max_splits=int(table["split"]["max_splits"]))
+    return RaggedPagedAttentionConfig(block_q=block_q,
+                                      pages_per_block=int(entry["pages_per_block"]),
+                                      num_splits=num_splits, num_warps=int(entry["num_warps"]),
+                                      num_stages=int(entry["num_stages"]))
+
+
+def num_kv_splits(*, num_tokens: int, num_seqs: int, block_q: int, num_kv_heads: int,
+                  max_kv_len: int, block_k: int, target_programs: int, min_blocks_per_split: int,
+                  max_splits: int) -> int:
+    """KV splits so that few long tiles still fill the GPU (flash-decoding).
+
+    Programs without splits: about max(cdiv(T, block_q), min(S, T)) tiles times KV heads. Split only while each split keeps >= min_blocks_per_split KV blocks of the longest
+    possible sequence (page-table width times page size).
+    """
+    tiles = max(-(-num_tokens // block_q), min(num_seqs, num_tokens))  # about the real tiles
+    programs = max(tiles * num_kv_heads, 1)
+    if programs >= target_programs:
+        return 1
+    want = -(-target_programs // programs)
+    most = max(1, (max_kv_len // block_k) // max(min_blocks_per_split, 1))
+    return max(1, min(want, most, max_splits))

@@ -1,0 +1,184 @@
+"""Engine: the serving loop. add_request / step / abort / has_work / stats.
+
+One `step()` = schedule (host) -> batch.build (host) -> runner.execute (device) -> scheduler.update
+(token-level stops) -> OutputProcessor (text, stop strings). Outputs are deltas (RequestOutput).
+
+n > 1: a request with SamplingParams.n = k becomes k sequences with ids f"{id}#{i}" (i = 0..k-1),
+each with n=1 and seed = seed + i (or its own derived seed). Their outputs carry the child ids;
+callers map them back with ``id.rpartition("#")``. Children 1..k-1 wait until child 0 has computed
+the prompt, then take its full pages from the prefix cache (shared, not recomputed).
+`abort(id)` aborts all children. For n = 1 the id is used unchanged.
+
+Seeds: a request without a seed gets one derived from the engine seed and a request counter, so a
+run is reproducible; a request with a seed samples the same tokens whatever else is batched.
+
+Not done here: overlapping host work for step N+1 with device step N (step is synchronous).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from xlaserve.runtime import batch
+from xlaserve.runtime.config import EngineConfig, ModelConfig
+from xlaserve.runtime.output import DetokenizerFactory, OutputProcessor, default_detokenizer_factory
+from xlaserve.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
+from xlaserve.runtime.scheduler import Scheduler
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's queues, pages and counters."""
+
+    num_waiting: int
+    num_running: int
+    num_pages_total: int  # usable pages (page 0 excluded)
+    num_pages_used: int
+    num_pages_cached: int  # reusable, holding a cached prefix
+    num_pages_free: int
+    prefix_cache_queries: int  # tokens looked up at admission
+    prefix_cache_hits: int  # tokens served from the prefix cache
+    num_preemptions: int
+    compiles_after_warmup: int
+    last_step_time_s: float
+    num_steps: int
+
+
+class Engine:
+    """Args:
+      config: the engine options (the runner already reflects cache and scheduler sizes).
+      runner: a ModelRunner or MockRunner (num_pages, page_size, buckets, execute).
+      tokenizer: checkpoints.tokenizer.Tokenizer or None (no text; token ids only).
+      model_config: the model's config (eos ids, vocab size), or None with a MockRunner.
+      detokenizer_factory: overrides the tokenizer's IncrementalDetokenizer (tests).
+      eos_token_ids: default: the tokenizer's, else the model config's.
+    """
+
+    def __init__(self, config: EngineConfig, runner: Any, *, tokenizer: Any = None,
+                 model_config: ModelConfig | None = None,
+                 detokenizer_factory: DetokenizerFactory | None = None,
+                 eos_token_ids: tuple[int, ...] | None = None):
+        self.config, self.runner, self.tokenizer, self.model_config = (
+            config, runner, tokenizer, model_config)
+        cache = dataclasses.replace(config.cache, page_size=runner.page_size)
+        self.scheduler = Scheduler(config.scheduler, cache, runner.num_pages)
+        if eos_token_ids is None:
+            eos_token_ids = tuple(getattr(tokenizer, "eos_token_ids", ()) or (
+                model_config.eos_token_ids if model_config else ()))
+        self.eos_token_ids = eos_token_ids
+        if detokenizer_factory is None and tokenizer is not None:
+            detokenizer_factory = default_detokenizer_factory(tokenizer)
+        self._outputs = OutputProcessor(detokenizer_factory)
+        self._children: dict[str, list[str]] = {}  # parent id -> child ids (n > 1)
+        self._pending: list[RequestOutput] = []  # abort outputs, returned by the next step
+        self._counter = 0
+        self._last_step_time = 0.0
+        self._num_steps = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        """Loads the model and tokenizer, builds the runner (on a mesh when parallel), warms up."""
+        from xlaserve.checkpoints.loader import load_model
+        from xlaserve.checkpoints.tokenizer import Tokenizer
+        from xlaserve.runtime.model_runner import ModelRunner
+
+        kw: dict[str, Any] = {}
+        plan_fn = None
+        if config.parallel.world_size > 1:
+            from xlaserve.sharding.specs import ShardingPlan
+
+            plan: dict[str, ShardingPlan] = {}
+
+            def plan_fn(cfg: ModelConfig) -> Any:
+                plan["p"] = ShardingPlan.create(cfg, config.parallel,
+                                                attention_impl=config.attention_impl)
+                return plan["p"].param_shardings
+        loaded = load_model(config.model, load_format=config.load_format, dtype=config.dtype,
+                            shardings_fn=plan_fn, seed=config.seed)
+        if plan_fn is not None:
+            p = plan["p"]
+            kw = dict(mesh=p.mesh, param_shardings=p.param_shardings, kv_sharding=p.kv_sharding)
+        runner = ModelRunner(loaded.config, loaded.params, config.cache, config.scheduler,
+                             attention_impl=config.attention_impl,
+                             compilation_cache_dir=config.compilation_cache_dir, **kw)
+        runner.warmup()
+        return cls(config, runner, tokenizer=Tokenizer.from_dir(loaded.model_dir),
+                   model_config=loaded.config)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    sampling: SamplingParams) -> None:
+        """Queues a request. Raises ValueError naming the field (length, empty prompt, dup id)."""
+        if request_id in self._children or request_id in self.scheduler.requests:
+            raise ValueError(f"request_id={request_id!r}: already in use")
+        vocab = self.model_config.vocab_size if self.model_config else None
+        if vocab is not None and any(not 0 <= int(t) < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab})")
+        ids = [request_id] if sampling.n == 1 else [f"{request_id}#{i}" for i in range(sampling.n)]
+        for i, rid in enumerate(ids):
+            seed = sampling.seed + i if sampling.seed is not None else (
+                self.config.seed * 1_000_003 + self._counter)
+            self._counter += 1
+            sp = dataclasses.replace(sampling, n=1, seed=seed & 0xFFFFFFFF)
+            req = Request(rid, [int(t) for t in prompt_token_ids], sp,
+                          eos_token_ids=self.eos_token_ids)
+            self.scheduler.add(req, wait_for=ids[0] if i else None)
+            self._outputs.add(rid, req.prompt_token_ids, sp)
+        if sampling.n > 1:
+            self._children[request_id] = ids
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request (all its children for n > 1): pages are freed now; the final output
+        (finish_reason "abort") comes from the next step(). Unknown ids are ignored."""
+        for rid in self._children.pop(request_id, [request_id]):
+            out = self.scheduler.abort(rid)
+            self._outputs.remove(rid)
+            if out is not None:
+                self._pending.append(out)
+
+    def has_work(self) -> bool:
+        return bool(self._pending) or self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one step; returns the deltas of every request that produced something."""
+        outs, self._pending = self._pending, []
+        start = time.perf_counter()
+        sched_out = self.scheduler.schedule()
+        if sched_out.seqs:
+            inputs = batch.build(sched_out, page_size=self.runner.page_size,
+                                 token_buckets=self.runner.token_buckets,
+                                 seq_buckets=self.runner.seq_buckets,
+                                 max_pages_per_seq=self.runner.max_pages_per_seq)
+            wanted = [s.sampling.logprobs for s in sched_out.seqs
+                      if s.sampling.logprobs is not None]
+            res = self.runner.execute(inputs, num_logprobs=max(wanted) if wanted else None)
+            deltas = self.scheduler.update(sched_out, res.sampled_token_ids, res.logprobs,
+                                           res.top_logprob_ids, res.top_logprobs)
+            for delta in deltas:
+                out, stop = self._outputs.process(delta)
+                if stop is not None and not delta.finished:
+                    self.scheduler.finish(delta.request_id, RequestStatus.FINISHED_STOPPED, stop)
+                outs.append(out)
+            self._num_steps += 1
+        for out in outs:
+            if out.finished and "#" in out.request_id:
+                parent = out.request_id.rpartition("#")[0]
+                kids = self._children.get(parent)
+                if kids is not None and out.request_id in kids:
+                    kids.remove(out.request_id)
+                    if not kids:
+                        del self._children[parent]
+        self._last_step_time = time.perf_counter() - start
+        return outs
+
+    def stats(self) -> EngineStats:
+        s, a = self.scheduler, self.scheduler.allocator
+        return EngineStats(
+            num_waiting=len(s.waiting), num_running=len(s.running),
+            num_pages_total=a.num_total, num_pages_used=a.num_used,
+            num_pages_cached=a.num_cached, num_pages_free=a.num_free,
+            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
+            num_preemptions=s.num_preemptions,
+            compiles_after_warmup=int(self.runner.compiles_after_warmup),
+            last_step_time_s=self._last_step_time, num_steps=self._num_steps)

@@ -1,0 +1,389 @@
+"""ModelRunner: owns params and KV pages; runs one pre-compiled step per shape bucket.
+
+The step is ``step(params, kv_cache, inputs) -> (SamplerOutput, kv_cache)``: the model forward
+(`models.llama.forward`) and on-device sampling (`sampling.sample`) in one jitted program, with the
+KV cache donated so the page pools are updated in place (no per-step copy).
+
+Shapes. Every StepInputs is padded by the batch builder to a (T, S) bucket: T from
+`token_buckets` (powers of two from 16 up to max_num_batched_tokens), S from `seq_buckets` (powers
+of two from 8 up to max_num_seqs), with S <= T (each sequence has at least one token). A third
+dimension is the width W of the penalty token history: 1 when no request in the batch uses a
+penalty, else the runner pads it to max_model_len (one more program per (T, S); skipped with
+``enable_penalties=False``, then a batch with history raises ValueError).
+
+Compilation. `warmup()` lowers and compiles every program once (``jitted.lower(...).compile()``,
+through JAX's persistent compilation cache on disk) and keeps a `CompileRecord` per bucket for
+profiling (`compile_records[(T, S)]`; the penalty variants in `penalty_compile_records`).
+Execution calls those executables directly, so nothing recompiles. A shape with no executable
+goes through the plain jit path; after warm-up each compile that causes is counted in
+`compiles_after_warmup`, recorded in `compile_log` and logged as an ERROR.
+
+Logprobs. Every program always computes the sampled token's logprob and the top-20 (a top_k over
+V, cheap next to the forward), so requests asking for logprobs never need another program. They
+stay on the device unless `execute(..., num_logprobs=n)` asks: then the top-n come back in the
+same single device->host copy as the sampled ids.
+
+Overlap. `execute_async` dispatches the step and returns at once (JAX dispatch is asynchronous);
+the host builds step N+1 while the device runs step N, and `PendingOutput.result()` does the one
+device->host copy.
+
+This module does not schedule, allocate pages, or pad inputs to buckets (runtime/batch.py does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+
+from xlaserve.runtime import sampling
+from xlaserve.runtime.batch import SamplingInputs, StepInputs
+from xlaserve.runtime.compile_cache import (
+    CompileRecord,
+    LateCompile,
+    RecompileGuard,
+    lower_and_compile,
+    setup_compilation_cache,
+)
+from xlaserve.runtime.config import CacheConfig, ModelConfig, SchedulerConfig, pow2_buckets
+from xlaserve.runtime.models import llama
+
+log = logging.getLogger(__name__)
+
+MIN_TOKEN_BUCKET = 16
+MIN_SEQ_BUCKET = 8
+CPU_DEFAULT_KV_BYTES = 1 << 30  # KV budget when the device reports no memory stats (CPU)
+
+ProgressFn = Callable[[int, int, tuple[int, int, int], CompileRecord], None]
+
+
+def choose_bucket(n: int, buckets: Iterable[int]) -> int:
+    """Smallest bucket >= n. Raises ValueError if n exceeds every bucket."""
+    fits = [b for b in buckets if b >= n]
+    if not fits:
+        raise ValueError(f"n={n}: larger than the largest bucket {max(buckets, default=None)}")
+    return min(fits)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerOutput:
+    """What one step sends back to the host. Rows past the step's num_seqs are padding."""
+
+    sampled_token_ids: np.ndarray  # i32[S_bucket]
+    logprobs: np.ndarray | None = None  # f32[S]: raw logprob of the sampled token, when asked
+    top_logprob_ids: np.ndarray | None = None  # i32[S, n], best first, when asked
+    top_logprobs: np.ndarray | None = None  # f32[S, n]
+
+
+class PendingOutput:
+    """A dispatched step; `result()` blocks and does the single device->host copy."""
+
+    def __init__(self, out: sampling.SamplerOutput, num_logprobs: int | None) -> None:
+        self._out = out
+        self._num_logprobs = num_logprobs
+        self._result: RunnerOutput | None = None
+        # Start the copies now so they overlap with host work; result() then only waits.
+        for a in self._wanted():
+            a.copy_to_host_async()
+
+    def _wanted(self) -> list[jax.Array]:
+        if self._num_logprobs is None:
+            return [self._out.token_ids]
+        # Whole [S, 20] arrays, sliced on the host: slicing on device would compile per n.
+        return [self._out.token_ids, self._out.logprobs, self._out.top_logprob_ids,
+                self._out.top_logprobs]
+
+    def result(self) -> RunnerOutput:
+        """Waits for the step and returns its host-side output (cached after the first call)."""
+        if self._result is None:
+            host = jax.device_get(self._wanted())
+            if self._num_logprobs is None:
+                self._result = RunnerOutput(sampled_token_ids=host[0])
+            else:
+                n = self._num_logprobs
+                self._result = RunnerOutput(sampled_token_ids=host[0], logprobs=host[1],
+                                            top_logprob_ids=host[2][:, :n],
+                                            top_logprobs=host[3][:, :n])
+        return self._result
+
+
+def greedy_sampling_inputs(num_seqs_bucket: int) -> SamplingInputs:
+    """All-greedy sampling controls with no penalty history (W = 1)."""
+    s = num_seqs_bucket
+    return SamplingInputs(
+        temperature=np.zeros(s, np.float32), top_k=np.zeros(s, np.int32),
+        top_p=np.ones(s, np.float32), min_p=np.zeros(s, np.float32),
+        repetition_penalty=np.ones(s, np.float32), presence_penalty=np.zeros(s, np.float32),
+        frequency_penalty=np.zeros(s, np.float32), seeds=np.zeros(s, np.uint32),
+        output_positions=np.zeros(s, np.int32), prompt_token_ids=np.full((s, 1), -1, np.int32),
+        output_token_ids=np.full((s, 1), -1, np.int32))
+
+
+def _describe(inputs: StepInputs) -> str:
+    """Shapes of a StepInputs, for compile logs."""
+    parts = [f"{k}{list(np.shape(v))}" for k, v in (
+        ("token_ids", inputs.token_ids), ("cu_q_lens", inputs.cu_q_lens),
+        ("page_table", inputs.page_table))]
+    if inputs.sampling is not None:
+        parts.append(f"history{list(np.shape(inputs.sampling.output_token_ids))}")
+    return " ".join(parts)
+
+
+class ModelRunner:
+    """Owns params, KV pages and one compiled step per (T bucket, S bucket, history width).
+
+    Args:
+      model_cfg: the decoder's shapes.
+      params: model parameters (as from llama.init_params or a checkpoint loader).
+      cache_cfg: page size and page count (or the memory fraction to derive it from).
+      sched_cfg: the step limits that define the buckets and max_model_len.
+      attention_impl: ops.ragged_paged_attention implementation name.
+      compilation_cache_dir: persistent compile cache (None: compile_cache.default_cache_dir()).
+      mesh, param_shardings, kv_sharding: when a mesh is given the step is jitted with explicit
+        in/out shardings: params as `param_shardings` (default: their current shardings), the KV
+        arrays as `kv_sharding` (one Sharding for every array, or a per-layer tree; default
+        replicated), inputs and sampled outputs replicated.
+      enable_penalties: also compile the penalty-history variant of every bucket.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, params: Any, cache_cfg: CacheConfig,
+                 sched_cfg: SchedulerConfig, *, attention_impl: str = "auto",
+                 compilation_cache_dir: str | None = None, mesh: jax.sharding.Mesh | None = None,
+                 param_shardings: Any = None, kv_sharding: Any = None,
+                 enable_penalties: bool = True) -> None:
+        self.model_cfg = model_cfg
+        self.cache_cfg = cache_cfg
+        self.sched_cfg = sched_cfg
+        self.attention_impl = attention_impl
+        self.mesh = mesh
+        self.compilation_cache_dir = setup_compilation_cache(compilation_cache_dir)
+        self.page_size = cache_cfg.page_size
+        self.max_pages_per_seq = math.ceil(sched_cfg.max_model_len / self.page_size)
+        self.token_buckets = pow2_buckets(MIN_TOKEN_BUCKET, sched_cfg.max_num_batched_tokens)
+        self.seq_buckets = pow2_buckets(MIN_SEQ_BUCKET, sched_cfg.max_num_seqs)
+        self.history_widths = (1, sched_cfg.max_model_len) if enable_penalties else (1,)
+
+        self._replicated = None
+        if mesh is not None:
+            self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            if param_shardings is None:
+                param_shardings = jax.tree.map(lambda a: a.sharding, params)
+            params = jax.device_put(params, param_shardings)
+        self.params = params
+
+        kv_shape = (model_cfg.num_kv_heads, 0, self.page_size, model_cfg.head_dim)
+        single_kv = kv_sharding if isinstance(kv_sharding, jax.sharding.Sharding) else None
+        if mesh is not None and kv_sharding is None:
+            single_kv = self._replicated
+        self.num_pages = self._choose_num_pages(single_kv, kv_shape)
+        self.kv_cache = llama.init_kv_cache(model_cfg, self.num_pages, self.page_size,
+                                            sharding=single_kv)
+        if kv_sharding is not None and single_kv is None:
+            self.kv_cache = jax.device_put(self.kv_cache, kv_sharding)
+
+        jit_kwargs: dict[str, Any] = {"donate_argnums": (1,)}
+        if mesh is not None:
+            kv_tree = jax.tree.map(lambda a: a.sharding, self.kv_cache)
+            jit_kwargs["in_shardings"] = (param_shardings, kv_tree, self._replicated)
+            jit_kwargs["out_shardings"] = (self._replicated, kv_tree)
+        self._jitted = jax.jit(self._step, **jit_kwargs)
+        self._executables: dict[tuple[int, int, int], Any] = {}
+        self.compile_records: dict[tuple[int, int], CompileRecord] = {}
+        self.penalty_compile_records: dict[tuple[int, int], CompileRecord] = {}
+        self._guard = RecompileGuard("ModelRunner")
+
+    # ------------------------------------------------------------------ set-up
+
+    def _choose_num_pages(self, kv_sharding: jax.sharding.Sharding | None,
+                          kv_shape: tuple[int, ...]) -> int:
+        """Pages from cache_cfg, else from free device memory after the weights."""
+        if self.cache_cfg.num_pages is not None:
+            return self.cache_cfg.num_pages
+        page_bytes = self.model_cfg.kv_bytes_per_token * self.page_size
+        leaf = jax.tree.leaves(self.params)[0]
+        if self.mesh is not None:
+            device = self.mesh.devices.flat[0]
+        elif isinstance(leaf, jax.Array):
+            device = next(iter(leaf.devices()))
+        else:
+            device = jax.devices()[0]
+        if kv_sharding is not None:  # each device holds only its shard of every page
+            full = (kv_shape[0], 1, *kv_shape[2:])
+            page_bytes = page_bytes * math.prod(kv_sharding.shard_shape(full)) // math.prod(full)
+        stats = device.memory_stats()
+        if stats and "bytes_limit" in stats:
+            util = self.cache_cfg.gpu_memory_utilization
+            budget = int(stats["bytes_limit"] * util) - int(stats.get("bytes_in_use", 0))
+            num_pages = budget // page_bytes
+            if num_pages < 2:
+                raise ValueError(
+                    f"gpu_memory_utilization={util}: leaves {budget} bytes for KV pages of "
+                    f"{page_bytes} bytes each on {device} (need >= 2 pages)")
+            log.info("num_pages=%d from %s memory: limit %d B x %.2f - in use %d B, %d B/page",
+                     num_pages, device, stats["bytes_limit"], util,
+                     stats.get("bytes_in_use", 0), page_bytes)
+            return int(num_pages)
+        full_need = self.sched_cfg.max_num_seqs * self.max_pages_per_seq + 1
+        num_pages = max(2, min(full_need, CPU_DEFAULT_KV_BYTES // page_bytes))
+        log.info("num_pages=%d: %s reports no memory stats; default is every sequence at "
+                 "max_model_len, capped at %d MiB of KV", num_pages, device.platform,
+                 CPU_DEFAULT_KV_BYTES >> 20)
+        return int(num_pages)
+
+    def _step(self, params: Any, kv_cache: llama.KVCache,
+              inputs: StepInputs) -> tuple[sampling.SamplerOutput, llama.KVCache]:
+        """The jitted program: forward, then sample on device."""
+        logits, kv_cache = llama.forward(params, inputs, kv_cache, self.model_cfg,
+                                         attention_impl=self.attention_impl)  # f32[S, V]
+        if inputs.sampling is None:
+            raise ValueError("inputs.sampling=None inside the step; the runner fills it in")
+        return sampling.sample(logits, inputs.sampling), kv_cache
+
+    # ------------------------------------------------------------------ buckets
+
+    def bucket_keys(self) -> list[tuple[int, int]]:
+        """Every (T, S) bucket a step can use (S <= T: each sequence has >= 1 token)."""
+        return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+
+    def dummy_inputs(self, num_tokens: int, num_seqs: int, history_width: int = 1) -> StepInputs:
+        """An all-padding StepInputs of bucket shape (T, S), history width W."""
+        t, s = num_tokens, num_seqs
+        smp = greedy_sampling_inputs(s)
+        if history_width != 1:
+            hist = np.full((s, history_width), -1, np.int32)
+            smp = dataclasses.replace(smp, prompt_token_ids=hist, output_token_ids=hist.copy())
+        return StepInputs(
+            token_ids=np.zeros(t, np.int32), positions=np.zeros(t, np.int32),
+            slot_mapping=np.zeros(t, np.int32), cu_q_lens=np.zeros(s + 1, np.int32),
+            kv_lens=np.zeros(s, np.int32),
+            page_table=np.zeros((s, self.max_pages_per_seq), np.int32),
+            num_seqs=np.zeros(1, np.int32), logits_indices=np.zeros(s, np.int32), sampling=smp)
+
+    def abstract_inputs(self, num_tokens: int, num_seqs: int,
+                        history_width: int = 1) -> StepInputs:
+        """`dummy_inputs` as jax.ShapeDtypeStructs (replicated on the mesh when there is one)."""
+        return jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated),
+            self.dummy_inputs(num_tokens, num_seqs, history_width))
+
+    # ------------------------------------------------------------------ compile
+
+    def compile_bucket(self, num_tokens: int, num_seqs: int,
+                       history_width: int = 1) -> CompileRecord:
+        """Lowers and compiles the step for one bucket and keeps its executable and record."""
+        abstract = (self.params, self.kv_cache,
+                    self.abstract_inputs(num_tokens, num_seqs, history_width))
+        record = lower_and_compile(self._jitted, *abstract)
+        self._executables[(num_tokens, num_seqs, history_width)] = record.compiled
+        records = self.compile_records if history_width == 1 else self.penalty_compile_records
+        records[(num_tokens, num_seqs)] = record
+        log.info("compiled T=%d S=%d W=%d: lower %.2fs, compile %.2fs, persistent cache %s",
+                 num_tokens, num_seqs, history_width, record.lower_s, record.compile_s,
+                 {True: "hit", False: "miss", None: "unused"}[record.cache_hit])
+        return record
+
+    def warmup(self, buckets: Iterable[tuple[int, int]] | None = None,
+               progress: ProgressFn | None = None) -> None:
+        """Compiles the step for `buckets` (default: all of `bucket_keys()`), every history width.
+
+        After it returns, any further compile is counted in `compiles_after_warmup` and logged
+        as an error.
+
+        Args:
+          buckets: (T, S) pairs to compile.
+          progress: called after each compile with (done, total, (T, S, W), record).
+        Raises:
+          ValueError: a bucket that is not one of this runner's (T, S) buckets.
+        """
+        keys = self.bucket_keys() if buckets is None else list(buckets)
+        valid = set(self.bucket_keys())
+        for key in keys:
+            if tuple(key) not in valid:
+                raise ValueError(f"buckets: {key!r} is not a (T, S) bucket of this runner "
+                                 f"(T in {self.token_buckets}, S in {self.seq_buckets}, S <= T)")
+        todo = [(t, s, w) for t, s in keys for w in self.history_widths]
+        start = time.perf_counter()
+        for i, (t, s, w) in enumerate(todo):
+            record = self.compile_bucket(t, s, w)
+            if progress is not None:
+                progress(i + 1, len(todo), (t, s, w), record)
+        hits = sum(1 for k in todo if self._record(k).cache_hit)
+        log.info("warm-up: %d programs in %.1fs (%d from the persistent cache)", len(todo),
+                 time.perf_counter() - start, hits)
+        self._guard.arm()
+
+    def _record(self, key: tuple[int, int, int]) -> CompileRecord:
+        t, s, w = key
+        return (self.compile_records if w == 1 else self.penalty_compile_records)[(t, s)]
+
+    @property
+    def compiles_after_warmup(self) -> int:
+        """XLA compiles caused by `execute` after warm-up (each one is an error)."""
+        return self._guard.compiles_after_warmup
+
+    @property
+    def compile_log(self) -> list[LateCompile]:
+        """One record (shapes, count, time) per step that compiled after warm-up."""
+        return self._guard.compile_log
+
+    # ------------------------------------------------------------------ execute
+
+    def _prepare(self, inputs: StepInputs) -> StepInputs:
+        """Checks widths, fills in greedy sampling, pads the penalty history to its bucket."""
+        if inputs.page_table.shape[-1] != self.max_pages_per_seq:
+            raise ValueError(f"page_table.shape={inputs.page_table.shape}: width must be "
+                             f"max_pages_per_seq={self.max_pages_per_seq}")
+        smp = inputs.sampling
+        if smp is None:
+            return dataclasses.replace(inputs, sampling=greedy_sampling_inputs(
+                inputs.num_seqs_bucket))
+        w = max(smp.prompt_token_ids.shape[-1], smp.output_token_ids.shape[-1])
+        if w == 1 and smp.prompt_token_ids.shape[-1] == smp.output_token_ids.shape[-1]:
+            return inputs
+        if w > self.history_widths[-1] or len(self.history_widths) == 1:
+            raise ValueError(
+                f"sampling.output_token_ids width {w}: history wider than 1 needs "
+                f"enable_penalties=True and at most max_model_len={self.sched_cfg.max_model_len}")
+        full = self.history_widths[-1]
+
+        def pad(a: np.ndarray) -> np.ndarray:
+            a = np.asarray(a, np.int32)
+            return np.pad(a, ((0, 0), (0, full - a.shape[-1])), constant_values=-1)
+        smp = dataclasses.replace(smp, prompt_token_ids=pad(smp.prompt_token_ids),
+                                  output_token_ids=pad(smp.output_token_ids))
+        return dataclasses.replace(inputs, sampling=smp)
+
+    def execute_async(self, inputs: StepInputs, *,
+                      num_logprobs: int | None = None) -> PendingOutput:
+        """Dispatches one step and returns at once; the KV cache is updated in place.
+
+        Args:
+          inputs: a StepInputs padded to a (T, S) bucket.
+          num_logprobs: None: only sampled ids come back; n in [0, 20]: also the sampled
+            token's logprob and the top-n.
+        Returns:
+          A PendingOutput; `.result()` waits and copies to the host.
+        """
+        if num_logprobs is not None and not 0 <= num_logprobs <= sampling.MAX_TOP_LOGPROBS:
+            raise ValueError(f"num_logprobs={num_logprobs}: must be in "
+                             f"[0, {sampling.MAX_TOP_LOGPROBS}]")
+        inputs = self._prepare(inputs)
+        key = (inputs.num_tokens_bucket, inputs.num_seqs_bucket,
+               int(inputs.sampling.output_token_ids.shape[-1]))  # type: ignore[union-attr]
+        executable = self._executables.get(key)
+        with self._guard.watch(lambda: _describe(inputs)):
+            if executable is not None:
+                out, self.kv_cache = executable(self.params, self.kv_cache, inputs)
+            else:  # not a warmed-up bucket: the jit path compiles (an error after warm-up)
+                out, self.kv_cache = self._jitted(self.params, self.kv_cache, inputs)
+        return PendingOutput(out, num_logprobs)
+
+    def execute(self, inputs: StepInputs, *, num_logprobs: int | None = None) -> RunnerOutput:
+        """Runs one step and waits for its output (see `execute_async`)."""
+        return self.execute_async(inputs, num_logprobs=num_logprobs).result()

@@ -1,0 +1,167 @@
+"""On-device sampling: penalties, temperature, top-k, top-p, min-p, per-request PRNG, logprobs.
+
+Pure jnp over fixed-shape arrays; every control is a per-row array from `SamplingInputs`, so one
+compiled program serves any mix of greedy and sampled requests. Runs inside the runner's jitted
+step: only the sampled ids (and, when asked, logprobs) ever leave the device.
+
+Order of operations for each row (HF / vLLM semantics):
+  1. repetition penalty over prompt + output tokens (HF: positive logits are divided by the
+     penalty, negative ones multiplied), then presence / frequency penalties over output tokens
+     (OpenAI: ``logit -= frequency * count + presence * (count > 0)``);
+  2. temperature == 0: the token is exactly ``argmax`` of the (penalized) float32 logits;
+  3. otherwise divide by the temperature, keep the top-k tokens, then the smallest prefix of the
+     renormalized distribution whose mass reaches top-p, then the tokens with
+     ``p >= min_p * p_max``; sample with the Gumbel-max trick.
+Filters are thresholds on the logit value, so tokens tied with the last kept token are kept too.
+
+Randomness: row s uses ``fold_in(PRNGKey(seeds[s]), output_positions[s])``, so a request's sample
+depends on its logits, seed and output position only, never on its row or its batch-mates.
+
+Logprobs are those of the raw model distribution (``log_softmax`` of the logits before penalties
+and temperature, vLLM's default). The top-n alternatives are always computed for
+``MAX_TOP_LOGPROBS`` (the SamplingParams maximum), so asking for logprobs never needs another
+compiled program; the runner copies them to the host only when a request asks.
+
+This module does not know about buckets, the host, or which requests asked for logprobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from xlaserve.runtime.batch import SamplingInputs
+
+MAX_TOP_LOGPROBS = 20  # SamplingParams.logprobs is validated to [0, 20]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    """What the sampler produces on device for one step (all rows of the S bucket)."""
+
+    token_ids: jax.Array  # i32[S]; sampled (or greedy) token of each row
+    logprobs: jax.Array  # f32[S]; raw-model logprob of the sampled token
+    top_logprob_ids: jax.Array  # i32[S, n]; n = min(MAX_TOP_LOGPROBS, V), best first
+    top_logprobs: jax.Array  # f32[S, n]
+
+
+def _token_counts(token_ids: jax.Array, vocab_size: int) -> jax.Array:
+    """Counts of each vocab id per row. token_ids i32[S, W] with -1 padding -> i32[S, V]."""
+    s, _ = token_ids.shape
+    rows = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], token_ids.shape)
+    # Padding (-1) and anything out of range goes to index V and is dropped by the scatter.
+    cols = jnp.where((token_ids >= 0) & (token_ids < vocab_size), token_ids, vocab_size)
+    counts = jnp.zeros((s, vocab_size), jnp.int32)
+    return counts.at[rows, cols].add(1, mode="drop")
+
+
+def apply_penalties(logits: jax.Array, sampling: SamplingInputs) -> jax.Array:
+    """Applies repetition, presence and frequency penalties.
+
+    Args:
+      logits: f32[S, V].
+      sampling: per-row controls; prompt_token_ids / output_token_ids are i32[S, W], -1 padded.
+    Returns:
+      f32[S, V], equal to `logits` in rows whose penalties are off (1, 0, 0) or that have no
+      history.
+    """
+    v = logits.shape[-1]
+    out_counts = _token_counts(jnp.asarray(sampling.output_token_ids), v)  # [S, V]
+    prompt_counts = _token_counts(jnp.asarray(sampling.prompt_token_ids), v)  # [S, V]
+    rep = jnp.asarray(sampling.repetition_penalty, jnp.float32)[:, None]  # [S, 1]
+    seen = (out_counts + prompt_counts) > 0
+    penalized = jnp.where(logits > 0, logits / rep, logits * rep)
+    logits = jnp.where(seen, penalized, logits)
+    freq = jnp.asarray(sampling.frequency_penalty, jnp.float32)[:, None]
+    pres = jnp.asarray(sampling.presence_penalty, jnp.float32)[:, None]
+    return logits - freq * out_counts.astype(jnp.float32) - pres * (out_counts > 0)
+
+
+def _top_k_top_p_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Smallest logit each row keeps under top-k then top-p. scaled f32[S, V] -> f32[S, 1]."""
+    v = scaled.shape[-1]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)  # [S, V]
+    k = jnp.where((top_k <= 0) | (top_k > v), v, top_k)  # [S]
+    rank = jnp.arange(v, dtype=jnp.int32)[None, :]  # [1, V]
+    in_top_k = rank < k[:, None]  # [S, V]
+    masked = jnp.where(in_top_k, sorted_desc, -jnp.inf)
+    probs = jax.nn.softmax(masked, axis=-1)  # renormalized over the top-k
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive prefix sum
+    # Keep the shortest prefix whose mass reaches top_p; rank 0 is always kept.
+    keep = in_top_k & ((mass_before < top_p[:, None]) | (rank == 0))
+    num_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)  # [S]
+    return jnp.take_along_axis(sorted_desc, (num_keep - 1)[:, None], axis=-1)
+
+
+def filtered_logits(logits: jax.Array, sampling: SamplingInputs) -> jax.Array:
+    """Temperature-scaled logits with tokens outside top-k / top-p / min-p set to -inf.
+
+    Penalties must already be applied. Rows with temperature 0 are scaled by 1 (the caller uses
+    argmax for them). The result's softmax is the distribution `sample` draws from.
+
+    Args:
+      logits: f32[S, V].
+      sampling: per-row controls.
+    Returns:
+      f32[S, V].
+    """
+    temperature = jnp.asarray(sampling.temperature, jnp.float32)  # [S]
+    top_k = jnp.asarray(sampling.top_k, jnp.int32)  # [S]
+    top_p = jnp.asarray(sampling.top_p, jnp.float32)  # [S]
+    min_p = jnp.asarray(sampling.min_p, jnp.float32)  # [S]
+    safe_t = jnp.where(temperature > 0, temperature, 1.0)
+    scaled = logits / safe_t[:, None]  # [S, V]
+    row_max = jnp.max(scaled, axis=-1, keepdims=True)  # [S, 1]
+    # The full sort is only paid when some row uses top-k or top-p.
+    needs_sort = jnp.any(((top_k > 0) & (top_k < scaled.shape[-1])) | (top_p < 1.0))
+    threshold = jax.lax.cond(needs_sort, _top_k_top_p_threshold,
+                             lambda x, _k, _p: jnp.full_like(row_max, -jnp.inf),
+                             scaled, top_k, top_p)
+    # min-p: p >= min_p * p_max  <=>  logit >= max + log(min_p); renormalizing after top-k /
+    # top-p scales every p alike, so the order of the filters does not matter here.
+    min_p_threshold = jnp.where(min_p[:, None] > 0, row_max + jnp.log(min_p[:, None]), -jnp.inf)
+    keep = (scaled >= threshold) & (scaled >= min_p_threshold)
+    return jnp.where(keep, scaled, -jnp.inf)
+
+
+def row_keys(seeds: jax.Array, output_positions: jax.Array) -> jax.Array:
+    """Per-row PRNG keys: fold_in(PRNGKey(seed), output_position). u32[S], i32[S] -> keys[S]."""
+    def one(seed: jax.Array, pos: jax.Array) -> jax.Array:
+        return jax.random.fold_in(jax.random.PRNGKey(seed), pos)
+    return jax.vmap(one)(jnp.asarray(seeds, jnp.uint32), jnp.asarray(output_positions, jnp.int32))
+
+
+def _draw(logits: jax.Array, sampling: SamplingInputs) -> jax.Array:
+    """Samples one token per row from softmax(filtered_logits) with the Gumbel-max trick."""
+    keys = row_keys(sampling.seeds, sampling.output_positions)
+    v = logits.shape[-1]
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)  # [S, V]
+    return jnp.argmax(filtered_logits(logits, sampling) + gumbel, axis=-1).astype(jnp.int32)
+
+
+def sample(logits: jax.Array, sampling: SamplingInputs) -> SamplerOutput:
+    """Samples one token per row and computes raw logprobs.
+
+    Args:
+      logits: f32[S, V] (cast to float32 if not).
+      sampling: per-row controls (padded rows are greedy and their tokens ignored).
+    Returns:
+      SamplerOutput with token ids, the sampled token's logprob and the top-n logprobs.
+    """
+    logits = logits.astype(jnp.float32)
+    temperature = jnp.asarray(sampling.temperature, jnp.float32)
+    penalized = apply_penalties(logits, sampling)
+    greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)  # [S]
+    # Skip the noise and filters entirely when every row is greedy (the common padded decode).
+    drawn = jax.lax.cond(jnp.any(temperature > 0), _draw,
+                         lambda _l, _s: jnp.zeros_like(greedy), penalized, sampling)
+    token_ids = jnp.where(temperature > 0, drawn, greedy)
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [S, V]
+    chosen = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
+    n = min(MAX_TOP_LOGPROBS, logits.shape[-1])
+    top_lp, top_ids = jax.lax.top_k(raw_logprobs, n)
+    return SamplerOutput(token_ids=token_ids, logprobs=chosen,
+                         top_logprob_ids=top_ids.astype(jnp.int32), top_logprobs=top_lp)

@@ -1,0 +1,240 @@
+"""Shardings of params, KV cache and step inputs, the shard_map'd attention, and one plan.
+
+Everything here is derived from the rules table (rules.py) and the model's logical axes
+(`llama.param_logical_axes`); nothing else names a mesh axis for a model array.
+
+Entry point for the engine (see `ShardingPlan`)::
+
+    mesh = make_mesh(parallel)                                   # devices only
+    loaded = load_model(model, load_format=..., dtype=...,
+                        shardings_fn=make_shardings_fn(mesh))    # each device reads its slice
+    plan = ShardingPlan.create(loaded.config, parallel, mesh=mesh)
+    ModelRunner(..., mesh=plan.mesh, param_shardings=plan.param_shardings,
+                kv_sharding=plan.kv_sharding, attention_fn=plan.attention_fn)
+
+Data parallelism (``data`` > 1) replicates everything, step inputs included: each data replica
+runs the same step on the same batch. It is correct but gives no extra throughput yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from xlaserve.pallas_kernels import ops
+from xlaserve.runtime.batch import StepInputs
+from xlaserve.runtime.config import ModelConfig, ParallelConfig
+from xlaserve.runtime.models import llama
+from xlaserve.sharding.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, validate_model
+from xlaserve.sharding.rules import (
+    KV_CACHE_AXES,
+    Rules,
+    kv_heads_sharded,
+    logical_to_spec,
+    rules_for,
+)
+
+
+def mesh_parallel(mesh: Mesh) -> ParallelConfig:
+    """The ParallelConfig a ``("data", "model")`` mesh was built from."""
+    if tuple(mesh.axis_names) != (DATA_AXIS, MODEL_AXIS):
+        raise ValueError(f"mesh axis_names={tuple(mesh.axis_names)}: must be "
+                         f"({DATA_AXIS!r}, {MODEL_AXIS!r}) (use sharding.mesh.make_mesh)")
+    return ParallelConfig(tensor_parallel_size=mesh.shape[MODEL_AXIS],
+                          data_parallel_size=mesh.shape[DATA_AXIS])
+
+
+def mesh_rules(model_cfg: ModelConfig, mesh: Mesh) -> Rules:
+    """The rules table for this model on this mesh, after checking the model splits evenly."""
+    parallel = mesh_parallel(mesh)
+    validate_model(parallel, model_cfg)
+    return rules_for(model_cfg, parallel.tensor_parallel_size)
+
+
+def _is_axes(x: Any) -> bool:
+    return isinstance(x, tuple)
+
+
+def param_specs(model_cfg: ModelConfig, rules: Rules) -> llama.Params:
+    """PartitionSpec of every parameter (same tree as the params)."""
+    axes = llama.param_logical_axes(model_cfg)
+    return jax.tree.map(lambda a: logical_to_spec(a, rules), axes, is_leaf=_is_axes)
+
+
+def param_shardings(model_cfg: ModelConfig, mesh: Mesh) -> llama.Params:
+    """NamedSharding of every parameter (same tree as the params).
+
+    Raises:
+      ValueError: the model does not split over the mesh's ``model`` axis (names the field).
+    """
+    specs = param_specs(model_cfg, mesh_rules(model_cfg, mesh))
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def make_shardings_fn(mesh: Mesh) -> Callable[[ModelConfig], llama.Params]:
+    """``shardings_fn`` for checkpoints.loader.load_model: cfg -> param shardings on `mesh`."""
+    def shardings_fn(model_cfg: ModelConfig) -> llama.Params:
+        return param_shardings(model_cfg, mesh)
+    return shardings_fn
+
+
+def kv_cache_sharding(model_cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
+    """Sharding of one layer's k_pages or v_pages [K, P, L, H]: KV heads over ``model``
+    (replicated when tp does not divide the KV head count)."""
+    return NamedSharding(mesh, logical_to_spec(KV_CACHE_AXES, mesh_rules(model_cfg, mesh)))
+
+
+def step_input_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of every StepInputs array (and of sampled outputs): replicated on all devices.
+
+    Use it as a pytree prefix for a whole StepInputs in ``jit(in_shardings=...)``. Replicated
+    over ``data`` too: data parallelism does not split the batch in this version.
+    """
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _shard_map(f: Callable[..., Any], mesh: Mesh, in_specs: tuple[Any, ...],
+               out_specs: tuple[Any, ...]) -> Callable[..., Any]:
+    """jax.shard_map where it exists (jax >= 0.7), else jax.experimental.shard_map.
+
+    Replication checking is off: the body calls kernels (Pallas custom calls) that carry no
+    replication types. The specs below are exact, so the check would add nothing.
+    """
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)
+    from jax.experimental.shard_map import shard_map  # jax < 0.7
+
+    return shard_map(f, mesh, in_specs, out_specs, check_rep=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedAttention:
+    """An `llama.AttentionFn` that runs the KV write and the attention op under shard_map.
+
+    Each device writes and attends over its own KV heads and its own q heads, so the kernel
+    never sees another device's heads and no collective runs inside attention.
+
+    When tp does not divide the KV head count (tp > K, tp a multiple of K), the KV cache and the
+    K/V projections are replicated: every device writes all K heads into its copy, then attends
+    with the single KV head its q heads read (KV head ``device // (tp // K)``). Slicing that head
+    out costs one copy of 1/K of the layer's pool per step when the kernel is a custom call; a
+    cache laid out with duplicated KV heads would avoid it (not done).
+
+    Frozen and hashable, so it can be a static argument of jit; equal plans give equal wrappers.
+    """
+
+    mesh: Mesh
+    model_cfg: ModelConfig
+    impl: str = "auto"
+
+    def __call__(self, q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
+                 v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
+                 sliding_window: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        rules = mesh_rules(self.model_cfg, self.mesh)
+        tp = self.mesh.shape[MODEL_AXIS]
+        split_kv = kv_heads_sharded(self.model_cfg, tp)
+        group = 1 if split_kv else tp // self.model_cfg.num_kv_heads  # devices per KV head
+        q_spec = logical_to_spec(("tokens", "q_heads", "head_dim"), rules)
+        kv_new_spec = logical_to_spec(("tokens", "kv_heads", "head_dim"), rules)
+        pages_spec = logical_to_spec(KV_CACHE_AXES, rules)
+        rep = PartitionSpec()
+        impl = self.impl
+
+        def body(q, k_new, v_new, k_pages, v_pages, slot_mapping, kv_lens, page_table,
+                 cu_q_lens, num_seqs):
+            # Local shapes: q [T, N/tp, H]; k_new, v_new [T, K', H]; pages [K', P, L, H] with
+            # K' = K/tp (split) or K (replicated).
+            k_pages, v_pages = ops.write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping)
+            k_att, v_att = k_pages, v_pages
+            if not split_kv:
+                head = jax.lax.axis_index(MODEL_AXIS) // group
+                k_att = jax.lax.dynamic_slice_in_dim(k_pages, head, 1, axis=0)  # [1, P, L, H]
+                v_att = jax.lax.dynamic_slice_in_dim(v_pages, head, 1, axis=0)
+            o = ops.ragged_paged_attention(
+                q, k_att, v_att, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=sm_scale,
+                sliding_window=sliding_window, impl=impl)
+            return o, k_pages, v_pages
+
+        fn = _shard_map(
+            body, self.mesh,
+            in_specs=(q_spec, kv_new_spec, kv_new_spec, pages_spec, pages_spec,
+                      rep, rep, rep, rep, rep),
+            out_specs=(q_spec, pages_spec, pages_spec))
+        return fn(q, k_new, v_new, k_pages, v_pages, inputs.slot_mapping, inputs.kv_lens,
+                  inputs.page_table, inputs.cu_q_lens, inputs.num_seqs)
+
+
+def shard_attention(mesh: Mesh, model_cfg: ModelConfig, *, impl: str = "auto",
+                    ) -> ShardedAttention:
+    """The attention step of `llama.forward` (``attention_fn=``) split over the mesh's heads.
+
+    Raises:
+      ValueError: the model's heads do not split over the mesh (names the field).
+    """
+    mesh_rules(model_cfg, mesh)  # validate now, not at trace time
+    return ShardedAttention(mesh, model_cfg, impl)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShardingPlan:
+    """Everything the engine needs to run one model on one mesh.
+
+    Attributes:
+      mesh: the ``("data", "model")`` device mesh.
+      model_cfg: the model it was validated against.
+      rules: the logical -> mesh axis table in force (kv_heads may be replicated).
+      param_shardings: NamedSharding per parameter (same tree as the params).
+      kv_sharding: sharding of each per-layer k_pages / v_pages [K, P, L, H].
+      input_sharding: sharding of StepInputs arrays and of sampled outputs (replicated).
+      attention_fn: pass as ``llama.forward(..., attention_fn=plan.attention_fn)``.
+    """
+
+    mesh: Mesh
+    model_cfg: ModelConfig
+    rules: Rules
+    param_shardings: llama.Params
+    kv_sharding: NamedSharding
+    input_sharding: NamedSharding
+    attention_fn: ShardedAttention
+
+    @classmethod
+    def create(cls, model_cfg: ModelConfig, parallel: ParallelConfig, *, mesh: Mesh | None = None,
+               devices: list[jax.Device] | None = None,
+               attention_impl: str = "auto") -> ShardingPlan:
+        """Validates `parallel` against the devices and the model and derives every sharding.
+
+        Args:
+          model_cfg: the model (from its config.json).
+          parallel: tensor / data parallel sizes.
+          mesh: an existing mesh (e.g. the one the params were loaded onto); must match
+            `parallel`. Default: ``make_mesh(parallel, devices)``.
+          devices: devices for a new mesh; default all visible.
+          attention_impl: ops.ragged_paged_attention implementation run on each device.
+        """
+        if mesh is None:
+            mesh = make_mesh(parallel, devices, model_cfg)
+        elif mesh_parallel(mesh) != parallel:
+            raise ValueError(f"mesh shape {dict(mesh.shape)} does not match tensor_parallel_size="
+                             f"{parallel.tensor_parallel_size}, data_parallel_size="
+                             f"{parallel.data_parallel_size}")
+        return cls(mesh=mesh, model_cfg=model_cfg, rules=mesh_rules(model_cfg, mesh),
+                   param_shardings=param_shardings(model_cfg, mesh),
+                   kv_sharding=kv_cache_sharding(model_cfg, mesh),
+                   input_sharding=step_input_sharding(mesh),
+                   attention_fn=shard_attention(mesh, model_cfg, impl=attention_impl))
+
+    @property
+    def shardings_fn(self) -> Callable[[ModelConfig], llama.Params]:
+        """For checkpoints.loader.load_model(shardings_fn=...)."""
+        return make_shardings_fn(self.mesh)
+
+    def kv_cache_shardings(self) -> tuple[tuple[NamedSharding, NamedSharding], ...]:
+        """Sharding tree matching the whole KV cache (per layer (k_pages, v_pages))."""
+        return tuple((self.kv_sharding, self.kv_sharding)
+                     for _ in range(self.model_cfg.num_layers))

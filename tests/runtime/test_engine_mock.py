@@ -1,0 +1,177 @@
+"""Engine over MockRunner (no model): deltas, stop strings, n > 1, abort, logprobs, stats."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from xlaserve.runtime.config import CacheConfig, EngineConfig, SchedulerConfig
+from xlaserve.runtime.engine import Engine
+from xlaserve.runtime.mock_runner import MockRunner, mock_next_token, mock_sampled_token
+from xlaserve.runtime.request import SamplingParams
+
+V = 1000
+
+
+class CharDetok:
+    """Token t -> one letter; a stand-in for the real IncrementalDetokenizer."""
+
+    def __init__(self, prompt):
+        pass
+
+    def add(self, ids):
+        return "".join(chr(97 + t % 26) for t in ids)
+
+    def flush(self):
+        return ""
+
+
+def text_of(ids):
+    return "".join(chr(97 + t % 26) for t in ids)
+
+
+def make_engine(budget=32, seqs=8, pages=64, max_len=256, eos=()):
+    cfg = EngineConfig(cache=CacheConfig(page_size=8, num_pages=pages),
+                       scheduler=SchedulerConfig(max_num_batched_tokens=budget,
+                                                 max_num_seqs=seqs, max_model_len=max_len))
+    runner = MockRunner(cfg.cache, cfg.scheduler, vocab_size=V)
+    runner.warmup()
+    return Engine(cfg, runner, detokenizer_factory=CharDetok, eos_token_ids=eos)
+
+
+def collect(got, outs):
+    for o in outs:
+        g = got.setdefault(o.request_id, {"ids": [], "text": "", "final": None})
+        g["ids"] += o.new_token_ids
+        g["text"] += o.new_text
+        if o.finished:
+            assert g["final"] is None, "two final outputs"
+            g["final"] = o
+    return got
+
+
+def run(engine, max_steps=2000, got=None):
+    got = {} if got is None else got
+    for _ in range(max_steps):
+        if not engine.has_work():
+            return got
+        collect(got, engine.step())
+    raise AssertionError("engine did not drain")
+
+
+def reference(prompt, n):
+    ctx = list(prompt)
+    for _ in range(n):
+        ctx.append(mock_next_token(ctx, V))
+    return ctx[len(prompt):]
+
+
+def test_deltas_and_text_match_reference():
+    e = make_engine()
+    prompts = {f"r{i}": list(range(i, i + 5 + 7 * i)) for i in range(5)}
+    for rid, p in prompts.items():
+        e.add_request(rid, p, SamplingParams(temperature=0, max_tokens=6))
+    got = run(e)
+    for rid, p in prompts.items():
+        ref = reference(p, 6)
+        assert got[rid]["ids"] == ref and got[rid]["text"] == text_of(ref)
+        assert got[rid]["final"].finish_reason == "length"
+        assert got[rid]["final"].num_output_tokens == 6
+    st = e.stats()
+    assert st.num_pages_used == 0 and st.num_running == 0 and st.num_waiting == 0
+    assert st.num_pages_used + st.num_pages_free + st.num_pages_cached == st.num_pages_total
+
+
+def test_stop_string_trims_and_frees():
+    e = make_engine()
+    prompt = [1, 2, 3]
+    ref_text = text_of(reference(prompt, 12))
+    stop = ref_text[4:6]
+    e.add_request("s", prompt, SamplingParams(temperature=0, max_tokens=12, stop=[stop]))
+    got = run(e)["s"]
+    cut = ref_text.find(stop)
+    assert got["text"] == ref_text[:cut]
+    assert got["final"].finish_reason == "stop" and got["final"].stop_reason == stop
+    assert len(got["ids"]) == cut + len(stop)  # the tokens up to the stop were generated
+    assert e.stats().num_pages_used == 0 and not e.scheduler.requests
+
+
+def test_eos_stops_with_reason_stop():
+    prompt = [4, 5, 6]
+    ref = reference(prompt, 8)
+    e = make_engine(eos=(ref[3],))
+    e.add_request("e", prompt, SamplingParams(temperature=0, max_tokens=8))
+    got = run(e)["e"]
+    assert got["ids"] == ref[:4] and got["final"].finish_reason == "stop"
+
+
+def test_n_samples_share_prompt_pages_and_use_distinct_seeds():
+    e = make_engine()
+    prompt = list(range(100, 140))  # 5 full pages
+    e.add_request("p", prompt, SamplingParams(temperature=1.0, max_tokens=5, n=3, seed=7))
+    got = run(e)
+    assert set(got) == {"p#0", "p#1", "p#2"}
+    for i in range(3):
+        assert got[f"p#{i}"]["ids"] == [mock_sampled_token(7 + i, k, V) for k in range(5)]
+    assert e.stats().prefix_cache_hits == 2 * 32  # children 1 and 2 reuse 4 full pages each
+
+
+def test_abort_emits_final_output_and_aborts_children():
+    e = make_engine()
+    e.add_request("a", list(range(30)), SamplingParams(temperature=1.0, max_tokens=50, n=2))
+    e.add_request("b", [1, 2, 3], SamplingParams(temperature=0, max_tokens=5))
+    e.step()
+    e.step()
+    e.abort("a")
+    e.abort("nope")  # unknown ids are ignored
+    assert e.stats().num_pages_used == len(e.scheduler.requests["b"].page_ids)
+    outs = e.step()
+    finals = {o.request_id: o.finish_reason for o in outs if o.finished}
+    assert finals["a#0"] == "abort" and finals["a#1"] == "abort"
+    got = run(e)
+    assert "a#0" not in got and got["b"]["final"].finish_reason == "length"
+
+
+def test_add_request_errors_name_the_field():
+    e = make_engine(max_len=64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        e.add_request("x", list(range(60)), SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        e.add_request("x", [], SamplingParams())
+    e.add_request("x", [1], SamplingParams())
+    with pytest.raises(ValueError, match="request_id"):
+        e.add_request("x", [1], SamplingParams())
+    e.add_request("y", [1], SamplingParams(n=2))
+    with pytest.raises(ValueError, match="request_id"):
+        e.add_request("y", [1], SamplingParams())
+
+
+def test_logprobs_plumbed_through():
+    e = make_engine()
+    e.add_request("l", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3, logprobs=2))
+    e.add_request("m", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3))
+    outs = [o for _ in range(10) for o in e.step()]
+    lps = [lp for o in outs if o.request_id == "l" for lp in o.new_logprobs]
+    assert [lp.token_id for lp in lps] == reference([1, 2, 3], 3)
+    assert all(len(lp.top) == 2 and lp.top[0][0] == lp.token_id for lp in lps)
+    assert all(o.new_logprobs == () for o in outs if o.request_id == "m")
+
+
+def test_random_requests_drain_with_no_compiles_after_warmup():
+    e = make_engine(budget=64, seqs=16, pages=40)
+    rng = random.Random(0)
+    want, got = {}, {}
+    for i in range(200):
+        p = [rng.randrange(V) for _ in range(rng.randint(1, 60))]
+        n = rng.randint(1, 20)
+        e.add_request(f"q{i}", p, SamplingParams(temperature=0, max_tokens=n))
+        want[f"q{i}"] = reference(p, n)
+        if i % 7 == 0:
+            for _ in range(3):
+                collect(got, e.step())
+                e.scheduler.check_invariants()
+    run(e, got=got)
+    assert {k: v["ids"] for k, v in got.items()} == want
+    assert e.stats().compiles_after_warmup == 0
+    assert e.stats().num_preemptions > 0  # the KV budget was tight

@@ -1,0 +1,250 @@
+"""Tests of the ModelRunner over a tiny random-init Llama (CPU, float32, small buckets)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_cc
+
+from xlaserve.runtime import model_runner as mr
+from xlaserve.runtime.batch import StepInputs
+from xlaserve.runtime.config import CacheConfig, ModelConfig, SchedulerConfig
+from xlaserve.runtime.models import llama
+
+CFG = ModelConfig(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                  max_position_embeddings=256, dtype="float32")
+CACHE = CacheConfig(page_size=8, num_pages=40)
+SCHED = SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8, max_model_len=64)
+_JAX_KEYS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+             "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture(scope="module")
+def params():
+    # Larger-than-default weights so greedy tokens are well separated (no near-ties).
+    p = llama.init_params(CFG, jax.random.PRNGKey(0))
+    return jax.tree.map(lambda a: a * 4.0 if a.ndim > 1 else a, p)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    saved = {k: getattr(jax.config, k) for k in _JAX_KEYS}
+    yield str(tmp_path_factory.mktemp("jax_cache"))
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    jax_cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def runner(params, cache_dir):
+    r = mr.ModelRunner(CFG, params, CACHE, SCHED, attention_impl="reference",
+                       compilation_cache_dir=cache_dir)
+    r.warmup()
+    return r
+
+
+def build_step(seqs, runner, sampling=None, num_tokens=None) -> StepInputs:
+    """A minimal batch builder. seqs: list of (new token ids, tokens already cached, page ids)."""
+    total = sum(len(toks) for toks, _, _ in seqs)
+    t = num_tokens or mr.choose_bucket(total, runner.token_buckets)
+    s = mr.choose_bucket(len(seqs), runner.seq_buckets)
+    L = runner.page_size
+    token_ids, positions, slots = (np.zeros(t, np.int32) for _ in range(3))
+    cu = np.zeros(s + 1, np.int32)
+    kv_lens = np.zeros(s, np.int32)
+    table = np.zeros((s, runner.max_pages_per_seq), np.int32)
+    logits_idx = np.zeros(s, np.int32)
+    row = 0
+    for i, (toks, start, pages) in enumerate(seqs):
+        for j, tok in enumerate(toks):
+            pos = start + j
+            token_ids[row], positions[row] = tok, pos
+            slots[row] = pages[pos // L] * L + pos % L
+            row += 1
+        kv_lens[i] = start + len(toks)
+        table[i, :len(pages)] = pages
+        logits_idx[i] = row - 1
+        cu[i + 1] = row
+    cu[len(seqs) + 1:] = row
+    return StepInputs(token_ids=token_ids, positions=positions, slot_mapping=slots,
+                      cu_q_lens=cu, kv_lens=kv_lens, page_table=table,
+                      num_seqs=np.array([len(seqs)], np.int32), logits_indices=logits_idx,
+                      sampling=sampling)
+
+
+@functools.lru_cache(maxsize=None)
+def _direct_forward():
+    return jax.jit(functools.partial(llama.forward, cfg=CFG, attention_impl="reference"))
+
+
+def direct_logits(params, inputs: StepInputs) -> np.ndarray:
+    """Forward on a fresh cache, no runner: f32[S, V]."""
+    cache = llama.init_kv_cache(CFG, CACHE.num_pages, CACHE.page_size)
+    logits, _ = _direct_forward()(params, inputs, cache)
+    return np.asarray(logits)
+
+
+def test_choose_bucket():
+    assert mr.choose_bucket(1, (16, 32)) == 16
+    assert mr.choose_bucket(16, (16, 32)) == 16
+    assert mr.choose_bucket(17, (16, 32)) == 32
+    with pytest.raises(ValueError, match="n=33"):
+        mr.choose_bucket(33, (16, 32))
+
+
+def test_attributes_and_warmup_compiles_all_buckets(runner):
+    assert runner.num_pages == 40 and runner.page_size == 8
+    assert runner.max_pages_per_seq == 8
+    assert runner.token_buckets == (16, 32) and runner.seq_buckets == (8,)
+    assert set(runner.compile_records) == {(16, 8), (32, 8)}
+    assert set(runner.penalty_compile_records) == {(16, 8), (32, 8)}
+    rec = runner.compile_records[(32, 8)]
+    assert rec.compile_s > 0 and rec.cache_hit is False
+    assert rec.compiled.cost_analysis() is not None
+    assert runner.compiles_after_warmup == 0
+
+
+def test_greedy_matches_direct_forward_and_logprobs(runner, params):
+    rng = np.random.default_rng(0)
+    p0, p1 = rng.integers(0, 256, 5).tolist(), rng.integers(0, 256, 11).tolist()
+    inputs = build_step([(p0, 0, [1]), (p1, 0, [2, 3])], runner)
+    want = direct_logits(params, inputs)
+    out = runner.execute(inputs, num_logprobs=5)
+    np.testing.assert_array_equal(out.sampled_token_ids[:2], np.argmax(want[:2], axis=-1))
+    assert out.sampled_token_ids.shape == (8,)
+    lsm = np.asarray(jax.nn.log_softmax(want, axis=-1))
+    np.testing.assert_allclose(out.logprobs[:2], lsm[:2].max(axis=-1), atol=1e-5)
+    np.testing.assert_array_equal(out.top_logprob_ids[:2], np.argsort(-lsm[:2])[:, :5])
+    assert out.top_logprobs.shape == (8, 5)
+    assert runner.execute(inputs).logprobs is None  # not asked: not copied
+
+
+def test_multi_step_decode_uses_cache_in_place(runner, params):
+    """Prefill then greedy decode through the runner equals recomputing each prefix."""
+    before = runner.compiles_after_warmup
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, 256, 6).tolist(), rng.integers(0, 256, 9).tolist()]
+    pages = [[4, 5], [6, 7]]
+    out = runner.execute(build_step([(s, 0, pg) for s, pg in zip(seqs, pages)], runner))
+    for _ in range(4):
+        for i in range(2):
+            seqs[i].append(int(out.sampled_token_ids[i]))
+        old_cache = runner.kv_cache
+        out = runner.execute_async(build_step(
+            [(s[-1:], len(s) - 1, pg) for s, pg in zip(seqs, pages)], runner)).result()
+        assert all(a.is_deleted() for a in jax.tree.leaves(old_cache)), "cache was copied"
+        for i in range(2):  # the whole prefix from scratch, no cache reuse
+            full = build_step([(seqs[i], 0, [9, 10])], runner)
+            assert int(out.sampled_token_ids[i]) == int(np.argmax(direct_logits(params, full)[0]))
+    assert runner.compiles_after_warmup == before
+
+
+def test_hlo_aliases_the_cache(runner):
+    text = runner.compile_records[(16, 8)].compiled.as_text()
+    assert "input_output_alias" in text
+    num_aliased = text.split("input_output_alias=")[1].split("\n")[0].count("may-alias")
+    assert num_aliased >= 2 * CFG.num_layers, text.split("\n")[0]
+
+
+def test_no_compiles_after_warmup_over_varied_inputs(runner):
+    before = runner.compiles_after_warmup
+    rng = np.random.default_rng(2)
+    for step in range(6):
+        n = int(rng.integers(1, 5))
+        lens = rng.integers(1, 7, n)
+        seqs = [(rng.integers(0, 256, k).tolist(), 0, [11 + 2 * i, 12 + 2 * i])
+                for i, k in enumerate(lens)]
+        smp = mr.greedy_sampling_inputs(8)
+        smp = dataclasses.replace(
+            smp, temperature=rng.uniform(0, 1.5, 8).astype(np.float32),
+            top_k=rng.integers(0, 20, 8).astype(np.int32),
+            top_p=rng.uniform(0.5, 1.0, 8).astype(np.float32),
+            seeds=rng.integers(0, 2**31, 8).astype(np.uint32))
+        if step % 2:  # penalty history of an arbitrary width: padded to the warmed-up width
+            w = int(rng.integers(2, 30))
+            smp = dataclasses.replace(
+                smp, repetition_penalty=np.full(8, 1.3, np.float32),
+                prompt_token_ids=rng.integers(-1, 256, (8, w)).astype(np.int32),
+                output_token_ids=rng.integers(-1, 256, (8, w + 3)).astype(np.int32))
+        out = runner.execute(build_step(seqs, runner, sampling=smp),
+                             num_logprobs=int(rng.integers(0, 21)) if step % 3 else None)
+        assert out.sampled_token_ids.dtype == np.int32
+    assert runner.compiles_after_warmup == before, runner.compile_log
+
+
+def test_sampled_token_independent_of_batch_mates(runner):
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, 256, 7).tolist()
+    other = rng.integers(0, 256, 5).tolist()
+
+    def run(seq_list, row):
+        smp = mr.greedy_sampling_inputs(8)
+        temp = np.full(8, 0.8, np.float32)
+        seeds = rng.integers(0, 2**31, 8).astype(np.uint32)
+        seeds[row] = 77
+        pos = np.zeros(8, np.int32)
+        pos[row] = 4
+        smp = dataclasses.replace(smp, temperature=temp, seeds=seeds, output_positions=pos)
+        return int(runner.execute(build_step(seq_list, runner, sampling=smp))
+                   .sampled_token_ids[row])
+
+    alone = run([(prompt, 0, [20])], 0)
+    second = run([(other, 0, [21]), (prompt, 0, [22])], 1)
+    assert alone == second
+
+
+def test_out_of_bucket_shape_is_counted_and_logged(runner, caplog):
+    before = runner.compiles_after_warmup
+    inputs = build_step([([1, 2, 3], 0, [1])], runner, num_tokens=24)  # 24 is no bucket
+    with caplog.at_level(logging.ERROR):
+        out = runner.execute(inputs)
+    assert out.sampled_token_ids.shape == (8,)
+    assert runner.compiles_after_warmup >= before + 1
+    assert "token_ids[24]" in runner.compile_log[-1].shapes
+    assert any("after warm-up" in rec.message and "token_ids[24]" in rec.message
+               for rec in caplog.records)
+
+
+def test_subset_warmup_and_penalties_off(params, cache_dir):
+    r = mr.ModelRunner(CFG, params, CACHE, SCHED, attention_impl="reference",
+                       compilation_cache_dir=cache_dir, enable_penalties=False)
+    with pytest.raises(ValueError, match="buckets"):
+        r.warmup(buckets=[(24, 8)])
+    hist = dataclasses.replace(mr.greedy_sampling_inputs(8),
+                               output_token_ids=np.full((8, 4), -1, np.int32))
+    with pytest.raises(ValueError, match="enable_penalties"):
+        r.execute(build_step([([1], 0, [1])], r, sampling=hist))
+    assert r.history_widths == (1,)
+
+
+def test_second_runner_hits_persistent_cache(runner, params, cache_dir):
+    seen = []
+    r2 = mr.ModelRunner(CFG, params, CACHE, SCHED, attention_impl="reference",
+                        compilation_cache_dir=cache_dir)
+    r2.warmup(progress=lambda done, total, key, rec: seen.append((done, total, key)))
+    assert [d for d, _, _ in seen] == [1, 2, 3, 4] and seen[-1][1] == 4
+    records = list(r2.compile_records.values()) + list(r2.penalty_compile_records.values())
+    assert all(rec.cache_hit is True for rec in records), [rec.cache_hit for rec in records]
+
+
+def test_input_validation(runner):
+    bad = build_step([([1], 0, [1])], runner)
+    bad = dataclasses.replace(bad, page_table=np.zeros((8, 3), np.int32))
+    with pytest.raises(ValueError, match="page_table"):
+        runner.execute(bad)
+    with pytest.raises(ValueError, match="num_logprobs"):
+        runner.execute(build_step([([1], 0, [1])], runner), num_logprobs=21)
+
+
+def test_num_pages_default_on_cpu(params, cache_dir):
+    r = mr.ModelRunner(CFG, params, CacheConfig(page_size=8), SCHED, attention_impl="reference",
+                       compilation_cache_dir=cache_dir)
+    assert r.num_pages == SCHED.max_num_seqs * r.max_pages_per_seq + 1
+    assert r.kv_cache[0][0].shape == (2, r.num_pages, 8, 16)

@@ -1,0 +1,109 @@
+"""The native xlaserve.v1 service against a mock engine: streaming, parity, invalid input."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from mock_engine import make_engine, offline_generate
+
+from xlaserve.runtime.request import SamplingParams
+from xlaserve.serve.client import XlaserveClient, build_generate_request
+from xlaserve.serve.proto.messages import NATIVE_SERVICE, Stub, protos
+
+PROMPTS = [f"The {w} sat on the mat number {i}." for i, w in
+           enumerate(["cat", "dog", "bird", "fish"] * 4)]
+
+
+async def _stream_all(target: str, requests: list[Any]) -> list[tuple[list[int], str, Any]]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = Stub(channel, NATIVE_SERVICE)
+
+        async def one(req: Any) -> tuple[list[int], str, Any]:
+            ids: list[int] = []
+            text: list[str] = []
+            final = None
+            async for resp in stub.Generate(req, timeout=60):
+                ids.extend(resp.delta.token_ids)
+                text.append(resp.delta.text)
+                if resp.HasField("final"):
+                    final = resp.final
+            return ids, "".join(text), final
+
+        return await asyncio.gather(*(one(r) for r in requests))
+
+
+def test_concurrent_streams_match_offline(mock_server: Any, tokenizer: Any) -> None:
+    reqs = [build_generate_request(p, stream=True, max_tokens=12, temperature=0.0)
+            for p in PROMPTS]
+    results = asyncio.run(_stream_all(mock_server.target, reqs))
+    sp = SamplingParams(max_tokens=12, temperature=0.0)
+    pb = protos().native
+    for prompt, (ids, text, final) in zip(PROMPTS, results, strict=True):
+        want_ids, want_text = offline_generate(make_engine(tokenizer=tokenizer),
+                                               tokenizer.encode(prompt), sp)
+        assert ids == want_ids and text == want_text
+        assert final is not None and final.completion_tokens == len(ids)
+        assert final.prompt_tokens == len(tokenizer.encode(prompt))
+        assert final.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
+        assert final.timings.end_to_end_s >= final.timings.time_to_first_token_s > 0
+
+
+def test_unary_style_chat_and_token_ids(mock_server: Any, tokenizer: Any) -> None:
+    with XlaserveClient(mock_server.target, timeout_s=30) as c:
+        a = c.generate(token_ids=tokenizer.encode("hello"), max_tokens=5, temperature=0.0)
+        b = c.generate("hello", max_tokens=5, temperature=0.0)
+        assert a.token_ids == b.token_ids and len(a.token_ids) == a.completion_tokens
+        chat = c.generate(messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                          temperature=0.0)
+        prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user",
+                                                                  "content": "hi"}]),
+                                  add_special_tokens=False)
+        assert chat.prompt_tokens == len(prompt)
+        samples = c.generate_all("hello", max_tokens=3, temperature=1.0, seed=1, n=3)
+        assert [s.index for s in samples] == [0, 1, 2]
+        assert all(s.completion_tokens == 3 for s in samples)
+
+
+def test_model_info_tokenize_detokenize(mock_server: Any, tokenizer: Any) -> None:
+    with XlaserveClient(mock_server.target, timeout_s=30) as c:
+        info = c.model_info()
+        assert info.model == "mock" and info.context_length == 256
+        assert info.vocab_size == tokenizer.vocab_size
+        assert list(info.token_buckets) == [16, 32, 64, 128] and list(info.seq_buckets)[0] == 8
+        ids = c.tokenize("hello world")
+        assert ids == tokenizer.encode("hello world")
+        assert c.detokenize(ids) == tokenizer.decode(ids)
+        assert c.health() == "SERVING"
+        assert c.health(NATIVE_SERVICE) == "SERVING"
+
+
+def _invalid_cases(tokenizer: Any) -> list[tuple[str, dict[str, Any], str]]:
+    return [
+        ("empty text", {"prompt": ""}, "text"),
+        ("empty token ids", {"token_ids": []}, "token_ids"),
+        ("prompt too long", {"token_ids": [3] * 300}, "context length"),
+        ("token out of vocab", {"token_ids": [10**6]}, "vocabulary"),
+        ("max_tokens < 1", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ("temperature < 0", {"prompt": "hi", "temperature": -0.5}, "temperature"),
+        ("top_p = 0", {"prompt": "hi", "top_p": 0.0}, "top_p"),
+        ("top_p > 1", {"prompt": "hi", "top_p": 1.5}, "top_p"),
+        ("unknown model", {"prompt": "hi", "model": "gpt-9"}, "model"),
+        ("oversized", {"prompt": "x" * 70_000}, "GenerateRequest"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(10))
+def test_invalid_fields_get_invalid_argument(start_server: Any, tokenizer: Any,
+                                             index: int) -> None:
+    name, kwargs, field = _invalid_cases(tokenizer)[index]
+    srv = start_server(max_request_bytes=64 * 1024)
+    prompt = kwargs.pop("prompt", None)
+    req = build_generate_request(prompt, stream=True, **kwargs)
+    with grpc.insecure_channel(srv.target) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            list(Stub(channel, NATIVE_SERVICE).Generate(req, timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+    assert field in info.value.details(), (name, info.value.details())

@@ -1,0 +1,175 @@
+"""Sharded forward == one-device forward, on meshes over the 8 fake CPU devices.
+
+Two sequences are prefilled together, then decoded greedily for a few steps through the paged
+cache. At every step the sharded logits must match the one-device logits (float32) and the
+greedy tokens must be identical; the final KV cache must match too. The models have KV heads
+above, equal to and below tp (split and replicated KV).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from xlaserve.runtime.batch import StepInputs
+from xlaserve.runtime.config import ModelConfig, ParallelConfig
+from xlaserve.runtime.models import llama
+from xlaserve.sharding.specs import ShardingPlan
+
+PAGE_SIZE = 8
+NUM_PAGES = 12
+T_BUCKET, S_BUCKET, MAX_PAGES = 16, 4, 4
+PROMPTS = ([3, 17, 99, 5, 250], [7, 7, 1, 200, 31, 64, 128, 9, 2, 45, 77])
+DECODE_STEPS = 4
+
+
+def _assert_logits_close(got: np.ndarray, want: np.ndarray, msg: str = "") -> None:
+    """float32 tolerance relative to the logits' scale: sharding changes the order of the
+    matmul reductions (over heads and MLP columns), so errors of a few ulps of the largest
+    activations are expected; anything structural (a wrong head, a missing shard) is far off."""
+    scale = float(np.max(np.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * scale, err_msg=msg)
+
+
+def _cfg(num_kv_heads: int, **kw: object) -> ModelConfig:
+    base = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                num_layers=2, num_heads=8, num_kv_heads=num_kv_heads, head_dim=16,
+                max_position_embeddings=128, dtype="float32")
+    base.update(kw)
+    return ModelConfig(**base)  # type: ignore[arg-type]
+
+
+def _step(seqs: list[dict]) -> StepInputs:
+    """StepInputs for each sequence's tokens past its computed count (a toy scheduler)."""
+    tok, pos, slot, cu = [], [], [], [0]
+    kv_lens = np.zeros(S_BUCKET, np.int32)
+    table = np.zeros((S_BUCKET, MAX_PAGES), np.int32)
+    for s, seq in enumerate(seqs):
+        new = range(seq["computed"], len(seq["tokens"]))
+        tok += [seq["tokens"][p] for p in new]
+        pos += list(new)
+        slot += [seq["pages"][p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for p in new]
+        cu.append(len(tok))
+        kv_lens[s] = len(seq["tokens"])
+        table[s, :len(seq["pages"])] = seq["pages"]
+    pad = T_BUCKET - len(tok)
+    cu += [cu[-1]] * (S_BUCKET - len(seqs))
+    cu_arr = np.array(cu, np.int32)
+    logits_idx = np.maximum(cu_arr[1:] - 1, 0).astype(np.int32)
+    return StepInputs(
+        token_ids=np.array(tok + [0] * pad, np.int32),
+        positions=np.array(pos + [0] * pad, np.int32),
+        slot_mapping=np.array(slot + [0] * pad, np.int32),  # padding -> page 0
+        cu_q_lens=cu_arr, kv_lens=kv_lens, page_table=table,
+        num_seqs=np.array([len(seqs)], np.int32), logits_indices=logits_idx)
+
+
+def _generate(step_fn, kv_cache) -> tuple[list[np.ndarray], list[list[int]], object]:
+    """Prefill both prompts, then DECODE_STEPS greedy steps; returns logits, tokens, cache."""
+    seqs = [dict(tokens=list(p), computed=0, pages=[1 + 4 * i + j for j in range(MAX_PAGES)])
+            for i, p in enumerate(PROMPTS)]
+    all_logits = []
+    for _ in range(1 + DECODE_STEPS):
+        logits, kv_cache = step_fn(_step(seqs), kv_cache)
+        logits = np.asarray(jax.device_get(logits))[:len(seqs)]  # [S, V]
+        all_logits.append(logits)
+        for seq, row in zip(seqs, logits):
+            seq["computed"] = len(seq["tokens"])
+            seq["tokens"].append(int(np.argmax(row)))
+    tokens = [s["tokens"][len(p):] for s, p in zip(seqs, PROMPTS)]
+    return all_logits, tokens, kv_cache
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(cfg: ModelConfig) -> tuple[list[np.ndarray], list[list[int]], list[np.ndarray]]:
+    """One-device run (default device, no mesh), cached per config."""
+    params = llama.init_params(cfg, jax.random.key(0))
+    params = jax.tree.map(lambda x: x * 8.0, params)  # larger logits: fewer near-ties
+    cache = llama.init_kv_cache(cfg, NUM_PAGES, PAGE_SIZE)
+    fwd = jax.jit(functools.partial(llama.forward, cfg=cfg, attention_impl="reference"),
+                  donate_argnums=(2,))
+    logits, tokens, cache = _generate(lambda inp, kv: fwd(params, inp, kv), cache)
+    return logits, tokens, [np.asarray(a) for a in jax.tree.leaves(cache)]
+
+
+def _sharded(cfg: ModelConfig, dp: int, tp: int):
+    plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp,
+                                                   data_parallel_size=dp),
+                               attention_impl="reference")
+    params = jax.jit(functools.partial(llama.init_params, cfg),
+                     out_shardings=plan.param_shardings)(jax.random.key(0))
+    params = jax.jit(lambda p: jax.tree.map(lambda x: x * 8.0, p),
+                     out_shardings=plan.param_shardings)(params)
+    cache = llama.init_kv_cache(cfg, NUM_PAGES, PAGE_SIZE, sharding=plan.kv_sharding)
+    fwd = jax.jit(
+        functools.partial(llama.forward, cfg=cfg, attention_fn=plan.attention_fn),
+        in_shardings=(plan.param_shardings, plan.input_sharding, plan.kv_cache_shardings()),
+        out_shardings=(plan.input_sharding, plan.kv_cache_shardings()),
+        donate_argnums=(2,))
+    logits, tokens, cache = _generate(lambda inp, kv: fwd(params, inp, kv), cache)
+    return plan, params, logits, tokens, cache
+
+
+CASES = [  # (num_kv_heads, dp, tp): KV above, equal to and below tp
+    (4, 1, 1), (4, 1, 2), (4, 1, 4), (4, 1, 8), (4, 2, 4),
+    (2, 1, 2), (2, 1, 4), (2, 1, 8), (2, 2, 4),
+]
+
+
+@pytest.mark.parametrize("num_kv_heads,dp,tp", CASES)
+def test_sharded_forward_matches_one_device(num_kv_heads: int, dp: int, tp: int) -> None:
+    cfg = _cfg(num_kv_heads)
+    ref_logits, ref_tokens, ref_cache = _reference(cfg)
+    plan, params, logits, tokens, cache = _sharded(cfg, dp, tp)
+
+    # The params and the cache really are split as planned.
+    q_kernel = params["layers_0"]["attn"]["q_proj"]["kernel"]  # [D, N, H]
+    assert q_kernel.addressable_shards[0].data.shape == (64, 8 // tp, 16)
+    assert len(q_kernel.sharding.device_set) == dp * tp
+    leaves = jax.tree.leaves(cache)
+    assert all(a.sharding.is_equivalent_to(plan.kv_sharding, 4) for a in leaves)
+    kv_local = leaves[0].addressable_shards[0].data.shape[0]
+    assert kv_local == (num_kv_heads // tp if num_kv_heads % tp == 0 else num_kv_heads)
+
+    assert len({int(np.argmax(r)) for step in ref_logits for r in step}) > 2  # not degenerate
+    for i, (got, want) in enumerate(zip(logits, ref_logits)):
+        _assert_logits_close(got, want, f"step {i}")
+    assert tokens == ref_tokens
+    for got, want in zip(leaves, ref_cache):
+        _assert_logits_close(np.asarray(got), want, "kv cache")
+
+
+def test_qwen3_style_bias_qknorm_tied_tp4() -> None:
+    """Biases, q/k norms and tied embeddings shard too (kv replicated at tp 4 > 2)."""
+    cfg = _cfg(2, model_type="qwen3", attention_bias=True, qk_norm=True,
+               tie_word_embeddings=True)
+    ref_logits, ref_tokens, _ = _reference(cfg)
+    _, _, logits, tokens, _ = _sharded(cfg, 1, 4)
+    for got, want in zip(logits, ref_logits):
+        _assert_logits_close(got, want)
+    assert tokens == ref_tokens
+
+
+def test_wrong_kv_head_mapping_is_detected() -> None:
+    """The comparison can fail: swapping the replicated KV heads changes the logits."""
+    cfg = _cfg(2)
+    ref_logits, _, _ = _reference(cfg)
+    plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=4),
+                               attention_impl="reference")
+    params = jax.jit(functools.partial(llama.init_params, cfg),
+                     out_shardings=plan.param_shardings)(jax.random.key(0))
+    params = jax.tree.map(lambda x: x * 8.0, params)
+
+    def swapped(q, k_new, v_new, k_pages, v_pages, inputs, **kw):
+        o, k_pages, v_pages = plan.attention_fn(q, k_new[:, ::-1], v_new[:, ::-1], k_pages,
+                                                v_pages, inputs, **kw)
+        return o, k_pages, v_pages
+
+    cache = llama.init_kv_cache(cfg, NUM_PAGES, PAGE_SIZE, sharding=plan.kv_sharding)
+    fwd = jax.jit(functools.partial(llama.forward, cfg=cfg, attention_fn=swapped))
+    logits, _, _ = _generate(lambda inp, kv: fwd(params, inp, kv), cache)
+    with pytest.raises(AssertionError):
+        _assert_logits_close(logits[0], ref_logits[0])

@@ -1,0 +1,122 @@
+"""`xlaserve profile`: what XLA made of each compiled step, and what it costs on this device.
+
+Builds the engine's model runner from the usual engine flags, compiles every step bucket through
+the runner's own warm-up, and reports per bucket the lowering/compile time, persistent-cache
+hits, HLO counts, custom calls and Pallas kernels, XLA's FLOPs/bytes and memory analysis, and the
+roofline time on this device; `--run` adds the measured step time. `--check-recompiles N` replays
+N random requests through a real Engine and lists every compile after warm-up (exit 1 if any).
+
+Output: a rich table on stdout, `--json FILE` (every field), `--plot FILE.png` (matplotlib),
+`--dump-hlo DIR` (optimized HLO per bucket). Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any
+
+from xlaserve.cli import UsageError
+
+# Hidden test hook: after the replay, run one step padded to this (T, S), which no bucket has.
+_FORCE_SHAPE_HELP = argparse.SUPPRESS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from xlaserve.engine_args import add_engine_args
+
+    add_engine_args(parser)
+    g = parser.add_argument_group("profile")
+    g.add_argument("--buckets", nargs="+", metavar="T[xS]",
+                   help="profile only these buckets: a token bucket T (all its S buckets) or TxS")
+    g.add_argument("--run", action="store_true",
+                   help="also time each bucket's step and compare with the roofline")
+    g.add_argument("--repeats", type=int, default=10, help="timed steps per bucket with --run")
+    g.add_argument("--json", metavar="FILE", help="write every field as JSON ('-' = stdout)")
+    g.add_argument("--dump-hlo", metavar="DIR", help="write each bucket's optimized HLO here")
+    g.add_argument("--plot", metavar="FILE.png",
+                   help="plot roofline (and measured, with --run) time per bucket")
+    g.add_argument("--check-recompiles", type=int, default=0, metavar="N",
+                   help="replay N random requests; list compiles after warm-up, exit 1 if any")
+    g.add_argument("--replay-seed", type=int, default=0, help="seed of the random requests")
+    peaks = g.add_mutually_exclusive_group()
+    peaks.add_argument("--calibrate", action="store_true",
+                       help="measure copy bandwidth and matmul rate here instead of the table")
+    peaks.add_argument("--peaks", metavar="NAME",
+                       help="use this peak-table entry (e.g. h100-sxm) instead of detecting it")
+    g.add_argument("--force-shape", metavar="TxS", help=_FORCE_SHAPE_HELP)
+
+
+def _parse_shape(text: str, flag: str) -> tuple[int, int | None]:
+    t, _, s = text.lower().partition("x")
+    try:
+        return int(t), (int(s) if s else None)
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected T or TxS, e.g. 128 or 128x8") from None
+
+
+def select_buckets(requested: list[str] | None,
+                   available: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (T, S) buckets to profile: all the runner has, or those named by --buckets."""
+    if not requested:
+        return list(available)
+    chosen: list[tuple[int, int]] = []
+    for text in requested:
+        t, s = _parse_shape(text, "--buckets")
+        match = [b for b in available if b[0] == t and (s is None or b[1] == s)]
+        if not match:
+            raise UsageError(f"--buckets {text!r}: not a bucket of this engine; it has "
+                             f"{', '.join(f'{a}x{b}' for a, b in available)}")
+        chosen += [b for b in match if b not in chosen]
+    return chosen
+
+
+def _device_peaks(args: argparse.Namespace) -> Any:
+    import jax
+
+    from xlaserve.runtime import hardware
+
+    try:
+        if args.peaks:
+            return hardware.peaks_by_name(args.peaks)
+        if args.calibrate:
+            return hardware.calibrate(jax.devices()[0])
+        return hardware.peaks_for_device(jax.devices()[0])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from xlaserve.profiling import render, session
+    from xlaserve.engine_args import engine_config_from_args
+
+    if args.repeats < 1:
+        raise UsageError(f"--repeats {args.repeats}: must be >= 1")
+    if args.check_recompiles < 0:
+        raise UsageError(f"--check-recompiles {args.check_recompiles}: must be >= 0")
+    force = _parse_shape(args.force_shape, "--force-shape") if args.force_shape else None
+    if force is not None and force[1] is None:
+        raise UsageError(f"--force-shape {args.force_shape!r}: expected TxS")
+    try:
+        cfg = engine_config_from_args(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    peaks = _device_peaks(args)
+    report = session.profile(cfg, peaks, args, select_buckets, force)
+    render.print_report(report)
+    if args.json:
+        text = json.dumps(report, indent=2, default=str)
+        if args.json == "-":
+            print(text)
+        else:
+            pathlib.Path(args.json).write_text(text + "\n")
+    if args.plot:
+        render.plot(report, args.plot)
+    recompiles = report.get("recompiles")
+    if recompiles is not None and recompiles["compiles_after_warmup"]:
+        print(f"{len(recompiles['compiles_after_warmup'])} compile(s) after warm-up",
+              file=sys.stderr)
+        return 1
+    return 0

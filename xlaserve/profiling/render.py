@@ -1,0 +1,165 @@
+"""Renders a profile report (the JSON-able dict made by `session.profile`): rich tables, a PNG.
+
+Works from the dict alone, so a saved ``--json`` file can be rendered again later. Nothing here
+runs jax or touches the runner.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def _flops(f: float) -> str:
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if f >= scale:
+            return f"{f / scale:.2f} {unit}"
+    return f"{f:.0f} FLOP"
+
+
+def _cache(hit: bool | None) -> str:
+    return {True: "hit", False: "miss", None: "off"}[hit]
+
+
+def compile_table(report: dict[str, Any]) -> Table:
+    """One row per bucket: how it compiled and what the program holds."""
+    t = Table(title="Compiled steps", title_justify="left")
+    for col in ("T", "S", "lower", "compile", "cache", "instrs", "fusions", "attention",
+                "custom calls"):
+        t.add_column(col, justify="right" if col in ("T", "S", "instrs", "fusions") else "left")
+    for b in report["buckets"]:
+        calls = ", ".join(f"{k}x{v}" for k, v in b["hlo"]["custom_calls"].items()) or "-"
+        kernels = b["hlo"]["pallas_kernels"]
+        if kernels:
+            calls += " [" + ", ".join(kernels) + "]"
+        t.add_row(str(b["num_tokens"]), str(b["num_seqs"]), _seconds(b["lower_s"]),
+                  _seconds(b["compile_s"]), _cache(b["cache_hit"]),
+                  str(b["hlo"]["num_instructions"]), str(b["hlo"]["num_fusions"]),
+                  b["attention_impl"], calls)
+    return t
+
+
+def cost_table(report: dict[str, Any]) -> Table:
+    """One row per bucket: XLA's cost and memory analysis, roofline and measured time."""
+    t = Table(title=f"Cost on {report['peaks']['name']} ({report['peaks']['source']} peaks)",
+              title_justify="left")
+    for col in ("T", "S", "FLOPs", "bytes", "args", "out", "temp", "code", "roofline", "bound",
+                "measured", "meas/roof"):
+        t.add_column(col, justify="left" if col == "bound" else "right")
+    for b in report["buckets"]:
+        m = b["memory"]
+        ratio = b["measured_over_roofline"]
+        t.add_row(str(b["num_tokens"]), str(b["num_seqs"]), _flops(b["flops"]),
+                  _bytes(b["bytes_accessed"]), _bytes(m["argument_bytes"]),
+                  _bytes(m["output_bytes"]), _bytes(m["temp_bytes"]),
+                  _bytes(m["generated_code_bytes"]), _seconds(b["roofline_s"]),
+                  b["roofline_bound"], _seconds(b["measured_s"]),
+                  "-" if ratio is None else f"{ratio:.1f}x")
+    return t
+
+
+def summary_table(report: dict[str, Any]) -> Table:
+    """Model, KV capacity and compile totals."""
+    s = report["summary"]
+    t = Table(title="Model summary", title_justify="left", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    fits = {True: "yes", False: "NO", None: "unknown"}[s["fits_device"]]
+    rows = [
+        ("model", f"{report['config']['model']} ({report['model']['model_type']}, "
+                  f"{report['model']['dtype']})"),
+        ("device", f"{report['device']['device_kind']} x{report['device']['count']}"),
+        ("parameters", f"{s['param_count'] / 1e9:.3f} B ({_bytes(s['param_bytes'])})"),
+        ("KV bytes per token", _bytes(s["kv_bytes_per_token"])),
+        ("KV cache", f"{_bytes(s['kv_cache_bytes'])}: {s['num_pages']} pages x "
+                     f"{s['page_size']} tokens"),
+        ("KV capacity", f"{s['kv_capacity_tokens']} tokens"),
+        ("sequences at full context", f"{s['max_concurrent_seqs']} at {s['max_model_len']} "
+                                      f"tokens (max_num_seqs {s['max_num_seqs']})"),
+        ("largest step memory", f"{_bytes(s['peak_step_bytes'])} of "
+                                f"{_bytes(s['device_memory_bytes'])}, fits: {fits}"),
+        ("buckets", f"{s['num_buckets']} ({s['num_cache_hits']} from the compilation cache)"),
+        ("compile total", _seconds(s["compile_s_total"])),
+        ("  of which cold", _seconds(s["compile_s_cold"])),
+        ("  of which from cache", _seconds(s["compile_s_from_cache"])),
+    ]
+    for what, value in rows:
+        t.add_row(what, value)
+    return t
+
+
+def recompile_table(recompiles: dict[str, Any]) -> Table:
+    """Every compile seen after warm-up, with the shapes that caused it."""
+    t = Table(title=f"Compiles after warm-up ({recompiles['num_requests']} replayed requests, "
+                    f"{recompiles['num_steps']} steps)", title_justify="left")
+    for col in ("function", "seconds", "input shapes"):
+        t.add_column(col)
+    for c in recompiles["compiles_after_warmup"]:
+        t.add_row(c["fun_name"], f"{c['seconds']:.3f}", c["shapes"] or "-")
+    return t
+
+
+def print_report(report: dict[str, Any], console: Console | None = None) -> None:
+    """Prints the tables (and the recompile list when there is one)."""
+    console = console or Console()
+    console.print(compile_table(report))
+    console.print(cost_table(report))
+    console.print(summary_table(report))
+    if report.get("recompiles") is not None:
+        rc = report["recompiles"]
+        if rc["compiles_after_warmup"]:
+            console.print(recompile_table(rc))
+        else:
+            console.print(f"No compiles after warm-up ({rc['num_requests']} replayed requests, "
+                          f"{rc['num_steps']} steps).")
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """Writes a PNG: roofline time (and measured time, if any) per bucket, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # file output only; never opens a window
+    import matplotlib.pyplot as plt
+
+    buckets = report["buckets"]
+    labels = [f"{b['num_tokens']}x{b['num_seqs']}" for b in buckets]
+    x = list(range(len(buckets)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(buckets) + 2), 4.5))
+    ax.plot(x, [b["roofline_s"] * 1e3 for b in buckets], "o--", label="roofline (XLA cost)")
+    measured = [(i, b["measured_s"]) for i, b in zip(x, buckets) if b["measured_s"] is not None]
+    if measured:
+        ax.plot([i for i, _ in measured], [m * 1e3 for _, m in measured], "s-",
+                label="measured step")
+    ax.set_yscale("log")
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("bucket (tokens x sequences)")
+    ax.set_ylabel("time per step (ms)")
+    peaks = report["peaks"]
+    ax.set_title(f"{report['config']['model']} on {report['device']['device_kind']} "
+                 f"({peaks['name']}, {peaks['source']} peaks)", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
