@@ -1,0 +1,121 @@
+"""CPU smoke runs of the end-to-end benchmarks (bench/latency.py, bench/throughput.py) on
+builtin:tiny with tiny cases, plus checks of the roofline arithmetic on the Llama-3.1-8B shape.
+
+bench/ is not a package: the scripts run as subprocesses (as on the GPU), and e2e_common is
+loaded from its path for the arithmetic checks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+
+COMMON_FIELDS = ("bench", "device", "platform", "jax", "jaxlib", "date_utc", "command",
+                 "git_commit", "ceilings", "engine", "cases", "compiles_after_warmup")
+ENGINE_FIELDS = ("token_buckets", "seq_buckets", "max_num_batched_tokens", "max_num_seqs",
+                 "page_size", "num_pages", "max_model_len", "load_format", "warmup_programs")
+
+
+def _e2e_common() -> Any:
+    if "e2e_common" in sys.modules:
+        return sys.modules["e2e_common"]
+    spec = importlib.util.spec_from_file_location("e2e_common", BENCH / "e2e_common.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["e2e_common"] = mod  # dataclasses look their module up while it executes
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(script: str, out: pathlib.Path, *args: str) -> dict[str, Any]:
+    cmd = [sys.executable, str(BENCH / script), "--model", "builtin:tiny", "--out", str(out),
+           "--compilation-cache-dir", str(out.parent / "xla_cache"), *args]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _check_common(rep: dict[str, Any]) -> None:
+    for key in COMMON_FIELDS:
+        assert key in rep, key
+    for key in ENGINE_FIELDS:
+        assert key in rep["engine"], key
+    assert rep["compiles_after_warmup"] == 0
+    assert rep["ceilings"]["measured"] is True
+    assert rep["ceilings"]["copy_bytes_per_s"] > 0
+    assert rep["ceilings"]["matmul_bf16_flops_per_s"] > 0
+    assert rep["engine"]["tokenizer"] is None
+
+
+@pytest.mark.slow
+def test_latency_smoke(tmp_path: pathlib.Path) -> None:
+    rep = _run("latency.py", tmp_path / "latency.json", "--contexts", "16,40",
+               "--decode-tokens", "4", "--repeats", "2", "--max-num-batched-tokens", "32",
+               "--replay-iters", "3")
+    _check_common(rep)
+    assert rep["engine"]["token_buckets"] == [16, 32]  # only the buckets the cases use
+    assert rep["engine"]["seq_buckets"] == [1]
+    assert [c["context"] for c in rep["cases"]] == [16, 40]
+    for c in rep["cases"]:
+        for key in ("decode_ms_per_token", "decode_roofline_ms", "decode_fraction_of_roofline",
+                    "ttft_ms", "ttft_roofline_ms", "ttft_fraction_of_roofline",
+                    "replay_device_ms", "host_gaps"):
+            assert c[key] is not None, key
+        assert c["decode_ms_per_token"] > 0 and c["ttft_ms"] > 0
+        assert c["decode_roofline"]["bound"] in ("memory", "compute")
+    assert rep["cases"][1]["prefill_chunks"] == 2  # 40 tokens in chunks of 32
+
+
+@pytest.mark.slow
+def test_throughput_smoke(tmp_path: pathlib.Path) -> None:
+    rep = _run("throughput.py", tmp_path / "throughput.json", "--cases", "16/8:6", "sharegpt:3",
+               "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--warmup-prompts", "2")
+    _check_common(rep)
+    assert rep["engine"]["token_buckets"] == [64] and rep["engine"]["seq_buckets"] == [8]
+    fixed, mix = rep["cases"]
+    assert fixed["case"] == "16/8" and fixed["num_requests"] == 6
+    assert fixed["output_tokens"] == 6 * 8 and fixed["input_tokens"] == 6 * 16
+    assert mix["case"] == "sharegpt" and mix["num_requests"] == 3
+    for c in rep["cases"]:
+        for key in ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s",
+                    "roofline_output_tokens_per_s", "fraction_of_roofline"):
+            assert c[key] is not None and c[key] > 0, key
+        assert c["total_tokens_per_s"] > c["output_tokens_per_s"]
+
+
+def test_roofline_arithmetic_8b() -> None:
+    """Parameter count and decode bytes of the Llama-3.1-8B shape; the issue's context numbers."""
+    from xlaserve.runtime.config import ModelConfig
+
+    ec = _e2e_common()
+    hf = json.loads((BENCH / "configs" / "llama3.1-8b" / "config.json").read_text())
+    cost = ec.ModelCost.from_config(ModelConfig.from_hf_config(hf))
+    assert 8.02e9 < cost.total_params < 8.04e9  # Llama-3.1-8B: 8.03 B
+    assert cost.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2  # 128 KiB
+    ceilings = {"measured": True, "copy_bytes_per_s": 2.68e12, "matmul_bf16_flops_per_s": 712e12}
+    flops, num_bytes = cost.step_cost([1], [1024])
+    roof = ec.roofline(flops, num_bytes, ceilings)
+    assert roof["bound"] == "memory"
+    assert 5.5e-3 < roof["seconds"] < 5.8e-3  # ~15.0 GB of weights + 134 MB of KV at 2.68 TB/s
+    flops, num_bytes = cost.step_cost([2048], [2048])  # a 2k prefill: compute bound, ~46 ms
+    roof = ec.roofline(flops, num_bytes, ceilings)
+    assert roof["bound"] == "compute" and 0.040 < roof["seconds"] < 0.055
+
+
+def test_sharegpt_lengths_are_fixed() -> None:
+    ec = _e2e_common()
+    a, b = ec.sharegpt_lengths(50, 0), ec.sharegpt_lengths(50, 0)
+    assert a == b and len(a) == 50
+    assert all(4 <= i <= 1024 and 4 <= o <= 1024 for i, o in a)
+    assert ec.sharegpt_lengths(50, 1) != a
