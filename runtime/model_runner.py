@@ -36,14 +36,14 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from xlaserve.runtime import sampling
-from xlaserve.runtime.batch import SamplingInputs, StepInputs
+from xlaserve.runtime.batch import SamplingInputs, StepInputs, choose_bucket
 from xlaserve.runtime.compile_cache import (
     CompileRecord,
     LateCompile,
@@ -61,14 +61,8 @@ MIN_SEQ_BUCKET = 8
 CPU_DEFAULT_KV_BYTES = 1 << 30  # KV budget when the device reports no memory stats (CPU)
 
 ProgressFn = Callable[[int, int, tuple[int, int, int], CompileRecord], None]
-
-
-def choose_bucket(n: int, buckets: Iterable[int]) -> int:
-    """Smallest bucket >= n. Raises ValueError if n exceeds every bucket."""
-    fits = [b for b in buckets if b >= n]
-    if not fits:
-        raise ValueError(f"n={n}: larger than the largest bucket {max(buckets, default=None)}")
-    return min(fits)
+__all__ = ["ModelRunner", "PendingOutput", "RunnerOutput", "choose_bucket",
+           "greedy_sampling_inputs"]  # choose_bucket lives in batch.py, re-exported here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +107,22 @@ class PendingOutput:
         return self._result
 
 
+def num_pages_from_memory(bytes_limit: int, bytes_in_use: int, utilization: float,
+                          page_bytes: int) -> int:
+    """KV pages that fit in `bytes_limit * utilization` after what is in use (the weights).
+
+    Raises:
+      ValueError: fewer than 2 pages fit (page 0 is the reserved padding page).
+    """
+    budget = int(bytes_limit * utilization) - bytes_in_use
+    num_pages = budget // page_bytes
+    if num_pages < 2:
+        raise ValueError(f"gpu_memory_utilization={utilization}: leaves {budget} bytes of "
+                         f"{bytes_limit} ({bytes_in_use} in use) for KV pages of {page_bytes} "
+                         f"bytes each; need >= 2 pages")
+    return int(num_pages)
+
+
 def greedy_sampling_inputs(num_seqs_bucket: int) -> SamplingInputs:
     """All-greedy sampling controls with no penalty history (W = 1)."""
     s = num_seqs_bucket
@@ -123,6 +133,29 @@ def greedy_sampling_inputs(num_seqs_bucket: int) -> SamplingInputs:
         frequency_penalty=np.zeros(s, np.float32), seeds=np.zeros(s, np.uint32),
         output_positions=np.zeros(s, np.int32), prompt_token_ids=np.full((s, 1), -1, np.int32),
         output_token_ids=np.full((s, 1), -1, np.int32))
+
+
+# The dtypes of the StepInputs contract (runtime/batch.py); compiled programs accept no other.
+_STEP_DTYPES = {f.name: np.dtype(np.int32) for f in dataclasses.fields(StepInputs)
+                if f.name != "sampling"}
+_SAMPLING_DTYPES = {
+    **dict.fromkeys(("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"), np.dtype(np.float32)),
+    **dict.fromkeys(("top_k", "output_positions", "prompt_token_ids", "output_token_ids"),
+                    np.dtype(np.int32)),
+    "seeds": np.dtype(np.uint32)}
+
+
+def _check_buckets(field: str, given: Sequence[int] | None, maximum: int,
+                   default: tuple[int, ...]) -> tuple[int, ...]:
+    """`given` validated (ascending, distinct, positive, last one covers `maximum`), or default."""
+    if given is None:
+        return default
+    b = tuple(int(x) for x in given)
+    if not b or list(b) != sorted(set(b)) or b[0] < 1 or b[-1] < maximum:
+        raise ValueError(f"{field}={b}: must be ascending, distinct, positive, the last >= "
+                         f"{maximum}")
+    return b
 
 
 def _describe(inputs: StepInputs) -> str:
@@ -146,42 +179,53 @@ class ModelRunner:
       attention_impl: ops.ragged_paged_attention implementation name.
       compilation_cache_dir: persistent compile cache (None: compile_cache.default_cache_dir()).
       mesh, param_shardings, kv_sharding: when a mesh is given the step is jitted with explicit
-        in/out shardings: params as `param_shardings` (default: their current shardings), the KV
+        in/out shardings: params as `param_shardings` (default: replicated), the KV
         arrays as `kv_sharding` (one Sharding for every array, or a per-layer tree; default
         replicated), inputs and sampled outputs replicated.
+      attention_fn: replaces the model's attention step (e.g. the sharding plan's shard_map).
       enable_penalties: also compile the penalty-history variant of every bucket.
+      token_buckets, seq_buckets: explicit bucket lists (default: powers of two from 16 / 8);
+        ascending, the last at least max_num_batched_tokens / max_num_seqs.
     """
 
     def __init__(self, model_cfg: ModelConfig, params: Any, cache_cfg: CacheConfig,
                  sched_cfg: SchedulerConfig, *, attention_impl: str = "auto",
                  compilation_cache_dir: str | None = None, mesh: jax.sharding.Mesh | None = None,
                  param_shardings: Any = None, kv_sharding: Any = None,
-                 enable_penalties: bool = True) -> None:
+                 attention_fn: llama.AttentionFn | None = None, enable_penalties: bool = True,
+                 token_buckets: Sequence[int] | None = None,
+                 seq_buckets: Sequence[int] | None = None) -> None:
         self.model_cfg = model_cfg
         self.cache_cfg = cache_cfg
         self.sched_cfg = sched_cfg
         self.attention_impl = attention_impl
+        self.attention_fn = attention_fn
         self.mesh = mesh
         self.compilation_cache_dir = setup_compilation_cache(compilation_cache_dir)
         self.page_size = cache_cfg.page_size
         self.max_pages_per_seq = math.ceil(sched_cfg.max_model_len / self.page_size)
-        self.token_buckets = pow2_buckets(MIN_TOKEN_BUCKET, sched_cfg.max_num_batched_tokens)
-        self.seq_buckets = pow2_buckets(MIN_SEQ_BUCKET, sched_cfg.max_num_seqs)
+        self.token_buckets = _check_buckets(
+            "token_buckets", token_buckets, sched_cfg.max_num_batched_tokens,
+            pow2_buckets(MIN_TOKEN_BUCKET, sched_cfg.max_num_batched_tokens))
+        self.seq_buckets = _check_buckets("seq_buckets", seq_buckets, sched_cfg.max_num_seqs,
+                                          pow2_buckets(MIN_SEQ_BUCKET, sched_cfg.max_num_seqs))
+        # Penalty history width: 1, or max_model_len (the batch builder's cap on W).
         self.history_widths = (1, sched_cfg.max_model_len) if enable_penalties else (1,)
 
         self._replicated = None
+        if mesh is None and (param_shardings is not None or kv_sharding is not None):
+            raise ValueError("mesh=None: param_shardings and kv_sharding need the mesh too")
         if mesh is not None:
             self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             if param_shardings is None:
-                param_shardings = jax.tree.map(lambda a: a.sharding, params)
+                param_shardings = jax.tree.map(lambda _: self._replicated, params)
             params = jax.device_put(params, param_shardings)
         self.params = params
 
-        kv_shape = (model_cfg.num_kv_heads, 0, self.page_size, model_cfg.head_dim)
         single_kv = kv_sharding if isinstance(kv_sharding, jax.sharding.Sharding) else None
         if mesh is not None and kv_sharding is None:
             single_kv = self._replicated
-        self.num_pages = self._choose_num_pages(single_kv, kv_shape)
+        self.num_pages = self._choose_num_pages(single_kv)
         self.kv_cache = llama.init_kv_cache(model_cfg, self.num_pages, self.page_size,
                                             sharding=single_kv)
         if kv_sharding is not None and single_kv is None:
@@ -192,7 +236,8 @@ class ModelRunner:
             kv_tree = jax.tree.map(lambda a: a.sharding, self.kv_cache)
             jit_kwargs["in_shardings"] = (param_shardings, kv_tree, self._replicated)
             jit_kwargs["out_shardings"] = (self._replicated, kv_tree)
-        self._jitted = jax.jit(self._step, **jit_kwargs)
+        # The jitted step (profiling / eval_shape); execution calls the compiled executables.
+        self.jitted_step = jax.jit(self._step, **jit_kwargs)
         self._executables: dict[tuple[int, int, int], Any] = {}
         self.compile_records: dict[tuple[int, int], CompileRecord] = {}
         self.penalty_compile_records: dict[tuple[int, int], CompileRecord] = {}
@@ -200,8 +245,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ set-up
 
-    def _choose_num_pages(self, kv_sharding: jax.sharding.Sharding | None,
-                          kv_shape: tuple[int, ...]) -> int:
+    def _choose_num_pages(self, kv_sharding: jax.sharding.Sharding | None) -> int:
         """Pages from cache_cfg, else from free device memory after the weights."""
         if self.cache_cfg.num_pages is not None:
             return self.cache_cfg.num_pages
@@ -213,22 +257,19 @@ class ModelRunner:
             device = next(iter(leaf.devices()))
         else:
             device = jax.devices()[0]
-        if kv_sharding is not None:  # each device holds only its shard of every page
-            full = (kv_shape[0], 1, *kv_shape[2:])
-            page_bytes = page_bytes * math.prod(kv_sharding.shard_shape(full)) // math.prod(full)
+        if kv_sharding is not None:  # each device holds only its shard of the pools
+            probe = (self.model_cfg.num_kv_heads, 64 * len(kv_sharding.device_set),
+                     self.page_size, self.model_cfg.head_dim)  # [K, P, L, H], P divisible
+            page_bytes = page_bytes * math.prod(kv_sharding.shard_shape(probe)) // math.prod(probe)
         stats = device.memory_stats()
         if stats and "bytes_limit" in stats:
             util = self.cache_cfg.gpu_memory_utilization
-            budget = int(stats["bytes_limit"] * util) - int(stats.get("bytes_in_use", 0))
-            num_pages = budget // page_bytes
-            if num_pages < 2:
-                raise ValueError(
-                    f"gpu_memory_utilization={util}: leaves {budget} bytes for KV pages of "
-                    f"{page_bytes} bytes each on {device} (need >= 2 pages)")
+            num_pages = num_pages_from_memory(int(stats["bytes_limit"]),
+                                              int(stats.get("bytes_in_use", 0)), util, page_bytes)
             log.info("num_pages=%d from %s memory: limit %d B x %.2f - in use %d B, %d B/page",
                      num_pages, device, stats["bytes_limit"], util,
                      stats.get("bytes_in_use", 0), page_bytes)
-            return int(num_pages)
+            return num_pages
         full_need = self.sched_cfg.max_num_seqs * self.max_pages_per_seq + 1
         num_pages = max(2, min(full_need, CPU_DEFAULT_KV_BYTES // page_bytes))
         log.info("num_pages=%d: %s reports no memory stats; default is every sequence at "
@@ -240,7 +281,8 @@ class ModelRunner:
               inputs: StepInputs) -> tuple[sampling.SamplerOutput, llama.KVCache]:
         """The jitted program: forward, then sample on device."""
         logits, kv_cache = llama.forward(params, inputs, kv_cache, self.model_cfg,
-                                         attention_impl=self.attention_impl)  # f32[S, V]
+                                         attention_impl=self.attention_impl,
+                                         attention_fn=self.attention_fn)  # f32[S, V]
         if inputs.sampling is None:
             raise ValueError("inputs.sampling=None inside the step; the runner fills it in")
         return sampling.sample(logits, inputs.sampling), kv_cache
@@ -248,8 +290,17 @@ class ModelRunner:
     # ------------------------------------------------------------------ buckets
 
     def bucket_keys(self) -> list[tuple[int, int]]:
-        """Every (T, S) bucket a step can use (S <= T: each sequence has >= 1 token)."""
-        return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+        """Every (T, S) bucket a step can use.
+
+        A step with n sequences has >= n tokens, so T bucket t pairs only with the S buckets of
+        1..min(t, max_num_seqs) sequences (S <= T with the default buckets).
+        """
+        keys = []
+        for t in self.token_buckets:
+            most = min(t, self.sched_cfg.max_num_seqs)
+            keys += [(t, s) for s in self.seq_buckets
+                     if s <= most or s == choose_bucket(most, self.seq_buckets)]
+        return keys
 
     def dummy_inputs(self, num_tokens: int, num_seqs: int, history_width: int = 1) -> StepInputs:
         """An all-padding StepInputs of bucket shape (T, S), history width W."""
@@ -279,7 +330,7 @@ class ModelRunner:
         """Lowers and compiles the step for one bucket and keeps its executable and record."""
         abstract = (self.params, self.kv_cache,
                     self.abstract_inputs(num_tokens, num_seqs, history_width))
-        record = lower_and_compile(self._jitted, *abstract)
+        record = lower_and_compile(self.jitted_step, *abstract)
         self._executables[(num_tokens, num_seqs, history_width)] = record.compiled
         records = self.compile_records if history_width == 1 else self.penalty_compile_records
         records[(num_tokens, num_seqs)] = record
@@ -305,8 +356,8 @@ class ModelRunner:
         valid = set(self.bucket_keys())
         for key in keys:
             if tuple(key) not in valid:
-                raise ValueError(f"buckets: {key!r} is not a (T, S) bucket of this runner "
-                                 f"(T in {self.token_buckets}, S in {self.seq_buckets}, S <= T)")
+                raise ValueError(f"buckets: {key!r} is not a (T, S) bucket of this runner; "
+                                 f"see bucket_keys(): {sorted(valid)}")
         todo = [(t, s, w) for t, s in keys for w in self.history_widths]
         start = time.perf_counter()
         for i, (t, s, w) in enumerate(todo):
@@ -335,7 +386,16 @@ class ModelRunner:
     # ------------------------------------------------------------------ execute
 
     def _prepare(self, inputs: StepInputs) -> StepInputs:
-        """Checks widths, fills in greedy sampling, pads the penalty history to its bucket."""
+        """Checks widths and dtypes, fills in greedy sampling, pads the penalty history."""
+        for name, dtype in _STEP_DTYPES.items():
+            got = np.dtype(getattr(inputs, name).dtype)
+            if got != dtype:
+                raise ValueError(f"inputs.{name}.dtype={got}: must be {dtype}")
+        if inputs.sampling is not None:
+            for name, dtype in _SAMPLING_DTYPES.items():
+                got = np.dtype(getattr(inputs.sampling, name).dtype)
+                if got != dtype:
+                    raise ValueError(f"inputs.sampling.{name}.dtype={got}: must be {dtype}")
         if inputs.page_table.shape[-1] != self.max_pages_per_seq:
             raise ValueError(f"page_table.shape={inputs.page_table.shape}: width must be "
                              f"max_pages_per_seq={self.max_pages_per_seq}")
@@ -381,7 +441,7 @@ class ModelRunner:
             if executable is not None:
                 out, self.kv_cache = executable(self.params, self.kv_cache, inputs)
             else:  # not a warmed-up bucket: the jit path compiles (an error after warm-up)
-                out, self.kv_cache = self._jitted(self.params, self.kv_cache, inputs)
+                out, self.kv_cache = self.jitted_step(self.params, self.kv_cache, inputs)
         return PendingOutput(out, num_logprobs)
 
     def execute(self, inputs: StepInputs, *, num_logprobs: int | None = None) -> RunnerOutput:

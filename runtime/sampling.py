@@ -153,7 +153,10 @@ def sample(logits: jax.Array, sampling: SamplingInputs) -> SamplerOutput:
     """
     logits = logits.astype(jnp.float32)
     temperature = jnp.asarray(sampling.temperature, jnp.float32)
-    penalized = apply_penalties(logits, sampling)
+    # The [S, V] count tables are only built when some row has a history (W=1 batches: none).
+    has_history = (jnp.any(jnp.asarray(sampling.prompt_token_ids) >= 0)
+                   | jnp.any(jnp.asarray(sampling.output_token_ids) >= 0))
+    penalized = jax.lax.cond(has_history, apply_penalties, lambda x, _s: x, logits, sampling)
     greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)  # [S]
     # Skip the noise and filters entirely when every row is greedy (the common padded decode).
     drawn = jax.lax.cond(jnp.any(temperature > 0), _draw,

@@ -28,9 +28,14 @@ _JAX_KEYS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
 
 @pytest.fixture(scope="module")
 def params():
-    # Larger-than-default weights so greedy tokens are well separated (no near-ties).
-    p = llama.init_params(CFG, jax.random.PRNGKey(0))
-    return jax.tree.map(lambda a: a * 4.0 if a.ndim > 1 else a, p)
+    """Random weights in the shapes of llama.abstract_params (llama.init_params is much slower
+    on CPU: it traces the whole model). Normal(0.08) matrices so greedy tokens are well
+    separated (no near-ties); unit norm scales."""
+    rng = np.random.default_rng(0)
+    return jax.tree.map(
+        lambda a: jax.numpy.asarray(rng.normal(0.0, 0.08, a.shape).astype(a.dtype) if a.ndim > 1
+                                    else np.ones(a.shape, a.dtype)),
+        llama.abstract_params(CFG))
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +129,12 @@ def test_greedy_matches_direct_forward_and_logprobs(runner, params):
     np.testing.assert_array_equal(out.top_logprob_ids[:2], np.argsort(-lsm[:2])[:, :5])
     assert out.top_logprobs.shape == (8, 5)
     assert runner.execute(inputs).logprobs is None  # not asked: not copied
+    # Two steps in flight before either result is read (host runs ahead of the device).
+    other = build_step([(p1[:3], 0, [12])], runner)
+    first, second = runner.execute_async(inputs), runner.execute_async(other)
+    np.testing.assert_array_equal(second.result().sampled_token_ids[:1],
+                                  np.argmax(direct_logits(params, other)[:1], axis=-1))
+    np.testing.assert_array_equal(first.result().sampled_token_ids, out.sampled_token_ids)
 
 
 def test_multi_step_decode_uses_cache_in_place(runner, params):
@@ -248,3 +259,74 @@ def test_num_pages_default_on_cpu(params, cache_dir):
                        compilation_cache_dir=cache_dir)
     assert r.num_pages == SCHED.max_num_seqs * r.max_pages_per_seq + 1
     assert r.kv_cache[0][0].shape == (2, r.num_pages, 8, 16)
+
+
+def test_dtype_contract_is_enforced(runner):
+    inputs = build_step([([1, 2], 0, [1])], runner)
+    bad = dataclasses.replace(inputs, positions=inputs.positions.astype(np.int64))
+    with pytest.raises(ValueError, match="positions.dtype=int64"):
+        runner.execute(bad)
+    smp = dataclasses.replace(mr.greedy_sampling_inputs(8), seeds=np.zeros(8, np.int64))
+    with pytest.raises(ValueError, match="seeds.dtype=int64"):
+        runner.execute(dataclasses.replace(inputs, sampling=smp))
+
+
+@pytest.mark.slow  # a third compile of the step; the sharding tests cover the sharded forward
+def test_sharded_runner_matches_unsharded(params, cache_dir):
+    """Explicit in/out shardings on a 1x2 mesh: KV pages split over KV heads, same tokens."""
+    mesh = jax.make_mesh((1, 2), ("data", "model"), devices=jax.devices()[:2])
+    kv = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("model"))
+    r = mr.ModelRunner(CFG, params, CACHE, SCHED, attention_impl="reference",
+                       compilation_cache_dir=cache_dir, mesh=mesh, kv_sharding=kv,
+                       enable_penalties=False)
+    assert r.kv_cache[0][0].sharding.is_equivalent_to(kv, 4)
+    r.warmup(buckets=[(16, 8)])
+    rng = np.random.default_rng(4)
+    inputs = build_step([(rng.integers(0, 256, 4).tolist(), 0, [1]),
+                         (rng.integers(0, 256, 9).tolist(), 0, [2, 3])], r)
+    out = r.execute(inputs)
+    want = np.argmax(direct_logits(params, inputs)[:2], axis=-1)
+    np.testing.assert_array_equal(out.sampled_token_ids[:2], want)
+    assert r.kv_cache[0][0].sharding.is_equivalent_to(kv, 4)  # out_shardings kept it split
+    assert r.compiles_after_warmup == 0
+    with pytest.raises(ValueError, match="mesh=None"):
+        mr.ModelRunner(CFG, params, CACHE, SCHED, kv_sharding=kv,
+                       compilation_cache_dir=cache_dir)
+
+
+def test_num_pages_from_memory():
+    # 80 GiB x 0.9 - 16 GiB of weights, 1 MiB pages.
+    assert mr.num_pages_from_memory(80 << 30, 16 << 30, 0.9, 1 << 20) == int(
+        ((80 << 30) * 0.9 - (16 << 30)) // (1 << 20))
+    with pytest.raises(ValueError, match="gpu_memory_utilization=0.5"):
+        mr.num_pages_from_memory(100, 49, 0.5, 1)
+
+
+def test_custom_buckets_and_bucket_keys(params, cache_dir):
+    r = mr.ModelRunner(CFG, params, CACHE, SCHED, compilation_cache_dir=cache_dir,
+                       token_buckets=(1, 4, 32), seq_buckets=(2, 8))
+    assert r.token_buckets == (1, 4, 32) and r.seq_buckets == (2, 8)
+    # T=1 holds one sequence (S bucket 2); T=4 up to 4 sequences (S buckets 2 and 8).
+    assert r.bucket_keys() == [(1, 2), (4, 2), (4, 8), (32, 2), (32, 8)]
+    for bad in ((32, 4), (4, 4, 32), (0, 32), ()):
+        with pytest.raises(ValueError, match="token_buckets"):
+            mr.ModelRunner(CFG, params, CACHE, SCHED, compilation_cache_dir=cache_dir,
+                           token_buckets=bad)
+    with pytest.raises(ValueError, match="seq_buckets"):
+        mr.ModelRunner(CFG, params, CACHE, SCHED, compilation_cache_dir=cache_dir,
+                       seq_buckets=(2, 4))
+
+
+def test_attention_fn_is_used(params, cache_dir):
+    calls = []
+
+    def attention_fn(q, k_new, v_new, k_pages, v_pages, inputs, *, sm_scale, sliding_window):
+        calls.append(q.shape)
+        return llama.paged_attention(q, k_new, v_new, k_pages, v_pages, inputs,
+                                     sm_scale=sm_scale, sliding_window=sliding_window,
+                                     impl="reference")
+
+    r = mr.ModelRunner(CFG, params, CACHE, SCHED, compilation_cache_dir=cache_dir,
+                       attention_fn=attention_fn, enable_penalties=False)
+    jax.eval_shape(r.jitted_step, r.params, r.kv_cache, r.abstract_inputs(16, 8))
+    assert calls == [(16, CFG.num_heads, CFG.head_dim)] * CFG.num_layers

@@ -10,6 +10,11 @@ import pytest
 from xlaserve.runtime import sampling as smp
 from xlaserve.runtime.batch import SamplingInputs
 
+# Jitted once per shape: op-by-op eager execution of the sampler is much slower on CPU.
+sample = jax.jit(smp.sample)
+filtered_logits = jax.jit(smp.filtered_logits)
+apply_penalties = jax.jit(smp.apply_penalties)
+
 
 def make_inputs(s: int, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, pres=0.0,
                 freq=0.0, seeds=None, positions=None, prompt=None, output=None) -> SamplingInputs:
@@ -66,7 +71,7 @@ def ref_probs(logits, temperature, top_k, top_p, min_p):
 def test_greedy_is_exact_argmax():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((16, 300)).astype(np.float32) * 3
-    out = jax.jit(smp.sample)(logits, make_inputs(16, temperature=0.0, top_k=5, top_p=0.5))
+    out = sample(logits, make_inputs(16, temperature=0.0, top_k=5, top_p=0.5))
     np.testing.assert_array_equal(np.asarray(out.token_ids), np.argmax(logits, axis=-1))
 
 
@@ -81,7 +86,7 @@ def test_penalties_match_reference():
     pres = np.array([0.0, 0.5, -0.5, 1.0, 0.0, 2.0], np.float32)
     freq = np.array([0.0, 0.2, 0.3, -1.0, 0.0, 0.1], np.float32)
     si = make_inputs(s, rep=rep, pres=pres, freq=freq, prompt=prompt, output=output)
-    got = np.asarray(jax.jit(smp.apply_penalties)(logits, si))
+    got = np.asarray(apply_penalties(logits, si))
     for r in range(s):
         want = ref_penalties(logits[r], rep[r], pres[r], freq[r], prompt[r], output[r])
         np.testing.assert_allclose(got[r], want, rtol=1e-5, atol=1e-5)
@@ -89,7 +94,7 @@ def test_penalties_match_reference():
 
 def test_unused_penalty_history_is_a_noop():
     logits = np.random.default_rng(2).standard_normal((4, 50)).astype(np.float32)
-    got = np.asarray(smp.apply_penalties(logits, make_inputs(4, rep=1.5, pres=1.0, freq=1.0)))
+    got = np.asarray(apply_penalties(logits, make_inputs(4, rep=1.5, pres=1.0, freq=1.0)))
     np.testing.assert_array_equal(got, logits)
 
 
@@ -102,7 +107,7 @@ def test_filters_match_reference(top_k, top_p, min_p, temperature):
     s, v = 5, 64
     logits = (rng.standard_normal((s, v)) * 2).astype(np.float32)
     si = make_inputs(s, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    got = np.asarray(jax.jit(smp.filtered_logits)(logits, si))
+    got = np.asarray(filtered_logits(logits, si))
     got_probs = np.asarray(jax.nn.softmax(got, axis=-1))
     for r in range(s):
         want = ref_probs(logits[r], temperature, top_k, top_p, min_p)
@@ -118,7 +123,7 @@ def test_filters_per_row_params_mix():
     k = np.array([0, 3, 0, 8], np.int32)
     p = np.array([1.0, 1.0, 0.5, 0.9], np.float32)
     mp = np.array([0.0, 0.0, 0.0, 0.2], np.float32)
-    got = np.asarray(smp.filtered_logits(logits, make_inputs(4, temperature=t, top_k=k,
+    got = np.asarray(filtered_logits(logits, make_inputs(4, temperature=t, top_k=k,
                                                              top_p=p, min_p=mp)))
     for r in range(4):
         want = ref_probs(logits[r], t[r] if t[r] > 0 else 1.0, k[r], p[r], mp[r])
@@ -135,7 +140,7 @@ def test_sampled_distribution_matches_softmax(top_k, top_p, min_p, temperature):
     logits = np.broadcast_to(logits_row, (n, v))
     si = make_inputs(n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      seeds=np.arange(n, dtype=np.uint32), positions=3)
-    ids = np.asarray(jax.jit(smp.sample)(logits, si).token_ids)
+    ids = np.asarray(sample(logits, si).token_ids)
     want = ref_probs(logits_row, temperature, top_k, top_p, min_p)
     counts = np.bincount(ids, minlength=v)
     assert np.all(counts[want == 0] == 0), "sampled a filtered-out token"
@@ -169,15 +174,15 @@ def test_reproducible_across_rows_and_batch_mates():
             pos[row] = 17
             si = make_inputs(s, temperature=temps, top_k=top_k, top_p=0.95, seeds=seeds,
                              positions=pos)
-            tokens.append(int(np.asarray(smp.sample(logits, si).token_ids)[row]))
+            tokens.append(int(np.asarray(sample(logits, si).token_ids)[row]))
         assert len(set(tokens)) == 1, tokens
 
 
 def test_seed_and_position_change_the_sample():
     v = 1000
     logits = np.zeros((64, v), np.float32)  # uniform: distinct keys give distinct tokens
-    by_seed = smp.sample(logits, make_inputs(64, temperature=1.0, seeds=np.arange(64)))
-    by_pos = smp.sample(logits, make_inputs(64, temperature=1.0, seeds=7, positions=np.arange(64)))
+    by_seed = sample(logits, make_inputs(64, temperature=1.0, seeds=np.arange(64)))
+    by_pos = sample(logits, make_inputs(64, temperature=1.0, seeds=7, positions=np.arange(64)))
     assert len(set(np.asarray(by_seed.token_ids).tolist())) > 40
     assert len(set(np.asarray(by_pos.token_ids).tolist())) > 40
 
@@ -187,7 +192,7 @@ def test_logprobs_are_raw_log_softmax():
     logits = (rng.standard_normal((3, 50)) * 2).astype(np.float32)
     si = make_inputs(3, temperature=np.array([0.0, 1.0, 0.5]), seeds=np.array([1, 2, 3]),
                      rep=1.5, output=np.array([[1, 2], [3, -1], [-1, -1]]))
-    out = smp.sample(logits, si)
+    out = sample(logits, si)
     lsm = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
     ids = np.asarray(out.token_ids)
     np.testing.assert_allclose(np.asarray(out.logprobs), lsm[np.arange(3), ids], rtol=1e-6)
@@ -199,11 +204,11 @@ def test_logprobs_are_raw_log_softmax():
 
 
 def test_small_vocab_top_logprobs():
-    out = smp.sample(np.zeros((2, 5), np.float32), make_inputs(2))
+    out = sample(np.zeros((2, 5), np.float32), make_inputs(2))
     assert out.top_logprob_ids.shape == (2, 5)
 
 
 def test_greedy_with_repetition_penalty_avoids_repeat():
     logits = np.array([[0.0, 3.0, 2.5, 1.0]], np.float32)
-    out = smp.sample(logits, make_inputs(1, rep=2.0, output=np.array([[1]])))
+    out = sample(logits, make_inputs(1, rep=2.0, output=np.array([[1]])))
     assert int(out.token_ids[0]) == 2  # 3.0 / 2 = 1.5 < 2.5
