@@ -7,9 +7,10 @@ bytes accessed), memory analysis, and the roofline time ``max(flops / peak_flops
 peak_bandwidth)`` against `hardware.DevicePeaks`. `CompileMonitor` watches jax's own compile
 events, so compiles after warm-up are caught whichever code path triggered them.
 
-Limits, said plainly: XLA's cost analysis does not see inside custom calls (Pallas/Triton kernels,
-cuBLAS), so on GPUs attention FLOPs are missing from it; with a sharded mesh the numbers are those
-of one device's program. This module renders nothing (see xlaserve/commands/profile.py) and never
+Limits, said plainly: XLA's cost analysis does not see inside opaque custom calls (Pallas/Triton
+kernels; cuBLAS GEMMs it does count), so with the Pallas attention kernel on GPUs the attention
+FLOPs and KV-page reads are missing from the roofline, which then understates long-context steps;
+with a sharded mesh the numbers are those of one device's program. This module renders nothing (see xlaserve/profiling/render.py) and never
 changes what the runner compiles.
 """
 
@@ -19,7 +20,7 @@ import dataclasses
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from xlaserve.runtime.hardware import DevicePeaks
@@ -71,7 +72,8 @@ def hlo_stats(hlo_text: str) -> HloStats:
                 k = _KERNEL_NAME.search(config)
                 kernels.add(k.group(1) if k else target)
     return HloStats(num_instructions=num_instructions, num_fusions=num_fusions,
-                    custom_calls=dict(sorted(targets.items())), pallas_kernels=tuple(sorted(kernels)))
+                    custom_calls=dict(sorted(targets.items())),
+                    pallas_kernels=tuple(sorted(kernels)))
 
 
 def attention_impl_from_hlo(stats: HloStats) -> str:
@@ -146,8 +148,14 @@ class BucketProfile:
     memory: MemoryStats
     roofline_s: float  # max(flops / peak, bytes / bandwidth) on the profiled device
     roofline_bound: str  # "compute" or "memory"
+    history_width: int = 1  # W of the penalty token history (1: no penalties in the batch)
     measured_s: float | None = None  # median step time with --run
     measured_over_roofline: float | None = None  # measured_s / roofline_s
+    # Only when attention is an opaque custom call (a Pallas kernel on GPU): an analytic estimate
+    # of what the kernel does at the --run context length, and the roofline with it added.
+    attention_flops_est: float | None = None
+    attention_bytes_est: float | None = None
+    roofline_with_attention_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -155,12 +163,14 @@ class BucketProfile:
         return d
 
 
-def analyze_compiled(num_tokens: int, num_seqs: int, *, lowered: Any, compiled: Any,
+def analyze_compiled(num_tokens: int, num_seqs: int, *, compiled: Any,
                      lower_s: float, compile_s: float, cache_hit: bool | None,
                      peaks: DevicePeaks, dtype: str,
-                     attention_impl: str | None = None) -> BucketProfile:
-    """Builds the BucketProfile of one compiled step. `lowered` is kept for symmetry (unused)."""
-    del lowered
+                     attention_impl: str | None = None, history_width: int = 1) -> BucketProfile:
+    """Builds the BucketProfile of one compiled step (a jax.stages.Compiled).
+
+    `attention_impl` is what the dispatcher chose; None reads it off the HLO's custom calls.
+    """
     hlo = hlo_stats(compiled.as_text())
     flops, bytes_accessed = cost_stats(compiled)
     roof, bound = roofline_seconds(flops, bytes_accessed, peaks, dtype)
@@ -168,7 +178,32 @@ def analyze_compiled(num_tokens: int, num_seqs: int, *, lowered: Any, compiled: 
         num_tokens=num_tokens, num_seqs=num_seqs, lower_s=lower_s, compile_s=compile_s,
         cache_hit=cache_hit, attention_impl=attention_impl or attention_impl_from_hlo(hlo),
         hlo=hlo, flops=flops, bytes_accessed=bytes_accessed, memory=memory_stats(compiled),
-        roofline_s=roof, roofline_bound=bound)
+        roofline_s=roof, roofline_bound=bound, history_width=history_width)
+
+
+def attention_cost(*, num_tokens: int, num_seqs: int, kv_len: int, max_model_len: int,
+                   num_layers: int, num_heads: int, head_dim: int,
+                   kv_bytes_per_token: int) -> tuple[float, float]:
+    """(FLOPs, bytes) of paged attention for a full (T, S) bucket, each sequence at `kv_len`.
+
+    The same layout as the --run step: T tokens split evenly over S sequences, each attending to
+    max(q_len, kv_len) keys (capped at max_model_len). FLOPs: QK^T and PV, 4 * q * k * N * H per
+    layer (causal masking inside a prefill chunk not subtracted). Bytes: every sequence's K and V
+    pages read once. Used for the part of the step XLA's cost analysis cannot see.
+    """
+    q_len = max(1, min(-(-num_tokens // num_seqs), max_model_len))
+    keys = min(max(q_len, kv_len), max_model_len)
+    flops = 4.0 * num_tokens * keys * num_heads * head_dim * num_layers
+    return flops, float(num_seqs * keys * kv_bytes_per_token)
+
+
+def add_attention_estimate(bp: BucketProfile, flops: float, bytes_accessed: float,
+                           peaks: DevicePeaks, dtype: str) -> None:
+    """Sets the attention estimate fields of `bp` and its roofline with them added."""
+    bp.attention_flops_est, bp.attention_bytes_est = flops, bytes_accessed
+    bp.roofline_with_attention_s, _ = roofline_seconds(bp.flops + flops,
+                                                       bp.bytes_accessed + bytes_accessed,
+                                                       peaks, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +211,7 @@ class CompileEvent:
     """One XLA compile seen by `CompileMonitor`."""
 
     fun_name: str  # the jitted function, e.g. "jit(step)"
-    shapes: str  # input shapes and dtypes as jax logs them ("" if not logged)
+    shapes: str  # input shapes and dtypes, e.g. "f32[64,64] x2, i32[16]" ("" if not logged)
     seconds: float  # backend compile time (a cache load counts too)
 
 
@@ -240,6 +275,25 @@ class CompileMonitor:
         logger.propagate = self._saved[1]
 
 
+_AVAL = re.compile(r"ShapedArray\((\w+)\[([^\]]*)\][^()]*\)")
+_DTYPE_SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int32": "i32",
+                "uint32": "u32", "int8": "i8", "bool": "pred", "float64": "f64", "int64": "i64"}
+
+
+def compact_shapes(avals: str) -> str:
+    """"(ShapedArray(float32[64]), ShapedArray(float32[64]), ...)" -> "f32[64] x2, ..."."""
+    items = [f"{_DTYPE_SHORT.get(d, d)}[{dims}]" for d, dims in _AVAL.findall(avals)]
+    if not items:
+        return avals
+    runs: list[list[Any]] = []
+    for item in items:
+        if runs and runs[-1][0] == item:
+            runs[-1][1] += 1
+        else:
+            runs.append([item, 1])
+    return ", ".join(item if n == 1 else f"{item} x{n}" for item, n in runs)
+
+
 class _ShapeHandler(logging.Handler):
     """Collects the input shapes from jax's "Compiling <fn> with global shapes ..." records."""
 
@@ -249,12 +303,16 @@ class _ShapeHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.msg.startswith("Compiling ") and record.args and len(record.args) >= 2:
-            self._sink.append(str(record.args[1]))
+            self._sink.append(compact_shapes(str(record.args[1])))
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSummary:
-    """Memory and compile-time totals of one profiled runner."""
+    """Memory and compile-time totals of one profiled runner.
+
+    Param and KV bytes are global (all shards); XLA's memory analysis, and so `peak_step_bytes`,
+    is per device, which is what `device_memory_bytes` bounds.
+    """
 
     param_count: int
     param_bytes: int
@@ -266,7 +324,7 @@ class ModelSummary:
     max_model_len: int  # the configured context
     max_concurrent_seqs: int  # sequences that fit at full context: (P - 1) // pages per sequence
     max_num_seqs: int  # the scheduler's cap, for comparison
-    peak_step_bytes: int  # the largest MemoryStats.peak_bytes over the buckets
+    peak_step_bytes: int  # the largest MemoryStats.peak_bytes over the buckets (per device)
     device_memory_bytes: int | None  # what the device has (None: unknown, e.g. CPU)
     num_buckets: int
     num_cache_hits: int
@@ -323,18 +381,3 @@ def model_summary(*, params: Any, kv_cache: Any, num_pages: int, page_size: int,
         num_cache_hits=len(hit), compile_s_total=total(profiles), compile_s_cold=total(cold),
         compile_s_from_cache=total(hit))
 
-
-def median_seconds(fn: Any, repeats: int) -> float:
-    """Median wall time of `repeats` calls of fn() after one warm-up call; fn must block."""
-    import statistics
-    import time
-
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats!r}: must be >= 1")
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)

@@ -90,17 +90,247 @@ def test_analyze_compiled_and_monitor_on_a_stand_in_step():
     f = jax.jit(lambda w, x: jnp.tanh(x @ w) @ w.T)
     peaks = hardware.peaks_by_name("cpu-nominal")
     flops = []
-    for t in (16, 64):
+    for t in (16, 32):
         with prof.CompileMonitor() as mon:
             lowered = f.lower(jax.ShapeDtypeStruct((64, 64), jnp.float32),
                               jax.ShapeDtypeStruct((t, 64), jnp.float32))
             compiled = lowered.compile()
         assert [c.fun_name for c in mon.compiles] == ["jit(<lambda>)"]
-        assert f"float32[{t},64]" in mon.compiles[0].shapes
-        bp = prof.analyze_compiled(t, 8, lowered=lowered, compiled=compiled, lower_s=0.1,
+        assert mon.compiles[0].shapes == f"f32[64,64], f32[{t},64]"
+        bp = prof.analyze_compiled(t, 8, compiled=compiled, lower_s=0.1,
                                    compile_s=0.2, cache_hit=None, peaks=peaks, dtype="float32")
         assert bp.memory.argument_bytes == (64 * 64 + t * 64) * 4
         assert bp.roofline_s == pytest.approx(max(bp.flops / peaks.fp32_flops_per_s,
                                                   bp.bytes_accessed / peaks.memory_bytes_per_s))
         flops.append(bp.flops)
     assert flops[1] > flops[0] > 0
+
+
+def test_compact_shapes_collapses_repeats():
+    text = ("(ShapedArray(float32[64]), ShapedArray(float32[64]), ShapedArray(int32[24]), "
+            "ShapedArray(float32[], weak_type=True))")
+    assert prof.compact_shapes(text) == "f32[64] x2, i32[24], f32[]"
+
+
+# ---------------------------------------------------------------------------- the CLI, end to end
+
+TINY = ["--model", "builtin:tiny", "--dtype", "float32", "--max-num-batched-tokens", "32",
+        "--max-num-seqs", "8", "--max-model-len", "64", "--num-pages", "32"]
+
+
+def _profile(*argv: str) -> int:
+    from xlaserve.cli import main
+
+    return main(["profile", *TINY, *argv])
+
+
+def test_cli_usage_errors_exit_2(tmp_path, capsys):
+    assert _profile("--peaks", "nope") == 2
+    assert "peaks='nope'" in capsys.readouterr().err
+    assert _profile("--buckets", "16", "--check-recompiles", "2") == 2
+    assert _profile("--repeats", "0") == 2
+    assert _profile("--force-shape", "24", "--check-recompiles", "1") == 2
+    assert _profile("--force-shape", "24x8") == 2  # only with --check-recompiles
+
+
+def test_select_buckets():
+    from xlaserve.cli import UsageError
+    from xlaserve.commands.profile import select_buckets
+
+    have = [(16, 8), (32, 8), (32, 16)]
+    assert select_buckets(None, have) == have
+    assert select_buckets(["32"], have) == [(32, 8), (32, 16)]
+    assert select_buckets(["32x16", "16x8"], have) == [(32, 16), (16, 8)]
+    with pytest.raises(UsageError, match="64x8"):
+        select_buckets(["64x8"], have)
+    with pytest.raises(UsageError, match="expected T or TxS"):
+        select_buckets(["big"], have)
+
+
+@pytest.fixture(scope="module")
+def cold_run(tmp_path_factory):
+    """One cold profile run (fresh compilation cache) with --run, --plot, --check-recompiles."""
+    d = tmp_path_factory.mktemp("profile")
+    cache = d / "jax_cache"
+    rc = _profile("--compilation-cache-dir", str(cache), "--json", str(d / "cold.json"),
+                  "--run", "--repeats", "2", "--plot", str(d / "plot.png"),
+                  "--dump-hlo", str(d / "hlo"), "--check-recompiles", "3")
+    return rc, json.loads((d / "cold.json").read_text()), d
+
+
+@pytest.mark.slow
+def test_cli_json_fields_are_present_and_consistent(cold_run):
+    rc, report, d = cold_run
+    assert rc == 0  # a clean engine: no compile after warm-up
+    assert report["recompiles"]["compiles_after_warmup"] == []
+    assert report["recompiles"]["runner_compiles_after_warmup"] == 0
+    assert report["recompiles"]["num_steps"] > 0
+    buckets = report["buckets"]
+    runner = report["runner"]
+    assert len(buckets) == len(runner["history_widths"]) * 2  # T in (16, 32), S = 8
+    peaks = report["peaks"]
+    summary = report["summary"]
+    for b in buckets:
+        assert b["cache_hit"] is False  # a fresh cache directory
+        assert b["lower_s"] > 0 and b["compile_s"] > 0
+        assert b["hlo"]["num_instructions"] > b["hlo"]["num_fusions"] > 0
+        assert b["attention_impl"] == "reference"  # what the dispatcher picks on CPU
+        compute = b["flops"] / peaks["fp32_flops_per_s"]
+        memory = b["bytes_accessed"] / peaks["memory_bytes_per_s"]
+        assert b["roofline_s"] == pytest.approx(max(compute, memory))
+        assert b["roofline_bound"] == ("compute" if compute >= memory else "memory")
+        # Params and the whole KV cache are arguments of every step; the KV is donated.
+        assert b["memory"]["argument_bytes"] >= summary["param_bytes"] + summary["kv_cache_bytes"]
+        assert b["memory"]["alias_bytes"] >= summary["kv_cache_bytes"]
+        assert b["measured_s"] > 0
+        assert b["measured_over_roofline"] == pytest.approx(b["measured_s"] / b["roofline_s"])
+        name = f"step_T{b['num_tokens']}_S{b['num_seqs']}_W{b['history_width']}.hlo.txt"
+        assert (d / "hlo" / name).read_text().startswith("HloModule")
+    by_key = {(b["num_tokens"], b["num_seqs"], b["history_width"]): b for b in buckets}
+    for w in runner["history_widths"]:
+        assert by_key[(32, 8, w)]["flops"] > by_key[(16, 8, w)]["flops"]
+        assert by_key[(32, 8, w)]["bytes_accessed"] > by_key[(16, 8, w)]["bytes_accessed"]
+    assert summary["kv_capacity_tokens"] == 31 * 16
+    assert summary["max_concurrent_seqs"] == 31 // 4
+    assert summary["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # K+V, layers, kv heads, H, f32
+    assert summary["num_cache_hits"] == 0
+    assert summary["compile_s_cold"] == pytest.approx(summary["compile_s_total"])
+    assert (d / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_cli_second_run_hits_the_cache_and_a_forced_shape_fails(cold_run, capsys):
+    _, cold, d = cold_run
+    rc = _profile("--compilation-cache-dir", cold["runner"]["compilation_cache_dir"],
+                  "--json", str(d / "warm.json"), "--check-recompiles", "1",
+                  "--force-shape", "24x8")
+    assert rc == 1
+    warm = json.loads((d / "warm.json").read_text())
+    assert [b["cache_hit"] for b in warm["buckets"]] == [True] * len(cold["buckets"])
+    assert warm["summary"]["num_cache_hits"] == len(cold["buckets"])
+    assert warm["summary"]["compile_s_from_cache"] == pytest.approx(
+        warm["summary"]["compile_s_total"])
+    late = warm["recompiles"]["compiles_after_warmup"]
+    assert len(late) == 1 and "i32[24]" in late[0]["shapes"]
+    assert warm["recompiles"]["runner_compile_log"][0]["shapes"].startswith("token_ids[24]")
+    captured = capsys.readouterr()
+    assert "compile(s) after warm-up" in captured.err
+    assert "Compiles after warm-up" in captured.out and "token_ids[24]" in captured.out
+
+
+def test_timing_inputs_fill_the_bucket_with_real_sequences():
+    import types
+
+    import numpy as np
+
+    from xlaserve.profiling.session import timing_inputs
+    from xlaserve.runtime.model_runner import greedy_sampling_inputs
+
+    def dummy_inputs(t, s, w):
+        from xlaserve.runtime.batch import StepInputs
+
+        z = np.zeros
+        return StepInputs(z(t, np.int32), z(t, np.int32), z(t, np.int32), z(s + 1, np.int32),
+                          z(s, np.int32), z((s, 4), np.int32), z(1, np.int32), z(s, np.int32),
+                          greedy_sampling_inputs(s))
+
+    runner = types.SimpleNamespace(page_size=16, max_pages_per_seq=4, num_pages=10,
+                                   model_cfg=types.SimpleNamespace(vocab_size=100),
+                                   dummy_inputs=dummy_inputs)
+    x = timing_inputs(runner, 32, 8, 1, kv_len=40)
+    assert x.cu_q_lens.tolist() == list(range(0, 33, 4)) and x.num_seqs.tolist() == [8]
+    assert x.kv_lens.tolist() == [40] * 8 and x.logits_indices.tolist() == list(range(3, 32, 4))
+    assert x.positions[:4].tolist() == [36, 37, 38, 39]
+    assert (x.page_table >= 1).all() and (x.page_table < 10).all()
+    assert x.slot_mapping[0] == x.page_table[0, 36 // 16] * 16 + 36 % 16
+    # A bucket wider than max_model_len per sequence: extra rows are padding on page 0.
+    y = timing_inputs(runner, 256, 2, 1, kv_len=8)
+    assert y.kv_lens.tolist() == [64, 64] and y.cu_q_lens.tolist() == [0, 64, 128]
+    assert (y.slot_mapping[128:] == 0).all() and y.positions.shape == (256,)
+
+
+def test_replay_random_requests_drains_the_engine():
+    from xlaserve.profiling.session import replay_random_requests
+    from xlaserve.runtime.config import CacheConfig, EngineConfig, SchedulerConfig
+    from xlaserve.runtime.engine import Engine
+    from xlaserve.runtime.mock_runner import MockRunner
+
+    sched = SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8, max_model_len=64)
+    cfg = EngineConfig(scheduler=sched, cache=CacheConfig(num_pages=40))
+    runner = MockRunner(cfg.cache, sched, vocab_size=50)
+    runner.warmup()
+    model_cfg = type("Cfg", (), {"vocab_size": 50, "eos_token_ids": ()})()
+    engine = Engine(cfg, runner, model_config=model_cfg)  # type: ignore[arg-type]
+    steps = replay_random_requests(engine, 12, seed=3)
+    assert steps >= 12 and not engine.has_work()
+    assert runner.compiles_after_warmup == 0
+
+
+def _synthetic_report(measured: float | None) -> dict:
+    bucket = {"num_tokens": 16, "num_seqs": 8, "history_width": 1, "lower_s": 0.1,
+              "compile_s": 2.0, "cache_hit": True, "attention_impl": "pallas_triton:decode",
+              "hlo": {"num_instructions": 10, "num_fusions": 2,
+                      "custom_calls": {"__gpu$xla.gpu.triton": 2}, "pallas_kernels": ["rpa"]},
+              "flops": 2e9, "bytes_accessed": 3e9,
+              "memory": {"argument_bytes": 2**34, "output_bytes": 2**30, "alias_bytes": 2**30,
+                         "temp_bytes": 2**28, "generated_code_bytes": 2**20,
+                         "peak_bytes": 2**34 + 2**28},
+              "roofline_s": 1e-3, "roofline_bound": "memory", "measured_s": measured,
+              "measured_over_roofline": None if measured is None else measured / 1e-3,
+              "roofline_with_attention_s": 2e-3}
+    summary = {"param_count": 8_030_000_000, "param_bytes": 16 * 2**30,
+               "kv_bytes_per_token": 131072, "kv_cache_bytes": 40 * 2**30, "num_pages": 20481,
+               "page_size": 16, "kv_capacity_tokens": 327680, "max_model_len": 4096,
+               "max_concurrent_seqs": 80, "max_num_seqs": 64, "peak_step_bytes": 2**34,
+               "device_memory_bytes": 60 * 2**30, "num_buckets": 1, "num_cache_hits": 1,
+               "compile_s_total": 2.1, "compile_s_cold": 0.0, "compile_s_from_cache": 2.1,
+               "fits_device": True}
+    return {"peaks": hardware.peaks_by_name("h100-sxm").to_json(),
+            "device": {"device_kind": "NVIDIA H100 80GB HBM3", "count": 1},
+            "config": {"model": "bench/configs/llama3.1-8b"},
+            "model": {"model_type": "llama", "dtype": "bfloat16"}, "buckets": [bucket],
+            "summary": summary,
+            "recompiles": {"num_requests": 2, "num_steps": 5,
+                           "compiles_after_warmup": [{"fun_name": "jit(_step)", "seconds": 1.0,
+                                                      "shapes": "i32[24]"}],
+                           "runner_compile_log": [{"shapes": "token_ids[24]",
+                                                   "num_compiles": 1}]}}
+
+
+def test_render_tables_and_plot_from_a_report(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from xlaserve.profiling import render
+
+    buf = io.StringIO()
+    render.print_report(_synthetic_report(2.5e-3), Console(file=buf, width=200))
+    text = buf.getvalue()
+    for expected in ("pallas_triton:decode", "[rpa]", "8.03B", "16.00 GiB", "2.5x", "hit",
+                     "roof+attn", "2.00 ms",
+                     "Compiles after warm-up", "token_ids[24]", "fits: yes"):
+        assert expected in text, expected
+    for measured in (2.5e-3, None):
+        path = tmp_path / f"plot_{measured}.png"
+        render.plot(_synthetic_report(measured), str(path))
+        assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_attention_cost_counts_kv_reads_and_flops():
+    kw = dict(max_model_len=4096, num_layers=32, num_heads=32, head_dim=128,
+              kv_bytes_per_token=131072)
+    flops, nbytes = prof.attention_cost(num_tokens=64, num_seqs=64, kv_len=2048, **kw)
+    assert nbytes == 64 * 2048 * 131072  # decode: every sequence reads its 2048-token context
+    assert flops == 4.0 * 64 * 2048 * 32 * 128 * 32
+    # Prefill: 8 sequences of 256 new tokens each attend to at least those 256 keys.
+    flops, nbytes = prof.attention_cost(num_tokens=2048, num_seqs=8, kv_len=16, **kw)
+    assert nbytes == 8 * 256 * 131072
+    bp = prof.BucketProfile(
+        num_tokens=64, num_seqs=64, lower_s=0, compile_s=0, cache_hit=None,
+        attention_impl="pallas_triton:decode", hlo=prof.hlo_stats(""), flops=1e12,
+        bytes_accessed=16e9, memory=prof.MemoryStats(0, 0, 0, 0, 0), roofline_s=0,
+        roofline_bound="memory")
+    peaks = hardware.peaks_by_name("h100-sxm")
+    prof.add_attention_estimate(bp, 1e9, 17e9, peaks, "bfloat16")
+    assert bp.roofline_with_attention_s == pytest.approx(33e9 / 3.35e12)

@@ -34,12 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--run", action="store_true",
                    help="also time each bucket's step and compare with the roofline")
     g.add_argument("--repeats", type=int, default=10, help="timed steps per bucket with --run")
+    g.add_argument("--run-kv-len", type=int, metavar="N",
+                   help="context tokens per sequence in --run steps and in the attention "
+                        "estimate (default max_model_len / 2)")
     g.add_argument("--json", metavar="FILE", help="write every field as JSON ('-' = stdout)")
     g.add_argument("--dump-hlo", metavar="DIR", help="write each bucket's optimized HLO here")
     g.add_argument("--plot", metavar="FILE.png",
                    help="plot roofline (and measured, with --run) time per bucket")
     g.add_argument("--check-recompiles", type=int, default=0, metavar="N",
                    help="replay N random requests; list compiles after warm-up, exit 1 if any")
+    g.add_argument("--no-penalty-programs", action="store_true",
+                   help="skip the penalty-history variant of each bucket (halves compiles; the "
+                        "engine itself compiles them)")
     g.add_argument("--replay-seed", type=int, default=0, help="seed of the random requests")
     peaks = g.add_mutually_exclusive_group()
     peaks.add_argument("--calibrate", action="store_true",
@@ -89,23 +95,34 @@ def _device_peaks(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xlaserve.profiling import render, session
     from xlaserve.engine_args import engine_config_from_args
+    from xlaserve.profiling import render, session
 
     if args.repeats < 1:
         raise UsageError(f"--repeats {args.repeats}: must be >= 1")
     if args.check_recompiles < 0:
         raise UsageError(f"--check-recompiles {args.check_recompiles}: must be >= 0")
+    if args.check_recompiles and (args.buckets or args.no_penalty_programs):
+        raise UsageError("--check-recompiles replays requests through every program the engine "
+                         "compiles; drop --buckets and --no-penalty-programs")
+    if args.run_kv_len is not None and args.run_kv_len < 1:
+        raise UsageError(f"--run-kv-len {args.run_kv_len}: must be >= 1")
     force = _parse_shape(args.force_shape, "--force-shape") if args.force_shape else None
-    if force is not None and force[1] is None:
-        raise UsageError(f"--force-shape {args.force_shape!r}: expected TxS")
+    if force is not None and (force[1] is None or not args.check_recompiles):
+        raise UsageError(f"--force-shape {args.force_shape!r}: expected TxS, with "
+                         f"--check-recompiles")
     try:
         cfg = engine_config_from_args(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
     peaks = _device_peaks(args)
     report = session.profile(cfg, peaks, args, select_buckets, force)
-    render.print_report(report)
+    if args.json == "-":  # stdout carries the JSON alone; the tables go to stderr
+        from rich.console import Console
+
+        render.print_report(report, Console(file=sys.stderr))
+    else:
+        render.print_report(report)
     if args.json:
         text = json.dumps(report, indent=2, default=str)
         if args.json == "-":
@@ -114,9 +131,9 @@ def run(args: argparse.Namespace) -> int:
             pathlib.Path(args.json).write_text(text + "\n")
     if args.plot:
         render.plot(report, args.plot)
-    recompiles = report.get("recompiles")
-    if recompiles is not None and recompiles["compiles_after_warmup"]:
-        print(f"{len(recompiles['compiles_after_warmup'])} compile(s) after warm-up",
-              file=sys.stderr)
+    rc = report.get("recompiles")
+    if rc is not None and (rc["compiles_after_warmup"] or rc["runner_compiles_after_warmup"]):
+        print(f"xlaserve profile: {len(rc['compiles_after_warmup'])} compile(s) after warm-up "
+              f"({rc['runner_compiles_after_warmup']} counted by the runner)", file=sys.stderr)
         return 1
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -38,6 +39,13 @@ def _flops(f: float) -> str:
     return f"{f:.0f} FLOP"
 
 
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
 def _cache(hit: bool | None) -> str:
     return {True: "hit", False: "miss", None: "off"}[hit]
 
@@ -45,18 +53,20 @@ def _cache(hit: bool | None) -> str:
 def compile_table(report: dict[str, Any]) -> Table:
     """One row per bucket: how it compiled and what the program holds."""
     t = Table(title="Compiled steps", title_justify="left")
-    for col in ("T", "S", "lower", "compile", "cache", "instrs", "fusions", "attention",
+    for col in ("T", "S", "W", "lower", "compile", "cache", "instrs", "fusions", "attention",
                 "custom calls"):
-        t.add_column(col, justify="right" if col in ("T", "S", "instrs", "fusions") else "left")
+        numeric = col in ("T", "S", "W", "instrs", "fusions")
+        t.add_column(col, justify="right" if numeric else "left")
     for b in report["buckets"]:
         calls = ", ".join(f"{k}x{v}" for k, v in b["hlo"]["custom_calls"].items()) or "-"
         kernels = b["hlo"]["pallas_kernels"]
         if kernels:
             calls += " [" + ", ".join(kernels) + "]"
-        t.add_row(str(b["num_tokens"]), str(b["num_seqs"]), _seconds(b["lower_s"]),
+        t.add_row(str(b["num_tokens"]), str(b["num_seqs"]), str(b["history_width"]),
+                  _seconds(b["lower_s"]),
                   _seconds(b["compile_s"]), _cache(b["cache_hit"]),
                   str(b["hlo"]["num_instructions"]), str(b["hlo"]["num_fusions"]),
-                  b["attention_impl"], calls)
+                  escape(b["attention_impl"]), escape(calls))
     return t
 
 
@@ -64,18 +74,25 @@ def cost_table(report: dict[str, Any]) -> Table:
     """One row per bucket: XLA's cost and memory analysis, roofline and measured time."""
     t = Table(title=f"Cost on {report['peaks']['name']} ({report['peaks']['source']} peaks)",
               title_justify="left")
-    for col in ("T", "S", "FLOPs", "bytes", "args", "out", "temp", "code", "roofline", "bound",
-                "measured", "meas/roof"):
+    with_attn = any(b.get("roofline_with_attention_s") for b in report["buckets"])
+    cols = ["T", "S", "W", "FLOPs", "bytes", "args", "out", "temp", "code", "roofline", "bound"]
+    cols += ["roof+attn"] if with_attn else []
+    for col in cols + ["measured", "meas/roof"]:
         t.add_column(col, justify="left" if col == "bound" else "right")
     for b in report["buckets"]:
         m = b["memory"]
         ratio = b["measured_over_roofline"]
-        t.add_row(str(b["num_tokens"]), str(b["num_seqs"]), _flops(b["flops"]),
-                  _bytes(b["bytes_accessed"]), _bytes(m["argument_bytes"]),
-                  _bytes(m["output_bytes"]), _bytes(m["temp_bytes"]),
-                  _bytes(m["generated_code_bytes"]), _seconds(b["roofline_s"]),
-                  b["roofline_bound"], _seconds(b["measured_s"]),
-                  "-" if ratio is None else f"{ratio:.1f}x")
+        row = [str(b["num_tokens"]), str(b["num_seqs"]), str(b["history_width"]),
+               _flops(b["flops"]), _bytes(b["bytes_accessed"]), _bytes(m["argument_bytes"]),
+               _bytes(m["output_bytes"]), _bytes(m["temp_bytes"]),
+               _bytes(m["generated_code_bytes"]), _seconds(b["roofline_s"]), b["roofline_bound"]]
+        if with_attn:
+            row.append(_seconds(b.get("roofline_with_attention_s")))
+        row += [_seconds(b["measured_s"]), "-" if ratio is None else f"{ratio:.1f}x"]
+        t.add_row(*row)
+    if with_attn:
+        t.caption = ("roof+attn: roofline plus an analytic estimate of the Pallas attention "
+                     "kernel, which XLA's cost analysis cannot see")
     return t
 
 
@@ -90,14 +107,14 @@ def summary_table(report: dict[str, Any]) -> Table:
         ("model", f"{report['config']['model']} ({report['model']['model_type']}, "
                   f"{report['model']['dtype']})"),
         ("device", f"{report['device']['device_kind']} x{report['device']['count']}"),
-        ("parameters", f"{s['param_count'] / 1e9:.3f} B ({_bytes(s['param_bytes'])})"),
+        ("parameters", f"{_count(s['param_count'])} ({_bytes(s['param_bytes'])})"),
         ("KV bytes per token", _bytes(s["kv_bytes_per_token"])),
         ("KV cache", f"{_bytes(s['kv_cache_bytes'])}: {s['num_pages']} pages x "
                      f"{s['page_size']} tokens"),
         ("KV capacity", f"{s['kv_capacity_tokens']} tokens"),
         ("sequences at full context", f"{s['max_concurrent_seqs']} at {s['max_model_len']} "
                                       f"tokens (max_num_seqs {s['max_num_seqs']})"),
-        ("largest step memory", f"{_bytes(s['peak_step_bytes'])} of "
+        ("largest step (per device)", f"{_bytes(s['peak_step_bytes'])} of "
                                 f"{_bytes(s['device_memory_bytes'])}, fits: {fits}"),
         ("buckets", f"{s['num_buckets']} ({s['num_cache_hits']} from the compilation cache)"),
         ("compile total", _seconds(s["compile_s_total"])),
@@ -105,7 +122,7 @@ def summary_table(report: dict[str, Any]) -> Table:
         ("  of which from cache", _seconds(s["compile_s_from_cache"])),
     ]
     for what, value in rows:
-        t.add_row(what, value)
+        t.add_row(what, escape(value))
     return t
 
 
@@ -116,19 +133,26 @@ def recompile_table(recompiles: dict[str, Any]) -> Table:
     for col in ("function", "seconds", "input shapes"):
         t.add_column(col)
     for c in recompiles["compiles_after_warmup"]:
-        t.add_row(c["fun_name"], f"{c['seconds']:.3f}", c["shapes"] or "-")
+        t.add_row(escape(c["fun_name"]), f"{c['seconds']:.3f}", escape(c["shapes"] or "-"))
+    for c in recompiles["runner_compile_log"]:  # the runner's own account, with step shapes
+        t.add_row("ModelRunner step", "-",
+                  escape(f"{c['shapes']} ({c['num_compiles']} compile(s))"))
     return t
 
 
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
     """Prints the tables (and the recompile list when there is one)."""
-    console = console or Console()
+    if console is None:
+        # Not a terminal (a file, a CI log): use a wide page rather than wrapping every cell.
+        import sys
+
+        console = Console(width=None if sys.stdout.isatty() else 180)
     console.print(compile_table(report))
     console.print(cost_table(report))
     console.print(summary_table(report))
     if report.get("recompiles") is not None:
         rc = report["recompiles"]
-        if rc["compiles_after_warmup"]:
+        if rc["compiles_after_warmup"] or rc["runner_compile_log"]:
             console.print(recompile_table(rc))
         else:
             console.print(f"No compiles after warm-up ({rc['num_requests']} replayed requests, "
@@ -143,10 +167,16 @@ def plot(report: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     buckets = report["buckets"]
-    labels = [f"{b['num_tokens']}x{b['num_seqs']}" for b in buckets]
+    labels = [f"{b['num_tokens']}x{b['num_seqs']}" + ("" if b["history_width"] == 1 else "+pen")
+              for b in buckets]
     x = list(range(len(buckets)))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(buckets) + 2), 4.5))
     ax.plot(x, [b["roofline_s"] * 1e3 for b in buckets], "o--", label="roofline (XLA cost)")
+    attn = [(i, b["roofline_with_attention_s"]) for i, b in zip(x, buckets)
+            if b.get("roofline_with_attention_s")]
+    if attn:
+        ax.plot([i for i, _ in attn], [r * 1e3 for _, r in attn], "^:",
+                label="roofline + attention estimate")
     measured = [(i, b["measured_s"]) for i, b in zip(x, buckets) if b["measured_s"] is not None]
     if measured:
         ax.plot([i for i, _ in measured], [m * 1e3 for _, m in measured], "s-",
