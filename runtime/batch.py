@@ -9,6 +9,7 @@ here is registering StepInputs as a pytree.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -85,7 +86,8 @@ def history_width(n: int) -> int:
 
 
 def build(sched_out: SchedulerOutput, *, page_size: int, token_buckets: Sequence[int],
-          seq_buckets: Sequence[int], max_pages_per_seq: int) -> StepInputs:
+          seq_buckets: Sequence[int], max_pages_per_seq: int,
+          max_history: int | None = None) -> StepInputs:
     """Lays out one step's scheduled sequences as bucket-padded StepInputs.
 
     Args:
@@ -94,6 +96,8 @@ def build(sched_out: SchedulerOutput, *, page_size: int, token_buckets: Sequence
       token_buckets: allowed T sizes, ascending; T = the smallest >= the scheduled tokens.
       seq_buckets: allowed S sizes, ascending; S = the smallest >= the scheduled sequences.
       max_pages_per_seq: width of the page table.
+      max_history: cap on the penalty history width W (max_model_len); W is otherwise a power
+        of two >= the longest history in the batch.
     Returns:
       StepInputs with padded token rows (token 0, position 0, slot 0 = page 0) and padded
       sequences of zero length whose page-table rows are 0.
@@ -105,36 +109,42 @@ def build(sched_out: SchedulerOutput, *, page_size: int, token_buckets: Sequence
     num_tokens = sched_out.num_scheduled_tokens
     T = choose_bucket(num_tokens, token_buckets, "num_scheduled_tokens")
     S = choose_bucket(len(seqs), seq_buckets, "num_seqs")
-    token_ids = np.zeros(T, np.int32)
-    positions = np.zeros(T, np.int32)
-    slot_mapping = np.zeros(T, np.int32)
-    cu_q_lens = np.zeros(S + 1, np.int32)
-    kv_lens = np.zeros(S, np.int32)
+    if S > T:  # programs exist for S <= T only (each sequence has >= 1 token row)
+        T = choose_bucket(S, token_buckets, "num_seqs")
+    n_seqs = len(seqs)
     page_table = np.zeros((S, max_pages_per_seq), np.int32)
-    logits_indices = np.zeros(S, np.int32)
-    row = 0
     for s, seq in enumerate(seqs):
-        n = seq.num_new_tokens
         if len(seq.page_ids) > max_pages_per_seq:
             raise ValueError(f"page_ids: {seq.request_id} has {len(seq.page_ids)} pages > "
                              f"max_pages_per_seq={max_pages_per_seq}")
-        pos = np.arange(seq.start_position, seq.start_position + n, dtype=np.int32)
-        pages = np.asarray(seq.page_ids, np.int32)
-        token_ids[row:row + n] = seq.token_ids
-        positions[row:row + n] = pos
-        slot_mapping[row:row + n] = pages[pos // page_size] * page_size + pos % page_size
-        page_table[s, :len(pages)] = pages
-        kv_lens[s] = seq.start_position + n
-        row += n
-        cu_q_lens[s + 1] = row
-        logits_indices[s] = row - 1
-    cu_q_lens[len(seqs) + 1:] = row  # padded sequences: zero q length
+        page_table[s, :len(seq.page_ids)] = seq.page_ids
+    # Vectorised over all rows: row r belongs to sequence seq_of[r].
+    q_lens = np.fromiter((q.num_new_tokens for q in seqs), np.int32, n_seqs)
+    starts = np.fromiter((q.start_position for q in seqs), np.int32, n_seqs)
+    cu_q_lens = np.zeros(S + 1, np.int32)
+    np.cumsum(q_lens, out=cu_q_lens[1:n_seqs + 1])
+    cu_q_lens[n_seqs + 1:] = num_tokens  # padded sequences: zero q length
+    seq_of = np.repeat(np.arange(n_seqs), q_lens)
+    pos = np.arange(num_tokens, dtype=np.int32) - np.repeat(cu_q_lens[:n_seqs] - starts, q_lens)
+    token_ids = np.zeros(T, np.int32)
+    token_ids[:num_tokens] = np.fromiter(itertools.chain.from_iterable(
+        q.token_ids for q in seqs), np.int32, num_tokens)
+    positions = np.zeros(T, np.int32)
+    positions[:num_tokens] = pos
+    slot_mapping = np.zeros(T, np.int32)  # padded rows write slot 0 (page 0)
+    slot_mapping[:num_tokens] = (page_table[seq_of, pos // page_size] * page_size
+                                 + pos % page_size)
+    kv_lens = np.zeros(S, np.int32)
+    kv_lens[:n_seqs] = starts + q_lens
+    logits_indices = np.zeros(S, np.int32)
+    logits_indices[:n_seqs] = cu_q_lens[1:n_seqs + 1] - 1
     return StepInputs(token_ids, positions, slot_mapping, cu_q_lens, kv_lens, page_table,
                       np.array([len(seqs)], np.int32), logits_indices,
-                      _sampling_inputs(seqs, S))
+                      _sampling_inputs(seqs, S, max_history))
 
 
-def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int) -> SamplingInputs:
+def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int,
+                     max_history: int | None) -> SamplingInputs:
     def col(fn: Callable[[SamplingParams], float], default: float, dtype: type) -> np.ndarray:
         a = np.full(S, default, dtype)
         a[:len(seqs)] = [fn(q.sampling) for q in seqs]
@@ -145,8 +155,11 @@ def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int) -> SamplingInputs:
     out_pos = np.zeros(S, np.int32)
     out_pos[:len(seqs)] = [q.output_position for q in seqs]
     hist = [q for q in seqs if q.prompt_token_ids is not None]
-    W = history_width(max([max(len(q.prompt_token_ids or ()), len(q.output_token_ids or ()))
-                           for q in hist], default=1))
+    longest = max([max(len(q.prompt_token_ids or ()), len(q.output_token_ids or ()) + q.placeholder)
+                   for q in hist], default=1)
+    W = history_width(longest)
+    if max_history is not None:
+        W = max(min(W, max_history), longest)
     prompt_hist = np.full((S, W), -1, np.int32)
     output_hist = np.full((S, W), -1, np.int32)
     for s, q in enumerate(seqs):
@@ -164,3 +177,27 @@ def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int) -> SamplingInputs:
         frequency_penalty=col(lambda p: p.frequency_penalty, 0.0, np.float32),
         seeds=seeds, output_positions=out_pos,
         prompt_token_ids=prompt_hist, output_token_ids=output_hist)
+
+
+def fill_placeholders(inputs: StepInputs, sched_out: SchedulerOutput, prev: SchedulerOutput,
+                      prev_sampled: np.ndarray) -> None:
+    """Writes the previous step's sampled tokens into this step's placeholder rows (in place).
+
+    Args:
+      inputs: this step's StepInputs, built from `sched_out` but not yet dispatched.
+      sched_out: this step's schedule; seqs with `placeholder` end with an unknown token.
+      prev: the previous step's schedule; prev_sampled[i] is the token of prev.seqs[i].
+      prev_sampled: i32[S_prev]; the previous step's sampled ids.
+    Raises:
+      RuntimeError: a placeholder whose request did not sample in the previous step (a bug).
+    """
+    row_of = {q.request_id: i for i, q in enumerate(prev.seqs) if q.samples}
+    for s, q in enumerate(sched_out.seqs):
+        if not q.placeholder:
+            continue
+        if q.request_id not in row_of:
+            raise RuntimeError(f"{q.request_id}: placeholder without a token in the previous step")
+        tok = int(prev_sampled[row_of[q.request_id]])
+        inputs.token_ids[int(inputs.cu_q_lens[s + 1]) - 1] = tok
+        if inputs.sampling is not None and q.output_token_ids is not None:
+            inputs.sampling.output_token_ids[s, len(q.output_token_ids)] = tok

@@ -12,7 +12,13 @@ the prompt, then take its full pages from the prefix cache (shared, not recomput
 Seeds: a request without a seed gets one derived from the engine seed and a request counter, so a
 run is reproducible; a request with a seed samples the same tokens whatever else is batched.
 
-Not done here: overlapping host work for step N+1 with device step N (step is synchronous).
+Overlap (async_scheduling=True, the default): while the device runs step N, the host schedules
+and builds step N+1; decode rows of N+1 whose input token is N's (still unknown) sampled token get
+a placeholder, filled in from N's sampled ids (a few numpy stores) right before N+1 is dispatched.
+Then, while N+1 runs, the host applies N's tokens (scheduler.update) and makes its outputs (text,
+stop strings). The device waits only for the fill and the dispatch. A request that N finishes
+(EOS, stop) has one wasted row in N+1, whose result is dropped. async_scheduling=False runs
+schedule -> execute -> update strictly in turn.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from xlaserve.runtime import batch
 from xlaserve.runtime.config import EngineConfig, ModelConfig
 from xlaserve.runtime.output import DetokenizerFactory, OutputProcessor, default_detokenizer_factory
 from xlaserve.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
-from xlaserve.runtime.scheduler import Scheduler
+from xlaserve.runtime.scheduler import Scheduler, SchedulerOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +60,13 @@ class Engine:
       model_config: the model's config (eos ids, vocab size), or None with a MockRunner.
       detokenizer_factory: overrides the tokenizer's IncrementalDetokenizer (tests).
       eos_token_ids: default: the tokenizer's, else the model config's.
+      async_scheduling: build step N+1 while the device runs step N (see the module docstring).
     """
 
     def __init__(self, config: EngineConfig, runner: Any, *, tokenizer: Any = None,
                  model_config: ModelConfig | None = None,
                  detokenizer_factory: DetokenizerFactory | None = None,
-                 eos_token_ids: tuple[int, ...] | None = None):
+                 eos_token_ids: tuple[int, ...] | None = None, async_scheduling: bool = True):
         self.config, self.runner, self.tokenizer, self.model_config = (
             config, runner, tokenizer, model_config)
         cache = dataclasses.replace(config.cache, page_size=runner.page_size)
@@ -73,6 +80,8 @@ class Engine:
         self._outputs = OutputProcessor(detokenizer_factory)
         self._children: dict[str, list[str]] = {}  # parent id -> child ids (n > 1)
         self._pending: list[RequestOutput] = []  # abort outputs, returned by the next step
+        self.async_scheduling = async_scheduling
+        self._inflight: tuple[SchedulerOutput, Any] | None = None  # dispatched step, its handle
         self._counter = 0
         self._last_step_time = 0.0
         self._num_steps = 0
@@ -99,7 +108,8 @@ class Engine:
                             shardings_fn=plan_fn, seed=config.seed)
         if plan_fn is not None:
             p = plan["p"]
-            kw = dict(mesh=p.mesh, param_shardings=p.param_shardings, kv_sharding=p.kv_sharding)
+            kw = dict(mesh=p.mesh, param_shardings=p.param_shardings, kv_sharding=p.kv_sharding,
+                      attention_fn=p.attention_fn)
         runner = ModelRunner(loaded.config, loaded.params, config.cache, config.scheduler,
                              attention_impl=config.attention_impl,
                              compilation_cache_dir=config.compilation_cache_dir, **kw)
@@ -138,21 +148,38 @@ class Engine:
                 self._pending.append(out)
 
     def has_work(self) -> bool:
-        return bool(self._pending) or self.scheduler.has_work()
+        return bool(self._pending) or self._inflight is not None or self.scheduler.has_work()
+
+    def _build(self, sched_out: SchedulerOutput) -> batch.StepInputs:
+        r = self.runner
+        return batch.build(sched_out, page_size=r.page_size, token_buckets=r.token_buckets,
+                           seq_buckets=r.seq_buckets, max_pages_per_seq=r.max_pages_per_seq,
+                           max_history=self.config.scheduler.max_model_len)
+
+    def _launch(self, sched_out: SchedulerOutput,
+                inputs: batch.StepInputs) -> tuple[SchedulerOutput, Any]:
+        wanted = [s.sampling.logprobs for s in sched_out.seqs if s.sampling.logprobs is not None]
+        handle = self.runner.execute_async(inputs, num_logprobs=max(wanted) if wanted else None)
+        self._num_steps += 1
+        return sched_out, handle
 
     def step(self) -> list[RequestOutput]:
         """Runs one step; returns the deltas of every request that produced something."""
         outs, self._pending = self._pending, []
         start = time.perf_counter()
-        sched_out = self.scheduler.schedule()
-        if sched_out.seqs:
-            inputs = batch.build(sched_out, page_size=self.runner.page_size,
-                                 token_buckets=self.runner.token_buckets,
-                                 seq_buckets=self.runner.seq_buckets,
-                                 max_pages_per_seq=self.runner.max_pages_per_seq)
-            wanted = [s.sampling.logprobs for s in sched_out.seqs
-                      if s.sampling.logprobs is not None]
-            res = self.runner.execute(inputs, num_logprobs=max(wanted) if wanted else None)
+        cur, self._inflight = self._inflight, None
+        if cur is None:
+            first = self.scheduler.schedule()
+            cur = self._launch(first, self._build(first)) if first.seqs else None
+        if cur is not None:
+            sched_out, handle = cur
+            nxt = self.scheduler.schedule() if self.async_scheduling else None  # device busy
+            nxt_inputs = self._build(nxt) if nxt is not None and nxt.seqs else None
+            res = handle.result()
+            if nxt is not None and nxt_inputs is not None:  # keep the device busy first
+                batch.fill_placeholders(nxt_inputs, nxt, sched_out, res.sampled_token_ids)
+                self._inflight = self._launch(nxt, nxt_inputs)
+            # While the next step runs: apply this step's tokens, then text and stop strings.
             deltas = self.scheduler.update(sched_out, res.sampled_token_ids, res.logprobs,
                                            res.top_logprob_ids, res.top_logprobs)
             for delta in deltas:
@@ -160,7 +187,6 @@ class Engine:
                 if stop is not None and not delta.finished:
                     self.scheduler.finish(delta.request_id, RequestStatus.FINISHED_STOPPED, stop)
                 outs.append(out)
-            self._num_steps += 1
         for out in outs:
             if out.finished and "#" in out.request_id:
                 parent = out.request_id.rpartition("#")[0]

@@ -5,15 +5,15 @@ token rows of a step write their K/V there, so it is never handed out. Every oth
 exactly one of three states:
 
 - free: reference count 0 and no content hash; kept in a FIFO free list.
-- used: reference count > 0 (owned by one or more running requests; prefix sharing raises the count).
+- used: reference count > 0 (owned by one or more running requests; sharing a prefix raises it).
 - cached: reference count 0 but its content hash is known; kept in an LRU so a later request with
   the same prefix can reuse it. A cached page is evicted (hash dropped) when the free list is empty.
 
 Invariants (tested with hypothesis): no page is in two states; free + used + cached == total,
 where total = num_pages - 1 (page 0 excluded).
 
-A full page is identified by a chained hash of (parent page hash, its token ids), so equal hashes mean
-equal whole prefixes. Partial pages are never cached.
+A full page is identified by a chained hash of (parent page hash, its token ids), so equal hashes
+mean equal whole prefixes. Partial pages are never cached.
 
 This module must never import jax (a test asserts it).
 """
@@ -91,7 +91,7 @@ class PageAllocator:
 
     # ---- allocation ---------------------------------------------------------------------------
     def allocate(self, n: int) -> list[int] | None:
-        """Hands out `n` pages with ref 1, or returns None (nothing changed) if fewer are available."""
+        """Hands out `n` pages with ref 1, or None (nothing changed) if fewer are available."""
         if n < 0:
             raise ValueError(f"n={n}: must be >= 0")
         if n > self.num_available:

@@ -11,6 +11,15 @@ to be recomputed later (with prefix caching most of it is a cache hit).
 Token-level stop conditions (EOS, stop token ids, max_tokens, max_model_len) are checked here; stop
 strings need text and are checked by runtime/output.py, which calls `finish`.
 
+Async scheduling (one step ahead). `schedule` advances each request's computed count at once, and
+a step that samples leaves one token "in flight" until `update` learns it. So step N+1 can be
+scheduled while step N runs: a request whose next input token is still in flight gets one decode
+row whose token is a placeholder (`ScheduledSeq.placeholder`); the engine fills it from step N's
+sampled ids before dispatching N+1. Results of a step for a request that was preempted, aborted
+or finished meanwhile are dropped (`ScheduledSeq.generation` tells a recomputed request apart).
+Pages may be released while a dispatched step still writes to them: device steps run in order, so
+a new owner's writes and reads come after those stale writes.
+
 This module must never import jax (a test asserts it).
 """
 
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 import numpy as np
 
 from xlaserve.runtime.config import CacheConfig, SchedulerConfig, pages_needed
@@ -37,6 +47,8 @@ class ScheduledSeq:
     samples: bool  # the chunk reaches the sequence's last token, so its sampled token is kept
     sampling: SamplingParams  # seed always set (the engine derives one when the request had none)
     output_position: int  # index in the output of the token this step samples
+    placeholder: bool = False  # token_ids[-1] is the previous step's sampled token, not yet known
+    generation: int = 0  # bumped at each preemption; results of an older generation are dropped
     # Token history for penalties; None unless the request uses a penalty.
     prompt_token_ids: tuple[int, ...] | None = None
     output_token_ids: tuple[int, ...] | None = None
@@ -83,6 +95,8 @@ class Scheduler:
         self.running: list[Request] = []  # admission order; the tail is preempted first
         self._hashes: dict[str, list[PageHash]] = {}
         self._leader: dict[str, str] = {}  # n > 1: child id -> sibling whose prompt it waits for
+        self._inflight: dict[str, int] = {}  # request id -> sampled tokens not yet known (0 or 1)
+        self._generation: dict[str, int] = {}  # request id -> preemption count
         self.prefix_cache_queries = 0  # tokens looked up at admission
         self.prefix_cache_hits = 0  # of which served by cached pages
         self.num_preemptions = 0
@@ -107,10 +121,12 @@ class Scheduler:
                 f"{req.sampling.max_tokens} exceeds max_model_len={self.cfg.max_model_len}")
         if pages_needed(total, self.page_size) > self.allocator.num_total:
             raise ValueError(
-                f"prompt_token_ids: {total} tokens need {pages_needed(total, self.page_size)} pages "
-                f"but the KV cache has only {self.allocator.num_total} (num_pages)")
+                f"prompt_token_ids: {total} tokens need {pages_needed(total, self.page_size)} "
+                f"pages but the KV cache has only {self.allocator.num_total} (num_pages)")
         self.requests[req.request_id] = req
         self._hashes[req.request_id] = []
+        self._inflight[req.request_id] = 0
+        self._generation[req.request_id] = 0
         if wait_for is not None:
             self._leader[req.request_id] = wait_for
         req.status = RequestStatus.WAITING
@@ -129,10 +145,11 @@ class Scheduler:
         self.allocator.release(req.page_ids)
         req.page_ids = []
         req.status = status
+        req.finish_time = time.monotonic()
         if stop_reason is not None:
             req.stop_reason = stop_reason
-        self._hashes.pop(request_id, None)
-        self._leader.pop(request_id, None)
+        for d in (self._hashes, self._leader, self._inflight, self._generation):
+            d.pop(request_id, None)
         return req
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -150,18 +167,20 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        """Picks this step's tokens. Mutates page ownership and queues, not computed counts."""
+        """Picks this step's tokens: claims pages, moves queues, advances computed counts."""
         budget = self.cfg.max_num_batched_tokens
         scheduled: dict[str, int] = {}  # request id -> new tokens, in row order
         preempted: list[str] = []
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        todo = [(self._total(r) - r.num_computed_tokens, r) for r in self.running
+                if not self._skip(r)]
+        decodes = [r for k, r in todo if k == 1]
+        prefills = [r for k, r in todo if k > 1]
         for req in decodes + prefills:
             if budget == 0:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(self._total(req) - req.num_computed_tokens, budget)
             while not self._grow(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 budget += scheduled.pop(victim.request_id, 0)
@@ -176,6 +195,18 @@ class Scheduler:
             budget = self._admit(budget, scheduled)
         seqs = tuple(self._snapshot(self.requests[rid], n) for rid, n in scheduled.items())
         return SchedulerOutput(seqs, tuple(preempted))
+
+    def _total(self, req: Request) -> int:
+        """Tokens of the request including the one in flight."""
+        return req.num_tokens + self._inflight[req.request_id]
+
+    def _skip(self, req: Request) -> bool:
+        """Nothing to schedule: two tokens in flight (only one step ahead is supported), or the
+        in-flight token will end the request by length."""
+        inflight = self._inflight[req.request_id]
+        return inflight > 1 or inflight > 0 and (
+            len(req.output_token_ids) + inflight >= req.sampling.max_tokens
+            or self._total(req) >= self.cfg.max_model_len)
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
         need = pages_needed(num_tokens, self.page_size) - len(req.page_ids)
@@ -194,12 +225,17 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         self._hashes[req.request_id] = []
+        self._inflight[req.request_id] = 0
+        self._generation[req.request_id] += 1
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
     def _held(self, req: Request) -> bool:
+        """A sibling waits until its leader's full prompt pages are in the prefix cache."""
         leader = self.requests.get(self._leader.get(req.request_id, ""))
-        return leader is not None and leader.num_computed_tokens < leader.num_prompt_tokens
+        if leader is None or not self.allocator.enable_prefix_caching:
+            return False
+        return len(self._hashes[leader.request_id]) < leader.num_prompt_tokens // self.page_size
 
     def _admit(self, budget: int, scheduled: dict[str, int]) -> int:
         L = self.page_size
@@ -232,20 +268,32 @@ class Scheduler:
         return budget
 
     def _snapshot(self, req: Request, n: int) -> ScheduledSeq:
+        """Freezes the request's share of the step and advances its computed count."""
+        rid = req.request_id
         start = req.num_computed_tokens
         p = req.num_prompt_tokens
-        if start + n <= p:
-            new = tuple(req.prompt_token_ids[start:start + n])
+        placeholder = start + n > req.num_tokens  # the in-flight token: filled by the engine
+        end = min(start + n, req.num_tokens)
+        if end <= p:
+            new = tuple(req.prompt_token_ids[start:end])
         else:
             new = tuple(req.prompt_token_ids[start:]) + tuple(
-                req.output_token_ids[max(start - p, 0):start + n - p])
+                req.output_token_ids[max(start - p, 0):end - p])
+        if placeholder:
+            new += (0,)
+        samples = start + n == self._total(req)
         penal = _uses_penalty(req.sampling)
-        return ScheduledSeq(
-            request_id=req.request_id, token_ids=new, start_position=start,
-            page_ids=tuple(req.page_ids), samples=start + n == req.num_tokens,
-            sampling=req.sampling, output_position=len(req.output_token_ids),
+        seq = ScheduledSeq(
+            request_id=rid, token_ids=new, start_position=start, page_ids=tuple(req.page_ids),
+            samples=samples, sampling=req.sampling,
+            output_position=len(req.output_token_ids) + self._inflight[rid],
+            placeholder=placeholder, generation=self._generation[rid],
             prompt_token_ids=tuple(req.prompt_token_ids) if penal else None,
             output_token_ids=tuple(req.output_token_ids) if penal else None)
+        req.num_computed_tokens += n
+        if samples:
+            self._inflight[rid] += 1
+        return seq
 
     # ---- results ------------------------------------------------------------------------------
     def update(self, out: SchedulerOutput, sampled_token_ids: np.ndarray,
@@ -263,19 +311,23 @@ class Scheduler:
         """
         results = []
         for i, seq in enumerate(out.seqs):
-            req = self.requests.get(seq.request_id)
-            if req is None or req.status != RequestStatus.RUNNING:
-                continue  # aborted or finished while the step ran
-            req.num_computed_tokens += seq.num_new_tokens
+            rid = seq.request_id
+            req = self.requests.get(rid)
+            if (req is None or req.status != RequestStatus.RUNNING
+                    or self._generation[rid] != seq.generation):
+                continue  # aborted, finished or preempted since it was scheduled
+            if seq.samples:  # else a mid-prompt chunk: its sampled token is meaningless
+                self._inflight[rid] -= 1
+                req.output_token_ids.append(int(sampled_token_ids[i]))
+                if req.first_token_time is None:
+                    req.first_token_time = time.monotonic()
+            known = min(req.num_computed_tokens, req.num_tokens)  # KV written or being written
             if (self.allocator.enable_prefix_caching
-                    and req.num_computed_tokens // self.page_size > len(
-                        self._hashes[req.request_id])):
-                self.allocator.commit(req.page_ids, req.all_token_ids[:req.num_computed_tokens],
-                                      self._hashes[req.request_id])
+                    and known // self.page_size > len(self._hashes[rid])):
+                self.allocator.commit(req.page_ids, req.all_token_ids[:known], self._hashes[rid])
             if not seq.samples:
-                continue  # mid-prompt chunk: its sampled token is meaningless
-            tok = int(sampled_token_ids[i])
-            req.output_token_ids.append(tok)
+                continue
+            tok = req.output_token_ids[-1]
             lp: tuple[TokenLogprobs, ...] = ()
             if req.sampling.logprobs is not None and logprobs is not None:
                 k = req.sampling.logprobs

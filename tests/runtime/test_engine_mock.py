@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xlaserve.runtime.config import CacheConfig, EngineConfig, SchedulerConfig
 from xlaserve.runtime.engine import Engine
@@ -31,13 +33,19 @@ def text_of(ids):
     return "".join(chr(97 + t % 26) for t in ids)
 
 
-def make_engine(budget=32, seqs=8, pages=64, max_len=256, eos=()):
+def make_engine(budget=32, seqs=8, pages=64, max_len=256, eos=(), async_scheduling=True):
     cfg = EngineConfig(cache=CacheConfig(page_size=8, num_pages=pages),
                        scheduler=SchedulerConfig(max_num_batched_tokens=budget,
                                                  max_num_seqs=seqs, max_model_len=max_len))
     runner = MockRunner(cfg.cache, cfg.scheduler, vocab_size=V)
     runner.warmup()
-    return Engine(cfg, runner, detokenizer_factory=CharDetok, eos_token_ids=eos)
+    return Engine(cfg, runner, detokenizer_factory=CharDetok, eos_token_ids=eos,
+                  async_scheduling=async_scheduling)
+
+
+@pytest.fixture(params=[True, False], ids=["async", "sync"])
+def overlap(request):
+    return request.param
 
 
 def collect(got, outs):
@@ -67,8 +75,8 @@ def reference(prompt, n):
     return ctx[len(prompt):]
 
 
-def test_deltas_and_text_match_reference():
-    e = make_engine()
+def test_deltas_and_text_match_reference(overlap):
+    e = make_engine(async_scheduling=overlap)
     prompts = {f"r{i}": list(range(i, i + 5 + 7 * i)) for i in range(5)}
     for rid, p in prompts.items():
         e.add_request(rid, p, SamplingParams(temperature=0, max_tokens=6))
@@ -83,8 +91,8 @@ def test_deltas_and_text_match_reference():
     assert st.num_pages_used + st.num_pages_free + st.num_pages_cached == st.num_pages_total
 
 
-def test_stop_string_trims_and_frees():
-    e = make_engine()
+def test_stop_string_trims_and_frees(overlap):
+    e = make_engine(async_scheduling=overlap)
     prompt = [1, 2, 3]
     ref_text = text_of(reference(prompt, 12))
     stop = ref_text[4:6]
@@ -117,8 +125,8 @@ def test_n_samples_share_prompt_pages_and_use_distinct_seeds():
     assert e.stats().prefix_cache_hits == 2 * 32  # children 1 and 2 reuse 4 full pages each
 
 
-def test_abort_emits_final_output_and_aborts_children():
-    e = make_engine()
+def test_abort_emits_final_output_and_aborts_children(overlap):
+    e = make_engine(async_scheduling=overlap)
     e.add_request("a", list(range(30)), SamplingParams(temperature=1.0, max_tokens=50, n=2))
     e.add_request("b", [1, 2, 3], SamplingParams(temperature=0, max_tokens=5))
     e.step()
@@ -158,8 +166,8 @@ def test_logprobs_plumbed_through():
     assert all(o.new_logprobs == () for o in outs if o.request_id == "m")
 
 
-def test_random_requests_drain_with_no_compiles_after_warmup():
-    e = make_engine(budget=64, seqs=16, pages=40)
+def test_random_requests_drain_with_no_compiles_after_warmup(overlap):
+    e = make_engine(budget=64, seqs=16, pages=40, async_scheduling=overlap)
     rng = random.Random(0)
     want, got = {}, {}
     for i in range(200):
@@ -175,3 +183,69 @@ def test_random_requests_drain_with_no_compiles_after_warmup():
     assert {k: v["ids"] for k, v in got.items()} == want
     assert e.stats().compiles_after_warmup == 0
     assert e.stats().num_preemptions > 0  # the KV budget was tight
+
+
+def test_async_scheduling_builds_next_step_while_device_runs():
+    e = make_engine()
+    events = []
+    runner, sched = e.runner, e.scheduler
+    real_exec, real_schedule = runner.execute_async, sched.schedule
+
+    class Handle:
+        def __init__(self, h, k):
+            self.h, self.k = h, k
+
+        def result(self):
+            events.append(("result", self.k))
+            return self.h.result()
+
+    def execute_async(inputs, **kw):
+        k = sum(1 for ev in events if ev[0] == "dispatch")
+        events.append(("dispatch", k))
+        return Handle(real_exec(inputs, **kw), k)
+
+    def schedule():
+        events.append(("schedule",))
+        return real_schedule()
+    runner.execute_async, sched.schedule = execute_async, schedule
+    e.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=5))
+    got = run(e)
+    assert got["a"]["ids"] == reference([1, 2, 3], 5)
+    # Step 1 is scheduled after step 0 was dispatched and before step 0's result was waited on.
+    assert events[:5] == [("schedule",), ("dispatch", 0), ("schedule",), ("result", 0),
+                          ("dispatch", 1)]
+    assert e.stats().num_steps == 5  # the in-flight token ending the request is not re-run
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["add", "step", "step", "abort"]),
+                              st.integers(0, 10**6)), max_size=40),
+       overlap=st.booleans())
+def test_random_add_step_abort_sequences(ops, overlap):
+    """Any interleaving keeps the page invariants; survivors match the reference exactly."""
+    e = make_engine(budget=16, seqs=4, pages=12, max_len=64, async_scheduling=overlap)
+    want, got, aborted = {}, {}, set()
+    for op, r in ops:
+        if op == "add":
+            rng = random.Random(r)
+            prompt = [rng.randrange(V) for _ in range(rng.randint(1, 30))]
+            n = rng.randint(1, 10)
+            rid = f"q{len(want)}"
+            e.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=n))
+            want[rid] = reference(prompt, n)
+        elif op == "step":
+            collect(got, e.step())
+        elif op == "abort" and want:
+            rid = sorted(want)[r % len(want)]
+            e.abort(rid)
+            aborted.add(rid)
+        e.scheduler.check_invariants()
+    run(e, got=got)
+    for rid, ref in want.items():
+        g = got.get(rid, {"ids": [], "final": None})
+        if rid in aborted:
+            assert ref[:len(g["ids"])] == g["ids"]
+            assert g["final"].finish_reason in ("abort", "length")
+        else:
+            assert g["ids"] == ref and g["final"].finish_reason == "length"
+    assert e.stats().num_pages_used == 0

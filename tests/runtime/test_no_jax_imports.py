@@ -13,7 +13,8 @@ import pytest
                                     "xlaserve.runtime.config"])
 def test_module_does_not_import_jax(module):
     code = (f"import sys, {module}\n"
-            "bad = sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'jaxlib')))\n"
+            "bad = sorted(m for m in sys.modules\n"
+            "             if m == 'jax' or m.startswith(('jax.', 'jaxlib')))\n"
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"{module} imports jax: {proc.stdout}{proc.stderr}"

@@ -1,4 +1,4 @@
-"""OutputProcessor: incremental text, stop strings held back while they could match, then trimmed."""
+"""OutputProcessor: incremental text; stop strings held back while they could match, then cut."""
 
 from __future__ import annotations
 

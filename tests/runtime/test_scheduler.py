@@ -10,7 +10,7 @@ import pytest
 from xlaserve.runtime import batch
 from xlaserve.runtime.config import CacheConfig, SchedulerConfig
 from xlaserve.runtime.mock_runner import MockRunner, mock_next_token
-from xlaserve.runtime.request import Request, RequestStatus, SamplingParams
+from xlaserve.runtime.request import Request, SamplingParams
 
 V = 1000
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, seed=1)
@@ -227,3 +227,84 @@ def test_wait_for_sibling_shares_prompt_pages():
     assert s1.start_position == 16  # 2 shared pages
     assert len(set(s1.page_ids) & set(sched.requests["p#0"].page_ids)) == 2
     run_all(sched, runner)
+
+
+def test_scheduling_one_step_ahead_uses_a_placeholder():
+    sched, runner = make()
+    sched.add(req("a", [1, 2, 3], max_tokens=3))
+    first = sched.schedule()
+    second = sched.schedule()  # before the first step's token is known
+    (q,) = second.seqs
+    assert q.placeholder and q.start_position == 3 and q.output_position == 1
+    assert sched.schedule().seqs == ()  # at most one token in flight
+    kw = dict(page_size=8, token_buckets=runner.token_buckets, seq_buckets=runner.seq_buckets,
+              max_pages_per_seq=runner.max_pages_per_seq)
+    out1 = runner.execute(batch.build(first, **kw)).sampled_token_ids
+    inputs2 = batch.build(second, **kw)
+    batch.fill_placeholders(inputs2, second, first, out1)
+    out2 = runner.execute(inputs2).sampled_token_ids
+    d1 = sched.update(first, out1)
+    third = sched.schedule()  # one token in flight again: decode it with a placeholder
+    d2 = sched.update(second, out2)
+    assert third.seqs[0].placeholder
+    assert [d.new_token_ids[0] for d in d1 + d2] == reference([1, 2, 3], 2)
+    assert sched.schedule().seqs == ()  # the third token ends the request by length
+    sched.check_invariants()
+
+
+def test_results_of_a_preempted_generation_are_dropped():
+    sched, runner = make()
+    sched.add(req("a", [1, 2, 3], max_tokens=3))
+    first = sched.schedule()
+    sched._preempt(sched.requests["a"])
+    assert sched.update(first, [7] * 8) == []
+    assert sched.requests["a"].output_token_ids == []
+    got = run_all(sched, runner)
+    assert got["a"] == reference([1, 2, 3], 3)
+
+
+def test_build_pads_to_buckets():
+    import numpy as np
+
+    from xlaserve.runtime.scheduler import ScheduledSeq, SchedulerOutput
+
+    sp = SamplingParams(temperature=0.5, top_k=3, seed=11)
+    a = ScheduledSeq("a", (5, 6, 7), 8, (3, 4), True, sp, 0)
+    b = ScheduledSeq("b", (9,), 16, (7, 2, 5), True, dataclasses.replace(sp, seed=None), 4)
+    out = SchedulerOutput((a, b))
+    x = batch.build(out, page_size=8, token_buckets=(16, 32), seq_buckets=(8,),
+                    max_pages_per_seq=4)
+    assert x.token_ids.shape == (16,) and x.kv_lens.shape == (8,) and x.num_seqs.tolist() == [2]
+    assert x.token_ids[:4].tolist() == [5, 6, 7, 9] and not x.token_ids[4:].any()
+    assert x.positions[:4].tolist() == [8, 9, 10, 16] and not x.positions[4:].any()
+    assert x.slot_mapping[:4].tolist() == [4 * 8 + 0, 4 * 8 + 1, 4 * 8 + 2, 5 * 8 + 0]
+    assert not x.slot_mapping[4:].any()  # padded rows write to page 0
+    assert x.cu_q_lens.tolist() == [0, 3, 4] + [4] * 6
+    assert x.kv_lens.tolist() == [11, 17] + [0] * 6
+    assert x.logits_indices[:2].tolist() == [2, 3]
+    assert x.page_table[0].tolist() == [3, 4, 0, 0] and x.page_table[1].tolist() == [7, 2, 5, 0]
+    assert not x.page_table[2:].any()
+    smp = x.sampling
+    assert smp.seeds.dtype == np.uint32 and smp.seeds[:2].tolist() == [11, 0]
+    assert smp.output_positions[:2].tolist() == [0, 4] and smp.top_k[:2].tolist() == [3, 3]
+    assert smp.temperature[2:].tolist() == [0.0] * 6 and smp.top_p[2:].tolist() == [1.0] * 6
+    assert smp.prompt_token_ids.shape == (8, 1) and (smp.prompt_token_ids == -1).all()
+    pen = dataclasses.replace(a, sampling=dataclasses.replace(sp, repetition_penalty=1.2),
+                              prompt_token_ids=(1, 2, 3, 4, 5), output_token_ids=(6, 7))
+    y = batch.build(SchedulerOutput((pen, b)), page_size=8, token_buckets=(16,),
+                    seq_buckets=(8,), max_pages_per_seq=4)
+    assert y.sampling.prompt_token_ids.shape == (8, 8)  # a power of two >= 5
+    assert y.sampling.prompt_token_ids[0].tolist() == [1, 2, 3, 4, 5, -1, -1, -1]
+    assert y.sampling.output_token_ids[0, :3].tolist() == [6, 7, -1]
+    assert (y.sampling.prompt_token_ids[1] == -1).all()
+    with pytest.raises(ValueError, match="num_scheduled_tokens"):
+        batch.build(out, page_size=8, token_buckets=(2,), seq_buckets=(8,), max_pages_per_seq=4)
+
+
+def test_build_keeps_seq_bucket_within_token_bucket():
+    from xlaserve.runtime.scheduler import ScheduledSeq, SchedulerOutput
+
+    seqs = tuple(ScheduledSeq(f"r{i}", (1,), 0, (i + 1,), True, GREEDY, 0) for i in range(17))
+    x = batch.build(SchedulerOutput(seqs), page_size=8, token_buckets=(16, 24, 32),
+                    seq_buckets=(8, 16, 32), max_pages_per_seq=2)
+    assert (x.num_tokens_bucket, x.num_seqs_bucket) == (32, 32)

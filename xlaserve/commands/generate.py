@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--input={args.input!r}: no such file")
         if not args.output:
             raise UsageError("--output: required with --input")
+        if not pathlib.Path(args.output).absolute().parent.is_dir():
+            raise UsageError(f"--output={args.output!r}: its directory does not exist")
     defaults = _sampling_defaults(args)
     cfg = engine_config_from_args(args)
     from xlaserve.runtime.engine import Engine
@@ -127,7 +129,7 @@ def _done_ids(path: pathlib.Path) -> set[str]:
     done: set[str] = set()
     if not path.exists():
         return done
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 rec = json.loads(line)
@@ -240,7 +242,7 @@ def _batch(llm: Any, args: argparse.Namespace, defaults: dict[str, Any]) -> int:
     meta: dict[str, _Line] = {}
     seen: set[str] = set()
     errors = skipped = 0
-    with open(args.input, encoding="utf-8") as f:
+    with open(args.input, encoding="utf-8", errors="replace") as f:
         for lineno, text in enumerate(f, 1):
             if not text.strip():
                 continue
