@@ -7,7 +7,6 @@ is needed: a directory holding just config.json (or a converted xlaserve dir) is
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -27,5 +26,7 @@ def dummy_params(cfg: ModelConfig, *, shardings: Any = None, seed: int = 0) -> l
     """
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    init = jax.jit(functools.partial(llama.init_params, cfg), out_shardings=shardings)
-    return init(jax.random.key(seed))
+    # jit the module-level function with cfg static (not a fresh partial), so a second load of
+    # the same config and shardings reuses jax's compilation cache.
+    init = jax.jit(llama.init_params, static_argnums=0, out_shardings=shardings)
+    return init(cfg, jax.random.key(seed))

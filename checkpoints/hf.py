@@ -13,11 +13,10 @@ their layout. This module does not tokenize and does not know about meshes: shar
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import pathlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -109,6 +108,23 @@ def read_hf_config(model_dir: pathlib.Path | str) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
+def _sliding_layers(hf: Mapping[str, Any], num_layers: int) -> int:
+    """How many layers use the sliding window; ValueError if only some do (not supported)."""
+    layer_types = hf.get("layer_types")
+    if layer_types is None and hf.get("model_type") in ("qwen2", "qwen3"):
+        # HF Qwen: layers i >= max_window_layers slide (when use_sliding_window is set).
+        first = int(hf.get("max_window_layers", 0))
+        layer_types = ["sliding_attention" if i >= first else "full_attention"
+                       for i in range(num_layers)]
+    if layer_types is None:
+        return num_layers
+    sliding = sum(t == "sliding_attention" for t in layer_types)
+    if 0 < sliding < len(layer_types):
+        raise ValueError(f"config.json layer_types={layer_types!r}: mixing sliding-window and "
+                         f"full-attention layers is not supported")
+    return sliding
+
+
 def load_config(model_dir: pathlib.Path | str, *, dtype: str = "bfloat16") -> ModelConfig:
     """ModelConfig from config.json, with eos ids from generation_config.json when it has them."""
     hf = read_hf_config(model_dir)
@@ -118,6 +134,8 @@ def load_config(model_dir: pathlib.Path | str, *, dtype: str = "bfloat16") -> Mo
     if hf.get("mlp_bias"):
         raise ValueError(f"config.json mlp_bias={hf['mlp_bias']!r}: MLP biases are not supported")
     cfg = ModelConfig.from_hf_config(hf, dtype=dtype)
+    if cfg.sliding_window is not None and _sliding_layers(hf, cfg.num_layers) == 0:
+        cfg = cfg.replace(sliding_window=None)  # the window is declared but no layer uses it
     gen_path = pathlib.Path(model_dir) / "generation_config.json"
     if gen_path.is_file():
         eos = json.loads(gen_path.read_text()).get("eos_token_id")
@@ -198,12 +216,6 @@ def _path_keys(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", k)) for k in path)
 
 
-@contextlib.contextmanager
-def _open_files(files: set[pathlib.Path]) -> Iterator[dict[pathlib.Path, Any]]:
-    with contextlib.ExitStack() as stack:
-        yield {p: stack.enter_context(safe_open(p, framework="numpy")) for p in sorted(files)}
-
-
 def load_hf_params(model_dir: pathlib.Path | str, cfg: ModelConfig,
                    shardings: Any = None) -> llama.Params:
     """Loads a safetensors checkpoint into params of `cfg` (dtype cfg.dtype), shard by shard.
@@ -241,15 +253,17 @@ def load_hf_params(model_dir: pathlib.Path | str, cfg: ModelConfig,
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     if sh_def != treedef:
         raise ValueError(f"shardings tree {sh_def} does not match the params tree {treedef}")
-    dtype = np.dtype(cfg.dtype)
+    dtype = jax.numpy.dtype(cfg.dtype)  # bfloat16 is ml_dtypes.bfloat16
     out = []
-    with _open_files({where[s.hf_name] for s in specs.values()}) as handles:
-        for (path, leaf), sharding in zip(leaves, flat_sh, strict=True):
-            keys = _path_keys(path)
-            if keys not in specs:
-                raise ValueError(f"param {'/'.join(keys)} has no entry in the name table")
-            spec = specs[keys]
-            handle = handles[where[spec.hf_name]]
+    for (path, leaf), sharding in zip(leaves, flat_sh, strict=True):
+        keys = _path_keys(path)
+        if keys not in specs:
+            raise ValueError(f"param {'/'.join(keys)} has no entry in the name table")
+        spec = specs[keys]
+        # One tensor's file open at a time: the pages it maps leave host memory when it closes,
+        # so the load peaks near one tensor, never the whole checkpoint (a re-open only parses
+        # the small header).
+        with safe_open(where[spec.hf_name], framework="numpy") as handle:
             hf_shape = tuple(handle.get_slice(spec.hf_name).get_shape())
             want = _expected_hf_shape(spec, tuple(leaf.shape))
             if hf_shape != want:
@@ -260,6 +274,6 @@ def load_hf_params(model_dir: pathlib.Path | str, cfg: ModelConfig,
                          shape: tuple[int, ...] = tuple(leaf.shape)) -> np.ndarray:
                 return read_param_slice(handle, spec, shape, index, dtype)
 
+            # make_array_from_callback reads every device's slice now; then the file may close.
             out.append(jax.make_array_from_callback(leaf.shape, sharding, callback))
-        # make_array_from_callback reads eagerly; the files may close once every param exists.
     return jax.tree.unflatten(treedef, out)

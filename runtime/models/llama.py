@@ -42,7 +42,10 @@ Params = dict[str, Any]  # nested dict of arrays (unboxed), as built by init_par
 
 
 class AttentionFn(Protocol):
-    """Writes this step's K/V into the pages and attends; returns (o [T, N, H], k_pages, v_pages)."""
+    """Writes this step's K/V into the pages, then attends.
+
+    Returns (o [T, N, H], k_pages, v_pages).
+    """
 
     def __call__(self, q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
                  v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
@@ -251,13 +254,19 @@ def _init_boxed(cfg: ModelConfig, rng: jax.Array) -> Any:
     return model.init(rng, inputs, cache, method=Llama.init_all)["params"]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_unboxed(cfg: ModelConfig, rng: jax.Array) -> Params:
+    return nn.meta.unbox(_init_boxed(cfg, rng))
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     """Random parameters (normal(0.02) kernels, unit norms, zero biases) in cfg.dtype.
 
     Jittable: ``jax.jit(partial(init_params, cfg), out_shardings=...)(rng)`` creates them on
-    the devices, already sharded.
+    the devices, already sharded. Called eagerly it is still compiled (once per config), which
+    is much faster than running flax's init op by op.
     """
-    return nn.meta.unbox(_init_boxed(cfg, rng))
+    return _init_unboxed(cfg, rng)
 
 
 def abstract_params(cfg: ModelConfig) -> Params:

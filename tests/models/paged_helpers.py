@@ -26,7 +26,8 @@ class PagedSeq:
     cached: int = 0
 
 
-def permuted_pages(rng: np.random.RandomState, num_pages: int, counts: list[int]) -> list[list[int]]:
+def permuted_pages(rng: np.random.RandomState, num_pages: int,
+                   counts: list[int]) -> list[list[int]]:
     """Disjoint, shuffled (non-contiguous) page lists; page 0 (padding) is never handed out."""
     perm = rng.permutation(np.arange(1, num_pages))
     out, i = [], 0
@@ -94,9 +95,14 @@ def dense_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: j
 
 def dense_hidden(params: llama.Params, cfg: ModelConfig, tokens: list[int]) -> jax.Array:
     """Final-normed hidden states [T, D] of one sequence through dense causal attention."""
-    t = len(tokens)
+    return _dense_hidden_jit(params, cfg, np.asarray(tokens, np.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _dense_hidden_jit(params: llama.Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    t = tokens.shape[0]
     i32 = functools.partial(np.asarray, dtype=np.int32)
-    inputs = StepInputs(token_ids=i32(tokens), positions=i32(range(t)), slot_mapping=i32([0] * t),
+    inputs = StepInputs(token_ids=tokens, positions=i32(range(t)), slot_mapping=i32([0] * t),
                         cu_q_lens=i32([0, t]), kv_lens=i32([t]), page_table=i32([[0]]),
                         num_seqs=i32([1]), logits_indices=i32([t - 1]))
     cache = llama.init_kv_cache(cfg, 1, 1)

@@ -122,3 +122,17 @@ def test_params_are_a_plain_dict_of_arrays(models: dict) -> None:
     for leaf in jax.tree.leaves(params):
         assert isinstance(leaf, jax.Array) and leaf.dtype == np.float32
     assert jax.tree.structure(params) == jax.tree.structure(llama.abstract_params(cfg))
+
+
+def test_qwen2_with_sliding_window_on_every_layer(tmp_path) -> None:
+    path = hf_models.make_hf_model(tmp_path, "qwen2", use_sliding_window=True, sliding_window=6,
+                                   max_window_layers=0)
+    cfg = hf.load_config(path, dtype="float32")
+    assert cfg.sliding_window == 6
+    params = hf.load_hf_params(path, cfg)
+    tokens = list(np.random.RandomState(5).randint(0, cfg.vocab_size, size=15))
+    seq = PagedSeq([3, 1])
+    inputs = build_step([seq], [tokens], page_size=8, t_pad=16, s_pad=1, max_pages=2)
+    hidden, _ = jit_forward_hidden(params, inputs, llama.init_kv_cache(cfg, 4, 8), cfg)
+    ours = np.asarray(llama.compute_logits(params, hidden[:len(tokens)], cfg))
+    assert_close(ours, hf_logits(hf_models.load_hf_model(path), tokens), "qwen2 sliding")

@@ -1,0 +1,89 @@
+"""One test per kind of broken checkpoint; each error names the tensor, field or file (+ shapes)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import hf_models
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from xlaserve.checkpoints import hf, loader
+
+pytestmark = pytest.mark.hf
+pytest.importorskip("torch")
+
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    return hf_models.make_hf_model(tmp_path, "llama2")
+
+
+def rewrite(path, change) -> None:
+    tensors = load_file(path / "model.safetensors")
+    change(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor(llama_dir) -> None:
+    rewrite(llama_dir, lambda t: t.pop(Q0))
+    with pytest.raises(ValueError, match=re.escape(f"missing tensor(s) {Q0}")):
+        loader.load_model(str(llama_dir))
+
+
+def test_unexpected_tensor(llama_dir) -> None:
+    extra = "model.layers.1.mlp.extra_proj.weight"
+    rewrite(llama_dir, lambda t: t.update({extra: np.zeros((3, 4), np.float32)}))
+    with pytest.raises(ValueError, match=re.escape(f"unexpected tensor(s) {extra}")):
+        loader.load_model(str(llama_dir))
+
+
+def test_wrongly_shaped_tensor(llama_dir) -> None:
+    def shrink(t):
+        t[Q0] = t[Q0][:-1]  # [64, 64] -> [63, 64]
+
+    rewrite(llama_dir, shrink)
+    with pytest.raises(ValueError) as e:
+        loader.load_model(str(llama_dir))
+    msg = str(e.value)
+    assert Q0 in msg and "(63, 64)" in msg and "expected (64, 64)" in msg
+    assert "(64, 4, 16)" in msg  # our param's shape
+
+
+def test_missing_config_json(llama_dir) -> None:
+    (llama_dir / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json not found"):
+        loader.load_model(str(llama_dir))
+
+
+def test_unsupported_model_type(llama_dir) -> None:
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (llama_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model_type.*'gpt2'"):
+        loader.load_model(str(llama_dir))
+
+
+def test_missing_shard_file(tmp_path) -> None:
+    path = hf_models.make_hf_model(tmp_path, "qwen2")  # several shards + index
+    index = json.loads((path / hf.INDEX_FILE).read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    (path / victim).unlink()
+    with pytest.raises(ValueError, match=re.escape(f"shard file {victim!r}")):
+        loader.load_model(str(path))
+
+
+def test_unknown_model_path(tmp_path) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"model={str(tmp_path / 'nope')!r}")):
+        loader.load_model(str(tmp_path / "nope"))
+
+
+def test_mixed_sliding_window_layers_are_rejected(tmp_path) -> None:
+    path = hf_models.make_hf_model(tmp_path, "qwen2", use_sliding_window=True, sliding_window=4,
+                                   max_window_layers=1)  # layer 0 full, layer 1 sliding
+    with pytest.raises(ValueError, match="layer_types=.*not supported"):
+        loader.load_model(str(path))
