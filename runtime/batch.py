@@ -37,6 +37,14 @@ class SamplingInputs:
     # W is 1 (all -1) when no request in the batch uses a penalty, so the common case moves nothing.
     prompt_token_ids: np.ndarray  # i32[S, W]
     output_token_ids: np.ndarray  # i32[S, W]
+    # min_tokens: while output_positions < min_tokens, the ids in min_tokens_stop_ids (EOS and
+    # the request's stop token ids, -1 padded to MAX_MIN_TOKENS_STOP_IDS) cannot be sampled.
+    min_tokens: np.ndarray  # i32[S]; 0 = off
+    min_tokens_stop_ids: np.ndarray  # i32[S, E]
+
+
+# E: how many stop ids (EOS + stop_token_ids) min_tokens can hold back per request.
+MAX_MIN_TOKENS_STOP_IDS = 16
 
 
 @jax.tree_util.register_dataclass
@@ -87,7 +95,8 @@ def history_width(n: int) -> int:
 
 def build(sched_out: SchedulerOutput, *, page_size: int, token_buckets: Sequence[int],
           seq_buckets: Sequence[int], max_pages_per_seq: int,
-          max_history: int | None = None) -> StepInputs:
+          max_history: int | None = None,
+          eos_token_ids: Sequence[int] = ()) -> StepInputs:
     """Lays out one step's scheduled sequences as bucket-padded StepInputs.
 
     Args:
@@ -98,6 +107,7 @@ def build(sched_out: SchedulerOutput, *, page_size: int, token_buckets: Sequence
       max_pages_per_seq: width of the page table.
       max_history: cap on the penalty history width W (max_model_len); W is otherwise a power
         of two >= the longest history in the batch.
+      eos_token_ids: the model's EOS ids, held back (with stop_token_ids) until min_tokens.
     Returns:
       StepInputs with padded token rows (token 0, position 0, slot 0 = page 0) and padded
       sequences of zero length whose page-table rows are 0.
@@ -140,11 +150,18 @@ def build(sched_out: SchedulerOutput, *, page_size: int, token_buckets: Sequence
     logits_indices[:n_seqs] = cu_q_lens[1:n_seqs + 1] - 1
     return StepInputs(token_ids, positions, slot_mapping, cu_q_lens, kv_lens, page_table,
                       np.array([len(seqs)], np.int32), logits_indices,
-                      _sampling_inputs(seqs, S, max_history))
+                      _sampling_inputs(seqs, S, max_history, tuple(eos_token_ids)))
 
 
-def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int,
-                     max_history: int | None) -> SamplingInputs:
+def min_tokens_stop_ids(sampling: SamplingParams, eos_token_ids: Sequence[int]) -> list[int]:
+    """The ids a request may not sample before min_tokens: EOS (unless ignored) + stop ids."""
+    ids = [] if sampling.ignore_eos else list(eos_token_ids)
+    ids += [t for t in sampling.stop_token_ids if t not in ids]
+    return ids
+
+
+def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int, max_history: int | None,
+                     eos_token_ids: tuple[int, ...] = ()) -> SamplingInputs:
     def col(fn: Callable[[SamplingParams], float], default: float, dtype: type) -> np.ndarray:
         a = np.full(S, default, dtype)
         a[:len(seqs)] = [fn(q.sampling) for q in seqs]
@@ -167,6 +184,13 @@ def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int,
             prompt_hist[s, :len(q.prompt_token_ids)] = q.prompt_token_ids
         if q.output_token_ids:
             output_hist[s, :len(q.output_token_ids)] = q.output_token_ids
+    min_tokens = np.zeros(S, np.int32)
+    stop_ids = np.full((S, MAX_MIN_TOKENS_STOP_IDS), -1, np.int32)
+    for s, q in enumerate(seqs):
+        if q.output_position < q.sampling.min_tokens:
+            ids = min_tokens_stop_ids(q.sampling, eos_token_ids)[:MAX_MIN_TOKENS_STOP_IDS]
+            min_tokens[s] = q.sampling.min_tokens
+            stop_ids[s, :len(ids)] = ids
     return SamplingInputs(
         temperature=col(lambda p: p.temperature, 0.0, np.float32),
         top_k=col(lambda p: p.top_k, 0, np.int32),
@@ -176,7 +200,8 @@ def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int,
         presence_penalty=col(lambda p: p.presence_penalty, 0.0, np.float32),
         frequency_penalty=col(lambda p: p.frequency_penalty, 0.0, np.float32),
         seeds=seeds, output_positions=out_pos,
-        prompt_token_ids=prompt_hist, output_token_ids=output_hist)
+        prompt_token_ids=prompt_hist, output_token_ids=output_hist,
+        min_tokens=min_tokens, min_tokens_stop_ids=stop_ids)
 
 
 def fill_placeholders(inputs: StepInputs, sched_out: SchedulerOutput, prev: SchedulerOutput,

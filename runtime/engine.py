@@ -24,6 +24,7 @@ schedule -> execute -> update strictly in turn.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any
 
@@ -32,6 +33,8 @@ from xlaserve.runtime.config import EngineConfig, ModelConfig
 from xlaserve.runtime.output import DetokenizerFactory, OutputProcessor, default_detokenizer_factory
 from xlaserve.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
 from xlaserve.runtime.scheduler import Scheduler, SchedulerOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +89,14 @@ class Engine:
         self._last_step_time = 0.0
         self._num_steps = 0
 
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> Engine:
-        """Loads the model and tokenizer, builds the runner (on a mesh when parallel), warms up."""
+    @staticmethod
+    def build_runner(config: EngineConfig, **runner_options: Any) -> tuple[Any, Any]:
+        """Loads the model and builds its ModelRunner (on a mesh when parallel), not warmed up.
+
+        Shared by `from_config` and `xlaserve profile`, so both compile the same programs.
+        Returns (runner, LoadedModel).
+        """
         from xlaserve.checkpoints.loader import load_model
-        from xlaserve.checkpoints.tokenizer import Tokenizer
         from xlaserve.runtime.model_runner import ModelRunner
 
         kw: dict[str, Any] = {}
@@ -112,10 +118,28 @@ class Engine:
                       attention_fn=p.attention_fn)
         runner = ModelRunner(loaded.config, loaded.params, config.cache, config.scheduler,
                              attention_impl=config.attention_impl,
-                             compilation_cache_dir=config.compilation_cache_dir, **kw)
+                             compilation_cache_dir=config.compilation_cache_dir,
+                             **kw, **runner_options)
+        return runner, loaded
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        """Loads the model and tokenizer, builds the runner, warms up every bucket.
+
+        A model directory without tokenizer.json (e.g. a config-only dir with --load-format
+        dummy) serves token ids only: that is logged as a warning, and text input is refused.
+        """
+        from xlaserve.checkpoints.tokenizer import Tokenizer
+
+        runner, loaded = cls.build_runner(config)
         runner.warmup()
-        return cls(config, runner, tokenizer=Tokenizer.from_dir(loaded.model_dir),
-                   model_config=loaded.config)
+        tokenizer = None
+        if (loaded.model_dir / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_dir(loaded.model_dir)
+        else:
+            log.warning("%s has no tokenizer.json: token ids in and out only, no text",
+                        loaded.model_dir)
+        return cls(config, runner, tokenizer=tokenizer, model_config=loaded.config)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     sampling: SamplingParams) -> None:
@@ -125,6 +149,10 @@ class Engine:
         vocab = self.model_config.vocab_size if self.model_config else None
         if vocab is not None and any(not 0 <= int(t) < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab})")
+        if sampling.min_tokens > 0 and len(batch.min_tokens_stop_ids(
+                sampling, self.eos_token_ids)) > batch.MAX_MIN_TOKENS_STOP_IDS:
+            raise ValueError(f"stop_token_ids: with min_tokens > 0 at most "
+                             f"{batch.MAX_MIN_TOKENS_STOP_IDS} stop ids (EOS included)")
         ids = [request_id] if sampling.n == 1 else [f"{request_id}#{i}" for i in range(sampling.n)]
         for i, rid in enumerate(ids):
             seed = sampling.seed + i if sampling.seed is not None else (
@@ -154,7 +182,8 @@ class Engine:
         r = self.runner
         return batch.build(sched_out, page_size=r.page_size, token_buckets=r.token_buckets,
                            seq_buckets=r.seq_buckets, max_pages_per_seq=r.max_pages_per_seq,
-                           max_history=self.config.scheduler.max_model_len)
+                           max_history=self.config.scheduler.max_model_len,
+                           eos_token_ids=self.eos_token_ids)
 
     def _launch(self, sched_out: SchedulerOutput,
                 inputs: batch.StepInputs) -> tuple[SchedulerOutput, Any]:

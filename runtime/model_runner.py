@@ -7,13 +7,15 @@ KV cache donated so the page pools are updated in place (no per-step copy).
 Shapes. Every StepInputs is padded by the batch builder to a (T, S) bucket: T from
 `token_buckets` (powers of two from 16 up to max_num_batched_tokens), S from `seq_buckets` (powers
 of two from 8 up to max_num_seqs), with S <= T (each sequence has at least one token). A third
-dimension is the width W of the penalty token history: 1 when no request in the batch uses a
-penalty, else the runner pads it to max_model_len (one more program per (T, S); skipped with
-``enable_penalties=False``, then a batch with history raises ValueError).
+dimension is the width W of the penalty token history, fixed per runner: max_model_len, so one
+program per (T, S) serves batches with and without penalties (the runner pads the history to W;
+a batch with no history reuses a cached all -1 device array, so the common case copies nothing and
+the sampler skips the penalty tables under a lax.cond). With ``enable_penalties=False`` W is 1 and
+a batch with history raises ValueError.
 
 Compilation. `warmup()` lowers and compiles every program once (``jitted.lower(...).compile()``,
 through JAX's persistent compilation cache on disk) and keeps a `CompileRecord` per bucket for
-profiling (`compile_records[(T, S)]`; the penalty variants in `penalty_compile_records`).
+profiling (`compile_records[(T, S)]`).
 Execution calls those executables directly, so nothing recompiles. A shape with no executable
 goes through the plain jit path; after warm-up each compile that causes is counted in
 `compiles_after_warmup`, recorded in `compile_log` and logged as an ERROR.
@@ -43,7 +45,12 @@ import jax
 import numpy as np
 
 from xlaserve.runtime import sampling
-from xlaserve.runtime.batch import SamplingInputs, StepInputs, choose_bucket
+from xlaserve.runtime.batch import (
+    MAX_MIN_TOKENS_STOP_IDS,
+    SamplingInputs,
+    StepInputs,
+    choose_bucket,
+)
 from xlaserve.runtime.compile_cache import (
     CompileRecord,
     LateCompile,
@@ -132,7 +139,8 @@ def greedy_sampling_inputs(num_seqs_bucket: int) -> SamplingInputs:
         repetition_penalty=np.ones(s, np.float32), presence_penalty=np.zeros(s, np.float32),
         frequency_penalty=np.zeros(s, np.float32), seeds=np.zeros(s, np.uint32),
         output_positions=np.zeros(s, np.int32), prompt_token_ids=np.full((s, 1), -1, np.int32),
-        output_token_ids=np.full((s, 1), -1, np.int32))
+        output_token_ids=np.full((s, 1), -1, np.int32), min_tokens=np.zeros(s, np.int32),
+        min_tokens_stop_ids=np.full((s, MAX_MIN_TOKENS_STOP_IDS), -1, np.int32))
 
 
 # The dtypes of the StepInputs contract (runtime/batch.py); compiled programs accept no other.
@@ -141,8 +149,8 @@ _STEP_DTYPES = {f.name: np.dtype(np.int32) for f in dataclasses.fields(StepInput
 _SAMPLING_DTYPES = {
     **dict.fromkeys(("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"), np.dtype(np.float32)),
-    **dict.fromkeys(("top_k", "output_positions", "prompt_token_ids", "output_token_ids"),
-                    np.dtype(np.int32)),
+    **dict.fromkeys(("top_k", "output_positions", "prompt_token_ids", "output_token_ids",
+                     "min_tokens", "min_tokens_stop_ids"), np.dtype(np.int32)),
     "seeds": np.dtype(np.uint32)}
 
 
@@ -209,8 +217,12 @@ class ModelRunner:
             pow2_buckets(MIN_TOKEN_BUCKET, sched_cfg.max_num_batched_tokens))
         self.seq_buckets = _check_buckets("seq_buckets", seq_buckets, sched_cfg.max_num_seqs,
                                           pow2_buckets(MIN_SEQ_BUCKET, sched_cfg.max_num_seqs))
-        # Penalty history width: 1, or max_model_len (the batch builder's cap on W).
-        self.history_widths = (1, sched_cfg.max_model_len) if enable_penalties else (1,)
+        # Penalty history width W of every compiled program: max_model_len (one program per
+        # bucket serves batches with and without penalties; batches without any history use a
+        # cached all -1 device array, so nothing is copied), or 1 with enable_penalties=False.
+        self.history_width = sched_cfg.max_model_len if enable_penalties else 1
+        self.history_widths = (self.history_width,)
+        self._empty_history: dict[int, jax.Array] = {}  # S -> i32[S, W] of -1 on the device
 
         self._replicated = None
         if mesh is None and (param_shardings is not None or kv_sharding is not None):
@@ -240,7 +252,6 @@ class ModelRunner:
         self.jitted_step = jax.jit(self._step, **jit_kwargs)
         self._executables: dict[tuple[int, int, int], Any] = {}
         self.compile_records: dict[tuple[int, int], CompileRecord] = {}
-        self.penalty_compile_records: dict[tuple[int, int], CompileRecord] = {}
         self._guard = RecompileGuard("ModelRunner")
 
     # ------------------------------------------------------------------ set-up
@@ -302,9 +313,11 @@ class ModelRunner:
                      if s <= most or s == choose_bucket(most, self.seq_buckets)]
         return keys
 
-    def dummy_inputs(self, num_tokens: int, num_seqs: int, history_width: int = 1) -> StepInputs:
-        """An all-padding StepInputs of bucket shape (T, S), history width W."""
+    def dummy_inputs(self, num_tokens: int, num_seqs: int,
+                     history_width: int | None = None) -> StepInputs:
+        """An all-padding StepInputs of bucket shape (T, S), history width W (default: ours)."""
         t, s = num_tokens, num_seqs
+        history_width = self.history_width if history_width is None else history_width
         smp = greedy_sampling_inputs(s)
         if history_width != 1:
             hist = np.full((s, history_width), -1, np.int32)
@@ -317,7 +330,7 @@ class ModelRunner:
             num_seqs=np.zeros(1, np.int32), logits_indices=np.zeros(s, np.int32), sampling=smp)
 
     def abstract_inputs(self, num_tokens: int, num_seqs: int,
-                        history_width: int = 1) -> StepInputs:
+                        history_width: int | None = None) -> StepInputs:
         """`dummy_inputs` as jax.ShapeDtypeStructs (replicated on the mesh when there is one)."""
         return jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated),
@@ -326,14 +339,15 @@ class ModelRunner:
     # ------------------------------------------------------------------ compile
 
     def compile_bucket(self, num_tokens: int, num_seqs: int,
-                       history_width: int = 1) -> CompileRecord:
+                       history_width: int | None = None) -> CompileRecord:
         """Lowers and compiles the step for one bucket and keeps its executable and record."""
+        history_width = self.history_width if history_width is None else history_width
         abstract = (self.params, self.kv_cache,
                     self.abstract_inputs(num_tokens, num_seqs, history_width))
         record = lower_and_compile(self.jitted_step, *abstract)
         self._executables[(num_tokens, num_seqs, history_width)] = record.compiled
-        records = self.compile_records if history_width == 1 else self.penalty_compile_records
-        records[(num_tokens, num_seqs)] = record
+        if history_width == self.history_width:
+            self.compile_records[(num_tokens, num_seqs)] = record
         log.info("compiled T=%d S=%d W=%d: lower %.2fs, compile %.2fs, persistent cache %s",
                  num_tokens, num_seqs, history_width, record.lower_s, record.compile_s,
                  {True: "hit", False: "miss", None: "unused"}[record.cache_hit])
@@ -371,7 +385,8 @@ class ModelRunner:
 
     def _record(self, key: tuple[int, int, int]) -> CompileRecord:
         t, s, w = key
-        return (self.compile_records if w == 1 else self.penalty_compile_records)[(t, s)]
+        del w  # one history width per runner
+        return self.compile_records[(t, s)]
 
     @property
     def compiles_after_warmup(self) -> int:
@@ -401,16 +416,25 @@ class ModelRunner:
                              f"max_pages_per_seq={self.max_pages_per_seq}")
         smp = inputs.sampling
         if smp is None:
-            return dataclasses.replace(inputs, sampling=greedy_sampling_inputs(
-                inputs.num_seqs_bucket))
+            smp = greedy_sampling_inputs(inputs.num_seqs_bucket)
+            inputs = dataclasses.replace(inputs, sampling=smp)
         w = max(smp.prompt_token_ids.shape[-1], smp.output_token_ids.shape[-1])
-        if w == 1 and smp.prompt_token_ids.shape[-1] == smp.output_token_ids.shape[-1]:
-            return inputs
-        if w > self.history_widths[-1] or len(self.history_widths) == 1:
+        full = self.history_width
+        if w > full:
             raise ValueError(
-                f"sampling.output_token_ids width {w}: history wider than 1 needs "
-                f"enable_penalties=True and at most max_model_len={self.sched_cfg.max_model_len}")
-        full = self.history_widths[-1]
+                f"sampling.output_token_ids width {w}: penalty history needs enable_penalties=True"
+                f" and at most max_model_len={self.sched_cfg.max_model_len} tokens")
+        if w == full and smp.prompt_token_ids.shape[-1] == w:
+            return inputs
+        has_history = bool((smp.prompt_token_ids >= 0).any() or (smp.output_token_ids >= 0).any())
+        if not has_history:  # the common case: reuse one all -1 device array, copy nothing
+            empty = self._empty_history.get(inputs.num_seqs_bucket)
+            if empty is None:
+                empty = jax.device_put(np.full((inputs.num_seqs_bucket, full), -1, np.int32),
+                                       self._replicated)
+                self._empty_history[inputs.num_seqs_bucket] = empty
+            smp = dataclasses.replace(smp, prompt_token_ids=empty, output_token_ids=empty)
+            return dataclasses.replace(inputs, sampling=smp)
 
         def pad(a: np.ndarray) -> np.ndarray:
             a = np.asarray(a, np.int32)

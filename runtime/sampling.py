@@ -142,6 +142,24 @@ def _draw(logits: jax.Array, sampling: SamplingInputs) -> jax.Array:
     return jnp.argmax(filtered_logits(logits, sampling) + gumbel, axis=-1).astype(jnp.int32)
 
 
+def suppress_early_stops(logits: jax.Array, sampling: SamplingInputs) -> jax.Array:
+    """min_tokens: rows with output_position < min_tokens cannot sample their stop ids.
+
+    Args:
+      logits: f32[S, V].
+      sampling: min_tokens i32[S] and min_tokens_stop_ids i32[S, E] (-1 padded).
+    Returns:
+      f32[S, V] with those ids at -inf in the rows still under their minimum.
+    """
+    s, v = logits.shape
+    ids = jnp.asarray(sampling.min_tokens_stop_ids)  # [S, E]
+    active = jnp.asarray(sampling.output_positions) < jnp.asarray(sampling.min_tokens)  # [S]
+    rows = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], ids.shape)
+    cols = jnp.where((ids >= 0) & (ids < v) & active[:, None], ids, v)  # v: dropped
+    banned = jnp.zeros((s, v), jnp.bool_).at[rows, cols].set(True, mode="drop")
+    return jnp.where(banned, -jnp.inf, logits)
+
+
 def sample(logits: jax.Array, sampling: SamplingInputs) -> SamplerOutput:
     """Samples one token per row and computes raw logprobs.
 
@@ -157,6 +175,7 @@ def sample(logits: jax.Array, sampling: SamplingInputs) -> SamplerOutput:
     has_history = (jnp.any(jnp.asarray(sampling.prompt_token_ids) >= 0)
                    | jnp.any(jnp.asarray(sampling.output_token_ids) >= 0))
     penalized = jax.lax.cond(has_history, apply_penalties, lambda x, _s: x, logits, sampling)
+    penalized = suppress_early_stops(penalized, sampling)
     greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)  # [S]
     # Skip the noise and filters entirely when every row is greedy (the common padded decode).
     drawn = jax.lax.cond(jnp.any(temperature > 0), _draw,

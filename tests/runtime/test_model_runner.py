@@ -109,7 +109,7 @@ def test_attributes_and_warmup_compiles_all_buckets(runner):
     assert runner.max_pages_per_seq == 8
     assert runner.token_buckets == (16, 32) and runner.seq_buckets == (8,)
     assert set(runner.compile_records) == {(16, 8), (32, 8)}
-    assert set(runner.penalty_compile_records) == {(16, 8), (32, 8)}
+    assert runner.history_widths == (SCHED.max_model_len,)  # one program per bucket
     rec = runner.compile_records[(32, 8)]
     assert rec.compile_s > 0 and rec.cache_hit is False
     assert rec.compiled.cost_analysis() is not None
@@ -240,8 +240,8 @@ def test_second_runner_hits_persistent_cache(runner, params, cache_dir):
     r2 = mr.ModelRunner(CFG, params, CACHE, SCHED, attention_impl="reference",
                         compilation_cache_dir=cache_dir)
     r2.warmup(progress=lambda done, total, key, rec: seen.append((done, total, key)))
-    assert [d for d, _, _ in seen] == [1, 2, 3, 4] and seen[-1][1] == 4
-    records = list(r2.compile_records.values()) + list(r2.penalty_compile_records.values())
+    assert [d for d, _, _ in seen] == [1, 2] and seen[-1][1] == 2
+    records = list(r2.compile_records.values())
     assert all(rec.cache_hit is True for rec in records), [rec.cache_hit for rec in records]
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from xlaserve.runtime import sampling as smp
-from xlaserve.runtime.batch import SamplingInputs
+from xlaserve.runtime.batch import MAX_MIN_TOKENS_STOP_IDS, SamplingInputs
 
 # Jitted once per shape: op-by-op eager execution of the sampler is much slower on CPU.
 sample = jax.jit(smp.sample)
@@ -30,7 +32,9 @@ def make_inputs(s: int, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, rep=1
         seeds=arr(0 if seeds is None else seeds, np.uint32),
         output_positions=arr(0 if positions is None else positions, np.int32),
         prompt_token_ids=none_hist if prompt is None else np.asarray(prompt, np.int32),
-        output_token_ids=none_hist if output is None else np.asarray(output, np.int32))
+        output_token_ids=none_hist if output is None else np.asarray(output, np.int32),
+        min_tokens=np.zeros(s, np.int32),
+        min_tokens_stop_ids=np.full((s, MAX_MIN_TOKENS_STOP_IDS), -1, np.int32))
 
 
 # ---------------------------------------------------------------- numpy references
@@ -212,3 +216,23 @@ def test_greedy_with_repetition_penalty_avoids_repeat():
     logits = np.array([[0.0, 3.0, 2.5, 1.0]], np.float32)
     out = sample(logits, make_inputs(1, rep=2.0, output=np.array([[1]])))
     assert int(out.token_ids[0]) == 2  # 3.0 / 2 = 1.5 < 2.5
+
+
+def test_min_tokens_holds_back_stop_ids_until_reached():
+    """Rows under min_tokens never sample their stop ids; at min_tokens they may again."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(4, 64)).astype(np.float32)
+    top = logits.argmax(-1)
+    base = make_inputs(4, temperature=np.array([0.0, 0.0, 0.7, 0.0]), seeds=np.arange(4),
+                       positions=np.array([1, 3, 0, 2]))
+    stop_ids = np.full((4, MAX_MIN_TOKENS_STOP_IDS), -1, np.int32)
+    stop_ids[:, 0] = top
+    inputs = dataclasses.replace(base, min_tokens=np.array([3, 3, 5, 0], np.int32),
+                                 min_tokens_stop_ids=stop_ids)
+    got = np.asarray(jax.jit(smp.sample)(jnp.asarray(logits), inputs).token_ids)
+    masked = logits.copy()
+    masked[0, top[0]] = -np.inf
+    assert got[0] == masked[0].argmax() != top[0]  # position 1 < 3: held back
+    assert got[1] == top[1]  # position 3 == min_tokens: allowed again
+    assert got[2] != top[2]  # sampled row under its minimum never draws the stop id
+    assert got[3] == top[3]  # min_tokens 0: off

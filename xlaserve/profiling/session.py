@@ -39,33 +39,13 @@ Bucket = tuple[int, int]
 
 
 def build_runner(cfg: EngineConfig, *, enable_penalties: bool = True) -> tuple[Any, Any]:
-    """(ModelRunner, LoadedModel) as `Engine.from_config` makes them, without the warm-up.
+    """(ModelRunner, LoadedModel) exactly as `Engine.from_config` makes them, without warm-up.
 
-    `enable_penalties=False` drops the penalty-history programs (a profiling shortcut only).
+    `enable_penalties=False` compiles programs without the penalty history (a profiling shortcut).
     """
-    from xlaserve.checkpoints.loader import load_model
-    from xlaserve.runtime.model_runner import ModelRunner
+    from xlaserve.runtime.engine import Engine
 
-    kw: dict[str, Any] = {}
-    plan: dict[str, Any] = {}
-    shardings_fn = None
-    if cfg.parallel.world_size > 1:
-        from xlaserve.sharding.specs import ShardingPlan
-
-        def shardings_fn(model_cfg: Any) -> Any:
-            plan["p"] = ShardingPlan.create(model_cfg, cfg.parallel,
-                                            attention_impl=cfg.attention_impl)
-            return plan["p"].param_shardings
-    loaded = load_model(cfg.model, load_format=cfg.load_format, dtype=cfg.dtype,
-                        shardings_fn=shardings_fn, seed=cfg.seed)
-    if plan:
-        p = plan["p"]
-        kw = dict(mesh=p.mesh, param_shardings=p.param_shardings, kv_sharding=p.kv_sharding)
-    runner = ModelRunner(loaded.config, loaded.params, cfg.cache, cfg.scheduler,
-                         attention_impl=cfg.attention_impl,
-                         compilation_cache_dir=cfg.compilation_cache_dir,
-                         enable_penalties=enable_penalties, **kw)
-    return runner, loaded
+    return Engine.build_runner(cfg, enable_penalties=enable_penalties)
 
 
 def attention_choice(requested: str, num_tokens: int, num_seqs: int) -> str:
@@ -236,9 +216,7 @@ def profile(cfg: EngineConfig, peaks: DevicePeaks, args: argparse.Namespace,
             bar.stop()
     dtype = loaded.config.dtype
     widths = sorted(runner.history_widths)
-    records = [((t, s, w), (runner.compile_records if w == 1
-                            else runner.penalty_compile_records)[(t, s)])
-               for t, s in buckets for w in widths]
+    records = [((t, s, w), runner.compile_records[(t, s)]) for t, s in buckets for w in widths]
     profiles: list[prof.BucketProfile] = []
     m = loaded.config
     kv_bytes_per_token = prof.tree_bytes(runner.kv_cache) // (runner.num_pages * runner.page_size)
