@@ -131,3 +131,18 @@ def test_no_compiles_after_warmup_over_hundreds_of_requests(runner):
     got, finals = run(e, reqs)
     assert len(finals) == 300
     assert runner.compiles_after_warmup == 0 and e.stats().compiles_after_warmup == 0
+
+
+def test_min_tokens_holds_back_stop_token_ids(runner):
+    """A stop token id that greedy decoding would emit early is held back until min_tokens."""
+    prompt = [5, 17, 42, 99, 3]
+    free, _ = run(engine_for(runner), [("a", prompt, SamplingParams(temperature=0,
+                                                                     max_tokens=8))])
+    stop_tok = free["a"][1]
+    early, reasons = run(engine_for(runner), [("b", prompt, SamplingParams(
+        temperature=0, max_tokens=8, stop_token_ids=(stop_tok,)))])
+    assert reasons["b"] == "stop" and len(early["b"]) <= 2
+    held, _ = run(engine_for(runner), [("c", prompt, SamplingParams(
+        temperature=0, max_tokens=8, min_tokens=5, stop_token_ids=(stop_tok,)))])
+    assert len(held["c"]) >= 5 and stop_tok not in held["c"][:5]
+    assert held["c"][0] == free["a"][0]  # only the banned id changes the choice
