@@ -1,4 +1,4 @@
-"""Engine thread <-> asyncio bridge: the engine loop runs in its own thread; handlers never block it.
+"""Engine thread <-> asyncio bridge: the engine loop runs in its own thread, never blocked.
 
 The loop thread builds and owns the Engine (nothing else touches it after start-up, except
 read-only attributes such as the tokenizer and configs). asyncio handlers submit add/abort
@@ -9,7 +9,7 @@ per-request asyncio queues.
 Failure isolation: a failing ``add_request`` fails only its request; an exception from
 ``engine.step()`` that carries a ``request_id`` attribute naming an in-flight request fails only
 that request; any other step exception aborts every in-flight request with the error. Either
-way the loop keeps serving. The bridge never validates user input: handlers do that before submitting.
+way the loop keeps serving. The bridge never validates user input: handlers do that first.
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ class StreamEvent:
     index: int  # sample index in [0, n)
     output: RequestOutput  # request_id is the engine's id, not the client's
     timings: Timings | None = None  # set on the sample's final event
+    # On failed events: the gRPC status name to answer with (INVALID_ARGUMENT when the engine
+    # refused the input, UNAVAILABLE when shutting down, INTERNAL otherwise).
+    status: str | None = None
 
 
 @dataclasses.dataclass
@@ -103,6 +106,7 @@ class RequestHandle:
         self._bridge = bridge
         self._queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
         self._remaining = n
+        self._open = set(range(n))  # sample indices without a final event yet
         self._closed = False
 
     def __aiter__(self) -> RequestHandle:
@@ -113,6 +117,7 @@ class RequestHandle:
             raise StopAsyncIteration
         event = await self._queue.get()
         if event.output.finished:
+            self._open.discard(event.index)
             self._remaining -= 1
             if self._remaining == 0:
                 self._bridge._forget(self)
@@ -123,13 +128,21 @@ class RequestHandle:
         return self._remaining == 0
 
     def close(self) -> None:
-        """Aborts the request unless every sample already finished. Idempotent."""
+        """Aborts the request unless every sample already finished. Idempotent.
+
+        A reader still iterating (an Abort RPC closed the handle) gets a final "abort" event
+        for each open sample, so its stream ends at once.
+        """
         if self._closed:
             return
         self._closed = True
         if self._remaining:
             self._bridge._forget(self)
             self._bridge._send(("abort", self.engine_id, None))
+            for index in sorted(self._open):
+                out = RequestOutput(request_id=self.engine_id, new_token_ids=(), new_text="",
+                                    finished=True, finish_reason="abort")
+                self._queue.put_nowait(StreamEvent(index, out))
 
 
 class EngineBridge:
@@ -249,7 +262,7 @@ class EngineBridge:
         assert self._loop is not None  # internal invariant: start() sets it
         try:
             self.engine = self._factory()
-        except BaseException as e:  # noqa: BLE001 (reported through load_error and health)
+        except BaseException as e:  # reported through load_error and health
             log.exception("engine failed to load")
             self.load_error = e
             self.loaded.set()
@@ -260,35 +273,52 @@ class EngineBridge:
         self.metrics.observe_stats(self.engine.stats())
         while not self._stop.is_set():
             events: list[tuple[RequestHandle, StreamEvent]] = []
-            self._apply_commands(tracked, events)
-            if self.engine.has_work():
-                t0 = time.perf_counter()
-                try:
-                    outputs = self.engine.step()
-                except Exception as e:  # noqa: BLE001 (fail what it concerns, keep serving)
-                    outputs = []
-                    culprit = getattr(e, "request_id", None)
-                    base = culprit.partition("#")[0] if isinstance(culprit, str) else None
-                    if base in tracked:
-                        log.exception("engine step failed in request %s", base)
-                        self._fail_one(tracked, base, events, f"engine step failed: {e!r}")
-                    else:
-                        log.exception("engine step failed; aborting %d requests", len(tracked))
-                        self._fail_all(tracked, events, f"engine step failed: {e!r}")
-                self.metrics.step_time.observe(time.perf_counter() - t0)
-                self._route(tracked, outputs, events)
-            self.metrics.observe_stats(self.engine.stats())
+            try:
+                self._iteration(tracked, events)
+            except Exception as e:  # a bug here must not hang every client
+                log.exception("engine loop iteration failed; aborting %d requests",
+                              len(tracked))
+                self._fail_all(tracked, events, f"engine loop failed: {e!r}")
             if events:
                 try:
                     self._loop.call_soon_threadsafe(self._deliver, events)
                 except RuntimeError:  # the event loop closed under us: nobody is listening
                     log.warning("event loop closed; engine loop thread exits")
                     return
-            if not self.engine.has_work():
+            if not self._has_work():
                 # A command sent after this clear() sets the event again, and one sent before it
                 # is already queued: the next iteration drains the queue either way.
                 self._wake.wait(self._idle_wait_s)
                 self._wake.clear()
+
+    def _has_work(self) -> bool:
+        try:
+            return bool(self.engine.has_work())
+        except Exception:  # logged; treated as idle so the loop keeps turning
+            log.exception("engine.has_work() failed")
+            return False
+
+    def _iteration(self, tracked: dict[str, _Tracked],
+                   events: list[tuple[RequestHandle, StreamEvent]]) -> None:
+        """One pass: apply commands, run a step if there is work, refresh the gauges."""
+        self._apply_commands(tracked, events)
+        if self.engine.has_work():
+            t0 = time.perf_counter()
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # fail what it concerns, keep serving
+                outputs = []
+                culprit = getattr(e, "request_id", None)
+                base = culprit.partition("#")[0] if isinstance(culprit, str) else None
+                if base in tracked:
+                    log.exception("engine step failed in request %s", base)
+                    self._fail_one(tracked, base, events, f"engine step failed: {e!r}")
+                else:
+                    log.exception("engine step failed; aborting %d requests", len(tracked))
+                    self._fail_all(tracked, events, f"engine step failed: {e!r}")
+            self.metrics.step_time.observe(time.perf_counter() - t0)
+            self._route(tracked, outputs, events)
+        self.metrics.observe_stats(self.engine.stats())
 
     def _apply_commands(self, tracked: dict[str, _Tracked],
                         events: list[tuple[RequestHandle, StreamEvent]]) -> None:
@@ -304,8 +334,9 @@ class EngineBridge:
                     self.engine.add_request(engine_id, prompt, sampling)
                 except Exception as e:  # noqa: BLE001 (fails only this request)
                     log.warning("add_request(%s) failed: %s", engine_id, e)
+                    status = "INVALID_ARGUMENT" if isinstance(e, ValueError) else "INTERNAL"
                     for i in range(sampling.n):
-                        events.append((handle, self._error_event(engine_id, i, str(e))))
+                        events.append((handle, self._error_event(engine_id, i, str(e), status)))
                     self.metrics.requests.labels(finish_reason="error").inc()
                     continue
                 record.accepted = time.monotonic()
@@ -315,33 +346,36 @@ class EngineBridge:
                     self._engine_abort(engine_id)
                     self.metrics.requests.labels(finish_reason="abort").inc()
             elif kind == "abort_all":
-                self._fail_all(tracked, events, str(payload))
+                self._fail_all(tracked, events, str(payload), "UNAVAILABLE")
 
     def _engine_abort(self, engine_id: str) -> None:
         try:
             self.engine.abort(engine_id)
-        except Exception:  # noqa: BLE001 (the request is gone either way; keep serving)
+        except Exception:  # the request is gone either way; keep serving
             log.exception("engine.abort(%s) failed", engine_id)
 
     def _fail_all(self, tracked: dict[str, _Tracked],
-                  events: list[tuple[RequestHandle, StreamEvent]], reason: str) -> None:
+                  events: list[tuple[RequestHandle, StreamEvent]], reason: str,
+                  status: str = "INTERNAL") -> None:
         for engine_id in list(tracked):
-            self._fail_one(tracked, engine_id, events, reason)
+            self._fail_one(tracked, engine_id, events, reason, status)
 
     def _fail_one(self, tracked: dict[str, _Tracked], engine_id: str,
-                  events: list[tuple[RequestHandle, StreamEvent]], reason: str) -> None:
+                  events: list[tuple[RequestHandle, StreamEvent]], reason: str,
+                  status: str = "INTERNAL") -> None:
         record = tracked.pop(engine_id)
         self._engine_abort(engine_id)
         for i in range(record.n):
             if i not in record.finished:
-                events.append((record.stream, self._error_event(engine_id, i, reason)))
+                events.append((record.stream, self._error_event(engine_id, i, reason, status)))
         self.metrics.requests.labels(finish_reason="error").inc()
 
     @staticmethod
-    def _error_event(engine_id: str, index: int, error: str) -> StreamEvent:
+    def _error_event(engine_id: str, index: int, error: str,
+                     status: str = "INTERNAL") -> StreamEvent:
         out = RequestOutput(request_id=engine_id, new_token_ids=(), new_text="", finished=True,
                             finish_reason="abort", error=error)
-        return StreamEvent(index, out)
+        return StreamEvent(index, out, status=status)
 
     def _route(self, tracked: dict[str, _Tracked], outputs: list[RequestOutput],
                events: list[tuple[RequestHandle, StreamEvent]]) -> None:

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 import grpc
-from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from xlaserve.serve.proto.messages import NATIVE_SERVICE, Stub, protos
 
 FINISH_REASON_NAMES = {0: None, 1: "stop", 2: "length", 3: "abort"}
@@ -35,13 +33,13 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    final: Message  # the GenerateFinal message (timings, matched stop)
+    final: Any  # the GenerateFinal message (timings, matched stop)
 
 
 def build_generate_request(prompt: str | None = None, *,
                            messages: Sequence[Mapping[str, str]] | None = None,
                            token_ids: Sequence[int] | None = None, request_id: str = "",
-                           model: str = "", stream: bool = False, **sampling: Any) -> Message:
+                           model: str = "", stream: bool = False, **sampling: Any) -> Any:
     """A GenerateRequest from exactly one input and SamplingParams fields by name.
 
     Raises:
@@ -83,7 +81,7 @@ class XlaserveClient:
         self.stub = Stub(self.channel, NATIVE_SERVICE)
         self.pb = protos().native
 
-    def __enter__(self) -> XlaserveClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -92,7 +90,7 @@ class XlaserveClient:
     def close(self) -> None:
         self.channel.close()
 
-    def generate_stream(self, prompt: str | None = None, **kwargs: Any) -> Iterator[Message]:
+    def generate_stream(self, prompt: str | None = None, **kwargs: Any) -> Iterator[Any]:
         """Streams GenerateResponse messages (deltas; the last of each sample has `final`).
 
         Breaking out of the loop cancels the call, which aborts the request on the server.
@@ -133,7 +131,7 @@ class XlaserveClient:
                                timeout=self.timeout_s)
         return bool(resp.found)
 
-    def model_info(self) -> Message:
+    def model_info(self) -> Any:
         return self.stub.GetModelInfo(self.pb.GetModelInfoRequest(), timeout=self.timeout_s)
 
     def tokenize(self, text: str) -> list[int]:
@@ -148,5 +146,7 @@ class XlaserveClient:
     def health(self, service: str = "") -> str:
         """The grpc.health.v1 status name: SERVING, NOT_SERVING, ..."""
         stub = health_pb2_grpc.HealthStub(self.channel)
-        resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s)
+        request = health_pb2.HealthCheckRequest(service=service)
+        check = stub.Check  # pyright: ignore[reportAttributeAccessIssue] (set in __init__)
+        resp = check(request, timeout=self.timeout_s)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

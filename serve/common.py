@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
-
 from xlaserve.runtime.request import SamplingParams
 from xlaserve.serve.bridge import DuplicateRequestError, NotAcceptingError, QueueFullError
 
@@ -23,8 +22,18 @@ class InvalidArgument(ValueError):
     """Bad client input; answered with INVALID_ARGUMENT and this message."""
 
 
+class RequestFailed(Exception):
+    """The engine failed an admitted request; `status` names the gRPC status to answer with."""
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC status code for an error raised while admitting a request."""
+    """The gRPC status code for an error raised while admitting or running a request."""
+    if isinstance(exc, RequestFailed):
+        return grpc.StatusCode[exc.status]
     if isinstance(exc, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, NotAcceptingError):
@@ -79,8 +88,9 @@ def encode_chat(engine: Any, field: str, messages: Sequence[Mapping[str, str]]) 
     return list(engine.tokenizer.encode(text, add_special_tokens=False))
 
 
-def check_prompt(engine: Any, field: str, token_ids: Sequence[int]) -> list[int]:
-    """Checks a prompt fits the context (leaving room for one token) and ids are in the vocab."""
+def check_prompt(engine: Any, field: str, token_ids: Sequence[int],
+                 max_tokens: int) -> list[int]:
+    """Checks the prompt plus `max_tokens` fits the context and the ids are in the vocabulary."""
     ids = [int(t) for t in token_ids]
     if not ids:
         raise InvalidArgument(f"{field}: the prompt is empty")
@@ -88,6 +98,10 @@ def check_prompt(engine: Any, field: str, token_ids: Sequence[int]) -> list[int]
     if len(ids) >= context:
         raise InvalidArgument(f"{field}: the prompt has {len(ids)} tokens; the context length is "
                               f"{context} (prompt + at least one generated token)")
+    if len(ids) + max_tokens > context:
+        raise InvalidArgument(f"max_tokens={max_tokens}: the prompt has {len(ids)} tokens and "
+                              f"the context length is {context}; ask for at most "
+                              f"{context - len(ids)}")
     vocab = engine.model_config.vocab_size
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:

@@ -5,6 +5,12 @@ up in the bridge's loop thread, then health turns SERVING. Shutdown (SIGTERM/SIG
 ``shutdown()``): health NOT_SERVING, new requests get UNAVAILABLE, in-flight requests drain up to
 a timeout, the rest are aborted, then the server stops. This module wires parts together; it
 holds no request logic.
+
+With grpcurl (reflection serves every service's descriptors):
+  grpcurl -plaintext localhost:50051 list
+  grpcurl -plaintext -d '{"text": "Hello", "stream": true, "sampling": {"max_tokens": 8}}' \
+      localhost:50051 xlaserve.v1.XlaserveService/Generate
+  grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check
 """
 
 from __future__ import annotations
@@ -16,11 +22,10 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from grpc_reflection.v1alpha import reflection
-
 from xlaserve.serve.bridge import EngineBridge, EngineLike
 from xlaserve.serve.health import HealthReporter
 from xlaserve.serve.kserve_servicer import KServeServicer
@@ -216,7 +221,7 @@ class BackgroundServer:
     def target(self) -> str:
         return f"{self.server.options.host}:{self.server.port}"
 
-    def __enter__(self) -> BackgroundServer:
+    def __enter__(self) -> Self:
         self.start()
         try:
             self.call(self.server.wait_ready(self.ready_timeout_s))

@@ -13,7 +13,8 @@ class HealthReporter:
 
     def __init__(self, services: tuple[str, ...]) -> None:
         self.services = ("",) + tuple(services)
-        self.servicer = health.aio.HealthServicer()
+        # grpc_health exposes its asyncio servicer as `health.aio` (untyped re-export).
+        self.servicer = health.aio.HealthServicer()  # pyright: ignore[reportAttributeAccessIssue]
 
     def add_to(self, server: grpc.aio.Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)

@@ -3,8 +3,9 @@
 A request carries one BYTES tensor ``text_input`` (in ``contents.bytes_contents`` or in
 ``raw_input_contents`` as 4-byte little-endian length + bytes, which is what tritonclient sends)
 and its sampling as request parameters: every SamplingParams field by name, plus ``stream``
-(ModelStreamInfer only; default true). ``stop`` and ``stop_token_ids`` are a JSON list or, for
-``stop``, one string. Parameters starting with ``triton_`` are accepted and ignored. Replies
+(ModelStreamInfer only; default true). Numbers may also be strings ("0.7": tritonclient before
+2.44 cannot send floats). ``stop`` and ``stop_token_ids`` are a JSON list or, for ``stop``, one
+string. Parameters starting with ``triton_`` are accepted and ignored. Replies
 carry a BYTES tensor ``text_output``; every streamed response has the bool parameter
 ``triton_final_response``, true on the last one, as Triton's decoupled models do.
 
@@ -22,13 +23,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
+from xlaserve.serve.bridge import EngineBridge, NotAcceptingError
+from xlaserve.serve.common import (
+    InvalidArgument,
+    RequestFailed,
+    check_model,
+    check_prompt,
+    check_size,
+    encode_text,
+    make_sampling,
+    status_for,
+)
+from xlaserve.serve.proto.messages import protos
 
 import xlaserve
-from xlaserve.serve.bridge import EngineBridge, NotAcceptingError
-from xlaserve.serve.common import (SAMPLING_FIELDS, InvalidArgument, check_model, check_prompt,
-                                   check_size, encode_text, make_sampling, status_for)
-from xlaserve.serve.proto.messages import protos
 
 INPUT_NAME = "text_input"
 OUTPUT_NAME = "text_output"
@@ -57,7 +65,7 @@ def encode_bytes_tensor(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
-def _param_value(name: str, p: Message) -> Any:
+def _param_value(name: str, p: Any) -> Any:
     which = p.WhichOneof("parameter_choice")
     if which is None:
         raise InvalidArgument(f"parameters[{name!r}]: no value set")
@@ -77,18 +85,45 @@ def sampling_from_parameters(params: Any) -> tuple[dict[str, Any], bool | None]:
                 raise InvalidArgument(f"stream={value!r}: must be a bool parameter")
             stream = value
             continue
-        if name not in SAMPLING_FIELDS:
+        if name not in _FIELD_KINDS:
             raise InvalidArgument(f"{name}: unknown request parameter")
-        if name in ("stop", "stop_token_ids") and isinstance(value, str):
-            if value.startswith("["):
-                try:
-                    value = tuple(json.loads(value))
-                except json.JSONDecodeError as e:
-                    raise InvalidArgument(f"{name}={value!r}: not a JSON list ({e})") from e
-            elif name == "stop_token_ids":
-                raise InvalidArgument(f"{name}={value!r}: must be a JSON list of ints")
-        values[name] = value
+        values[name] = _coerce(name, value)
     return values, stream
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Parameter value -> SamplingParams field value. Strings are parsed, since tritonclient
+    before 2.44 cannot send float parameters (send "0.7")."""
+    kind = _FIELD_KINDS[name]
+    if kind in ("stop", "stop_token_ids"):
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{name}={value!r}: must be a string")
+        if not value.startswith("["):
+            if kind == "stop_token_ids":
+                raise InvalidArgument(f"{name}={value!r}: must be a JSON list of ints")
+            return (value,)
+        try:
+            return tuple(json.loads(value))
+        except json.JSONDecodeError as e:
+            raise InvalidArgument(f"{name}={value!r}: not a JSON list ({e})") from e
+    if not isinstance(value, str):
+        return float(value) if kind == "float" and not isinstance(value, bool) else value
+    try:
+        if kind == "bool":
+            if value.lower() not in ("true", "false"):
+                raise ValueError(value)
+            return value.lower() == "true"
+        return int(value) if kind == "int" else float(value)
+    except ValueError as e:
+        raise InvalidArgument(f"{name}={value!r}: not a valid {kind}") from e
+
+
+_FIELD_KINDS = {
+    **{name: "int" for name in ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "n")},
+    **{name: "float" for name in ("temperature", "top_p", "min_p", "repetition_penalty",
+                                  "presence_penalty", "frequency_penalty")},
+    "ignore_eos": "bool", "stop": "stop", "stop_token_ids": "stop_token_ids",
+}
 
 
 class KServeServicer:
@@ -102,21 +137,21 @@ class KServeServicer:
 
     # ---- health and metadata ----------------------------------------------------------------
 
-    async def ServerLive(self, request: Message, context: Any) -> Message:
+    async def ServerLive(self, request: Any, context: Any) -> Any:
         return self.pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: Message, context: Any) -> Message:
+    async def ServerReady(self, request: Any, context: Any) -> Any:
         return self.pb.ServerReadyResponse(ready=self._ready())
 
-    async def ModelReady(self, request: Message, context: grpc.aio.ServicerContext) -> Message:
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await self._check_model(request.name, context)
         return self.pb.ModelReadyResponse(ready=self._ready())
 
-    async def ServerMetadata(self, request: Message, context: Any) -> Message:
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
         return self.pb.ServerMetadataResponse(name="xlaserve", version=xlaserve.__version__)
 
-    async def ModelMetadata(self, request: Message,
-                            context: grpc.aio.ServicerContext) -> Message:
+    async def ModelMetadata(self, request: Any,
+                            context: grpc.aio.ServicerContext) -> Any:
         await self._check_model(request.name, context)
         resp = self.pb.ModelMetadataResponse(name=self.model_name, versions=["1"],
                                              platform="xlaserve")
@@ -135,7 +170,7 @@ class KServeServicer:
 
     # ---- inference --------------------------------------------------------------------------
 
-    def _admit(self, request: Message, default_stream: bool) -> tuple[Any, bool]:
+    def _admit(self, request: Any, default_stream: bool) -> tuple[Any, bool]:
         """Validates a ModelInferRequest and submits it; returns (handle, stream)."""
         if not self.bridge.ready.is_set():
             raise NotAcceptingError("the model is not loaded yet")
@@ -168,13 +203,14 @@ class KServeServicer:
             text = items[0].decode("utf-8")
         except UnicodeDecodeError as e:
             raise InvalidArgument(f"inputs[{INPUT_NAME!r}]: not UTF-8 ({e})") from e
-        prompt = check_prompt(engine, INPUT_NAME, encode_text(engine, INPUT_NAME, text))
+        prompt = check_prompt(engine, INPUT_NAME, encode_text(engine, INPUT_NAME, text),
+                              sampling.max_tokens)
         request_id = request.id or uuid.uuid4().hex
         handle = self.bridge.submit(request_id, prompt, sampling)
         return handle, default_stream if stream is None else stream
 
-    def _response(self, request: Message, text: str, final: bool | None,
-                  out: Any) -> Message:
+    def _response(self, request: Any, text: str, final: bool | None,
+                  out: Any) -> Any:
         resp = self.pb.ModelInferResponse(model_name=self.model_name, model_version="1",
                                           id=request.id)
         resp.outputs.add(name=OUTPUT_NAME, datatype="BYTES", shape=[1])
@@ -187,15 +223,15 @@ class KServeServicer:
             resp.parameters["prompt_tokens"].int64_param = out.num_prompt_tokens
         return resp
 
-    async def _responses(self, request: Message, handle: Any,
-                         stream: bool) -> AsyncIterator[Message]:
-        """Responses for one admitted request; raises RuntimeError when it failed."""
+    async def _responses(self, request: Any, handle: Any,
+                         stream: bool) -> AsyncIterator[Any]:
+        """Responses for one admitted request; raises RequestFailed when it failed."""
         pieces: list[str] = []
         try:
             async for event in handle:
                 out = event.output
                 if out.error:
-                    raise RuntimeError(f"request failed: {out.error}")
+                    raise RequestFailed(f"request failed: {out.error}", event.status or "INTERNAL")
                 if stream:
                     yield self._response(request, out.new_text, out.finished, out)
                 else:
@@ -205,28 +241,30 @@ class KServeServicer:
         finally:
             handle.close()
 
-    async def ModelInfer(self, request: Message, context: grpc.aio.ServicerContext) -> Message:
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             handle, _ = self._admit(request, default_stream=False)
-        except Exception as e:  # noqa: BLE001 (every admission error becomes a status)
+        except Exception as e:  # every admission error becomes a status
             await context.abort(status_for(e), str(e))
             raise
         result = None
         try:
             async for resp in self._responses(request, handle, stream=False):
                 result = resp
-        except RuntimeError as e:
-            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        except RequestFailed as e:
+            await context.abort(status_for(e), str(e))
+        if result is None:  # the bridge always ends a request with a final event
+            await context.abort(grpc.StatusCode.INTERNAL, "the request ended without a response")
         del result.parameters[FINAL_PARAM]
         return result
 
-    async def ModelStreamInfer(self, request_iterator: AsyncIterator[Message],
-                               context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[Any],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Serves every request of the stream concurrently; errors go in ``error_message``."""
         out: asyncio.Queue[Any] = asyncio.Queue()
         tasks: list[asyncio.Task[None]] = []
 
-        async def serve_one(request: Message) -> None:
+        async def serve_one(request: Any) -> None:
             try:
                 handle, stream = self._admit(request, default_stream=True)
                 async for resp in self._responses(request, handle, stream):

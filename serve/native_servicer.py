@@ -12,33 +12,37 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
-
 from xlaserve.runtime.request import RequestOutput
 from xlaserve.serve.bridge import EngineBridge, StreamEvent
-from xlaserve.serve.common import (SAMPLING_FIELDS, InvalidArgument, check_model, check_prompt,
-                                   check_size, encode_chat, encode_text, make_sampling, status_for)
+from xlaserve.serve.common import (
+    SAMPLING_FIELDS,
+    InvalidArgument,
+    check_model,
+    check_prompt,
+    check_size,
+    encode_chat,
+    encode_text,
+    make_sampling,
+    status_for,
+)
 from xlaserve.serve.proto.messages import protos
 
 _FINISH_REASONS = {"stop": "FINISH_REASON_STOP", "length": "FINISH_REASON_LENGTH",
                    "abort": "FINISH_REASON_ABORT"}
 
 
-def sampling_values(msg: Message) -> dict[str, Any]:
+def sampling_values(msg: Any) -> dict[str, Any]:
     """SamplingParams keyword arguments from a ``xlaserve.v1.SamplingParams`` (set fields only)."""
     values: dict[str, Any] = {}
     for name in SAMPLING_FIELDS:
-        field = msg.DESCRIPTOR.fields_by_name.get(name)
-        if field is None:
-            continue
         value = getattr(msg, name)
-        if field.has_presence:
-            if msg.HasField(name):
-                values[name] = value
-        elif name in ("stop", "stop_token_ids"):
+        if name in ("stop", "stop_token_ids"):  # repeated
             if len(value):
                 values[name] = tuple(value)
-        elif value:
+        elif name == "ignore_eos":  # plain bool: false is the default anyway
+            if value:
+                values[name] = True
+        elif msg.HasField(name):  # every other field is proto3 `optional`
             values[name] = value
     return values
 
@@ -63,7 +67,7 @@ class NativeServicer:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is not loaded yet")
         return self.bridge.engine
 
-    def _prompt(self, engine: Any, request: Message) -> list[int]:
+    def _prompt(self, engine: Any, request: Any, max_tokens: int) -> list[int]:
         which = request.WhichOneof("input")
         if which is None:
             raise InvalidArgument("input: set one of text, chat or token_ids")
@@ -74,19 +78,19 @@ class NativeServicer:
             ids = encode_chat(engine, "chat", msgs)
         else:
             ids = list(request.token_ids.ids)
-        return check_prompt(engine, which, ids)
+        return check_prompt(engine, which, ids, max_tokens)
 
-    async def Generate(self, request: Message,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+    async def Generate(self, request: Any,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         engine = await self._engine(context)
         request_id = request.request_id or uuid.uuid4().hex
         try:
             check_size("GenerateRequest", request.ByteSize(), self.max_request_bytes)
             check_model("model", request.model, self.model_name)
             sampling = make_sampling(sampling_values(request.sampling))
-            prompt = self._prompt(engine, request)
+            prompt = self._prompt(engine, request, sampling.max_tokens)
             handle = self.bridge.submit(request_id, prompt, sampling)
-        except Exception as e:  # noqa: BLE001 (every admission error becomes a status)
+        except Exception as e:  # every admission error becomes a status
             await context.abort(status_for(e), str(e))
             raise  # unreachable: abort raises
         try:
@@ -111,10 +115,11 @@ class NativeServicer:
     @staticmethod
     async def _check_error(event: StreamEvent, context: grpc.aio.ServicerContext) -> None:
         if event.output.error:
-            await context.abort(grpc.StatusCode.INTERNAL, f"request failed: {event.output.error}")
+            code = grpc.StatusCode[event.status or "INTERNAL"]
+            await context.abort(code, f"request failed: {event.output.error}")
 
     def _response(self, request_id: str, event: StreamEvent, token_ids: Any, text: str,
-                  logprobs: Any) -> Message:
+                  logprobs: Any) -> Any:
         pb = self.pb
         resp = pb.GenerateResponse(request_id=request_id, index=event.index)
         resp.delta.token_ids.extend(token_ids)
@@ -127,7 +132,7 @@ class NativeServicer:
             self._fill_final(resp.final, event.output, event)
         return resp
 
-    def _fill_final(self, final: Message, out: RequestOutput, event: StreamEvent) -> None:
+    def _fill_final(self, final: Any, out: RequestOutput, event: StreamEvent) -> None:
         final.finish_reason = getattr(self.pb, _FINISH_REASONS.get(out.finish_reason or "",
                                                                    "FINISH_REASON_UNSPECIFIED"))
         if isinstance(out.stop_reason, str):
@@ -146,13 +151,13 @@ class NativeServicer:
             final.timings.end_to_end_s = t.end_to_end_s
             final.timings.mean_inter_token_s = t.mean_inter_token_s
 
-    async def Abort(self, request: Message, context: grpc.aio.ServicerContext) -> Message:
+    async def Abort(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id='': must be set")
         return self.pb.AbortResponse(found=self.bridge.abort(request.request_id))
 
-    async def GetModelInfo(self, request: Message,
-                           context: grpc.aio.ServicerContext) -> Message:
+    async def GetModelInfo(self, request: Any,
+                           context: grpc.aio.ServicerContext) -> Any:
         engine = await self._engine(context)
         cfg, mc = engine.config, engine.model_config
         return self.pb.GetModelInfoResponse(
@@ -165,7 +170,7 @@ class NativeServicer:
             page_size=cfg.cache.page_size, num_pages=int(engine.stats().num_pages_total),
             max_num_seqs=cfg.scheduler.max_num_seqs, dtype=cfg.dtype)
 
-    async def Tokenize(self, request: Message, context: grpc.aio.ServicerContext) -> Message:
+    async def Tokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         engine = await self._engine(context)
         try:
             check_size("TokenizeRequest", request.ByteSize(), self.max_request_bytes)
@@ -183,7 +188,7 @@ class NativeServicer:
             raise
         return self.pb.TokenizeResponse(token_ids=ids)
 
-    async def Detokenize(self, request: Message, context: grpc.aio.ServicerContext) -> Message:
+    async def Detokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         engine = await self._engine(context)
         try:
             check_size("DetokenizeRequest", request.ByteSize(), self.max_request_bytes)

@@ -22,7 +22,6 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 from google.protobuf.message import Message
-
 from xlaserve.serve.proto.descriptors import FILE_DESCRIPTOR_SET
 
 NATIVE_SERVICE = "xlaserve.v1.XlaserveService"
@@ -30,25 +29,23 @@ KSERVE_SERVICE = "inference.GRPCInferenceService"
 
 
 def _message_class(desc: Descriptor) -> type[Message]:
-    if hasattr(message_factory, "GetMessageClass"):  # protobuf >= 4.21
-        return message_factory.GetMessageClass(desc)
-    return message_factory.MessageFactory(desc.file.pool).GetPrototype(desc)  # pragma: no cover
+    return message_factory.GetMessageClass(desc)  # protobuf >= 4.22 (tested 4.25 to 7.36)
 
 
 class ProtoSet:
-    """The private pool holding xlaserve.v1 and inference (plus health/reflection for reflection)."""
+    """A private pool with xlaserve.v1 and inference, plus health and reflection for reflection."""
 
     def __init__(self) -> None:
         self.pool = descriptor_pool.DescriptorPool()
         fds = descriptor_pb2.FileDescriptorSet.FromString(FILE_DESCRIPTOR_SET)
         for file_proto in fds.file:
-            self.pool.Add(file_proto)
+            self.pool.AddSerializedFile(file_proto.SerializeToString())
         # grpcurl asks reflection about every listed service, so their files live here too.
         from grpc_health.v1 import health_pb2
         from grpc_reflection.v1alpha import reflection_pb2
 
         for mod in (health_pb2, reflection_pb2):
-            self.pool.Add(descriptor_pb2.FileDescriptorProto.FromString(mod.DESCRIPTOR.serialized_pb))
+            self.pool.AddSerializedFile(mod.DESCRIPTOR.serialized_pb)
         self.native = self.namespace("xlaserve.v1")
         self.kserve = self.namespace("inference")
 

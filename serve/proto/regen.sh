@@ -2,7 +2,7 @@
 # Regenerates serve/proto/descriptors.py from the .proto files (run from anywhere):
 #   bash serve/proto/regen.sh
 # Needs grpcio-tools. The output is a serialized FileDescriptorSet (plain bytes), which any
-# protobuf runtime >= 4.21 can load; see serve/proto/messages.py for why we do not use *_pb2.py.
+# protobuf runtime >= 4.22 can load (tested 4.25-7.36); see serve/proto/messages.py for why we do not use *_pb2.py.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 tmp="$(mktemp -d)"

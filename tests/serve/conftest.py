@@ -11,7 +11,6 @@ import pytest
 
 # pytest puts this folder on sys.path (rootdir-relative "prepend" import mode).
 from mock_engine import make_engine, tiny_tokenizer
-
 from xlaserve.serve.grpc_server import BackgroundServer, ServerOptions
 from xlaserve.serve.proto.messages import NATIVE_SERVICE, Stub
 
@@ -23,7 +22,7 @@ def tokenizer() -> Any:
 
 @pytest.fixture
 def start_server(tokenizer: Any) -> Iterator[Callable[..., BackgroundServer]]:
-    """start_server(engine_factory=None, **options) -> a running BackgroundServer (closed at end)."""
+    """start_server(engine_factory=None, **options) -> a running BackgroundServer."""
     with contextlib.ExitStack() as stack:
         def start(engine_factory: Callable[[], Any] | None = None, *, step_delay_s: float = 0.0,
                   engine_kwargs: dict[str, Any] | None = None,

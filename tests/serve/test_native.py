@@ -8,7 +8,6 @@ from typing import Any
 import grpc
 import pytest
 from mock_engine import make_engine, offline_generate
-
 from xlaserve.runtime.request import SamplingParams
 from xlaserve.serve.client import XlaserveClient, build_generate_request
 from xlaserve.serve.proto.messages import NATIVE_SERVICE, Stub, protos
@@ -72,7 +71,7 @@ def test_model_info_tokenize_detokenize(mock_server: Any, tokenizer: Any) -> Non
         info = c.model_info()
         assert info.model == "mock" and info.context_length == 256
         assert info.vocab_size == tokenizer.vocab_size
-        assert list(info.token_buckets) == [16, 32, 64, 128] and list(info.seq_buckets)[0] == 8
+        assert list(info.token_buckets) == [16, 32, 64, 128] and info.seq_buckets[0] == 8
         ids = c.tokenize("hello world")
         assert ids == tokenizer.encode("hello world")
         assert c.detokenize(ids) == tokenizer.decode(ids)
@@ -92,18 +91,52 @@ def _invalid_cases(tokenizer: Any) -> list[tuple[str, dict[str, Any], str]]:
         ("top_p > 1", {"prompt": "hi", "top_p": 1.5}, "top_p"),
         ("unknown model", {"prompt": "hi", "model": "gpt-9"}, "model"),
         ("oversized", {"prompt": "x" * 70_000}, "GenerateRequest"),
+        ("no room for max_tokens", {"prompt": "hi", "max_tokens": 255}, "max_tokens"),
     ]
 
 
-@pytest.mark.parametrize("index", range(10))
+@pytest.mark.parametrize("index", range(11))
 def test_invalid_fields_get_invalid_argument(start_server: Any, tokenizer: Any,
                                              index: int) -> None:
     name, kwargs, field = _invalid_cases(tokenizer)[index]
     srv = start_server(max_request_bytes=64 * 1024)
     prompt = kwargs.pop("prompt", None)
     req = build_generate_request(prompt, stream=True, **kwargs)
-    with grpc.insecure_channel(srv.target) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            list(Stub(channel, NATIVE_SERVICE).Generate(req, timeout=10))
+    with grpc.insecure_channel(srv.target) as channel, pytest.raises(grpc.RpcError) as info:
+        list(Stub(channel, NATIVE_SERVICE).Generate(req, timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
     assert field in info.value.details(), (name, info.value.details())
+
+
+def test_cli_client(mock_server: Any, capsys: Any) -> None:
+    from xlaserve.cli import main
+
+    assert main(["client", "--target", mock_server.target, "--prompt", "hello", "--stream",
+                 "--max-tokens", "5", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    import json
+
+    summary = json.loads(out[-1])
+    assert summary["completion_tokens"] == 5 and summary["finish_reason"] == "length"
+    assert main(["client", "--target", mock_server.target, "--prompt", "hello",
+                 "--max-tokens", "0"]) == 2
+    assert "max_tokens" in capsys.readouterr().err
+
+
+def test_logprobs_in_deltas(mock_server: Any) -> None:
+    with XlaserveClient(mock_server.target, timeout_s=30) as c:
+        resps = list(c.generate_stream("hello", max_tokens=4, temperature=0.0, logprobs=2))
+    lps = [lp for r in resps for lp in r.delta.logprobs]
+    ids = [t for r in resps for t in r.delta.token_ids]
+    assert [lp.token_id for lp in lps] == ids
+    assert all(len(lp.top) == 2 and lp.logprob <= 0 for lp in lps)
+
+
+def test_load_failure_exits_one(tokenizer: Any) -> None:
+    from xlaserve.serve.grpc_server import ServerOptions, serve_until_signal
+
+    def broken() -> Any:
+        raise RuntimeError("no such checkpoint")
+
+    opts = ServerOptions(model_name="m", port=0, metrics_port=None)
+    assert asyncio.run(asyncio.wait_for(serve_until_signal(broken, opts), 30)) == 1

@@ -12,10 +12,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mock_engine import ADD_POISON, STEP_POISON, make_engine
-
 from xlaserve.serve.client import XlaserveClient, build_generate_request
 from xlaserve.serve.grpc_server import BackgroundServer
-from xlaserve.serve.proto.messages import NATIVE_SERVICE, Stub
+from xlaserve.serve.proto.messages import NATIVE_SERVICE, Stub, protos
 
 
 def _wait_for(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -54,8 +53,8 @@ def test_abort_rpc_and_deadline(start_server: Any) -> None:
         next(stream)
         assert c.abort("victim") is True
         assert c.abort("victim") is False
-        with pytest.raises(grpc.RpcError):
-            list(stream)  # the handle closed: the stream ends without a final or errors
+        rest = list(stream)  # ends at once with an "abort" final
+        assert rest[-1].final.finish_reason == protos().native.FINISH_REASON_ABORT
     with XlaserveClient(srv.target, timeout_s=0.3) as c:
         with pytest.raises(grpc.RpcError) as info:
             c.generate("too slow", max_tokens=200)
@@ -195,3 +194,16 @@ def test_reflection_lists_services(mock_server: Any) -> None:
         stub = Stub(channel, NATIVE_SERVICE)
         resp = list(stub.Generate(build_generate_request("x", max_tokens=1), timeout=10))
         assert len(resp) == 1 and resp[0].HasField("final")
+
+
+def test_drain_timeout_aborts_with_unavailable(start_server: Any) -> None:
+    srv = start_server(step_delay_s=0.01)
+    with XlaserveClient(srv.target, timeout_s=30) as c:
+        stream = c.generate_stream("endless", max_tokens=200)
+        next(stream)
+        done = srv.submit(srv.server.shutdown(0.2))
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in info.value.details()
+        assert done.result(20) is False
