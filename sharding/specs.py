@@ -3,14 +3,16 @@
 Everything here is derived from the rules table (rules.py) and the model's logical axes
 (`llama.param_logical_axes`); nothing else names a mesh axis for a model array.
 
-Entry point for the engine (see `ShardingPlan`)::
+Entry point for the engine (what runtime/engine.py does; the ModelConfig is only known once
+the loader has read config.json, so the plan is made inside ``shardings_fn``)::
 
-    mesh = make_mesh(parallel)                                   # devices only
-    loaded = load_model(model, load_format=..., dtype=...,
-                        shardings_fn=make_shardings_fn(mesh))    # each device reads its slice
-    plan = ShardingPlan.create(loaded.config, parallel, mesh=mesh)
-    ModelRunner(..., mesh=plan.mesh, param_shardings=plan.param_shardings,
-                kv_sharding=plan.kv_sharding, attention_fn=plan.attention_fn)
+    def shardings_fn(cfg):                      # called by load_model with the model's config
+        plan = ShardingPlan.create(cfg, parallel, attention_impl=impl)   # mesh + validation
+        return plan.param_shardings             # each device then reads only its slice
+    loaded = load_model(model, ..., shardings_fn=shardings_fn)
+    ModelRunner(loaded.config, loaded.params, ..., mesh=plan.mesh,
+                param_shardings=plan.param_shardings, kv_sharding=plan.kv_sharding,
+                attention_fn=plan.attention_fn)
 
 Data parallelism (``data`` > 1) replicates everything, step inputs included: each data replica
 runs the same step on the same batch. It is correct but gives no extra throughput yet.
@@ -100,7 +102,7 @@ def step_input_sharding(mesh: Mesh) -> NamedSharding:
 
 def _shard_map(f: Callable[..., Any], mesh: Mesh, in_specs: tuple[Any, ...],
                out_specs: tuple[Any, ...]) -> Callable[..., Any]:
-    """jax.shard_map where it exists (jax >= 0.7), else jax.experimental.shard_map.
+    """jax.shard_map where it exists, else jax.experimental.shard_map (older jax).
 
     Replication checking is off: the body calls kernels (Pallas custom calls) that carry no
     replication types. The specs below are exact, so the check would add nothing.
@@ -108,7 +110,7 @@ def _shard_map(f: Callable[..., Any], mesh: Mesh, in_specs: tuple[Any, ...],
     if hasattr(jax, "shard_map"):
         return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                              check_vma=False)
-    from jax.experimental.shard_map import shard_map  # jax < 0.7
+    from jax.experimental.shard_map import shard_map  # older jax: check_rep, not check_vma
 
     return shard_map(f, mesh, in_specs, out_specs, check_rep=False)
 

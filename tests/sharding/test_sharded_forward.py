@@ -109,13 +109,18 @@ def _sharded(cfg: ModelConfig, dp: int, tp: int):
         in_shardings=(plan.param_shardings, plan.input_sharding, plan.kv_cache_shardings()),
         out_shardings=(plan.input_sharding, plan.kv_cache_shardings()),
         donate_argnums=(2,))
+    first = jax.tree.leaves(cache)[0]
     logits, tokens, cache = _generate(lambda inp, kv: fwd(params, inp, kv), cache)
+    assert first.is_deleted()  # the cache was donated: updated in place, never copied
     return plan, params, logits, tokens, cache
 
 
+_slow = pytest.mark.slow  # each case compiles its own program: ~5-20 s on a busy 2-core box
 CASES = [  # (num_kv_heads, dp, tp): KV above, equal to and below tp
-    (4, 1, 1), (4, 1, 2), (4, 1, 4), (4, 1, 8), (4, 2, 4),
-    (2, 1, 2), (2, 1, 4), (2, 1, 8), (2, 2, 4),
+    pytest.param(4, 1, 1, marks=_slow), (4, 1, 2), pytest.param(4, 1, 4, marks=_slow),
+    (4, 1, 8), pytest.param(4, 2, 4, marks=_slow),
+    pytest.param(2, 1, 2, marks=_slow), (2, 1, 4), pytest.param(2, 1, 8, marks=_slow),
+    (2, 2, 4),
 ]
 
 
@@ -142,6 +147,7 @@ def test_sharded_forward_matches_one_device(num_kv_heads: int, dp: int, tp: int)
         _assert_logits_close(np.asarray(got), want, "kv cache")
 
 
+@pytest.mark.slow
 def test_qwen3_style_bias_qknorm_tied_tp4() -> None:
     """Biases, q/k norms and tied embeddings shard too (kv replicated at tp 4 > 2)."""
     cfg = _cfg(2, model_type="qwen3", attention_bias=True, qk_norm=True,

@@ -1,0 +1,38 @@
+"""bench/tp_scaling.py runs end to end on the fake CPU devices and its self-checks pass."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "tp_scaling.py"
+
+
+@pytest.mark.slow
+def test_tp_scaling_bench_cpu_smoke(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "tp.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    res = subprocess.run(
+        [sys.executable, str(BENCH), "--model", "tiny", "--tp", "1", "4", "--decode-batches", "1",
+         "--context", "20", "--prefill-tokens", "32", "--iters", "2", "--repeats", "1",
+         "--spread-steps", "2", "--greedy-steps", "3", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert [r["tp"] for r in report["results"]] == [1, 4]
+    assert report["device"].startswith("cpu") and report["jax"] and report["date"]
+    checks = report["checks"]
+    for tp in (1, 4):
+        assert checks[f"params_split_tp{tp}"] and checks[f"same_weights_as_tp1_tp{tp}"]
+        assert checks[f"greedy_equal_tp{tp}"] and checks[f"one_program_per_shape_tp{tp}"]
+    r4 = report["results"][1]
+    assert r4["q_proj_shard_shape"] == [128, 2, 16]
+    assert len(r4["decode"]["1"]["per_device_ms"]) == 4
+    assert set(report["scaling"]["decode_b1"]) == {"1", "4"}
+    assert "decode_b1_speedup_tp2" not in checks  # no tp=2 in this run
