@@ -21,7 +21,7 @@ mkdir -p "$OUT"
 CACHE="$(mktemp -d)/jax_cache"
 ARGS=(--model "$MODEL" --load-format dummy --dtype bfloat16
       --max-num-batched-tokens 2048 --max-num-seqs 64 --max-model-len 4096 --page-size 16
-      --compilation-cache-dir "$CACHE" --no-penalty-programs --run --repeats 20)
+      --compilation-cache-dir "$CACHE" --run --repeats 20)
 [ "$BUCKETS" = "all" ] || ARGS+=(--buckets $BUCKETS)
 "$PY" -c "import jax; print('device:', jax.devices()[0].device_kind, jax.__version__)"
 PEAKS=()  # the datasheet entry for this GPU; measured instead when the table has none

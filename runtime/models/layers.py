@@ -66,11 +66,14 @@ class Projection(nn.Module):
         kernel = _param(self, "kernel", _KERNEL_INIT, self.in_shape + self.out_shape,
                         self.in_axes + self.out_axes, self.dtype)
         n_in = len(self.in_shape)
-        # Contract x's trailing len(in_shape) dims with the kernel's leading ones.
+        # Contract x's trailing len(in_shape) dims with the kernel's leading ones. The product
+        # accumulates in float32 either way; its output is in the model dtype unless a bias
+        # follows, so that under tensor parallelism the row-parallel projections (o, down)
+        # all-reduce bf16 partial sums (half the bytes), as HF and vLLM do.
         y = jax.lax.dot_general(
             x, kernel,
             ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-            preferred_element_type=jnp.float32)
+            preferred_element_type=jnp.float32 if self.use_bias else self.dtype)
         if self.use_bias:
             bias = _param(self, "bias", nn.initializers.zeros, self.out_shape, self.out_axes,
                           self.dtype)
