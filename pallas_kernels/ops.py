@@ -10,7 +10,7 @@ available raises RuntimeError: the dispatcher never falls back silently.
 
 `write_kv_pages` has two implementations: "xla" (an XLA scatter, in place under donation) and
 "pallas" (a Pallas kernel with input_output_aliases). "auto" takes the one measured faster on the
-GPU (bench/results/attention_*.json: see bench/NOTES_attention.md).
+GPU for the step's token count (see _PALLAS_WRITE_MIN_TOKENS and bench/NOTES_attention.md).
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "reference", "pallas_triton", "pallas_interpret")
 WRITE_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
-# Measured on one H100 (bench/results/attention_h100.json): the XLA scatter into the donated pool
-# is faster than (or as fast as) the one-row-per-program Pallas write kernel.
-_AUTO_WRITE = "xla"
+# Measured on one H100, both into donated pools (bench/results/attention_h100_write_mixed_model_
+# call7.json and _call8.json, "write"): T=64: XLA scatter 43 / 83 us, Pallas 47 / 45 us (host
+# dispatch bound, inconclusive); T=4096: XLA 87 / 89 us, Pallas 52 / 49 us. So "auto" takes the
+# Pallas kernel on GPU from this many tokens on, and the XLA scatter below it.
+_PALLAS_WRITE_MIN_TOKENS = 1024
 
 
 def _platform(platform: str | None) -> str:
@@ -107,7 +109,10 @@ def write_kv_pages(k_pages: jax.Array, v_pages: jax.Array, k_new: jax.Array, v_n
     """
     if impl not in WRITE_IMPLEMENTATIONS:
         raise ValueError(f"impl={impl!r}: must be one of {WRITE_IMPLEMENTATIONS}")
-    chosen = _AUTO_WRITE if impl == "auto" else impl
+    chosen = impl
+    if impl == "auto":
+        big = slot_mapping.shape[0] >= _PALLAS_WRITE_MIN_TOKENS
+        chosen = "pallas" if big and _platform(None) == "gpu" else "xla"
     if chosen == "pallas" and _platform(None) != "gpu":
         raise RuntimeError(f"write_kv_pages impl='pallas' needs an NVIDIA GPU (platform is "
                            f"{_platform(None)!r})")

@@ -21,11 +21,16 @@ Implementations in this file:
     ``interpret=True`` on CPU). Algorithm: FlashAttention-2 online softmax over blocks of
     ``pages_per_block`` pages, gathered straight from the pools through the page table.
     - A 1-D work list of (sequence, first q token) tiles is built in jnp inside the jitted wrapper,
-      bounded statically by ``cdiv(T, block_q) + min(S, T)``, so ragged q lengths cost no empty
-      programs beyond that bound (unused items have no rows and no KV blocks).
-    - GQA: the G q heads of one KV head are folded into the tile rows (rows = block_q * G, token
-      major), so a decode row (q_len 1) still gives G rows per dot and each K/V page is read once
-      per KV head, not once per q head. Rows past the sequence's end are loaded but never stored.
+      bounded statically by ``cdiv(T, block_q) + min(S, T) + 1``, so ragged q lengths cost no
+      empty programs beyond that bound. The padding rows past cu_q_lens[num_seqs] form one
+      pseudo-sequence without keys whose tiles store zeros: every output row is written once,
+      and no XLA pass over q or o is needed before or after the kernel.
+    - GQA: the G q heads of one KV head are folded into the tile rows (rows = block_q * G,
+      token major; q is read as [block_q, G, H] straight from [T, N, H]), so a decode row
+      (q_len 1) still gives G rows per dot and each K/V page is read once per KV head, not
+      once per q head. Rows of other sequences inside a tile are masked on load and store.
+    - K/V gather: one page id per key (``key_gather``, [block_k, H] pointers) or one per page
+      ([pages_per_block, L, H] pointers, then a reshape).
     - Long contexts with few tiles: the KV range is split over ``num_splits`` programs
       (flash-decoding); each writes an unnormalised partial output with its row max and sum, and
       a jnp combine step merges them.
@@ -36,8 +41,9 @@ Implementations in this file:
 
 Constraints of the kernel: H, L, pages_per_block and block_q * G' are powers of two (G' = G
 rounded up to a power of two: extra q heads are zero padding); block_q * G' >= 16 on the GPU
-(Triton dots need 16 rows). The wrapper zeroes the page-table entries past each sequence's last
-page, so the kernel never reads a page id it was not given for that sequence.
+(Triton dots need 16 rows). Page-table entries past a sequence's last page may be read (whole
+KV blocks) but their keys are masked; every entry must be a page id in [0, P) (0 by the batch
+contract): the kernel does not bound-check them.
 """
 
 from __future__ import annotations
@@ -67,6 +73,10 @@ class RaggedPagedAttentionConfig:
       num_stages: Triton software-pipelining depth of the KV loop.
       key_gather: gather K/V with one page id per key ([block_k, H] pointers straight away)
         instead of one per page ([pages_per_block, L, H] pointers, then a reshape).
+      q_transposed: the wrapper lays q out as [K, (T + block_q) G', H] (one XLA pass before and
+        one after) so a tile is plain 2-D rows; otherwise the kernel reads [block_q, G', H]
+        straight from [T, N, H] and reshapes. Measured: direct wins for decode, transposed for
+        prefill (bench/NOTES_attention.md).
     """
 
     block_q: int = 16
@@ -75,6 +85,7 @@ class RaggedPagedAttentionConfig:
     num_warps: int = 4
     num_stages: int = 2
     key_gather: bool = False
+    q_transposed: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_q", "pages_per_block", "num_warps"):
@@ -127,13 +138,13 @@ def _next_power_of_2(x: int) -> int:
 
 
 def _ragged_paged_attention_kernel(
-    meta_ref,  # i32[4, W]: per work item (seq, first token t0, seq's end token, position of t0)
-    page_table_ref,  # i32[S, M'] (M' = M rounded up to pages_per_block; unused entries = 0)
-    q_ref,  # [R, H]: this KV head's q rows, R = (T + block_q) * G', row = token * G' + head
+    meta_ref,  # i32[4, W]: per work item (seq, first token t0, end token, position of t0)
+    page_table_ref,  # i32[S, M'] (M' = M rounded up to a multiple of pages_per_block)
+    q_ref,  # [T, N', H] all q rows (N' = K G'), or [(T + bq) G', H] head kh's if q_transposed
     k_pages_ref,  # [P, L, H]: this KV head's K pool
     v_pages_ref,  # [P, L, H]: this KV head's V pool
-    o_ref,  # [R, H] (num_splits == 1) or f32 [R, H] unnormalised partial output
-    *stat_refs,  # num_splits > 1 only: m_ref f32[R] (log2 domain), l_ref f32[R]
+    o_ref,  # like q_ref; f32 unnormalised partial output if num_splits > 1
+    *stat_refs,  # num_splits > 1 only: m_ref, l_ref f32 like q_ref without H (m in log2 units)
     group: int,
     block_q: int,
     pages_per_block: int,
@@ -142,31 +153,43 @@ def _ragged_paged_attention_kernel(
     sliding_window: int | None,
     soft_cap: float | None,
     key_gather: bool,
+    q_transposed: bool,
 ):
     """One program: one q tile (block_q tokens x G' heads) of one KV head, one KV split."""
-    w, split = pl.program_id(0), pl.program_id(2)
+    w, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     page_size, head_dim = k_pages_ref.shape[1], k_pages_ref.shape[2]
     block_k = pages_per_block * page_size
     rows = block_q * group
     seq, t0, t_end, pos0 = meta_ref[0, w], meta_ref[1, w], meta_ref[2, w], meta_ref[3, w]
 
     tok = lax.broadcasted_iota(jnp.int32, (rows,), 0) // group  # [rows] token within tile
-    row_valid = t0 + tok < t_end  # [rows]
     q_pos = pos0 + tok  # [rows]
-    kv_stop = pos0 + jnp.clip(t_end - t0, 0, block_q)  # keys < kv_stop are needed by the tile
+    tile_valid = t0 + lax.broadcasted_iota(jnp.int32, (block_q, 1, 1), 0) < t_end  # [bq, 1, 1]
+    kv_stop = jnp.maximum(pos0 + jnp.clip(t_end - t0, 0, block_q), 0)  # keys < kv_stop needed
     kv_start = 0 if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
     j_lo = kv_start // block_k
-    j_hi = (kv_stop + block_k - 1) // block_k
+    j_hi = jnp.maximum((kv_stop + block_k - 1) // block_k, j_lo)
     if num_splits > 1:
         per_split = (j_hi - j_lo + num_splits - 1) // num_splits
-        j_lo = j_lo + split * per_split
+        j_lo = jnp.minimum(j_lo + split * per_split, j_hi)
         j_hi = jnp.minimum(j_lo + per_split, j_hi)
     # Blocks whose last key is <= pos0 need no causal mask (every row sees all of them).
     j_mid = jnp.clip((pos0 + 1) // block_k, j_lo, j_hi)
     if sliding_window is not None:
         j_mid = j_lo  # the window mask depends on the row: mask every block
 
-    q = q_ref[pl.ds(t0 * group, rows), :]  # [rows, H]
+    row_valid = t0 + tok < t_end  # [rows]
+    if q_transposed:
+        # The wrapper pads q by block_q tokens, so this plain (unmasked) load stays in bounds;
+        # measured: the masked form of this load made prefill ~25% slower (NOTES_attention.md).
+        out = (pl.ds(t0 * group, rows),)
+        q = q_ref[pl.ds(t0 * group, rows), :]  # [rows, H]
+    else:
+        out = (pl.ds(t0, block_q), pl.ds(kh * group, group))
+        q = plgpu.load(q_ref.at[(*out, slice(None))], mask=tile_valid,
+                       other=0).reshape(rows, head_dim)  # [rows, H]
+    # float32 inputs: full-precision dots (the Triton default for f32 may be tf32).
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     # Fold sm_scale (and log2 e, for exp2) into the logits once.
     logit_scale = sm_scale if soft_cap is not None else sm_scale * _LOG2E
 
@@ -174,6 +197,9 @@ def _ragged_paged_attention_kernel(
         o, m, l = carry  # [rows, H] f32, [rows] f32, [rows] f32
         if key_gather:
             key = lax.broadcasted_iota(jnp.int32, (block_k,), 0)  # [block_k]
+            # Plain loads of the ids (no mask, no clamp): the loop's software pipeliner then
+            # prefetches the ids and the pages they point to (a masked, clamped id load measured
+            # ~20% slower on prefill).
             page_ids = page_table_ref[seq, j * pages_per_block + key // page_size]  # [block_k]
             k = k_pages_ref[page_ids, key % page_size, :]  # [block_k, H]
             v = v_pages_ref[page_ids, key % page_size, :]  # [block_k, H]
@@ -181,7 +207,7 @@ def _ragged_paged_attention_kernel(
             page_ids = page_table_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]  # [ppb]
             k = k_pages_ref[page_ids].reshape(block_k, head_dim)  # [block_k, H]
             v = v_pages_ref[page_ids].reshape(block_k, head_dim)  # [block_k, H]
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * logit_scale  # [rows, block_k]
         if soft_cap is not None:
             s = (soft_cap * _LOG2E) * jnp.tanh(s / soft_cap)
@@ -197,7 +223,7 @@ def _ragged_paged_attention_kernel(
         p = jnp.exp2(s - m_safe[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
         pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+                             precision=precision, preferred_element_type=jnp.float32)
         return alpha[:, None] * o + pv, m_new, l
 
     carry = (jnp.zeros((rows, head_dim), jnp.float32),
@@ -206,38 +232,56 @@ def _ragged_paged_attention_kernel(
     carry = lax.fori_loop(j_lo, j_mid, functools.partial(body, masked=False), carry)
     o, m, l = lax.fori_loop(j_mid, j_hi, functools.partial(body, masked=True), carry)
 
-    out_rows = pl.ds(t0 * group, rows)
+    def store(ref, value, mask_2d):  # value [rows, H] or [rows]; mask_2d [rows, 1] or [rows]
+        if q_transposed:
+            index = out if value.ndim == 1 else (*out, slice(None))
+            plgpu.store(ref.at[index], value, mask=mask_2d)
+        elif value.ndim == 1:
+            plgpu.store(ref.at[out], value.reshape(block_q, group), mask=tile_valid[:, :, 0])
+        else:
+            plgpu.store(ref.at[(*out, slice(None))], value.reshape(block_q, group, head_dim),
+                        mask=tile_valid)
+
     if num_splits == 1:
-        o = o / jnp.where(l == 0.0, 1.0, l)[:, None]
-        plgpu.store(o_ref.at[out_rows, :], o.astype(o_ref.dtype), mask=row_valid[:, None])
+        o = o / jnp.where(l == 0.0, 1.0, l)[:, None]  # rows without keys (padding) give 0
+        store(o_ref, o.astype(o_ref.dtype), row_valid[:, None])
     else:
         m_ref, l_ref = stat_refs
-        plgpu.store(o_ref.at[out_rows, :], o, mask=row_valid[:, None])
-        plgpu.store(m_ref.at[out_rows], m, mask=row_valid)
-        plgpu.store(l_ref.at[out_rows], l, mask=row_valid)
+        store(o_ref, o, row_valid[:, None])
+        store(m_ref, m, row_valid)
+        store(l_ref, l, row_valid)
 
 
 def _work_list(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
                num_tokens: int, block_q: int) -> jax.Array:
-    """i32[4, W]: (seq, t0, seq end token, position of t0) per q tile; unused items are zeros.
+    """i32[4, W]: (seq, t0, end token, position of t0) per q tile.
 
-    W = cdiv(T, block_q) + min(S, T) bounds sum_s cdiv(q_len_s, block_q) statically.
+    The padding rows [cu_q_lens[num_seqs], T) form one more pseudo-sequence with no keys, so
+    their tiles store zeros (every output row is written by exactly one tile). Unused items
+    have t0 == end (nothing stored, no KV block). W = cdiv(T, block_q) + min(S, T) + 1 bounds
+    the tiles statically.
     """
     s_max = kv_lens.shape[0]
-    num_items = -(-num_tokens // block_q) + min(s_max, num_tokens)
-    seq_ids = jnp.arange(s_max, dtype=jnp.int32)
-    q_lens = jnp.where(seq_ids < num_seqs.reshape(()), cu_q_lens[1:] - cu_q_lens[:-1], 0)
-    q_lens = jnp.maximum(q_lens, 0)  # [S]
-    blocks = (q_lens + block_q - 1) // block_q  # [S]
-    cum = jnp.cumsum(blocks)  # [S]
+    num_items = -(-num_tokens // block_q) + min(s_max, num_tokens) + 1
+    ns = num_seqs.reshape(())
+    seq_ids = jnp.arange(s_max + 1, dtype=jnp.int32)
+    # Sequence s_max (pseudo) covers the padding rows.
+    starts = jnp.concatenate([cu_q_lens[:-1], cu_q_lens[ns][None]])  # [S+1]
+    ends = jnp.concatenate([cu_q_lens[1:], jnp.full((1,), num_tokens, jnp.int32)])
+    real = (seq_ids < ns) | (seq_ids == s_max)
+    q_lens = jnp.where(real, jnp.maximum(ends - starts, 0), 0)  # [S+1]
+    blocks = (q_lens + block_q - 1) // block_q  # [S+1]
+    cum = jnp.cumsum(blocks)  # [S+1]
     items = jnp.arange(num_items, dtype=jnp.int32)  # [W]
     seq = jnp.searchsorted(cum, items, side="right", method="compare_all").astype(jnp.int32)
-    seq = jnp.minimum(seq, s_max - 1)
+    seq = jnp.minimum(seq, s_max)
     valid = items < cum[-1]
-    q_start = cu_q_lens[seq]
+    q_start = starts[seq]
     t0 = q_start + (items - (cum[seq] - blocks[seq])) * block_q
     t_end = q_start + q_lens[seq]
-    pos0 = kv_lens[seq] - q_lens[seq] + (t0 - q_start)
+    kv = jnp.concatenate([kv_lens, jnp.full((1,), -(1 << 30), jnp.int32)])  # pseudo: no keys
+    pos0 = kv[seq] - q_lens[seq] + (t0 - q_start)
+    seq = jnp.minimum(seq, s_max - 1)  # the pseudo-sequence reads no page-table row
     meta = jnp.stack([seq, t0, t_end, pos0])  # [4, W]
     return jnp.where(valid[None, :], meta, 0).astype(jnp.int32)
 
@@ -263,7 +307,9 @@ def ragged_paged_attention(
 
     Args:
       q: [T, N, H] queries of all sequences, flattened. k_pages, v_pages: [K, P, L, H] pools.
-      kv_lens: i32[S]. page_table: i32[S, M]. cu_q_lens: i32[S+1]. num_seqs: i32[1].
+      kv_lens: i32[S]. page_table: i32[S, M]: every entry a page id in [0, P) (entries past a
+        sequence's pages are 0 by the batch contract). The kernel reads them unchecked.
+      cu_q_lens: i32[S+1]. num_seqs: i32[1].
       sm_scale: logit scale. sliding_window: keys with pos > q_pos - window only. soft_cap:
         logit soft cap. config: tiles; None takes the tuning table's entry for these shapes.
       interpret: run the kernel in the Pallas interpreter (CPU tests).
@@ -296,46 +342,53 @@ def ragged_paged_attention(
 
     meta = _work_list(kv_lens, cu_q_lens, num_seqs, num_tokens=t_total, block_q=bq)  # [4, W]
     num_items = meta.shape[1]
-    # Page table: pad to whole KV blocks; zero (padding page) every entry past a sequence's last
-    # page, or of a padded sequence, so the kernel only reads pages it was given.
-    m_padded = -(-m_pages // ppb) * ppb
-    cols = jnp.arange(m_padded, dtype=jnp.int32)[None, :]
-    seq_pages = jnp.where(jnp.arange(s_max) < num_seqs.reshape(()),
-                          (kv_lens + page_size - 1) // page_size, 0)  # [S]
-    table = jnp.pad(page_table, ((0, 0), (0, m_padded - m_pages)))
-    table = jnp.where(cols < seq_pages[:, None], jnp.clip(table, 0, num_pages - 1), 0)  # [S, M']
-    # q rows per KV head, token major: [K, (T + bq) * G', H]; the extra bq tokens keep every
-    # tile's load in bounds.
-    qg = q.reshape(t_total, k_heads, g, h)
-    qg = jnp.pad(qg, ((0, bq), (0, 0), (0, gp - g), (0, 0)))
-    qg = qg.transpose(1, 0, 2, 3).reshape(k_heads, (t_total + bq) * gp, h)
-    r_total = qg.shape[1]
+    table = page_table
+    if m_pages % ppb:  # the kernel reads whole blocks of pages_per_block columns
+        table = jnp.pad(page_table, ((0, 0), (0, ppb - m_pages % ppb)))  # [S, M']
+    qg = q
+    if gp != g:  # pad the group to a power of two with zero q heads
+        qg = jnp.pad(q.reshape(t_total, k_heads, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+        qg = qg.reshape(t_total, k_heads * gp, h)
+    n_padded = k_heads * gp
 
     splits = config.num_splits
     kernel = functools.partial(
         _ragged_paged_attention_kernel, group=gp, block_q=bq, pages_per_block=ppb,
         num_splits=splits, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        key_gather=config.key_gather)
+        key_gather=config.key_gather, q_transposed=config.q_transposed)
+    whole = lambda *shape: pl.BlockSpec(shape, lambda w, kh, sp: (0,) * len(shape))  # noqa: E731
+    if config.q_transposed:  # pad by block_q tokens: every tile's rows are in bounds
+        rows_total = (t_total + bq) * gp
+        qg = jnp.pad(qg.reshape(t_total, k_heads, gp, h), ((0, bq), (0, 0), (0, 0), (0, 0)))
+        qg = qg.transpose(1, 0, 2, 3).reshape(k_heads, rows_total, h)  # [K, (T + bq) G', H]
+        q_spec = pl.BlockSpec((None, rows_total, h), lambda w, kh, sp: (kh, 0, 0))
+        o_dims, o_index = (k_heads, rows_total), lambda w, kh, sp: (kh, 0)
+    else:
+        q_spec = whole(t_total, n_padded, h)
+        o_dims, o_index = (t_total, n_padded), lambda w, kh, sp: (0, 0)
     in_specs = [
-        pl.BlockSpec((4, num_items), lambda w, kh, sp: (0, 0)),  # meta (whole)
-        pl.BlockSpec((s_max, m_padded), lambda w, kh, sp: (0, 0)),  # page_table (whole)
-        pl.BlockSpec((None, r_total, h), lambda w, kh, sp: (kh, 0, 0)),  # q rows of KV head kh
+        whole(4, num_items),  # meta
+        whole(*table.shape),  # page_table
+        q_spec,  # q (the kernel picks its KV head's rows, or gets only them if transposed)
         pl.BlockSpec((None, num_pages, page_size, h),
                      lambda w, kh, sp: (kh, 0, 0, 0)),  # k_pages of KV head kh (whole pool)
         pl.BlockSpec((None, num_pages, page_size, h),
                      lambda w, kh, sp: (kh, 0, 0, 0)),  # v_pages of KV head kh (whole pool)
     ]
+    squeeze = (None,) if config.q_transposed else ()
+    block = (*squeeze, *o_dims[len(squeeze):])
     if splits == 1:
-        out_shape = jax.ShapeDtypeStruct((k_heads, r_total, h), q.dtype)
-        out_specs = pl.BlockSpec((None, r_total, h), lambda w, kh, sp: (kh, 0, 0))  # o
+        out_shape = jax.ShapeDtypeStruct((*o_dims, h), q.dtype)
+        out_specs = pl.BlockSpec((*block, h), lambda w, kh, sp: (*o_index(w, kh, sp), 0))  # o
     else:
-        out_shape = (jax.ShapeDtypeStruct((splits, k_heads, r_total, h), jnp.float32),
-                     jax.ShapeDtypeStruct((splits, k_heads, r_total), jnp.float32),
-                     jax.ShapeDtypeStruct((splits, k_heads, r_total), jnp.float32))
+        out_shape = (jax.ShapeDtypeStruct((splits, *o_dims, h), jnp.float32),
+                     jax.ShapeDtypeStruct((splits, *o_dims), jnp.float32),
+                     jax.ShapeDtypeStruct((splits, *o_dims), jnp.float32))
         out_specs = (
-            pl.BlockSpec((None, None, r_total, h), lambda w, kh, sp: (sp, kh, 0, 0)),  # o part
-            pl.BlockSpec((None, None, r_total), lambda w, kh, sp: (sp, kh, 0)),  # row max m
-            pl.BlockSpec((None, None, r_total), lambda w, kh, sp: (sp, kh, 0)),  # row sum l
+            pl.BlockSpec((None, *block, h),
+                         lambda w, kh, sp: (sp, *o_index(w, kh, sp), 0)),  # o part
+            pl.BlockSpec((None, *block), lambda w, kh, sp: (sp, *o_index(w, kh, sp))),  # m
+            pl.BlockSpec((None, *block), lambda w, kh, sp: (sp, *o_index(w, kh, sp))),  # l
         )
     out = pl.pallas_call(
         kernel,
@@ -348,21 +401,19 @@ def ragged_paged_attention(
         name=f"ragged_paged_attention_bq{bq}_ppb{ppb}_sp{splits}",
     )(meta, table, qg, k_pages, v_pages)
 
-    if splits > 1:
-        o_part, m_part, l_part = out  # [sp, K, R, H], [sp, K, R], [sp, K, R]
+    if splits > 1:  # flash-decoding combine
+        o_part, m_part, l_part = out  # [sp, *o_dims, H], [sp, *o_dims], [sp, *o_dims]
         m_max = jnp.max(m_part, axis=0)
         m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-        weight = jnp.exp2(m_part - m_max[None])  # [sp, K, R]; 0 for empty splits
+        weight = jnp.exp2(m_part - m_max[None])  # [sp, *o_dims]; 0 for splits without keys
         l_sum = jnp.sum(weight * l_part, axis=0)
-        o = jnp.sum(weight[..., None] * o_part, axis=0) / jnp.where(l_sum == 0, 1.0, l_sum)[
-            ..., None]
-    else:
-        o = out  # [K, R, H]
-    o = o.reshape(k_heads, t_total + bq, gp, h)[:, :t_total, :g]
-    o = o.transpose(1, 0, 2, 3).reshape(t_total, n, h)
-    # Rows the kernel never stored (padding tokens) hold garbage: zero them.
-    real = jnp.arange(t_total) < cu_q_lens[num_seqs.reshape(())]
-    return jnp.where(real[:, None, None], o, 0).astype(q.dtype)
+        o = jnp.sum(weight[..., None] * o_part, axis=0)
+        out = (o / jnp.where(l_sum == 0, 1.0, l_sum)[..., None]).astype(q.dtype)
+    if config.q_transposed:
+        out = out.reshape(k_heads, t_total + bq, gp, h)[:, :t_total].transpose(1, 0, 2, 3)
+    if gp != g or config.q_transposed:
+        out = out.reshape(t_total, k_heads, gp, h)[:, :, :g].reshape(t_total, n, h)
+    return out
 
 
 def _write_kv_pages_kernel(

@@ -74,7 +74,9 @@ def lookup_config(*, head_dim: int, page_size: int, group: int, num_tokens: int,
     return RaggedPagedAttentionConfig(block_q=block_q,
                                       pages_per_block=int(entry["pages_per_block"]),
                                       num_splits=num_splits, num_warps=int(entry["num_warps"]),
-                                      num_stages=int(entry["num_stages"]))
+                                      num_stages=int(entry["num_stages"]),
+                                      key_gather=bool(entry.get("key_gather", False)),
+                                      q_transposed=bool(entry.get("q_transposed", False)))
 
 
 def num_kv_splits(*, num_tokens: int, num_seqs: int, block_q: int, num_kv_heads: int,
@@ -82,8 +84,9 @@ def num_kv_splits(*, num_tokens: int, num_seqs: int, block_q: int, num_kv_heads:
                   max_splits: int) -> int:
     """KV splits so that few long tiles still fill the GPU (flash-decoding).
 
-    Programs without splits: about max(cdiv(T, block_q), min(S, T)) tiles times KV heads. Split only while each split keeps >= min_blocks_per_split KV blocks of the longest
-    possible sequence (page-table width times page size).
+    Programs without splits: about max(cdiv(T, block_q), min(S, T)) tiles times KV heads. Split
+    only while each split keeps >= min_blocks_per_split KV blocks of the longest possible
+    sequence (page-table width times page size). The sweep measured this rule on decode only.
     """
     tiles = max(-(-num_tokens // block_q), min(num_seqs, num_tokens))  # about the real tiles
     programs = max(tiles * num_kv_heads, 1)

@@ -100,8 +100,12 @@ def relative_error(out: jax.Array, ref: jax.Array) -> float:
     return float(np.linalg.norm(out64 - ref64) / np.linalg.norm(ref64))
 
 
-def tolerance(dtype) -> float:
-    return 1e-2 if dtype == jnp.bfloat16 else 2e-5
+def tolerance(dtype, interpret: bool = True) -> float:
+    """bf16: 1e-2 (the issue's bar). float32: 2e-5 interpreted; compiled, 1e-3 allows the
+    Triton lowering running float32 dots on tf32 tensor cores (about 3e-4)."""
+    if dtype == jnp.bfloat16:
+        return 1e-2
+    return 2e-5 if interpret else 1e-3
 
 
 def standard_q_lens(page_size: int, long_chunk: int) -> list[int]:
@@ -119,15 +123,19 @@ CASES = [
     (32, 128, 8, jnp.bfloat16, Cfg(block_q=4, pages_per_block=1)),
     (32, 64, 1, jnp.bfloat16, Cfg(block_q=32, pages_per_block=1)),
     (64, 64, 4, jnp.bfloat16, Cfg(block_q=16, pages_per_block=1)),
-    (64, 128, 1, jnp.float32, Cfg(block_q=16, pages_per_block=2)),
+    (64, 128, 1, jnp.float32, Cfg(block_q=16, pages_per_block=1)),  # f32: fits shared memory
     (64, 64, 8, jnp.float32, Cfg(block_q=2, pages_per_block=1, num_splits=3)),
+    (16, 128, 4, jnp.bfloat16, Cfg(block_q=16, pages_per_block=4, key_gather=True,
+                                   q_transposed=True)),
+    (32, 64, 2, jnp.float32, Cfg(block_q=8, pages_per_block=2, num_splits=2, q_transposed=True)),
 ]
 
 
 def _case_id(case) -> str:
     page_size, head_dim, group, dtype, cfg = case
     return (f"L{page_size}-H{head_dim}-G{group}-{jnp.dtype(dtype).name}-bq{cfg.block_q}"
-            f"-ppb{cfg.pages_per_block}-sp{cfg.num_splits}{'-kg' if cfg.key_gather else ''}")
+            f"-ppb{cfg.pages_per_block}-sp{cfg.num_splits}{'-kg' if cfg.key_gather else ''}"
+            f"{'-qt' if cfg.q_transposed else ''}")
 
 
 class TestRaggedPagedAttention:
@@ -151,7 +159,7 @@ class TestRaggedPagedAttention:
         assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
         assert np.isfinite(np.asarray(out, np.float32)).all(), "non-finite output"
         err = relative_error(out[:t], ref[:t])
-        assert err < tolerance(batch.q.dtype), f"relative error {err}"
+        assert err < tolerance(batch.q.dtype, self.INTERPRET), f"relative error {err}"
         assert not np.asarray(out[t:], np.float32).any(), "padded rows must be 0"
 
     @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -229,6 +237,7 @@ def test_long_prefill_chunk_interpret(page_size, group):
 
 
 def test_work_list_covers_every_token_once():
+    """Every row, padding rows included, is in exactly one tile; padding tiles see no keys."""
     q_lens = [5, 0, 1, 33, 16]
     cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens + [0, 0])]).astype(np.int32))
     kv = jnp.asarray([9, 0, 4, 40, 16, 7, 7], jnp.int32)
@@ -238,9 +247,11 @@ def test_work_list_covers_every_token_once():
     for seq, t0, t_end, pos0 in meta.T:
         if t_end > t0:
             covered += list(range(t0, min(t0 + 8, t_end)))
-            start = int(cu[seq])
-            assert pos0 == int(kv[seq]) - q_lens[seq] + (t0 - start)
-    assert sorted(covered) == list(range(sum(q_lens)))
+            if t0 < sum(q_lens):
+                assert pos0 == int(kv[seq]) - q_lens[seq] + (t0 - int(cu[seq]))
+            else:
+                assert t_end == 60 and pos0 + 8 <= 0  # padding: no keys
+    assert sorted(covered) == list(range(60))
 
 
 @pytest.mark.parametrize("kwargs", [dict(block_q=3), dict(pages_per_block=0),
@@ -263,10 +274,14 @@ def test_dispatcher_never_falls_back_silently(caplog):
     avail = ops.available_implementations("cpu")
     assert avail["reference"] == "available"
     assert avail["pallas_triton"] != "available"
+    assert ops.resolve_impl("auto", "gpu") == "pallas_triton"
+    assert ops.resolve_impl("auto", "cpu") == "reference"
     with pytest.raises(ValueError, match="impl="):
         ops.ragged_paged_attention(*batch.args, sm_scale=0.1, impl="nope")
     with pytest.raises(RuntimeError, match="pallas_triton"):
-        ops.ragged_paged_attention(*batch.args, sm_scale=0.1, impl="pallas_triton")
+        ops.resolve_impl("pallas_triton", "cpu")
+    if jax.default_backend() == "gpu":
+        return  # the rest checks the CPU choice
     with caplog.at_level(logging.INFO, logger=ops.__name__):
         out = ops.ragged_paged_attention(*batch.args, sm_scale=0.1, impl="auto")
         ops.ragged_paged_attention(*batch.args, sm_scale=0.1, impl="auto")
