@@ -1,0 +1,148 @@
+"""Where does a batch-1 decode step's time go? Times variants of the same 8B-shaped step.
+
+Variants (each one jitted program, KV cache donated, bf16 dummy weights, T=16 S=8 bucket, one
+real sequence at context --context):
+  full        forward + on-device sampling (what the engine runs)
+  forward     forward only (logits at logits_indices)
+  no_attn     forward with attention and the K/V write replaced by identity (o = q)
+  no_attn_ref same, and no sampling: only the projections, norms, rope and the LM head
+  matmuls     the ideal: the same weight matrices applied to a [16, D] activation in a plain
+              chain, nothing else (the floor XLA can reach for these weights)
+Differences between variants place the time: sampling, attention + K/V write, the rest.
+
+  python bench/decode_breakdown.py --config bench/configs/llama3.1-8b --out $OUT/breakdown.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _median_ms(fn, args, repeats: int) -> float:
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="bench/configs/llama3.1-8b")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--num-pages", type=int, default=4096)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    from xlaserve.checkpoints.loader import load_model
+    from xlaserve.runtime import sampling
+    from xlaserve.runtime.batch import StepInputs
+    from xlaserve.runtime.model_runner import greedy_sampling_inputs
+    from xlaserve.runtime.models import llama
+
+    loaded = load_model(args.config, load_format="dummy", dtype="bfloat16")
+    cfg, params = loaded.config, loaded.params
+    t, s, ps = 16, 8, args.page_size
+    max_pages = (args.context + ps) // ps + 1
+    ctx = args.context
+    page_table = np.zeros((s, max_pages), np.int32)
+    page_table[0, :max_pages] = np.arange(1, max_pages + 1)
+    inputs = StepInputs(
+        token_ids=np.full(t, 7, np.int32), positions=np.r_[ctx - 1, np.zeros(t - 1)].astype(np.int32),
+        slot_mapping=np.r_[(ctx - 1) + ps, np.zeros(t - 1)].astype(np.int32),
+        cu_q_lens=np.r_[0, np.ones(s, np.int32)].astype(np.int32),
+        kv_lens=np.r_[ctx, np.zeros(s - 1)].astype(np.int32), page_table=page_table,
+        num_seqs=np.ones(1, np.int32), logits_indices=np.zeros(s, np.int32),
+        sampling=greedy_sampling_inputs(s))
+    kv = llama.init_kv_cache(cfg, args.num_pages, ps)
+
+    def identity_attention(q, k_new, v_new, k_pages, v_pages, inputs, *, sm_scale,
+                           sliding_window):
+        del k_new, v_new, inputs, sm_scale, sliding_window
+        return q, k_pages, v_pages
+
+    def full(params, kv, inputs):
+        logits, kv = llama.forward(params, inputs, kv, cfg)
+        return sampling.sample(logits, inputs.sampling).token_ids, kv
+
+    def forward(params, kv, inputs):
+        return llama.forward(params, inputs, kv, cfg)
+
+    def no_attn(params, kv, inputs):
+        logits, kv = llama.forward(params, inputs, kv, cfg, attention_fn=identity_attention)
+        return sampling.sample(logits, inputs.sampling).token_ids, kv
+
+    def no_attn_ref(params, kv, inputs):
+        return llama.forward(params, inputs, kv, cfg, attention_fn=identity_attention)
+
+    # Every weight matrix as 2-D [in, out] (o_proj [N, H, D] -> [N*H, D]); the embedding table
+    # is only gathered from in a step, so it is left out (the LM head is read in full).
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    mats = []
+    for path, w in flat:
+        name = jax.tree_util.keystr(path)
+        if w.ndim < 2 or "embed" in name:
+            continue
+        split = 2 if "o_proj" in name else 1  # contraction dims lead the kernel
+        mats.append(w.reshape(int(np.prod(w.shape[:split])), -1))
+
+    def matmuls(mats, kv, inputs):
+        del inputs
+        acc = jnp.zeros((), jnp.float32)
+        for w in mats:
+            x = jnp.ones((t, w.shape[0]), w.dtype)
+            acc = acc + jnp.dot(x, w, preferred_element_type=jnp.float32)[0, 0]
+        return acc, kv
+
+    variants = {"full": full, "forward": forward, "no_attn": no_attn,
+                "no_attn_ref": no_attn_ref}
+    results = {}
+    for name, fn in variants.items():
+        jitted = jax.jit(fn, donate_argnums=(1,))
+        state = {"kv": kv}
+
+        def call(jitted=jitted, state=state):
+            out, state["kv"] = jitted(params, state["kv"], inputs)
+            return out
+        t0 = time.perf_counter()
+        call()
+        compile_s = time.perf_counter() - t0
+        results[name] = {"ms": _median_ms(lambda: call(), (), args.repeats),
+                         "first_call_s": round(compile_s, 2)}
+        kv = state["kv"]
+        print(name, results[name], flush=True)
+    jm = jax.jit(matmuls)
+    results["matmuls"] = {"ms": _median_ms(lambda: jm(mats, None, None), (), args.repeats)}
+    print("matmuls", results["matmuls"], flush=True)
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    report = {
+        "bench": "decode_breakdown", "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__, "context": ctx, "weight_bytes": weight_bytes,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]), "variants_ms": results,
+        "attention_and_write_ms": results["full"]["ms"] - results["no_attn"]["ms"],
+        "sampling_ms": results["full"]["ms"] - results["forward"]["ms"],
+    }
+    print(json.dumps({k: v for k, v in report.items() if k != "variants_ms"}), flush=True)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
