@@ -51,6 +51,13 @@ def table_key(head_dim: int, page_size: int, group: int, q_class: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def _warn_missing_entry(key: str, q_class: str, entry: str) -> None:
+    """Warns once per missing table key (not once per bucket shape)."""
+    log.warning("ragged_paged_attention tuning: no entry %s in %s; using the default %s entry %s",
+                key, TABLE_PATH.name, q_class, entry)
+
+
+@functools.lru_cache(maxsize=None)
 def lookup_config(*, head_dim: int, page_size: int, group: int, num_tokens: int, num_seqs: int,
                   max_kv_len: int, num_kv_heads: int) -> RaggedPagedAttentionConfig:
     """The tuned config for these static shapes (cached; logs a missing key once)."""
@@ -60,8 +67,7 @@ def lookup_config(*, head_dim: int, page_size: int, group: int, num_tokens: int,
     entry = table["entries"].get(key)
     if entry is None:
         entry = table["default"][q_class]
-        log.warning("ragged_paged_attention tuning: no entry %s in %s; using the default %s "
-                    "entry %s", key, TABLE_PATH.name, q_class, entry)
+        _warn_missing_entry(key, q_class, json.dumps(entry, sort_keys=True))
     block_q = int(entry["block_q"])
     gp = 1 << max(0, (group - 1).bit_length())
     block_q = max(block_q, -(-16 // gp))  # Triton dots need >= 16 rows
