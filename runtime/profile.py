@@ -156,6 +156,13 @@ class BucketProfile:
     attention_flops_est: float | None = None
     attention_bytes_est: float | None = None
     roofline_with_attention_s: float | None = None
+    # The analytic roofline of the step (see `model_cost`): what the model must do at the --run
+    # layout, independent of what XLA's cost analysis can see. The ratio to compare with.
+    model_flops: float | None = None
+    model_bytes: float | None = None
+    model_roofline_s: float | None = None
+    model_roofline_bound: str | None = None
+    measured_over_model_roofline: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -195,6 +202,42 @@ def attention_cost(*, num_tokens: int, num_seqs: int, kv_len: int, max_model_len
     keys = min(max(q_len, kv_len), max_model_len)
     flops = 4.0 * num_tokens * keys * num_heads * head_dim * num_layers
     return flops, float(num_seqs * keys * kv_bytes_per_token)
+
+
+def model_cost(*, num_tokens: int, num_seqs: int, kv_len: int, max_model_len: int,
+               num_layers: int, num_heads: int, head_dim: int, hidden_size: int, vocab_size: int,
+               tie_word_embeddings: bool, num_params: int, param_bytes: int,
+               kv_bytes_per_token: int) -> tuple[float, float]:
+    """(FLOPs, bytes) a (T, S) step must do at the --run layout, counted from the model's shapes.
+
+    XLA's cost analysis is no roofline on GPU: it counts no FLOPs inside custom calls (cuBLAS
+    GEMMs, Pallas kernels) and counts the whole donated KV pool as traffic of the in-place update.
+    This counts: every weight read once (the embedding table only for its T gathered rows unless it
+    is tied to the LM head), 2 FLOPs per weight per token (the LM head only for the S sampled rows),
+    attention (see `attention_cost`), and T tokens of K/V written.
+    """
+    itemsize = param_bytes / max(num_params, 1)
+    embed = vocab_size * hidden_size
+    matmul_params = num_params - (0 if tie_word_embeddings else embed)
+    lm_head = embed
+    weight_bytes = (matmul_params + (0 if tie_word_embeddings else num_tokens * hidden_size)
+                    ) * itemsize
+    flops = 2.0 * num_tokens * (matmul_params - lm_head) + 2.0 * num_seqs * lm_head
+    attn_flops, attn_bytes = attention_cost(
+        num_tokens=num_tokens, num_seqs=num_seqs, kv_len=kv_len, max_model_len=max_model_len,
+        num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
+        kv_bytes_per_token=kv_bytes_per_token)
+    return flops + attn_flops, weight_bytes + attn_bytes + num_tokens * kv_bytes_per_token
+
+
+def add_model_roofline(bp: BucketProfile, flops: float, bytes_accessed: float,
+                       peaks: DevicePeaks, dtype: str) -> None:
+    """Sets the analytic roofline fields of `bp` (and the measured ratio when measured)."""
+    bp.model_flops, bp.model_bytes = flops, bytes_accessed
+    bp.model_roofline_s, bp.model_roofline_bound = roofline_seconds(flops, bytes_accessed, peaks,
+                                                                    dtype)
+    if bp.measured_s is not None and bp.model_roofline_s:
+        bp.measured_over_model_roofline = bp.measured_s / bp.model_roofline_s
 
 
 def add_attention_estimate(bp: BucketProfile, flops: float, bytes_accessed: float,

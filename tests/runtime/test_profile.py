@@ -184,12 +184,21 @@ def test_cli_json_fields_are_present_and_consistent(cold_run):
         assert b["memory"]["alias_bytes"] >= summary["kv_cache_bytes"]
         assert b["measured_s"] > 0
         assert b["measured_over_roofline"] == pytest.approx(b["measured_s"] / b["roofline_s"])
+        # The analytic roofline: every matmul weight once per step, 2 FLOPs/weight/token.
+        assert b["model_bytes"] >= summary["param_bytes"] * 0.5
+        assert b["model_flops"] >= 2 * b["num_tokens"] * summary["param_count"] * 0.5
+        model = max(b["model_flops"] / peaks["fp32_flops_per_s"],
+                    b["model_bytes"] / peaks["memory_bytes_per_s"])
+        assert b["model_roofline_s"] == pytest.approx(model)
+        assert b["measured_over_model_roofline"] == pytest.approx(
+            b["measured_s"] / b["model_roofline_s"])
         name = f"step_T{b['num_tokens']}_S{b['num_seqs']}_W{b['history_width']}.hlo.txt"
         assert (d / "hlo" / name).read_text().startswith("HloModule")
     by_key = {(b["num_tokens"], b["num_seqs"], b["history_width"]): b for b in buckets}
     for w in runner["history_widths"]:
         assert by_key[(32, 8, w)]["flops"] > by_key[(16, 8, w)]["flops"]
         assert by_key[(32, 8, w)]["bytes_accessed"] > by_key[(16, 8, w)]["bytes_accessed"]
+        assert by_key[(32, 8, w)]["model_flops"] > by_key[(16, 8, w)]["model_flops"]
     assert summary["kv_capacity_tokens"] == 31 * 16
     assert summary["max_concurrent_seqs"] == 31 // 4
     assert summary["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # K+V, layers, kv heads, H, f32

@@ -238,6 +238,13 @@ def profile(cfg: EngineConfig, peaks: DevicePeaks, args: argparse.Namespace,
             inputs = timing_inputs(runner, t, s, w, kv_len)
             bp.measured_s = median_seconds(lambda: runner.execute(inputs), args.repeats)
             bp.measured_over_roofline = bp.measured_s / bp.roofline_s if bp.roofline_s else None
+        mflops, mbytes = prof.model_cost(
+            num_tokens=t, num_seqs=s, kv_len=kv_len, max_model_len=runner.sched_cfg.max_model_len,
+            num_layers=m.num_layers, num_heads=m.num_heads, head_dim=m.head_dim,
+            hidden_size=m.hidden_size, vocab_size=m.vocab_size,
+            tie_word_embeddings=m.tie_word_embeddings, num_params=prof.tree_size(runner.params),
+            param_bytes=prof.tree_bytes(runner.params), kv_bytes_per_token=kv_bytes_per_token)
+        prof.add_model_roofline(bp, mflops, mbytes, peaks, dtype)
         if args.dump_hlo:
             out = pathlib.Path(args.dump_hlo)
             out.mkdir(parents=True, exist_ok=True)
