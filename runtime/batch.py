@@ -41,6 +41,9 @@ class SamplingInputs:
     # the request's stop token ids, -1 padded to MAX_MIN_TOKENS_STOP_IDS) cannot be sampled.
     min_tokens: np.ndarray  # i32[S]; 0 = off
     min_tokens_stop_ids: np.ndarray  # i32[S, E]
+    # 1 when some request of the step asked for top-n logprobs: the top-k over the vocabulary is
+    # computed only then (set by the runner from execute(num_logprobs=...)).
+    want_top_logprobs: np.ndarray  # i32[1]
 
 
 # E: how many stop ids (EOS + stop_token_ids) min_tokens can hold back per request.
@@ -201,7 +204,8 @@ def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int, max_history: int | No
         frequency_penalty=col(lambda p: p.frequency_penalty, 0.0, np.float32),
         seeds=seeds, output_positions=out_pos,
         prompt_token_ids=prompt_hist, output_token_ids=output_hist,
-        min_tokens=min_tokens, min_tokens_stop_ids=stop_ids)
+        min_tokens=min_tokens, min_tokens_stop_ids=stop_ids,
+        want_top_logprobs=np.array([any(q.sampling.logprobs for q in seqs)], np.int32))
 
 
 def fill_placeholders(inputs: StepInputs, sched_out: SchedulerOutput, prev: SchedulerOutput,

@@ -140,7 +140,8 @@ def greedy_sampling_inputs(num_seqs_bucket: int) -> SamplingInputs:
         frequency_penalty=np.zeros(s, np.float32), seeds=np.zeros(s, np.uint32),
         output_positions=np.zeros(s, np.int32), prompt_token_ids=np.full((s, 1), -1, np.int32),
         output_token_ids=np.full((s, 1), -1, np.int32), min_tokens=np.zeros(s, np.int32),
-        min_tokens_stop_ids=np.full((s, MAX_MIN_TOKENS_STOP_IDS), -1, np.int32))
+        min_tokens_stop_ids=np.full((s, MAX_MIN_TOKENS_STOP_IDS), -1, np.int32),
+        want_top_logprobs=np.zeros(1, np.int32))
 
 
 # The dtypes of the StepInputs contract (runtime/batch.py); compiled programs accept no other.
@@ -150,7 +151,8 @@ _SAMPLING_DTYPES = {
     **dict.fromkeys(("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"), np.dtype(np.float32)),
     **dict.fromkeys(("top_k", "output_positions", "prompt_token_ids", "output_token_ids",
-                     "min_tokens", "min_tokens_stop_ids"), np.dtype(np.int32)),
+                     "min_tokens", "min_tokens_stop_ids", "want_top_logprobs"),
+                    np.dtype(np.int32)),
     "seeds": np.dtype(np.uint32)}
 
 
@@ -458,6 +460,9 @@ class ModelRunner:
             raise ValueError(f"num_logprobs={num_logprobs}: must be in "
                              f"[0, {sampling.MAX_TOP_LOGPROBS}]")
         inputs = self._prepare(inputs)
+        want = np.array([1 if num_logprobs else 0], np.int32)  # top-n only when asked
+        inputs = dataclasses.replace(inputs, sampling=dataclasses.replace(
+            inputs.sampling, want_top_logprobs=want))
         key = (inputs.num_tokens_bucket, inputs.num_seqs_bucket,
                int(inputs.sampling.output_token_ids.shape[-1]))  # type: ignore[union-attr]
         executable = self._executables.get(key)

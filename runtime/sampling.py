@@ -20,7 +20,8 @@ depends on its logits, seed and output position only, never on its row or its ba
 Logprobs are those of the raw model distribution (``log_softmax`` of the logits before penalties
 and temperature, vLLM's default). The top-n alternatives are always computed for
 ``MAX_TOP_LOGPROBS`` (the SamplingParams maximum), so asking for logprobs never needs another
-compiled program; the runner copies them to the host only when a request asks.
+compiled program; they are computed (under a lax.cond on `want_top_logprobs`) and copied to the
+host only when a request of the step asks.
 
 This module does not know about buckets, the host, or which requests asked for logprobs.
 """
@@ -181,9 +182,21 @@ def sample(logits: jax.Array, sampling: SamplingInputs) -> SamplerOutput:
     drawn = jax.lax.cond(jnp.any(temperature > 0), _draw,
                          lambda _l, _s: jnp.zeros_like(greedy), penalized, sampling)
     token_ids = jnp.where(temperature > 0, drawn, greedy)
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [S, V]
-    chosen = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
-    n = min(MAX_TOP_LOGPROBS, logits.shape[-1])
-    top_lp, top_ids = jax.lax.top_k(raw_logprobs, n)
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [S]
+    chosen = jnp.take_along_axis(logits, token_ids[:, None], axis=-1)[:, 0] - log_z
+    s, v = logits.shape
+    n = min(MAX_TOP_LOGPROBS, v)
+
+    def top_n(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        lp, ids = jax.lax.top_k(x - log_z[:, None], n)
+        return lp, ids.astype(jnp.int32)
+
+    def skip(_x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return jnp.zeros((s, n), jnp.float32), jnp.zeros((s, n), jnp.int32)
+
+    # A top-k over the whole vocabulary costs about as much as a small forward at large S: only
+    # when some request of the step asked for top-n logprobs.
+    want = jnp.asarray(sampling.want_top_logprobs).reshape(-1)[0] > 0
+    top_lp, top_ids = jax.lax.cond(want, top_n, skip, logits)
     return SamplerOutput(token_ids=token_ids, logprobs=chosen,
-                         top_logprob_ids=top_ids.astype(jnp.int32), top_logprobs=top_lp)
+                         top_logprob_ids=top_ids, top_logprobs=top_lp)

@@ -34,7 +34,8 @@ def make_inputs(s: int, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, rep=1
         prompt_token_ids=none_hist if prompt is None else np.asarray(prompt, np.int32),
         output_token_ids=none_hist if output is None else np.asarray(output, np.int32),
         min_tokens=np.zeros(s, np.int32),
-        min_tokens_stop_ids=np.full((s, MAX_MIN_TOKENS_STOP_IDS), -1, np.int32))
+        min_tokens_stop_ids=np.full((s, MAX_MIN_TOKENS_STOP_IDS), -1, np.int32),
+        want_top_logprobs=np.ones(1, np.int32))
 
 
 # ---------------------------------------------------------------- numpy references
@@ -236,3 +237,18 @@ def test_min_tokens_holds_back_stop_ids_until_reached():
     assert got[1] == top[1]  # position 3 == min_tokens: allowed again
     assert got[2] != top[2]  # sampled row under its minimum never draws the stop id
     assert got[3] == top[3]  # min_tokens 0: off
+
+
+def test_top_logprobs_only_computed_when_wanted():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, 50)).astype(np.float32)
+    ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    base = make_inputs(3)
+    on = jax.jit(smp.sample)(jnp.asarray(logits), base)
+    off = jax.jit(smp.sample)(jnp.asarray(logits),
+                              dataclasses.replace(base, want_top_logprobs=np.zeros(1, np.int32)))
+    np.testing.assert_allclose(np.asarray(on.top_logprobs[:, 0]), ref.max(-1), rtol=1e-5)
+    assert not np.asarray(off.top_logprobs).any()  # skipped
+    # The sampled token's logprob is always there.
+    np.testing.assert_allclose(np.asarray(off.logprobs), ref.max(-1), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(off.token_ids), logits.argmax(-1))
