@@ -90,3 +90,22 @@ def test_builtin_model(tmp_path, monkeypatch) -> None:
     same = loader.load_model(str(copy), dtype="float32")
     for x, y in zip(jax.tree.leaves(m.params), jax.tree.leaves(same.params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_dummy_values_have_the_init_statistics_and_ignore_the_layout(config_only_dir) -> None:
+    a = loader.load_model(str(config_only_dir), load_format="dummy", dtype="float32", seed=3)
+    flat = jax.tree_util.tree_flatten_with_path(a.params)[0]
+    kernels = [np.asarray(x) for p, x in flat if "kernel" in jax.tree_util.keystr(p)]
+    allk = np.concatenate([k.ravel() for k in kernels])
+    assert abs(allk.mean()) < 1e-3 and abs(allk.std() - 0.02) < 1e-3
+    for k in kernels:  # no two parameters share their values
+        assert len(np.unique(k.ravel())) > 0.9 * k.size
+    assert not np.array_equal(kernels[0].ravel()[:64], kernels[1].ravel()[:64])
+    for p, x in flat:
+        if "norm" in jax.tree_util.keystr(p):
+            np.testing.assert_array_equal(np.asarray(x), 1.0)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    sharded = loader.load_model(str(config_only_dir), load_format="dummy", dtype="float32",
+                                seed=3, shardings_fn=lambda cfg: NamedSharding(mesh, P()))
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(sharded.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
