@@ -1,17 +1,19 @@
 """Shared pieces of the end-to-end benchmarks (latency.py, throughput.py, serving.py).
 
 What lives here:
-  * `add_engine_flags` / `build_engine`: one engine per benchmark process, built from its parts
-    (load_model -> ModelRunner -> Engine), exactly what `Engine.from_config` does, with three
-    benchmark choices made explicit and recorded in every JSON: no tokenizer (dummy 8B weights come
-    from a config.json-only directory; token-id prompts need none), no penalty-history programs
-    (halves warm-up compiles; the benchmarks use temperature 0 without penalties), and chosen
-    shape buckets (each bucket is one compile of the whole model, tens of seconds at 8B).
-  * `TimedRunner`: a transparent proxy around the runner that timestamps every `execute` call, so
-    the host time between device calls (device idle time) is measured, not guessed.
+  * `add_engine_flags` / `build_engine`: one engine per benchmark process, built by
+    `Engine.build_runner` as `Engine.from_config` does, with three benchmark choices made explicit
+    and recorded in every JSON: no tokenizer (dummy 8B weights come from a config.json-only
+    directory; token-id prompts need none), no penalty-history programs (halves warm-up compiles;
+    the benchmarks use temperature 0 without penalties), and chosen shape buckets (each bucket is
+    one compile of the whole model, tens of seconds at 8B).
+  * `TimedRunner`: a transparent proxy around the runner that timestamps every `execute_async`
+    call, so the host time between device calls (device idle time) is measured, not guessed.
   * `measure_ceilings`: copy bandwidth and bf16 matmul rate measured in the same process
-    (bench/common.py helpers when present).
+    (bench/common.py helpers).
   * `ModelCost`: bytes and FLOPs of a Llama-family decoder for rooflines.
+  * `start_report` / `finish_report`: the first and last steps of latency.py and throughput.py
+    (metadata, ceilings, engine; compile counts, JSON).
   * `run_metadata`, `engine_summary`, `percentiles`, `write_json`.
 
 bench/ is not a package: the scripts import this module as `e2e_common` (the script's own
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import inspect
 import json
 import math
 import os
@@ -112,7 +113,7 @@ def resolve_load_format(model: str, load_format: str | None) -> str:
 class StepRecord:
     """Host timestamps (perf_counter seconds) of one runner call."""
 
-    dispatch_start: float  # execute_async / execute entered
+    dispatch_start: float  # execute_async entered
     dispatch_end: float  # execute_async returned (the program is queued on the device)
     result_call: float | None  # the engine asked for the result
     result_return: float | None  # the result was on the host
@@ -142,7 +143,7 @@ class _TimedPending:
 
 
 class TimedRunner:
-    """Wraps a runner; records host timestamps of every `execute_async` / `execute` call.
+    """Wraps a runner; records host timestamps of every `execute_async` call (all the Engine makes).
 
     Everything else is delegated, so the Engine cannot tell the difference. With one step in
     flight at a time, the device is certainly idle from the moment step N's result reaches the
@@ -179,14 +180,6 @@ class TimedRunner:
         start = time.perf_counter()
         pending = self._runner.execute_async(inputs, **kwargs)
         return _TimedPending(pending, self._record(inputs, start, time.perf_counter()))
-
-    def execute(self, inputs: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        out = self._runner.execute(inputs, **kwargs)
-        end = time.perf_counter()
-        rec = self._record(inputs, start, start)
-        rec.result_call, rec.result_return = start, end
-        return out
 
     def reset(self) -> None:
         self.records = []
@@ -249,25 +242,27 @@ class BuiltEngine:
     engine: Any  # xlaserve.runtime.engine.Engine
     timed: TimedRunner  # the runner proxy the engine calls
     model_config: Any  # ModelConfig
-    params: Any
     info: dict[str, Any]  # recorded in the JSON: build path, timings, warm-up
 
 
-def build_engine(args: argparse.Namespace, *, max_model_len: int,
-                 warmup_buckets: Sequence[tuple[int, int]] | None = None) -> BuiltEngine:
-    """Loads the model, builds the runner with the chosen buckets, warms up, builds the Engine.
+def build_engine(args: argparse.Namespace, *, max_model_len: int) -> BuiltEngine:
+    """`Engine.build_runner` with the benchmark's choices, warm-up, then `Engine(tokenizer=None)`.
+
+    Timings in `info`: `load_and_build_s` covers loading the weights and building the runner
+    (KV pages included): `build_runner` does both, so they are not timed apart. `load_s` is the
+    same number, kept for readers of older reports. `warmup_s` times the warm-up compiles
+    (every bucket pair of the runner).
 
     Args:
       args: parsed `add_engine_flags` flags.
       max_model_len: used when --max-model-len is not given.
-      warmup_buckets: (T, S) pairs to compile; None: every bucket pair of the runner.
     Raises:
-      ValueError: bad bucket lists (names the flag).
+      ValueError: bad bucket lists (ModelRunner names the field), or more than one device.
     """
-    from xlaserve.checkpoints.loader import load_model
+    import jax
+
     from xlaserve.engine_args import engine_config_from_options
     from xlaserve.runtime.engine import Engine
-    from xlaserve.runtime.model_runner import ModelRunner
 
     load_format = resolve_load_format(args.model, args.load_format)
     options = dict(
@@ -284,31 +279,12 @@ def build_engine(args: argparse.Namespace, *, max_model_len: int,
         raise ValueError("tensor_parallel_size: the e2e benchmarks run on one device "
                          "(bench/tp_scaling.py covers meshes)")
     t0 = time.perf_counter()
-    loaded = load_model(config.model, load_format=config.load_format, dtype=config.dtype,
-                        seed=config.seed)
-    import jax
+    runner, loaded = Engine.build_runner(
+        config, enable_penalties=args.enable_penalties, token_buckets=args.token_buckets,
+        seq_buckets=args.seq_buckets)
+    jax.block_until_ready((runner.params, runner.kv_cache))
+    load_and_build_s = time.perf_counter() - t0
 
-    jax.block_until_ready(loaded.params)
-    load_s = time.perf_counter() - t0
-
-    runner_kw: dict[str, Any] = {}
-    sig = inspect.signature(ModelRunner.__init__).parameters
-    if "enable_penalties" in sig:
-        runner_kw["enable_penalties"] = bool(args.enable_penalties)
-    bucket_how = "runner default (powers of two)"
-    if args.token_buckets or args.seq_buckets:
-        if "token_buckets" in sig and "seq_buckets" in sig:
-            runner_kw["token_buckets"] = args.token_buckets
-            runner_kw["seq_buckets"] = args.seq_buckets
-            bucket_how = "ModelRunner(token_buckets=, seq_buckets=)"
-        else:
-            bucket_how = "set on the runner before warm-up (ModelRunner has no bucket argument)"
-    runner = ModelRunner(loaded.config, loaded.params, config.cache, config.scheduler,
-                         attention_impl=config.attention_impl,
-                         compilation_cache_dir=config.compilation_cache_dir, **runner_kw)
-    if bucket_how.startswith("set on the runner"):
-        _override_buckets(runner, args, config)
-    t0 = time.perf_counter()
     compiled: list[dict[str, Any]] = []
 
     def progress(done: int, total: int, key: tuple[int, int, int], record: Any) -> None:
@@ -319,43 +295,20 @@ def build_engine(args: argparse.Namespace, *, max_model_len: int,
         print(f"[warm-up] {done}/{total} T={key[0]} S={key[1]} W={key[2]} "
               f"compile {record.compile_s:.1f}s cache_hit={record.cache_hit}", flush=True)
 
-    runner.warmup(warmup_buckets, progress=progress)
+    t0 = time.perf_counter()
+    runner.warmup(progress=progress)
     warmup_s = time.perf_counter() - t0
     timed = TimedRunner(runner)
-    engine_kw: dict[str, Any] = {}
-    if "async_scheduling" in inspect.signature(Engine.__init__).parameters:
-        engine_kw["async_scheduling"] = not args.sync_engine
-    elif args.sync_engine:
-        raise ValueError("--sync-engine: this Engine has no async_scheduling option")
-    engine = Engine(config, timed, tokenizer=None, model_config=loaded.config, **engine_kw)
+    engine = Engine(config, timed, tokenizer=None, model_config=loaded.config,
+                    async_scheduling=not args.sync_engine)
     info = {
-        "engine_build": "load_model -> ModelRunner -> warmup -> Engine(tokenizer=None) "
-                        "(Engine.from_config always loads a tokenizer and compiles the penalty "
-                        "programs; the benchmarks need neither)",
+        "engine_build": "Engine.build_runner -> warmup -> Engine(tokenizer=None)",
         "load_format": load_format, "tokenizer": None,
-        "enable_penalties": runner_kw.get("enable_penalties", True),
-        "buckets_set_by": bucket_how,
-        "load_s": round(load_s, 2), "warmup_s": round(warmup_s, 2),
-        "warmup_programs": compiled,
+        "enable_penalties": bool(args.enable_penalties),
+        "load_and_build_s": round(load_and_build_s, 2), "load_s": round(load_and_build_s, 2),
+        "warmup_s": round(warmup_s, 2), "warmup_programs": compiled,
     }
-    return BuiltEngine(engine, timed, loaded.config, loaded.params, info)
-
-
-def _override_buckets(runner: Any, args: argparse.Namespace, config: Any) -> None:
-    """Replaces the runner's bucket lists (validated) before warm-up."""
-    sched = config.scheduler
-    if args.token_buckets:
-        tb = tuple(args.token_buckets)
-        if list(tb) != sorted(set(tb)) or tb[-1] != sched.max_num_batched_tokens or tb[0] < 1:
-            raise ValueError(f"--token-buckets={tb}: must be ascending, distinct, and end at "
-                             f"max_num_batched_tokens={sched.max_num_batched_tokens}")
-        runner.token_buckets = tb
-    if args.seq_buckets:
-        sb = tuple(args.seq_buckets)
-        if list(sb) != sorted(set(sb)) or sb[-1] < sched.max_num_seqs or sb[0] < 1:
-            raise ValueError(f"--seq-buckets={sb}: must be ascending, distinct, the last >= "
-                             f"max_num_seqs={sched.max_num_seqs}")
-        runner.seq_buckets = sb
+    return BuiltEngine(engine, timed, loaded.config, info)
 
 
 def engine_summary(built: BuiltEngine) -> dict[str, Any]:
@@ -370,8 +323,7 @@ def engine_summary(built: BuiltEngine) -> dict[str, Any]:
         "page_size": int(r.page_size), "num_pages": int(r.num_pages),
         "enable_prefix_caching": cfg.cache.enable_prefix_caching,
         "token_buckets": list(r.token_buckets), "seq_buckets": list(r.seq_buckets),
-        "history_widths": list(getattr(r, "history_widths", ())),
-        "async_scheduling": getattr(e, "async_scheduling", False),
+        "history_widths": list(r.history_widths), "async_scheduling": e.async_scheduling,
         **built.info,
     }
 
@@ -379,6 +331,37 @@ def engine_summary(built: BuiltEngine) -> dict[str, Any]:
 def compiles_after_warmup(built: BuiltEngine) -> int:
     """From the engine's stats (the runner's recompile guard)."""
     return int(built.engine.stats().compiles_after_warmup)
+
+
+def compile_report(built: BuiltEngine) -> dict[str, Any]:
+    """`compiles_after_warmup` and the runner's `compile_log` (each late compile), for a JSON."""
+    return {"compiles_after_warmup": compiles_after_warmup(built),
+            "compile_log": [str(x) for x in built.timed.compile_log]}
+
+
+def start_report(bench: str, args: argparse.Namespace, *,
+                 max_model_len: int) -> tuple[dict[str, Any], BuiltEngine, ModelCost]:
+    """Run metadata, ceilings (measured before the engine takes the memory), engine, model cost.
+
+    Returns (report with "ceilings" and "engine" filled in, the engine, its ModelCost).
+    """
+    report: dict[str, Any] = run_metadata(bench)
+    report["ceilings"] = measure_ceilings(args.no_calibrate)
+    built = build_engine(args, max_model_len=max_model_len)
+    report["engine"] = engine_summary(built)
+    return report, built, ModelCost.from_config(built.model_config)
+
+
+def finish_report(report: dict[str, Any], built: BuiltEngine, out: str | None) -> int:
+    """Adds the compile counts, writes the JSON, prints the summary's first line.
+
+    Returns the exit status: 0, or 3 when something compiled after warm-up.
+    """
+    report.update(compile_report(built))
+    write_json(out, report)
+    print(f"\n{report['bench']}  {report['device']}  jax {report['jax']}  "
+          f"compiles_after_warmup={report['compiles_after_warmup']}")
+    return 0 if report["compiles_after_warmup"] == 0 else 3
 
 
 # ---------------------------------------------------------------------------------------- ceilings
@@ -389,37 +372,27 @@ def measure_ceilings(skip: bool = False) -> dict[str, Any]:
 
     GPU: a 2 GiB elementwise copy and 8192^3 bf16 matmuls; CPU: 64 MiB and 512^3 (smoke runs).
     """
+    import common  # bench/common.py (same directory as the scripts)
     import jax
+
+    from xlaserve.runtime import hardware
 
     if skip:
         return {"measured": False}
     on_cpu = jax.devices()[0].platform == "cpu"
     copy_bytes = (64 << 20) if on_cpu else (2 << 30)
     dim = 512 if on_cpu else 8192
+    out: dict[str, Any] = {
+        "measured": True, "copy_bytes_per_s": float(common.copy_bandwidth(copy_bytes)),
+        "matmul_bf16_flops_per_s": float(common.matmul_rate(dim)), "copy_bytes": copy_bytes,
+        "matmul_dim": dim,
+        "how": "bench/common.py copy_bandwidth (x+1 over bf16) / matmul_rate (bf16, f32 acc)"}
     try:
-        import common  # bench/common.py (same directory as the scripts)
-
-        bw = float(common.copy_bandwidth(copy_bytes))
-        rate = float(common.matmul_rate(dim))
-        how = "bench/common.py copy_bandwidth (x+1 over bf16) / matmul_rate (bf16, f32 acc)"
-    except (ImportError, AttributeError):
-        from xlaserve.runtime import hardware
-
-        dev = jax.devices()[0]
-        bw = hardware.measure_copy_bandwidth(dev, copy_bytes)
-        rate = hardware.measure_matmul_rate(dev, dim, "bfloat16")
-        how = "xlaserve.runtime.hardware measure_copy_bandwidth / measure_matmul_rate"
-    out: dict[str, Any] = {"measured": True, "copy_bytes_per_s": bw,
-                           "matmul_bf16_flops_per_s": rate, "copy_bytes": copy_bytes,
-                           "matmul_dim": dim, "how": how}
-    try:
-        from xlaserve.runtime import hardware
-
         peaks = hardware.peaks_for_device(jax.devices()[0])
-        out["datasheet"] = {"name": peaks.name, "memory_bytes_per_s": peaks.memory_bytes_per_s,
-                            "bf16_flops_per_s": peaks.bf16_flops_per_s}
-    except (ImportError, ValueError):
-        pass
+    except ValueError:  # no datasheet entry for this device kind (e.g. CPU)
+        return out
+    out["datasheet"] = {"name": peaks.name, "memory_bytes_per_s": peaks.memory_bytes_per_s,
+                        "bf16_flops_per_s": peaks.bf16_flops_per_s}
     return out
 
 
@@ -612,107 +585,3 @@ def _json_default(o: Any) -> Any:
 def fmt(x: float | None, digits: int = 2) -> str:
     """A number for summary tables; '-' when missing."""
     return "-" if x is None else f"{x:.{digits}f}"
-
-
-# ---------------------------------------------------------------------------------------- summary
-
-
-def _load(path: pathlib.Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _peer(peers: dict[str, Any] | None, mode: str, batch: int, in_len: int,
-          out_len: int | None = None) -> dict[str, Any] | None:
-    for r in (peers or {}).get("results", []):
-        if (r.get("mode") == mode and r["batch"] == batch and r["input_len"] == in_len
-                and (out_len is None or r["output_len"] == out_len)):
-            return r
-    return None
-
-
-def summary_rows(results_dir: str) -> list[tuple[str, str, str, str, str, str, str]]:
-    """(metric, ours, roofline, ratio, peer, ours/peer speed, compiles) rows from one run's JSON.
-
-    The peer is bench/peers.py (HF transformers, eager unless only static_compile ran); its
-    cases differ in batch size from the offline runs, and the row says which one is used.
-    """
-    d = pathlib.Path(results_dir)
-    lat, thr, peers = _load(d / "latency.json"), _load(d / "throughput.json"), _load(
-        d / "peers.json")
-    modes = sorted({r.get("mode") for r in (peers or {}).get("results", [])})
-    mode = "eager" if "eager" in modes else (modes[0] if modes else "eager")
-    rows = []
-    for c in (lat or {}).get("cases", []):
-        ctx = c["context"]
-        peer = _peer(peers, mode, 1, ctx)
-        pd = peer["decode_ms_per_token"] if peer else None
-        rows.append((f"decode ms/token, batch 1, ctx {ctx}", fmt(c["decode_ms_per_token"]),
-                     fmt(c["decode_roofline_ms"]), fmt(c["decode_fraction_of_roofline"]),
-                     f"{fmt(pd)} ({mode} 1x{ctx})" if pd else "-",
-                     fmt(pd / c["decode_ms_per_token"]) if pd and c["decode_ms_per_token"]
-                     else "-", str(lat["compiles_after_warmup"])))
-        pt = peer["ttft_s"] * 1e3 if peer else None
-        rows.append((f"TTFT ms, prompt {ctx}", fmt(c["ttft_ms"], 1), fmt(c["ttft_roofline_ms"], 1),
-                     fmt(c["ttft_fraction_of_roofline"]),
-                     f"{fmt(pt, 1)} ({mode} 1x{ctx})" if pt else "-",
-                     fmt(pt / c["ttft_ms"]) if pt else "-", str(lat["compiles_after_warmup"])))
-    peer_tp = {"128/128": (32, 128, 128), "2048/128": (8, 2048, 128)}
-    for c in (thr or {}).get("cases", []):
-        peer = _peer(peers, mode, *peer_tp[c["case"]]) if c["case"] in peer_tp else None
-        po = peer["output_tokens_per_s"] if peer else None
-        tag = f" ({mode} {peer['batch']}x{peer['input_len']}x{peer['output_len']})" if peer else ""
-        rows.append((f"offline out tok/s {c['case']} (N={c['num_requests']})",
-                     fmt(c["output_tokens_per_s"], 0), fmt(c["roofline_output_tokens_per_s"], 0),
-                     fmt(c["fraction_of_roofline"]), f"{fmt(po, 0)}{tag}" if po else "-",
-                     fmt(c["output_tokens_per_s"] / po) if po else "-",
-                     str(thr["compiles_after_warmup"])))
-    return rows
-
-
-def print_summary(results_dir: str, markdown: bool = False) -> None:
-    """The short table run_e2e_gpu.sh prints last (or Markdown rows for BENCHMARKS.md)."""
-    head = ("metric", "ours", "roofline", "fraction of roofline", "peer", "ours vs peer (speed)",
-            "compiles after warm-up")
-    rows = summary_rows(results_dir)
-    d = pathlib.Path(results_dir)
-    for name in ("latency", "throughput"):
-        rep = _load(d / f"{name}.json")
-        if rep:
-            ceil = rep.get("ceilings", {})
-            bw = ceil.get("copy_bytes_per_s")
-            mm = ceil.get("matmul_bf16_flops_per_s")
-            print(f"{name}: {rep.get('device')} jax {rep.get('jax')} {rep.get('date_utc')} "
-                  f"commit {rep.get('git_commit')}; measured copy {fmt(bw and bw / 1e9, 0)} GB/s, "
-                  f"bf16 matmul {fmt(mm and mm / 1e12, 1)} TFLOP/s")
-    lat, thr = _load(d / "latency.json"), _load(d / "throughput.json")
-    for name, t in ((lat or {}).get("targets") or {}).items():
-        print(f"target {name}: {t['value']:.3f} ({t['target']}) "
-              f"{'MET' if t['met'] else 'NOT MET'}")
-    for c in (thr or {}).get("cases", []):
-        idle = c.get("host_gaps", {}).get("idle_fraction_lower_bound")
-        tgt = c.get("target_output_tokens_per_s")
-        met = "" if tgt is None else (f"target >= {tgt:.0f}: "
-                                      f"{'MET' if c['target_met'] else 'NOT MET'}; ")
-        print(f"throughput {c['case']}: {met}idle between steps (lower bound) {fmt(idle)}, "
-              f"preemptions {c.get('preemptions')}")
-    if markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for r in rows:
-            print("| " + " | ".join(r) + " |")
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(head)]
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    for r in rows:
-        print("  ".join(x.ljust(w) for x, w in zip(r, widths)))
-
-
-if __name__ == "__main__":
-    _p = argparse.ArgumentParser(description="Summarise one run's JSON: "
-                                 "python bench/e2e_common.py summary DIR [--markdown]")
-    _p.add_argument("command", choices=["summary"])
-    _p.add_argument("results_dir")
-    _p.add_argument("--markdown", action="store_true")
-    _a = _p.parse_args()
-    print_summary(_a.results_dir, _a.markdown)

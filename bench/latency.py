@@ -87,7 +87,7 @@ def replay_device_ms(built: ec.BuiltEngine, inputs: Any, iters: int) -> float | 
     so the cache is unchanged.
     """
     runner = built.timed.inner
-    if inputs is None or not hasattr(runner, "execute_async"):
+    if inputs is None:
         return None
     runner.execute_async(inputs).result()
     t0 = time.perf_counter()
@@ -124,12 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_pages is None:  # one sequence at a time: two of them plus page 0 is plenty
         args.num_pages = 2 * math.ceil((args.max_model_len or max_len) / args.page_size) + 2
 
-    report: dict[str, Any] = ec.run_metadata("latency")
-    ceilings = ec.measure_ceilings(args.no_calibrate)
-    report["ceilings"] = ceilings
-    built = ec.build_engine(args, max_model_len=max_len)
-    report["engine"] = ec.engine_summary(built)
-    cost = ec.ModelCost.from_config(built.model_config)
+    report, built, cost = ec.start_report("latency", args, max_model_len=max_len)
+    ceilings = report["ceilings"]
     report["model_cost"] = {"total_params": cost.total_params,
                             "step_weight_bytes": cost.step_weight_bytes,
                             "kv_bytes_per_token": cost.kv_bytes_per_token}
@@ -190,13 +186,11 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
 
     report["cases"] = cases
-    report["compiles_after_warmup"] = ec.compiles_after_warmup(built)
     report["compiles_during_untimed_warm_requests"] = compiles_before
-    report["compile_log"] = [str(x) for x in getattr(built.timed.inner, "compile_log", [])]
     report["targets"] = _targets(cases, args)
-    ec.write_json(args.out, report)
-    _print_summary(report)
-    return 0 if report["compiles_after_warmup"] == 0 else 3
+    rc = ec.finish_report(report, built, args.out)
+    _print_table(report)
+    return rc
 
 
 def _targets(cases: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
@@ -220,9 +214,7 @@ def _targets(cases: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
     return out
 
 
-def _print_summary(report: dict[str, Any]) -> None:
-    print(f"\nlatency  {report['device']}  jax {report['jax']}  "
-          f"compiles_after_warmup={report['compiles_after_warmup']}")
+def _print_table(report: dict[str, Any]) -> None:
     print(f"{'context':>8} {'decode ms':>10} {'roofline':>9} {'frac':>5} {'TTFT ms':>9} "
           f"{'roofline':>9} {'frac':>5} {'idle':>5}")
     for c in report["cases"]:

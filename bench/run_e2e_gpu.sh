@@ -72,6 +72,6 @@ for part in $PARTS; do
 done
 
 echo "=== summary" | tee -a "$LOG"
-$PY bench/e2e_common.py summary "$OUT" | tee "$OUT/summary.txt"
-$PY bench/e2e_common.py summary "$OUT" --markdown >> "$OUT/summary.txt"
+$PY bench/e2e_summary.py "$OUT" | tee "$OUT/summary.txt"
+$PY bench/e2e_summary.py "$OUT" --markdown >> "$OUT/summary.txt"
 exit $status

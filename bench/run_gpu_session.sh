@@ -48,4 +48,4 @@ part profile "${PROF_S:-110}" $PY -m xlaserve profile --model $MODEL --load-form
   --dtype bfloat16 --max-num-batched-tokens 2048 --max-num-seqs 64 --max-model-len 4096 \
   --page-size 16 --compilation-cache-dir "$CACHE" --buckets 16x8 512x8 2048x8 --run \
   --repeats 10 --json "$OUT/profile_h100.json" --plot "$OUT/profile_h100.png"
-$PY bench/e2e_common.py summary "$OUT" | tee "$OUT/summary.txt"
+$PY bench/e2e_summary.py "$OUT" | tee "$OUT/summary.txt"

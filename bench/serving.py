@@ -71,10 +71,9 @@ def serve_main(args: argparse.Namespace) -> int:
         stats = built.engine.stats()
         pathlib.Path(args.stats_out).write_text(json.dumps({
             "metadata": ec.run_metadata("serving-server"),
-            "compiles_after_warmup": int(stats.compiles_after_warmup),
+            **ec.compile_report(built),
             "num_preemptions": int(stats.num_preemptions), "num_steps": int(stats.num_steps),
             "engine": ec.engine_summary(built), "host_gaps": built.timed.idle_summary(),
-            "compile_log": [str(x) for x in getattr(built.timed.inner, "compile_log", [])],
         }, default=str))
     return rc
 

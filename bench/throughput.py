@@ -166,35 +166,26 @@ def main(argv: list[str] | None = None) -> int:
     max_len = max(i + o for c in cases for i, o in c.lengths)
     max_len = math.ceil(max_len / args.page_size) * args.page_size
 
-    report: dict[str, Any] = ec.run_metadata("throughput")
-    ceilings = ec.measure_ceilings(args.no_calibrate)
-    report["ceilings"] = ceilings
-    built = ec.build_engine(args, max_model_len=max_len)
-    report["engine"] = ec.engine_summary(built)
-    cost = ec.ModelCost.from_config(built.model_config)
+    report, built, cost = ec.start_report("throughput", args, max_model_len=max_len)
     rng = np.random.default_rng(args.seed)
     from xlaserve.runtime.llm import LLM
 
     llm = LLM(engine=built.engine)  # one LLM: request ids stay unique across cases
     results = []
     for case in cases:
-        res = run_case(built, llm, case, rng, args.warmup_prompts, ceilings, cost)
+        res = run_case(built, llm, case, rng, args.warmup_prompts, report["ceilings"], cost)
         results.append(res)
         print(f"{case.name:>10}: {res['requests_per_s']:.2f} req/s, "
               f"{res['output_tokens_per_s']:.0f} out tok/s, {res['total_tokens_per_s']:.0f} "
               f"total tok/s (roofline {ec.fmt(res['roofline_output_tokens_per_s'], 0)} out tok/s)",
               flush=True)
     report["cases"] = results
-    report["compiles_after_warmup"] = ec.compiles_after_warmup(built)
-    report["compile_log"] = [str(x) for x in getattr(built.timed.inner, "compile_log", [])]
-    ec.write_json(args.out, report)
-    _print_summary(report)
-    return 0 if report["compiles_after_warmup"] == 0 else 3
+    rc = ec.finish_report(report, built, args.out)
+    _print_table(report)
+    return rc
 
 
-def _print_summary(report: dict[str, Any]) -> None:
-    print(f"\nthroughput  {report['device']}  jax {report['jax']}  "
-          f"compiles_after_warmup={report['compiles_after_warmup']}")
+def _print_table(report: dict[str, Any]) -> None:
     print(f"{'case':>10} {'N':>5} {'req/s':>8} {'out tok/s':>10} {'total tok/s':>11} "
           f"{'roofline':>9} {'frac':>5} {'idle':>5} {'target':>8}")
     for c in report["cases"]:
