@@ -122,8 +122,10 @@ def build(sched_out: SchedulerOutput, *, page_size: int, token_buckets: Sequence
     num_tokens = sched_out.num_scheduled_tokens
     T = choose_bucket(num_tokens, token_buckets, "num_scheduled_tokens")
     S = choose_bucket(len(seqs), seq_buckets, "num_seqs")
-    if S > T:  # programs exist for S <= T only (each sequence has >= 1 token row)
+    if S > T and S <= token_buckets[-1]:  # prefer a program with S <= T
         T = choose_bucket(S, token_buckets, "num_seqs")
+    # Else S is the bucket of the most sequences T rows can hold: the runner compiles (T, S) too
+    # (ModelRunner.bucket_keys), e.g. T = max_num_batched_tokens = 20 with S buckets (8, 16, 32).
     n_seqs = len(seqs)
     page_table = np.zeros((S, max_pages_per_seq), np.int32)
     for s, seq in enumerate(seqs):

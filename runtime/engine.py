@@ -154,6 +154,9 @@ class Engine:
             raise ValueError(f"stop_token_ids: with min_tokens > 0 at most "
                              f"{batch.MAX_MIN_TOKENS_STOP_IDS} stop ids (EOS included)")
         ids = [request_id] if sampling.n == 1 else [f"{request_id}#{i}" for i in range(sampling.n)]
+        for rid in ids:  # before adding any, so that a failure adds nothing
+            if rid in self._children or rid in self.scheduler.requests:
+                raise ValueError(f"request_id={rid!r}: already in use")
         for i, rid in enumerate(ids):
             seed = sampling.seed + i if sampling.seed is not None else (
                 self.config.seed * 1_000_003 + self._counter)
@@ -169,11 +172,25 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Aborts a request (all its children for n > 1): pages are freed now; the final output
         (finish_reason "abort") comes from the next step(). Unknown ids are ignored."""
-        for rid in self._children.pop(request_id, [request_id]):
+        kids = self._children.pop(request_id, None)
+        for rid in kids if kids is not None else [request_id]:
             out = self.scheduler.abort(rid)
             self._outputs.remove(rid)
             if out is not None:
                 self._pending.append(out)
+                if kids is None:  # one child of an n > 1 request aborted by its own id
+                    self._forget_child(rid)
+
+    def _forget_child(self, request_id: str) -> None:
+        """Drops a finished child from its parent's list (the parent id is free once empty)."""
+        if "#" not in request_id:
+            return
+        parent = request_id.rpartition("#")[0]
+        kids = self._children.get(parent)
+        if kids is not None and request_id in kids:
+            kids.remove(request_id)
+            if not kids:
+                del self._children[parent]
 
     def has_work(self) -> bool:
         return bool(self._pending) or self._inflight is not None or self.scheduler.has_work()
@@ -215,15 +232,11 @@ class Engine:
                 out, stop = self._outputs.process(delta)
                 if stop is not None and not delta.finished:
                     self.scheduler.finish(delta.request_id, RequestStatus.FINISHED_STOPPED, stop)
+                if out.finished:
+                    # Only here, not for `_pending` abort outputs: abort() already forgot those
+                    # children, and the parent id may have been reused since.
+                    self._forget_child(out.request_id)
                 outs.append(out)
-        for out in outs:
-            if out.finished and "#" in out.request_id:
-                parent = out.request_id.rpartition("#")[0]
-                kids = self._children.get(parent)
-                if kids is not None and out.request_id in kids:
-                    kids.remove(out.request_id)
-                    if not kids:
-                        del self._children[parent]
         self._last_step_time = time.perf_counter() - start
         return outs
 

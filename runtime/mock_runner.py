@@ -83,7 +83,12 @@ class MockRunner:
         self._kv = np.full(self.num_pages * self.page_size, -1, np.int64)  # token id per slot
 
     def warmup(self) -> None:
-        self._compiled = {(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t}
+        # The same (T, S) pairs as ModelRunner.bucket_keys.
+        self._compiled = set()
+        for t in self.token_buckets:
+            most = min(t, self.seq_buckets[-1])
+            top = next(s for s in self.seq_buckets if s >= most)
+            self._compiled |= {(t, s) for s in self.seq_buckets if s <= most or s == top}
         self._warm = True
 
     def execute_async(self, inputs: StepInputs, *, num_logprobs: int | None = None) -> _Done:

@@ -3,7 +3,8 @@
 Stop strings: text that could still be the start of a stop string is held back (not streamed)
 until it either completes the stop (the request finishes and the text is trimmed just before the
 match; the stop string itself is not returned) or can no longer match (it is released). Held text
-is flushed when the request finishes for any other reason.
+is flushed when the request finishes for any other reason. Like EOS and stop token ids, stop
+strings count only once the request has more than min_tokens output tokens.
 
 Also here: `Completion`, the finished result of one sequence, accumulated from its deltas (what the
 offline API and the batch CLI return).
@@ -58,9 +59,11 @@ def held_back(text: str, start: int, stops: Sequence[str]) -> int:
 
 
 class _State:
-    def __init__(self, detok: Detokenizer | None, stops: tuple[str, ...]):
+    def __init__(self, detok: Detokenizer | None, stops: tuple[str, ...], min_tokens: int = 0):
         self.detok = detok
         self.stops = stops
+        self.min_tokens = min_tokens  # stop strings count only after this many output tokens
+        self.num_tokens = 0  # output tokens seen
         self.text = ""  # everything decoded so far (includes held text)
         self.sent = 0  # chars of `text` already returned
 
@@ -80,7 +83,7 @@ class OutputProcessor:
     def add(self, request_id: str, prompt_token_ids: Sequence[int],
             sampling: SamplingParams) -> None:
         detok = self._factory(prompt_token_ids) if self._factory is not None else None
-        self._states[request_id] = _State(detok, sampling.stop)
+        self._states[request_id] = _State(detok, sampling.stop, sampling.min_tokens)
 
     def remove(self, request_id: str) -> None:
         self._states.pop(request_id, None)
@@ -96,12 +99,15 @@ class OutputProcessor:
         st = self._states.get(out.request_id)
         if st is None:
             return out, None
+        st.num_tokens += len(out.new_token_ids)
         if st.detok is not None and out.new_token_ids:
             st.text += st.detok.add(out.new_token_ids)
         if out.finished and st.detok is not None:
             st.text += st.detok.flush()
         matched = None
-        if st.stops:
+        # Like EOS and stop token ids, stop strings wait for min_tokens (text of the first
+        # min_tokens tokens is released at once and never matched).
+        if st.stops and st.num_tokens > st.min_tokens:
             hit = find_stop(st.text, st.sent, st.stops)
             if hit is not None:
                 end, matched = hit

@@ -20,7 +20,7 @@ class SamplingParams:
     """
 
     max_tokens: int = 16  # most tokens to generate
-    min_tokens: int = 0  # EOS and stop token ids are suppressed until this many tokens
+    min_tokens: int = 0  # EOS, stop token ids and stop strings are ignored until this many tokens
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # nucleus; 1.0 = off

@@ -48,7 +48,7 @@ class ScheduledSeq:
     sampling: SamplingParams  # seed always set (the engine derives one when the request had none)
     output_position: int  # index in the output of the token this step samples
     placeholder: bool = False  # token_ids[-1] is the previous step's sampled token, not yet known
-    generation: int = 0  # bumped at each preemption; results of an older generation are dropped
+    generation: int = 0  # new at each preemption (and re-add); results of another are dropped
     # Token history for penalties; None unless the request uses a penalty.
     prompt_token_ids: tuple[int, ...] | None = None
     output_token_ids: tuple[int, ...] | None = None
@@ -96,7 +96,10 @@ class Scheduler:
         self._hashes: dict[str, list[PageHash]] = {}
         self._leader: dict[str, str] = {}  # n > 1: child id -> sibling whose prompt it waits for
         self._inflight: dict[str, int] = {}  # request id -> sampled tokens not yet known (0 or 1)
-        self._generation: dict[str, int] = {}  # request id -> preemption count
+        # request id -> generation, unique over the scheduler's life: bumped at each preemption,
+        # and a re-added id (abort then add) never reuses one, so stale results never match.
+        self._generation: dict[str, int] = {}
+        self._next_generation = 0
         self.prefix_cache_queries = 0  # tokens looked up at admission
         self.prefix_cache_hits = 0  # of which served by cached pages
         self.num_preemptions = 0
@@ -126,7 +129,7 @@ class Scheduler:
         self.requests[req.request_id] = req
         self._hashes[req.request_id] = []
         self._inflight[req.request_id] = 0
-        self._generation[req.request_id] = 0
+        self._generation[req.request_id] = self._new_generation()
         if wait_for is not None:
             self._leader[req.request_id] = wait_for
         req.status = RequestStatus.WAITING
@@ -226,9 +229,13 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         self._hashes[req.request_id] = []
         self._inflight[req.request_id] = 0
-        self._generation[req.request_id] += 1
+        self._generation[req.request_id] = self._new_generation()
         self.waiting.appendleft(req)
         self.num_preemptions += 1
+
+    def _new_generation(self) -> int:
+        self._next_generation += 1
+        return self._next_generation
 
     def _held(self, req: Request) -> bool:
         """A sibling waits until its leader's full prompt pages are in the prefix cache."""

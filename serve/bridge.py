@@ -116,6 +116,10 @@ class RequestHandle:
         if self._remaining == 0:
             raise StopAsyncIteration
         event = await self._queue.get()
+        while event.output.finished and event.index not in self._open:
+            # A second final for one sample: close() queued a synthetic "abort" for a sample
+            # whose real final was already queued but not yet read. Drop it.
+            event = await self._queue.get()
         if event.output.finished:
             self._open.discard(event.index)
             self._remaining -= 1
