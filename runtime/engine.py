@@ -229,7 +229,10 @@ class Engine:
             deltas = self.scheduler.update(sched_out, res.sampled_token_ids, res.logprobs,
                                            res.top_logprob_ids, res.top_logprobs)
             for delta in deltas:
-                out, stop = self._outputs.process(delta)
+                try:
+                    out, stop = self._outputs.process(delta)
+                except Exception as e:  # noqa: BLE001 - one request's text failed: only it ends
+                    out, stop = self._fail(delta, e), None
                 if stop is not None and not delta.finished:
                     self.scheduler.finish(delta.request_id, RequestStatus.FINISHED_STOPPED, stop)
                 if out.finished:
@@ -239,6 +242,14 @@ class Engine:
                 outs.append(out)
         self._last_step_time = time.perf_counter() - start
         return outs
+
+    def _fail(self, delta: RequestOutput, error: Exception) -> RequestOutput:
+        """Ends one request whose output processing raised: pages freed, an error final."""
+        log.exception("request %s failed in output processing", delta.request_id)
+        self.scheduler.abort(delta.request_id)
+        self._outputs.remove(delta.request_id)
+        return dataclasses.replace(delta, new_text="", finished=True, finish_reason="abort",
+                                   error=f"{type(error).__name__}: {error}")
 
     def stats(self) -> EngineStats:
         s, a = self.scheduler, self.scheduler.allocator

@@ -158,3 +158,47 @@ def test_stop_strings_wait_for_min_tokens() -> None:
             break
     assert stops == [None, None, "b"]
     assert "".join(texts) == "ba"
+
+
+def test_an_output_processing_error_fails_only_its_request() -> None:
+    """A detokenizer that raises for one request ends that request (error final, pages freed);
+    the others run to completion with their normal tokens."""
+
+    class Detok:
+        def __init__(self, prompt_ids):
+            self.bad = list(prompt_ids) == [666]
+
+        def add(self, ids):
+            if self.bad:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "planted")
+            return "".join(chr(65 + i % 26) for i in ids)
+
+        def flush(self):
+            return ""
+
+    cfg = EngineConfig(cache=CacheConfig(page_size=8, num_pages=64),
+                       scheduler=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8,
+                                                 max_model_len=64))
+    runner = MockRunner(cfg.cache, cfg.scheduler, vocab_size=V)
+    runner.warmup()
+    e = Engine(cfg, runner, detokenizer_factory=Detok)
+    prompts = {"ok1": [5, 6], "bad": [666], "ok2": [7]}
+    for rid, p in prompts.items():
+        e.add_request(rid, p, SamplingParams(temperature=0, max_tokens=4))
+    got: dict[str, list[int]] = {}
+    finals = {}
+    for _ in range(50):
+        if not e.has_work():
+            break
+        for out in e.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                finals[out.request_id] = out
+    assert finals["bad"].finish_reason == "abort" and "planted" in finals["bad"].error
+    for rid in ("ok1", "ok2"):
+        ctx = list(prompts[rid])
+        for _ in range(4):
+            ctx.append(mock_next_token(ctx, V))
+        assert got[rid] == ctx[len(prompts[rid]):] and finals[rid].finish_reason == "length"
+    stats = e.stats()
+    assert stats.num_running == 0 and stats.num_pages_used == 0
