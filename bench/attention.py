@@ -184,7 +184,7 @@ def section_check(results: dict[str, Any]) -> None:
                 err = common.relative_error(fn(*args), ref)
                 rows.append({"case": case.name, "config": cfg and dataclasses.asdict(cfg),
                              "rel_err": err, "ok": err < 1e-2})
-            except Exception as e:  # noqa: BLE001
+            except Exception:  # noqa: BLE001
                 rows.append({"case": case.name, "config": cfg and dataclasses.asdict(cfg),
                              "error": traceback.format_exc()[-2000:]})
                 print(traceback.format_exc()[-3000:], flush=True)

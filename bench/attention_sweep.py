@@ -25,7 +25,7 @@ import numpy as np
 import attention as bench
 import common
 from xlaserve.pallas_kernels import ragged_paged_attention as rpa
-from xlaserve.pallas_kernels.tuning import num_kv_splits, table_key
+from xlaserve.pallas_kernels.tuning import table_key
 
 Cfg = rpa.RaggedPagedAttentionConfig
 

@@ -5,7 +5,8 @@ package code).
 waiting, blocks on the last, and takes the median over `repeats` such runs (host dispatch
 overlaps device work, but a call shorter than its dispatch is timed as dispatch). `time_in_jit`
 runs n dependent calls inside one program, so small kernels are timed on the device.
-`copy_bandwidth` and `matmul_rate` measure the two ceilings on the device in the same process, as the issue asks.
+`copy_bandwidth` and `matmul_rate` measure the two ceilings on the device in the same process,
+as the issue asks.
 """
 
 from __future__ import annotations

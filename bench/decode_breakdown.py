@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     page_table = np.zeros((s, max_pages), np.int32)
     page_table[0, :max_pages] = np.arange(1, max_pages + 1)
     inputs = StepInputs(
-        token_ids=np.full(t, 7, np.int32), positions=np.r_[ctx - 1, np.zeros(t - 1)].astype(np.int32),
+        token_ids=np.full(t, 7, np.int32),
+        positions=np.r_[ctx - 1, np.zeros(t - 1)].astype(np.int32),
         slot_mapping=np.r_[(ctx - 1) + ps, np.zeros(t - 1)].astype(np.int32),
         cu_q_lens=np.r_[0, np.ones(s, np.int32)].astype(np.int32),
         kv_lens=np.r_[ctx, np.zeros(s - 1)].astype(np.int32), page_table=page_table,

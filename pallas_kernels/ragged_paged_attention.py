@@ -129,7 +129,7 @@ def check_inputs(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: 
 
 def _compiler_params(num_warps: int, num_stages: int):
     """Triton compiler params; the class name differs between jax releases, so look it up."""
-    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+    cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 

@@ -8,9 +8,12 @@ peak_bandwidth)`` against `hardware.DevicePeaks`. `CompileMonitor` watches jax's
 events, so compiles after warm-up are caught whichever code path triggered them.
 
 Limits, said plainly: XLA's cost analysis does not see inside opaque custom calls (Pallas/Triton
-kernels; cuBLAS GEMMs it does count), so with the Pallas attention kernel on GPUs the attention
-FLOPs and KV-page reads are missing from the roofline, which then understates long-context steps;
-with a sharded mesh the numbers are those of one device's program. This module renders nothing (see xlaserve/profiling/render.py) and never
+kernels, and on the H100 run of bench/results/profile_h100.json the cuBLAS GEMMs too: 22 GFLOP
+reported for a 2048-token step that does 31 TFLOP), and it counts the whole donated KV pool as
+traffic of the in-place update. So the XLA roofline is reported as XLA sees it, and beside it the
+analytic `model_cost` roofline, counted from the model's shapes, which is the one to compare with;
+with a sharded mesh the numbers are those of one device's program. This module renders nothing
+(see xlaserve/profiling/render.py) and never
 changes what the runner compiles.
 """
 

@@ -42,7 +42,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         checks = [
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be >= 1"),
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+             "must be >= 1"),
             ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens,
              "must be >= 0"),
             ("min_tokens", self.min_tokens <= self.max_tokens, "must be <= max_tokens"),

@@ -18,7 +18,7 @@ EXTRA_CORPUS = "\n".join(["Café crème, très bien. 中文 你好 世界 世界
 # Pieces random texts are made of: ASCII words, spaces/newlines, accents, CJK, emoji (with ZWJ
 # and skin-tone modifiers), symbols. Every one is valid UTF-8.
 ATOMS = ["the", "cat", "Hello", " ", "  ", "\n", "\t", ",", ".", "é", "ü", "ß", "中", "文",
-         "你好", "世界", "日本語", "한", "😀", "🎉", "👍🏽", "👨‍👩‍👧", "€", "∑", "𝔘", "42", "<", "x"]
+         "你好", "世界", "日本語", "한", "😀", "🎉", "👍🏽", "👨‍👩‍👧", "€", "∑", "𝔘", "42", "<", "x"]  # noqa: E501
 
 
 @pytest.fixture(scope="module", params=["sentencepiece", "byte_level"])

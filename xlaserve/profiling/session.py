@@ -236,7 +236,8 @@ def profile(cfg: EngineConfig, peaks: DevicePeaks, args: argparse.Namespace,
             prof.add_attention_estimate(bp, flops, nbytes, peaks, dtype)
         if args.run:
             inputs = timing_inputs(runner, t, s, w, kv_len)
-            bp.measured_s = median_seconds(lambda: runner.execute(inputs), args.repeats)
+            bp.measured_s = median_seconds(lambda inputs=inputs: runner.execute(inputs),
+                                           args.repeats)
             bp.measured_over_roofline = bp.measured_s / bp.roofline_s if bp.roofline_s else None
         mflops, mbytes = prof.model_cost(
             num_tokens=t, num_seqs=s, kv_len=kv_len, max_model_len=runner.sched_cfg.max_model_len,
