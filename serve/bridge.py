@@ -310,16 +310,14 @@ class EngineBridge:
             t0 = time.perf_counter()
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # fail what it concerns, keep serving
+            except Exception as e:  # the step as a whole failed: its state is unknown
+                # One request's failure inside the step (its text, its stop strings) is ended by
+                # the engine itself with an error final; what reaches here is a failure of the
+                # step (device, runner, a bug), after which no in-flight request can be trusted.
+                # Fail them all and keep serving.
                 outputs = []
-                culprit = getattr(e, "request_id", None)
-                base = culprit.partition("#")[0] if isinstance(culprit, str) else None
-                if base in tracked:
-                    log.exception("engine step failed in request %s", base)
-                    self._fail_one(tracked, base, events, f"engine step failed: {e!r}")
-                else:
-                    log.exception("engine step failed; aborting %d requests", len(tracked))
-                    self._fail_all(tracked, events, f"engine step failed: {e!r}")
+                log.exception("engine step failed; aborting %d requests", len(tracked))
+                self._fail_all(tracked, events, f"engine step failed: {e!r}")
             self.metrics.step_time.observe(time.perf_counter() - t0)
             self._route(tracked, outputs, events)
         self.metrics.observe_stats(self.engine.stats())

@@ -1,8 +1,9 @@
 """Model-free engines for server tests: the real Engine + MockRunner + the builtin tiny tokenizer.
 
 `TestEngine` wraps an Engine to add a per-step delay (so requests stay in flight long enough to
-cancel or overload) and two poisons: a prompt equal to ADD_POISON makes add_request raise, one
-equal to STEP_POISON makes the next step raise an error attributed to that request.
+cancel or overload) and two poisons: a prompt equal to ADD_POISON makes add_request raise; for one
+equal to STEP_POISON the detokenizer raises inside the engine's step, which must end only that
+request (Engine._fail).
 Also runnable as a script: ``python tests/serve/mock_engine.py PORT_FILE`` serves until SIGTERM.
 """
 
@@ -18,17 +19,29 @@ from xlaserve.checkpoints.tokenizer import Tokenizer
 from xlaserve.runtime.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.mock_runner import MockRunner
+from xlaserve.runtime.output import default_detokenizer_factory
 
 ADD_POISON = [5, 5, 5, 5, 5]
 STEP_POISON = [6, 6, 6, 6, 6]
 
 
-class StepError(RuntimeError):
-    """A step failure attributed to one request (carries request_id, as the bridge expects)."""
+class PoisonedDetokenizer:
+    """Raises on the first tokens, as a broken detokenizer of one request would."""
 
-    def __init__(self, request_id: str) -> None:
-        super().__init__(f"poisoned request {request_id}")
-        self.request_id = request_id
+    def add(self, ids: Any) -> str:
+        raise RuntimeError("poisoned request: detokenizer failed")
+
+    def flush(self) -> str:
+        return ""
+
+
+def poisoning_factory(tokenizer: Tokenizer) -> Any:
+    """The tokenizer's detokenizers, except for STEP_POISON prompts."""
+    normal = default_detokenizer_factory(tokenizer)
+
+    def make(prompt_ids: Any) -> Any:
+        return PoisonedDetokenizer() if list(prompt_ids) == STEP_POISON else normal(prompt_ids)
+    return make
 
 
 class TestEngine:
@@ -39,20 +52,15 @@ class TestEngine:
     def __init__(self, engine: Engine, step_delay_s: float = 0.0) -> None:
         self.inner = engine
         self.step_delay_s = step_delay_s
-        self._poisoned: list[str] = []
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: Any) -> None:
         if list(prompt_token_ids) == ADD_POISON:
             raise RuntimeError("add_request poisoned")
-        if list(prompt_token_ids) == STEP_POISON:
-            self._poisoned.append(request_id)
         self.inner.add_request(request_id, prompt_token_ids, sampling)
 
     def step(self) -> list[Any]:
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
-        if self._poisoned:
-            raise StepError(self._poisoned.pop())
         return self.inner.step()
 
     def __getattr__(self, name: str) -> Any:
@@ -77,8 +85,9 @@ def make_engine(*, step_delay_s: float = 0.0, num_pages: int = 128, max_num_seqs
     model_config = ModelConfig(model_type="llama", vocab_size=tok.vocab_size, hidden_size=8,
                                intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
                                head_dim=8, max_position_embeddings=max_model_len)
-    return TestEngine(Engine(config, runner, tokenizer=tok, model_config=model_config),
-                      step_delay_s)
+    engine = Engine(config, runner, tokenizer=tok, model_config=model_config,
+                    detokenizer_factory=poisoning_factory(tok))
+    return TestEngine(engine, step_delay_s)
 
 
 def offline_generate(engine: Any, prompt_ids: list[int], sampling: Any) -> tuple[list[int], str]:
