@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import sys
 import time
@@ -39,6 +40,19 @@ def _median_ms(fn, args, repeats: int) -> float:
     return 1e3 * float(np.median(times))
 
 
+def _trace(call, trace_dir: str, steps: int) -> dict:
+    """Traces `steps` blocking calls with jax.profiler; returns the device-kernel summary."""
+    import trace_summary
+
+    call()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            jax.block_until_ready(call())
+    summary = trace_summary.summarize(trace_summary.find_trace(trace_dir), steps=steps)
+    print(trace_summary.render(summary), flush=True)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="bench/configs/llama3.1-8b")
@@ -46,8 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-pages", type=int, default=4096)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--batch", type=int, default=1,
+                   help="real decode sequences, each at --context (bucket S >= 8, T >= 16)")
+    p.add_argument("--variants", default="full,forward,no_attn,no_attn_ref,matmuls",
+                   help="comma-separated subset of the variants to time")
+    p.add_argument("--trace-dir", default=None,
+                   help="also trace --trace-steps steps of the first variant with "
+                        "jax.profiler and summarise the device kernels (trace_summary.py)")
+    p.add_argument("--trace-steps", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    wanted = [v for v in args.variants.split(",") if v]
 
     from xlaserve.checkpoints.loader import load_model
     from xlaserve.runtime import sampling
@@ -55,21 +78,33 @@ def main(argv: list[str] | None = None) -> int:
     from xlaserve.runtime.model_runner import greedy_sampling_inputs
     from xlaserve.runtime.models import llama
 
+    t0 = time.perf_counter()
     loaded = load_model(args.config, load_format="dummy", dtype="bfloat16")
     cfg, params = loaded.config, loaded.params
-    t, s, ps = 16, 8, args.page_size
-    max_pages = (args.context + ps) // ps + 1
-    ctx = args.context
+    jax.block_until_ready(params)
+    load_s = time.perf_counter() - t0
+    print(f"dummy weights ready in {load_s:.1f} s", flush=True)
+    b, ps, ctx = args.batch, args.page_size, args.context
+    s = max(8, 1 << (b - 1).bit_length())
+    t = max(16, s)
+    max_pages = (ctx + ps) // ps + 1
+    if 1 + b * max_pages > args.num_pages:
+        raise SystemExit(f"--num-pages {args.num_pages} < {1 + b * max_pages} needed")
     page_table = np.zeros((s, max_pages), np.int32)
-    page_table[0, :max_pages] = np.arange(1, max_pages + 1)
+    for i in range(b):  # sequence i owns pages 1 + i*max_pages ...
+        page_table[i] = 1 + i * max_pages + np.arange(max_pages)
+    pos = np.zeros(t, np.int32)
+    pos[:b] = ctx - 1
+    slots = np.zeros(t, np.int32)
+    slots[:b] = page_table[np.arange(b), (ctx - 1) // ps] * ps + (ctx - 1) % ps
+    kv_lens = np.zeros(s, np.int32)
+    kv_lens[:b] = ctx
     inputs = StepInputs(
-        token_ids=np.full(t, 7, np.int32),
-        positions=np.r_[ctx - 1, np.zeros(t - 1)].astype(np.int32),
-        slot_mapping=np.r_[(ctx - 1) + ps, np.zeros(t - 1)].astype(np.int32),
-        cu_q_lens=np.r_[0, np.ones(s, np.int32)].astype(np.int32),
-        kv_lens=np.r_[ctx, np.zeros(s - 1)].astype(np.int32), page_table=page_table,
-        num_seqs=np.ones(1, np.int32), logits_indices=np.zeros(s, np.int32),
-        sampling=greedy_sampling_inputs(s))
+        token_ids=np.full(t, 7, np.int32), positions=pos, slot_mapping=slots,
+        cu_q_lens=np.r_[0, np.minimum(np.arange(1, s + 1), b)].astype(np.int32),
+        kv_lens=kv_lens, page_table=page_table,
+        num_seqs=np.full(1, b, np.int32), logits_indices=np.r_[np.arange(b), np.zeros(s - b)]
+        .astype(np.int32), sampling=greedy_sampling_inputs(s))
     kv = llama.init_kv_cache(cfg, args.num_pages, ps)
 
     def identity_attention(q, k_new, v_new, k_pages, v_pages, inputs, *, sm_scale,
@@ -113,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"full": full, "forward": forward, "no_attn": no_attn,
                 "no_attn_ref": no_attn_ref}
     results = {}
+    traced = None
+    jax.block_until_ready(params)
     for name, fn in variants.items():
+        if name not in wanted:
+            continue
         jitted = jax.jit(fn, donate_argnums=(1,))
         state = {"kv": kv}
 
@@ -125,20 +164,29 @@ def main(argv: list[str] | None = None) -> int:
         compile_s = time.perf_counter() - t0
         results[name] = {"ms": _median_ms(lambda: call(), (), args.repeats),
                          "first_call_s": round(compile_s, 2)}
+        if args.trace_dir and traced is None:
+            traced = name
+            results[name]["trace"] = _trace(call, args.trace_dir, args.trace_steps)
         kv = state["kv"]
-        print(name, results[name], flush=True)
-    jm = jax.jit(matmuls)
-    results["matmuls"] = {"ms": _median_ms(lambda: jm(mats, None, None), (), args.repeats)}
-    print("matmuls", results["matmuls"], flush=True)
+        print(name, {k: v for k, v in results[name].items() if k != "trace"}, flush=True)
+    if "matmuls" in wanted:
+        jm = jax.jit(matmuls)
+        results["matmuls"] = {"ms": _median_ms(lambda: jm(mats, None, None), (), args.repeats)}
+        print("matmuls", results["matmuls"], flush=True)
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     report = {
         "bench": "decode_breakdown", "device": jax.devices()[0].device_kind,
         "jax": jax.__version__, "context": ctx, "weight_bytes": weight_bytes,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]), "variants_ms": results,
-        "attention_and_write_ms": results["full"]["ms"] - results["no_attn"]["ms"],
-        "sampling_ms": results["full"]["ms"] - results["forward"]["ms"],
+        "command": " ".join(["python", *sys.argv]), "batch": b, "bucket": [t, s],
+        "num_pages": args.num_pages, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "load_s": round(load_s, 2), "variants_ms": results,
     }
+    ms = {k: v["ms"] for k, v in results.items()}
+    if "full" in ms and "no_attn" in ms:
+        report["attention_and_write_ms"] = ms["full"] - ms["no_attn"]
+    if "full" in ms and "forward" in ms:
+        report["sampling_ms"] = ms["full"] - ms["forward"]
     print(json.dumps({k: v for k, v in report.items() if k != "variants_ms"}), flush=True)
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(report, indent=2))

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One GPU call: where the decode step's time goes (issue 8), under several XLA settings.
+# bench/decode_breakdown.py per case (8B shape, dummy weights), with a jax.profiler trace of the
+# full step summarised per kernel (bench/trace_summary.py). Every case writes its JSON to $OUT.
+#   OUT=/tmp/out bash bench/run_gpu_diag.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+OUT=${OUT:?set OUT}
+PY=${PYTHON:-python3}
+MODEL=bench/configs/llama3.1-8b
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/diag.log") 2>&1
+echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)"
+if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps .whl/setuptools-*.whl .whl/wheel-*.whl
+fi
+$PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+
+case_() {  # name, seconds, xla flags, args...
+  local name=$1 secs=$2 flags=$3; shift 3
+  echo "=== $name (XLA_FLAGS='$flags') $(date -u +%T)"
+  XLA_FLAGS="$flags" timeout -k 10 "$secs" $PY bench/decode_breakdown.py --config $MODEL \
+    --out "$OUT/bd_$name.json" "$@"
+  echo "=== $name rc=$?"
+}
+CASES=${CASES:-b1 b1_small_pool b1_no_cmdbuf b1_cmdbuf_cond b1_no_triton_gemm b64 b256}
+for c in $CASES; do
+  case $c in
+    b1) case_ b1 120 "" --trace-dir /tmp/tr_b1 ;;
+    b1_small_pool) case_ b1_small_pool 80 "" --num-pages 160 --variants full,forward ;;
+    b1_no_cmdbuf) case_ b1_no_cmdbuf 80 "--xla_gpu_enable_command_buffer=" \
+      --variants full,forward --trace-dir /tmp/tr_nocb --trace-steps 3 ;;
+    b1_cmdbuf_cond) case_ b1_cmdbuf_cond 80 \
+      "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
+      --variants full,forward ;;
+    b1_no_triton_gemm) case_ b1_no_triton_gemm 80 "--xla_gpu_enable_triton_gemm=false" \
+      --variants full,matmuls --trace-dir /tmp/tr_notg --trace-steps 3 ;;
+    b64) case_ b64 90 "" --batch 64 --num-pages 4400 --variants full,forward \
+      --trace-dir /tmp/tr_b64 ;;
+    b256) case_ b256 90 "" --batch 256 --context 256 --num-pages 4700 --variants full,forward \
+      --trace-dir /tmp/tr_b256 ;;
+  esac
+done
+echo "=== done $(date -u +%T)"
