@@ -2,7 +2,8 @@
 
 Variants (each one jitted program, KV cache donated, bf16 dummy weights, T=16 S=8 bucket, one
 real sequence at context --context):
-  full        forward + on-device sampling (what the engine runs)
+  full        forward + on-device sampling
+  full_packed the same behind runtime/packing.py (one host->device copy: what the runner runs)
   forward     forward only (logits at logits_indices)
   no_attn     forward with attention and the K/V write replaced by identity (o = q)
   no_attn_ref same, and no sampling: only the projections, norms, rope and the LM head
@@ -40,14 +41,22 @@ def _median_ms(fn, args, repeats: int) -> float:
     return 1e3 * float(np.median(times))
 
 
+def _pipelined_ms(call, repeats: int) -> float:
+    """ms per step dispatched back to back with one wait at the end (as the engine overlaps)."""
+    jax.block_until_ready(call())
+    t0 = time.perf_counter()
+    outs = [call() for _ in range(repeats)]
+    jax.block_until_ready(outs)
+    return 1e3 * (time.perf_counter() - t0) / repeats
+
+
 def _trace(call, trace_dir: str, steps: int) -> dict:
-    """Traces `steps` blocking calls with jax.profiler; returns the device-kernel summary."""
+    """Traces `steps` back-to-back calls with jax.profiler; returns the kernel summary."""
     import trace_summary
 
-    call()
+    jax.block_until_ready(call())
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(steps):
-            jax.block_until_ready(call())
+        jax.block_until_ready([call() for _ in range(steps)])
     summary = trace_summary.summarize(trace_summary.find_trace(trace_dir), steps=steps)
     print(trace_summary.render(summary), flush=True)
     return summary
@@ -68,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="also trace --trace-steps steps of the first variant with "
                         "jax.profiler and summarise the device kernels (trace_summary.py)")
     p.add_argument("--trace-steps", type=int, default=5)
+    p.add_argument("--trace-variant", default=None, help="default: the first one timed")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     wanted = [v for v in args.variants.split(",") if v]
 
     from xlaserve.checkpoints.loader import load_model
-    from xlaserve.runtime import sampling
+    from xlaserve.runtime import packing, sampling
     from xlaserve.runtime.batch import StepInputs
     from xlaserve.runtime.model_runner import greedy_sampling_inputs
     from xlaserve.runtime.models import llama
@@ -145,8 +155,14 @@ def main(argv: list[str] | None = None) -> int:
             acc = acc + jnp.dot(x, w, preferred_element_type=jnp.float32)[0, 0]
         return acc, kv
 
-    variants = {"full": full, "forward": forward, "no_attn": no_attn,
-                "no_attn_ref": no_attn_ref}
+    spec = packing.spec_of(inputs)
+    packed_inputs = packing.pack(inputs, spec)
+
+    def full_packed(params, kv, packed_inputs):  # what the ModelRunner runs: one H2D copy
+        return full(params, kv, packing.unpack(*packed_inputs, spec))
+
+    variants = {"full": full, "full_packed": full_packed, "forward": forward,
+                "no_attn": no_attn, "no_attn_ref": no_attn_ref}
     results = {}
     traced = None
     jax.block_until_ready(params)
@@ -156,15 +172,18 @@ def main(argv: list[str] | None = None) -> int:
         jitted = jax.jit(fn, donate_argnums=(1,))
         state = {"kv": kv}
 
-        def call(jitted=jitted, state=state):
-            out, state["kv"] = jitted(params, state["kv"], inputs)
+        step_args = packed_inputs if name == "full_packed" else inputs
+
+        def call(jitted=jitted, state=state, step_args=step_args):
+            out, state["kv"] = jitted(params, state["kv"], step_args)
             return out
         t0 = time.perf_counter()
         call()
         compile_s = time.perf_counter() - t0
         results[name] = {"ms": _median_ms(lambda: call(), (), args.repeats),
+                         "ms_pipelined": _pipelined_ms(call, args.repeats),
                          "first_call_s": round(compile_s, 2)}
-        if args.trace_dir and traced is None:
+        if args.trace_dir and traced is None and args.trace_variant in (None, name):
             traced = name
             results[name]["trace"] = _trace(call, args.trace_dir, args.trace_steps)
         kv = state["kv"]

@@ -24,22 +24,26 @@ case_() {  # name, seconds, xla flags, args...
     --out "$OUT/bd_$name.json" "$@"
   echo "=== $name rc=$?"
 }
-CASES=${CASES:-b1 b1_small_pool b1_no_cmdbuf b1_cmdbuf_cond b1_no_triton_gemm b64 b256}
+CASES=${CASES:-b1 b1_no_cmdbuf b64 b64_no_cmdbuf b256 b256_no_cmdbuf}
 for c in $CASES; do
   case $c in
-    b1) case_ b1 120 "" --trace-dir /tmp/tr_b1 ;;
+    b1) case_ b1 120 "" --variants full,full_packed,forward,no_attn,matmuls --trace-dir /tmp/tr_b1 --trace-variant full_packed ;;
     b1_small_pool) case_ b1_small_pool 80 "" --num-pages 160 --variants full,forward ;;
     b1_no_cmdbuf) case_ b1_no_cmdbuf 80 "--xla_gpu_enable_command_buffer=" \
-      --variants full,forward --trace-dir /tmp/tr_nocb --trace-steps 3 ;;
+      --variants full,full_packed,forward --trace-dir /tmp/tr_nocb --trace-variant full_packed ;;
     b1_cmdbuf_cond) case_ b1_cmdbuf_cond 80 \
       "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
       --variants full,forward ;;
     b1_no_triton_gemm) case_ b1_no_triton_gemm 80 "--xla_gpu_enable_triton_gemm=false" \
       --variants full,matmuls --trace-dir /tmp/tr_notg --trace-steps 3 ;;
-    b64) case_ b64 90 "" --batch 64 --num-pages 4400 --variants full,forward \
+    b64) case_ b64 90 "" --batch 64 --num-pages 4400 --variants full,full_packed \
       --trace-dir /tmp/tr_b64 ;;
-    b256) case_ b256 90 "" --batch 256 --context 256 --num-pages 4700 --variants full,forward \
+    b256) case_ b256 90 "" --batch 256 --context 256 --num-pages 4700 --variants full,full_packed \
       --trace-dir /tmp/tr_b256 ;;
+    b64_no_cmdbuf) case_ b64_no_cmdbuf 90 "--xla_gpu_enable_command_buffer=" --batch 64 \
+      --num-pages 4400 --variants full,full_packed ;;
+    b256_no_cmdbuf) case_ b256_no_cmdbuf 90 "--xla_gpu_enable_command_buffer=" --batch 256 \
+      --context 256 --num-pages 4700 --variants full,full_packed ;;
   esac
 done
 echo "=== done $(date -u +%T)"

@@ -61,6 +61,37 @@ def kernel_family(name: str) -> str:
     return "other"
 
 
+LARGE_GAP_US = 300.0  # idle longer than this is counted as between steps (host, not launches)
+
+
+def _gaps(evs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Idle time between consecutive kernels of one stream, split at LARGE_GAP_US."""
+    evs = sorted(evs, key=lambda e: float(e["ts"]))
+    small = large = 0.0
+    n_small = 0
+    before: dict[str, float] = collections.defaultdict(float)
+    largest: list[tuple[float, str, str]] = []
+    end = None
+    prev = ""
+    for e in evs:
+        ts = float(e["ts"])
+        if end is not None and ts > end:
+            gap = ts - end
+            if gap > LARGE_GAP_US:
+                large += gap
+            else:
+                small += gap
+                n_small += 1
+                before[kernel_family(e["name"])] += gap
+            largest.append((gap, prev, e["name"]))
+        end = ts + float(e["dur"]) if end is None else max(end, ts + float(e["dur"]))
+        prev = e["name"]
+    largest.sort(reverse=True)
+    return {"small": small, "large": large, "n_small": n_small, "before": before,
+            "largest": [{"gap_us": g, "after": a[:80], "before": b[:80]}
+                        for g, a, b in largest[:8]]}
+
+
 def summarize(trace_path: str | pathlib.Path, *, steps: int | None = None,
               top: int = 30) -> dict[str, Any]:
     """Per-thread totals of a perfetto trace; `steps` divides the totals into per-step numbers."""
@@ -92,6 +123,7 @@ def summarize(trace_path: str | pathlib.Path, *, steps: int | None = None,
             if device:
                 families[kernel_family(e["name"])] += float(e["dur"])
         top_names = sorted(names.items(), key=lambda kv: -kv[1][0])[:top]
+        gaps = _gaps(evs) if device else None
         out["threads"].append({
             "process": proc, "thread": thread, "device": device, "events": len(evs),
             "events_per_step": len(evs) / per,
@@ -102,6 +134,14 @@ def summarize(trace_path: str | pathlib.Path, *, steps: int | None = None,
             "top": [{"name": n[:160], "us_per_step": v[0] / per, "calls_per_step": v[1] / per}
                     for n, v in top_names],
         })
+        if gaps is not None:
+            out["threads"][-1]["gaps"] = {
+                "small_gap_us_per_step": gaps["small"] / per,
+                "large_gap_us_per_step": gaps["large"] / per,
+                "small_gaps_per_step": gaps["n_small"] / per,
+                "small_gap_us_before_family_per_step": {
+                    k: v / per for k, v in sorted(gaps["before"].items(), key=lambda kv: -kv[1])},
+                "largest": gaps["largest"]}
     out["threads"].sort(key=lambda t: (not t["device"], -t["busy_us_per_step"]))
     return out
 
@@ -118,6 +158,13 @@ def render(summary: dict[str, Any], *, top: int = 15) -> str:
         if t["device"]:
             fams = ", ".join(f"{k} {v:.0f}" for k, v in t["families_us_per_step"].items())
             lines.append(f"   families (us): {fams}")
+            g = t.get("gaps")
+            if g:
+                before = ", ".join(f"{k} {v:.0f}" for k, v in
+                                   g["small_gap_us_before_family_per_step"].items())
+                lines.append(f"   gaps/step: {g['small_gap_us_per_step']:.0f} us in "
+                             f"{g['small_gaps_per_step']:.0f} gaps < {LARGE_GAP_US:.0f} us "
+                             f"(before: {before}); {g['large_gap_us_per_step']:.0f} us larger")
         for row in t["top"][:top]:
             lines.append(f"   {row['us_per_step']:9.1f} us  x{row['calls_per_step']:6.1f}  "
                          f"{row['name'][:100]}")

@@ -44,7 +44,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from xlaserve.runtime import sampling
+from xlaserve.runtime import packing, sampling
 from xlaserve.runtime.batch import (
     MAX_MIN_TOKENS_STOP_IDS,
     SamplingInputs,
@@ -246,12 +246,20 @@ class ModelRunner:
             self.kv_cache = jax.device_put(self.kv_cache, kv_sharding)
 
         jit_kwargs: dict[str, Any] = {"donate_argnums": (1,)}
+        packed_kwargs: dict[str, Any] = {"donate_argnums": (1,)}
         if mesh is not None:
             kv_tree = jax.tree.map(lambda a: a.sharding, self.kv_cache)
             jit_kwargs["in_shardings"] = (param_shardings, kv_tree, self._replicated)
             jit_kwargs["out_shardings"] = (self._replicated, kv_tree)
-        # The jitted step (profiling / eval_shape); execution calls the compiled executables.
+            packed_kwargs["in_shardings"] = (param_shardings, kv_tree, self._replicated,
+                                             self._replicated)
+            packed_kwargs["out_shardings"] = (self._replicated, kv_tree)
+        # The step on a StepInputs (eval_shape, tests). Execution runs the packed form: the
+        # same step behind packing.unpack, so each step makes one host->device copy.
         self.jitted_step = jax.jit(self._step, **jit_kwargs)
+        self._packed_kwargs = packed_kwargs
+        self._packed_jits: dict[packing.PackSpec, Any] = {}
+        self._specs: dict[tuple[int, int, int], packing.PackSpec] = {}
         self._executables: dict[tuple[int, int, int], Any] = {}
         self.compile_records: dict[tuple[int, int], CompileRecord] = {}
         self._guard = RecompileGuard("ModelRunner")
@@ -300,6 +308,23 @@ class ModelRunner:
             raise ValueError("inputs.sampling=None inside the step; the runner fills it in")
         return sampling.sample(logits, inputs.sampling), kv_cache
 
+    def _packed_jit(self, spec: packing.PackSpec) -> Any:
+        """The jitted step taking (params, kv, packed i32 vector, separate leaves) for `spec`."""
+        jitted = self._packed_jits.get(spec)
+        if jitted is None:
+            def step(params: Any, kv_cache: llama.KVCache, packed: jax.Array,
+                     separate: tuple[jax.Array, ...]) -> Any:
+                return self._step(params, kv_cache, packing.unpack(packed, separate, spec))
+            jitted = jax.jit(step, **self._packed_kwargs)
+            self._packed_jits[spec] = jitted
+        return jitted
+
+    def _spec(self, key: tuple[int, int, int], inputs: StepInputs) -> packing.PackSpec:
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = self._specs[key] = packing.spec_of(inputs)
+        return spec
+
     # ------------------------------------------------------------------ buckets
 
     def bucket_keys(self) -> list[tuple[int, int]]:
@@ -344,9 +369,13 @@ class ModelRunner:
                        history_width: int | None = None) -> CompileRecord:
         """Lowers and compiles the step for one bucket and keeps its executable and record."""
         history_width = self.history_width if history_width is None else history_width
-        abstract = (self.params, self.kv_cache,
-                    self.abstract_inputs(num_tokens, num_seqs, history_width))
-        record = lower_and_compile(self.jitted_step, *abstract)
+        inputs = self.abstract_inputs(num_tokens, num_seqs, history_width)
+        spec = self._spec((num_tokens, num_seqs, history_width), inputs)
+        separate = tuple(leaf for leaf, slot in zip(jax.tree.leaves(inputs), spec.slots,
+                                                    strict=True) if slot is None)
+        packed = jax.ShapeDtypeStruct((spec.size,), np.int32, sharding=self._replicated)
+        record = lower_and_compile(self._packed_jit(spec), self.params, self.kv_cache, packed,
+                                   separate)
         self._executables[(num_tokens, num_seqs, history_width)] = record.compiled
         if history_width == self.history_width:
             self.compile_records[(num_tokens, num_seqs)] = record
@@ -465,12 +494,15 @@ class ModelRunner:
             inputs.sampling, want_top_logprobs=want))
         key = (inputs.num_tokens_bucket, inputs.num_seqs_bucket,
                int(inputs.sampling.output_token_ids.shape[-1]))  # type: ignore[union-attr]
+        spec = self._spec(key, inputs)
+        packed, separate = packing.pack(inputs, spec)
         executable = self._executables.get(key)
         with self._guard.watch(lambda: _describe(inputs)):
             if executable is not None:
-                out, self.kv_cache = executable(self.params, self.kv_cache, inputs)
+                out, self.kv_cache = executable(self.params, self.kv_cache, packed, separate)
             else:  # not a warmed-up bucket: the jit path compiles (an error after warm-up)
-                out, self.kv_cache = self.jitted_step(self.params, self.kv_cache, inputs)
+                out, self.kv_cache = self._packed_jit(spec)(self.params, self.kv_cache, packed,
+                                                            separate)
         return PendingOutput(out, num_logprobs)
 
     def execute(self, inputs: StepInputs, *, num_logprobs: int | None = None) -> RunnerOutput:
