@@ -37,9 +37,9 @@ for c in $CASES; do
     b1_no_triton_gemm) case_ b1_no_triton_gemm 80 "--xla_gpu_enable_triton_gemm=false" \
       --variants full,matmuls --trace-dir /tmp/tr_notg --trace-steps 3 ;;
     b64) case_ b64 90 "" --batch 64 --num-pages 4400 --variants full,full_packed \
-      --trace-dir /tmp/tr_b64 ;;
+      --trace-dir /tmp/tr_b64 --trace-variant full_packed ;;
     b256) case_ b256 90 "" --batch 256 --context 256 --num-pages 4700 --variants full,full_packed \
-      --trace-dir /tmp/tr_b256 ;;
+      --trace-dir /tmp/tr_b256 --trace-variant full_packed ;;
     b64_no_cmdbuf) case_ b64_no_cmdbuf 90 "--xla_gpu_enable_command_buffer=" --batch 64 \
       --num-pages 4400 --variants full,full_packed ;;
     b256_no_cmdbuf) case_ b256_no_cmdbuf 90 "--xla_gpu_enable_command_buffer=" --batch 256 \
