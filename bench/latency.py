@@ -22,6 +22,7 @@ idle = 1 - replay / engine step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -89,6 +90,7 @@ def replay_device_ms(built: ec.BuiltEngine, inputs: Any, iters: int) -> float | 
     runner = built.timed.inner
     if inputs is None:
         return None
+    inputs = dataclasses.replace(inputs, prev_sampled_index=None)  # replays are not chained
     runner.execute_async(inputs).result()
     t0 = time.perf_counter()
     pending = [runner.execute_async(inputs) for _ in range(iters)]

@@ -70,6 +70,10 @@ class StepInputs:
     num_seqs: np.ndarray  # i32[1]; real sequences in this step
     logits_indices: np.ndarray  # i32[S]; token row whose logits are sampled for each sequence
     sampling: SamplingInputs | None = None  # None in model-only use (tests, profile of forward)
+    # i32[T]: -1, or the row of the previous step's sampled ids that is this row's token (a
+    # placeholder resolved on the device, so the step can be dispatched before the previous
+    # one finishes; see chain_placeholders). None = all -1 (the runner fills it in).
+    prev_sampled_index: np.ndarray | None = None
 
     @property
     def num_tokens_bucket(self) -> int:
@@ -208,6 +212,33 @@ def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int, max_history: int | No
         prompt_token_ids=prompt_hist, output_token_ids=output_hist,
         min_tokens=min_tokens, min_tokens_stop_ids=stop_ids,
         want_top_logprobs=np.array([any(q.sampling.logprobs for q in seqs)], np.int32))
+
+
+def chain_placeholders(inputs: StepInputs, sched_out: SchedulerOutput,
+                       prev: SchedulerOutput) -> StepInputs:
+    """`inputs` with its placeholder rows pointed at the previous step's sampled ids.
+
+    The device then takes each placeholder row's token from the previous step's output, so this
+    step can be dispatched before that output reaches the host. Only for steps whose placeholders
+    have no penalty history (the history's last token would be unknown): see `can_chain`.
+
+    Raises:
+      RuntimeError: a placeholder whose request did not sample in the previous step (a bug).
+    """
+    row_of = {q.request_id: i for i, q in enumerate(prev.seqs) if q.samples}
+    index = np.full(inputs.num_tokens_bucket, -1, np.int32)
+    for s, q in enumerate(sched_out.seqs):
+        if not q.placeholder:
+            continue
+        if q.request_id not in row_of:
+            raise RuntimeError(f"{q.request_id}: placeholder without a token in the previous step")
+        index[int(inputs.cu_q_lens[s + 1]) - 1] = row_of[q.request_id]
+    return dataclasses.replace(inputs, prev_sampled_index=index)
+
+
+def can_chain(sched_out: SchedulerOutput) -> bool:
+    """True when no placeholder row needs its token on the host (penalty history)."""
+    return all(q.output_token_ids is None for q in sched_out.seqs if q.placeholder)
 
 
 def fill_placeholders(inputs: StepInputs, sched_out: SchedulerOutput, prev: SchedulerOutput,

@@ -14,9 +14,11 @@ run is reproducible; a request with a seed samples the same tokens whatever else
 
 Overlap (async_scheduling=True, the default): while the device runs step N, the host schedules
 and builds step N+1; decode rows of N+1 whose input token is N's (still unknown) sampled token get
-a placeholder, filled in from N's sampled ids (a few numpy stores) right before N+1 is dispatched.
-Then, while N+1 runs, the host applies N's tokens (scheduler.update) and makes its outputs (text,
-stop strings). The device waits only for the fill and the dispatch. A request that N finishes
+a placeholder. N+1 is dispatched before N finishes, with each placeholder row pointing at N's
+sampled ids (batch.chain_placeholders): the device reads them from N's output, so it runs N+1
+right after N with no host round trip. (A placeholder with a penalty history needs the token on
+the host: then the engine waits for N and writes it in, batch.fill_placeholders.) While N+1 runs,
+the host applies N's tokens (scheduler.update) and makes its outputs (text, stop strings). A request that N finishes
 (EOS, stop) has one wasted row in N+1, whose result is dropped. async_scheduling=False runs
 schedule -> execute -> update strictly in turn.
 """
@@ -202,10 +204,12 @@ class Engine:
                            max_history=self.config.scheduler.max_model_len,
                            eos_token_ids=self.eos_token_ids)
 
-    def _launch(self, sched_out: SchedulerOutput,
-                inputs: batch.StepInputs) -> tuple[SchedulerOutput, Any]:
+    def _launch(self, sched_out: SchedulerOutput, inputs: batch.StepInputs,
+                prev: Any = None) -> tuple[SchedulerOutput, Any]:
         wanted = [s.sampling.logprobs for s in sched_out.seqs if s.sampling.logprobs is not None]
-        handle = self.runner.execute_async(inputs, num_logprobs=max(wanted) if wanted else None)
+        kwargs = {} if prev is None else {"prev": prev}
+        handle = self.runner.execute_async(inputs, num_logprobs=max(wanted) if wanted else None,
+                                           **kwargs)
         self._num_steps += 1
         return sched_out, handle
 
@@ -221,10 +225,17 @@ class Engine:
             sched_out, handle = cur
             nxt = self.scheduler.schedule() if self.async_scheduling else None  # device busy
             nxt_inputs = self._build(nxt) if nxt is not None and nxt.seqs else None
-            res = handle.result()
-            if nxt is not None and nxt_inputs is not None:  # keep the device busy first
-                batch.fill_placeholders(nxt_inputs, nxt, sched_out, res.sampled_token_ids)
-                self._inflight = self._launch(nxt, nxt_inputs)
+            if nxt is not None and nxt_inputs is not None and batch.can_chain(nxt):
+                # Dispatch N+1 before N's tokens reach the host: the device takes them from N's
+                # output, so it runs N+1 right after N with no host round trip in between.
+                nxt_inputs = batch.chain_placeholders(nxt_inputs, nxt, sched_out)
+                self._inflight = self._launch(nxt, nxt_inputs, prev=handle)
+                res = handle.result()
+            else:
+                res = handle.result()
+                if nxt is not None and nxt_inputs is not None:  # keep the device busy first
+                    batch.fill_placeholders(nxt_inputs, nxt, sched_out, res.sampled_token_ids)
+                    self._inflight = self._launch(nxt, nxt_inputs)
             # While the next step runs: apply this step's tokens, then text and stop strings.
             deltas = self.scheduler.update(sched_out, res.sampled_token_ids, res.logprobs,
                                            res.top_logprob_ids, res.top_logprobs)

@@ -78,6 +78,7 @@ class MockRunner:
         self.vocab_size = vocab_size
         self.compiles_after_warmup = 0
         self.num_steps = 0
+        self.num_chained_steps = 0  # steps dispatched with placeholder rows read from `prev`
         self._compiled: set[tuple[int, int]] = set()
         self._warm = False
         self._kv = np.full(self.num_pages * self.page_size, -1, np.int64)  # token id per slot
@@ -91,7 +92,18 @@ class MockRunner:
             self._compiled |= {(t, s) for s in self.seq_buckets if s <= most or s == top}
         self._warm = True
 
-    def execute_async(self, inputs: StepInputs, *, num_logprobs: int | None = None) -> _Done:
+    def execute_async(self, inputs: StepInputs, *, num_logprobs: int | None = None,
+                      prev: _Done | None = None) -> _Done:
+        index = inputs.prev_sampled_index
+        if index is not None and (index >= 0).any():  # chained: tokens from prev's output
+            if prev is None:
+                raise ValueError("inputs.prev_sampled_index points at a previous step: pass prev")
+            prev_ids = prev.result().sampled_token_ids
+            rows = np.flatnonzero(index >= 0)
+            token_ids = inputs.token_ids.copy()
+            token_ids[rows] = prev_ids[index[rows]]
+            inputs = dataclasses.replace(inputs, token_ids=token_ids)
+            self.num_chained_steps += 1
         return _Done(self.execute(inputs, num_logprobs=num_logprobs))
 
     def execute(self, inputs: StepInputs, *, num_logprobs: int | None = None) -> RunnerOutput:

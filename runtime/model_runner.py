@@ -85,8 +85,10 @@ class RunnerOutput:
 class PendingOutput:
     """A dispatched step; `result()` blocks and does the single device->host copy."""
 
-    def __init__(self, out: sampling.SamplerOutput, num_logprobs: int | None) -> None:
+    def __init__(self, out: sampling.SamplerOutput, num_logprobs: int | None,
+                 padded_tokens: jax.Array | None = None) -> None:
         self._out = out
+        self.padded_tokens = padded_tokens  # i32[S_max] on the device: a chained step's input
         self._num_logprobs = num_logprobs
         self._result: RunnerOutput | None = None
         # Start the copies now so they overlap with host work; result() then only waits.
@@ -225,6 +227,8 @@ class ModelRunner:
         self.history_width = sched_cfg.max_model_len if enable_penalties else 1
         self.history_widths = (self.history_width,)
         self._empty_history: dict[int, jax.Array] = {}  # S -> i32[S, W] of -1 on the device
+        self._no_chain: dict[int, np.ndarray] = {}  # T -> i32[T] of -1 (no placeholder rows)
+        self._zero_tokens: jax.Array | None = None  # prev_tokens of an unchained step
 
         self._replicated = None
         if mesh is None and (param_shardings is not None or kv_sharding is not None):
@@ -252,7 +256,7 @@ class ModelRunner:
             jit_kwargs["in_shardings"] = (param_shardings, kv_tree, self._replicated)
             jit_kwargs["out_shardings"] = (self._replicated, kv_tree)
             packed_kwargs["in_shardings"] = (param_shardings, kv_tree, self._replicated,
-                                             self._replicated)
+                                             self._replicated, self._replicated)
             packed_kwargs["out_shardings"] = (self._replicated, kv_tree)
         # The step on a StepInputs (eval_shape, tests). Execution runs the packed form: the
         # same step behind packing.unpack, so each step makes one host->device copy.
@@ -298,23 +302,36 @@ class ModelRunner:
                  CPU_DEFAULT_KV_BYTES >> 20)
         return int(num_pages)
 
-    def _step(self, params: Any, kv_cache: llama.KVCache,
-              inputs: StepInputs) -> tuple[sampling.SamplerOutput, llama.KVCache]:
-        """The jitted program: forward, then sample on device."""
+    def _step(self, params: Any, kv_cache: llama.KVCache, inputs: StepInputs,
+              prev_tokens: jax.Array | None = None,
+              ) -> tuple[tuple[sampling.SamplerOutput, jax.Array], llama.KVCache]:
+        """The jitted program: placeholders from `prev_tokens`, forward, sample on device.
+
+        Returns ((sampler output, its token ids padded to i32[S_max]), kv_cache); the padded ids
+        are the next step's `prev_tokens` when that step is chained to this one.
+        """
+        if inputs.sampling is None:
+            raise ValueError("inputs.sampling=None inside the step; the runner fills it in")
+        if prev_tokens is not None and inputs.prev_sampled_index is not None:
+            index = inputs.prev_sampled_index
+            chained = prev_tokens[jax.numpy.clip(index, 0, prev_tokens.shape[0] - 1)]
+            inputs = dataclasses.replace(
+                inputs, token_ids=jax.numpy.where(index >= 0, chained, inputs.token_ids))
         logits, kv_cache = llama.forward(params, inputs, kv_cache, self.model_cfg,
                                          attention_impl=self.attention_impl,
                                          attention_fn=self.attention_fn)  # f32[S, V]
-        if inputs.sampling is None:
-            raise ValueError("inputs.sampling=None inside the step; the runner fills it in")
-        return sampling.sample(logits, inputs.sampling), kv_cache
+        out = sampling.sample(logits, inputs.sampling)
+        padded = jax.numpy.pad(out.token_ids, (0, self.seq_buckets[-1] - out.token_ids.shape[0]))
+        return (out, padded), kv_cache
 
     def _packed_jit(self, spec: packing.PackSpec) -> Any:
         """The jitted step taking (params, kv, packed i32 vector, separate leaves) for `spec`."""
         jitted = self._packed_jits.get(spec)
         if jitted is None:
             def step(params: Any, kv_cache: llama.KVCache, packed: jax.Array,
-                     separate: tuple[jax.Array, ...]) -> Any:
-                return self._step(params, kv_cache, packing.unpack(packed, separate, spec))
+                     separate: tuple[jax.Array, ...], prev_tokens: jax.Array) -> Any:
+                return self._step(params, kv_cache, packing.unpack(packed, separate, spec),
+                                  prev_tokens)
             jitted = jax.jit(step, **self._packed_kwargs)
             self._packed_jits[spec] = jitted
         return jitted
@@ -354,7 +371,8 @@ class ModelRunner:
             slot_mapping=np.zeros(t, np.int32), cu_q_lens=np.zeros(s + 1, np.int32),
             kv_lens=np.zeros(s, np.int32),
             page_table=np.zeros((s, self.max_pages_per_seq), np.int32),
-            num_seqs=np.zeros(1, np.int32), logits_indices=np.zeros(s, np.int32), sampling=smp)
+            num_seqs=np.zeros(1, np.int32), logits_indices=np.zeros(s, np.int32), sampling=smp,
+            prev_sampled_index=np.full(t, -1, np.int32))
 
     def abstract_inputs(self, num_tokens: int, num_seqs: int,
                         history_width: int | None = None) -> StepInputs:
@@ -374,8 +392,9 @@ class ModelRunner:
         separate = tuple(leaf for leaf, slot in zip(jax.tree.leaves(inputs), spec.slots,
                                                     strict=True) if slot is None)
         packed = jax.ShapeDtypeStruct((spec.size,), np.int32, sharding=self._replicated)
+        prev = jax.ShapeDtypeStruct((self.seq_buckets[-1],), np.int32, sharding=self._replicated)
         record = lower_and_compile(self._packed_jit(spec), self.params, self.kv_cache, packed,
-                                   separate)
+                                   separate, prev)
         self._executables[(num_tokens, num_seqs, history_width)] = record.compiled
         if history_width == self.history_width:
             self.compile_records[(num_tokens, num_seqs)] = record
@@ -434,6 +453,8 @@ class ModelRunner:
     def _prepare(self, inputs: StepInputs) -> StepInputs:
         """Checks widths and dtypes, fills in greedy sampling, pads the penalty history."""
         for name, dtype in _STEP_DTYPES.items():
+            if getattr(inputs, name) is None:  # prev_sampled_index: filled in below
+                continue
             got = np.dtype(getattr(inputs, name).dtype)
             if got != dtype:
                 raise ValueError(f"inputs.{name}.dtype={got}: must be {dtype}")
@@ -445,6 +466,12 @@ class ModelRunner:
         if inputs.page_table.shape[-1] != self.max_pages_per_seq:
             raise ValueError(f"page_table.shape={inputs.page_table.shape}: width must be "
                              f"max_pages_per_seq={self.max_pages_per_seq}")
+        if inputs.prev_sampled_index is None:
+            t = inputs.num_tokens_bucket
+            none = self._no_chain.get(t)
+            if none is None:
+                none = self._no_chain[t] = np.full(t, -1, np.int32)
+            inputs = dataclasses.replace(inputs, prev_sampled_index=none)
         smp = inputs.sampling
         if smp is None:
             smp = greedy_sampling_inputs(inputs.num_seqs_bucket)
@@ -474,14 +501,16 @@ class ModelRunner:
                                   output_token_ids=pad(smp.output_token_ids))
         return dataclasses.replace(inputs, sampling=smp)
 
-    def execute_async(self, inputs: StepInputs, *,
-                      num_logprobs: int | None = None) -> PendingOutput:
+    def execute_async(self, inputs: StepInputs, *, num_logprobs: int | None = None,
+                      prev: PendingOutput | None = None) -> PendingOutput:
         """Dispatches one step and returns at once; the KV cache is updated in place.
 
         Args:
           inputs: a StepInputs padded to a (T, S) bucket.
           num_logprobs: None: only sampled ids come back; n in [0, 20]: also the sampled
             token's logprob and the top-n.
+          prev: the step whose sampled ids `inputs.prev_sampled_index` points at (it may still
+            be running: the device takes the tokens from its output, the host does not wait).
         Returns:
           A PendingOutput; `.result()` waits and copies to the host.
         """
@@ -494,16 +523,26 @@ class ModelRunner:
             inputs.sampling, want_top_logprobs=want))
         key = (inputs.num_tokens_bucket, inputs.num_seqs_bucket,
                int(inputs.sampling.output_token_ids.shape[-1]))  # type: ignore[union-attr]
+        if prev is None and bool((inputs.prev_sampled_index >= 0).any()):
+            raise ValueError("inputs.prev_sampled_index points at a previous step: pass prev")
+        prev_tokens = prev.padded_tokens if prev is not None else self._zero_prev_tokens()
         spec = self._spec(key, inputs)
         packed, separate = packing.pack(inputs, spec)
         executable = self._executables.get(key)
         with self._guard.watch(lambda: _describe(inputs)):
             if executable is not None:
-                out, self.kv_cache = executable(self.params, self.kv_cache, packed, separate)
+                (out, padded), self.kv_cache = executable(self.params, self.kv_cache, packed,
+                                                          separate, prev_tokens)
             else:  # not a warmed-up bucket: the jit path compiles (an error after warm-up)
-                out, self.kv_cache = self._packed_jit(spec)(self.params, self.kv_cache, packed,
-                                                            separate)
-        return PendingOutput(out, num_logprobs)
+                (out, padded), self.kv_cache = self._packed_jit(spec)(
+                    self.params, self.kv_cache, packed, separate, prev_tokens)
+        return PendingOutput(out, num_logprobs, padded)
+
+    def _zero_prev_tokens(self) -> jax.Array:
+        if self._zero_tokens is None:
+            self._zero_tokens = jax.device_put(np.zeros(self.seq_buckets[-1], np.int32),
+                                               self._replicated)
+        return self._zero_tokens
 
     def execute(self, inputs: StepInputs, *, num_logprobs: int | None = None) -> RunnerOutput:
         """Runs one step and waits for its output (see `execute_async`)."""

@@ -211,10 +211,32 @@ def test_async_scheduling_builds_next_step_while_device_runs():
     e.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=5))
     got = run(e)
     assert got["a"]["ids"] == reference([1, 2, 3], 5)
-    # Step 1 is scheduled after step 0 was dispatched and before step 0's result was waited on.
-    assert events[:5] == [("schedule",), ("dispatch", 0), ("schedule",), ("result", 0),
-                          ("dispatch", 1)]
+    # Step 1 is scheduled after step 0 was dispatched, and dispatched (chained: its placeholder
+    # token comes from step 0's output on the device) before step 0's result is waited on.
+    assert events[:5] == [("schedule",), ("dispatch", 0), ("schedule",), ("dispatch", 1),
+                          ("result", 0)]
+    assert runner.num_chained_steps == 4  # every decode step after the first
     assert e.stats().num_steps == 5  # the in-flight token ending the request is not re-run
+
+
+def test_penalty_history_placeholders_wait_for_the_previous_step_on_the_host():
+    """A penalty needs the placeholder token in the history: no chaining, filled on the host."""
+    e = make_engine()
+    events = []
+    runner = e.runner
+    real_exec = runner.execute_async
+
+    def execute_async(inputs, **kw):
+        events.append(("dispatch", "prev" in kw))
+        return real_exec(inputs, **kw)
+    runner.execute_async = execute_async
+    e.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=5,
+                                                 repetition_penalty=1.5))
+    e.add_request("b", [4, 5], SamplingParams(temperature=0, max_tokens=5))
+    got = run(e)
+    assert got["b"]["ids"] == reference([4, 5], 5)
+    assert len(got["a"]["ids"]) == 5
+    assert runner.num_chained_steps == 0 and events and not any(c for _, c in events)
 
 
 @settings(max_examples=40, deadline=None)

@@ -157,6 +157,33 @@ def test_multi_step_decode_uses_cache_in_place(runner, params):
     assert runner.compiles_after_warmup == before
 
 
+def test_chained_steps_take_placeholder_tokens_from_the_previous_output(runner, params):
+    """Decode steps dispatched before the previous step's tokens reach the host (each row points
+    at a row of the previous output, in a different order) give the greedy continuation."""
+    rng = np.random.default_rng(7)
+    seqs = [rng.integers(0, 256, 5).tolist(), rng.integers(0, 256, 7).tolist()]
+    pages = [[11, 12], [13, 14]]
+    prev = runner.execute_async(build_step([(s, 0, pg) for s, pg in zip(seqs, pages)], runner))
+    prev_order = [0, 1]  # prev's row r holds sequence prev_order[r]
+    for order in ([1, 0], [0, 1], [1, 0]):
+        # Row r of this step is sequence order[r]; its token is still unknown on the host (0).
+        step = build_step([([0], len(seqs[i]), pages[i]) for i in order], runner)
+        index = np.full(step.num_tokens_bucket, -1, np.int32)
+        index[:2] = [prev_order.index(i) for i in order]
+        nxt = runner.execute_async(dataclasses.replace(step, prev_sampled_index=index),
+                                   prev=prev)
+        got = prev.result().sampled_token_ids
+        for r, i in enumerate(prev_order):
+            seqs[i].append(int(got[r]))
+        prev, prev_order = nxt, order
+    got = prev.result().sampled_token_ids
+    for r, i in enumerate(prev_order):  # the last step's tokens, checked from scratch
+        full = build_step([(seqs[i], 0, [9, 10])], runner)
+        assert int(got[r]) == int(np.argmax(direct_logits(params, full)[0]))
+    with pytest.raises(ValueError, match="pass prev"):
+        runner.execute_async(dataclasses.replace(step, prev_sampled_index=index))
+
+
 def test_hlo_aliases_the_cache(runner):
     text = runner.compile_records[(16, 8)].compiled.as_text()
     assert "input_output_alias" in text
