@@ -5,6 +5,7 @@
 # part writes its JSON into $OUT as it finishes.
 #
 #   OUT=/tmp/out bash bench/run_gpu_session.sh        (on the GPU machine, repo root)
+#   PARTS="latency throughput" OUT=/tmp/out bash bench/run_gpu_session.sh   (some parts only)
 #
 # Carry .whl/ (setuptools wheel) when the machine's setuptools is too old for editable installs
 # with package-dir mappings.
@@ -28,8 +29,10 @@ fi
 $PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 $PY -c 'import xlaserve.runtime.engine, xlaserve.pallas_kernels.ops as o; print("impls", o.available_implementations("gpu"))' || exit 1
 
+PARTS=${PARTS:-latency throughput peers profile}
 part() {  # name, seconds, command...
   local name=$1 secs=$2; shift 2
+  case " $PARTS " in *" $name "*) ;; *) echo "=== $name skipped (PARTS=$PARTS)"; return ;; esac
   echo "=== $name (limit ${secs}s) $(date -u +%T)"
   local t0=$SECONDS
   timeout -k 10 "$secs" "$@"
