@@ -44,9 +44,12 @@ def auto_token_buckets(contexts: list[int], chunk: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def run_one(built: ec.BuiltEngine, rid: str, prompt: list[int], max_tokens: int
-            ) -> dict[str, Any]:
-    """One request alone through Engine.step; returns TTFT and per-token step times."""
+def run_one(built: ec.BuiltEngine, rid: str, prompt: list[int], max_tokens: int,
+            trace_dir: str | None = None) -> dict[str, Any]:
+    """One request alone through Engine.step; returns TTFT and per-token step times.
+
+    With `trace_dir`, the decode steps (after the first token) run under jax.profiler.
+    """
     from xlaserve.runtime.request import SamplingParams
 
     engine = built.engine
@@ -59,7 +62,11 @@ def run_one(built: ec.BuiltEngine, rid: str, prompt: list[int], max_tokens: int
     decode_steps: list[float] = []
     n_tokens = 0
     finished = False
+    tracing = False
     while not finished:
+        if trace_dir and first is not None and not tracing:
+            jax_profiler().start_trace(trace_dir, create_perfetto_trace=True)
+            tracing = True
         outs = engine.step()
         now = time.perf_counter()
         for out in outs:
@@ -75,10 +82,18 @@ def run_one(built: ec.BuiltEngine, rid: str, prompt: list[int], max_tokens: int
         prev = now
         if not outs and not engine.has_work():
             raise RuntimeError(f"{rid}: engine idle before the request finished")
+    if tracing:
+        jax_profiler().stop_trace()
     if n_tokens != max_tokens:
         raise RuntimeError(f"{rid}: {n_tokens} tokens, expected exactly {max_tokens}")
     return {"ttft_s": (first or prev) - t0, "decode_step_s": decode_steps,
             "records": built.timed.records[first_rec:]}
+
+
+def jax_profiler() -> Any:
+    import jax
+
+    return jax.profiler
 
 
 def replay_device_ms(built: ec.BuiltEngine, inputs: Any, iters: int) -> float | None:
@@ -112,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="back-to-back replays of a decode step for device time (0: off)")
     p.add_argument("--all-buckets", action="store_true",
                    help="compile every power-of-two T bucket (default: only those used)")
+    p.add_argument("--trace-dir", default=None,
+                   help="trace one more request's decode steps (first context) with "
+                        "jax.profiler; its kernel/gap summary goes into the report")
     p.add_argument("--target-decode-ms", type=float, default=6.0)
     p.add_argument("--target-ttft-ms", type=float, default=150.0)
     args = p.parse_args(argv)
@@ -187,6 +205,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{ec.fmt(case['ttft_roofline_ms'], 1)}), device {ec.fmt(device_ms)} ms/step",
               flush=True)
 
+    if args.trace_dir:
+        import trace_summary
+
+        run_one(built, "traced", ec.random_prompt(rng, contexts[0], vocab), args.decode_tokens,
+                trace_dir=args.trace_dir)
+        summary = trace_summary.summarize(trace_summary.find_trace(args.trace_dir),
+                                          steps=args.decode_tokens - 1)
+        print(trace_summary.render(summary, top=12), flush=True)
+        report["decode_trace"] = summary
     report["cases"] = cases
     report["compiles_during_untimed_warm_requests"] = compiles_before
     report["targets"] = _targets(cases, args)
