@@ -35,6 +35,7 @@ This module does not schedule, allocate pages, or pad inputs to buckets (runtime
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -262,6 +263,13 @@ class ModelRunner:
         # same step behind packing.unpack, so each step makes one host->device copy.
         self.jitted_step = jax.jit(self._step, **jit_kwargs)
         self._packed_kwargs = packed_kwargs
+        sampler_kwargs: dict[str, Any] = {}
+        if mesh is not None:
+            sampler_kwargs = {"in_shardings": self._replicated,
+                              "out_shardings": self._replicated}
+        self._samplers = {mode: jax.jit(functools.partial(self._sampler_step, mode=mode),
+                                        **sampler_kwargs) for mode in sampling.SAMPLER_MODES}
+        self._sampler_executables: dict[tuple[int, int, sampling.SamplerMode], Any] = {}
         self._packed_jits: dict[packing.PackSpec, Any] = {}
         self._specs: dict[tuple[int, int, int], packing.PackSpec] = {}
         self._executables: dict[tuple[int, int, int], Any] = {}
@@ -321,8 +329,39 @@ class ModelRunner:
                                          attention_impl=self.attention_impl,
                                          attention_fn=self.attention_fn)  # f32[S, V]
         out = sampling.sample(logits, inputs.sampling)
-        padded = jax.numpy.pad(out.token_ids, (0, self.seq_buckets[-1] - out.token_ids.shape[0]))
-        return (out, padded), kv_cache
+        return (out, self._pad_tokens(out.token_ids)), kv_cache
+
+    def _pad_tokens(self, token_ids: jax.Array) -> jax.Array:
+        return jax.numpy.pad(token_ids, (0, self.seq_buckets[-1] - token_ids.shape[0]))
+
+    def _forward_step(self, params: Any, kv_cache: llama.KVCache, inputs: StepInputs,
+                      prev_tokens: jax.Array) -> tuple[Any, llama.KVCache]:
+        """The per-bucket program: placeholders, forward, greedy sampling; no lax.cond.
+
+        Returns ((greedy SamplerOutput, its ids padded to S_max, f32 logits [S, V], the
+        sampling controls without the histories), kv_cache). A batch that needs more than
+        greedy decoding runs a sampler program (`_sampler_step`) on those logits.
+        """
+        if prev_tokens is not None and inputs.prev_sampled_index is not None:
+            index = inputs.prev_sampled_index
+            chained = prev_tokens[jax.numpy.clip(index, 0, prev_tokens.shape[0] - 1)]
+            inputs = dataclasses.replace(
+                inputs, token_ids=jax.numpy.where(index >= 0, chained, inputs.token_ids))
+        logits, kv_cache = llama.forward(params, inputs, kv_cache, self.model_cfg,
+                                         attention_impl=self.attention_impl,
+                                         attention_fn=self.attention_fn)  # f32[S, V]
+        out = sampling.greedy(logits, inputs.sampling)
+        small = dataclasses.replace(inputs.sampling, prompt_token_ids=None,
+                                    output_token_ids=None)
+        return (out, self._pad_tokens(out.token_ids), logits, small), kv_cache
+
+    def _sampler_step(self, logits: jax.Array, small: SamplingInputs, prompt_hist: jax.Array,
+                      output_hist: jax.Array, *, mode: sampling.SamplerMode) -> Any:
+        """A sampler program (per S bucket and mode) over a forward program's logits."""
+        smp = dataclasses.replace(small, prompt_token_ids=prompt_hist,
+                                  output_token_ids=output_hist)
+        out = sampling.sample(logits, smp, mode)
+        return out, self._pad_tokens(out.token_ids)
 
     def _packed_jit(self, spec: packing.PackSpec) -> Any:
         """The jitted step taking (params, kv, packed i32 vector, separate leaves) for `spec`."""
@@ -330,8 +369,8 @@ class ModelRunner:
         if jitted is None:
             def step(params: Any, kv_cache: llama.KVCache, packed: jax.Array,
                      separate: tuple[jax.Array, ...], prev_tokens: jax.Array) -> Any:
-                return self._step(params, kv_cache, packing.unpack(packed, separate, spec),
-                                  prev_tokens)
+                return self._forward_step(params, kv_cache,
+                                          packing.unpack(packed, separate, spec), prev_tokens)
             jitted = jax.jit(step, **self._packed_kwargs)
             self._packed_jits[spec] = jitted
         return jitted
@@ -403,6 +442,22 @@ class ModelRunner:
                  {True: "hit", False: "miss", None: "unused"}[record.cache_hit])
         return record
 
+    def compile_sampler(self, num_seqs: int, history_width: int,
+                        mode: sampling.SamplerMode) -> CompileRecord:
+        """Compiles the sampler program of one S bucket, history width and mode."""
+        smp = self.dummy_inputs(self.token_buckets[0], num_seqs, history_width).sampling
+        assert smp is not None
+        struct = lambda a: jax.ShapeDtypeStruct(  # noqa: E731
+            np.shape(a), np.asarray(a).dtype, sharding=self._replicated)
+        small = jax.tree.map(struct, dataclasses.replace(smp, prompt_token_ids=None,
+                                                         output_token_ids=None))
+        logits = jax.ShapeDtypeStruct((num_seqs, self.model_cfg.vocab_size), np.float32,
+                                      sharding=self._replicated)
+        record = lower_and_compile(self._samplers[mode], logits, small,
+                                   struct(smp.prompt_token_ids), struct(smp.output_token_ids))
+        self._sampler_executables[(num_seqs, history_width, mode)] = record.compiled
+        return record
+
     def warmup(self, buckets: Iterable[tuple[int, int]] | None = None,
                progress: ProgressFn | None = None) -> None:
         """Compiles the step for `buckets` (default: all of `bucket_keys()`), every history width.
@@ -428,6 +483,12 @@ class ModelRunner:
             record = self.compile_bucket(t, s, w)
             if progress is not None:
                 progress(i + 1, len(todo), (t, s, w), record)
+        t0 = time.perf_counter()
+        for s, w in sorted({(s, w) for _, s, w in todo}):
+            for mode in sampling.SAMPLER_MODES:
+                self.compile_sampler(s, w, mode)
+        log.info("warm-up: %d sampler programs in %.1fs", len(self._sampler_executables),
+                 time.perf_counter() - t0)
         hits = sum(1 for k in todo if self._record(k).cache_hit)
         log.info("warm-up: %d programs in %.1fs (%d from the persistent cache)", len(todo),
                  time.perf_counter() - start, hits)
@@ -526,17 +587,49 @@ class ModelRunner:
         if prev is None and bool((inputs.prev_sampled_index >= 0).any()):
             raise ValueError("inputs.prev_sampled_index points at a previous step: pass prev")
         prev_tokens = prev.padded_tokens if prev is not None else self._zero_prev_tokens()
+        mode = self._sampler_mode(inputs, num_logprobs)
         spec = self._spec(key, inputs)
         packed, separate = packing.pack(inputs, spec)
         executable = self._executables.get(key)
         with self._guard.watch(lambda: _describe(inputs)):
             if executable is not None:
-                (out, padded), self.kv_cache = executable(self.params, self.kv_cache, packed,
-                                                          separate, prev_tokens)
-            else:  # not a warmed-up bucket: the jit path compiles (an error after warm-up)
-                (out, padded), self.kv_cache = self._packed_jit(spec)(
+                (out, padded, logits, small), self.kv_cache = executable(
                     self.params, self.kv_cache, packed, separate, prev_tokens)
+            else:  # not a warmed-up bucket: the jit path compiles (an error after warm-up)
+                (out, padded, logits, small), self.kv_cache = self._packed_jit(spec)(
+                    self.params, self.kv_cache, packed, separate, prev_tokens)
+            if mode is not None:
+                smp = inputs.sampling
+                sampler = self._sampler_executables.get((key[1], key[2], mode),
+                                                        self._samplers[mode])
+                out, padded = sampler(logits, small, smp.prompt_token_ids,
+                                      smp.output_token_ids)
         return PendingOutput(out, num_logprobs, padded)
+
+    def _sampler_mode(self, inputs: StepInputs, num_logprobs: int | None,
+                      ) -> sampling.SamplerMode | None:
+        """None when the forward program's greedy sampler covers every row, else the mode of
+        the sampler program to run (decided on the host from the batch's controls)."""
+        smp = inputs.sampling
+        assert smp is not None
+        top_n = bool(num_logprobs)
+        history = self._has_history(smp)
+        temperature = np.asarray(smp.temperature)
+        if not (top_n or history or (temperature > 0).any()):
+            return None
+        top_k, top_p = np.asarray(smp.top_k), np.asarray(smp.top_p)
+        sort = bool((((top_k > 0) & (top_k < self.model_cfg.vocab_size)) | (top_p < 1.0)).any())
+        return sampling.SamplerMode(sort=sort, top_n=top_n)
+
+    def _has_history(self, smp: SamplingInputs) -> bool:
+        """Whether any row has penalty history (our cached all -1 device arrays have none)."""
+        for a in (smp.prompt_token_ids, smp.output_token_ids):
+            if isinstance(a, jax.Array):
+                if not any(a is e for e in self._empty_history.values()):
+                    return True  # a device array we did not make: assume it has some
+            elif bool((np.asarray(a) >= 0).any()):
+                return True
+        return False
 
     def _zero_prev_tokens(self) -> jax.Array:
         if self._zero_tokens is None:

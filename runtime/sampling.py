@@ -97,7 +97,33 @@ def _top_k_top_p_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array
     return jnp.take_along_axis(sorted_desc, (num_keep - 1)[:, None], axis=-1)
 
 
-def filtered_logits(logits: jax.Array, sampling: SamplingInputs) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class SamplerMode:
+    """Which optional stages a compiled sampler contains, chosen on the host (static).
+
+    A lax.cond on a device predicate makes the host wait, at dispatch, until the device has
+    computed the predicate; in a serving loop that dispatches step N+1 while step N runs, that
+    wait stalls the whole pipeline (measured: bench/results/latency_flags_h200.json). So the
+    runner's programs have no cond: the host, which knows every request's controls, picks a
+    mode. Stages that are off are absent from the program; the host must only pick a mode that
+    covers every row of the batch.
+
+    Attributes:
+      sort: top-k / top-p filters (a sort over the vocabulary).
+      top_n: the top-MAX_TOP_LOGPROBS logprobs (a top_k over the vocabulary).
+    Penalties, temperature draws and min-p are always in a non-greedy sampler; the greedy one
+    (`greedy`) has none of them.
+    """
+
+    sort: bool = False
+    top_n: bool = False
+
+
+SAMPLER_MODES = tuple(SamplerMode(sort=a, top_n=b) for a in (False, True) for b in (False, True))
+
+
+def filtered_logits(logits: jax.Array, sampling: SamplingInputs, *,
+                    sort: bool | None = None) -> jax.Array:
     """Temperature-scaled logits with tokens outside top-k / top-p / min-p set to -inf.
 
     Penalties must already be applied. Rows with temperature 0 are scaled by 1 (the caller uses
@@ -106,6 +132,8 @@ def filtered_logits(logits: jax.Array, sampling: SamplingInputs) -> jax.Array:
     Args:
       logits: f32[S, V].
       sampling: per-row controls.
+      sort: None: the top-k / top-p sort runs under a lax.cond (only when some row uses them);
+        True / False: always / never (static; False ignores top_k and top_p).
     Returns:
       f32[S, V].
     """
@@ -117,10 +145,15 @@ def filtered_logits(logits: jax.Array, sampling: SamplingInputs) -> jax.Array:
     scaled = logits / safe_t[:, None]  # [S, V]
     row_max = jnp.max(scaled, axis=-1, keepdims=True)  # [S, 1]
     # The full sort is only paid when some row uses top-k or top-p.
-    needs_sort = jnp.any(((top_k > 0) & (top_k < scaled.shape[-1])) | (top_p < 1.0))
-    threshold = jax.lax.cond(needs_sort, _top_k_top_p_threshold,
-                             lambda x, _k, _p: jnp.full_like(row_max, -jnp.inf),
-                             scaled, top_k, top_p)
+    if sort is None:
+        needs_sort = jnp.any(((top_k > 0) & (top_k < scaled.shape[-1])) | (top_p < 1.0))
+        threshold = jax.lax.cond(needs_sort, _top_k_top_p_threshold,
+                                 lambda x, _k, _p: jnp.full_like(row_max, -jnp.inf),
+                                 scaled, top_k, top_p)
+    elif sort:
+        threshold = _top_k_top_p_threshold(scaled, top_k, top_p)
+    else:
+        threshold = jnp.full_like(row_max, -jnp.inf)
     # min-p: p >= min_p * p_max  <=>  logit >= max + log(min_p); renormalizing after top-k /
     # top-p scales every p alike, so the order of the filters does not matter here.
     min_p_threshold = jnp.where(min_p[:, None] > 0, row_max + jnp.log(min_p[:, None]), -jnp.inf)
@@ -135,12 +168,13 @@ def row_keys(seeds: jax.Array, output_positions: jax.Array) -> jax.Array:
     return jax.vmap(one)(jnp.asarray(seeds, jnp.uint32), jnp.asarray(output_positions, jnp.int32))
 
 
-def _draw(logits: jax.Array, sampling: SamplingInputs) -> jax.Array:
+def _draw(logits: jax.Array, sampling: SamplingInputs, sort: bool | None = None) -> jax.Array:
     """Samples one token per row from softmax(filtered_logits) with the Gumbel-max trick."""
     keys = row_keys(sampling.seeds, sampling.output_positions)
     v = logits.shape[-1]
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)  # [S, V]
-    return jnp.argmax(filtered_logits(logits, sampling) + gumbel, axis=-1).astype(jnp.int32)
+    filtered = filtered_logits(logits, sampling, sort=sort)
+    return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
 
 
 def suppress_early_stops(logits: jax.Array, sampling: SamplingInputs) -> jax.Array:
@@ -161,15 +195,38 @@ def suppress_early_stops(logits: jax.Array, sampling: SamplingInputs) -> jax.Arr
     return jnp.where(banned, -jnp.inf, logits)
 
 
-def sample(logits: jax.Array, sampling: SamplingInputs) -> SamplerOutput:
+def greedy(logits: jax.Array, sampling: SamplingInputs) -> SamplerOutput:
+    """The greedy sampler: argmax (min_tokens applied) and its raw logprob; no cond.
+
+    Equal to `sample` for rows with temperature 0 and no penalty history. The top-n fields are
+    zeros (a batch that asks for them takes a sampler with SamplerMode.top_n).
+    """
+    logits = logits.astype(jnp.float32)
+    token_ids = jnp.argmax(suppress_early_stops(logits, sampling), axis=-1).astype(jnp.int32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [S]
+    chosen = jnp.take_along_axis(logits, token_ids[:, None], axis=-1)[:, 0] - log_z
+    s, v = logits.shape
+    n = min(MAX_TOP_LOGPROBS, v)
+    return SamplerOutput(token_ids=token_ids, logprobs=chosen,
+                         top_logprob_ids=jnp.zeros((s, n), jnp.int32),
+                         top_logprobs=jnp.zeros((s, n), jnp.float32))
+
+
+def sample(logits: jax.Array, sampling: SamplingInputs, mode: SamplerMode | None = None,
+           ) -> SamplerOutput:
     """Samples one token per row and computes raw logprobs.
 
     Args:
       logits: f32[S, V] (cast to float32 if not).
       sampling: per-row controls (padded rows are greedy and their tokens ignored).
+      mode: None: every stage, the optional ones under lax.conds on device predicates (any
+        batch; the host waits at dispatch for the predicates). A SamplerMode: no cond; the
+        stages it turns off must not be needed by any row (the runner checks on the host).
     Returns:
       SamplerOutput with token ids, the sampled token's logprob and the top-n logprobs.
     """
+    if mode is not None:
+        return _sample_static(logits, sampling, mode)
     logits = logits.astype(jnp.float32)
     temperature = jnp.asarray(sampling.temperature, jnp.float32)
     # The [S, V] count tables are only built when some row has a history (W=1 batches: none).
@@ -200,3 +257,25 @@ def sample(logits: jax.Array, sampling: SamplingInputs) -> SamplerOutput:
     top_lp, top_ids = jax.lax.cond(want, top_n, skip, logits)
     return SamplerOutput(token_ids=token_ids, logprobs=chosen,
                          top_logprob_ids=top_ids, top_logprobs=top_lp)
+
+
+def _sample_static(logits: jax.Array, sampling: SamplingInputs, mode: SamplerMode,
+                   ) -> SamplerOutput:
+    """`sample` with its optional stages fixed by `mode` (no lax.cond)."""
+    logits = logits.astype(jnp.float32)
+    temperature = jnp.asarray(sampling.temperature, jnp.float32)
+    penalized = suppress_early_stops(apply_penalties(logits, sampling), sampling)
+    greedy_ids = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
+    drawn = _draw(penalized, sampling, sort=mode.sort)
+    token_ids = jnp.where(temperature > 0, drawn, greedy_ids)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, token_ids[:, None], axis=-1)[:, 0] - log_z
+    s, v = logits.shape
+    n = min(MAX_TOP_LOGPROBS, v)
+    if mode.top_n:
+        top_lp, top_ids = jax.lax.top_k(logits - log_z[:, None], n)
+        top_ids = top_ids.astype(jnp.int32)
+    else:
+        top_lp, top_ids = jnp.zeros((s, n), jnp.float32), jnp.zeros((s, n), jnp.int32)
+    return SamplerOutput(token_ids=token_ids, logprobs=chosen, top_logprob_ids=top_ids,
+                         top_logprobs=top_lp)

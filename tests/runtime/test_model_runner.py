@@ -357,3 +357,18 @@ def test_attention_fn_is_used(params, cache_dir):
                        attention_fn=attention_fn, enable_penalties=False)
     jax.eval_shape(r.jitted_step, r.params, r.kv_cache, r.abstract_inputs(16, 8))
     assert calls == [(16, CFG.num_heads, CFG.head_dim)] * CFG.num_layers
+
+
+def test_step_programs_have_no_conditionals(runner):
+    """No lax.cond in any program a step runs: a cond on a device predicate makes the host wait
+    at dispatch, which would stall the chained (dispatch-ahead) engine loop."""
+    assert runner.compile_records and runner._sampler_executables
+    for key, rec in runner.compile_records.items():
+        assert " conditional(" not in rec.compiled.as_text(), key
+    for key, compiled in runner._sampler_executables.items():
+        assert " conditional(" not in compiled.as_text(), key
+    # The cond-based sampler does contain one (the check above can fail).
+    smp = runner.dummy_inputs(16, 8).sampling
+    text = jax.jit(mr.sampling.sample).lower(np.zeros((8, CFG.vocab_size), np.float32),
+                                             smp).compile().as_text()
+    assert " conditional(" in text

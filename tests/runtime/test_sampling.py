@@ -252,3 +252,44 @@ def test_top_logprobs_only_computed_when_wanted():
     # The sampled token's logprob is always there.
     np.testing.assert_allclose(np.asarray(off.logprobs), ref.max(-1), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(off.token_ids), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("mode", smp.SAMPLER_MODES)
+def test_static_modes_equal_the_dynamic_sampler_on_batches_they_cover(mode):
+    """A SamplerMode program (no lax.cond) gives the cond-based sampler's tokens and logprobs
+    on every batch it covers: mixed greedy/sampled rows, penalties with history, min-p, and
+    top-k/top-p only when the mode sorts."""
+    rng = np.random.default_rng(11)
+    s, v = 6, 97
+    logits = jnp.asarray(rng.normal(size=(s, v)).astype(np.float32) * 3)
+    hist = rng.integers(-1, v, (s, 5)).astype(np.int32)
+    inputs = make_inputs(
+        s, temperature=[0, 0.7, 1.3, 0, 0.9, 2.0], min_p=[0, 0.05, 0, 0, 0.1, 0],
+        rep=[1.0, 1.3, 1.0, 1.5, 1.0, 0.8], pres=[0, 0.5, 0, 0, 0.2, 0], freq=0.1,
+        seeds=np.arange(s) + 5, positions=np.arange(s) * 3, prompt=hist, output=hist[:, ::-1],
+        top_k=[0, 5, 0, 0, 20, 0] if mode.sort else 0,
+        top_p=[1.0, 1.0, 0.8, 1.0, 0.9, 1.0] if mode.sort else 1.0)
+    if not mode.top_n:
+        inputs = dataclasses.replace(inputs, want_top_logprobs=np.zeros(1, np.int32))
+    want = sample(logits, inputs)
+    got = jax.jit(smp.sample, static_argnums=2)(logits, inputs, mode)
+    for field in ("token_ids", "logprobs", "top_logprob_ids", "top_logprobs"):
+        np.testing.assert_allclose(np.asarray(getattr(got, field)),
+                                   np.asarray(getattr(want, field)), rtol=1e-6, err_msg=field)
+    assert len(set(np.asarray(got.token_ids).tolist())) > 2  # not a degenerate batch
+
+
+def test_greedy_sampler_equals_sample_for_greedy_rows_without_history():
+    rng = np.random.default_rng(12)
+    logits = jnp.asarray(rng.normal(size=(5, 64)).astype(np.float32))
+    inputs = dataclasses.replace(make_inputs(5, positions=[0, 1, 2, 3, 4]),
+                                 min_tokens=np.array([3, 0, 5, 0, 0], np.int32),
+                                 want_top_logprobs=np.zeros(1, np.int32))
+    stop = np.full((5, MAX_MIN_TOKENS_STOP_IDS), -1, np.int32)
+    stop[:, 0] = np.asarray(logits).argmax(-1)  # the argmax is a held-back stop id
+    inputs = dataclasses.replace(inputs, min_tokens_stop_ids=stop)
+    want = sample(logits, inputs)
+    got = jax.jit(smp.greedy)(logits, inputs)
+    np.testing.assert_array_equal(np.asarray(got.token_ids), np.asarray(want.token_ids))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), rtol=1e-6)
+    assert (np.asarray(got.token_ids)[[0, 2]] != stop[[0, 2], 0]).all()  # min_tokens applied
