@@ -18,9 +18,9 @@ a placeholder. N+1 is dispatched before N finishes, with each placeholder row po
 sampled ids (batch.chain_placeholders): the device reads them from N's output, so it runs N+1
 right after N with no host round trip. (A placeholder with a penalty history needs the token on
 the host: then the engine waits for N and writes it in, batch.fill_placeholders.) While N+1 runs,
-the host applies N's tokens (scheduler.update) and makes its outputs (text, stop strings). A request that N finishes
-(EOS, stop) has one wasted row in N+1, whose result is dropped. async_scheduling=False runs
-schedule -> execute -> update strictly in turn.
+the host applies N's tokens (scheduler.update) and makes its outputs (text, stop strings). A
+request that N finishes (EOS, stop) has one wasted row in N+1, whose result is dropped.
+async_scheduling=False runs schedule -> execute -> update strictly in turn.
 """
 
 from __future__ import annotations
