@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -163,6 +164,40 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = {"full": full, "full_packed": full_packed, "forward": forward,
                 "no_attn": no_attn, "no_attn_ref": no_attn_ref}
+
+    # forward with explicit attention kernel tiles: "attn_ppb{P}_sp{S}_w{W}_st{N}" variants
+    # (for tuning the decode entry; the model otherwise takes the tuning table's choice).
+    from xlaserve.pallas_kernels import ops
+    from xlaserve.pallas_kernels import ragged_paged_attention as rpa
+
+    def attn_with(config):
+        def fn(q, k_new, v_new, k_pages, v_pages, inputs, *, sm_scale, sliding_window):
+            k_pages, v_pages = ops.write_kv_pages(k_pages, v_pages, k_new, v_new,
+                                                  inputs.slot_mapping)
+            o = rpa.ragged_paged_attention(
+                q, k_pages, v_pages, inputs.kv_lens, inputs.page_table, inputs.cu_q_lens,
+                inputs.num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
+                config=config, interpret=jax.default_backend() == "cpu")
+            return o, k_pages, v_pages
+        return fn
+
+    for name in wanted:
+        if name.startswith("attn_"):
+            f = {k: int(v) for k, v in re.findall(r"(ppb|sp|w|st)(\d+)", name)}
+            gp = 1 << max(0, (cfg.num_heads // cfg.num_kv_heads - 1).bit_length())
+            config = rpa.RaggedPagedAttentionConfig(
+                block_q=max(1, 16 // gp), pages_per_block=f["ppb"], num_splits=f["sp"],
+                num_warps=f.get("w", 4), num_stages=f.get("st", 2))
+
+            attention = attn_with(config)
+
+            def attn_variant(params, kv, inputs, fn=attention):
+                return llama.forward(params, inputs, kv, cfg, attention_fn=fn)
+            variants[name] = attn_variant
+
+    # gate and up as one [D, 2I] matrix: what fusing the two projections would save
+    def matmuls_gate_up(mats2, kv, inputs):
+        return matmuls(mats2, kv, inputs)
     results = {}
     traced = None
     jax.block_until_ready(params)
@@ -192,6 +227,23 @@ def main(argv: list[str] | None = None) -> int:
         jm = jax.jit(matmuls)
         results["matmuls"] = {"ms": _median_ms(lambda: jm(mats, None, None), (), args.repeats)}
         print("matmuls", results["matmuls"], flush=True)
+    if "matmuls_gate_up" in wanted:
+        merged, i = [], 0
+        names = [jax.tree_util.keystr(p) for p, w in flat if w.ndim >= 2 and
+                 "embed" not in jax.tree_util.keystr(p)]
+        while i < len(mats):
+            if "gate_proj" in names[i] and i + 1 < len(mats) and "up_proj" in names[i + 1]:
+                merged.append(jnp.concatenate([mats[i], mats[i + 1]], axis=1))
+                i += 2
+            else:
+                merged.append(mats[i])
+                i += 1
+        jm = jax.jit(matmuls_gate_up)
+        results["matmuls_gate_up"] = {
+            "ms": _median_ms(lambda: jm(merged, None, None), (), args.repeats),
+            "matrices": len(merged)}
+        print("matmuls_gate_up", results["matmuls_gate_up"], flush=True)
+        del merged
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     report = {
         "bench": "decode_breakdown", "device": jax.devices()[0].device_kind,
