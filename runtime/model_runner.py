@@ -45,7 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from xlaserve.runtime import packing, sampling
+from xlaserve.runtime import packing, sampling, xla_flags
 from xlaserve.runtime.batch import (
     MAX_MIN_TOKENS_STOP_IDS,
     SamplingInputs,
@@ -208,6 +208,7 @@ class ModelRunner:
                  attention_fn: llama.AttentionFn | None = None, enable_penalties: bool = True,
                  token_buckets: Sequence[int] | None = None,
                  seq_buckets: Sequence[int] | None = None) -> None:
+        xla_flags.log_applied()
         self.model_cfg = model_cfg
         self.cache_cfg = cache_cfg
         self.sched_cfg = sched_cfg

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from xlaserve.runtime import xla_flags as _xla_flags
+
 __version__ = "0.1.0"
+_xla_flags.apply_defaults()  # before jax makes a backend; see runtime/xla_flags.py
 
 if TYPE_CHECKING:
     from xlaserve.runtime.llm import LLM
