@@ -28,6 +28,7 @@ import os
 import traceback
 from typing import Any
 
+import xlaserve  # noqa: F401  (first: sets xlaserve's default XLA flags)
 import jax
 import jax.numpy as jnp
 import numpy as np

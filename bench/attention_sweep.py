@@ -19,6 +19,7 @@ import json
 import time
 from typing import Any
 
+import xlaserve  # noqa: F401  (first: sets xlaserve's default XLA flags)
 import jax
 import numpy as np
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import xlaserve  # noqa: F401  (first: sets xlaserve's default XLA flags)
 import jax
 import jax.numpy as jnp
 

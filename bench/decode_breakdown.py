@@ -25,6 +25,7 @@ import re
 import sys
 import time
 
+import xlaserve  # noqa: F401  (first: sets xlaserve's default XLA flags)
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+import xlaserve  # noqa: F401  (first: sets xlaserve's default XLA flags before jax starts)
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_8B_CONFIG = "bench/configs/llama3.1-8b"
 

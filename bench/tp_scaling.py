@@ -49,6 +49,7 @@ import sys
 import time
 from typing import Any
 
+import xlaserve  # noqa: F401  (first: sets xlaserve's default XLA flags)
 import jax
 import jax.numpy as jnp
 import numpy as np
