@@ -20,10 +20,11 @@ Execution calls those executables directly, so nothing recompiles. A shape with 
 goes through the plain jit path; after warm-up each compile that causes is counted in
 `compiles_after_warmup`, recorded in `compile_log` and logged as an ERROR.
 
-Logprobs. Every program always computes the sampled token's logprob and the top-20 (a top_k over
-V, cheap next to the forward), so requests asking for logprobs never need another program. They
-stay on the device unless `execute(..., num_logprobs=n)` asks: then the top-n come back in the
-same single device->host copy as the sampled ids.
+Programs (runtime/step_programs.py). Per (T, S) bucket one forward program that ends with a
+greedy sampler; per S bucket four small sampler programs (SamplerMode: top-k/p sort, top-n
+logprobs) that a batch needing temperature, penalties, filters or logprobs runs after it. The host
+picks; no program has a lax.cond. Logprobs come back only when `execute(..., num_logprobs=n)`
+asks, in the same device->host copy as the sampled ids.
 
 Overlap. `execute_async` dispatches the step and returns at once (JAX dispatch is asynchronous);
 the host builds step N+1 while the device runs step N, and `PendingOutput.result()` does the one
@@ -45,7 +46,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from xlaserve.runtime import packing, sampling, xla_flags
+from xlaserve.runtime import packing, sampling, step_programs, xla_flags
 from xlaserve.runtime.batch import (
     MAX_MIN_TOKENS_STOP_IDS,
     SamplingInputs,
@@ -262,13 +263,17 @@ class ModelRunner:
             packed_kwargs["out_shardings"] = (self._replicated, kv_tree)
         # The step on a StepInputs (eval_shape, tests). Execution runs the packed form: the
         # same step behind packing.unpack, so each step makes one host->device copy.
-        self.jitted_step = jax.jit(self._step, **jit_kwargs)
+        self._model_spec = step_programs.ModelSpec(model_cfg, attention_impl, attention_fn,
+                                                   self.seq_buckets[-1])
+        self.jitted_step = jax.jit(functools.partial(step_programs.full_step, self._model_spec),
+                                   **jit_kwargs)
         self._packed_kwargs = packed_kwargs
         sampler_kwargs: dict[str, Any] = {}
         if mesh is not None:
             sampler_kwargs = {"in_shardings": self._replicated,
                               "out_shardings": self._replicated}
-        self._samplers = {mode: jax.jit(functools.partial(self._sampler_step, mode=mode),
+        self._samplers = {mode: jax.jit(functools.partial(step_programs.sampler_step, mode=mode,
+                                                          max_seqs=self.seq_buckets[-1]),
                                         **sampler_kwargs) for mode in sampling.SAMPLER_MODES}
         self._sampler_executables: dict[tuple[int, int, sampling.SamplerMode], Any] = {}
         self._packed_jits: dict[packing.PackSpec, Any] = {}
@@ -311,67 +316,15 @@ class ModelRunner:
                  CPU_DEFAULT_KV_BYTES >> 20)
         return int(num_pages)
 
-    def _step(self, params: Any, kv_cache: llama.KVCache, inputs: StepInputs,
-              prev_tokens: jax.Array | None = None,
-              ) -> tuple[tuple[sampling.SamplerOutput, jax.Array], llama.KVCache]:
-        """The jitted program: placeholders from `prev_tokens`, forward, sample on device.
-
-        Returns ((sampler output, its token ids padded to i32[S_max]), kv_cache); the padded ids
-        are the next step's `prev_tokens` when that step is chained to this one.
-        """
-        if inputs.sampling is None:
-            raise ValueError("inputs.sampling=None inside the step; the runner fills it in")
-        if prev_tokens is not None and inputs.prev_sampled_index is not None:
-            index = inputs.prev_sampled_index
-            chained = prev_tokens[jax.numpy.clip(index, 0, prev_tokens.shape[0] - 1)]
-            inputs = dataclasses.replace(
-                inputs, token_ids=jax.numpy.where(index >= 0, chained, inputs.token_ids))
-        logits, kv_cache = llama.forward(params, inputs, kv_cache, self.model_cfg,
-                                         attention_impl=self.attention_impl,
-                                         attention_fn=self.attention_fn)  # f32[S, V]
-        out = sampling.sample(logits, inputs.sampling)
-        return (out, self._pad_tokens(out.token_ids)), kv_cache
-
-    def _pad_tokens(self, token_ids: jax.Array) -> jax.Array:
-        return jax.numpy.pad(token_ids, (0, self.seq_buckets[-1] - token_ids.shape[0]))
-
-    def _forward_step(self, params: Any, kv_cache: llama.KVCache, inputs: StepInputs,
-                      prev_tokens: jax.Array) -> tuple[Any, llama.KVCache]:
-        """The per-bucket program: placeholders, forward, greedy sampling; no lax.cond.
-
-        Returns ((greedy SamplerOutput, its ids padded to S_max, f32 logits [S, V], the
-        sampling controls without the histories), kv_cache). A batch that needs more than
-        greedy decoding runs a sampler program (`_sampler_step`) on those logits.
-        """
-        if prev_tokens is not None and inputs.prev_sampled_index is not None:
-            index = inputs.prev_sampled_index
-            chained = prev_tokens[jax.numpy.clip(index, 0, prev_tokens.shape[0] - 1)]
-            inputs = dataclasses.replace(
-                inputs, token_ids=jax.numpy.where(index >= 0, chained, inputs.token_ids))
-        logits, kv_cache = llama.forward(params, inputs, kv_cache, self.model_cfg,
-                                         attention_impl=self.attention_impl,
-                                         attention_fn=self.attention_fn)  # f32[S, V]
-        out = sampling.greedy(logits, inputs.sampling)
-        small = dataclasses.replace(inputs.sampling, prompt_token_ids=None,
-                                    output_token_ids=None)
-        return (out, self._pad_tokens(out.token_ids), logits, small), kv_cache
-
-    def _sampler_step(self, logits: jax.Array, small: SamplingInputs, prompt_hist: jax.Array,
-                      output_hist: jax.Array, *, mode: sampling.SamplerMode) -> Any:
-        """A sampler program (per S bucket and mode) over a forward program's logits."""
-        smp = dataclasses.replace(small, prompt_token_ids=prompt_hist,
-                                  output_token_ids=output_hist)
-        out = sampling.sample(logits, smp, mode)
-        return out, self._pad_tokens(out.token_ids)
-
     def _packed_jit(self, spec: packing.PackSpec) -> Any:
         """The jitted step taking (params, kv, packed i32 vector, separate leaves) for `spec`."""
         jitted = self._packed_jits.get(spec)
         if jitted is None:
             def step(params: Any, kv_cache: llama.KVCache, packed: jax.Array,
                      separate: tuple[jax.Array, ...], prev_tokens: jax.Array) -> Any:
-                return self._forward_step(params, kv_cache,
-                                          packing.unpack(packed, separate, spec), prev_tokens)
+                return step_programs.forward_step(self._model_spec, params, kv_cache,
+                                                  packing.unpack(packed, separate, spec),
+                                                  prev_tokens)
             jitted = jax.jit(step, **self._packed_kwargs)
             self._packed_jits[spec] = jitted
         return jitted
@@ -588,7 +541,9 @@ class ModelRunner:
         if prev is None and bool((inputs.prev_sampled_index >= 0).any()):
             raise ValueError("inputs.prev_sampled_index points at a previous step: pass prev")
         prev_tokens = prev.padded_tokens if prev is not None else self._zero_prev_tokens()
-        mode = self._sampler_mode(inputs, num_logprobs)
+        mode = step_programs.sampler_mode(inputs.sampling, num_logprobs=num_logprobs,
+                                          has_history=self._has_history(inputs.sampling),
+                                          vocab_size=self.model_cfg.vocab_size)
         spec = self._spec(key, inputs)
         packed, separate = packing.pack(inputs, spec)
         executable = self._executables.get(key)
@@ -606,21 +561,6 @@ class ModelRunner:
                 out, padded = sampler(logits, small, smp.prompt_token_ids,
                                       smp.output_token_ids)
         return PendingOutput(out, num_logprobs, padded)
-
-    def _sampler_mode(self, inputs: StepInputs, num_logprobs: int | None,
-                      ) -> sampling.SamplerMode | None:
-        """None when the forward program's greedy sampler covers every row, else the mode of
-        the sampler program to run (decided on the host from the batch's controls)."""
-        smp = inputs.sampling
-        assert smp is not None
-        top_n = bool(num_logprobs)
-        history = self._has_history(smp)
-        temperature = np.asarray(smp.temperature)
-        if not (top_n or history or (temperature > 0).any()):
-            return None
-        top_k, top_p = np.asarray(smp.top_k), np.asarray(smp.top_p)
-        sort = bool((((top_k > 0) & (top_k < self.model_cfg.vocab_size)) | (top_p < 1.0)).any())
-        return sampling.SamplerMode(sort=sort, top_n=top_n)
 
     def _has_history(self, smp: SamplingInputs) -> bool:
         """Whether any row has penalty history (our cached all -1 device arrays have none)."""
