@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{res['output_tokens_per_s']:.0f} out tok/s, {res['total_tokens_per_s']:.0f} "
               f"total tok/s (roofline {ec.fmt(res['roofline_output_tokens_per_s'], 0)} out tok/s)",
               flush=True)
+        if args.out:  # after every case: a run cut short keeps what it measured
+            ec.write_json(args.out, {**report, "cases": results, "partial": True})
     report["cases"] = results
     rc = ec.finish_report(report, built, args.out)
     _print_table(report)

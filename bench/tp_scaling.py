@@ -200,6 +200,20 @@ def greedy(r: Runner, cfg: ModelConfig, prompt: list[int], steps: int, page_size
     return tokens, top1, gaps
 
 
+def trace_steps(r: Runner, inputs: StepInputs, trace_dir: str, steps: int) -> dict[str, Any]:
+    """Kernel summary (bench/trace_summary.py) of `steps` back-to-back steps under jax.profiler:
+    per device stream, time by kernel family (all-reduces included) and the gaps between them."""
+    import trace_summary
+
+    inputs = r.put(inputs)
+    jax.block_until_ready(r.run(inputs))
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        jax.block_until_ready([r.run(inputs) for _ in range(steps)])
+    summary = trace_summary.summarize(trace_summary.find_trace(trace_dir), steps=steps)
+    print(trace_summary.render(summary), flush=True)
+    return summary
+
+
 def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, Any]:
     page_size = args.page_size
     longest = max(args.context + 2, args.prefill_tokens + args.greedy_steps + 1)
@@ -225,6 +239,9 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         ms = r.time_steps(inputs, args.iters, args.repeats)
         dev = r.per_device_ms(inputs, args.spread_steps)
         res["decode"][str(b)] = summarize(ms, dev, tokens=b)
+        if args.trace_dir:
+            res["decode"][str(b)]["trace"] = trace_steps(
+                r, inputs, f"{args.trace_dir}/tp{tp}_b{b}", args.trace_steps)
     inputs = step_inputs([args.prefill_tokens], [args.prefill_tokens], **kw)
     ms = r.time_steps(inputs, max(1, args.iters // 4), args.repeats)
     dev = r.per_device_ms(inputs, max(3, args.spread_steps // 4))
@@ -320,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--xla-flags", default="",
                    help="appended to XLA_FLAGS before the backend starts, e.g. "
                         "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true")
+    p.add_argument("--trace-dir", default=None,
+                   help="also trace the decode steps (jax.profiler) and summarize the kernels")
+    p.add_argument("--trace-steps", type=int, default=5)
     p.add_argument("--strict", action="store_true", help="exit 1 when a self-check fails")
     p.add_argument("--out", type=pathlib.Path, default=None)
     args = p.parse_args(argv)

@@ -46,7 +46,10 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
 def kernel_family(name: str) -> str:
     """A coarse class of an XLA/Pallas kernel name, for grouping the per-step time."""
     low = name.lower()
-    for key, family in (("ragged_paged_attention", "attention (pallas)"),
+    for key, family in (("nccl", "collective"), ("all_reduce", "collective"),
+                        ("allreduce", "collective"), ("all-reduce", "collective"),
+                        ("collective", "collective"),
+                        ("ragged_paged_attention", "attention (pallas)"),
                         ("write_kv_pages", "kv write (pallas)"), ("scatter", "scatter"),
                         ("gemm", "gemm"), ("cublas", "gemm"), ("sm90_xmma", "gemm"),
                         ("cutlass", "gemm"), ("dot", "gemm"), ("nvjet", "gemm"),

@@ -1,0 +1,38 @@
+"""The tuning table's lookup rules: q-length classes and KV splits (no kernel runs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from xlaserve.pallas_kernels import tuning
+
+
+@pytest.mark.parametrize("t,s,cls", [
+    (16, 1, "decode"),  # the smallest bucket at batch 1: one decode token + 15 padding rows
+    (16, 8, "decode"), (256, 256, "decode"), (512, 256, "decode"),
+    (64, 1, "mixed"), (128, 8, "mixed"), (2048, 256, "mixed"),
+    (2048, 1, "prefill"), (4096, 8, "prefill"),
+])
+def test_q_len_class(t: int, s: int, cls: str) -> None:
+    assert tuning.q_len_class(t, s) == cls
+
+
+def test_batch1_decode_bucket_takes_the_decode_tiles_at_any_table_width() -> None:
+    for width in (2112, 8224, 32832):
+        cfg = tuning.lookup_config(head_dim=128, page_size=16, group=4, num_tokens=16,
+                                   num_seqs=1, max_kv_len=width, num_kv_heads=8)
+        dec = tuning.lookup_config(head_dim=128, page_size=16, group=4, num_tokens=16,
+                                   num_seqs=8, max_kv_len=width, num_kv_heads=8)
+        assert (cfg.block_q, cfg.pages_per_block, cfg.q_transposed) == (
+            dec.block_q, dec.pages_per_block, dec.q_transposed)
+
+
+def test_splits_grow_with_table_width_and_stop_for_big_batches() -> None:
+    kw = dict(num_tokens=16, block_q=4, num_kv_heads=8, block_k=128, target_programs=384,
+              min_blocks_per_split=4, max_splits=128)
+    narrow = tuning.num_kv_splits(num_seqs=1, max_kv_len=2112, **kw)
+    wide = tuning.num_kv_splits(num_seqs=1, max_kv_len=32832, **kw)
+    assert 1 <= narrow < wide <= 128
+    assert narrow <= 2112 // 128 // 4  # each split keeps >= 4 blocks of the widest sequence
+    kw["num_tokens"] = 256
+    assert tuning.num_kv_splits(num_seqs=256, max_kv_len=32832, **kw) == 1
