@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import gc
 import json
 import math
@@ -119,8 +118,10 @@ class Runner:
                  impl: str) -> None:
         self.plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
                                         attention_impl=impl)
-        self.params = jax.jit(functools.partial(llama.init_params, cfg),
-                              out_shardings=self.plan.param_shardings)(jax.random.key(0))
+        # The key is made inside the program: no array crosses devices before the step (a
+        # single-device key put onto the mesh stalled on one 2 x H200 host, BENCHMARKS.md).
+        self.params = jax.jit(lambda: llama.init_params(cfg, jax.random.key(0)),
+                              out_shardings=self.plan.param_shardings)()
         self.cache = llama.init_kv_cache(cfg, num_pages, page_size,
                                          sharding=self.plan.kv_sharding)
         self.jitted = make_step_fn(cfg, self.plan)
