@@ -17,7 +17,6 @@ import argparse
 import collections
 import datetime
 import functools
-import gzip
 import itertools
 import json
 import pathlib
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import trace_summary
 from xlaserve.pallas_kernels import ragged_paged_attention as rpa
 from xlaserve.pallas_kernels.tuning import lookup_config
 
@@ -61,23 +61,16 @@ def decode_args(batch: int, context: int, table_width: int, *, t_bucket: int = 1
 
 def kernel_us(trace_dir: str, calls: int) -> dict[str, float]:
     """Device us per call by kernel class: attention, the rest (the combine and any glue)."""
-    found = sorted(pathlib.Path(trace_dir).glob("**/perfetto_trace.json.gz"))
-    if not found:
+    try:
+        path = trace_summary.find_trace(trace_dir)
+    except FileNotFoundError:  # no trace (the CPU dry run)
         return {}
-    path = found[-1]
-    with gzip.open(path, "rt") as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    out: dict[str, float] = collections.defaultdict(float)
-    for e in events:
-        if e.get("ph") == "X" and "/device:" in procs.get(e.get("pid"), ""):
-            name = e["name"]
-            if "memcpy" in name.lower():
-                continue
-            kind = "attention" if "ragged_paged_attention" in name else "other"
-            out[kind] += float(e["dur"]) / calls
+    families: collections.Counter[str] = collections.Counter()
+    for t in trace_summary.summarize(path, steps=calls)["threads"]:
+        if t["device"]:
+            families.update(t["families_us_per_step"])
+    families.pop("memcpy", None)
+    out = {"attention": families.pop("attention (pallas)", 0.0), "other": sum(families.values())}
     out["total"] = out["attention"] + out["other"]
     return {k: round(v, 2) for k, v in out.items()}
 

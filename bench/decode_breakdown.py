@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import trace_summary  # bench/
+
 
 def _median_ms(fn, args, repeats: int) -> float:
     out = fn(*args)
@@ -50,18 +52,6 @@ def _pipelined_ms(call, repeats: int) -> float:
     outs = [call() for _ in range(repeats)]
     jax.block_until_ready(outs)
     return 1e3 * (time.perf_counter() - t0) / repeats
-
-
-def _trace(call, trace_dir: str, steps: int) -> dict:
-    """Traces `steps` back-to-back calls with jax.profiler; returns the kernel summary."""
-    import trace_summary
-
-    jax.block_until_ready(call())
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        jax.block_until_ready([call() for _ in range(steps)])
-    summary = trace_summary.summarize(trace_summary.find_trace(trace_dir), steps=steps)
-    print(trace_summary.render(summary), flush=True)
-    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                          "first_call_s": round(compile_s, 2)}
         if args.trace_dir and traced is None and args.trace_variant in (None, name):
             traced = name
-            results[name]["trace"] = _trace(call, args.trace_dir, args.trace_steps)
+            results[name]["trace"] = trace_summary.trace_calls(call, args.trace_dir,
+                                                                  args.trace_steps)
         kv = state["kv"]
         print(name, {k: v for k, v in results[name].items() if k != "trace"}, flush=True)
     if "matmuls" in wanted:

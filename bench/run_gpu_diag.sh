@@ -12,10 +12,7 @@ MODEL=bench/configs/llama3.1-8b
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/diag.log") 2>&1
 echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)"
-if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps .whl/setuptools-*.whl .whl/wheel-*.whl
-fi
-$PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+source bench/gpu_install.sh && gpu_install || exit 1
 
 case_() {  # name, seconds, xla flags, args...
   local name=$1 secs=$2 flags=$3; shift 3

@@ -9,10 +9,7 @@ PY=${PYTHON:-python3}
 mkdir -p "$R"
 exec > >(tee -a "$R/session.log") 2>&1
 echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)"
-if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps .whl/setuptools-*.whl .whl/wheel-*.whl
-fi
-$PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+source bench/gpu_install.sh && gpu_install || exit 1
 T0=$SECONDS
 (cd bench && timeout -k 5 "${ATT_S:-200}" $PY attention_decode_small.py --contexts 1024 2048 8192 \
   --table-width 8256 --stages 3 --out "$R/attn_decode_small.json")

@@ -12,10 +12,7 @@ CACHE=/tmp/xla_cache
 mkdir -p "$R"
 exec > >(tee -a "$R/session.log") 2>&1
 echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)"
-if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps .whl/setuptools-*.whl .whl/wheel-*.whl
-fi
-$PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+source bench/gpu_install.sh && gpu_install || exit 1
 T0=$SECONDS
 for mml in 2112 8224; do
   timeout -k 5 "${LAT_S:-70}" $PY bench/latency.py --model $MODEL --load-format dummy \

@@ -9,10 +9,7 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM
 OUT=${OUT:?set OUT}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps .whl/setuptools-*.whl .whl/wheel-*.whl
-fi
-$PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
+source bench/gpu_install.sh && gpu_install || exit 1
 declare -A FLAGS=(
   [default]=""
   [cond]="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"

@@ -10,10 +10,7 @@ PY=${PYTHON:-python3}
 MODEL=bench/configs/llama3.1-8b
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/profile_session.log") 2>&1
-if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps .whl/setuptools-*.whl .whl/wheel-*.whl
-fi
-$PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+source bench/gpu_install.sh && gpu_install || exit 1
 echo "=== breakdown $(date -u +%T)"
 XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_module_re=jit_full --xla_dump_hlo_as_text" \
   timeout -k 10 150 $PY bench/decode_breakdown.py --config $MODEL --out "$OUT/decode_breakdown_h100.json"

@@ -23,10 +23,7 @@ exec > >(tee -a "$LOG") 2>&1
 echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $PY -c 'import setuptools, jax; print("setuptools", setuptools.__version__, "jax", jax.__version__)'
-if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps .whl/setuptools-*.whl .whl/wheel-*.whl
-fi
-$PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+source bench/gpu_install.sh && gpu_install || exit 1
 $PY -c 'import xlaserve.runtime.engine, xlaserve.pallas_kernels.ops as o; print("impls", o.available_implementations("gpu"))' || exit 1
 
 PARTS=${PARTS:-latency throughput peers profile}

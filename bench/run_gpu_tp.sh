@@ -9,10 +9,7 @@ PY=${PYTHON:-python3}
 TPS=${*:-1 2}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/tp_session.log") 2>&1
-if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps .whl/setuptools-*.whl .whl/wheel-*.whl
-fi
-$PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+source bench/gpu_install.sh && gpu_install || exit 1
 nvidia-smi --query-gpu=name --format=csv,noheader
 for tp in $TPS; do
   $PY -m xlaserve generate --model builtin:tiny --dtype float32 --tensor-parallel-size "$tp" \

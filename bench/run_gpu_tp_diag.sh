@@ -9,10 +9,7 @@ export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM
 R=${OUT:?set OUT}/tpd
 PY=${PYTHON:-python3}
 mkdir -p "$R"
-if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps .whl/setuptools-*.whl .whl/wheel-*.whl
-fi
-$PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
+source bench/gpu_install.sh && gpu_install || exit 1
 T0=$SECONDS
 timeout -s ABRT -k 5 45 $PY - > "$R/psum.log" 2>&1 <<'PY'
 import time, xlaserve, jax, jax.numpy as jnp, numpy as np

@@ -15,10 +15,7 @@ mkdir -p "$R"
 exec > >(tee -a "$R/session.log") 2>&1
 echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)"
 nvidia-smi --query-gpu=name --format=csv,noheader; nvidia-smi topo -m 2>/dev/null | head -5
-if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps .whl/setuptools-*.whl .whl/wheel-*.whl
-fi
-$PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+source bench/gpu_install.sh && gpu_install || exit 1
 declare -A FLAGS=(
   [oneshot]="--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true"
   [cbcoll]="--xla_gpu_enable_command_buffer=+COLLECTIVES"

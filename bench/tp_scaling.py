@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import math
@@ -52,6 +53,8 @@ import xlaserve  # noqa: F401  (first: sets xlaserve's default XLA flags)
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import trace_summary  # bench/
 
 from xlaserve.checkpoints import hf
 from xlaserve.runtime.batch import StepInputs
@@ -201,20 +204,6 @@ def greedy(r: Runner, cfg: ModelConfig, prompt: list[int], steps: int, page_size
     return tokens, top1, gaps
 
 
-def trace_steps(r: Runner, inputs: StepInputs, trace_dir: str, steps: int) -> dict[str, Any]:
-    """Kernel summary (bench/trace_summary.py) of `steps` back-to-back steps under jax.profiler:
-    per device stream, time by kernel family (all-reduces included) and the gaps between them."""
-    import trace_summary
-
-    inputs = r.put(inputs)
-    jax.block_until_ready(r.run(inputs))
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        jax.block_until_ready([r.run(inputs) for _ in range(steps)])
-    summary = trace_summary.summarize(trace_summary.find_trace(trace_dir), steps=steps)
-    print(trace_summary.render(summary), flush=True)
-    return summary
-
-
 def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, Any]:
     page_size = args.page_size
     longest = max(args.context + 2, args.prefill_tokens + args.greedy_steps + 1)
@@ -241,8 +230,10 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         dev = r.per_device_ms(inputs, args.spread_steps)
         res["decode"][str(b)] = summarize(ms, dev, tokens=b)
         if args.trace_dir:
-            res["decode"][str(b)]["trace"] = trace_steps(
-                r, inputs, f"{args.trace_dir}/tp{tp}_b{b}", args.trace_steps)
+            on_mesh = r.put(inputs)
+            res["decode"][str(b)]["trace"] = trace_summary.trace_calls(
+                functools.partial(r.run, on_mesh), f"{args.trace_dir}/tp{tp}_b{b}",
+                args.trace_steps)
     inputs = step_inputs([args.prefill_tokens], [args.prefill_tokens], **kw)
     ms = r.time_steps(inputs, max(1, args.iters // 4), args.repeats)
     dev = r.per_device_ms(inputs, max(3, args.spread_steps // 4))

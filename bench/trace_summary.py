@@ -149,6 +149,19 @@ def summarize(trace_path: str | pathlib.Path, *, steps: int | None = None,
     return out
 
 
+def trace_calls(call: Any, trace_dir: str | pathlib.Path, steps: int) -> dict[str, Any]:
+    """Runs `call` once, then `steps` times back to back under jax.profiler; prints and returns
+    the summary of that trace (per step)."""
+    import jax
+
+    jax.block_until_ready(call())
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        jax.block_until_ready([call() for _ in range(steps)])
+    summary = summarize(find_trace(trace_dir), steps=steps)
+    print(render(summary), flush=True)
+    return summary
+
+
 def render(summary: dict[str, Any], *, top: int = 15) -> str:
     lines = [f"trace {summary['trace']} (per step over {summary['steps']} steps)"]
     for t in summary["threads"]:

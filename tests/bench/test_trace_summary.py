@@ -66,3 +66,14 @@ def test_summarize_two_steps(tmp_path: pathlib.Path) -> None:
     assert dev["gaps"]["large_gap_us_per_step"] == pytest.approx(250.0)  # 500 us / 2 steps
     assert host["busy_us_per_step"] == pytest.approx(20.0)
     assert "collective" in mod.render(out)
+
+
+def test_trace_calls_traces_and_summarizes(tmp_path: pathlib.Path) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda x: x * 2 + 1)
+    x = jnp.ones((64,))
+    out = _mod().trace_calls(lambda: f(x), tmp_path, steps=3)
+    assert out["steps"] == 3 and out["threads"]
+    assert pathlib.Path(out["trace"]).is_relative_to(tmp_path)
