@@ -20,6 +20,7 @@ import functools
 import itertools
 import json
 import pathlib
+import sys
 import tempfile
 from typing import Any
 
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{best['name']} {best['total']} us", flush=True)
     rep = {"bench": "attention_decode_small", "device": jax.devices()[0].device_kind,
            "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc)
-           .isoformat(timespec="seconds"), "rows": rows}
+           .isoformat(timespec="seconds"), "command": " ".join(["python", *sys.argv]),
+           "rows": rows}
     if a.out:
         pathlib.Path(a.out).write_text(json.dumps(rep, indent=1))
     return 0
