@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Issue 6 on a 4 x H200 (or 2 x H200) host, in two calls of one lease:
+#   PART=a  a bounded cross-device copy test, the builtin model through the CLI at tp 1 and 2
+#           (greedy tokens), then bench/tp_scaling.py at tp 1 2 (4) with kernel traces
+#   PART=b  tp 2 (4) under XLA collective settings (bench/run_gpu_tp_flags.sh's sets)
+#   PART=a OUT=/tmp/out bash bench/run_gpu_tp_s4.sh
+# Each step runs under its own timeout that aborts with Python tracebacks, so a stall shows where.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+  NVSHMEM_DISABLE_NVLS=1
+R=${OUT:?set OUT}/tp${PART:?set PART}
+PY=${PYTHON:-python3}
+mkdir -p "$R"
+exec > >(tee -a "$R/session.log") 2>&1
+NG=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+TPS="1 2"; [ "$NG" -ge 4 ] && TPS="1 2 4"
+echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null) gpus $NG tps $TPS"
+nvidia-smi topo -m 2>/dev/null | head -6
+source bench/gpu_install.sh && gpu_install || exit 1
+T0=$SECONDS
+if [ "$PART" = a ]; then
+  timeout -s ABRT -k 5 40 $PY - <<'PY'
+import time, jax, jax.numpy as jnp
+d = jax.devices()
+x = jax.device_put(jnp.ones((1 << 20,), jnp.float32), d[0]).block_until_ready()
+for i in range(1, len(d)):
+    t = time.time(); y = jax.device_put(x, d[i]).block_until_ready()
+    print(f"d2d 0->{i} {1e3 * (time.time() - t):.1f} ms sum {float(y.sum())}", flush=True)
+PY
+  echo "=== d2d rc=$? at $((SECONDS - T0))s"
+  for tp in 1 2; do
+    timeout -s ABRT -k 5 150 $PY -m xlaserve generate --model builtin:tiny --dtype float32 \
+      --tensor-parallel-size $tp --prompt "The quick brown fox" --max-tokens 32 --temperature 0 \
+      --json > "$R/greedy_tp$tp.json" 2> "$R/greedy_tp$tp.log"
+    echo "=== tiny tp$tp rc=$? at $((SECONDS - T0))s"; tail -2 "$R/greedy_tp$tp.log"
+  done
+  $PY - "$R" <<'PY'
+import json, sys
+t = {tp: json.load(open(f"{sys.argv[1]}/greedy_tp{tp}.json"))["token_ids"] for tp in (1, 2)}
+print("CLI greedy token ids tp2 == tp1:", t[1] == t[2], t)
+PY
+  timeout -s ABRT -k 5 ${BASE_S:-330} $PY bench/tp_scaling.py --tp $TPS --decode-batches 1 \
+    --trace-dir /tmp/tr_base --out "$R/tp_base.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
+  echo "=== base rc=$? at $((SECONDS - T0))s"
+else
+  declare -A FLAGS=(
+    [oneshot]="--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true"
+    [cbcoll]="--xla_gpu_enable_command_buffer=+COLLECTIVES"
+    [both]="--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true --xla_gpu_enable_command_buffer=+COLLECTIVES"
+  )
+  for name in ${SETS:-oneshot both cbcoll}; do
+    XLA_FLAGS="${FLAGS[$name]}" timeout -s ABRT -k 5 "${SET_S:-170}" $PY bench/tp_scaling.py \
+      --tp ${TPS#1 } --decode-batches 1 --greedy-steps 4 --repeats 3 --trace-dir "/tmp/tr_$name" \
+      --out "$R/tp_$name.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
+    echo "=== $name rc=$? at $((SECONDS - T0))s"
+  done
+fi
+$PY - "$R" <<'PY'
+import json, sys, pathlib
+for f in sorted(pathlib.Path(sys.argv[1]).glob("tp_*.json")):
+    d = json.loads(f.read_text())
+    for x in d["results"]:
+        dec = x["decode"]["1"]
+        fam = {}
+        for t in dec.get("trace", {}).get("threads", []):
+            if t["device"] and t["busy_us_per_step"] > 500:
+                fam = {k: round(v) for k, v in t["families_us_per_step"].items()}
+                fam["busy"] = round(t["busy_us_per_step"]); fam["span"] = round(t["span_us_per_step"])
+                break
+        print(f.name, "tp", x["tp"], "decode_b1_ms", dec["step_ms"], "per_dev", dec["per_device_ms"],
+              "prefill_ms", x["prefill"]["step_ms"], "greedy", x["greedy_tokens"][:5], fam)
+PY
+tar czf "$OUT/tp$PART.tgz" -C "$OUT" "tp$PART"
