@@ -14,7 +14,7 @@ PY=${PYTHON:-python3}
 mkdir -p "$R"
 exec > >(tee -a "$R/session.log") 2>&1
 NG=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
-TPS="1 2"; [ "$NG" -ge 4 ] && TPS="1 2 4"
+TPS="1 2"; [ "$NG" -ge 4 ] && TPS="1 2 4"; TPS=${TP_SIZES:-$TPS}
 echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null) gpus $NG tps $TPS"
 nvidia-smi topo -m 2>/dev/null | head -6
 source bench/gpu_install.sh && gpu_install || exit 1
@@ -48,10 +48,16 @@ else
     [oneshot]="--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true"
     [cbcoll]="--xla_gpu_enable_command_buffer=+COLLECTIVES"
     [both]="--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true --xla_gpu_enable_command_buffer=+COLLECTIVES"
+    [skiptemp]="--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+    [varemap]="--xla_gpu_enable_command_buffer_va_remapping=true"
+    [ncclcb]="--xla_gpu_allow_all_reduce_kernel=false --xla_gpu_enable_command_buffer=+COLLECTIVES"
+    [ncclcb_skiptemp]="--xla_gpu_allow_all_reduce_kernel=false --xla_gpu_enable_command_buffer=+COLLECTIVES --xla_gpu_command_buffer_update_mode=SKIP_TEMP"
   )
+  FLAGS[default]=""
   for name in ${SETS:-oneshot both cbcoll}; do
+    sizes=${TPS#1 }; [ "$name" = default ] && sizes=$TPS
     XLA_FLAGS="${FLAGS[$name]}" timeout -s ABRT -k 5 "${SET_S:-170}" $PY bench/tp_scaling.py \
-      --tp ${TPS#1 } --decode-batches 1 --greedy-steps 4 --repeats 3 --trace-dir "/tmp/tr_$name" \
+      --tp $sizes --decode-batches 1 --greedy-steps 4 --repeats 3 ${SET_ARGS:-} --trace-dir "/tmp/tr_$name" \
       --out "$R/tp_$name.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
     echo "=== $name rc=$? at $((SECONDS - T0))s"
   done
@@ -69,6 +75,6 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("tp_*.json")):
                 fam["busy"] = round(t["busy_us_per_step"]); fam["span"] = round(t["span_us_per_step"])
                 break
         print(f.name, "tp", x["tp"], "decode_b1_ms", dec["step_ms"], "per_dev", dec["per_device_ms"],
-              "prefill_ms", x["prefill"]["step_ms"], "greedy", x["greedy_tokens"][:5], fam)
+              "prefill_ms", x.get("prefill", {}).get("step_ms"), "greedy", x["greedy_tokens"][:5], fam)
 PY
 tar czf "$OUT/tp$PART.tgz" -C "$OUT" "tp$PART"

@@ -234,10 +234,11 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
             res["decode"][str(b)]["trace"] = trace_summary.trace_calls(
                 functools.partial(r.run, on_mesh), f"{args.trace_dir}/tp{tp}_b{b}",
                 args.trace_steps)
-    inputs = step_inputs([args.prefill_tokens], [args.prefill_tokens], **kw)
-    ms = r.time_steps(inputs, max(1, args.iters // 4), args.repeats)
-    dev = r.per_device_ms(inputs, max(3, args.spread_steps // 4))
-    res["prefill"] = summarize(ms, dev, tokens=args.prefill_tokens)
+    if not args.no_prefill:
+        inputs = step_inputs([args.prefill_tokens], [args.prefill_tokens], **kw)
+        ms = r.time_steps(inputs, max(1, args.iters // 4), args.repeats)
+        dev = r.per_device_ms(inputs, max(3, args.spread_steps // 4))
+        res["prefill"] = summarize(ms, dev, tokens=args.prefill_tokens)
     res["compile_s"] = r.compile_s
     shapes = {(pow2_at_least(b, MIN_TOKENS), pow2_at_least(b, MIN_SEQS))
               for b in args.decode_batches + [1]}
@@ -265,7 +266,8 @@ def scaling(results: list[dict[str, Any]]) -> dict[str, Any]:
     base = min(results, key=lambda r: r["tp"])
     out: dict[str, Any] = {"relative_to_tp": base["tp"]}
     series = [("decode_b" + b, lambda r, b=b: r["decode"][b]["step_ms"]) for b in base["decode"]]
-    series.append(("prefill", lambda r: r["prefill"]["step_ms"]))
+    if "prefill" in base:
+        series.append(("prefill", lambda r: r["prefill"]["step_ms"]))
     for name, get in series:
         out[name] = {str(r["tp"]): {"step_ms": get(r),
                                     "speedup": round(get(base) / get(r), 3),
@@ -317,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=1024, help="KV tokens per decode sequence")
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--no-prefill", action="store_true",
+                   help="skip the prefill timing (the greedy check still prefills)")
     p.add_argument("--num-layers", type=int, default=None, help="override (quick runs)")
     p.add_argument("--dtype", default=None, help="default bfloat16 (float32 for tiny)")
     p.add_argument("--attention-impl", default="auto")
@@ -372,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         report["results"].append(res)
         dec = ", ".join(f"B={b} {v['step_ms']:.3f} ms (spread {v['per_device_spread_ms']:.3f})"
                         for b, v in res["decode"].items())
-        print(f"tp={tp}: decode {dec}; prefill {res['prefill']['step_ms']:.2f} ms; "
+        pre = f"{res['prefill']['step_ms']:.2f} ms" if "prefill" in res else "-"
+        print(f"tp={tp}: decode {dec}; prefill {pre}; "
               f"compile {res['compile_s']}", flush=True)
         # Written after every tp, so a run cut off by a time limit keeps what it measured.
         report["scaling"] = scaling(report["results"])
