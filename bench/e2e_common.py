@@ -90,6 +90,9 @@ def add_engine_flags(p: argparse.ArgumentParser, *, max_num_seqs: int,
     g.add_argument("--sync-engine", action="store_true",
                    help="Engine(async_scheduling=False): no host/device overlap")
     g.add_argument("--seed", type=int, default=0, help="prompt and weight seed")
+    g.add_argument("--kv-write-min-tokens", type=int, default=None,
+                   help="experiment: steps of at least this many tokens write K/V with the Pallas "
+                        "kernel, smaller ones with XLA's scatter (default: ops' own threshold)")
     p.add_argument("--no-calibrate", action="store_true",
                    help="skip measuring copy bandwidth / matmul rate (rooflines then missing)")
     p.add_argument("--out", default=None, help="write the JSON report here")
@@ -349,6 +352,10 @@ def start_report(bench: str, args: argparse.Namespace, *,
     """
     report: dict[str, Any] = run_metadata(bench)
     report["ceilings"] = measure_ceilings(args.no_calibrate)
+    from xlaserve.pallas_kernels import ops
+    if getattr(args, "kv_write_min_tokens", None) is not None:
+        ops._PALLAS_WRITE_MIN_TOKENS = args.kv_write_min_tokens  # read when the steps trace
+    report["kv_write_min_tokens"] = ops._PALLAS_WRITE_MIN_TOKENS
     built = build_engine(args, max_model_len=max_model_len)
     report["engine"] = engine_summary(built)
     return report, built, ModelCost.from_config(built.model_config)
