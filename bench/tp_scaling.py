@@ -17,6 +17,9 @@ Measured per tp:
     their median times (stragglers and imbalance show here).
   * scaling: speedup = t(tp=1) / t(tp) and efficiency = speedup / tp (relative to the smallest
     tp given when 1 is not in ``--tp``).
+Each tp runs in its own child process (``--in-process`` runs them all here): on one 2 x H200 and
+one 4 x H200 host, building a second mesh in a process that had run another tp stalled (session 4
+logs in bench/results/session4_*), while each tp alone ran. The parent merges the children's JSON.
 Self-checks, recorded in the JSON (``--strict`` exits 1 when one fails): the params are really
 split (shard shapes), their per-leaf checksums equal the first tp's (same weights), a greedy
 continuation of a random prompt (prefill then ``--greedy-steps`` decode steps, through the same
@@ -310,6 +313,66 @@ def checks(cfg: ModelConfig, results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def load_model_config(args: argparse.Namespace) -> ModelConfig:
+    cfg = TINY if args.model == "tiny" else hf.load_config(args.model,
+                                                           dtype=args.dtype or "bfloat16")
+    if args.dtype:
+        cfg = cfg.replace(dtype=args.dtype)
+    if args.num_layers:
+        cfg = cfg.replace(num_layers=args.num_layers)
+    return cfg
+
+
+def run_children(args: argparse.Namespace, argv: list[str]) -> int:
+    """Runs each tp in its own process (this one never starts a backend) and merges the reports.
+
+    A child that fails or outlives --child-timeout is recorded under "failed" and the others go
+    on; the merged report is written after every child.
+    """
+    import subprocess
+    import tempfile
+
+    tps = sorted(set(args.tp))
+    if args.tp != tps:
+        raise ValueError(f"--tp {args.tp}: give increasing, distinct sizes")
+    cfg = load_model_config(args)
+    merged: dict[str, Any] = {}
+    failed: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for tp in tps:
+            out = pathlib.Path(tmp) / f"tp{tp}.json"
+            cmd = [sys.executable, __file__, *argv, "--tp", str(tp), "--out", str(out),
+                   "--in-process"]
+            try:
+                rc = subprocess.run(cmd, timeout=args.child_timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            if not out.exists():
+                failed.append({"tp": tp, "exit": rc})
+                print(f"tp={tp}: child process failed ({rc})", file=sys.stderr, flush=True)
+                continue
+            child = json.loads(out.read_text())
+            if not merged:
+                merged = {**child, "results": [], "processes": "one per tp"}
+                merged["command"] = " ".join([sys.executable, __file__, *argv])
+            merged["results"].extend(child["results"])
+            merged["failed"] = failed
+            merged["scaling"] = scaling(merged["results"])
+            merged["checks"] = checks(cfg, merged["results"])
+            merged["complete"] = tp == tps[-1] and not failed
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(merged, indent=1) + "\n")
+    if not merged:
+        return 1
+    print(json.dumps({"scaling": merged["scaling"], "checks": merged["checks"],
+                      "failed": failed}, indent=1))
+    bad = [k for k, v in merged["checks"].items() if v is False]
+    if bad:
+        print(f"FAILED checks: {bad}", file=sys.stderr)
+    return 1 if (failed or (bad and args.strict)) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -337,21 +400,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="also trace the decode steps (jax.profiler) and summarize the kernels")
     p.add_argument("--trace-steps", type=int, default=5)
     p.add_argument("--strict", action="store_true", help="exit 1 when a self-check fails")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every tp in this process (default: one child process per tp; on "
+                        "some hosts a second mesh in one process stalled while it was built)")
+    p.add_argument("--child-timeout", type=float, default=None,
+                   help="seconds per tp child process (default: no limit)")
     p.add_argument("--out", type=pathlib.Path, default=None)
     args = p.parse_args(argv)
+    if len(set(args.tp)) > 1 and not args.in_process:
+        return run_children(args, list(sys.argv[1:] if argv is None else argv))
     if args.xla_flags:  # read when the backend starts, i.e. at the first device query below
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
 
     if args.compilation_cache_dir != "none":
         setup_compilation_cache(args.compilation_cache_dir)
-    if args.model == "tiny":
-        cfg = TINY
-    else:
-        cfg = hf.load_config(args.model, dtype=args.dtype or "bfloat16")
-    if args.dtype:
-        cfg = cfg.replace(dtype=args.dtype)
-    if args.num_layers:
-        cfg = cfg.replace(num_layers=args.num_layers)
+    cfg = load_model_config(args)
     tps = sorted(set(args.tp))
     if args.tp != tps:
         raise ValueError(f"--tp {args.tp}: give increasing, distinct sizes")

@@ -10,7 +10,7 @@ available raises RuntimeError: the dispatcher never falls back silently.
 
 `write_kv_pages` has two implementations: "xla" (an XLA scatter, in place under donation) and
 "pallas" (a Pallas kernel with input_output_aliases). "auto" takes the one measured faster on the
-GPU for the step's token count (see _PALLAS_WRITE_MIN_TOKENS and bench/NOTES_attention.md).
+GPU for the step's token count (`write_impl_for`; bench/NOTES_attention.md).
 """
 
 from __future__ import annotations
@@ -29,8 +29,13 @@ WRITE_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
 # Measured on one H100, both into donated pools (bench/results/attention_h100_write_mixed_model_
 # call7.json and _call8.json, "write"): T=64: XLA scatter 43 / 83 us, Pallas 47 / 45 us (host
 # dispatch bound, inconclusive); T=4096: XLA 87 / 89 us, Pallas 52 / 49 us. So "auto" takes the
-# Pallas kernel on GPU from this many tokens on, and the XLA scatter below it.
+# Pallas kernel on GPU from this many tokens on.
 _PALLAS_WRITE_MIN_TOKENS = 1024
+# ... and for the smallest decode steps: in the 8B model at batch 1 (T=16 bucket, ctx 1024) the
+# Pallas kernel (one launch for K and V) beat XLA's two scatters by 0.03 ms per step, A/B/A/B in
+# one run: 5.996 / 5.990 vs 6.033 / 6.023 ms (bench/results/session4_h100/latency_1k_write_*).
+# Steps between the two bounds keep the XLA scatter (not measured in the model).
+_PALLAS_WRITE_SMALL_MAX_TOKENS = 16
 
 
 def _platform(platform: str | None) -> str:
@@ -100,6 +105,14 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     return rpa.ragged_paged_attention(*args, interpret=chosen == "pallas_interpret", **kwargs)
 
 
+def write_impl_for(num_tokens: int, platform: str | None = None) -> str:
+    """The K/V write "auto" takes for a step of `num_tokens` tokens: "pallas" or "xla"."""
+    if _platform(platform) != "gpu":
+        return "xla"
+    small = num_tokens <= _PALLAS_WRITE_SMALL_MAX_TOKENS
+    return "pallas" if small or num_tokens >= _PALLAS_WRITE_MIN_TOKENS else "xla"
+
+
 def write_kv_pages(k_pages: jax.Array, v_pages: jax.Array, k_new: jax.Array, v_new: jax.Array,
                    slot_mapping: jax.Array, *, impl: str = "auto") -> tuple[jax.Array, jax.Array]:
     """Writes this step's K/V ([T, K, H]) into their slots of the [K, P, L, H] pools.
@@ -109,10 +122,7 @@ def write_kv_pages(k_pages: jax.Array, v_pages: jax.Array, k_new: jax.Array, v_n
     """
     if impl not in WRITE_IMPLEMENTATIONS:
         raise ValueError(f"impl={impl!r}: must be one of {WRITE_IMPLEMENTATIONS}")
-    chosen = impl
-    if impl == "auto":
-        big = slot_mapping.shape[0] >= _PALLAS_WRITE_MIN_TOKENS
-        chosen = "pallas" if big and _platform(None) == "gpu" else "xla"
+    chosen = write_impl_for(slot_mapping.shape[0]) if impl == "auto" else impl
     if chosen == "pallas" and _platform(None) != "gpu":
         raise RuntimeError(f"write_kv_pages impl='pallas' needs an NVIDIA GPU (platform is "
                            f"{_platform(None)!r})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from xlaserve.pallas_kernels import tuning
+from xlaserve.pallas_kernels import ops, tuning
 
 
 @pytest.mark.parametrize("t,s,cls", [
@@ -36,3 +36,16 @@ def test_splits_grow_with_table_width_and_stop_for_big_batches() -> None:
     assert narrow <= 2112 // 128 // 4  # each split keeps >= 4 blocks of the widest sequence
     kw["num_tokens"] = 256
     assert tuning.num_kv_splits(num_seqs=256, max_kv_len=32832, **kw) == 1
+
+
+@pytest.mark.parametrize("t,impl", [
+    (16, "pallas"),  # batch-1 decode bucket: one Pallas launch for K and V (measured in-model)
+    (32, "xla"), (512, "xla"),  # not measured in the model: XLA's scatter stays
+    (1024, "pallas"), (4096, "pallas"),  # prefill-sized steps (measured in isolation)
+])
+def test_kv_write_choice_on_gpu(t: int, impl: str) -> None:
+    assert ops.write_impl_for(t, platform="cuda") == impl
+
+
+def test_kv_write_is_xla_off_gpu() -> None:
+    assert {ops.write_impl_for(t, platform="cpu") for t in (16, 64, 4096)} == {"xla"}

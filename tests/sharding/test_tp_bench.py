@@ -26,6 +26,7 @@ def test_tp_scaling_bench_cpu_smoke(tmp_path: pathlib.Path) -> None:
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads(out.read_text())
     assert [r["tp"] for r in report["results"]] == [1, 4]
+    assert report["processes"] == "one per tp" and report["complete"] and not report["failed"]
     assert report["device"].startswith("cpu") and report["jax"] and report["date"]
     checks = report["checks"]
     for tp in (1, 4):
