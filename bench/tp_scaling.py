@@ -31,9 +31,10 @@ compiled programs) gives the same tokens as the first tp, and the step compiled 
   JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
     python bench/tp_scaling.py --model tiny --tp 1 2 4 --out /tmp/tp.json  # CPU smoke
 
-Batch-1 decode at tp > 1 is bound by the latency of its 2 all-reduces per layer (65 for 32
-layers), not by bandwidth; XLA's one-shot all-reduce kernel for small messages may help:
-``--xla-flags=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true`` (recorded in the JSON).
+Batch-1 decode at tp > 1 is host-bound (measured with ``--trace-dir`` on H200s, BENCHMARKS.md
+section 0a): the 2 all-reduces per layer (65 for 32 layers) cut the step into 66 CUDA graphs, and
+each device's XLA executor thread spends longer launching and updating them than the device
+computes. ``--xla-flags`` passes XLA settings to try (recorded in the JSON).
 """
 
 from __future__ import annotations
