@@ -49,9 +49,12 @@ else
     [cbcoll]="--xla_gpu_enable_command_buffer=+COLLECTIVES"
     [both]="--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true --xla_gpu_enable_command_buffer=+COLLECTIVES"
     [skiptemp]="--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
-    [varemap]="--xla_gpu_enable_command_buffer_va_remapping=true"
-    [ncclcb]="--xla_gpu_allow_all_reduce_kernel=false --xla_gpu_enable_command_buffer=+COLLECTIVES"
-    [ncclcb_skiptemp]="--xla_gpu_allow_all_reduce_kernel=false --xla_gpu_enable_command_buffer=+COLLECTIVES --xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+    # Not yet run (session 5): NCCL instead of XLA's collective kernels, inside the graphs or not
+    # (--xla_gpu_allow_all_reduce_kernel and --xla_gpu_enable_command_buffer_va_remapping, tried
+    # in session 4, are not flags of jax 0.11.2's XLA).
+    [nccl]="--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE"
+    [ncclcb]="--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE --xla_gpu_enable_command_buffer=+COLLECTIVES"
+    [ncclcb_skiptemp]="--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE --xla_gpu_enable_command_buffer=+COLLECTIVES --xla_gpu_command_buffer_update_mode=SKIP_TEMP"
   )
   FLAGS[default]=""
   for name in ${SETS:-oneshot both cbcoll}; do
