@@ -2,7 +2,7 @@
 # Issue 6 on a 4 x H200 (or 2 x H200) host, in two calls of one lease:
 #   PART=a  a bounded cross-device copy test, the builtin model through the CLI at tp 1 and 2
 #           (greedy tokens), then bench/tp_scaling.py at tp 1 2 (4) with kernel traces
-#   PART=b  tp 2 (4) under XLA collective settings (bench/run_gpu_tp_flags.sh's sets)
+#   PART=b  tp 2 (4) under XLA collective settings (one-shot all-reduce kernel, +COLLECTIVES, SKIP_TEMP, ...)
 #   PART=a OUT=/tmp/out bash bench/run_gpu_tp_s4.sh
 # Each step runs under its own timeout that aborts with Python tracebacks, so a stall shows where.
 set -uo pipefail
