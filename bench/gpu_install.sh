@@ -1,6 +1,15 @@
-# Sourced by the bench/run_gpu_*.sh scripts (repo root, $PY set): installs xlaserve editable on
-# the GPU machine. A carried .whl/ (setuptools + wheel) comes first when the machine's setuptools
-# is too old for editable installs with package-dir mappings. Returns 1 when the install fails.
+# Sourced by the bench/run_gpu_*.sh scripts (repo root, $PY set).
+#   gpu_session DIR [LOG] [NOTE]  makes DIR, copies everything the script prints into DIR/LOG
+#                                 (default session.log), prints the date and commit (+ NOTE)
+#   gpu_install                   installs xlaserve editable on the GPU machine; returns 1 when
+#                                 the install fails. A carried .whl/ (setuptools + wheel) comes
+#                                 first when the machine's setuptools is too old for editable
+#                                 installs with package-dir mappings.
+gpu_session() {
+  mkdir -p "$1"
+  exec > >(tee -a "$1/${2:-session.log}") 2>&1
+  echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)${3:+ $3}"
+}
 gpu_install() {
   if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps .whl/setuptools-*.whl .whl/wheel-*.whl

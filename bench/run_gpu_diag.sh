@@ -9,10 +9,7 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM
 OUT=${OUT:?set OUT}
 PY=${PYTHON:-python3}
 MODEL=bench/configs/llama3.1-8b
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/diag.log") 2>&1
-echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)"
-source bench/gpu_install.sh && gpu_install || exit 1
+source bench/gpu_install.sh && gpu_session "$OUT" diag.log && gpu_install || exit 1
 
 case_() {  # name, seconds, xla flags, args...
   local name=$1 secs=$2 flags=$3; shift 3

@@ -12,10 +12,7 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM
 OUT_TOP=${OUT:?set OUT}
 OUT=$OUT_TOP/gemm_flags  # tarred at the end ($OUT returns few files)
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/gemm_flags.log") 2>&1
-echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)"
-source bench/gpu_install.sh && gpu_install || exit 1
+source bench/gpu_install.sh && gpu_session "$OUT" gemm_flags.log && gpu_install || exit 1
 
 declare -A FLAGS=(
   [base]=""

@@ -6,10 +6,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 R=${OUT:?set OUT}/s3a
 PY=${PYTHON:-python3}
-mkdir -p "$R"
-exec > >(tee -a "$R/session.log") 2>&1
-echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)"
-source bench/gpu_install.sh && gpu_install || exit 1
+source bench/gpu_install.sh && gpu_session "$R" && gpu_install || exit 1
 T0=$SECONDS
 (cd bench && timeout -k 5 "${ATT_S:-200}" $PY attention_decode_small.py --contexts 1024 2048 8192 \
   --table-width 8256 --stages 3 --out "$R/attn_decode_small.json")

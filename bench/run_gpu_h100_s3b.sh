@@ -9,10 +9,7 @@ R=${OUT:?set OUT}/s3b
 PY=${PYTHON:-python3}
 MODEL=bench/configs/llama3.1-8b
 CACHE=/tmp/xla_cache
-mkdir -p "$R"
-exec > >(tee -a "$R/session.log") 2>&1
-echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)"
-source bench/gpu_install.sh && gpu_install || exit 1
+source bench/gpu_install.sh && gpu_session "$R" && gpu_install || exit 1
 T0=$SECONDS
 for mml in 2112 8224; do
   timeout -k 5 "${LAT_S:-70}" $PY bench/latency.py --model $MODEL --load-format dummy \

@@ -8,10 +8,7 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM
 R=${OUT:?set OUT}/s3c
 PY=${PYTHON:-python3}
 MODEL=bench/configs/llama3.1-8b
-mkdir -p "$R"
-exec > >(tee -a "$R/session.log") 2>&1
-echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)"
-source bench/gpu_install.sh && gpu_install || exit 1
+source bench/gpu_install.sh && gpu_session "$R" && gpu_install || exit 1
 T0=$SECONDS
 for mml in 2112 8224; do
   timeout -k 5 "${LAT_S:-75}" $PY bench/latency.py --model $MODEL --load-format dummy \

@@ -15,14 +15,13 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM
 R=${OUT:?set OUT}/s4${PART:?set PART}
 PY=${PYTHON:-python3}
 MODEL=bench/configs/llama3.1-8b
-mkdir -p "$R" /tmp/jparts
-exec > >(tee -a "$R/session.log") 2>&1
-echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null) part $PART"
+mkdir -p /tmp/jparts
+source bench/gpu_install.sh && gpu_session "$R" session.log "part $PART"
 for d in .j1 .j2 .j3; do [ -d $d ] && cp $d/* /tmp/jparts/; done; ls -la /tmp/jparts
 T0=$SECONDS
 case $PART in
 main)
-  source bench/gpu_install.sh && gpu_install || exit 1
+  gpu_install || exit 1
   for rep in 1 2; do
     for w in xla pallas; do
       extra=""; [ $w = pallas ] && extra="--kv-write-min-tokens 1"
@@ -40,7 +39,7 @@ stash) ;;
 j0102)
   rm -rf /tmp/j0102site && mkdir -p /tmp/j0102site
   cat /tmp/jparts/j0102.part* | xz -d | tar x -C /tmp/j0102site || exit 1
-  source bench/gpu_install.sh && gpu_install || exit 1
+  gpu_install || exit 1
   export PYTHONPATH=/tmp/j0102site
   $PY -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
   timeout -k 5 "${TEST_S:-240}" $PY -m pytest -q -p no:cacheprovider \

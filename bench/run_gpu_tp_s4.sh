@@ -11,13 +11,11 @@ export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM
   NVSHMEM_DISABLE_NVLS=1
 R=${OUT:?set OUT}/tp${PART:?set PART}
 PY=${PYTHON:-python3}
-mkdir -p "$R"
-exec > >(tee -a "$R/session.log") 2>&1
 NG=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 TPS="1 2"; [ "$NG" -ge 4 ] && TPS="1 2 4"; TPS=${TP_SIZES:-$TPS}
-echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null) gpus $NG tps $TPS"
+source bench/gpu_install.sh && gpu_session "$R" session.log "gpus $NG tps $TPS"
 nvidia-smi topo -m 2>/dev/null | head -6
-source bench/gpu_install.sh && gpu_install || exit 1
+gpu_install || exit 1
 T0=$SECONDS
 if [ "$PART" = a ]; then
   timeout -s ABRT -k 5 40 $PY - <<'PY'

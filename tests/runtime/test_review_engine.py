@@ -134,18 +134,10 @@ def test_add_request_that_fails_on_a_child_id_adds_nothing() -> None:
 def test_stop_strings_wait_for_min_tokens() -> None:
     """min_tokens holds back stop strings too (as EOS and stop token ids; vLLM #21987 / #22014):
     a stop string inside the first min_tokens tokens does not end the request."""
+    from test_engine_mock import CharDetok  # tests/runtime/ (pytest puts it on sys.path)
+
     from xlaserve.runtime.output import OutputProcessor
     from xlaserve.runtime.request import RequestOutput
-
-    class CharDetok:
-        def __init__(self, prompt):
-            pass
-
-        def add(self, ids):
-            return "".join(chr(97 + t % 26) for t in ids)
-
-        def flush(self):
-            return ""
 
     p = OutputProcessor(CharDetok)
     p.add("r", [0], SamplingParams(stop=("b",), min_tokens=2, max_tokens=10))
