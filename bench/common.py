@@ -72,6 +72,22 @@ def copy_bandwidth(num_bytes: int = 2 << 30) -> float:
     return 2 * x.nbytes / seconds
 
 
+def read_bandwidth(num_bytes: int = 2 << 30) -> dict[str, float]:
+    """Bytes/s of reductions that read num_bytes of bf16 and write ~nothing: the read-only ceiling.
+
+    A kernel that only reads (attention decode streams K/V and writes a few rows) can go past the
+    copy rate, whose writes share the HBM bus. Two XLA reductions over [n, 8192] (row sums and
+    column sums, f32 accumulation); the faster one is the ceiling reported as "read".
+    """
+    x = jax.random.normal(jax.random.key(3), (num_bytes // 2 // 8192, 8192), jnp.bfloat16)
+    out = {}
+    for name, axis in (("read_rows", 1), ("read_cols", 0)):
+        fn = jax.jit(lambda a, axis=axis: jnp.sum(a, axis=axis, dtype=jnp.float32))
+        out[name] = x.nbytes / time_fn(fn, x, iters=10, repeats=5)
+    out["read"] = max(out.values())
+    return out
+
+
 def matmul_rate(n: int = 8192) -> float:
     """FLOP/s of an n x n x n bf16 matrix product on random data (f32 accumulation)."""
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)

@@ -47,17 +47,19 @@ else
     [cbcoll]="--xla_gpu_enable_command_buffer=+COLLECTIVES"
     [both]="--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true --xla_gpu_enable_command_buffer=+COLLECTIVES"
     [skiptemp]="--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
-    # Not yet run (session 5): NCCL instead of XLA's collective kernels, inside the graphs or not
-    # (--xla_gpu_allow_all_reduce_kernel and --xla_gpu_enable_command_buffer_va_remapping, tried
-    # in session 4, are not flags of jax 0.11.2's XLA).
+    # NCCL instead of XLA's collective kernels, inside the graphs or not (session 5;
+    # --xla_gpu_allow_all_reduce_kernel and --xla_gpu_enable_command_buffer_va_remapping, tried
+    # in session 4, are not flags of jax 0.11.2's XLA). *_ll: the same with NCCL_PROTO=LL.
     [nccl]="--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE"
     [ncclcb]="--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE --xla_gpu_enable_command_buffer=+COLLECTIVES"
     [ncclcb_skiptemp]="--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE --xla_gpu_enable_command_buffer=+COLLECTIVES --xla_gpu_command_buffer_update_mode=SKIP_TEMP"
   )
   FLAGS[default]=""
+  FLAGS[ncclcb_ll]=${FLAGS[ncclcb]}
+  declare -A ENVS=([ncclcb_ll]="NCCL_PROTO=LL")
   for name in ${SETS:-oneshot both cbcoll}; do
     sizes=${TPS#1 }; [ "$name" = default ] && sizes=$TPS
-    XLA_FLAGS="${FLAGS[$name]}" timeout -s ABRT -k 5 "${SET_S:-170}" $PY bench/tp_scaling.py \
+    env ${ENVS[$name]:-} XLA_FLAGS="${FLAGS[$name]}" timeout -s ABRT -k 5 "${SET_S:-170}" $PY bench/tp_scaling.py \
       --tp $sizes --decode-batches 1 --greedy-steps 4 --repeats 3 ${SET_ARGS:-} --trace-dir "/tmp/tr_$name" \
       --out "$R/tp_$name.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
     echo "=== $name rc=$? at $((SECONDS - T0))s"

@@ -119,3 +119,20 @@ def test_sharegpt_lengths_are_fixed() -> None:
     assert a == b and len(a) == 50
     assert all(4 <= i <= 1024 and 4 <= o <= 1024 for i, o in a)
     assert ec.sharegpt_lengths(50, 1) != a
+
+
+def test_attention_peer_computes_the_same_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/attention.py's jax paged_attention peer (interpreted here) matches our reference.
+
+    jax's kernel applies no softmax scale, so the bench pre-scales q; a peer's time is only
+    comparable if it computes the same attention.
+    """
+    monkeypatch.syspath_prepend(str(BENCH))
+    import attention  # bench/attention.py
+
+    monkeypatch.setattr(attention, "INTERPRET", True)
+    case = attention.make_case("peer", [1] * 4, [64, 33, 17, 64], seed=3)
+    fn, args = attention.jax_paged(case)
+    ref = attention.rpa.ragged_paged_attention_reference(*case.args,
+                                                         sm_scale=attention.HEAD_DIM ** -0.5)
+    assert attention.common.relative_error(fn(*args), ref) < 1e-2
