@@ -2,7 +2,8 @@
 # Issue 6 on a 4 x H200 (or 2 x H200) host, in two calls of one lease:
 #   PART=a  a bounded cross-device copy test, the builtin model through the CLI at tp 1 and 2
 #           (greedy tokens), then bench/tp_scaling.py at tp 1 2 (4) with kernel traces
-#   PART=b  tp 2 (4) under XLA collective settings (one-shot all-reduce kernel, +COLLECTIVES, SKIP_TEMP, ...)
+#   PART=b  tp 2 (4) under XLA collective settings (one-shot all-reduce kernel, +COLLECTIVES, SKIP_TEMP,
+#           NCCL in graphs, ...; SETS=...), "default"/"shipped" also at tp 1; GREEDY=1 adds the CLI check
 #   PART=a OUT=/tmp/out bash bench/run_gpu_tp_s4.sh
 # Each step runs under its own timeout that aborts with Python tracebacks, so a stall shows where.
 set -uo pipefail
@@ -17,16 +18,7 @@ source bench/gpu_install.sh && gpu_session "$R" session.log "gpus $NG tps $TPS"
 nvidia-smi topo -m 2>/dev/null | head -6
 gpu_install || exit 1
 T0=$SECONDS
-if [ "$PART" = a ]; then
-  timeout -s ABRT -k 5 40 $PY - <<'PY'
-import time, jax, jax.numpy as jnp
-d = jax.devices()
-x = jax.device_put(jnp.ones((1 << 20,), jnp.float32), d[0]).block_until_ready()
-for i in range(1, len(d)):
-    t = time.time(); y = jax.device_put(x, d[i]).block_until_ready()
-    print(f"d2d 0->{i} {1e3 * (time.time() - t):.1f} ms sum {float(y.sum())}", flush=True)
-PY
-  echo "=== d2d rc=$? at $((SECONDS - T0))s"
+greedy_cli() {  # the builtin model through the CLI at tp 1 and 2 (f32): same greedy tokens?
   for tp in 1 2; do
     timeout -s ABRT -k 5 150 $PY -m xlaserve generate --model builtin:tiny --dtype float32 \
       --tensor-parallel-size $tp --prompt "The quick brown fox" --max-tokens 32 --temperature 0 \
@@ -38,10 +30,26 @@ import json, sys
 t = {tp: json.load(open(f"{sys.argv[1]}/greedy_tp{tp}.json"))["token_ids"] for tp in (1, 2)}
 print("CLI greedy token ids tp2 == tp1:", t[1] == t[2], t)
 PY
+}
+if [ "$PART" = a ]; then
+  timeout -s ABRT -k 5 40 $PY - <<'PY'
+import time, jax, jax.numpy as jnp
+d = jax.devices()
+x = jax.device_put(jnp.ones((1 << 20,), jnp.float32), d[0]).block_until_ready()
+for i in range(1, len(d)):
+    t = time.time(); y = jax.device_put(x, d[i]).block_until_ready()
+    print(f"d2d 0->{i} {1e3 * (time.time() - t):.1f} ms sum {float(y.sum())}", flush=True)
+PY
+  echo "=== d2d rc=$? at $((SECONDS - T0))s"
+  greedy_cli
   timeout -s ABRT -k 5 ${BASE_S:-330} $PY bench/tp_scaling.py --tp $TPS --decode-batches 1 \
     --trace-dir /tmp/tr_base --out "$R/tp_base.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
   echo "=== base rc=$? at $((SECONDS - T0))s"
 else
+  [ "${GREEDY:-0}" = 1 ] && greedy_cli
+  # Each set runs with exactly its flags (xlaserve's defaults off, its dot-merger flag kept),
+  # except "shipped": xlaserve's defaults as a user gets them (runtime/xla_flags.py).
+  BASE="--xla_gpu_dot_merger_threshold_mb=512"
   declare -A FLAGS=(
     [oneshot]="--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true"
     [cbcoll]="--xla_gpu_enable_command_buffer=+COLLECTIVES"
@@ -49,17 +57,20 @@ else
     [skiptemp]="--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
     # NCCL instead of XLA's collective kernels, inside the graphs or not (session 5;
     # --xla_gpu_allow_all_reduce_kernel and --xla_gpu_enable_command_buffer_va_remapping, tried
-    # in session 4, are not flags of jax 0.11.2's XLA). *_ll: the same with NCCL_PROTO=LL.
+    # in session 4, are not flags of jax 0.11.2's XLA). *_ll, *_ll128: the same with
+    # NCCL_PROTO=LL or LL,LL128.
     [nccl]="--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE"
     [ncclcb]="--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE --xla_gpu_enable_command_buffer=+COLLECTIVES"
     [ncclcb_skiptemp]="--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE --xla_gpu_enable_command_buffer=+COLLECTIVES --xla_gpu_command_buffer_update_mode=SKIP_TEMP"
   )
   FLAGS[default]=""
-  FLAGS[ncclcb_ll]=${FLAGS[ncclcb]}
-  declare -A ENVS=([ncclcb_ll]="NCCL_PROTO=LL")
+  FLAGS[ncclcb_ll]=${FLAGS[ncclcb]}; FLAGS[ncclcb_ll128]=${FLAGS[ncclcb]}
+  declare -A ENVS=([ncclcb_ll]="NCCL_PROTO=LL" [ncclcb_ll128]="NCCL_PROTO=LL,LL128")
   for name in ${SETS:-oneshot both cbcoll}; do
-    sizes=${TPS#1 }; [ "$name" = default ] && sizes=$TPS
-    env ${ENVS[$name]:-} XLA_FLAGS="${FLAGS[$name]}" timeout -s ABRT -k 5 "${SET_S:-170}" $PY bench/tp_scaling.py \
+    sizes=${TPS#1 }; [ "$name" = default ] || [ "$name" = shipped ] && sizes=$TPS
+    if [ "$name" = shipped ]; then pre=(env -u XLA_FLAGS -u NCCL_PROTO)
+    else pre=(env XLASERVE_NO_DEFAULT_XLA_FLAGS=1 XLA_FLAGS="$BASE ${FLAGS[$name]}" ${ENVS[$name]:-}); fi
+    "${pre[@]}" timeout -s ABRT -k 5 "${SET_S:-170}" $PY bench/tp_scaling.py \
       --tp $sizes --decode-batches 1 --greedy-steps 4 --repeats 3 ${SET_ARGS:-} --trace-dir "/tmp/tr_$name" \
       --out "$R/tp_$name.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
     echo "=== $name rc=$? at $((SECONDS - T0))s"

@@ -424,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "tp_scaling", "device": f"{d.platform}:{d.device_kind}",
         "num_devices": jax.device_count(), "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
         "python": platform.python_version(), "command": " ".join([sys.executable] + sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": args.model, "config": {k: getattr(cfg, k) for k in (

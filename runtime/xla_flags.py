@@ -1,11 +1,15 @@
-"""XLA flags xlaserve sets by default, each with the measurement that justifies it.
+"""XLA flags (and NCCL settings) xlaserve sets by default, each with the measurement behind it.
 
 XLA reads XLA_FLAGS once, when jax first initializes a backend, so `apply_defaults()` runs at
-`import xlaserve` (before any backend exists in a normal program). A flag the user already put in
-XLA_FLAGS is left as they set it; XLASERVE_NO_DEFAULT_XLA_FLAGS=1 turns the defaults off. What was
-added is logged once by `log_applied()` (the engine and the profile CLI call it), and a warning is
-logged when a jax backend was initialized before the defaults could apply. Nothing here imports
-jax.
+`import xlaserve` (before any backend exists in a normal program). A flag or variable the user
+already set is left as they set it; XLASERVE_NO_DEFAULT_XLA_FLAGS=1 turns all defaults off. What
+was added is logged once by `log_applied()` (the engine and the profile CLI call it), and a warning
+is logged when a jax backend was initialized before the defaults could apply. Nothing here imports
+jax (the jaxlib version comes from the package metadata).
+
+XLA aborts the process on a flag it does not know, so flags that only some XLA versions have carry
+the jaxlib version they were measured with and are added only from that version on (the skip is
+logged, naming the flag and the version).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from importlib import metadata
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +30,75 @@ DEFAULTS: dict[str, tuple[str, str]] = {
         "decode step went from 6.47 to 6.25 ms (bench/results/diag_h100/dot_merger_*.json)"),
 }
 
+# Programs with all-reduces (tensor parallelism); no effect on one device. Measured on 2 x H200,
+# jax 0.11.2, 8B shape, decode batch 1 at tp=2 (bench/results/session5_h200x2/). XLA's own
+# all-reduce kernel runs outside CUDA graphs, so the step was cut into 66 graphs and host-bound
+# (4.07 ms; it also hung in 3 of the 5 multi-GPU processes that ran it in sessions 4-5). NCCL's
+# all-reduce, inside the graphs with the low-latency protocol: 3.84 ms, no hang.
+_TP_WHY = ("tensor parallelism: XLA's all-reduce kernel cannot be captured in CUDA graphs, so "
+           "the tp=2 decode step ran as 66 graphs and was host-bound; NCCL all-reduces inside "
+           "the graphs: 8B batch-1 decode at tp=2 4.07 -> 3.84 ms on 2 x H200 "
+           "(bench/results/session5_h200x2/)")
+VERSIONED_DEFAULTS: dict[str, tuple[str, tuple[int, ...], str]] = {
+    # name -> (value, first jaxlib version it is added for, why)
+    "xla_gpu_experimental_use_collective_kernels": ("-ALL_REDUCE", (0, 11, 2), _TP_WHY),
+    "xla_gpu_enable_command_buffer": ("+COLLECTIVES", (0, 11, 2), _TP_WHY),
+}
+# Environment variables set the same way (read by NCCL when the first communicator is made).
+ENV_DEFAULTS: dict[str, tuple[str, tuple[int, ...], str]] = {
+    "NCCL_PROTO": ("LL,LL128", (0, 11, 2),
+                   "NCCL's low-latency protocols for the small per-layer all-reduces of decode "
+                   "steps: 8B batch-1 decode at tp=2 5.21 ms (NCCL's own choice inside graphs) "
+                   "-> 3.84 ms (bench/results/session5_h200x2/)"),
+}
+
 _applied: list[str] = []
+_skipped: list[str] = []
 _late = False
 
 
+def jaxlib_version() -> tuple[int, ...]:
+    """The installed jaxlib version as integers ((0,) when it cannot be read)."""
+    try:
+        text = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        return (0,)
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def wanted_defaults(version: tuple[int, ...] | None = None,
+                    ) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """(flags name -> value, env name -> value, skipped notes) for this jaxlib version."""
+    version = jaxlib_version() if version is None else version
+    flags = {name: value for name, (value, _) in DEFAULTS.items()}
+    env: dict[str, str] = {}
+    skipped = []
+    for table, out, fmt in ((VERSIONED_DEFAULTS, flags, "--{}={}"), (ENV_DEFAULTS, env, "{}={}")):
+        for name, (value, since, _) in table.items():
+            if version >= since:
+                out[name] = value
+            else:
+                skipped.append(f"{fmt.format(name, value)} (measured with jaxlib "
+                               f"{'.'.join(map(str, since))}+, installed "
+                               f"{'.'.join(map(str, version))})")
+    return flags, env, skipped
+
+
 def apply_defaults() -> list[str]:
-    """Adds the default flags the user did not set to XLA_FLAGS; returns what was added."""
+    """Adds the defaults the user did not set to XLA_FLAGS / the environment; returns them."""
     global _late
     if os.environ.get("XLASERVE_NO_DEFAULT_XLA_FLAGS", "") not in ("", "0"):
         return []
+    flags, env, skipped = wanted_defaults()
+    _skipped.extend(skipped)
     current = os.environ.get("XLA_FLAGS", "")
-    added = [f"--{name}={value}" for name, (value, _) in DEFAULTS.items()
-             if f"--{name}" not in current]
-    if not added:
+    added = [f"--{name}={value}" for name, value in flags.items() if f"--{name}" not in current]
+    added_env = [f"{name}={value}" for name, value in env.items() if name not in os.environ]
+    if not added and not added_env:
         return []
     if "jax" in sys.modules:  # a backend made before this point has read XLA_FLAGS already
         try:
@@ -46,21 +107,35 @@ def apply_defaults() -> list[str]:
             _late = bool(xla_bridge.backends_are_initialized())
         except Exception:  # noqa: BLE001 - private API; assume not initialized
             _late = False
-    os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
-    _applied.extend(added)
-    return added
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+    for item in added_env:
+        name, value = item.split("=", 1)
+        os.environ[name] = value
+    _applied.extend(added + added_env)
+    return added + added_env
+
+
+def _why(name: str) -> str:
+    for table in (VERSIONED_DEFAULTS, ENV_DEFAULTS):
+        if name in table:
+            return table[name][2]
+    return DEFAULTS[name][1]
 
 
 def log_applied() -> None:
-    """Logs (once) which default flags were added, or that they came too late to apply."""
-    global _applied
-    if not _applied:
-        return
-    if _late:
-        log.warning("XLA flags %s were added after a jax backend was initialized: they do not "
-                    "apply in this process (import xlaserve before using jax)", " ".join(_applied))
-    else:
-        for flag in _applied:
-            name = flag[2:].split("=", 1)[0]
-            log.info("XLA flag %s set by xlaserve: %s", flag, DEFAULTS[name][1])
+    """Logs (once) which defaults were added, skipped, or came too late to apply."""
+    global _applied, _skipped
+    for note in _skipped:
+        log.info("xlaserve default not set: %s", note)
+    _skipped = []
+    flags = [a for a in _applied if a.startswith("--")]
+    env = [a for a in _applied if not a.startswith("--")]  # read by NCCL later: never late
     _applied = []
+    if flags and _late:
+        log.warning("XLA flags %s were added after a jax backend was initialized: they do not "
+                    "apply in this process (import xlaserve before using jax)", " ".join(flags))
+        flags = []
+    for item in flags + env:
+        name = item.lstrip("-").split("=", 1)[0]
+        log.info("%s set by xlaserve: %s", item, _why(name))

@@ -43,3 +43,55 @@ def test_late_application_is_a_warning(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger=xla_flags.__name__):
         xla_flags.log_applied()
     assert "do not apply in this process" in caplog.text
+
+
+def test_versioned_defaults_follow_the_jaxlib_version(monkeypatch, caplog):
+    """The tensor-parallel flags exist only in newer XLA (an unknown flag aborts the process):
+    added for the measured jaxlib version and later, skipped (and logged) before it."""
+    import os
+
+    monkeypatch.delenv("XLASERVE_NO_DEFAULT_XLA_FLAGS", raising=False)
+    monkeypatch.delenv("NCCL_PROTO", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 11, 2))
+    added = xla_flags.apply_defaults()
+    assert "--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE" in added
+    assert "--xla_gpu_enable_command_buffer=+COLLECTIVES" in added
+    assert os.environ["NCCL_PROTO"] == "LL,LL128"
+    assert "--xla_gpu_enable_command_buffer=+COLLECTIVES" in os.environ["XLA_FLAGS"]
+    with caplog.at_level(logging.INFO, logger=xla_flags.__name__):
+        xla_flags.log_applied()
+    assert "NCCL_PROTO=LL,LL128 set by xlaserve" in caplog.text
+
+    # Older jaxlib: only the unversioned default; the others are named in the log as skipped.
+    caplog.clear()
+    monkeypatch.delenv("NCCL_PROTO")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 10, 2))
+    assert xla_flags.apply_defaults() == ["--xla_gpu_dot_merger_threshold_mb=512"]
+    assert "NCCL_PROTO" not in os.environ
+    with caplog.at_level(logging.INFO, logger=xla_flags.__name__):
+        xla_flags.log_applied()
+    assert "not set: --xla_gpu_experimental_use_collective_kernels" in caplog.text
+    assert "installed 0.10.2" in caplog.text
+
+
+def test_user_environment_wins(monkeypatch):
+    import os
+
+    monkeypatch.delenv("XLASERVE_NO_DEFAULT_XLA_FLAGS", raising=False)
+    monkeypatch.setenv("NCCL_PROTO", "Simple")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")
+    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 11, 2))
+    added = xla_flags.apply_defaults()
+    assert not any(a.startswith(("NCCL_PROTO", "--xla_gpu_enable_command_buffer")) for a in added)
+    assert os.environ["NCCL_PROTO"] == "Simple"
+    assert "--xla_gpu_enable_command_buffer=+COLLECTIVES" not in os.environ["XLA_FLAGS"]
+    xla_flags.log_applied()
+
+
+def test_jaxlib_version_is_read_from_metadata():
+    import jaxlib
+
+    want = tuple(int(x) for x in jaxlib.__version__.split(".")[:2])
+    assert xla_flags.jaxlib_version()[:2] == want
