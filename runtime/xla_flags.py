@@ -30,27 +30,22 @@ DEFAULTS: dict[str, tuple[str, str]] = {
         "decode step went from 6.47 to 6.25 ms (bench/results/diag_h100/dot_merger_*.json)"),
 }
 
-# Programs with all-reduces (tensor parallelism); no effect on one device. Measured on 2 x H200,
-# jax 0.11.2, 8B shape, decode batch 1 at tp=2 (bench/results/session5_h200x2/). XLA's own
-# all-reduce kernel runs outside CUDA graphs, so the step was cut into 66 graphs and host-bound
-# (4.07 ms; it also hung in 3 of the 5 multi-GPU processes that ran it in sessions 4-5). NCCL's
-# all-reduce, inside the graphs with the low-latency protocol: 3.84 ms, no hang.
-_TP_WHY = ("tensor parallelism: XLA's all-reduce kernel cannot be captured in CUDA graphs, so "
-           "the tp=2 decode step ran as 66 graphs and was host-bound; NCCL all-reduces inside "
-           "the graphs: 8B batch-1 decode at tp=2 4.07 -> 3.84 ms on 2 x H200 "
-           "(bench/results/session5_h200x2/)")
+# Programs with all-reduces (tensor parallelism); no effect on one device. On 2 x H200 with jax
+# 0.11.2, runs with XLA's own all-reduce kernel (its default for small all-reduces) hung in 5
+# multi-GPU processes of sessions 4-5 (4 had run another tp size before, 1 had not;
+# bench/results/session4_h200x*/, session5_h200x2/); runs with NCCL's all-reduce never did. Putting NCCL's all-reduces inside the CUDA graphs (+COLLECTIVES) made the decode step
+# slower and noisy (3.8-5.6 ms vs 4.0-4.1), so it is not a default. Measured numbers:
+# BENCHMARKS.md, "Fifth session".
+_TP_WHY = ("tensor parallelism: NCCL for all-reduces instead of XLA's all-reduce kernel, which "
+           "hung in 5 multi-GPU runs on H200s (NCCL: none); 8B batch-1 decode at "
+           "tp=2 4.02 vs 4.07 ms (bench/results/session5_h200x2/)")
 VERSIONED_DEFAULTS: dict[str, tuple[str, tuple[int, ...], str]] = {
     # name -> (value, first jaxlib version it is added for, why)
     "xla_gpu_experimental_use_collective_kernels": ("-ALL_REDUCE", (0, 11, 2), _TP_WHY),
-    "xla_gpu_enable_command_buffer": ("+COLLECTIVES", (0, 11, 2), _TP_WHY),
 }
-# Environment variables set the same way (read by NCCL when the first communicator is made).
-ENV_DEFAULTS: dict[str, tuple[str, tuple[int, ...], str]] = {
-    "NCCL_PROTO": ("LL,LL128", (0, 11, 2),
-                   "NCCL's low-latency protocols for the small per-layer all-reduces of decode "
-                   "steps: 8B batch-1 decode at tp=2 5.21 ms (NCCL's own choice inside graphs) "
-                   "-> 3.84 ms (bench/results/session5_h200x2/)"),
-}
+# Environment variables set the same way (e.g. NCCL_*, read when a communicator is made). None
+# now: NCCL_PROTO=LL sped up small in-graph all-reduces but slowed prefill (38.4 vs 35.0 ms).
+ENV_DEFAULTS: dict[str, tuple[str, tuple[int, ...], str]] = {}
 
 _applied: list[str] = []
 _skipped: list[str] = []

@@ -56,20 +56,13 @@ def test_versioned_defaults_follow_the_jaxlib_version(monkeypatch, caplog):
     monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 11, 2))
     added = xla_flags.apply_defaults()
     assert "--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE" in added
-    assert "--xla_gpu_enable_command_buffer=+COLLECTIVES" in added
-    assert os.environ["NCCL_PROTO"] == "LL,LL128"
-    assert "--xla_gpu_enable_command_buffer=+COLLECTIVES" in os.environ["XLA_FLAGS"]
-    with caplog.at_level(logging.INFO, logger=xla_flags.__name__):
-        xla_flags.log_applied()
-    assert "NCCL_PROTO=LL,LL128 set by xlaserve" in caplog.text
+    assert "--xla_gpu_experimental_use_collective_kernels" in os.environ["XLA_FLAGS"]
 
     # Older jaxlib: only the unversioned default; the others are named in the log as skipped.
     caplog.clear()
-    monkeypatch.delenv("NCCL_PROTO")
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 10, 2))
     assert xla_flags.apply_defaults() == ["--xla_gpu_dot_merger_threshold_mb=512"]
-    assert "NCCL_PROTO" not in os.environ
     with caplog.at_level(logging.INFO, logger=xla_flags.__name__):
         xla_flags.log_applied()
     assert "not set: --xla_gpu_experimental_use_collective_kernels" in caplog.text
@@ -80,13 +73,19 @@ def test_user_environment_wins(monkeypatch):
     import os
 
     monkeypatch.delenv("XLASERVE_NO_DEFAULT_XLA_FLAGS", raising=False)
-    monkeypatch.setenv("NCCL_PROTO", "Simple")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")
-    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 11, 2))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_experimental_use_collective_kernels=")
+    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 12, 0))
+    monkeypatch.setitem(xla_flags.ENV_DEFAULTS, "NCCL_TEST_DEFAULT", ("1", (0, 11, 2), "test"))
+    monkeypatch.setenv("NCCL_TEST_DEFAULT", "0")
     added = xla_flags.apply_defaults()
-    assert not any(a.startswith(("NCCL_PROTO", "--xla_gpu_enable_command_buffer")) for a in added)
-    assert os.environ["NCCL_PROTO"] == "Simple"
-    assert "--xla_gpu_enable_command_buffer=+COLLECTIVES" not in os.environ["XLA_FLAGS"]
+    assert added == ["--xla_gpu_dot_merger_threshold_mb=512"]
+    assert os.environ["NCCL_TEST_DEFAULT"] == "0"
+    assert "-ALL_REDUCE" not in os.environ["XLA_FLAGS"]
+    # An env default the user did not set is added.
+    monkeypatch.delenv("NCCL_TEST_DEFAULT")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert "NCCL_TEST_DEFAULT=1" in xla_flags.apply_defaults()
+    assert os.environ["NCCL_TEST_DEFAULT"] == "1"
     xla_flags.log_applied()
 
 
