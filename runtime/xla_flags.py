@@ -33,22 +33,24 @@ DEFAULTS: dict[str, tuple[str, str]] = {
 # Programs with all-reduces (tensor parallelism); no effect on one device. On 2 x H200 with jax
 # 0.11.2, runs with XLA's own all-reduce kernel (its default for small all-reduces) hung in 5
 # multi-GPU processes of sessions 4-5 (4 had run another tp size before, 1 had not;
-# bench/results/session4_h200x*/, session5_h200x2/); runs with NCCL's all-reduce never did. Putting NCCL's all-reduces inside the CUDA graphs (+COLLECTIVES) made the decode step
-# slower and noisy (3.8-5.6 ms vs 4.0-4.1), so it is not a default. Measured numbers:
-# BENCHMARKS.md, "Fifth session".
+# bench/results/session4_h200x*/, session5_h200x2/); the 7 processes with NCCL's all-reduce did
+# not. The price: 8B batch-1 decode at tp=2 4.11-4.15 ms vs 4.05 (XLA's kernel, same run), prefill
+# of 2048 tokens the same (33.5-33.7 vs 33.8 ms). NCCL inside the CUDA graphs (+COLLECTIVES) was
+# slower and noisy (3.8-5.6 ms), and NCCL_PROTO=LL slowed prefill (38.4 ms): neither is a default.
 _TP_WHY = ("tensor parallelism: NCCL for all-reduces instead of XLA's all-reduce kernel, which "
-           "hung in 5 multi-GPU runs on H200s (NCCL: none); 8B batch-1 decode at "
-           "tp=2 4.02 vs 4.07 ms (bench/results/session5_h200x2/)")
+           "hung in 5 multi-GPU runs on H200s (NCCL: none of 7); 8B batch-1 decode at tp=2 "
+           "4.11-4.15 vs 4.05 ms, prefill the same (bench/results/session5_h200x2/)")
 VERSIONED_DEFAULTS: dict[str, tuple[str, tuple[int, ...], str]] = {
     # name -> (value, first jaxlib version it is added for, why)
     "xla_gpu_experimental_use_collective_kernels": ("-ALL_REDUCE", (0, 11, 2), _TP_WHY),
 }
 # Environment variables set the same way (e.g. NCCL_*, read when a communicator is made). None
-# now: NCCL_PROTO=LL sped up small in-graph all-reduces but slowed prefill (38.4 vs 35.0 ms).
+# now (NCCL_PROTO=LL: see above).
 ENV_DEFAULTS: dict[str, tuple[str, tuple[int, ...], str]] = {}
 
-_applied: list[str] = []
-_skipped: list[str] = []
+_applied: list[str] = []  # added and not yet logged
+_skipped: list[str] = []  # not added (version) and not yet logged
+_history: dict[str, list[str]] = {"set_by_xlaserve": [], "not_set": []}  # kept for report()
 _late = False
 
 
@@ -90,6 +92,7 @@ def apply_defaults() -> list[str]:
         return []
     flags, env, skipped = wanted_defaults()
     _skipped.extend(skipped)
+    _history["not_set"] = list(skipped)
     current = os.environ.get("XLA_FLAGS", "")
     added = [f"--{name}={value}" for name, value in flags.items() if f"--{name}" not in current]
     added_env = [f"{name}={value}" for name, value in env.items() if name not in os.environ]
@@ -108,7 +111,15 @@ def apply_defaults() -> list[str]:
         name, value = item.split("=", 1)
         os.environ[name] = value
     _applied.extend(added + added_env)
+    _history["set_by_xlaserve"].extend(added + added_env)
     return added + added_env
+
+
+def report() -> dict[str, object]:
+    """For the profile CLI: XLA_FLAGS as jax saw it, and which defaults were (not) set."""
+    return {"XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            "set_by_xlaserve": list(_history["set_by_xlaserve"]),
+            "not_set": list(_history["not_set"]), "late": _late}
 
 
 def _why(name: str) -> str:

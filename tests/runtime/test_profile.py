@@ -205,6 +205,7 @@ def test_cli_json_fields_are_present_and_consistent(cold_run):
     assert summary["num_cache_hits"] == 0
     assert summary["compile_s_cold"] == pytest.approx(summary["compile_s_total"])
     assert (d / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(report["xla_flags"]) == {"XLA_FLAGS", "set_by_xlaserve", "not_set", "late"}
 
 
 @pytest.mark.slow
@@ -301,6 +302,11 @@ def _synthetic_report(measured: float | None) -> dict:
             "config": {"model": "bench/configs/llama3.1-8b"},
             "model": {"model_type": "llama", "dtype": "bfloat16"}, "buckets": [bucket],
             "summary": summary,
+            "xla_flags": {"XLA_FLAGS": "--xla_gpu_dot_merger_threshold_mb=512",
+                          "set_by_xlaserve": ["--xla_gpu_dot_merger_threshold_mb=512"],
+                          "not_set": ["--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE "
+                                      "(measured with jaxlib 0.11.2+, installed 0.10.2)"],
+                          "late": False},
             "recompiles": {"num_requests": 2, "num_steps": 5,
                            "compiles_after_warmup": [{"fun_name": "jit(_step)", "seconds": 1.0,
                                                       "shapes": "i32[24]"}],
@@ -320,7 +326,9 @@ def test_render_tables_and_plot_from_a_report(tmp_path):
     text = buf.getvalue()
     for expected in ("pallas_triton:decode", "[rpa]", "8.03B", "16.00 GiB", "2.5x", "hit",
                      "roof+attn", "2.00 ms",
-                     "Compiles after warm-up", "token_ids[24]", "fits: yes"):
+                     "Compiles after warm-up", "token_ids[24]", "fits: yes",
+                     "XLA defaults NOT set", "installed 0.10.2",
+                     "--xla_gpu_dot_merger_threshold_mb=512"):
         assert expected in text, expected
     for measured in (2.5e-3, None):
         path = tmp_path / f"plot_{measured}.png"

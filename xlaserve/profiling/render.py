@@ -128,6 +128,13 @@ def summary_table(report: dict[str, Any]) -> Table:
         ("  of which cold", _seconds(s["compile_s_cold"])),
         ("  of which from cache", _seconds(s["compile_s_from_cache"])),
     ]
+    flags = report.get("xla_flags")
+    if flags:
+        rows.append(("XLA defaults set", " ".join(flags["set_by_xlaserve"]) or "-"))
+        if flags["not_set"]:
+            rows.append(("XLA defaults NOT set", "; ".join(flags["not_set"])))
+        if flags["late"]:
+            rows.append(("XLA defaults", "added after jax started: they did not apply"))
     for what, value in rows:
         t.add_row(what, escape(value))
     return t

@@ -11,7 +11,8 @@ The result is one JSON-able dict (`profile` returns it; render.py draws it):
   num_pages, page_size, max_pages_per_seq, compilation_cache_dir}, run{enabled, repeats, kv_len},
   buckets[] (BucketProfile.to_json), summary (ModelSummary.to_json), recompiles (None, or
   {num_requests, num_steps, seed, forced_shape, compiles_after_warmup[{fun_name, shapes,
-  seconds}], runner_compile_log[{shapes, num_compiles}], runner_compiles_after_warmup}).
+  seconds}], runner_compile_log[{shapes, num_compiles}], runner_compiles_after_warmup}),
+  xla_flags{XLA_FLAGS, set_by_xlaserve, not_set, late} (runtime/xla_flags.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 
 import xlaserve
 from xlaserve.runtime import profile as prof
+from xlaserve.runtime import xla_flags
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import EngineConfig
 from xlaserve.runtime.hardware import DevicePeaks
@@ -271,6 +273,7 @@ def profile(cfg: EngineConfig, peaks: DevicePeaks, args: argparse.Namespace,
         "buckets": [p.to_json() for p in profiles],
         "summary": summary.to_json(),
         "recompiles": None,
+        "xla_flags": xla_flags.report(),
     }
     if args.check_recompiles:
         report["recompiles"] = check_recompiles(runner, loaded, cfg, args.check_recompiles,
