@@ -40,13 +40,18 @@ DEFAULTS: dict[str, tuple[str, str]] = {
 _TP_WHY = ("tensor parallelism: NCCL for all-reduces instead of XLA's all-reduce kernel, which "
            "hung in 5 multi-GPU runs on H200s (NCCL: none of 7); 8B batch-1 decode at tp=2 "
            "4.11-4.15 vs 4.05 ms, prefill the same (bench/results/session5_h200x2/)")
-VERSIONED_DEFAULTS: dict[str, tuple[str, tuple[int, ...], str]] = {
-    # name -> (value, first jaxlib version it is added for, why)
-    "xla_gpu_experimental_use_collective_kernels": ("-ALL_REDUCE", (0, 11, 2), _TP_WHY),
+# An "experimental" flag can disappear in a later XLA, which would then abort every xlaserve
+# process: such flags are added only for the jaxlib versions they were measured on (the upper
+# bound is exclusive); widen the range after measuring a new version.
+Versions = tuple[tuple[int, ...], tuple[int, ...]]  # [first, end)
+VERSIONED_DEFAULTS: dict[str, tuple[str, Versions, str]] = {
+    # name -> (value, jaxlib versions it is added for, why)
+    "xla_gpu_experimental_use_collective_kernels": ("-ALL_REDUCE", ((0, 11, 2), (0, 12)),
+                                                    _TP_WHY),
 }
 # Environment variables set the same way (e.g. NCCL_*, read when a communicator is made). None
 # now (NCCL_PROTO=LL: see above).
-ENV_DEFAULTS: dict[str, tuple[str, tuple[int, ...], str]] = {}
+ENV_DEFAULTS: dict[str, tuple[str, Versions, str]] = {}
 
 _applied: list[str] = []  # added and not yet logged
 _skipped: list[str] = []  # not added (version) and not yet logged
@@ -67,6 +72,10 @@ def jaxlib_version() -> tuple[int, ...]:
     return tuple(parts)
 
 
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
 def wanted_defaults(version: tuple[int, ...] | None = None,
                     ) -> tuple[dict[str, str], dict[str, str], list[str]]:
     """(flags name -> value, env name -> value, skipped notes) for this jaxlib version."""
@@ -75,13 +84,13 @@ def wanted_defaults(version: tuple[int, ...] | None = None,
     env: dict[str, str] = {}
     skipped = []
     for table, out, fmt in ((VERSIONED_DEFAULTS, flags, "--{}={}"), (ENV_DEFAULTS, env, "{}={}")):
-        for name, (value, since, _) in table.items():
-            if version >= since:
+        for name, (value, (first, end), _) in table.items():
+            if first <= version < end:
                 out[name] = value
             else:
                 skipped.append(f"{fmt.format(name, value)} (measured with jaxlib "
-                               f"{'.'.join(map(str, since))}+, installed "
-                               f"{'.'.join(map(str, version))})")
+                               f">= {_dotted(first)}, < {_dotted(end)}; installed "
+                               f"{_dotted(version)})")
     return flags, env, skipped
 
 

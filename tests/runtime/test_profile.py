@@ -305,7 +305,7 @@ def _synthetic_report(measured: float | None) -> dict:
             "xla_flags": {"XLA_FLAGS": "--xla_gpu_dot_merger_threshold_mb=512",
                           "set_by_xlaserve": ["--xla_gpu_dot_merger_threshold_mb=512"],
                           "not_set": ["--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE "
-                                      "(measured with jaxlib 0.11.2+, installed 0.10.2)"],
+                                      "(measured with jaxlib >= 0.11.2, < 0.12; installed 0.10.2)"],
                           "late": False},
             "recompiles": {"num_requests": 2, "num_steps": 5,
                            "compiles_after_warmup": [{"fun_name": "jit(_step)", "seconds": 1.0,

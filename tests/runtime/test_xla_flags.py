@@ -67,6 +67,10 @@ def test_versioned_defaults_follow_the_jaxlib_version(monkeypatch, caplog):
         xla_flags.log_applied()
     assert "not set: --xla_gpu_experimental_use_collective_kernels" in caplog.text
     assert "installed 0.10.2" in caplog.text
+    # A newer jaxlib than measured: skipped too (the flag might be gone, which would abort).
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 12, 0))
+    assert xla_flags.apply_defaults() == ["--xla_gpu_dot_merger_threshold_mb=512"]
 
 
 def test_user_environment_wins(monkeypatch):
@@ -74,8 +78,9 @@ def test_user_environment_wins(monkeypatch):
 
     monkeypatch.delenv("XLASERVE_NO_DEFAULT_XLA_FLAGS", raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_experimental_use_collective_kernels=")
-    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 12, 0))
-    monkeypatch.setitem(xla_flags.ENV_DEFAULTS, "NCCL_TEST_DEFAULT", ("1", (0, 11, 2), "test"))
+    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 11, 3))
+    env_default = ("1", ((0, 11, 2), (0, 12)), "test")
+    monkeypatch.setitem(xla_flags.ENV_DEFAULTS, "NCCL_TEST_DEFAULT", env_default)
     monkeypatch.setenv("NCCL_TEST_DEFAULT", "0")
     added = xla_flags.apply_defaults()
     assert added == ["--xla_gpu_dot_merger_threshold_mb=512"]
