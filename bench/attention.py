@@ -91,8 +91,9 @@ def make_case(name: str, q_lens: list[int], kv_lens: list[int], *, seed: int = 0
     return Case(name, args, q_lens, kv_lens, kv_bytes + qo_bytes, flops)
 
 
-# Peers that take the same batch (q [B, N, H], the same pages and table): checked against the
-# reference before their time is reported. cuDNN's dense prefill runs on its own random data.
+# Peers that take the same batch (q [B, N, H], the same pages and table): their output is checked
+# against the reference ("correct" in the row; a wrong one is flagged where its time is printed).
+# cuDNN's dense prefill runs on its own random data.
 SAME_OP_PEERS = ("jax_paged_attention",)
 
 INTERPRET = False  # --interpret: dry-run the script's logic on CPU (tiny shapes only)
@@ -142,20 +143,27 @@ def time_impls(case: Case, roof: dict[str, float], extra: dict[str, Any]) -> dic
     for name, (f, f_args) in extra.items():
         try:
             row[name] = record(case, common.time_in_jit(f, *f_args))
-            if name in SAME_OP_PEERS and reference_fits(case):
-                # A peer's speed counts only if it computes the same thing.
+        except Exception as e:  # noqa: BLE001
+            row[name] = {"error": repr(e)[:300]}
+            continue
+        if name in SAME_OP_PEERS and reference_fits(case):
+            # A peer's speed counts only if it computes the same thing (checked after timing,
+            # outside the timed calls).
+            try:
                 expect = rpa.ragged_paged_attention_reference(*case.args,
                                                               sm_scale=HEAD_DIM ** -0.5)
                 err = common.relative_error(f(*f_args), expect)
                 row[name]["rel_err_vs_reference"] = err
                 row[name]["correct"] = err < 1e-2
-        except Exception as e:  # noqa: BLE001
-            row[name] = {"error": repr(e)[:300]}
+            except Exception as e:  # noqa: BLE001
+                row[name]["correct"] = False
+                row[name]["check_error"] = repr(e)[:300]
     msg = f"{case.name:34s} ours {row['ours']['us']:9.1f} us {row['ours']['TB/s']:6.2f} TB/s " \
           f"{row['ours']['TFLOP/s']:7.1f} TFLOP/s"
     for name in ["reference_xla", *extra]:
         if "us" in row.get(name, {}):
-            msg += f" | {name} {row[name]['us']:9.1f} us"
+            wrong = " (WRONG OUTPUT)" if row[name].get("correct") is False else ""
+            msg += f" | {name} {row[name]['us']:9.1f} us{wrong}"
     print(msg, flush=True)
     return row
 
@@ -257,7 +265,8 @@ def section_scan(results: dict[str, Any], roof: dict[str, float],
             row.update(record(case, common.time_in_jit(fn, *args)))
             if roof:
                 row["frac_copy_bw"] = row["TB/s"] * 1e12 / roof["copy_bytes_per_s"]
-                row["frac_read_bw"] = row["TB/s"] * 1e12 / roof.get("read_bytes_per_s", 1e30)
+                if "read_bytes_per_s" in roof:
+                    row["frac_read_bw"] = row["TB/s"] * 1e12 / roof["read_bytes_per_s"]
         except Exception as e:  # noqa: BLE001 - an invalid combination: record and go on
             row["error"] = repr(e)[:300]
         rows.append(row)

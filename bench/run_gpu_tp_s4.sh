@@ -68,8 +68,9 @@ else
   declare -A ENVS=([ncclcb_ll]="NCCL_PROTO=LL" [ncclcb_ll128]="NCCL_PROTO=LL,LL128")
   for name in ${SETS:-oneshot both cbcoll}; do
     sizes=${TPS#1 }; [ "$name" = default ] || [ "$name" = shipped ] && sizes=$TPS
-    if [ "$name" = shipped ]; then pre=(env -u XLA_FLAGS -u NCCL_PROTO)
-    else pre=(env XLASERVE_NO_DEFAULT_XLA_FLAGS=1 XLA_FLAGS="$BASE ${FLAGS[$name]}" ${ENVS[$name]:-}); fi
+    if [ "$name" = shipped ]; then pre=(env -u XLA_FLAGS -u NCCL_PROTO -u XLASERVE_NO_DEFAULT_XLA_FLAGS)
+    else pre=(env -u NCCL_PROTO XLASERVE_NO_DEFAULT_XLA_FLAGS=1 XLA_FLAGS="$BASE ${FLAGS[$name]}"
+              ${ENVS[$name]:-}); fi
     "${pre[@]}" timeout -s ABRT -k 5 "${SET_S:-170}" $PY bench/tp_scaling.py \
       --tp $sizes --decode-batches 1 --greedy-steps 4 --repeats 3 ${SET_ARGS:-} --trace-dir "/tmp/tr_$name" \
       --out "$R/tp_$name.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"

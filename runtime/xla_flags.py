@@ -8,14 +8,19 @@ is logged when a jax backend was initialized before the defaults could apply. No
 jax (the jaxlib version comes from the package metadata).
 
 XLA aborts the process on a flag it does not know, so flags that only some XLA versions have carry
-the jaxlib version they were measured with and are added only from that version on (the skip is
-logged, naming the flag and the version).
+the range of jaxlib versions they were measured with, [first, end), and are added only inside it
+(the skip is logged, naming the flag and the versions).
+
+What one process did is kept in one `_State` (for the log and for `report()`); `reset_state()`
+starts it afresh (tests).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import sys
 from importlib import metadata
 
@@ -53,10 +58,23 @@ VERSIONED_DEFAULTS: dict[str, tuple[str, Versions, str]] = {
 # now (NCCL_PROTO=LL: see above).
 ENV_DEFAULTS: dict[str, tuple[str, Versions, str]] = {}
 
-_applied: list[str] = []  # added and not yet logged
-_skipped: list[str] = []  # not added (version) and not yet logged
-_history: dict[str, list[str]] = {"set_by_xlaserve": [], "not_set": []}  # kept for report()
-_late = False
+@dataclasses.dataclass
+class _State:
+    to_log: list[str] = dataclasses.field(default_factory=list)  # added, not yet logged
+    skipped_to_log: list[str] = dataclasses.field(default_factory=list)
+    set_by_xlaserve: list[str] = dataclasses.field(default_factory=list)  # for report()
+    not_set: list[str] = dataclasses.field(default_factory=list)
+    late: bool = False  # flags were added after a jax backend existed
+    disabled: bool = False  # XLASERVE_NO_DEFAULT_XLA_FLAGS was set
+
+
+_state = _State()
+
+
+def reset_state() -> None:
+    """Forgets what earlier apply_defaults() calls did (for tests)."""
+    global _state
+    _state = _State()
 
 
 def jaxlib_version() -> tuple[int, ...]:
@@ -66,9 +84,11 @@ def jaxlib_version() -> tuple[int, ...]:
     except metadata.PackageNotFoundError:
         return (0,)
     parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
+    for piece in text.split(".")[:3]:  # "0.11.2", "0.11.1rc2", "0.12.0.dev20260101"
+        digits = re.match(r"\d+", piece)
+        parts.append(int(digits.group()) if digits else 0)
+        if not digits or digits.end() < len(piece):  # a pre-release: stop at its number
+            break
     return tuple(parts)
 
 
@@ -96,39 +116,41 @@ def wanted_defaults(version: tuple[int, ...] | None = None,
 
 def apply_defaults() -> list[str]:
     """Adds the defaults the user did not set to XLA_FLAGS / the environment; returns them."""
-    global _late
     if os.environ.get("XLASERVE_NO_DEFAULT_XLA_FLAGS", "") not in ("", "0"):
+        _state.disabled = True
         return []
+    _state.disabled = False
     flags, env, skipped = wanted_defaults()
-    _skipped.extend(skipped)
-    _history["not_set"] = list(skipped)
+    _state.skipped_to_log = list(skipped)  # this call's view replaces an earlier one
+    _state.not_set = list(skipped)
     current = os.environ.get("XLA_FLAGS", "")
     added = [f"--{name}={value}" for name, value in flags.items() if f"--{name}" not in current]
     added_env = [f"{name}={value}" for name, value in env.items() if name not in os.environ]
     if not added and not added_env:
         return []
-    if "jax" in sys.modules:  # a backend made before this point has read XLA_FLAGS already
+    if added and "jax" in sys.modules:  # a backend made before now has read XLA_FLAGS already
         try:
             from jax._src import xla_bridge
 
-            _late = bool(xla_bridge.backends_are_initialized())
+            _state.late = bool(xla_bridge.backends_are_initialized())
         except Exception:  # noqa: BLE001 - private API; assume not initialized
-            _late = False
+            _state.late = False
     if added:
         os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
     for item in added_env:
         name, value = item.split("=", 1)
         os.environ[name] = value
-    _applied.extend(added + added_env)
-    _history["set_by_xlaserve"].extend(added + added_env)
+    _state.to_log.extend(added + added_env)
+    _state.set_by_xlaserve.extend(a for a in added + added_env
+                                  if a not in _state.set_by_xlaserve)
     return added + added_env
 
 
 def report() -> dict[str, object]:
     """For the profile CLI: XLA_FLAGS as jax saw it, and which defaults were (not) set."""
     return {"XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-            "set_by_xlaserve": list(_history["set_by_xlaserve"]),
-            "not_set": list(_history["not_set"]), "late": _late}
+            "set_by_xlaserve": list(_state.set_by_xlaserve), "not_set": list(_state.not_set),
+            "late": _state.late, "disabled": _state.disabled}
 
 
 def _why(name: str) -> str:
@@ -140,14 +162,13 @@ def _why(name: str) -> str:
 
 def log_applied() -> None:
     """Logs (once) which defaults were added, skipped, or came too late to apply."""
-    global _applied, _skipped
-    for note in _skipped:
+    for note in _state.skipped_to_log:
         log.info("xlaserve default not set: %s", note)
-    _skipped = []
-    flags = [a for a in _applied if a.startswith("--")]
-    env = [a for a in _applied if not a.startswith("--")]  # read by NCCL later: never late
-    _applied = []
-    if flags and _late:
+    _state.skipped_to_log = []
+    flags = [a for a in _state.to_log if a.startswith("--")]
+    env = [a for a in _state.to_log if not a.startswith("--")]  # read by NCCL later: never late
+    _state.to_log = []
+    if flags and _state.late:
         log.warning("XLA flags %s were added after a jax backend was initialized: they do not "
                     "apply in this process (import xlaserve before using jax)", " ".join(flags))
         flags = []

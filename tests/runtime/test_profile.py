@@ -205,7 +205,8 @@ def test_cli_json_fields_are_present_and_consistent(cold_run):
     assert summary["num_cache_hits"] == 0
     assert summary["compile_s_cold"] == pytest.approx(summary["compile_s_total"])
     assert (d / "plot.png").read_bytes()[:4] == b"\x89PNG"
-    assert set(report["xla_flags"]) == {"XLA_FLAGS", "set_by_xlaserve", "not_set", "late"}
+    assert set(report["xla_flags"]) == {"XLA_FLAGS", "set_by_xlaserve", "not_set", "late",
+                                        "disabled"}
 
 
 @pytest.mark.slow
@@ -306,7 +307,7 @@ def _synthetic_report(measured: float | None) -> dict:
                           "set_by_xlaserve": ["--xla_gpu_dot_merger_threshold_mb=512"],
                           "not_set": ["--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE "
                                       "(measured with jaxlib >= 0.11.2, < 0.12; installed 0.10.2)"],
-                          "late": False},
+                          "late": False, "disabled": False},
             "recompiles": {"num_requests": 2, "num_steps": 5,
                            "compiles_after_warmup": [{"fun_name": "jit(_step)", "seconds": 1.0,
                                                       "shapes": "i32[24]"}],

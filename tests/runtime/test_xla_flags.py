@@ -2,12 +2,23 @@
 
 import logging
 
+import pytest
+
 from xlaserve.runtime import xla_flags
+
+
+@pytest.fixture(autouse=True)
+def fresh_state():
+    """Each test starts and ends with an empty record (no 'late' or logs leaking to others)."""
+    xla_flags.reset_state()
+    yield
+    xla_flags.reset_state()
 
 
 def test_adds_missing_defaults_and_keeps_user_values(monkeypatch, caplog):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     monkeypatch.delenv("XLASERVE_NO_DEFAULT_XLA_FLAGS", raising=False)
+    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 10, 2))  # no versioned flags
     added = xla_flags.apply_defaults()
     assert added == ["--xla_gpu_dot_merger_threshold_mb=512"]
     import os
@@ -31,6 +42,7 @@ def test_opt_out(monkeypatch):
     import os
 
     assert os.environ["XLA_FLAGS"] == ""
+    assert xla_flags.report()["disabled"] is True
 
 
 def test_late_application_is_a_warning(monkeypatch, caplog):
@@ -67,10 +79,15 @@ def test_versioned_defaults_follow_the_jaxlib_version(monkeypatch, caplog):
         xla_flags.log_applied()
     assert "not set: --xla_gpu_experimental_use_collective_kernels" in caplog.text
     assert "installed 0.10.2" in caplog.text
-    # A newer jaxlib than measured: skipped too (the flag might be gone, which would abort).
-    monkeypatch.setenv("XLA_FLAGS", "")
-    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 12, 0))
-    assert xla_flags.apply_defaults() == ["--xla_gpu_dot_merger_threshold_mb=512"]
+    # The range is [0.11.2, 0.12): its edges, and a newer jaxlib (the flag might be gone there,
+    # which would abort the process).
+    for version, inside in (((0, 11, 1), False), ((0, 11, 2), True), ((0, 11, 9), True),
+                            ((0, 12), False), ((0, 12, 0), False), ((1, 0, 0), False)):
+        monkeypatch.setenv("XLA_FLAGS", "")
+        monkeypatch.setattr(xla_flags, "jaxlib_version", lambda v=version: v)
+        added = xla_flags.apply_defaults()
+        assert ("--xla_gpu_experimental_use_collective_kernels=-ALL_REDUCE" in added) is inside
+        assert bool(xla_flags.report()["not_set"]) is not inside
 
 
 def test_user_environment_wins(monkeypatch):
@@ -92,6 +109,13 @@ def test_user_environment_wins(monkeypatch):
     assert "NCCL_TEST_DEFAULT=1" in xla_flags.apply_defaults()
     assert os.environ["NCCL_TEST_DEFAULT"] == "1"
     xla_flags.log_applied()
+
+
+@pytest.mark.parametrize("text, want", [("0.11.2", (0, 11, 2)), ("0.11.1rc2", (0, 11, 1)),
+                                        ("0.12.0.dev20260101", (0, 12, 0)), ("1.0", (1, 0))])
+def test_jaxlib_version_parsing(monkeypatch, text, want):
+    monkeypatch.setattr(xla_flags.metadata, "version", lambda _: text)
+    assert xla_flags.jaxlib_version() == want
 
 
 def test_jaxlib_version_is_read_from_metadata():

@@ -129,7 +129,9 @@ def summary_table(report: dict[str, Any]) -> Table:
         ("  of which from cache", _seconds(s["compile_s_from_cache"])),
     ]
     flags = report.get("xla_flags")
-    if flags:
+    if flags and flags.get("disabled"):
+        rows.append(("XLA defaults", "off (XLASERVE_NO_DEFAULT_XLA_FLAGS)"))
+    elif flags:
         rows.append(("XLA defaults set", " ".join(flags["set_by_xlaserve"]) or "-"))
         if flags["not_set"]:
             rows.append(("XLA defaults NOT set", "; ".join(flags["not_set"])))

@@ -12,7 +12,7 @@ The result is one JSON-able dict (`profile` returns it; render.py draws it):
   buckets[] (BucketProfile.to_json), summary (ModelSummary.to_json), recompiles (None, or
   {num_requests, num_steps, seed, forced_shape, compiles_after_warmup[{fun_name, shapes,
   seconds}], runner_compile_log[{shapes, num_compiles}], runner_compiles_after_warmup}),
-  xla_flags{XLA_FLAGS, set_by_xlaserve, not_set, late} (runtime/xla_flags.py).
+  xla_flags{XLA_FLAGS, set_by_xlaserve, not_set, late, disabled} (runtime/xla_flags.py).
 """
 
 from __future__ import annotations
