@@ -1,6 +1,7 @@
 # Sourced by the bench/run_gpu_*.sh scripts (repo root, $PY set).
 #   gpu_session DIR [LOG] [NOTE]  makes DIR, copies everything the script prints into DIR/LOG
-#                                 (default session.log), prints the date and commit (+ NOTE)
+#                                 (default session.log), prints the date and commit (+ NOTE);
+#                                 COMMIT=<hash> overrides the device checkout's (maybe stale) HEAD
 #   gpu_install                   installs xlaserve editable on the GPU machine; returns 1 when
 #                                 the install fails. A carried .whl/ (setuptools + wheel) comes
 #                                 first when the machine's setuptools is too old for editable
@@ -8,7 +9,9 @@
 gpu_session() {
   mkdir -p "$1"
   exec > >(tee -a "$1/${2:-session.log}") 2>&1
-  echo "date $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)${3:+ $3}"
+  # The device's checkout carries the working tree but may keep a stale .git: pass the commit the
+  # tree came from as COMMIT=... in the command when it matters (session 5's logs show the stale one).
+  echo "date $(date -u +%FT%TZ) commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null) (device checkout HEAD)}${3:+ $3}"
 }
 gpu_install() {
   if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
