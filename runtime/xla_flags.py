@@ -38,13 +38,15 @@ DEFAULTS: dict[str, tuple[str, str]] = {
 # Programs with all-reduces (tensor parallelism); no effect on one device. On 2 x H200 with jax
 # 0.11.2, runs with XLA's own all-reduce kernel (its default for small all-reduces) hung in 5
 # multi-GPU processes of sessions 4-5 (4 had run another tp size before, 1 had not;
-# bench/results/session4_h200x*/, session5_h200x2/); the 7 processes with NCCL's all-reduce did
-# not. The price: 8B batch-1 decode at tp=2 4.11-4.15 ms vs 4.05 (XLA's kernel, same run), prefill
-# of 2048 tokens the same (33.5-33.7 vs 33.8 ms). NCCL inside the CUDA graphs (+COLLECTIVES) was
-# slower and noisy (3.8-5.6 ms), and NCCL_PROTO=LL slowed prefill (38.4 ms): neither is a default.
+# bench/results/session4_h200x*/, session5_h200x2/); the 8 processes with NCCL's all-reduce did
+# not. The price: 8B batch-1 decode at tp=2 4.11-4.15 ms vs 4.05 (XLA's kernel, same run), at
+# tp=4 4.41 vs 4.12 ms (NCCL's 4-rank all-reduces take 2.4 ms of device time per step, but the step
+# is host-bound either way; session5_h200x4/); prefill of 2048 tokens the same at both. NCCL
+# inside the CUDA graphs (+COLLECTIVES) was slower and noisy (3.8-5.6 ms), and NCCL_PROTO=LL
+# slowed prefill (38.4 ms): neither is a default.
 _TP_WHY = ("tensor parallelism: NCCL for all-reduces instead of XLA's all-reduce kernel, which "
-           "hung in 5 multi-GPU runs on H200s (NCCL: none of 7); 8B batch-1 decode at tp=2 "
-           "4.11-4.15 vs 4.05 ms, prefill the same (bench/results/session5_h200x2/)")
+           "hung in 5 multi-GPU runs on H200s (NCCL: none of 8); 8B batch-1 decode 2% slower at "
+           "tp=2, 7% at tp=4, prefill the same (bench/results/session5_h200x2/, _h200x4/)")
 # An "experimental" flag can disappear in a later XLA, which would then abort every xlaserve
 # process: such flags are added only for the jaxlib versions they were measured on (the upper
 # bound is exclusive); widen the range after measuring a new version.
