@@ -113,9 +113,17 @@ def reference_fits(case: Case) -> bool:
     return K_HEADS * t * s_keys * HEAD_DIM * 4 * 3 < 6e9
 
 
-def record(case: Case, seconds: float) -> dict[str, float]:
-    return {"us": seconds * 1e6, "TB/s": case.bytes / seconds / 1e12,
-            "TFLOP/s": case.flops / seconds / 1e12}
+def record(case: Case, seconds: float, roof: dict[str, float] | None = None) -> dict[str, float]:
+    """Time, rates, and (given the run's ceilings) the fraction of each ceiling reached."""
+    out = {"us": seconds * 1e6, "TB/s": case.bytes / seconds / 1e12,
+           "TFLOP/s": case.flops / seconds / 1e12}
+    roof = roof or {}
+    for key, ceiling, rate in (("frac_copy_bw", "copy_bytes_per_s", case.bytes),
+                               ("frac_read_bw", "read_bytes_per_s", case.bytes),
+                               ("frac_matmul", "matmul_flops_per_s", case.flops)):
+        if ceiling in roof:
+            out[key] = rate / seconds / roof[ceiling]
+    return out
 
 
 def time_impls(case: Case, roof: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
@@ -126,13 +134,8 @@ def time_impls(case: Case, roof: dict[str, float], extra: dict[str, Any]) -> dic
                         num_tokens=len(args[0]), num_seqs=args[4].shape[0],
                         max_kv_len=args[4].shape[1] * PAGE, num_kv_heads=K_HEADS)
     row["config"] = dataclasses.asdict(cfg)
-    row["ours"] = record(case, common.time_in_jit(fn, *args))
+    row["ours"] = record(case, common.time_in_jit(fn, *args), roof)
     row["ours"]["us_dispatch_bound"] = common.time_fn(fn, *args) * 1e6
-    if roof:
-        row["ours"]["frac_copy_bw"] = row["ours"]["TB/s"] * 1e12 / roof["copy_bytes_per_s"]
-        if "read_bytes_per_s" in roof:
-            row["ours"]["frac_read_bw"] = row["ours"]["TB/s"] * 1e12 / roof["read_bytes_per_s"]
-        row["ours"]["frac_matmul"] = row["ours"]["TFLOP/s"] * 1e12 / roof["matmul_flops_per_s"]
     if reference_fits(case):
         ref = jax.jit(functools.partial(rpa.ragged_paged_attention_reference,
                                         sm_scale=HEAD_DIM ** -0.5))
@@ -262,11 +265,7 @@ def section_scan(results: dict[str, Any], roof: dict[str, float],
         row: dict[str, Any] = {"kernel": kind, "params": params}
         try:
             row["rel_err"] = common.relative_error(fn(*args), expect)
-            row.update(record(case, common.time_in_jit(fn, *args)))
-            if roof:
-                row["frac_copy_bw"] = row["TB/s"] * 1e12 / roof["copy_bytes_per_s"]
-                if "read_bytes_per_s" in roof:
-                    row["frac_read_bw"] = row["TB/s"] * 1e12 / roof["read_bytes_per_s"]
+            row.update(record(case, common.time_in_jit(fn, *args), roof))
         except Exception as e:  # noqa: BLE001 - an invalid combination: record and go on
             row["error"] = repr(e)[:300]
         rows.append(row)
