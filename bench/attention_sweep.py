@@ -63,8 +63,7 @@ def candidates(q_class: str, group: int, full: bool) -> list[Cfg]:
     return out
 
 
-def time_config(case: bench.Case, cfg: Cfg, ref: jax.Array | None, *,
-                in_jit: bool = False) -> dict[str, Any]:
+def time_config(case: bench.Case, cfg: Cfg, ref: jax.Array | None) -> dict[str, Any]:
     row: dict[str, Any] = {"config": dataclasses.asdict(cfg)}
     try:
         fn, args = bench.ours(case, cfg)
@@ -73,10 +72,9 @@ def time_config(case: bench.Case, cfg: Cfg, ref: jax.Array | None, *,
             if not row["rel_err"] < 1e-2:
                 row["error"] = f"rel_err {row['rel_err']}"
                 return row
-        if in_jit:  # small cases: time on the device, not the host dispatch
-            row["us"] = common.time_in_jit(fn, *args, n=5, repeats=3) * 1e6
-        else:
-            row["us"] = common.time_fn(fn, *args, iters=10, repeats=3, warmup=1) * 1e6
+        # Device time of 5 dependent calls in one program. Until session 5 the sweep timed
+        # back-to-back dispatch, ~10% noisy; it ranked prefill tiles wrongly (NOTES_attention.md).
+        row["us"] = common.time_in_jit(fn, *args, n=5, repeats=3) * 1e6
     except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped, reported
         row["error"] = repr(e)[:400]
     return row
@@ -132,7 +130,7 @@ def sweep_splits(entry: dict[str, Any], raw: list[dict[str, Any]]) -> dict[str, 
                       num_warps=entry["num_warps"], num_stages=entry["num_stages"],
                       key_gather=entry["key_gather"], q_transposed=entry["q_transposed"],
                       num_splits=splits)
-            row = time_config(case, cfg, None, in_jit=True)
+            row = time_config(case, cfg, None)
             row.update(key="splits", case=case.name)
             raw.append(row)
             if "us" in row:
@@ -151,6 +149,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/attention_sweep_h100.json")
     parser.add_argument("--extra", action="store_true",
                         help="also tune G 1/8, H 64, L 32/64 (smaller candidate sets)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated table keys to sweep (e.g. H128_L16_G8_decode); "
+                             "the others keep their table entries")
+    parser.add_argument("--no-splits", action="store_true", help="keep the table's split rule")
     args = parser.parse_args()
     raw: list[dict[str, Any]] = []
     with open(args.table) as f:
@@ -160,7 +162,14 @@ def main() -> None:
     if args.extra:
         keys += [(h, l, g, c, False) for (h, l, g) in [(128, 16, 1), (128, 16, 8), (64, 16, 4),
                                                        (128, 32, 4), (128, 64, 4)]
-                 for c in ("decode", "prefill")]
+                 for c in ("decode", "prefill", "mixed")]
+    if args.only:
+        only = set(args.only.split(","))
+        keys = [k for k in keys if table_key(k[0], k[1], k[2], k[3]) in only]
+        missing = only - {table_key(k[0], k[1], k[2], k[3]) for k in keys}
+        if missing:
+            parser.error(f"--only {sorted(missing)}: not among the sweep's keys "
+                         f"(add --extra for the G 1/8, H 64, L 32/64 keys)")
     for head_dim, page_size, group, q_class, full in keys:
         entry = sweep_key(q_class, head_dim=head_dim, page_size=page_size, group=group,
                           full=full, raw=raw)
@@ -176,7 +185,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"table": table, "raw": raw}, f, indent=1)
     decode = entries.get(table_key(128, 16, 4, "decode"))
-    if decode is not None:
+    if decode is not None and not args.no_splits:
         table["split"] = sweep_splits(decode, raw)
     info = common.device_info()
     table.update(device=info["device"], jax=info["jax"], command=info["command"],

@@ -66,11 +66,15 @@ else
   FLAGS[default]=""
   FLAGS[ncclcb_ll]=${FLAGS[ncclcb]}; FLAGS[ncclcb_ll128]=${FLAGS[ncclcb]}
   declare -A ENVS=([ncclcb_ll]="NCCL_PROTO=LL" [ncclcb_ll128]="NCCL_PROTO=LL,LL128")
+  # A set named <set>_async runs <set> with jax's stream-ordered allocator
+  # (XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async, session 6): does a temp buffer that keeps its address
+  # from step to step spare the CUDA-graph updates?
   for name in ${SETS:-oneshot both cbcoll}; do
-    sizes=${TPS#1 }; [ "$name" = default ] || [ "$name" = shipped ] && sizes=$TPS
-    if [ "$name" = shipped ]; then pre=(env -u XLA_FLAGS -u NCCL_PROTO -u XLASERVE_NO_DEFAULT_XLA_FLAGS)
-    else pre=(env -u NCCL_PROTO XLASERVE_NO_DEFAULT_XLA_FLAGS=1 XLA_FLAGS="$BASE ${FLAGS[$name]}"
-              ${ENVS[$name]:-}); fi
+    base=${name%_async}; alloc=(); [ "$base" != "$name" ] && alloc=(XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async)
+    sizes=${TPS#1 }; [ "$base" = default ] || [ "$base" = shipped ] && sizes=$TPS
+    if [ "$base" = shipped ]; then pre=(env -u XLA_FLAGS -u NCCL_PROTO -u XLASERVE_NO_DEFAULT_XLA_FLAGS "${alloc[@]}")
+    else pre=(env -u NCCL_PROTO XLASERVE_NO_DEFAULT_XLA_FLAGS=1 XLA_FLAGS="$BASE ${FLAGS[$base]}"
+              ${ENVS[$base]:-} "${alloc[@]}"); fi
     "${pre[@]}" timeout -s ABRT -k 5 "${SET_S:-170}" $PY bench/tp_scaling.py \
       --tp $sizes --decode-batches 1 --greedy-steps 4 --repeats 3 ${SET_ARGS:-} --trace-dir "/tmp/tr_$name" \
       --out "$R/tp_$name.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
@@ -89,7 +93,15 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("tp_*.json")):
                 fam = {k: round(v) for k, v in t["families_us_per_step"].items()}
                 fam["busy"] = round(t["busy_us_per_step"]); fam["span"] = round(t["span_us_per_step"])
                 break
+        upd = []  # per XLA execute thread: (busy, graph update us, updates) per step
+        for t in dec.get("trace", {}).get("threads", []):
+            if t["thread"].startswith("py_xla_execute") or "ExecuteThunks" in str(t.get("top")):
+                top = {e["name"]: e for e in t["top"]}
+                u = top.get("command_buffer::update", {})
+                upd.append((round(t["busy_us_per_step"]), round(u.get("us_per_step", 0)),
+                            u.get("calls_per_step", 0)))
         print(f.name, "tp", x["tp"], "decode_b1_ms", dec["step_ms"], "per_dev", dec["per_device_ms"],
-              "prefill_ms", x.get("prefill", {}).get("step_ms"), "greedy", x["greedy_tokens"][:5], fam)
+              "prefill_ms", x.get("prefill", {}).get("step_ms"), "greedy", x["greedy_tokens"][:5], fam,
+              "host busy/update us/updates per step", upd)
 PY
 tar czf "$OUT/tp$PART.tgz" -C "$OUT" "tp$PART"

@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         "num_devices": jax.device_count(), "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
+        "client_env": {k: v for k, v in os.environ.items()
+                       if k.startswith("XLA_PYTHON_CLIENT_")},
         "python": platform.python_version(), "command": " ".join([sys.executable] + sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": args.model, "config": {k: getattr(cfg, k) for k in (

@@ -57,6 +57,11 @@ def table_key(head_dim: int, page_size: int, group: int, q_class: str) -> str:
     return f"H{head_dim}_L{page_size}_G{group}_{q_class}"
 
 
+def padded_group(group: int) -> int:
+    """The GQA group as the kernel runs it: the next power of two (G 7 -> 8)."""
+    return 1 << max(0, (group - 1).bit_length())
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_missing_entry(key: str, q_class: str, entry: str) -> None:
     """Warns once per missing table key (not once per bucket shape)."""
@@ -70,13 +75,15 @@ def lookup_config(*, head_dim: int, page_size: int, group: int, num_tokens: int,
     """The tuned config for these static shapes (cached; logs a missing key once)."""
     table = _table()
     q_class = q_len_class(num_tokens, num_seqs)
-    key = table_key(head_dim, page_size, group, q_class)
+    # The kernel pads the group to a power of two (zero q heads), so G 3 runs the tiles of G 4
+    # and G 5-7 those of G 8: the table is keyed by the padded group.
+    gp = padded_group(group)
+    key = table_key(head_dim, page_size, gp, q_class)
     entry = table["entries"].get(key)
     if entry is None:
         entry = table["default"][q_class]
         _warn_missing_entry(key, q_class, json.dumps(entry, sort_keys=True))
     block_q = int(entry["block_q"])
-    gp = 1 << max(0, (group - 1).bit_length())
     block_q = max(block_q, -(-16 // gp))  # Triton dots need >= 16 rows
     block_k = int(entry["pages_per_block"]) * page_size
     num_splits = num_kv_splits(num_tokens=num_tokens, num_seqs=num_seqs, block_q=block_q,

@@ -136,3 +136,36 @@ def test_attention_peer_computes_the_same_op(monkeypatch: pytest.MonkeyPatch) ->
     ref = attention.rpa.ragged_paged_attention_reference(*case.args,
                                                          sm_scale=attention.HEAD_DIM ** -0.5)
     assert attention.common.relative_error(fn(*args), ref) < 1e-2
+
+
+def _load(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ncu_summary_reads_the_csv_and_relates_dram_bytes_to_the_counted_ones(
+        tmp_path: pathlib.Path) -> None:
+    ncu = _load("attention_ncu")
+    head = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+            '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
+            '"Metric Value"')
+    rows = ["==PROF== Disconnected from process 1", head]
+    for launch, (dur, read) in enumerate([(100_000, "250,000,000"), (120_000, "250,000,000"),
+                                          (110_000, "250,000,000")]):
+        for metric, unit, value in (("gpu__time_duration.sum", "nsecond", str(dur)),
+                                    ("dram__bytes_read.sum", "byte", read)):
+            rows.append(f'"{launch}","1","python3","h","ours_kernel","1","7","(128, 1, 1)",'
+                        f'"(512, 8, 1)","0","9.0","Command line profiler metrics","{metric}",'
+                        f'"{unit}","{value}"')
+    path = tmp_path / "ncu.csv"
+    path.write_text("\n".join(rows) + "\n")
+    out = ncu.summarize(path, {"counted_bytes": 200e6})
+    k = out["kernels"]["ours_kernel"]
+    assert k["launches"] == 3
+    assert k["gpu__time_duration.sum"] == 110_000  # the median launch
+    assert k["dram_read_TB/s"] == pytest.approx(250e6 / 110e-6 / 1e12)
+    assert k["counted_TB/s"] == pytest.approx(200e6 / 110e-6 / 1e12)
+    assert k["dram_read_over_counted"] == pytest.approx(1.25)

@@ -49,3 +49,15 @@ def test_kv_write_choice_on_gpu(t: int, impl: str) -> None:
 
 def test_kv_write_is_xla_off_gpu() -> None:
     assert {ops.write_impl_for(t, platform="cpu") for t in (16, 64, 4096)} == {"xla"}
+
+
+@pytest.mark.parametrize("group,padded", [(1, 1), (3, 4), (4, 4), (5, 8), (7, 8), (8, 8)])
+def test_groups_share_the_entry_of_their_padded_group(group: int, padded: int) -> None:
+    # The kernel pads the group to a power of two, so G 7 runs exactly the tiles of G 8.
+    assert tuning.padded_group(group) == padded
+    kw = dict(head_dim=128, page_size=16, num_tokens=4096, num_seqs=1, max_kv_len=4096,
+              num_kv_heads=8)
+    entry = tuning._table()["entries"][tuning.table_key(128, 16, padded, "prefill")]
+    cfg = tuning.lookup_config(group=group, **kw)
+    assert (cfg.pages_per_block, cfg.num_warps, cfg.num_stages) == (
+        entry["pages_per_block"], entry["num_warps"], entry["num_stages"])
