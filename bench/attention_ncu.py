@@ -1,5 +1,8 @@
 """Hardware counters of the decode attention kernels (issue 3's "profile of why"), under ncu.
 
+Run it with XLA_PYTHON_CLIENT_PREALLOCATE=false: ncu saves and restores the device memory of each
+kernel replay, and jax's default pool (75% of the GPU) made that take minutes per kernel.
+
 Runs the issue's decode point (B=64, ctx 1024, 32 q / 8 KV heads, head dim 128, page 16, bf16)
 through our kernel (tuned config) and jax's ``paged_attention`` (its defaults, and its best
 parameters from the session-5 scan), each called ``--calls`` times after a warm-up, so that
@@ -83,7 +86,7 @@ def summarize(csv_path: pathlib.Path, meta: dict[str, Any]) -> dict[str, Any]:
         k = {m: statistics.median(v) for m, v in metrics.items()}
         k["launches"] = max(len(v) for v in metrics.values())
         dur = k.get("gpu__time_duration.sum")
-        if dur and units.get("gpu__time_duration.sum") == "nsecond":
+        if dur and units.get("gpu__time_duration.sum") in ("ns", "nsecond"):
             read = k.get("dram__bytes_read.sum", 0) * _scale(units.get("dram__bytes_read.sum"))
             k["dram_read_TB/s"] = read / (dur * 1e-9) / 1e12
             k["counted_TB/s"] = meta.get("counted_bytes", 0) / (dur * 1e-9) / 1e12
@@ -99,7 +102,7 @@ def _scale(unit: str | None) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--calls", type=int, default=2, help="profiled calls per kernel after warm-up")
+    p.add_argument("--calls", type=int, default=1, help="profiled calls per kernel after warm-up")
     p.add_argument("--summarize", type=pathlib.Path, default=None,
                    help="ncu --csv output to summarize (instead of running the kernels)")
     p.add_argument("--meta", type=pathlib.Path, default=None,
@@ -110,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = json.loads(args.meta.read_text()) if args.meta else {}
         result = summarize(args.summarize, meta)
         for name, k in result["kernels"].items():
-            print(f"{name[:60]:60s} " + " ".join(
-                f"{m.split('__')[-1]}={v:.4g}" for m, v in k.items() if isinstance(v, float)))
+            print(name)
+            for m, v in k.items():
+                print(f"  {m:55s} {v:.4g}" if isinstance(v, float) else f"  {m:55s} {v}")
     else:
         result = run(args.calls)
         print(json.dumps(result))

@@ -42,8 +42,21 @@ def representative(q_class: str, *, head_dim: int, page_size: int, group: int) -
     return bench.make_case("prefill_4096", [4096], [4096], **shape)
 
 
+def check_case(q_class: str, *, head_dim: int, page_size: int, group: int) -> bench.Case:
+    """A small batch of the same class, to check a config where the reference of the
+    representative batch does not fit in memory (prefill 4096 would gather ~200 GB)."""
+    shape = dict(n_heads=8 * group, k_heads=8, head_dim=head_dim, page_size=page_size)
+    if q_class == "mixed":
+        return bench.make_case("check_mixed_8x256+200", [1] * 8 + [200], [256] * 8 + [300],
+                               **shape)
+    return bench.make_case("check_prefill_200", [200], [200], **shape)
+
+
 def candidates(q_class: str, group: int, full: bool) -> list[Cfg]:
-    """First-pass candidates (key gather, q read directly); the best are re-timed with variants."""
+    """First-pass candidates, with key gather and the q layout that wins the class (decode reads
+    q directly; prefill and mixed from the transposed copy: session 3's A/B found the direct
+    read 25-35% slower there, and ranking prefill tiles by it picked the wrong ones, session 6).
+    The best are re-timed with the other q layout and with the per-page gather."""
     gp = 1 << max(0, (group - 1).bit_length())
     min_bq = max(1, 16 // gp)
     if q_class == "decode":
@@ -59,19 +72,23 @@ def candidates(q_class: str, group: int, full: bool) -> list[Cfg]:
         if q_class != "decode" and bq * gp * ppb > 256 * 4:
             continue  # rows x pages too big a tile for the register file
         out.append(Cfg(block_q=bq, pages_per_block=ppb, num_warps=warps, num_stages=stages,
-                       key_gather=True))
+                       key_gather=True, q_transposed=q_class != "decode"))
     return out
 
 
-def time_config(case: bench.Case, cfg: Cfg, ref: jax.Array | None) -> dict[str, Any]:
+def time_config(case: bench.Case, cfg: Cfg, check: tuple[bench.Case, jax.Array] | None,
+                ) -> dict[str, Any]:
+    """Checks cfg on `check` (a case and its reference output), then times it on `case`."""
     row: dict[str, Any] = {"config": dataclasses.asdict(cfg)}
     try:
-        fn, args = bench.ours(case, cfg)
-        if ref is not None:
-            row["rel_err"] = common.relative_error(fn(*args), ref)
+        if check is not None:
+            fn, args = bench.ours(check[0], cfg)
+            row["rel_err"] = common.relative_error(fn(*args), check[1])
+            row["checked_on"] = check[0].name
             if not row["rel_err"] < 1e-2:
                 row["error"] = f"rel_err {row['rel_err']}"
                 return row
+        fn, args = bench.ours(case, cfg)
         # Device time of 5 dependent calls in one program. Until session 5 the sweep timed
         # back-to-back dispatch, ~10% noisy; it ranked prefill tiles wrongly (NOTES_attention.md).
         row["us"] = common.time_in_jit(fn, *args, n=5, repeats=3) * 1e6
@@ -83,22 +100,22 @@ def time_config(case: bench.Case, cfg: Cfg, ref: jax.Array | None) -> dict[str, 
 def sweep_key(q_class: str, *, head_dim: int, page_size: int, group: int, full: bool,
               raw: list[dict[str, Any]]) -> dict[str, Any] | None:
     case = representative(q_class, head_dim=head_dim, page_size=page_size, group=group)
-    ref = None
-    if bench.reference_fits(case):
-        ref = rpa.ragged_paged_attention_reference(*case.args, sm_scale=head_dim ** -0.5)
+    small = case if bench.reference_fits(case) else check_case(
+        q_class, head_dim=head_dim, page_size=page_size, group=group)
+    check = (small, rpa.ragged_paged_attention_reference(*small.args, sm_scale=head_dim ** -0.5))
     best = None
     start = time.time()
     rows = []
     for cfg in candidates(q_class, group, full):
-        row = time_config(case, cfg, ref)
+        row = time_config(case, cfg, check)
         row.update(key=table_key(head_dim, page_size, group, q_class), case=case.name)
         raw.append(row)
         rows.append(row)
     top = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])[:3 if full else 2]
-    variants = [dict(q_transposed=True)] * len(top) + [dict(key_gather=False)]
-    for r, change in zip(top + top[:1], variants):  # second pass: transposed q; page gather
+    variants = [dict(q_transposed=q_class == "decode")] * len(top) + [dict(key_gather=False)]
+    for r, change in zip(top + top[:1], variants):  # second pass: other q layout; page gather
         cfg = dataclasses.replace(Cfg(**r["config"]), **change)
-        row = time_config(case, cfg, ref)
+        row = time_config(case, cfg, check)
         row.update(key=table_key(head_dim, page_size, group, q_class), case=case.name)
         raw.append(row)
         rows.append(row)

@@ -25,17 +25,18 @@ if [ "$PART" = a ]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   echo "ncu: ${NCU:-none}"
   M=$($PY -c "import sys; sys.path.insert(0, 'bench'); import attention_ncu as a; print(','.join(a.METRICS))")
-  timeout -s ABRT -k 5 200 "$NCU" --clock-control none -k regex:attention --metrics "$M" \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -s ABRT -k 5 200 "$NCU" --clock-control none \
+    -k regex:attention --metrics "$M" \
     -f -o "$R/attention_ncu" $PY bench/attention_ncu.py --out "$R/attention_ncu_meta.json"
   echo "=== ncu rc=$? at $((SECONDS - T0))s"
   "$NCU" --import "$R/attention_ncu.ncu-rep" --csv --print-units base > "$R/attention_ncu.csv"
   $PY bench/attention_ncu.py --summarize "$R/attention_ncu.csv" --meta "$R/attention_ncu_meta.json" \
     --out "$R/attention_ncu.json"
   echo "=== ncu summary rc=$? at $((SECONDS - T0))s"
-  sweep "${SWEEP_S:-$((560 - SECONDS + T0))}" H128_L16_G4_decode,H128_L16_G4_prefill,H128_L16_G4_mixed
+  sweep "${SWEEP_S:-$((560 - SECONDS + T0))}" H128_L16_G4_decode,H128_L16_G4_prefill,H128_L16_G4_mixed${MORE_KEYS:+,$MORE_KEYS}
 else
   keys=""
-  for k in H128_L16_G8 H128_L16_G1 H64_L16_G4; do for c in decode prefill mixed; do
+  for k in ${KEYS:-H128_L16_G8 H128_L16_G1 H64_L16_G4}; do for c in decode prefill mixed; do
     keys="$keys${keys:+,}${k}_$c"; done; done
   sweep "${SWEEP_S:-560}" "$keys"
 fi

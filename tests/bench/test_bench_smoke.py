@@ -155,7 +155,7 @@ def test_ncu_summary_reads_the_csv_and_relates_dram_bytes_to_the_counted_ones(
     rows = ["==PROF== Disconnected from process 1", head]
     for launch, (dur, read) in enumerate([(100_000, "250,000,000"), (120_000, "250,000,000"),
                                           (110_000, "250,000,000")]):
-        for metric, unit, value in (("gpu__time_duration.sum", "nsecond", str(dur)),
+        for metric, unit, value in (("gpu__time_duration.sum", "ns", f"{dur:,}"),
                                     ("dram__bytes_read.sum", "byte", read)):
             rows.append(f'"{launch}","1","python3","h","ours_kernel","1","7","(128, 1, 1)",'
                         f'"(512, 8, 1)","0","9.0","Command line profiler metrics","{metric}",'
