@@ -79,7 +79,9 @@ def summarize(csv_path: pathlib.Path, meta: dict[str, Any]) -> dict[str, Any]:
             value = float(r["Metric Value"].replace(",", ""))
         except ValueError:
             continue
-        per.setdefault(r["Kernel Name"], {}).setdefault(r["Metric Name"], []).append(value)
+        # jax's kernel has one name for all its parameters: the grid tells them apart.
+        name = f'{r["Kernel Name"]} grid{r.get("Grid Size", "")}'
+        per.setdefault(name, {}).setdefault(r["Metric Name"], []).append(value)
         units[r["Metric Name"]] = r.get("Metric Unit", "")
     kernels = {}
     for name, metrics in per.items():

@@ -16,7 +16,7 @@ PY=${PYTHON:-python3}
 source bench/gpu_install.sh && gpu_session "$R" session.log "part $PART" && gpu_install || exit 1
 T0=$SECONDS
 sweep() {  # sweep the given keys; keep the table whatever happens
-  timeout -s ABRT -k 5 "$1" $PY bench/attention_sweep.py --only "$2" --no-splits \
+  timeout -s ABRT -k 5 "$1" $PY bench/attention_sweep.py --extra --only "$2" --no-splits \
     --out "$R/attention_sweep.json"
   echo "=== sweep rc=$? at $((SECONDS - T0))s"
   cp pallas_kernels/tuning_h100.json "$R/tuning_h100.json"

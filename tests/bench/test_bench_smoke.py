@@ -163,7 +163,7 @@ def test_ncu_summary_reads_the_csv_and_relates_dram_bytes_to_the_counted_ones(
     path = tmp_path / "ncu.csv"
     path.write_text("\n".join(rows) + "\n")
     out = ncu.summarize(path, {"counted_bytes": 200e6})
-    k = out["kernels"]["ours_kernel"]
+    k = out["kernels"]["ours_kernel grid(512, 8, 1)"]
     assert k["launches"] == 3
     assert k["gpu__time_duration.sum"] == 110_000  # the median launch
     assert k["dram_read_TB/s"] == pytest.approx(250e6 / 110e-6 / 1e12)
