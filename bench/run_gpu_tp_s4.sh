@@ -66,17 +66,20 @@ else
   FLAGS[default]=""
   FLAGS[ncclcb_ll]=${FLAGS[ncclcb]}; FLAGS[ncclcb_ll128]=${FLAGS[ncclcb]}
   declare -A ENVS=([ncclcb_ll]="NCCL_PROTO=LL" [ncclcb_ll128]="NCCL_PROTO=LL,LL128")
-  # A set named <set>_async runs <set> with jax's stream-ordered allocator
-  # (XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async, session 6): does a temp buffer that keeps its address
-  # from step to step spare the CUDA-graph updates?
+  # Suffixes (session 6), tried against XLA's CUDA-graph updates (the temp buffer's address
+  # alternates between steps in flight): <set>_x2 compiles each step program twice and alternates
+  # the copies (--program-copies 2); <set>_async uses jax's stream-ordered allocator
+  # (XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async).
   for name in ${SETS:-oneshot both cbcoll}; do
-    base=${name%_async}; alloc=(); [ "$base" != "$name" ] && alloc=(XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async)
+    base=$name; copies=(); alloc=()
+    [ "${base%_x2}" != "$base" ] && base=${base%_x2} && copies=(--program-copies 2)
+    [ "${base%_async}" != "$base" ] && base=${base%_async} && alloc=(XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async)
     sizes=${TPS#1 }; [ "$base" = default ] || [ "$base" = shipped ] && sizes=$TPS
     if [ "$base" = shipped ]; then pre=(env -u XLA_FLAGS -u NCCL_PROTO -u XLASERVE_NO_DEFAULT_XLA_FLAGS "${alloc[@]}")
     else pre=(env -u NCCL_PROTO XLASERVE_NO_DEFAULT_XLA_FLAGS=1 XLA_FLAGS="$BASE ${FLAGS[$base]}"
               ${ENVS[$base]:-} "${alloc[@]}"); fi
     "${pre[@]}" timeout -s ABRT -k 5 "${SET_S:-170}" $PY bench/tp_scaling.py \
-      --tp $sizes --decode-batches 1 --greedy-steps 4 --repeats 3 ${SET_ARGS:-} --trace-dir "/tmp/tr_$name" \
+      --tp $sizes --decode-batches 1 --greedy-steps 4 --repeats 3 ${SET_ARGS:-} "${copies[@]}" --trace-dir "/tmp/tr_$name" \
       --out "$R/tp_$name.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
     echo "=== $name rc=$? at $((SECONDS - T0))s"
   done

@@ -122,7 +122,7 @@ class Runner:
     """One tp: plan, params, cache and the compiled programs (one per input shape)."""
 
     def __init__(self, cfg: ModelConfig, tp: int, num_pages: int, page_size: int,
-                 impl: str) -> None:
+                 impl: str, copies: int = 1) -> None:
         self.plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
                                         attention_impl=impl)
         # The key is made inside the program: no array crosses devices before the step (a
@@ -131,23 +131,32 @@ class Runner:
                               out_shardings=self.plan.param_shardings)()
         self.cache = llama.init_kv_cache(cfg, num_pages, page_size,
                                          sharding=self.plan.kv_sharding)
-        self.jitted = make_step_fn(cfg, self.plan)
-        self.compiled: dict[tuple[int, int], Any] = {}
+        # `copies` > 1 compiles each program that many times and calls the copies in turn. XLA
+        # keeps CUDA graphs per executable and re-records the commands whose buffers moved; with
+        # two steps in flight the temp buffer alternates between two addresses, so one executable
+        # updates its graphs every step while two alternating ones may each keep theirs.
+        self.copies = copies
+        self.jitted = [make_step_fn(cfg, self.plan) for _ in range(copies)]
+        self.compiled: dict[tuple[int, int, int], Any] = {}
         self.compile_s: dict[str, float] = {}
+        self.calls = 0
 
     def put(self, inputs: StepInputs) -> StepInputs:
         return jax.device_put(inputs, self.plan.input_sharding)
 
-    def program(self, inputs: StepInputs) -> Any:
-        key = (inputs.num_tokens_bucket, inputs.num_seqs_bucket)
+    def program(self, inputs: StepInputs, copy: int = 0) -> Any:
+        key = (inputs.num_tokens_bucket, inputs.num_seqs_bucket, copy)
         if key not in self.compiled:
             start = time.perf_counter()
-            self.compiled[key] = self.jitted.lower(self.params, inputs, self.cache).compile()
-            self.compile_s[f"T{key[0]}_S{key[1]}"] = round(time.perf_counter() - start, 2)
+            self.compiled[key] = self.jitted[copy].lower(self.params, inputs, self.cache).compile()
+            name = f"T{key[0]}_S{key[1]}" + (f"_copy{copy}" if copy else "")
+            self.compile_s[name] = round(time.perf_counter() - start, 2)
         return self.compiled[key]
 
     def run(self, inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
-        tokens, top2, self.cache = self.program(inputs)(self.params, inputs, self.cache)
+        program = self.program(inputs, self.calls % self.copies)
+        self.calls += 1
+        tokens, top2, self.cache = program(self.params, inputs, self.cache)
         return tokens, top2
 
     def time_steps(self, inputs: StepInputs, iters: int, repeats: int) -> list[float]:
@@ -213,7 +222,7 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
     longest = max(args.context + 2, args.prefill_tokens + args.greedy_steps + 1)
     pages_per_seq = math.ceil(longest / page_size)
     num_pages = 1 + max(max(args.decode_batches), 1) * pages_per_seq
-    r = Runner(cfg, tp, num_pages, page_size, args.attention_impl)
+    r = Runner(cfg, tp, num_pages, page_size, args.attention_impl, args.program_copies)
     q = r.params["layers_0"]["attn"]["q_proj"]["kernel"]
     rng = np.random.default_rng(1)
     kw = dict(page_size=page_size, pages_per_seq=pages_per_seq, rng=rng, vocab=cfg.vocab_size)
@@ -249,7 +258,8 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
     shapes.add((pow2_at_least(args.prefill_tokens, MIN_TOKENS), MIN_SEQS))
     res["expected_programs"] = len(shapes)  # the compiled executables are called directly, so
     # a shape outside them would raise rather than recompile
-    res["num_programs"] = len(r.compiled)
+    res["num_programs"] = len({key[:2] for key in r.compiled})
+    res["num_executables"] = len(r.compiled)  # up to programs x --program-copies
     del r
     gc.collect()
     return res
@@ -383,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=1024, help="KV tokens per decode sequence")
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--program-copies", type=int, default=1,
+                   help="compile each step program N times and call the copies in turn (does "
+                        "it spare XLA's CUDA-graph updates?)")
     p.add_argument("--no-prefill", action="store_true",
                    help="skip the prefill timing (the greedy check still prefills)")
     p.add_argument("--num-layers", type=int, default=None, help="override (quick runs)")
@@ -435,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": llama.count_params(cfg),
         "settings": {k: getattr(args, k) for k in (
             "decode_batches", "context", "prefill_tokens", "page_size", "attention_impl",
-            "iters", "repeats", "spread_steps", "greedy_steps")},
+            "iters", "repeats", "spread_steps", "greedy_steps", "program_copies")},
         "results": []}
     for tp in tps:
         print(f"tp={tp}: building and compiling ...", flush=True)

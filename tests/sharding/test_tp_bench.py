@@ -15,19 +15,8 @@ BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "tp_scaling.py"
 
 @pytest.mark.slow
 def test_tp_scaling_bench_cpu_smoke(tmp_path: pathlib.Path) -> None:
-    out = tmp_path / "tp.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    res = subprocess.run(
-        [sys.executable, str(BENCH), "--model", "tiny", "--tp", "1", "4", "--decode-batches", "1",
-         "--context", "20", "--prefill-tokens", "32", "--iters", "2", "--repeats", "1",
-         "--spread-steps", "2", "--greedy-steps", "3", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
-    report = json.loads(out.read_text())
+    report = _run_bench(tmp_path, "--tp", "1", "4")
     assert [r["tp"] for r in report["results"]] == [1, 4]
-    assert report["processes"] == "one per tp" and report["complete"] and not report["failed"]
-    assert report["device"].startswith("cpu") and report["jax"] and report["date"]
     checks = report["checks"]
     for tp in (1, 4):
         assert checks[f"params_split_tp{tp}"] and checks[f"same_weights_as_tp1_tp{tp}"]
@@ -37,3 +26,29 @@ def test_tp_scaling_bench_cpu_smoke(tmp_path: pathlib.Path) -> None:
     assert len(r4["decode"]["1"]["per_device_ms"]) == 4
     assert set(report["scaling"]["decode_b1"]) == {"1", "4"}
     assert "decode_b1_speedup_tp2" not in checks  # no tp=2 in this run
+
+
+@pytest.mark.slow
+def test_tp_scaling_bench_alternating_program_copies(tmp_path: pathlib.Path) -> None:
+    """--program-copies 2: both copies of each program run, with the same greedy tokens."""
+    report = _run_bench(tmp_path, "--tp", "1", "2", "--program-copies", "2")
+    assert report["settings"]["program_copies"] == 2
+    for r in report["results"]:
+        assert r["num_executables"] == 2 * r["num_programs"] == 2 * r["expected_programs"]
+    assert report["checks"]["greedy_equal_tp2"]
+
+
+def _run_bench(tmp_path: pathlib.Path, *args: str) -> dict:
+    out = tmp_path / "tp.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    res = subprocess.run(
+        [sys.executable, str(BENCH), "--model", "tiny", *args, "--decode-batches", "1",
+         "--context", "20", "--prefill-tokens", "32", "--iters", "2", "--repeats", "1",
+         "--spread-steps", "2", "--greedy-steps", "3", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["processes"] == "one per tp" and report["complete"] and not report["failed"]
+    assert report["device"].startswith("cpu") and report["jax"] and report["date"]
+    return report
