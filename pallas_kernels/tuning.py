@@ -1,8 +1,9 @@
 """Tile choice for the Pallas ragged paged attention kernel, from a table measured on the GPU.
 
 The table (``tuning_h100.json`` beside this file) is written by ``bench/attention_sweep.py``: for
-each (head dim H, page size L, GQA group G, q-length class) it holds the fastest measured
-(block_q, pages_per_block, num_warps, num_stages), and one rule for KV splits (flash-decoding):
+each (head dim H, page size L, GQA group G padded to a power of two as the kernel runs it,
+q-length class) it holds the fastest measured (block_q, pages_per_block, num_warps, num_stages),
+and one rule for KV splits (flash-decoding):
 split until the grid holds about ``target_programs`` programs, each split keeping at least
 ``min_blocks_per_split`` KV blocks. Keys missing from the table fall back to the table's
 ``default`` entries for the q-length class; the fallback is logged once, never silent.
