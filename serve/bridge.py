@@ -93,6 +93,13 @@ class _Tracked:
     finished: set[int] = dataclasses.field(default_factory=set)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Closed:
+    """Queued by RequestHandle.close() for an open sample; read as its "abort" final."""
+
+    index: int
+
+
 class RequestHandle:
     """A submitted request: iterate it (``async for event in handle``) until every sample ended.
 
@@ -100,26 +107,44 @@ class RequestHandle:
     cancelled or disconnected client frees its pages at the next step.
     """
 
-    def __init__(self, bridge: EngineBridge, request_id: str, engine_id: str, n: int) -> None:
+    def __init__(self, bridge: EngineBridge, request_id: str, engine_id: str, n: int,
+                 num_prompt_tokens: int = 0) -> None:
         self.request_id = request_id
         self.engine_id = engine_id
         self._bridge = bridge
-        self._queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self._queue: asyncio.Queue[StreamEvent | _Closed] = asyncio.Queue()
         self._remaining = n
         self._open = set(range(n))  # sample indices without a final event yet
         self._closed = False
+        self._num_prompt_tokens = num_prompt_tokens
+        self._last: dict[int, RequestOutput] = {}  # each sample's latest output read
 
     def __aiter__(self) -> RequestHandle:
         return self
 
+    async def _get(self) -> StreamEvent:
+        item = await self._queue.get()
+        if not isinstance(item, _Closed):
+            return item
+        # Built when read, so that its usage counts what the reader got before it.
+        last = self._last.get(item.index)
+        out = RequestOutput(
+            request_id=self.engine_id, new_token_ids=(), new_text="", finished=True,
+            finish_reason="abort",
+            num_prompt_tokens=last.num_prompt_tokens if last else self._num_prompt_tokens,
+            num_output_tokens=last.num_output_tokens if last else 0,
+            num_cached_tokens=last.num_cached_tokens if last else 0)
+        return StreamEvent(item.index, out)
+
     async def __anext__(self) -> StreamEvent:
         if self._remaining == 0:
             raise StopAsyncIteration
-        event = await self._queue.get()
+        event = await self._get()
         while event.output.finished and event.index not in self._open:
             # A second final for one sample: close() queued a synthetic "abort" for a sample
             # whose real final was already queued but not yet read. Drop it.
-            event = await self._queue.get()
+            event = await self._get()
+        self._last[event.index] = event.output
         if event.output.finished:
             self._open.discard(event.index)
             self._remaining -= 1
@@ -144,9 +169,7 @@ class RequestHandle:
             self._bridge._forget(self)
             self._bridge._send(("abort", self.engine_id, None))
             for index in sorted(self._open):
-                out = RequestOutput(request_id=self.engine_id, new_token_ids=(), new_text="",
-                                    finished=True, finish_reason="abort")
-                self._queue.put_nowait(StreamEvent(index, out))
+                self._queue.put_nowait(_Closed(index))
 
 
 class EngineBridge:
@@ -213,7 +236,8 @@ class EngineBridge:
             raise QueueFullError(f"{len(self._streams)} requests in flight (the limit is "
                                  f"{self.max_in_flight}); retry later")
         engine_id = f"r{next(self._ids)}"
-        handle = RequestHandle(self, request_id, engine_id, sampling.n)
+        handle = RequestHandle(self, request_id, engine_id, sampling.n,
+                               num_prompt_tokens=len(prompt_token_ids))
         self._streams[request_id] = handle
         self._send(("add", engine_id, (handle, list(prompt_token_ids), sampling,
                                        time.monotonic())))

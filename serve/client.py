@@ -53,9 +53,11 @@ def build_generate_request(prompt: str | None = None, *,
     if prompt is not None:
         req.text = prompt
     elif messages is not None:
+        req.chat.SetInParent()  # an empty list is still the chat input (the server says so)
         for m in messages:
             req.chat.messages.add(role=m["role"], content=m["content"])
     else:
+        req.token_ids.SetInParent()
         req.token_ids.ids.extend(int(t) for t in token_ids or ())
     fields = req.sampling.DESCRIPTOR.fields_by_name
     for name, value in sampling.items():

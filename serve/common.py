@@ -43,15 +43,51 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# The native proto's integer widths. KServe parameters are int64 (or any JSON int): a larger
+# value would overflow the engine's int32 step arrays mid-step and fail every request in it.
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
 def make_sampling(values: Mapping[str, Any]) -> SamplingParams:
-    """SamplingParams from field values; SamplingParams' own ValueError names a bad field."""
+    """SamplingParams from field values; SamplingParams' own ValueError names a bad field.
+
+    top_k=-1 means off, as 0 does (vLLM's and SGLang's spelling of "off").
+    """
     unknown = sorted(set(values) - set(SAMPLING_FIELDS))
     if unknown:
         raise InvalidArgument(f"{unknown[0]}: unknown sampling parameter")
+    values = dict(values)
+    for name in ("max_tokens", "min_tokens", "top_k", "logprobs", "n"):
+        value = values.get(name)
+        if isinstance(value, int) and not _INT32_MIN <= value <= _INT32_MAX:
+            raise InvalidArgument(f"sampling.{name}={value}: must fit in a 32-bit signed int")
+    for t in values.get("stop_token_ids", ()):
+        if not isinstance(t, int) or isinstance(t, bool) or not _INT32_MIN <= t <= _INT32_MAX:
+            raise InvalidArgument(f"sampling.stop_token_ids: {t!r} is not a 32-bit token id")
+    top_k = values.get("top_k")
+    if isinstance(top_k, int) and top_k < -1:
+        raise InvalidArgument(f"sampling.top_k={top_k}: must be >= -1 (-1 or 0 = off)")
+    if top_k == -1:
+        values["top_k"] = 0
     try:
         return SamplingParams(**values)
     except (ValueError, TypeError) as e:
         raise InvalidArgument(f"sampling.{e}") from e
+
+
+def check_sampling(engine: Any, sampling: SamplingParams) -> None:
+    """Checks what SamplingParams cannot see alone: stop strings need a tokenizer."""
+    if sampling.stop and engine.tokenizer is None:
+        raise InvalidArgument(f"stop={list(sampling.stop)!r}: this model has no tokenizer, so "
+                              "stop strings cannot match; use stop_token_ids")
+
+
+def tokenizer_of(engine: Any, field: str) -> Any:
+    """The engine's tokenizer; a model served without one takes token ids only."""
+    if engine.tokenizer is None:
+        raise InvalidArgument(f"{field}: this model has no tokenizer (its directory has no "
+                              "tokenizer.json); send token ids")
+    return engine.tokenizer
 
 
 def check_model(field: str, value: str, served_model: str) -> None:
@@ -70,7 +106,7 @@ def encode_text(engine: Any, field: str, text: str) -> list[int]:
     """Token ids of a text prompt (with the tokenizer's special tokens, e.g. BOS)."""
     if not text:
         raise InvalidArgument(f"{field}='': the prompt is empty")
-    return list(engine.tokenizer.encode(text))
+    return list(tokenizer_of(engine, field).encode(text))
 
 
 def encode_chat(engine: Any, field: str, messages: Sequence[Mapping[str, str]]) -> list[int]:
@@ -80,12 +116,13 @@ def encode_chat(engine: Any, field: str, messages: Sequence[Mapping[str, str]]) 
     for i, m in enumerate(messages):
         if not m.get("role"):
             raise InvalidArgument(f"{field}.messages[{i}].role='': must be set")
+    tokenizer = tokenizer_of(engine, field)
     try:
-        text = engine.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
     except ValueError as e:
         raise InvalidArgument(f"{field}: {e}") from e
     # The template writes BOS itself where the model wants one.
-    return list(engine.tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def check_prompt(engine: Any, field: str, token_ids: Sequence[int],

@@ -5,7 +5,9 @@ A request carries one BYTES tensor ``text_input`` (in ``contents.bytes_contents`
 and its sampling as request parameters: every SamplingParams field by name, plus ``stream``
 (ModelStreamInfer only; default true). Numbers may also be strings ("0.7": tritonclient before
 2.44 cannot send floats). ``stop`` and ``stop_token_ids`` are a JSON list or, for ``stop``, one
-string. Parameters starting with ``triton_`` are accepted and ignored. Replies
+string. Parameters starting with ``triton_`` are accepted and ignored. A request's ``id`` is
+only echoed back, as in Triton: it need not be unique (the server tracks each request under an id
+of its own, so the native Abort RPC cannot name a KServe request). Replies
 carry a BYTES tensor ``text_output``; every streamed response has the bool parameter
 ``triton_final_response``, true on the last one, as Triton's decoupled models do.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import struct
 import uuid
 from collections.abc import AsyncIterator
@@ -29,14 +32,17 @@ from xlaserve.serve.common import (
     RequestFailed,
     check_model,
     check_prompt,
+    check_sampling,
     check_size,
     encode_text,
     make_sampling,
     status_for,
 )
-from xlaserve.serve.proto.messages import protos
+from xlaserve.serve.proto.messages import Undecodable, protos
 
 import xlaserve
+
+log = logging.getLogger(__name__)
 
 INPUT_NAME = "text_input"
 OUTPUT_NAME = "text_output"
@@ -172,6 +178,8 @@ class KServeServicer:
 
     def _admit(self, request: Any, default_stream: bool) -> tuple[Any, bool]:
         """Validates a ModelInferRequest and submits it; returns (handle, stream)."""
+        if isinstance(request, Undecodable):
+            raise InvalidArgument(str(request))
         if not self.bridge.ready.is_set():
             raise NotAcceptingError("the model is not loaded yet")
         engine = self.bridge.engine
@@ -181,6 +189,7 @@ class KServeServicer:
             raise InvalidArgument(f"model_version={request.model_version!r}: only '1' exists")
         values, stream = sampling_from_parameters(request.parameters)
         sampling = make_sampling(values)
+        check_sampling(engine, sampling)
         if sampling.n != 1:
             raise InvalidArgument(f"n={sampling.n}: the KServe API returns one sample; use "
                                   "xlaserve.v1 for n > 1")
@@ -205,8 +214,7 @@ class KServeServicer:
             raise InvalidArgument(f"inputs[{INPUT_NAME!r}]: not UTF-8 ({e})") from e
         prompt = check_prompt(engine, INPUT_NAME, encode_text(engine, INPUT_NAME, text),
                               sampling.max_tokens)
-        request_id = request.id or uuid.uuid4().hex
-        handle = self.bridge.submit(request_id, prompt, sampling)
+        handle = self.bridge.submit(f"kserve-{uuid.uuid4().hex}", prompt, sampling)
         return handle, default_stream if stream is None else stream
 
     def _response(self, request: Any, text: str, final: bool | None,
@@ -273,14 +281,18 @@ class KServeServicer:
                 code = status_for(e).name
                 await out.put(self.pb.ModelStreamInferResponse(
                     error_message=f"{code}: {e}",
-                    infer_response=self.pb.ModelInferResponse(id=request.id)))
+                    infer_response=self.pb.ModelInferResponse(id=getattr(request, "id", ""))))
             finally:
                 await out.put(_DONE)
 
         async def read_all() -> None:
-            async for request in request_iterator:
-                tasks.append(asyncio.create_task(serve_one(request)))
-            await out.put(_READ_DONE)
+            try:
+                async for request in request_iterator:
+                    tasks.append(asyncio.create_task(serve_one(request)))
+            except Exception:  # noqa: BLE001 (the reading side broke: answer what was read)
+                log.exception("ModelStreamInfer: reading the request stream failed")
+            finally:  # without it a failed read leaves the stream open forever
+                out.put_nowait(_READ_DONE)
 
         reader = asyncio.create_task(read_all())
         done, reading = 0, True

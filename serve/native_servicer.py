@@ -19,11 +19,13 @@ from xlaserve.serve.common import (
     InvalidArgument,
     check_model,
     check_prompt,
+    check_sampling,
     check_size,
     encode_chat,
     encode_text,
     make_sampling,
     status_for,
+    tokenizer_of,
 )
 from xlaserve.serve.proto.messages import protos
 
@@ -88,6 +90,7 @@ class NativeServicer:
             check_size("GenerateRequest", request.ByteSize(), self.max_request_bytes)
             check_model("model", request.model, self.model_name)
             sampling = make_sampling(sampling_values(request.sampling))
+            check_sampling(engine, sampling)
             prompt = self._prompt(engine, request, sampling.max_tokens)
             handle = self.bridge.submit(request_id, prompt, sampling)
         except Exception as e:  # every admission error becomes a status
@@ -193,6 +196,7 @@ class NativeServicer:
         try:
             check_size("DetokenizeRequest", request.ByteSize(), self.max_request_bytes)
             check_model("model", request.model, self.model_name)
+            tokenizer = tokenizer_of(engine, "token_ids")
             vocab = engine.model_config.vocab_size
             bad = next((t for t in request.token_ids if not 0 <= t < vocab), None)
             if bad is not None:
@@ -200,4 +204,4 @@ class NativeServicer:
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise
-        return self.pb.DetokenizeResponse(text=engine.tokenizer.decode(list(request.token_ids)))
+        return self.pb.DetokenizeResponse(text=tokenizer.decode(list(request.token_ids)))

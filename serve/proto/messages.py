@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, ServiceDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from xlaserve.serve.proto.descriptors import FILE_DESCRIPTOR_SET
 
 NATIVE_SERVICE = "xlaserve.v1.XlaserveService"
@@ -85,8 +85,55 @@ _HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]
 }
 
 
+class Undecodable:
+    """Stands in for a request message whose bytes did not parse (e.g. a string field holding
+    bad UTF-8). A deserializer that raised would make grpc answer UNKNOWN (and, inside a
+    request stream, break the stream): this way the handler answers INVALID_ARGUMENT instead.
+    ``str()`` is the message for the client."""
+
+    def __init__(self, type_name: str, error: str) -> None:
+        self.type_name = type_name
+        self.error = error
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: the request does not parse ({self.error})"
+
+
+def _lenient_parser(cls: type[Message]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return Undecodable(cls.DESCRIPTOR.full_name, str(e))
+    return parse
+
+
+def _refuse_undecodable(fn: Callable[..., Any], server_streaming: bool) -> Callable[..., Any]:
+    """Wraps a unary-request method: an Undecodable request gets INVALID_ARGUMENT."""
+    if server_streaming:
+        async def stream_method(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
+            responses = fn(request, context)
+            try:
+                async for response in responses:
+                    yield response
+            finally:  # now, not at garbage collection: its `finally` frees the request
+                await responses.aclose()
+        return stream_method
+
+    async def unary_method(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
+        return await fn(request, context)
+    return unary_method
+
+
 def service_handler(service_name: str, servicer: Any) -> grpc.GenericRpcHandler:
     """A generic handler that routes each method of `service_name` to ``servicer.<Method>``.
+
+    A request that does not parse reaches a unary-request method as INVALID_ARGUMENT; a
+    request-streaming method gets it as an `Undecodable` item of its request stream.
 
     Raises:
       ValueError: the servicer lacks a method of the service.
@@ -98,9 +145,11 @@ def service_handler(service_name: str, servicer: Any) -> grpc.GenericRpcHandler:
         if fn is None:
             raise ValueError(f"servicer={type(servicer).__name__}: lacks method {method.name}")
         factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        if not method.client_streaming:
+            fn = _refuse_undecodable(fn, method.server_streaming)
         handlers[method.name] = factory(
             fn,
-            request_deserializer=_message_class(method.input_type).FromString,
+            request_deserializer=_lenient_parser(_message_class(method.input_type)),
             response_serializer=_message_class(method.output_type).SerializeToString,
         )
     return grpc.method_handlers_generic_handler(service_name, handlers)

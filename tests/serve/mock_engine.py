@@ -73,8 +73,12 @@ def tiny_tokenizer() -> Tokenizer:
 
 def make_engine(*, step_delay_s: float = 0.0, num_pages: int = 128, max_num_seqs: int = 64,
                 max_num_batched_tokens: int = 128, max_model_len: int = 256,
-                tokenizer: Tokenizer | None = None) -> TestEngine:
-    """A warmed-up mock engine whose vocabulary is the tiny tokenizer's."""
+                tokenizer: Tokenizer | None = None, text: bool = True) -> TestEngine:
+    """A warmed-up mock engine whose vocabulary is the tiny tokenizer's.
+
+    text=False: no tokenizer at all (token ids in and out), like a model dir without
+    tokenizer.json.
+    """
     tok = tokenizer or tiny_tokenizer()
     cache = CacheConfig(page_size=16, num_pages=num_pages)
     sched = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
@@ -85,8 +89,8 @@ def make_engine(*, step_delay_s: float = 0.0, num_pages: int = 128, max_num_seqs
     model_config = ModelConfig(model_type="llama", vocab_size=tok.vocab_size, hidden_size=8,
                                intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
                                head_dim=8, max_position_embeddings=max_model_len)
-    engine = Engine(config, runner, tokenizer=tok, model_config=model_config,
-                    detokenizer_factory=poisoning_factory(tok))
+    engine = Engine(config, runner, tokenizer=tok if text else None, model_config=model_config,
+                    detokenizer_factory=poisoning_factory(tok) if text else None)
     return TestEngine(engine, step_delay_s)
 
 

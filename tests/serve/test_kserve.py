@@ -109,6 +109,9 @@ def test_tritonclient_infer_and_stream(mock_server: Any, tokenizer: Any) -> None
     ({"temperature": "-1"}, "temperature"),
     ({"temperature": "warm"}, "temperature"),
     ({"frobnicate": 1}, "frobnicate"),
+    ({"stop_token_ids": '["a"]'}, "stop_token_ids"),
+    ({"stop_token_ids": "[1.5]"}, "stop_token_ids"),
+    ({"top_k": 2**40}, "top_k"),
 ])
 def test_tritonclient_invalid_parameters(mock_server: Any, params: dict[str, Any],
                                          field: str) -> None:

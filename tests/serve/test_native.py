@@ -82,20 +82,22 @@ def test_model_info_tokenize_detokenize(mock_server: Any, tokenizer: Any) -> Non
 def _invalid_cases(tokenizer: Any) -> list[tuple[str, dict[str, Any], str]]:
     return [
         ("empty text", {"prompt": ""}, "text"),
-        ("empty token ids", {"token_ids": []}, "token_ids"),
+        ("empty token ids", {"token_ids": []}, "token_ids: the prompt is empty"),
+        ("empty chat", {"messages": []}, "chat: no messages"),
         ("prompt too long", {"token_ids": [3] * 300}, "context length"),
         ("token out of vocab", {"token_ids": [10**6]}, "vocabulary"),
         ("max_tokens < 1", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
         ("temperature < 0", {"prompt": "hi", "temperature": -0.5}, "temperature"),
         ("top_p = 0", {"prompt": "hi", "top_p": 0.0}, "top_p"),
         ("top_p > 1", {"prompt": "hi", "top_p": 1.5}, "top_p"),
+        ("top_k < -1", {"prompt": "hi", "top_k": -2}, "top_k=-2"),
         ("unknown model", {"prompt": "hi", "model": "gpt-9"}, "model"),
         ("oversized", {"prompt": "x" * 70_000}, "GenerateRequest"),
         ("no room for max_tokens", {"prompt": "hi", "max_tokens": 255}, "max_tokens"),
     ]
 
 
-@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("index", range(13))
 def test_invalid_fields_get_invalid_argument(start_server: Any, tokenizer: Any,
                                              index: int) -> None:
     name, kwargs, field = _invalid_cases(tokenizer)[index]
