@@ -9,8 +9,9 @@ just as it would change a real model's output:
 - greedy (temperature 0): next = mock_next_token(context) = (sum(context) + 17 * len(context)) % V
 - temperature > 0: next = mock_sampled_token(seed, output_position) (independent of the batch)
 
-Reading a slot that was never written raises RuntimeError. Every (T, S) bucket pair counts as
-"compiled" by `warmup()`; any other shape afterwards increments `compiles_after_warmup`.
+Reading a slot that was never written, or a sequence with no new token, raises RuntimeError. Every
+(T, S) bucket pair counts as "compiled" by `warmup()`; any other shape afterwards increments
+`compiles_after_warmup`.
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ class MockRunner:
             ctx = self._kv[pages * L + pos % L]
             if (ctx < 0).any():
                 raise RuntimeError(f"sequence {s} reads KV slots that were never written")
+            if int(inputs.cu_q_lens[s + 1]) == int(inputs.cu_q_lens[s]):
+                # A real model has no row of its own to sample from (its logits row would be
+                # another sequence's), e.g. after a prefix hit that covered the whole prompt.
+                raise RuntimeError(f"sequence {s} has no new tokens in the step")
             if int(inputs.logits_indices[s]) != int(inputs.cu_q_lens[s + 1]) - 1:
                 raise RuntimeError(f"sequence {s}: logits index is not its last row")
             if sp is not None and float(sp.temperature[s]) > 0:

@@ -94,7 +94,9 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # admission order; the tail is preempted first
         self._hashes: dict[str, list[PageHash]] = {}
-        self._leader: dict[str, str] = {}  # n > 1: child id -> sibling whose prompt it waits for
+        # n > 1: child id -> the sibling Request whose prompt it waits for. The object, not its id:
+        # an id can be reused once that sibling ended, and a newcomer must not hold the child.
+        self._leader: dict[str, Request] = {}
         self._inflight: dict[str, int] = {}  # request id -> sampled tokens not yet known (0 or 1)
         # request id -> generation, unique over the scheduler's life: bumped at each preemption,
         # and a re-added id (abort then add) never reuses one, so stale results never match.
@@ -112,6 +114,7 @@ class Scheduler:
           req: a new request (status WAITING, nothing computed).
           wait_for: id of a sibling (n > 1) whose prompt must be computed first, so that this
             request finds the prompt's full pages in the prefix cache instead of recomputing them.
+            Only that request, while it lives, holds this one (an unknown id holds nothing).
         """
         if req.request_id in self.requests:
             raise ValueError(f"request_id={req.request_id!r}: already in use")
@@ -130,8 +133,8 @@ class Scheduler:
         self._hashes[req.request_id] = []
         self._inflight[req.request_id] = 0
         self._generation[req.request_id] = self._new_generation()
-        if wait_for is not None:
-            self._leader[req.request_id] = wait_for
+        if wait_for is not None and wait_for in self.requests:
+            self._leader[req.request_id] = self.requests[wait_for]
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
 
@@ -239,9 +242,10 @@ class Scheduler:
 
     def _held(self, req: Request) -> bool:
         """A sibling waits until its leader's full prompt pages are in the prefix cache."""
-        leader = self.requests.get(self._leader.get(req.request_id, ""))
-        if leader is None or not self.allocator.enable_prefix_caching:
-            return False
+        leader = self._leader.get(req.request_id)
+        if (leader is None or self.requests.get(leader.request_id) is not leader
+                or not self.allocator.enable_prefix_caching):
+            return False  # no leader, or it ended (its id may belong to a new request now)
         return len(self._hashes[leader.request_id]) < leader.num_prompt_tokens // self.page_size
 
     def _admit(self, budget: int, scheduled: dict[str, int]) -> int:
