@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import operator
 import time
 
 
@@ -40,15 +41,17 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
+        # The step's arrays are int32: a larger value would fail the whole batch mid-step.
         checks = [
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-             "must be >= 1"),
+            ("max_tokens", isinstance(self.max_tokens, int) and
+             1 <= self.max_tokens <= _INT32_MAX, "must be in [1, 2**31)"),
             ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens,
              "must be >= 0"),
             ("min_tokens", self.min_tokens <= self.max_tokens, "must be <= max_tokens"),
             ("temperature", _finite(self.temperature) and self.temperature >= 0, "must be >= 0"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be >= 0 (0 = off)"),
+            ("top_k", isinstance(self.top_k, int) and 0 <= self.top_k <= _INT32_MAX,
+             "must be in [0, 2**31) (0 = off)"),
             ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("repetition_penalty", _finite(self.repetition_penalty) and
@@ -71,6 +74,22 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _token_ids(values: object) -> tuple[int, ...]:
+    """stop_token_ids as Python ints in [0, 2**31) (numpy ints too; not bools, floats, strings)."""
+    vals = tuple(values)  # type: ignore[arg-type]
+    try:
+        ids = tuple(operator.index(t) for t in vals)
+    except TypeError:
+        ids = None
+    if (ids is None or any(isinstance(t, bool) for t in vals)
+            or not all(0 <= t <= _INT32_MAX for t in ids)):
+        raise ValueError(f"stop_token_ids={list(vals)!r}: must be token ids in [0, 2**31)")
+    return ids
 
 
 def _finite(x: object) -> bool:

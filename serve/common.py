@@ -43,11 +43,6 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-# The native proto's integer widths. KServe parameters are int64 (or any JSON int): a larger
-# value would overflow the engine's int32 step arrays mid-step and fail every request in it.
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
-
-
 def make_sampling(values: Mapping[str, Any]) -> SamplingParams:
     """SamplingParams from field values; SamplingParams' own ValueError names a bad field.
 
@@ -56,14 +51,7 @@ def make_sampling(values: Mapping[str, Any]) -> SamplingParams:
     unknown = sorted(set(values) - set(SAMPLING_FIELDS))
     if unknown:
         raise InvalidArgument(f"{unknown[0]}: unknown sampling parameter")
-    values = dict(values)
-    for name in ("max_tokens", "min_tokens", "top_k", "logprobs", "n"):
-        value = values.get(name)
-        if isinstance(value, int) and not _INT32_MIN <= value <= _INT32_MAX:
-            raise InvalidArgument(f"sampling.{name}={value}: must fit in a 32-bit signed int")
-    for t in values.get("stop_token_ids", ()):
-        if not isinstance(t, int) or isinstance(t, bool) or not _INT32_MIN <= t <= _INT32_MAX:
-            raise InvalidArgument(f"sampling.stop_token_ids: {t!r} is not a 32-bit token id")
+    values = dict(values)  # SamplingParams bounds the int fields to int32 (the step's arrays)
     top_k = values.get("top_k")
     if isinstance(top_k, int) and top_k < -1:
         raise InvalidArgument(f"sampling.top_k={top_k}: must be >= -1 (-1 or 0 = off)")

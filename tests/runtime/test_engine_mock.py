@@ -271,3 +271,20 @@ def test_random_add_step_abort_sequences(ops, overlap):
         else:
             assert g["ids"] == ref and g["final"].finish_reason == "length"
     assert e.stats().num_pages_used == 0
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(top_k=2**31), "top_k"), (dict(max_tokens=2**31), "max_tokens"),
+    (dict(stop_token_ids=[2**40]), "stop_token_ids"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(stop_token_ids=[1.5]), "stop_token_ids"), (dict(stop_token_ids=["7"]), "stop_token_ids"),
+    (dict(stop_token_ids=[True]), "stop_token_ids"),
+])
+def test_sampling_values_past_int32_are_refused_before_they_reach_a_step(kwargs, field):
+    # The step's sampling arrays are int32: such a value used to fail the whole batch mid-step.
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_stop_token_ids_take_numpy_ints():
+    import numpy as np
+    assert SamplingParams(stop_token_ids=[np.int64(3), 4]).stop_token_ids == (3, 4)
