@@ -184,7 +184,8 @@ class EngineBridge:
     """
 
     def __init__(self, engine_factory: Callable[[], EngineLike], metrics: ServerMetrics, *,
-                 max_in_flight: int, idle_wait_s: float = 0.05) -> None:
+                 max_in_flight: int, idle_wait_s: float = 0.05,
+                 unhealthy_after_failed_steps: int = 3) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight={max_in_flight!r}: must be >= 1")
         self._factory = engine_factory
@@ -203,6 +204,12 @@ class EngineBridge:
         self.ready = asyncio.Event()  # set when the engine is loaded and warmed up
         self.loaded = threading.Event()  # set when loading ended, well or not
         self.draining = False
+        # Health: after this many engine steps failed in a row the engine is reported unhealthy
+        # (health NOT_SERVING, so a load balancer stops sending work), healthy again after the
+        # next step that succeeds. `on_health` runs on the event loop with the new state.
+        self.unhealthy_after_failed_steps = unhealthy_after_failed_steps
+        self.on_health: Callable[[bool], None] | None = None
+        self._failed_steps = 0  # consecutive; loop-thread side
 
     # ---- event-loop side -------------------------------------------------------------------
 
@@ -342,9 +349,25 @@ class EngineBridge:
                 outputs = []
                 log.exception("engine step failed; aborting %d requests", len(tracked))
                 self._fail_all(tracked, events, f"engine step failed: {e!r}")
+                self._step_result(ok=False)
+            else:
+                self._step_result(ok=True)
             self.metrics.step_time.observe(time.perf_counter() - t0)
             self._route(tracked, outputs, events)
         self.metrics.observe_stats(self.engine.stats())
+
+    def _step_result(self, ok: bool) -> None:
+        """Counts failed steps in a row; tells `on_health` when the engine turns (un)healthy."""
+        before = self._failed_steps < self.unhealthy_after_failed_steps
+        self._failed_steps = 0 if ok else self._failed_steps + 1
+        if not ok:
+            self.metrics.failed_steps.inc()
+        after = self._failed_steps < self.unhealthy_after_failed_steps
+        if after != before:
+            log.warning("engine %s: %d step(s) failed in a row", "recovered" if after
+                        else "unhealthy", self.unhealthy_after_failed_steps)
+            if self.on_health is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(self.on_health, after)
 
     def _apply_commands(self, tracked: dict[str, _Tracked],
                         events: list[tuple[RequestHandle, StreamEvent]]) -> None:

@@ -78,6 +78,7 @@ class GrpcServer:
         self._httpd: Any = None
         self._stopped = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self._health_tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Opens the ports and starts loading the engine (returns before it is ready)."""
@@ -105,9 +106,16 @@ class GrpcServer:
         self._server = server
         if opts.metrics_port is not None:
             self._httpd, self.metrics_port = self.metrics.start_http(opts.host, opts.metrics_port)
+        self.bridge.on_health = self._on_engine_health
         self.bridge.start()
         self._watcher = asyncio.create_task(self._watch_load())
         log.info("xlaserve gRPC on %s:%d, metrics on %s", opts.host, self.port, self.metrics_port)
+
+    def _on_engine_health(self, healthy: bool) -> None:
+        """Engine steps failing in a row (or recovering) flip health; ignored once draining."""
+        task = asyncio.create_task(self.health.set_serving(healthy))
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
 
     async def _watch_load(self) -> None:
         await asyncio.to_thread(self.bridge.loaded.wait)

@@ -1,4 +1,5 @@
-"""grpc.health.v1 for the server: NOT_SERVING while loading, SERVING once warmed up, and
+"""grpc.health.v1 for the server: NOT_SERVING while loading, SERVING once warmed up,
+NOT_SERVING while engine steps keep failing (3 in a row; SERVING again after one succeeds), and
 NOT_SERVING for good once draining starts. Wraps grpc_health's asyncio servicer.
 """
 

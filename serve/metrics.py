@@ -42,6 +42,9 @@ class ServerMetrics:
         self.prefix_hit_rate = Gauge("xlaserve_prefix_cache_hit_rate",
                                      "Prefix-cache hits / queries since start", registry=r)
         self.preemptions = Counter("xlaserve_preemptions", "Requests preempted", registry=r)
+        self.failed_steps = Counter("xlaserve_engine_step_failures",
+                                    "Engine steps that raised (their requests were failed)",
+                                    registry=r)
         self.compiles_after_warmup = Counter("xlaserve_compiles_after_warmup",
                                              "XLA compiles after warm-up (should be 0)",
                                              registry=r)

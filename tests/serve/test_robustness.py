@@ -207,3 +207,28 @@ def test_drain_timeout_aborts_with_unavailable(start_server: Any) -> None:
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in info.value.details()
         assert done.result(20) is False
+
+
+def test_health_not_serving_while_steps_keep_failing(start_server: Any) -> None:
+    engine = make_engine(step_delay_s=0.005)
+    srv = start_server(lambda: engine)
+    original = engine.inner.step
+    broken = {"on": True}
+
+    def step() -> Any:
+        if broken["on"]:
+            raise RuntimeError("device lost")
+        return original()
+
+    engine.inner.step = step  # type: ignore[method-assign]
+    with XlaserveClient(srv.target, timeout_s=30) as c:
+        assert c.health() == "SERVING"
+        for i in range(3):  # each request fails with its step; the third failure in a row flips
+            with pytest.raises(grpc.RpcError) as info:
+                c.generate(f"doomed {i}", max_tokens=2)
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+        _wait_for(lambda: c.health() == "NOT_SERVING")
+        assert _value(srv, "xlaserve_engine_step_failures_total") >= 3
+        broken["on"] = False
+        assert c.generate("recovered", max_tokens=2).completion_tokens == 2
+        _wait_for(lambda: c.health() == "SERVING")
