@@ -23,7 +23,7 @@ class SamplingParams:
     max_tokens: int = 16  # most tokens to generate
     min_tokens: int = 0  # EOS, stop token ids and stop strings are ignored until this many tokens
     temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
+    top_k: int = 0  # 0 = off (-1 too, vLLM's and SGLang's spelling; stored as 0)
     top_p: float = 1.0  # nucleus; 1.0 = off
     min_p: float = 0.0  # keep tokens with p >= min_p * p_max; 0 = off
     repetition_penalty: float = 1.0  # HF-style multiplicative penalty on seen tokens; 1 = off
@@ -42,6 +42,8 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
+        if self.top_k == -1 and not isinstance(self.top_k, bool):
+            object.__setattr__(self, "top_k", 0)
         # The step's arrays are int32: a larger value would fail the whole batch mid-step.
         checks = [
             ("max_tokens", isinstance(self.max_tokens, int) and
@@ -51,7 +53,7 @@ class SamplingParams:
             ("min_tokens", self.min_tokens <= self.max_tokens, "must be <= max_tokens"),
             ("temperature", _finite(self.temperature) and self.temperature >= 0, "must be >= 0"),
             ("top_k", isinstance(self.top_k, int) and 0 <= self.top_k <= _INT32_MAX,
-             "must be in [0, 2**31) (0 = off)"),
+             "must be in [0, 2**31) (0 or -1 = off)"),
             ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("repetition_penalty", _finite(self.repetition_penalty) and

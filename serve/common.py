@@ -44,19 +44,11 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 
 
 def make_sampling(values: Mapping[str, Any]) -> SamplingParams:
-    """SamplingParams from field values; SamplingParams' own ValueError names a bad field.
-
-    top_k=-1 means off, as 0 does (vLLM's and SGLang's spelling of "off").
-    """
+    """SamplingParams from field values; SamplingParams' own ValueError names a bad field
+    (it also bounds the int fields to int32 and takes top_k=-1 as off)."""
     unknown = sorted(set(values) - set(SAMPLING_FIELDS))
     if unknown:
         raise InvalidArgument(f"{unknown[0]}: unknown sampling parameter")
-    values = dict(values)  # SamplingParams bounds the int fields to int32 (the step's arrays)
-    top_k = values.get("top_k")
-    if isinstance(top_k, int) and top_k < -1:
-        raise InvalidArgument(f"sampling.top_k={top_k}: must be >= -1 (-1 or 0 = off)")
-    if top_k == -1:
-        values["top_k"] = 0
     try:
         return SamplingParams(**values)
     except (ValueError, TypeError) as e:

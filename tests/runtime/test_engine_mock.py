@@ -288,3 +288,9 @@ def test_sampling_values_past_int32_are_refused_before_they_reach_a_step(kwargs,
 def test_stop_token_ids_take_numpy_ints():
     import numpy as np
     assert SamplingParams(stop_token_ids=[np.int64(3), 4]).stop_token_ids == (3, 4)
+
+
+def test_top_k_minus_one_is_off():
+    assert SamplingParams(top_k=-1).top_k == 0
+    with pytest.raises(ValueError, match="top_k=-2"):
+        SamplingParams(top_k=-2)
