@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so safetensors can return it)
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from xlaserve.runtime.config import ModelConfig
 from xlaserve.runtime.models import llama
@@ -30,6 +30,9 @@ from xlaserve.runtime.models import llama
 INDEX_FILE = "model.safetensors.index.json"
 # Checkpoint tensors that carry nothing we need (rope buffers some exporters keep).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# safetensors dtypes we cast to cfg.dtype. Anything else (I8, I32, U8, F8_E4M3, BOOL, ...) is
+# quantized or corrupt data that a cast would turn into garbage weights.
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +113,13 @@ def read_hf_config(model_dir: pathlib.Path | str) -> dict[str, Any]:
 
 def _sliding_layers(hf: Mapping[str, Any], num_layers: int) -> int:
     """How many layers use the sliding window; ValueError if only some do (not supported)."""
+    if hf.get("model_type") == "llama":
+        return 0  # transformers' Llama never slides, whatever sliding_window says
     layer_types = hf.get("layer_types")
     if layer_types is None and hf.get("model_type") in ("qwen2", "qwen3"):
-        # HF Qwen: layers i >= max_window_layers slide (when use_sliding_window is set).
-        first = int(hf.get("max_window_layers", 0))
+        # HF Qwen: layers i >= max_window_layers slide (when use_sliding_window is set); the
+        # config classes default max_window_layers to 28.
+        first = int(hf.get("max_window_layers", 28))
         layer_types = ["sliding_attention" if i >= first else "full_attention"
                        for i in range(num_layers)]
     if layer_types is None:
@@ -134,6 +140,8 @@ def load_config(model_dir: pathlib.Path | str, *, dtype: str = "bfloat16") -> Mo
     if hf.get("mlp_bias"):
         raise ValueError(f"config.json mlp_bias={hf['mlp_bias']!r}: MLP biases are not supported")
     cfg = ModelConfig.from_hf_config(hf, dtype=dtype)
+    if cfg.model_type == "mistral" and "sliding_window" not in hf:
+        cfg = cfg.replace(sliding_window=4096)  # MistralConfig's default (null turns it off)
     if cfg.sliding_window is not None and _sliding_layers(hf, cfg.num_layers) == 0:
         cfg = cfg.replace(sliding_window=None)  # the window is declared but no layer uses it
     gen_path = pathlib.Path(model_dir) / "generation_config.json"
@@ -143,6 +151,16 @@ def load_config(model_dir: pathlib.Path | str, *, dtype: str = "bfloat16") -> Mo
             eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
             cfg = cfg.replace(eos_token_ids=eos_ids)
     return cfg
+
+
+def _open(path: pathlib.Path) -> Any:
+    """safe_open(path) with a ValueError naming the file when it is not a safetensors file (a
+    git-lfs pointer from a clone without git-lfs, an interrupted download)."""
+    try:
+        return safe_open(path, framework="numpy")
+    except (SafetensorError, OSError) as e:  # SafetensorError is no ValueError
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); is it fully "
+                         f"downloaded (git-lfs pointer files are not weights)?") from e
 
 
 def tensor_files(model_dir: pathlib.Path | str) -> dict[str, pathlib.Path]:
@@ -164,7 +182,7 @@ def tensor_files(model_dir: pathlib.Path | str) -> dict[str, pathlib.Path]:
         raise ValueError(f"no *.safetensors files in model directory {str(model_dir)!r}")
     out = {}
     for path in files:
-        with safe_open(path, framework="numpy") as f:
+        with _open(path) as f:
             for name in f.keys():
                 out[name] = path
     return out
@@ -226,10 +244,16 @@ def load_hf_params(model_dir: pathlib.Path | str, cfg: ModelConfig,
       shardings: None (first device), one jax.sharding.Sharding for every param, or a pytree of
         shardings with the params' structure.
     Raises:
-      ValueError: a missing, unexpected or wrongly shaped tensor (names it and both shapes), or a
-        missing shard file.
+      ValueError: a missing, unexpected, wrongly shaped or non-float tensor (names it and both
+        shapes or its dtype), a missing or unreadable shard file, or a quantized checkpoint.
     """
     model_dir = pathlib.Path(model_dir)
+    has_config = (model_dir / "config.json").is_file()
+    quant = read_hf_config(model_dir).get("quantization_config") if has_config else None
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, Mapping) else quant
+        raise ValueError(f"config.json quantization_config (quant_method={method!r}): quantized "
+                         f"checkpoints are not supported; use the bf16/fp16/fp32 weights")
     abstract = llama.abstract_params(cfg)
     specs = name_map(cfg)
     where = tensor_files(model_dir)
@@ -263,12 +287,20 @@ def load_hf_params(model_dir: pathlib.Path | str, cfg: ModelConfig,
         # One tensor's file open at a time: the pages it maps leave host memory when it closes,
         # so the load peaks near one tensor, never the whole checkpoint (a re-open only parses
         # the small header).
-        with safe_open(where[spec.hf_name], framework="numpy") as handle:
-            hf_shape = tuple(handle.get_slice(spec.hf_name).get_shape())
+        with _open(where[spec.hf_name]) as handle:
+            if spec.hf_name not in handle.keys():
+                raise ValueError(f"tensor {spec.hf_name} is not in {where[spec.hf_name]} (where "
+                                 f"{INDEX_FILE} says it is)")
+            view = handle.get_slice(spec.hf_name)
+            hf_shape = tuple(view.get_shape())
             want = _expected_hf_shape(spec, tuple(leaf.shape))
             if hf_shape != want:
                 raise ValueError(f"tensor {spec.hf_name} has shape {hf_shape}, expected {want} "
                                  f"(param {'/'.join(keys)} of shape {tuple(leaf.shape)})")
+            if view.get_dtype() not in _FLOAT_DTYPES:
+                raise ValueError(f"tensor {spec.hf_name} has dtype {view.get_dtype()}; only "
+                                 f"{', '.join(_FLOAT_DTYPES)} weights are supported (quantized "
+                                 f"checkpoints are not)")
 
             def callback(index: tuple[slice, ...], handle: Any = handle, spec: TensorSpec = spec,
                          shape: tuple[int, ...] = tuple(leaf.shape)) -> np.ndarray:

@@ -87,3 +87,64 @@ def test_mixed_sliding_window_layers_are_rejected(tmp_path) -> None:
                                    max_window_layers=1)  # layer 0 full, layer 1 sliding
     with pytest.raises(ValueError, match="layer_types=.*not supported"):
         loader.load_model(str(path))
+
+
+@pytest.mark.parametrize("dtype, name", [("int8", "I8"), ("float8_e4m3fn", "F8_E4M3"),
+                                         ("bool", "BOOL")])
+def test_non_float_tensor_is_refused(llama_dir, dtype: str, name: str) -> None:
+    """Quantized or corrupt weights must not be cast to float and served (int8 -> garbage)."""
+    import torch
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    tensors = load_torch(llama_dir / "model.safetensors")
+    tensors[Q0] = tensors[Q0].to(getattr(torch, dtype))
+    save_torch(tensors, llama_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"tensor {Q0} has dtype {name}")):
+        loader.load_model(str(llama_dir))
+
+
+def test_quantized_checkpoint_names_quantization_config(llama_dir) -> None:
+    """An AWQ export (int32 packed qweight/qzeros, fp16 scales instead of every Linear weight):
+    the error names config.json's quantization_config, not a 'missing tensor' of a broken copy."""
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32}
+    (llama_dir / "config.json").write_text(json.dumps(cfg))
+
+    def quantize(t):
+        for name in [n for n in t if n.endswith("_proj.weight")]:
+            out, inp = t.pop(name).shape
+            base = name[:-len("weight")]
+            t[base + "qweight"] = np.zeros((inp, out // 8), np.int32)
+            t[base + "qzeros"] = np.zeros((inp // 32, out // 8), np.int32)
+            t[base + "scales"] = np.ones((inp // 32, out), np.float16)
+
+    rewrite(llama_dir, quantize)
+    with pytest.raises(ValueError, match="quantization_config.*'awq'.*not supported"):
+        loader.load_model(str(llama_dir))
+
+
+@pytest.mark.parametrize("damage", ["lfs_pointer", "truncated"])
+def test_unreadable_safetensors_file_is_named(llama_dir, damage: str) -> None:
+    """A git-lfs pointer (cloned without git-lfs) or an interrupted download: a ValueError naming
+    the file, not safetensors' bare 'header too large'."""
+    f = llama_dir / "model.safetensors"
+    if damage == "lfs_pointer":
+        f.write_text("version https://git-lfs.github.com/spec/v1\n"
+                     "oid sha256:" + "0" * 64 + "\nsize 4976698672\n")
+    else:
+        data = f.read_bytes()
+        f.write_bytes(data[:len(data) - 1000])
+    with pytest.raises(ValueError, match=re.escape(str(f))):
+        loader.load_model(str(llama_dir))
+
+
+def test_index_naming_a_tensor_its_shard_lacks(tmp_path) -> None:
+    path = hf_models.make_hf_model(tmp_path, "qwen2")  # several shards + index
+    index = json.loads((path / hf.INDEX_FILE).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    name = next(n for n, s in index["weight_map"].items() if s == shards[0])
+    index["weight_map"][name] = shards[1]  # a stale or hand-edited index
+    (path / hf.INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=re.escape(name) + ".*" + re.escape(shards[1])):
+        loader.load_model(str(path))
