@@ -3,12 +3,18 @@
 `add_engine_args(parser)` adds the flags; `engine_config_from_args(args)` builds the EngineConfig,
 turning a bad value into `xlaserve.cli.UsageError` (exit code 2) naming the field.
 `engine_config_from_options(model, **options)` is the keyword form used by the offline API.
+`check_engine_config(cfg)` checks, before any weights load, what can be checked cheaply (the model
+directory and its config.json, the device count and tensor-parallel split, the attention
+implementation on this platform, the compilation cache directory), so that a bad flag exits 2
+at once instead of failing after a long load (or, for `serve`, after the ports are open).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import pathlib
 from typing import Any
 
 from xlaserve.runtime.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
@@ -73,6 +79,53 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         return engine_config_from_options(args.model, **options)
     except ValueError as e:
         raise UsageError(str(e)) from e
+
+
+def check_engine_config(cfg: EngineConfig) -> pathlib.Path:
+    """Checks the flags that would otherwise fail only after loading; returns the model directory.
+
+    Reads config.json only (no weights). Raises UsageError naming the flag and the value.
+    """
+    import jax
+
+    from xlaserve.checkpoints.loader import load_model_config, resolve_model_dir
+    from xlaserve.cli import UsageError
+    from xlaserve.pallas_kernels import ops
+    from xlaserve.sharding import mesh
+
+    try:
+        model_dir = resolve_model_dir(cfg.model)
+        model_cfg = load_model_config(model_dir, dtype=cfg.dtype)
+    except (ValueError, OSError) as e:
+        msg = str(e)
+        raise UsageError(msg if msg.startswith("model=") else f"--model={cfg.model!r}: {msg}"
+                         ) from e
+    if cfg.parallel.world_size > 1:
+        try:
+            mesh.validate_devices(cfg.parallel, len(jax.devices()))
+            mesh.validate_model(cfg.parallel, model_cfg)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+    impl = cfg.attention_impl
+    if impl not in ops.IMPLEMENTATIONS:
+        raise UsageError(f"--attention-impl={impl!r}: must be one of "
+                         f"{', '.join(ops.IMPLEMENTATIONS)}")
+    reason = "available" if impl == "auto" else ops.available_implementations()[impl]
+    if not reason.startswith("available"):
+        raise UsageError(f"--attention-impl={impl!r}: not available here: {reason}")
+    if cfg.compilation_cache_dir is not None:
+        if not cfg.compilation_cache_dir.strip():
+            raise UsageError("--compilation-cache-dir='': must be a directory path")
+        path = pathlib.Path(cfg.compilation_cache_dir).expanduser()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--compilation-cache-dir={cfg.compilation_cache_dir!r}: cannot "
+                             f"create it ({e.strerror or e})") from e
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"--compilation-cache-dir={cfg.compilation_cache_dir!r}: "
+                             "not writable")
+    return model_dir
 
 
 def config_summary(cfg: EngineConfig) -> dict[str, Any]:

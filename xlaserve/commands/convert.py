@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from xlaserve.checkpoints import loader, orbax_io
 
     output = pathlib.Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {str(output)!r} exists and is not a directory")
     if output.exists() and any(output.iterdir()):
         raise UsageError(f"--output {str(output)!r} exists and is not empty")
     try:

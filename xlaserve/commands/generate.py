@@ -8,14 +8,20 @@ Batch input lines: {"id", "prompt" | "messages", optional sampling fields} or th
 format {"custom_id", "body": {"prompt" | "messages", sampling fields}}. Each result is appended
 to --output as one JSON line as soon as it finishes (id, text, token_ids, finish_reason, usage,
 timings); a re-run with the same --output skips the ids already there, so a killed job loses
-nothing it wrote. A malformed line gets its own result line with "error" and never stops the job.
+nothing it wrote. A malformed line (invalid JSON or UTF-8, an unknown field, a value of the wrong
+type or range) gets its own result line with "error", its id and "line", and never stops the job.
 Progress (tokens/s) and a summary (throughput, TTFT and latency percentiles) go to stderr.
+
+Exit codes: 0 when the job ran to the end, even if some lines got an "error" record (the summary
+counts them; so does `grep '"error"'`), 2 for bad flags or an unusable --input/--output (checked
+before the model loads), 1 for a failure at run time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -24,7 +30,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from xlaserve.cli import UsageError
-from xlaserve.engine_args import add_engine_args, engine_config_from_args
+from xlaserve.engine_args import add_engine_args, check_engine_config, engine_config_from_args
 
 # Per-line sampling fields (OpenAI names accepted too) -> SamplingParams field.
 SAMPLING_FIELDS = {
@@ -35,9 +41,21 @@ SAMPLING_FIELDS = {
     "seed": "seed", "stop": "stop", "stop_token_ids": "stop_token_ids",
     "ignore_eos": "ignore_eos", "n": "n", "top_logprobs": "logprobs",
 }
+_INT_FIELDS = ("max_tokens", "max_completion_tokens", "min_tokens", "top_k", "seed", "n",
+               "top_logprobs")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")
+# Other keys a line (or an OpenAI "body") may hold. "model" and "user" are accepted and ignored
+# (the job runs one model); any other key is an error, so that a typo such as "max_token" is not
+# silently dropped.
+_LINE_KEYS = ("prompt", "messages", "logprobs", "model", "user")
+_OPENAI_KEYS = ("custom_id", "method", "url", "body")
+_EXIT_CODES = ("exit codes: 0 the job ran to the end (lines that failed have an \"error\" record "
+               "in --output), 2 bad flags or an unusable --input/--output, 1 a failure at run time")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = _EXIT_CODES
     add_engine_args(parser)
     io = parser.add_argument_group("input and output")
     io.add_argument("--prompt", help="generate for this one prompt")
@@ -75,18 +93,38 @@ def _sampling_defaults(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _check_files(args: argparse.Namespace) -> None:
+    """--input readable, --output writable and not the input: before the model loads."""
+    inp, out = pathlib.Path(args.input), pathlib.Path(args.output)
+    if not inp.is_file():
+        raise UsageError(f"--input={args.input!r}: no such file")
+    if not os.access(inp, os.R_OK):
+        raise UsageError(f"--input={args.input!r}: not readable")
+    if out.is_dir():
+        raise UsageError(f"--output={args.output!r}: is a directory")
+    if not out.absolute().parent.is_dir():
+        raise UsageError(f"--output={args.output!r}: its directory does not exist")
+    if out.exists() and os.path.samefile(inp, out):
+        raise UsageError(f"--output={args.output!r}: is the --input file (results are appended "
+                         "to --output)")
+    if not os.access(out if out.exists() else out.absolute().parent, os.W_OK):
+        raise UsageError(f"--output={args.output!r}: not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.input is None):
         raise UsageError("give exactly one of --prompt or --input")
     if args.input is not None:
-        if not pathlib.Path(args.input).is_file():
-            raise UsageError(f"--input={args.input!r}: no such file")
         if not args.output:
             raise UsageError("--output: required with --input")
-        if not pathlib.Path(args.output).absolute().parent.is_dir():
-            raise UsageError(f"--output={args.output!r}: its directory does not exist")
+        _check_files(args)
     defaults = _sampling_defaults(args)
     cfg = engine_config_from_args(args)
+    model_dir = check_engine_config(cfg)
+    if args.prompt is not None and not (model_dir / "tokenizer.json").is_file():
+        raise UsageError(f"--model={cfg.model!r}: {str(model_dir)!r} has no tokenizer.json, so "
+                         "--prompt text cannot be tokenized; give token ids through --input "
+                         "(lines like {\"prompt\": [1, 2, 3]})")
     from xlaserve.runtime.engine import Engine
     from xlaserve.runtime.llm import LLM
 
@@ -109,12 +147,24 @@ def _single(llm: Any, args: argparse.Namespace, defaults: dict[str, Any]) -> int
     except ValueError as e:
         raise UsageError(str(e)) from e
     if args.json:
-        print(json.dumps({"text": out.text, "token_ids": out.token_ids,
-                          "finish_reason": out.finish_reason,
-                          "usage": _usage(out)}))
-    else:
+        rec: dict[str, Any] = {"text": out.text, "token_ids": out.token_ids,
+                               "finish_reason": out.finish_reason, "usage": _usage(out)}
+        if out.outputs[0].stop_reason is not None:
+            rec["stop_reason"] = out.outputs[0].stop_reason
+        if len(out.outputs) > 1:  # --n: every sample, as in the batch job's records
+            rec["choices"] = _choices(out)
+        print(json.dumps(rec))
+    elif len(out.outputs) == 1:
         print(out.text)
+    else:
+        for i, c in enumerate(out.outputs):
+            print(f"--- sample {i} ---\n{c.text}")
     return 0
+
+
+def _choices(gen: Any) -> list[dict[str, Any]]:
+    return [{"index": i, "text": c.text, "token_ids": c.token_ids,
+             "finish_reason": c.finish_reason} for i, c in enumerate(gen.outputs)]
 
 
 def _usage(gen: Any) -> dict[str, int]:
@@ -125,19 +175,30 @@ def _usage(gen: Any) -> dict[str, int]:
             "cached_tokens": gen.outputs[0].num_cached_tokens}
 
 
-def _done_ids(path: pathlib.Path) -> set[str]:
+def _done(path: pathlib.Path) -> tuple[set[str], set[tuple[str, int | None]]]:
+    """What an earlier run wrote: ids with a result, and (id, line) of its error records.
+
+    An error record stands for its own line only: the record of a duplicate id must not make a
+    resumed job skip the first line with that id, whose result may never have been written.
+    """
     done: set[str] = set()
+    failed: set[tuple[str, int | None]] = set()
     if not path.exists():
-        return done
+        return done, failed
     with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short when a previous run was killed
-            if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+            if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+                continue
+            if "error" in rec:
+                lineno = rec.get("line")
+                failed.add((rec["id"], lineno if isinstance(lineno, int) else None))
+            else:
                 done.add(rec["id"])
-    return done
+    return done, failed
 
 
 class _Line:
@@ -163,6 +224,11 @@ def parse_line(text: str, lineno: int, defaults: dict[str, Any],
         return rid, custom, None, None, f"line {lineno}: invalid JSON: {e}"
     if not isinstance(rec, dict):
         return rid, custom, None, None, f"line {lineno}: must be a JSON object"
+    try:  # JSON may spell lone UTF-16 surrogates ("\ud800"), which are no text
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return rid, custom, None, None, (f"line {lineno}: not valid Unicode: a lone surrogate "
+                                         f"{ascii(e.object[e.start:e.end])}")
     if "custom_id" in rec:
         rid, custom, body = rec["custom_id"], True, rec.get("body")
     else:
@@ -171,33 +237,73 @@ def parse_line(text: str, lineno: int, defaults: dict[str, Any],
         return f"line-{lineno}", custom, None, None, f"id={rid!r}: must be a non-empty string"
     if not isinstance(body, dict):
         return rid, custom, None, None, "body: must be a JSON object"
+    known = set(SAMPLING_FIELDS) | set(_LINE_KEYS) | (set() if custom else {"id"})
+    unknown = [(k, v) for k, v in body.items() if k not in known]
+    unknown += [(k, v) for k, v in rec.items() if custom and k not in _OPENAI_KEYS]
+    if unknown:
+        key, value = unknown[0]
+        return rid, custom, None, None, (f"{key}={_short(value)}: unknown field (known: "
+                                         f"{', '.join(sorted(known))})")
     kw = dict(defaults)
-    for key, field in SAMPLING_FIELDS.items():
-        if key in body and body[key] is not None:
-            kw[field] = body[key]
-    if body.get("logprobs") is True:
-        kw.setdefault("logprobs", 0)
-    elif isinstance(body.get("logprobs"), int) and not isinstance(body.get("logprobs"), bool):
-        kw["logprobs"] = body["logprobs"]
     try:
+        for key, field in SAMPLING_FIELDS.items():
+            if key in body and body[key] is not None:
+                _check_type(key, body[key])
+                kw[field] = body[key]
+        logprobs = body.get("logprobs")
+        if logprobs is True:
+            kw.setdefault("logprobs", 0)
+        elif isinstance(logprobs, int) and not isinstance(logprobs, bool):
+            kw["logprobs"] = logprobs
+        elif logprobs not in (None, False):
+            raise ValueError(f"logprobs={_short(logprobs)}: must be true, false or an integer")
         sp = SamplingParams(**kw)
-        if tokenizer is None and ("messages" in body or isinstance(body.get("prompt"), str)):
+        prompt = body.get("prompt")
+        if "messages" in body and prompt is not None:
+            raise ValueError("prompt, messages: give one of them, not both")
+        if tokenizer is None and ("messages" in body or isinstance(prompt, str)):
             raise ValueError("prompt: text needs a tokenizer; give token ids")
         if "messages" in body:
-            if tokenizer is None:
-                raise ValueError("messages: no tokenizer")
-            prompt = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True)
+            text_prompt = tokenizer.apply_chat_template(body["messages"],
+                                                        add_generation_prompt=True)
+            ids = tokenizer.encode(text_prompt)
+        elif isinstance(prompt, str):
             ids = tokenizer.encode(prompt)
-        elif isinstance(body.get("prompt"), str):
-            ids = tokenizer.encode(body["prompt"])
-        elif isinstance(body.get("prompt"), list) and all(
-                isinstance(t, int) for t in body["prompt"]):
-            ids = list(body["prompt"])
+        elif isinstance(prompt, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        elif prompt is not None:
+            raise ValueError(f"prompt={_short(prompt)}: must be a string or a list of token ids")
         else:
             raise ValueError("prompt: missing (give \"prompt\" or \"messages\")")
     except (ValueError, TypeError) as e:
         return rid, custom, None, None, str(e)
     return rid, custom, ids, sp, None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_type(key: str, value: Any) -> None:
+    """Raises ValueError naming `key` when a sampling field has the wrong JSON type."""
+    if key in _INT_FIELDS:
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif key in _FLOAT_FIELDS:
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif key == "stop":
+        ok = isinstance(value, str) or (isinstance(value, list) and
+                                        all(isinstance(x, str) for x in value))
+        want = "a string or a list of strings"
+    elif key == "stop_token_ids":
+        ok, want = isinstance(value, list), "a list of token ids"
+    elif key == "ignore_eos":
+        ok, want = isinstance(value, bool), "true or false"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{key}={_short(value)}: must be {want}")
 
 
 class _Progress:
@@ -223,7 +329,7 @@ def _batch(llm: Any, args: argparse.Namespace, defaults: dict[str, Any]) -> int:
     from xlaserve.runtime.llm import PreparedRequest
 
     out_path = pathlib.Path(args.output)
-    done = _done_ids(out_path)
+    done, failed = _done(out_path)
     if out_path.exists() and out_path.stat().st_size:
         with out_path.open("rb") as f:
             f.seek(-1, 2)
@@ -235,29 +341,40 @@ def _batch(llm: Any, args: argparse.Namespace, defaults: dict[str, Any]) -> int:
         out.write("\n")  # finish a line cut short by a killed run; it is ignored when resuming
 
     def write(rec: dict[str, Any]) -> None:
-        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        line = json.dumps(rec, ensure_ascii=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: \u-escaped, still one valid JSON line
+            line = json.dumps(rec)
+        out.write(line + "\n")
         out.flush()
 
     reqs: list[PreparedRequest] = []
     meta: dict[str, _Line] = {}
     seen: set[str] = set()
     errors = skipped = 0
-    with open(args.input, encoding="utf-8", errors="replace") as f:
-        for lineno, text in enumerate(f, 1):
+    with open(args.input, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            bad_utf8 = None
+            try:  # a BOM (Windows editors) on the first line is no error
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                text = raw.decode("utf-8", errors="replace")  # only to find the line's id
+                bad_utf8 = f"line {lineno}: not valid UTF-8 (byte {e.start})"
             if not text.strip():
                 continue
             rid, custom, ids, sp, err = parse_line(text, lineno, defaults, llm.tokenizer)
-            if rid in done:
+            if rid in done or (rid, lineno) in failed or (rid, None) in failed:
                 skipped += 1
                 continue
+            err = bad_utf8 or err
             if err is None and rid in seen:
                 err = f"id={rid!r}: duplicate id in the input"
+            seen.add(rid)
             if err is not None:
                 errors += 1
                 write({"id": rid, "error": err, "line": lineno})
-                done.add(rid)
                 continue
-            seen.add(rid)
             key = f"job-{len(reqs)}"
             meta[key] = _Line(lineno, rid, custom)
             reqs.append(PreparedRequest(key, ids, sp))  # type: ignore[arg-type]
@@ -303,8 +420,7 @@ def _result(gen: Any, m: _Line) -> dict[str, Any]:
     if first.stop_reason is not None:
         rec["stop_reason"] = first.stop_reason
     if len(gen.outputs) > 1:
-        rec["choices"] = [{"index": i, "text": c.text, "token_ids": c.token_ids,
-                           "finish_reason": c.finish_reason} for i, c in enumerate(gen.outputs)]
+        rec["choices"] = _choices(gen)
     if first.logprobs:
         rec["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob,
                             "top": [list(t) for t in lp.top]} for lp in first.logprobs]

@@ -94,8 +94,26 @@ def _device_peaks(args: argparse.Namespace) -> Any:
         raise UsageError(str(e)) from None
 
 
+def _check_destinations(args: argparse.Namespace) -> None:
+    """--json, --plot and --dump-hlo must be writable before the (long) profile runs."""
+    for flag, value in (("--json", args.json), ("--plot", args.plot)):
+        if value is None or (flag == "--json" and value == "-"):
+            continue
+        path = pathlib.Path(value)
+        if path.is_dir():
+            raise UsageError(f"{flag}={value!r}: is a directory")
+        if not path.absolute().parent.is_dir():
+            raise UsageError(f"{flag}={value!r}: its directory does not exist")
+    if args.dump_hlo is not None:
+        try:
+            pathlib.Path(args.dump_hlo).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--dump-hlo={args.dump_hlo!r}: cannot create it "
+                             f"({e.strerror or e})") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    from xlaserve.engine_args import engine_config_from_args
+    from xlaserve.engine_args import check_engine_config, engine_config_from_args
     from xlaserve.profiling import render, session
 
     if args.repeats < 1:
@@ -111,10 +129,9 @@ def run(args: argparse.Namespace) -> int:
     if force is not None and (force[1] is None or not args.check_recompiles):
         raise UsageError(f"--force-shape {args.force_shape!r}: expected TxS, with "
                          f"--check-recompiles")
-    try:
-        cfg = engine_config_from_args(args)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    _check_destinations(args)
+    cfg = engine_config_from_args(args)
+    check_engine_config(cfg)
     peaks = _device_peaks(args)
     report = session.profile(cfg, peaks, args, select_buckets, force)
     if args.json == "-":  # stdout carries the JSON alone; the tables go to stderr

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from xlaserve.cli import UsageError
-from xlaserve.engine_args import add_engine_args, engine_config_from_args
+from xlaserve.engine_args import add_engine_args, check_engine_config, engine_config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
             drain_timeout_s=args.drain_timeout)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    check_engine_config(config)  # a bad --model etc. exits 2 here, before the ports open
 
     def build_engine() -> Any:
         from xlaserve.runtime.engine import Engine

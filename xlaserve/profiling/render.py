@@ -166,6 +166,11 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     console.print(compile_table(report))
     console.print(cost_table(report))
     console.print(summary_table(report))
+    notes = report.get("not_available")
+    if notes:
+        console.print("Not available on this platform:")
+        for note in notes:
+            console.print(f"  - {escape(note)}")
     if report.get("recompiles") is not None:
         rc = report["recompiles"]
         if rc["compiles_after_warmup"] or rc["runner_compile_log"]:

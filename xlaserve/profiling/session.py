@@ -12,7 +12,9 @@ The result is one JSON-able dict (`profile` returns it; render.py draws it):
   buckets[] (BucketProfile.to_json), summary (ModelSummary.to_json), recompiles (None, or
   {num_requests, num_steps, seed, forced_shape, compiles_after_warmup[{fun_name, shapes,
   seconds}], runner_compile_log[{shapes, num_compiles}], runner_compiles_after_warmup}),
-  xla_flags{XLA_FLAGS, set_by_xlaserve, not_set, late, disabled} (runtime/xla_flags.py).
+  xla_flags{XLA_FLAGS, set_by_xlaserve, not_set, late, disabled} (runtime/xla_flags.py),
+  not_available[] (what this platform cannot show or run, one sentence each; empty on a GPU with
+  datasheet peaks).
 """
 
 from __future__ import annotations
@@ -202,11 +204,45 @@ def _device_memory() -> int | None:
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
+def not_available(cfg: EngineConfig, peaks: DevicePeaks, report: dict[str, Any]) -> list[str]:
+    """What this platform cannot show or run, so that nothing falls back silently (e.g. on CPU)."""
+    from xlaserve.pallas_kernels import ops
+
+    platform = report["device"]["platform"]
+    notes = []
+    if cfg.attention_impl == "auto" and ops.resolve_impl("auto", platform) == "reference":
+        reason = ops.available_implementations(platform)["pallas_triton"]
+        notes.append(f"attention: the Pallas kernel (pallas_triton) {reason}; --attention-impl "
+                     "auto ran the pure-jnp reference, so the attention costs are not the "
+                     "kernel's")
+    if peaks.source == "nominal":
+        notes.append(f"peaks: {peaks.name} holds nominal round numbers, not this machine's: "
+                     "roofline times and measured/roofline ratios are placeholders "
+                     "(--calibrate measures this machine)")
+    if report["summary"].get("device_memory_bytes") is None:
+        notes.append(f"device memory: {platform} reports no limit, so whether the largest step "
+                     "fits is unknown")
+    flags = report["xla_flags"]
+    if platform != "gpu" and flags and flags.get("set_by_xlaserve"):
+        notes.append(f"XLA defaults: {' '.join(flags['set_by_xlaserve'])}: GPU-only XLA flags, "
+                     f"no effect on {platform}")
+    return notes
+
+
 def profile(cfg: EngineConfig, peaks: DevicePeaks, args: argparse.Namespace,
             choose_buckets: Callable[[list[str] | None, list[Bucket]], list[Bucket]],
             force_shape: Bucket | None, *, show_progress: bool = True) -> dict[str, Any]:
-    """Runs the whole profile and returns the report dict (see the module docstring)."""
-    runner, loaded = build_runner(cfg, enable_penalties=not args.no_penalty_programs)
+    """Runs the whole profile and returns the report dict (see the module docstring).
+
+    Raises:
+      UsageError: the model does not load (no weights, a broken checkpoint).
+    """
+    from xlaserve.cli import UsageError
+
+    try:
+        runner, loaded = build_runner(cfg, enable_penalties=not args.no_penalty_programs)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     buckets = choose_buckets(args.buckets, runner.bucket_keys())
     bar, update = _progress(show_progress)
     if bar is not None:
@@ -275,6 +311,7 @@ def profile(cfg: EngineConfig, peaks: DevicePeaks, args: argparse.Namespace,
         "recompiles": None,
         "xla_flags": xla_flags.report(),
     }
+    report["not_available"] = not_available(cfg, peaks, report)
     if args.check_recompiles:
         report["recompiles"] = check_recompiles(runner, loaded, cfg, args.check_recompiles,
                                                 args.replay_seed, force_shape)
