@@ -106,9 +106,12 @@ def read_hf_config(model_dir: pathlib.Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"config.json not found in model directory {str(model_dir)!r}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: must hold a JSON object, not {type(hf).__name__}")
+    return hf
 
 
 def _sliding_layers(hf: Mapping[str, Any], num_layers: int) -> int:

@@ -129,7 +129,10 @@ class Tokenizer:
         if not tok_file.is_file():
             raise ValueError(f"path={str(path)!r}: no tokenizer.json there (only fast tokenizers "
                              "with a tokenizer.json are supported)")
-        backend = tokenizers.Tokenizer.from_file(str(tok_file))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tok_file))
+        except Exception as e:  # tokenizers raises its own Exception type for a corrupt file
+            raise ValueError(f"{tok_file}: not a readable tokenizer.json ({e})") from e
         cfg = _read_json(root / "tokenizer_config.json")
         special_map = _read_json(root / "special_tokens_map.json")
         for key in ("bos_token", "eos_token", "unk_token", "pad_token"):

@@ -40,19 +40,24 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
-            object.__setattr__(self, "stop", tuple(self.stop))
+            try:
+                object.__setattr__(self, "stop", tuple(self.stop))
+            except TypeError:
+                raise ValueError(f"stop={self.stop!r}: must be a string or a list of strings"
+                                 ) from None
         object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
         if self.top_k == -1 and not isinstance(self.top_k, bool):
             object.__setattr__(self, "top_k", 0)
         # The step's arrays are int32: a larger value would fail the whole batch mid-step.
         checks = [
-            ("max_tokens", isinstance(self.max_tokens, int) and
-             1 <= self.max_tokens <= _INT32_MAX, "must be in [1, 2**31)"),
-            ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens,
-             "must be >= 0"),
-            ("min_tokens", self.min_tokens <= self.max_tokens, "must be <= max_tokens"),
+            ("max_tokens", _is_int(self.max_tokens) and 1 <= self.max_tokens <= _INT32_MAX,
+             "must be an integer in [1, 2**31)"),
+            ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens,
+             "must be an integer >= 0"),
+            ("min_tokens", not (_is_int(self.min_tokens) and _is_int(self.max_tokens))
+             or self.min_tokens <= self.max_tokens, "must be <= max_tokens"),
             ("temperature", _finite(self.temperature) and self.temperature >= 0, "must be >= 0"),
-            ("top_k", isinstance(self.top_k, int) and 0 <= self.top_k <= _INT32_MAX,
+            ("top_k", _is_int(self.top_k) and 0 <= self.top_k <= _INT32_MAX,
              "must be in [0, 2**31) (0 or -1 = off)"),
             ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
@@ -62,10 +67,11 @@ class SamplingParams:
              -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", _finite(self.frequency_penalty) and
              -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
-            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and
+            ("seed", self.seed is None or _is_int(self.seed), "must be an integer"),
+            ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and
                                                    0 <= self.logprobs <= 20), "must be in [0, 20]"),
-            ("n", isinstance(self.n, int) and 1 <= self.n <= 64, "must be in [1, 64]"),
+            ("n", _is_int(self.n) and 1 <= self.n <= 64, "must be in [1, 64]"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "must be true or false"),
             ("stop", all(isinstance(s, str) and s for s in self.stop),
              "must be non-empty strings"),
         ]
@@ -79,6 +85,10 @@ class SamplingParams:
 
 
 _INT32_MAX = 2**31 - 1
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _token_ids(values: object) -> tuple[int, ...]:
@@ -95,7 +105,7 @@ def _token_ids(values: object) -> tuple[int, ...]:
 
 
 def _finite(x: object) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class RequestStatus(enum.Enum):

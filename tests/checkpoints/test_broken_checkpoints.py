@@ -148,3 +148,17 @@ def test_index_naming_a_tensor_its_shard_lacks(tmp_path) -> None:
     (path / hf.INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(ValueError, match=re.escape(name) + ".*" + re.escape(shards[1])):
         loader.load_model(str(path))
+
+
+def test_config_json_that_is_not_an_object_is_named(tmp_path):
+    from xlaserve.checkpoints.hf import read_hf_config
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: must hold a JSON object"):
+        read_hf_config(tmp_path)
+
+
+def test_corrupt_tokenizer_json_is_named(tmp_path):
+    from xlaserve.checkpoints.tokenizer import Tokenizer
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
+    with pytest.raises(ValueError, match="tokenizer.json: not a readable tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)

@@ -294,3 +294,14 @@ def test_top_k_minus_one_is_off():
     assert SamplingParams(top_k=-1).top_k == 0
     with pytest.raises(ValueError, match="top_k=-2"):
         SamplingParams(top_k=-2)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(max_tokens="5"), "max_tokens"), (dict(min_tokens="1"), "min_tokens"),
+    (dict(max_tokens=True), "max_tokens"), (dict(n=True), "n"),
+    (dict(temperature=True), "temperature"),
+    (dict(stop=5), "stop"), (dict(ignore_eos="false"), "ignore_eos"),
+])
+def test_wrong_types_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}="):
+        SamplingParams(**kwargs)
