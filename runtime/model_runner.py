@@ -491,13 +491,14 @@ class ModelRunner:
         if smp is None:
             smp = greedy_sampling_inputs(inputs.num_seqs_bucket)
             inputs = dataclasses.replace(inputs, sampling=smp)
-        w = max(smp.prompt_token_ids.shape[-1], smp.output_token_ids.shape[-1])
+        widths = (smp.prompt_token_ids.shape[-1], smp.output_token_ids.shape[-1])
+        w = max(widths)
         full = self.history_width
         if w > full:
             raise ValueError(
                 f"sampling.output_token_ids width {w}: penalty history needs enable_penalties=True"
                 f" and at most max_model_len={self.sched_cfg.max_model_len} tokens")
-        if w == full and smp.prompt_token_ids.shape[-1] == w:
+        if widths == (full, full):  # both at the compiled width (else pad the narrower one)
             return inputs
         has_history = bool((smp.prompt_token_ids >= 0).any() or (smp.output_token_ids >= 0).any())
         if not has_history:  # the common case: reuse one all -1 device array, copy nothing

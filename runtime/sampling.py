@@ -13,6 +13,9 @@ Order of operations for each row (HF / vLLM semantics):
      renormalized distribution whose mass reaches top-p, then the tokens with
      ``p >= min_p * p_max``; sample with the Gumbel-max trick.
 Filters are thresholds on the logit value, so tokens tied with the last kept token are kept too.
+Where vLLM v1 differs: it applies min-p before top-k / top-p (we follow HF and vLLM v0), cuts
+top-p ties by sort position, and treats temperature < 1e-5 as greedy (here any temperature > 0
+samples; a tiny one is argmax except among exactly tied logits).
 
 Randomness: row s uses ``fold_in(PRNGKey(seeds[s]), output_positions[s])``, so a request's sample
 depends on its logits, seed and output position only, never on its row or its batch-mates.
@@ -91,8 +94,9 @@ def _top_k_top_p_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array
     masked = jnp.where(in_top_k, sorted_desc, -jnp.inf)
     probs = jax.nn.softmax(masked, axis=-1)  # renormalized over the top-k
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive prefix sum
-    # Keep the shortest prefix whose mass reaches top_p; rank 0 is always kept.
-    keep = in_top_k & ((mass_before < top_p[:, None]) | (rank == 0))
+    # Keep the shortest prefix whose mass reaches top_p; rank 0 is always kept. top_p = 1 keeps
+    # everything: the float32 cumsum can reach 1.0 before the tail, which `< 1` would drop.
+    keep = in_top_k & ((mass_before < top_p[:, None]) | (rank == 0) | (top_p[:, None] >= 1.0))
     num_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)  # [S]
     return jnp.take_along_axis(sorted_desc, (num_keep - 1)[:, None], axis=-1)
 

@@ -217,6 +217,29 @@ def test_no_compiles_after_warmup_over_varied_inputs(runner):
     assert runner.compiles_after_warmup == before, runner.compile_log
 
 
+def test_histories_of_different_widths_are_padded_without_compiling(runner):
+    """A full-width prompt history with a narrower output history is padded to the warmed-up
+    width (it used to skip the padding and compile a new program for the narrow width)."""
+    w = runner.history_width
+    seq = [([5, 6, 7, 8], 0, [11])]
+    prompt = np.full((8, w), -1, np.int32)
+    prompt[0, :4] = [5, 6, 7, 8]
+    output = np.full((8, 2), -1, np.int32)
+    output[0, 0] = 9
+    smp = dataclasses.replace(mr.greedy_sampling_inputs(8),
+                              repetition_penalty=np.full(8, 1.5, np.float32),
+                              frequency_penalty=np.full(8, 0.5, np.float32),
+                              prompt_token_ids=prompt, output_token_ids=output)
+    before = runner.compiles_after_warmup
+    got = runner.execute(build_step(seq, runner, sampling=smp), num_logprobs=0)
+    assert runner.compiles_after_warmup == before, runner.compile_log
+    full = np.full((8, w), -1, np.int32)
+    full[:, :2] = output
+    want = runner.execute(build_step(seq, runner, sampling=dataclasses.replace(
+        smp, output_token_ids=full)), num_logprobs=0)
+    np.testing.assert_array_equal(got.sampled_token_ids, want.sampled_token_ids)
+
+
 def test_sampled_token_independent_of_batch_mates(runner):
     rng = np.random.default_rng(3)
     prompt = rng.integers(0, 256, 7).tolist()
