@@ -124,9 +124,10 @@ class ShardedAttention:
 
     When tp does not divide the KV head count (tp > K, tp a multiple of K), the KV cache and the
     K/V projections are replicated: every device writes all K heads into its copy, then attends
-    with the single KV head its q heads read (KV head ``device // (tp // K)``). Slicing that head
-    out costs one copy of 1/K of the layer's pool per step when the kernel is a custom call; a
-    cache laid out with duplicated KV heads would avoid it (not done).
+    with the single KV head its q heads read (KV head ``device // (tp // K)``), read in place:
+    the pools are viewed as one head of K*P pages and the page table is offset into that head's
+    pages (no copy). Each device still stores (and writes) all K heads, K times the KV memory a
+    cache laid out with one duplicated KV head per device would need (not done).
 
     Frozen and hashable, so it can be a static argument of jit; equal plans give equal wrappers.
     """
@@ -153,13 +154,21 @@ class ShardedAttention:
             # Local shapes: q [T, N/tp, H]; k_new, v_new [T, K', H]; pages [K', P, L, H] with
             # K' = K/tp (split) or K (replicated).
             k_pages, v_pages = ops.write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping)
-            k_att, v_att = k_pages, v_pages
+            k_att, v_att, table = k_pages, v_pages, page_table
             if not split_kv:
+                # Read the one KV head this device's q heads use in place: the [K, P, L, H]
+                # pools viewed as one head of K*P pages (a reshape of the leading dims, no data
+                # movement) and the page table pointed into that head's P pages. Slicing the
+                # head out instead copies 1/K of the layer's pool every step when the kernel is
+                # a custom call (Pallas on GPU: 0.39 vs 0.06 ms per layer with 512 MiB pools).
                 head = jax.lax.axis_index(MODEL_AXIS) // group
-                k_att = jax.lax.dynamic_slice_in_dim(k_pages, head, 1, axis=0)  # [1, P, L, H]
-                v_att = jax.lax.dynamic_slice_in_dim(v_pages, head, 1, axis=0)
+                k_heads, num_pages = k_pages.shape[:2]
+                flat = (1, k_heads * num_pages) + k_pages.shape[2:]
+                k_att = k_pages.reshape(flat)  # [1, K*P, L, H]
+                v_att = v_pages.reshape(flat)
+                table = page_table + head * num_pages  # [S, M]
             o = ops.ragged_paged_attention(
-                q, k_att, v_att, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=sm_scale,
+                q, k_att, v_att, kv_lens, table, cu_q_lens, num_seqs, sm_scale=sm_scale,
                 sliding_window=sliding_window, impl=impl)
             return o, k_pages, v_pages
 

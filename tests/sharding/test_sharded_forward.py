@@ -34,7 +34,7 @@ def _assert_logits_close(got: np.ndarray, want: np.ndarray, msg: str = "") -> No
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * scale, err_msg=msg)
 
 
-def _cfg(num_kv_heads: int, **kw: object) -> ModelConfig:
+def _cfg(num_kv_heads: int = 4, **kw: object) -> ModelConfig:
     base = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
                 num_layers=2, num_heads=8, num_kv_heads=num_kv_heads, head_dim=16,
                 max_position_embeddings=128, dtype="float32")
@@ -83,11 +83,28 @@ def _generate(step_fn, kv_cache) -> tuple[list[np.ndarray], list[list[int]], obj
     return all_logits, tokens, kv_cache
 
 
+def _scaled_params(cfg: ModelConfig, noisy: bool, key: jax.Array) -> llama.Params:
+    """init_params x 8 (larger logits: fewer near-ties). noisy: biases and norm scales are
+    random too (init gives zeros and ones, which would hide a bias or norm on the wrong head)."""
+    params = jax.tree.map(lambda x: x * 8.0, llama.init_params(cfg, key))
+    if not noisy:
+        return params
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    out = []
+    for (path, x), k in zip(leaves, keys):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in ("bias", "scale"):
+            x = x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
+        out.append(x)
+    return jax.tree.unflatten(treedef, out)
+
+
 @functools.lru_cache(maxsize=None)
-def _reference(cfg: ModelConfig) -> tuple[list[np.ndarray], list[list[int]], list[np.ndarray]]:
+def _reference(cfg: ModelConfig, noisy: bool = False,
+               ) -> tuple[list[np.ndarray], list[list[int]], list[np.ndarray]]:
     """One-device run (default device, no mesh), cached per config."""
-    params = llama.init_params(cfg, jax.random.key(0))
-    params = jax.tree.map(lambda x: x * 8.0, params)  # larger logits: fewer near-ties
+    params = jax.jit(functools.partial(_scaled_params, cfg, noisy))(jax.random.key(0))
     cache = llama.init_kv_cache(cfg, NUM_PAGES, PAGE_SIZE)
     fwd = jax.jit(functools.partial(llama.forward, cfg=cfg, attention_impl="reference"),
                   donate_argnums=(2,))
@@ -95,14 +112,13 @@ def _reference(cfg: ModelConfig) -> tuple[list[np.ndarray], list[list[int]], lis
     return logits, tokens, [np.asarray(a) for a in jax.tree.leaves(cache)]
 
 
-def _sharded(cfg: ModelConfig, dp: int, tp: int):
+def _sharded(cfg: ModelConfig, dp: int, tp: int, noisy: bool = False):
+    devices = jax.devices()[:dp * tp]  # all 8 unless tp x dp does not divide them (e.g. 6)
     plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp,
                                                    data_parallel_size=dp),
-                               attention_impl="reference")
-    params = jax.jit(functools.partial(llama.init_params, cfg),
+                               devices=devices, attention_impl="reference")
+    params = jax.jit(functools.partial(_scaled_params, cfg, noisy),
                      out_shardings=plan.param_shardings)(jax.random.key(0))
-    params = jax.jit(lambda p: jax.tree.map(lambda x: x * 8.0, p),
-                     out_shardings=plan.param_shardings)(params)
     cache = llama.init_kv_cache(cfg, NUM_PAGES, PAGE_SIZE, sharding=plan.kv_sharding)
     fwd = jax.jit(
         functools.partial(llama.forward, cfg=cfg, attention_fn=plan.attention_fn),
@@ -144,6 +160,41 @@ def test_sharded_forward_matches_one_device(num_kv_heads: int, dp: int, tp: int)
         _assert_logits_close(got, want, f"step {i}")
     assert tokens == ref_tokens
     for got, want in zip(leaves, ref_cache):
+        _assert_logits_close(np.asarray(got), want, "kv cache")
+
+
+# GQA layouts of real models (shrunk to head_dim 8) and one on 6 of the 8 devices:
+# (model overrides, dp, tp). Biases and norm scales are random, so one on the wrong head shows.
+AWKWARD = {
+    "qwen2.5-7b_28q_4kv_tp4": (dict(model_type="qwen2", num_heads=28, num_kv_heads=4,
+                                    attention_bias=True), 1, 4),  # 7 q heads, 1 KV head each
+    "qwen2.5-7b_28q_4kv_tp2": (dict(model_type="qwen2", num_heads=28, num_kv_heads=4,
+                                    attention_bias=True), 1, 2),  # 14 q heads, 2 KV heads each
+    "llama3-8b_32q_8kv_tp8": (dict(num_heads=32, num_kv_heads=8), 1, 8),
+    "qwen2.5-1.5b_12q_2kv_tp4": (dict(model_type="qwen2", num_heads=12, num_kv_heads=2,
+                                      attention_bias=True), 1, 4),  # KV replicated, 3 q heads
+    "qwen3_qknorm_24q_3kv_tp6": (dict(model_type="qwen3", num_heads=24, num_kv_heads=3,
+                                      qk_norm=True, vocab_size=264, intermediate_size=192),
+                                 1, 6),  # KV replicated
+    "mistral_window4_8q_2kv_dp2_tp4": (dict(model_type="mistral", num_heads=8, num_kv_heads=2,
+                                            sliding_window=4), 2, 4),  # KV replicated
+}
+
+
+@pytest.mark.parametrize("name", list(AWKWARD))
+def test_real_model_head_layouts_match_one_device(name: str) -> None:
+    """GQA layouts of real models, split (tp <= K) and replicated (tp > K), with Qwen2 biases,
+    Qwen3 q/k norms and a sliding window that the prompts overrun: same logits, same greedy
+    tokens and same KV cache as one device."""
+    overrides, dp, tp = AWKWARD[name]
+    cfg = _cfg(**{"head_dim": 8, **overrides})  # type: ignore[arg-type]
+    ref_logits, ref_tokens, ref_cache = _reference(cfg, True)
+    _, _, logits, tokens, cache = _sharded(cfg, dp, tp, True)
+    assert len({int(np.argmax(r)) for step in ref_logits for r in step}) > 2  # not degenerate
+    for i, (got, want) in enumerate(zip(logits, ref_logits)):
+        _assert_logits_close(got, want, f"step {i}")
+    assert tokens == ref_tokens
+    for got, want in zip(jax.tree.leaves(cache), ref_cache):
         _assert_logits_close(np.asarray(got), want, "kv cache")
 
 
