@@ -9,33 +9,9 @@ import sys
 import pytest
 
 from xlaserve.cli import main
-from xlaserve.runtime.engine import Engine
 
 FLAGS = ["--dtype", "float32", "--max-num-batched-tokens", "64", "--max-num-seqs", "16",
          "--max-model-len", "128", "--page-size", "8", "--num-pages", "96"]
-
-
-@pytest.fixture(scope="module")
-def tiny_engine_parts():
-    from xlaserve.engine_args import engine_config_from_options
-
-    e = Engine.from_config(engine_config_from_options(
-        "builtin:tiny", dtype="float32", max_num_batched_tokens=64, max_num_seqs=16,
-        max_model_len=128, page_size=8, num_pages=96))
-    return e.runner, e.tokenizer, e.model_config
-
-
-@pytest.fixture
-def fast_engine(monkeypatch, tiny_engine_parts):
-    """Engine.from_config reuses one warmed-up runner (a fresh scheduler per run)."""
-    runner, tok, mcfg = tiny_engine_parts
-    built = []
-
-    def from_config(cfg):
-        built.append(cfg)
-        return Engine(cfg, runner, tokenizer=tok, model_config=mcfg)
-    monkeypatch.setattr(Engine, "from_config", staticmethod(from_config))
-    return built
 
 
 def test_single_prompt_json(fast_engine, capsys):

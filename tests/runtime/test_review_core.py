@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from test_engine_mock import CharDetok, text_of  # tests/runtime/ (pytest puts it on sys.path)
 
 from xlaserve.runtime.config import CacheConfig, EngineConfig, SchedulerConfig
 from xlaserve.runtime.engine import Engine
@@ -79,23 +80,6 @@ def test_mock_runner_rejects_a_sequence_with_no_new_token():
         runner.execute(batch.build(SchedulerOutput((empty,)), **kw))
 
 
-class _CharDetok:
-    """Token t -> one letter, so stop strings can be computed by hand."""
-
-    def __init__(self, prompt):
-        pass
-
-    def add(self, ids):
-        return "".join(chr(97 + t % 26) for t in ids)
-
-    def flush(self):
-        return ""
-
-
-def _text(ids):
-    return "".join(chr(97 + t % 26) for t in ids)
-
-
 def _expected(prompt, sp, eos, seed, vocab):
     """Tokens and finish of one sequence run alone (mock model, no min_tokens)."""
     ctx, out = list(prompt), []
@@ -104,13 +88,13 @@ def _expected(prompt, sp, eos, seed, vocab):
                else mock_sampled_token(seed, j, vocab))
         ctx.append(tok)
         out.append(tok)
-        text = _text(out)
+        text = text_of(out)
         hits = [text.find(s) for s in sp.stop if s in text]
         if hits:
             return out, "stop", text[:min(hits)]
         if tok in sp.stop_token_ids or (not sp.ignore_eos and tok in eos):
             return out, "stop", text
-    return out, "length", _text(out)
+    return out, "length", text_of(out)
 
 
 def _run_random_engine(seed: int) -> None:
@@ -124,7 +108,7 @@ def _run_random_engine(seed: int) -> None:
     eos = (rng.randrange(vocab),)
     e = _engine(budget=budget, seqs=seqs, pages=pages, page=page, max_len=max_len,
                 prefix=rng.random() < 0.8, vocab=vocab, eos=eos,
-                async_scheduling=rng.random() < 0.5, detok=_CharDetok)
+                async_scheduling=rng.random() < 0.5, detok=CharDetok)
     sched = e.scheduler
     schedule = sched.schedule
 
@@ -160,7 +144,7 @@ def _run_random_engine(seed: int) -> None:
             if rng.random() < 0.3:
                 kw["stop_token_ids"] = (rng.randrange(vocab),)
             if rng.random() < 0.3:
-                kw["stop"] = (_text([rng.randrange(vocab), rng.randrange(vocab)]),)
+                kw["stop"] = (text_of([rng.randrange(vocab), rng.randrange(vocab)]),)
             if rng.random() < 0.2:
                 kw["repetition_penalty"] = 1.1  # placeholders filled on the host
             n = rng.choice([1, 1, 2, 3])

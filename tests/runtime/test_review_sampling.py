@@ -8,28 +8,25 @@ are kept too.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 from xlaserve.runtime import sampling as smp
-from xlaserve.runtime.batch import MAX_MIN_TOKENS_STOP_IDS, SamplingInputs
+from xlaserve.runtime.batch import SamplingInputs
+from xlaserve.runtime.model_runner import greedy_sampling_inputs
 
 filtered_logits = jax.jit(smp.filtered_logits, static_argnames="sort")
 
 
 def make_inputs(temperature, top_k, top_p, min_p) -> SamplingInputs:
     """SamplingInputs with per-row filter controls and everything else off."""
-    s = len(temperature)
-    return SamplingInputs(
+    return dataclasses.replace(
+        greedy_sampling_inputs(len(temperature)),
         temperature=np.asarray(temperature, np.float32), top_k=np.asarray(top_k, np.int32),
-        top_p=np.asarray(top_p, np.float32), min_p=np.asarray(min_p, np.float32),
-        repetition_penalty=np.ones(s, np.float32), presence_penalty=np.zeros(s, np.float32),
-        frequency_penalty=np.zeros(s, np.float32), seeds=np.zeros(s, np.uint32),
-        output_positions=np.zeros(s, np.int32), prompt_token_ids=np.full((s, 1), -1, np.int32),
-        output_token_ids=np.full((s, 1), -1, np.int32), min_tokens=np.zeros(s, np.int32),
-        min_tokens_stop_ids=np.full((s, MAX_MIN_TOKENS_STOP_IDS), -1, np.int32),
-        want_top_logprobs=np.zeros(1, np.int32))
+        top_p=np.asarray(top_p, np.float32), min_p=np.asarray(min_p, np.float32))
 
 
 def ref_keep(logits: np.ndarray, t: float, k: int, p: float, min_p: float) -> np.ndarray:
