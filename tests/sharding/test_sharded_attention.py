@@ -107,9 +107,9 @@ def test_replicated_kv_attends_without_copying_the_pool() -> None:
     """tp > K: each device reads its one KV head straight from the replicated [K, P, L, H] pool.
 
     Slicing the head out (dynamic_slice) materialised [1, P, L, H] of K and of V on every step
-    and layer whenever the kernel is a custom call: on one H100 with 2 x 512 MiB pools that was
-    512 MiB of temp memory and 0.39 ms per layer against 0.06 ms. Compiled only (the Pallas
-    interpreter keeps the kernel an opaque loop, like the GPU's custom call).
+    and layer whenever the kernel is a custom call, and as much temp memory (a one-off check by
+    hand on an H100, not a bench run, saw 512 MiB of temp memory for 2 x 512 MiB pools). Compiled
+    only (the Pallas interpreter keeps the kernel an opaque loop, like the GPU's custom call).
     """
     num_pages, k_heads = 4096, 2
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=4))
