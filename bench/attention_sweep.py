@@ -57,7 +57,7 @@ def candidates(q_class: str, group: int, full: bool) -> list[Cfg]:
     q directly; prefill and mixed from the transposed copy: session 3's A/B found the direct
     read 25-35% slower there, and ranking prefill tiles by it picked the wrong ones, session 6).
     The best are re-timed with the other q layout and with the per-page gather."""
-    gp = 1 << max(0, (group - 1).bit_length())
+    gp = rpa.padded_group(group)
     min_bq = max(1, 16 // gp)
     if q_class == "decode":
         grid = itertools.product([min_bq], [2, 4, 8], [4, 8], [2, 3] if full else [2])

@@ -133,8 +133,9 @@ def _compiler_params(num_warps: int, num_stages: int):
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def _next_power_of_2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
+def padded_group(group: int) -> int:
+    """The GQA group as the kernel runs it: the next power of two (zero q heads pad G 7 to 8)."""
+    return 1 << max(0, (group - 1).bit_length())
 
 
 def _ragged_paged_attention_kernel(
@@ -321,7 +322,7 @@ def ragged_paged_attention(
     k_heads, num_pages, page_size, _ = k_pages.shape
     s_max, m_pages = page_table.shape
     g = n // k_heads
-    gp = _next_power_of_2(g)
+    gp = padded_group(g)
     if config is None:
         from xlaserve.pallas_kernels.tuning import lookup_config
 

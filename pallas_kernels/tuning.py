@@ -19,7 +19,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from xlaserve.pallas_kernels.ragged_paged_attention import RaggedPagedAttentionConfig
+from xlaserve.pallas_kernels.ragged_paged_attention import (
+    RaggedPagedAttentionConfig,
+    padded_group,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +59,6 @@ def _table() -> dict[str, Any]:
 
 def table_key(head_dim: int, page_size: int, group: int, q_class: str) -> str:
     return f"H{head_dim}_L{page_size}_G{group}_{q_class}"
-
-
-def padded_group(group: int) -> int:
-    """The GQA group as the kernel runs it: the next power of two (G 7 -> 8)."""
-    return 1 << max(0, (group - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=None)

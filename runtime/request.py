@@ -46,7 +46,7 @@ class SamplingParams:
                 raise ValueError(f"stop={self.stop!r}: must be a string or a list of strings"
                                  ) from None
         object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
-        if self.top_k == -1 and not isinstance(self.top_k, bool):
+        if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         # The step's arrays are int32: a larger value would fail the whole batch mid-step.
         checks = [

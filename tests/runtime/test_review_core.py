@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from test_engine_mock import CharDetok, text_of  # tests/runtime/ (pytest puts it on sys.path)
+from test_engine_mock import CharDetok, reference, text_of  # tests/runtime/ is on sys.path
 
 from xlaserve.runtime.config import CacheConfig, EngineConfig, SchedulerConfig
 from xlaserve.runtime.engine import Engine
@@ -25,13 +25,6 @@ def _engine(*, budget=32, seqs=8, pages=64, page=8, max_len=64, prefix=True, voc
     runner.warmup()
     return Engine(cfg, runner, eos_token_ids=eos, async_scheduling=async_scheduling,
                   detokenizer_factory=detok)
-
-
-def _greedy(prompt, n, vocab=1000):
-    ctx = list(prompt)
-    for _ in range(n):
-        ctx.append(mock_next_token(ctx, vocab))
-    return ctx[len(prompt):]
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
@@ -56,8 +49,8 @@ def test_reused_leader_id_does_not_hold_the_sibling_forever(overlap):
                 finals[o.request_id] = o.finish_reason
     assert not e.has_work(), [r.request_id for r in e.scheduler.waiting]
     assert finals == {"x#0": "length", "x#1": "length", "y": "length"}
-    assert got["x#1"] == _greedy(range(1, 18), 3)
-    assert got["x#0"] == _greedy(range(40, 60), 3)
+    assert got["x#1"] == reference(range(1, 18), 3)
+    assert got["x#0"] == reference(range(40, 60), 3)
     assert e.stats().num_pages_used == 0
 
 
