@@ -51,6 +51,7 @@ def run(calls: int) -> dict[str, Any]:
     from jax.experimental.pallas.ops.gpu import paged_attention as jpa
 
     import attention as bench
+    import common
 
     case = bench.make_case("decode_b64_ctx1024", [1] * 64, [1024] * 64)
     fn, args = bench.ours(case)
@@ -62,7 +63,8 @@ def run(calls: int) -> dict[str, Any]:
         for _ in range(calls):
             jax.block_until_ready(f(*a))
         order.append(name)
-    return {"case": case.name, "counted_bytes": case.bytes, "order": order, "calls": calls + 1}
+    return {**common.device_info(), "case": case.name, "counted_bytes": case.bytes,
+            "order": order, "calls": calls + 1}
 
 
 def summarize(csv_path: pathlib.Path, meta: dict[str, Any]) -> dict[str, Any]:
