@@ -129,8 +129,7 @@ class Runner:
         # single-device key put onto the mesh stalled on one 2 x H200 host, BENCHMARKS.md).
         self.params = jax.jit(lambda: llama.init_params(cfg, jax.random.key(0)),
                               out_shardings=self.plan.param_shardings)()
-        self.cache = llama.init_kv_cache(cfg, num_pages, page_size,
-                                         sharding=self.plan.kv_sharding)
+        self.cache = self.plan.init_kv_cache(num_pages, page_size)
         # `copies` > 1 compiles each program that many times and calls the copies in turn. XLA
         # keeps CUDA graphs per executable and re-records the commands whose buffers moved; with
         # two steps in flight the temp buffer alternates between two addresses, so one executable

@@ -196,6 +196,8 @@ class ModelRunner:
         in/out shardings: params as `param_shardings` (default: replicated), the KV
         arrays as `kv_sharding` (one Sharding for every array, or a per-layer tree; default
         replicated), inputs and sampled outputs replicated.
+      kv_cache_heads: heads stored in each KV array (default model_cfg.num_kv_heads); a
+        sharding plan's ``kv_cache_heads`` (tp when tp exceeds the KV heads).
       attention_fn: replaces the model's attention step (e.g. the sharding plan's shard_map).
       enable_penalties: also compile the penalty-history variant of every bucket.
       token_buckets, seq_buckets: explicit bucket lists (default: powers of two from 16 / 8);
@@ -206,6 +208,7 @@ class ModelRunner:
                  sched_cfg: SchedulerConfig, *, attention_impl: str = "auto",
                  compilation_cache_dir: str | None = None, mesh: jax.sharding.Mesh | None = None,
                  param_shardings: Any = None, kv_sharding: Any = None,
+                 kv_cache_heads: int | None = None,
                  attention_fn: llama.AttentionFn | None = None, enable_penalties: bool = True,
                  token_buckets: Sequence[int] | None = None,
                  seq_buckets: Sequence[int] | None = None) -> None:
@@ -216,6 +219,7 @@ class ModelRunner:
         self.attention_impl = attention_impl
         self.attention_fn = attention_fn
         self.mesh = mesh
+        self.kv_cache_heads = model_cfg.num_kv_heads if kv_cache_heads is None else kv_cache_heads
         self.compilation_cache_dir = setup_compilation_cache(compilation_cache_dir)
         self.page_size = cache_cfg.page_size
         self.max_pages_per_seq = math.ceil(sched_cfg.max_model_len / self.page_size)
@@ -248,7 +252,7 @@ class ModelRunner:
             single_kv = self._replicated
         self.num_pages = self._choose_num_pages(single_kv)
         self.kv_cache = llama.init_kv_cache(model_cfg, self.num_pages, self.page_size,
-                                            sharding=single_kv)
+                                            sharding=single_kv, num_heads=self.kv_cache_heads)
         if kv_sharding is not None and single_kv is None:
             self.kv_cache = jax.device_put(self.kv_cache, kv_sharding)
 
@@ -288,7 +292,9 @@ class ModelRunner:
         """Pages from cache_cfg, else from free device memory after the weights."""
         if self.cache_cfg.num_pages is not None:
             return self.cache_cfg.num_pages
-        page_bytes = self.model_cfg.kv_bytes_per_token * self.page_size
+        cfg = self.model_cfg
+        page_bytes = (cfg.kv_bytes_per_token // cfg.num_kv_heads * self.kv_cache_heads
+                      * self.page_size)  # all stored heads
         leaf = jax.tree.leaves(self.params)[0]
         if self.mesh is not None:
             device = self.mesh.devices.flat[0]
@@ -297,8 +303,8 @@ class ModelRunner:
         else:
             device = jax.devices()[0]
         if kv_sharding is not None:  # each device holds only its shard of the pools
-            probe = (self.model_cfg.num_kv_heads, 64 * len(kv_sharding.device_set),
-                     self.page_size, self.model_cfg.head_dim)  # [K, P, L, H], P divisible
+            probe = (self.kv_cache_heads, 64 * len(kv_sharding.device_set),
+                     self.page_size, cfg.head_dim)  # [C, P, L, H], P divisible
             page_bytes = page_bytes * math.prod(kv_sharding.shard_shape(probe)) // math.prod(probe)
         stats = device.memory_stats()
         if stats and "bytes_limit" in stats:

@@ -8,7 +8,7 @@ shard_map'd attention from them.
 from __future__ import annotations
 
 from xlaserve.sharding.mesh import MESH_AXES, make_mesh, validate_parallel
-from xlaserve.sharding.rules import TP_RULES, logical_to_spec, rules_for
+from xlaserve.sharding.rules import TP_RULES, kv_cache_heads, logical_to_spec, rules_for
 from xlaserve.sharding.specs import (
     ShardedAttention,
     ShardingPlan,
@@ -20,7 +20,8 @@ from xlaserve.sharding.specs import (
 )
 
 __all__ = [
-    "MESH_AXES", "TP_RULES", "ShardedAttention", "ShardingPlan", "kv_cache_sharding",
+    "MESH_AXES", "TP_RULES", "ShardedAttention", "ShardingPlan", "kv_cache_heads",
+    "kv_cache_sharding",
     "logical_to_spec", "make_mesh", "make_shardings_fn", "param_shardings", "rules_for",
     "shard_attention", "step_input_sharding", "validate_parallel",
 ]

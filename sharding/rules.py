@@ -7,7 +7,9 @@ the ``model`` mesh axis and keeps the model dimension (embed) whole, so each lay
 all-reduce after o_proj and one after down_proj. Nothing is split over ``data``.
 
 KV heads are the one rule that depends on the model: when tensor_parallel_size exceeds the KV
-head count (or does not divide it) they are replicated (see `rules_for`).
+head count (or does not divide it) the K/V projections are replicated (see `rules_for`). The KV
+cache is always split over ``model`` along its own axis, ``cache_heads``: K heads when tp divides
+K, else tp heads, each device storing the one KV head its q heads read (`kv_cache_heads`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ TP_RULES: Rules = (
     ("embed", None),  # D: the residual stream stays whole on every device
     ("q_heads", MODEL_AXIS),  # N
     ("kv_heads", MODEL_AXIS),  # K: switched to None by rules_for when tp > K
+    ("cache_heads", MODEL_AXIS),  # the KV cache's stored heads (kv_cache_heads: K or tp)
     ("head_dim", None),  # H
     ("mlp", MODEL_AXIS),  # F
     ("norm", None),  # RMSNorm scales
@@ -37,13 +40,24 @@ TP_RULES: Rules = (
     ("page_slot", None),  # L: slots within a page
 )
 
-# Logical axes of one layer's k_pages / v_pages [K, P, L, H].
-KV_CACHE_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
+# Logical axes of one layer's k_pages / v_pages [C, P, L, H], C = kv_cache_heads(...).
+KV_CACHE_AXES = ("cache_heads", "pages", "page_slot", "head_dim")
 
 
 def kv_heads_sharded(model_cfg: ModelConfig, tp: int) -> bool:
     """True when the KV heads are split over ``model``: tp divides the KV head count."""
     return model_cfg.num_kv_heads % tp == 0
+
+
+def kv_cache_heads(model_cfg: ModelConfig, tp: int) -> int:
+    """C, the head count of the KV cache arrays [C, P, L, H] at this tp.
+
+    K when tp divides K (each device stores K/tp heads). Otherwise tp (tp a multiple of K, as
+    `mesh.validate_model` requires): stored head d is KV head d // (tp // K), so each device
+    stores exactly the one KV head its q heads read, once, as vLLM does; a device never holds
+    the other K - 1 heads.
+    """
+    return model_cfg.num_kv_heads if kv_heads_sharded(model_cfg, tp) else tp
 
 
 def rules_for(model_cfg: ModelConfig, tp: int, base: Rules = TP_RULES) -> Rules:

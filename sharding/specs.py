@@ -35,6 +35,7 @@ from xlaserve.sharding.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, validate_mo
 from xlaserve.sharding.rules import (
     KV_CACHE_AXES,
     Rules,
+    kv_cache_heads,
     kv_heads_sharded,
     logical_to_spec,
     rules_for,
@@ -86,8 +87,11 @@ def make_shardings_fn(mesh: Mesh) -> Callable[[ModelConfig], llama.Params]:
 
 
 def kv_cache_sharding(model_cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
-    """Sharding of one layer's k_pages or v_pages [K, P, L, H]: KV heads over ``model``
-    (replicated when tp does not divide the KV head count)."""
+    """Sharding of one layer's k_pages or v_pages [C, P, L, H]: stored heads over ``model``.
+
+    C is `rules.kv_cache_heads`: K when tp divides K, else tp (one copy of the KV head each
+    device reads, on that device).
+    """
     return NamedSharding(mesh, logical_to_spec(KV_CACHE_AXES, mesh_rules(model_cfg, mesh)))
 
 
@@ -122,12 +126,10 @@ class ShardedAttention:
     Each device writes and attends over its own KV heads and its own q heads, so the kernel
     never sees another device's heads and no collective runs inside attention.
 
-    When tp does not divide the KV head count (tp > K, tp a multiple of K), the KV cache and the
-    K/V projections are replicated: every device writes all K heads into its copy, then attends
-    with the single KV head its q heads read (KV head ``device // (tp // K)``), read in place:
-    the pools are viewed as one head of K*P pages and the page table is offset into that head's
-    pages (no copy). Each device still stores (and writes) all K heads, K times the KV memory a
-    cache laid out with one duplicated KV head per device would need (not done).
+    When tp does not divide the KV head count (tp > K, tp a multiple of K), the K/V projections
+    are replicated and the cache stores tp heads [tp, P, L, H], split over ``model``: device d
+    keeps only KV head d // (tp // K), the one its q heads read. It picks that head out of the
+    new K/V rows, writes it to its pages and attends over them, like the split case.
 
     Frozen and hashable, so it can be a static argument of jit; equal plans give equal wrappers.
     """
@@ -143,6 +145,12 @@ class ShardedAttention:
         tp = self.mesh.shape[MODEL_AXIS]
         split_kv = kv_heads_sharded(self.model_cfg, tp)
         group = 1 if split_kv else tp // self.model_cfg.num_kv_heads  # devices per KV head
+        want = kv_cache_heads(self.model_cfg, tp)
+        if k_pages.shape[0] != want or v_pages.shape[0] != want:
+            raise ValueError(
+                f"KV cache head count {k_pages.shape[0]}/{v_pages.shape[0]}: this plan (tp={tp}, "
+                f"num_kv_heads={self.model_cfg.num_kv_heads}) stores {want} heads; make the "
+                f"cache with ShardingPlan.init_kv_cache")
         q_spec = logical_to_spec(("tokens", "q_heads", "head_dim"), rules)
         kv_new_spec = logical_to_spec(("tokens", "kv_heads", "head_dim"), rules)
         pages_spec = logical_to_spec(KV_CACHE_AXES, rules)
@@ -151,25 +159,16 @@ class ShardedAttention:
 
         def body(q, k_new, v_new, k_pages, v_pages, slot_mapping, kv_lens, page_table,
                  cu_q_lens, num_seqs):
-            # Local shapes: q [T, N/tp, H]; k_new, v_new [T, K', H]; pages [K', P, L, H] with
-            # K' = K/tp (split) or K (replicated).
-            k_pages, v_pages = ops.write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping)
-            k_att, v_att, table = k_pages, v_pages, page_table
+            # Local shapes: q [T, N/tp, H]; pages [C/tp, P, L, H]; k_new, v_new [T, K/tp, H]
+            # (split) or [T, K, H] (replicated projections; C/tp = 1).
             if not split_kv:
-                # Read the one KV head this device's q heads use in place: the [K, P, L, H]
-                # pools viewed as one head of K*P pages (a reshape of the leading dims, no data
-                # movement) and the page table pointed into that head's P pages. Slicing the
-                # head out instead copies 1/K of the layer's pool (and needs that much temp
-                # memory) every step when the kernel is a custom call (Pallas on GPU).
                 head = jax.lax.axis_index(MODEL_AXIS) // group
-                k_heads, num_pages = k_pages.shape[:2]
-                flat = (1, k_heads * num_pages) + k_pages.shape[2:]
-                k_att = k_pages.reshape(flat)  # [1, K*P, L, H]
-                v_att = v_pages.reshape(flat)
-                table = page_table + head * num_pages  # [S, M]
+                k_new = jax.lax.dynamic_slice_in_dim(k_new, head, 1, axis=1)  # [T, 1, H]
+                v_new = jax.lax.dynamic_slice_in_dim(v_new, head, 1, axis=1)
+            k_pages, v_pages = ops.write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping)
             o = ops.ragged_paged_attention(
-                q, k_att, v_att, kv_lens, table, cu_q_lens, num_seqs, sm_scale=sm_scale,
-                sliding_window=sliding_window, impl=impl)
+                q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
+                sm_scale=sm_scale, sliding_window=sliding_window, impl=impl)
             return o, k_pages, v_pages
 
         fn = _shard_map(
@@ -201,7 +200,8 @@ class ShardingPlan:
       model_cfg: the model it was validated against.
       rules: the logical -> mesh axis table in force (kv_heads may be replicated).
       param_shardings: NamedSharding per parameter (same tree as the params).
-      kv_sharding: sharding of each per-layer k_pages / v_pages [K, P, L, H].
+      kv_sharding: sharding of each per-layer k_pages / v_pages [C, P, L, H].
+      kv_cache_heads: C, the cache's stored heads: K, or tp when tp > K (one per device).
       input_sharding: sharding of StepInputs arrays and of sampled outputs (replicated).
       attention_fn: pass as ``llama.forward(..., attention_fn=plan.attention_fn)``.
     """
@@ -211,6 +211,7 @@ class ShardingPlan:
     rules: Rules
     param_shardings: llama.Params
     kv_sharding: NamedSharding
+    kv_cache_heads: int
     input_sharding: NamedSharding
     attention_fn: ShardedAttention
 
@@ -237,6 +238,7 @@ class ShardingPlan:
         return cls(mesh=mesh, model_cfg=model_cfg, rules=mesh_rules(model_cfg, mesh),
                    param_shardings=param_shardings(model_cfg, mesh),
                    kv_sharding=kv_cache_sharding(model_cfg, mesh),
+                   kv_cache_heads=kv_cache_heads(model_cfg, mesh.shape[MODEL_AXIS]),
                    input_sharding=step_input_sharding(mesh),
                    attention_fn=shard_attention(mesh, model_cfg, impl=attention_impl))
 
@@ -244,6 +246,18 @@ class ShardingPlan:
     def shardings_fn(self) -> Callable[[ModelConfig], llama.Params]:
         """For checkpoints.loader.load_model(shardings_fn=...)."""
         return make_shardings_fn(self.mesh)
+
+    def init_kv_cache(self, num_pages: int, page_size: int, *,
+                      dtype: Any = None) -> llama.KVCache:
+        """Zeroed page pools laid out for this plan ([C, P, L, H] per layer, on the mesh)."""
+        return llama.init_kv_cache(self.model_cfg, num_pages, page_size, dtype=dtype,
+                                   sharding=self.kv_sharding, num_heads=self.kv_cache_heads)
+
+    def logical_kv_cache(self, cache: llama.KVCache) -> llama.KVCache:
+        """The cache as one device would hold it ([K, P, L, H] per layer): when tp > K, the
+        first of each KV head's tp // K stored copies (for checks and debugging)."""
+        group = self.kv_cache_heads // self.model_cfg.num_kv_heads
+        return jax.tree.map(lambda a: a[::group], cache)
 
     def kv_cache_shardings(self) -> tuple[tuple[NamedSharding, NamedSharding], ...]:
         """Sharding tree matching the whole KV cache (per layer (k_pages, v_pages))."""

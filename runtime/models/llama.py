@@ -214,7 +214,8 @@ def forward(params: Params, inputs: StepInputs, kv_cache: KVCache, cfg: ModelCon
 
 
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, *, dtype: Any = None,
-                  sharding: jax.sharding.Sharding | None = None) -> KVCache:
+                  sharding: jax.sharding.Sharding | None = None,
+                  num_heads: int | None = None) -> KVCache:
     """Zeroed page pools, one (k_pages, v_pages) pair of [K, P, L, H] per layer.
 
     Args:
@@ -222,12 +223,17 @@ def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, *, dtype: An
       page_size: L, tokens per page.
       dtype: cache dtype (default cfg.dtype).
       sharding: applied to every array; the arrays are created directly with it.
+      num_heads: stored heads (default cfg.num_kv_heads, K). A sharding plan whose tp exceeds K
+        stores tp heads, one per device (`sharding.rules.kv_cache_heads`).
     """
     if num_pages < 1:
         raise ValueError(f"num_pages={num_pages}: must be >= 1")
     if page_size < 1:
         raise ValueError(f"page_size={page_size}: must be >= 1")
-    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    heads = cfg.num_kv_heads if num_heads is None else num_heads
+    if heads < 1:
+        raise ValueError(f"num_heads={num_heads}: must be >= 1")
+    shape = (heads, num_pages, page_size, cfg.head_dim)
     dt = jnp.dtype(dtype) if dtype is not None else _dtype(cfg)
     make = functools.partial(jnp.zeros, shape, dt)
     if sharding is not None:

@@ -344,6 +344,40 @@ def test_sharded_runner_matches_unsharded(params, cache_dir):
                        compilation_cache_dir=cache_dir)
 
 
+def test_runner_at_tp_above_kv_heads_stores_one_head_per_device(params, cache_dir,
+                                                                 monkeypatch):
+    """tp 4 > K 2 through a ShardingPlan: each device stores only the KV head it reads, so the
+    page budget per device fits twice the pages of one device's [K, P, L, H]; same tokens."""
+    from xlaserve.runtime.config import ParallelConfig
+    from xlaserve.sharding.specs import ShardingPlan
+
+    plan = ShardingPlan.create(CFG, ParallelConfig(tensor_parallel_size=4),
+                               attention_impl="reference")
+    assert plan.kv_cache_heads == 4
+    # 2 layers x (K, V) x 16 x 4 B = 256 B per token per stored head; pages of 8 tokens.
+    monkeypatch.setattr(mr, "CPU_DEFAULT_KV_BYTES", 10 * 8 * 512)  # 10 one-device pages
+    auto = CacheConfig(page_size=8)
+    one = mr.ModelRunner(CFG, params, auto, SCHED, attention_impl="reference",
+                         compilation_cache_dir=cache_dir, enable_penalties=False)
+    r = mr.ModelRunner(CFG, params, auto, SCHED, attention_impl="reference",
+                       compilation_cache_dir=cache_dir, mesh=plan.mesh,
+                       param_shardings=plan.param_shardings, kv_sharding=plan.kv_sharding,
+                       kv_cache_heads=plan.kv_cache_heads, attention_fn=plan.attention_fn,
+                       enable_penalties=False)
+    assert (one.num_pages, r.num_pages) == (10, 20)
+    k_pages = r.kv_cache[0][0]
+    assert k_pages.shape == (4, 20, 8, 16)
+    assert k_pages.addressable_shards[0].data.shape == (1, 20, 8, 16)
+    r.warmup(buckets=[(16, 8)])
+    rng = np.random.default_rng(5)
+    inputs = build_step([(rng.integers(0, 256, 4).tolist(), 0, [1]),
+                         (rng.integers(0, 256, 9).tolist(), 0, [2, 3])], r)
+    out = r.execute(inputs)
+    want = np.argmax(direct_logits(params, inputs)[:2], axis=-1)
+    np.testing.assert_array_equal(out.sampled_token_ids[:2], want)
+    assert r.compiles_after_warmup == 0
+
+
 def test_num_pages_from_memory():
     # 80 GiB x 0.9 - 16 GiB of weights, 1 MiB pages.
     assert mr.num_pages_from_memory(80 << 30, 16 << 30, 0.9, 1 << 20) == int(

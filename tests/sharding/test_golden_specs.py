@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
 from xlaserve.sharding.mesh import make_mesh
-from xlaserve.sharding.rules import spec_to_str
+from xlaserve.sharding.rules import kv_cache_heads, spec_to_str
 from xlaserve.sharding.specs import kv_cache_sharding, param_shardings
 
 GOLDEN = pathlib.Path(__file__).with_name("golden_partition_specs.json")
@@ -54,7 +54,9 @@ def _table() -> dict[str, dict[str, str]]:
             spec: PartitionSpec = sharding.spec
             shape = "x".join(str(d) for d in shapes[path].shape)
             rows[_path_str(path)] = f"{shape} {spec_to_str(spec)}"
-        rows["<kv_cache k_pages/v_pages>"] = spec_to_str(kv_cache_sharding(cfg, mesh).spec)
+        heads = kv_cache_heads(cfg, tp)  # [C, P, L, H]: C = K, or tp when tp > K
+        rows["<kv_cache k_pages/v_pages>"] = (
+            f"{heads}xPxLx{cfg.head_dim} {spec_to_str(kv_cache_sharding(cfg, mesh).spec)}")
         out[name] = dict(sorted(rows.items()))
     return out
 
@@ -84,9 +86,10 @@ def test_golden_table_is_not_trivial() -> None:
     rows = golden["llama_kv4_tp4"]
     assert rows["layers_1/attn/q_proj/kernel"] == "64x8x16 (None, 'model', None)"
     assert rows["layers_0/mlp/down_proj/kernel"] == "128x64 ('model', None)"
-    assert rows["<kv_cache k_pages/v_pages>"] == "('model', None, None, None)"
-    assert golden["llama_kv2_tp8_kv_replicated"]["layers_0/attn/k_proj/kernel"] == (
-        "64x2x16 (None, None, None)")
+    assert rows["<kv_cache k_pages/v_pages>"] == "4xPxLx16 ('model', None, None, None)"
+    replicated = golden["llama_kv2_tp8_kv_replicated"]
+    assert replicated["layers_0/attn/k_proj/kernel"] == "64x2x16 (None, None, None)"
+    assert replicated["<kv_cache k_pages/v_pages>"] == "8xPxLx16 ('model', None, None, None)"
     n_params = len(jax.tree.leaves(llama.abstract_params(ModelConfig(
         model_type="llama", num_kv_heads=4, **_BASE))))  # type: ignore[arg-type]
     assert len(rows) == n_params + 1

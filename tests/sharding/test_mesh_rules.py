@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.sharding.mesh import make_mesh, validate_parallel
-from xlaserve.sharding.rules import TP_RULES, logical_to_spec, rules_for
+from xlaserve.sharding.rules import TP_RULES, kv_cache_heads, logical_to_spec, rules_for
 from xlaserve.sharding.specs import ShardingPlan, kv_cache_sharding, param_shardings
 
 
@@ -93,9 +93,13 @@ def test_rules_kv_heads_switch() -> None:
 
 
 def test_kv_cache_sharding_above_and_below_tp() -> None:
+    """The cache's stored heads are always split over `model`: K of them when tp divides K,
+    else tp (one copy of its KV head per device)."""
     mesh4 = make_mesh(ParallelConfig(tensor_parallel_size=4))
-    assert kv_cache_sharding(_cfg(num_kv_heads=4), mesh4).spec == P("model", None, None, None)
-    assert kv_cache_sharding(_cfg(num_kv_heads=2), mesh4).spec == P(None, None, None, None)
+    for k in (8, 4, 2, 1):
+        assert kv_cache_sharding(_cfg(num_kv_heads=k), mesh4).spec == P("model", None, None, None)
+    assert [kv_cache_heads(_cfg(num_kv_heads=k), 4) for k in (8, 4, 2, 1)] == [8, 4, 4, 4]
+    assert kv_cache_heads(_cfg(num_kv_heads=2), 1) == 2
 
 
 def test_param_shardings_cover_every_param_and_divide() -> None:

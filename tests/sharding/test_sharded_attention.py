@@ -1,7 +1,8 @@
 """ShardedAttention (write pages + attend under shard_map) == the one-device attention step.
 
 Random pools with a random, permuted page layout and ragged sequences (decode rows and prefill
-chunks together); KV heads split over `model` (K divisible by tp) and replicated (tp > K).
+chunks together); KV heads split over `model` (K divisible by tp) and, when tp > K, stored once
+per device: the cache holds tp heads, device d the copy of KV head d // (tp // K).
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def _expected(k_heads: int, sliding_window: int | None = None):
     return [np.asarray(a) for a in fn(q, k_new, v_new, k_pages, v_pages, inputs)]
 
 
+def _on_mesh(mesh, k_heads: int, tp: int, *pools: np.ndarray) -> list[jax.Array]:
+    """Logical [K, P, L, H] pools laid out as the plan stores them: K heads split over
+    `model`, or (tp > K) tp heads, each KV head repeated for the tp // K devices reading it."""
+    group = 1 if k_heads % tp == 0 else tp // k_heads
+    sharding = NamedSharding(mesh, PartitionSpec("model"))
+    return [jax.device_put(np.repeat(p, group, axis=0), sharding) for p in pools]
+
+
 @pytest.mark.parametrize("k_heads,dp,tp", [(4, 1, 2), (4, 1, 4), (4, 2, 4), (4, 1, 8),
                                            (2, 1, 4), (2, 1, 8), (8, 1, 8), (1, 1, 2)])
 def test_sharded_attention_matches(k_heads: int, dp: int, tp: int) -> None:
@@ -68,16 +77,18 @@ def test_sharded_attention_matches(k_heads: int, dp: int, tp: int) -> None:
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=tp, data_parallel_size=dp))
     attn = shard_attention(mesh, cfg, impl="reference")
     q, k_new, v_new, k_pages, v_pages, inputs = _data(k_heads)
-    rules_kv = PartitionSpec("model") if k_heads % tp == 0 else PartitionSpec()
-    k_pages = jax.device_put(k_pages, NamedSharding(mesh, rules_kv))
-    v_pages = jax.device_put(v_pages, NamedSharding(mesh, rules_kv))
+    k_pages, v_pages = _on_mesh(mesh, k_heads, tp, k_pages, v_pages)
+    # Each device holds max(K / tp, 1) heads: never a KV head it does not read.
+    assert k_pages.addressable_shards[0].data.shape[0] == max(k_heads // tp, 1)
     fn = jax.jit(functools.partial(attn, sm_scale=H ** -0.5, sliding_window=None))
     o, k_out, v_out = fn(q, k_new, v_new, k_pages, v_pages, inputs)
     want_o, want_k, want_v = _expected(k_heads)
+    group = k_pages.shape[0] // k_heads
     assert o.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(None, "model")), 3)
     np.testing.assert_allclose(np.asarray(o), want_o, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(k_out), want_k)
-    np.testing.assert_array_equal(np.asarray(v_out), want_v)
+    # Every stored copy of a KV head got the new rows (not only the first).
+    np.testing.assert_array_equal(np.asarray(k_out), np.repeat(want_k, group, axis=0))
+    np.testing.assert_array_equal(np.asarray(v_out), np.repeat(want_v, group, axis=0))
     assert k_out.sharding.is_equivalent_to(k_pages.sharding, 4)
 
 
@@ -85,8 +96,9 @@ def test_sharded_attention_matches(k_heads: int, dp: int, tp: int) -> None:
 def test_sharded_attention_sliding_window(k_heads: int) -> None:
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=4))
     attn = shard_attention(mesh, _cfg(k_heads), impl="reference")
+    q, k_new, v_new, k_pages, v_pages, inputs = _data(k_heads)
     o, _, _ = jax.jit(functools.partial(attn, sm_scale=H ** -0.5, sliding_window=4))(
-        *_data(k_heads))
+        q, k_new, v_new, *_on_mesh(mesh, k_heads, 4, k_pages, v_pages), inputs)
     want = _expected(k_heads, 4)[0]
     assert not np.allclose(want, _expected(k_heads)[0])  # the window matters here
     np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5)
@@ -99,20 +111,29 @@ def test_sharded_attention_pallas_interpret() -> None:
     attn = shard_attention(mesh, cfg, impl="pallas_interpret")
     q, k_new, v_new, k_pages, v_pages, inputs = _data(2)
     o, _, _ = jax.jit(functools.partial(attn, sm_scale=H ** -0.5, sliding_window=None))(
-        q, k_new, v_new, k_pages, v_pages, inputs)
+        q, k_new, v_new, *_on_mesh(mesh, 2, 4, k_pages, v_pages), inputs)
     np.testing.assert_allclose(np.asarray(o), _expected(2)[0], rtol=2e-5, atol=2e-5)
 
 
-def test_replicated_kv_attends_without_copying_the_pool() -> None:
-    """tp > K: each device reads its one KV head straight from the replicated [K, P, L, H] pool.
-
-    Slicing the head out (dynamic_slice) materialised [1, P, L, H] of K and of V on every step
-    and layer whenever the kernel is a custom call, and as much temp memory (a one-off check by
-    hand on an H100, not a bench run, saw 512 MiB of temp memory for 2 x 512 MiB pools). Compiled
-    only (the Pallas interpreter keeps the kernel an opaque loop, like the GPU's custom call).
-    """
-    num_pages, k_heads = 4096, 2
+def test_wrong_cache_head_count_is_a_clear_error() -> None:
+    """A [K, P, L, H] cache at tp > K (made without the plan) is refused, naming the fix."""
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=4))
+    attn = shard_attention(mesh, _cfg(2), impl="reference")
+    q, k_new, v_new, k_pages, v_pages, inputs = _data(2)
+    with pytest.raises(ValueError, match="stores 4 heads.*ShardingPlan.init_kv_cache"):
+        attn(q, k_new, v_new, k_pages, v_pages, inputs, sm_scale=1.0, sliding_window=None)
+
+
+def test_tp_above_kv_heads_stores_and_reads_one_head_per_device() -> None:
+    """tp > K: each device's pools are [1, P, L, H], the one KV head it reads, and the step
+    neither copies a pool nor needs temp memory of a pool's size.
+
+    Before, every device stored all K heads ([K, P, L, H] replicated): K times the KV memory.
+    Compiled only (the Pallas interpreter keeps the kernel an opaque loop, like the GPU's
+    custom call, so a slice of the pool would show as a copy in temp memory).
+    """
+    num_pages, k_heads, tp = 4096, 2, 4
+    mesh = make_mesh(ParallelConfig(tensor_parallel_size=tp))
     attn = shard_attention(mesh, _cfg(k_heads), impl="pallas_interpret")
     t, s, m = 16, 8, 4
     i32 = functools.partial(jax.ShapeDtypeStruct, dtype=np.int32)
@@ -120,8 +141,9 @@ def test_replicated_kv_attends_without_copying_the_pool() -> None:
                         cu_q_lens=i32((s + 1,)), kv_lens=i32((s,)), page_table=i32((s, m)),
                         num_seqs=i32((1,)), logits_indices=i32((s,)))
     f32 = functools.partial(jax.ShapeDtypeStruct, dtype=np.float32)
-    pool = jax.ShapeDtypeStruct((k_heads, num_pages, L, H), np.float32,
-                                sharding=NamedSharding(mesh, PartitionSpec()))
+    pool_sharding = NamedSharding(mesh, PartitionSpec("model"))
+    pool = jax.ShapeDtypeStruct((tp, num_pages, L, H), np.float32, sharding=pool_sharding)
+    assert pool_sharding.shard_shape(pool.shape) == (1, num_pages, L, H)
     fn = jax.jit(functools.partial(attn, sm_scale=H ** -0.5, sliding_window=None),
                  donate_argnums=(3, 4))
     compiled = fn.lower(f32((t, N, H)), f32((t, k_heads, H)), f32((t, k_heads, H)), pool, pool,

@@ -3,7 +3,8 @@
 Two sequences are prefilled together, then decoded greedily for a few steps through the paged
 cache. At every step the sharded logits must match the one-device logits (float32) and the
 greedy tokens must be identical; the final KV cache must match too. The models have KV heads
-above, equal to and below tp (split and replicated KV).
+above, equal to and below tp (KV heads split; or, below tp, replicated projections and one
+stored copy of its KV head per device).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def _sharded(cfg: ModelConfig, dp: int, tp: int, noisy: bool = False):
                                devices=devices, attention_impl="reference")
     params = jax.jit(functools.partial(_scaled_params, cfg, noisy),
                      out_shardings=plan.param_shardings)(jax.random.key(0))
-    cache = llama.init_kv_cache(cfg, NUM_PAGES, PAGE_SIZE, sharding=plan.kv_sharding)
+    cache = plan.init_kv_cache(NUM_PAGES, PAGE_SIZE)
     fwd = jax.jit(
         functools.partial(llama.forward, cfg=cfg, attention_fn=plan.attention_fn),
         in_shardings=(plan.param_shardings, plan.input_sharding, plan.kv_cache_shardings()),
@@ -129,6 +130,18 @@ def _sharded(cfg: ModelConfig, dp: int, tp: int, noisy: bool = False):
     logits, tokens, cache = _generate(lambda inp, kv: fwd(params, inp, kv), cache)
     assert first.is_deleted()  # the cache was donated: updated in place, never copied
     return plan, params, logits, tokens, cache
+
+
+def _assert_cache_close(plan: ShardingPlan, cache: llama.KVCache,
+                        ref_cache: list[np.ndarray]) -> None:
+    """The plan's cache holds the one-device cache; when tp > K every stored copy of a KV head
+    equals the first (each device wrote its copy)."""
+    group = plan.kv_cache_heads // plan.model_cfg.num_kv_heads
+    for got, want in zip(jax.tree.leaves(plan.logical_kv_cache(cache)), ref_cache):
+        _assert_logits_close(np.asarray(got), want, "kv cache")
+    for a in jax.tree.leaves(cache):
+        copies = np.asarray(a).reshape((-1, group) + a.shape[1:])
+        np.testing.assert_array_equal(copies, np.repeat(copies[:, :1], group, axis=1))
 
 
 _slow = pytest.mark.slow  # each case compiles its own program: ~5-20 s on a busy 2-core box
@@ -153,14 +166,13 @@ def test_sharded_forward_matches_one_device(num_kv_heads: int, dp: int, tp: int)
     leaves = jax.tree.leaves(cache)
     assert all(a.sharding.is_equivalent_to(plan.kv_sharding, 4) for a in leaves)
     kv_local = leaves[0].addressable_shards[0].data.shape[0]
-    assert kv_local == (num_kv_heads // tp if num_kv_heads % tp == 0 else num_kv_heads)
+    assert kv_local == max(num_kv_heads // tp, 1)  # never a KV head the device does not read
 
     assert len({int(np.argmax(r)) for step in ref_logits for r in step}) > 2  # not degenerate
     for i, (got, want) in enumerate(zip(logits, ref_logits)):
         _assert_logits_close(got, want, f"step {i}")
     assert tokens == ref_tokens
-    for got, want in zip(leaves, ref_cache):
-        _assert_logits_close(np.asarray(got), want, "kv cache")
+    _assert_cache_close(plan, cache, ref_cache)
 
 
 # GQA layouts of real models (shrunk to head_dim 8) and one on 6 of the 8 devices:
@@ -189,13 +201,12 @@ def test_real_model_head_layouts_match_one_device(name: str) -> None:
     overrides, dp, tp = AWKWARD[name]
     cfg = _cfg(**{"head_dim": 8, **overrides})  # type: ignore[arg-type]
     ref_logits, ref_tokens, ref_cache = _reference(cfg, True)
-    _, _, logits, tokens, cache = _sharded(cfg, dp, tp, True)
+    plan, _, logits, tokens, cache = _sharded(cfg, dp, tp, True)
     assert len({int(np.argmax(r)) for step in ref_logits for r in step}) > 2  # not degenerate
     for i, (got, want) in enumerate(zip(logits, ref_logits)):
         _assert_logits_close(got, want, f"step {i}")
     assert tokens == ref_tokens
-    for got, want in zip(jax.tree.leaves(cache), ref_cache):
-        _assert_logits_close(np.asarray(got), want, "kv cache")
+    _assert_cache_close(plan, cache, ref_cache)
 
 
 @pytest.mark.slow
@@ -225,7 +236,7 @@ def test_wrong_kv_head_mapping_is_detected() -> None:
                                                 v_pages, inputs, **kw)
         return o, k_pages, v_pages
 
-    cache = llama.init_kv_cache(cfg, NUM_PAGES, PAGE_SIZE, sharding=plan.kv_sharding)
+    cache = plan.init_kv_cache(NUM_PAGES, PAGE_SIZE)
     fwd = jax.jit(functools.partial(llama.forward, cfg=cfg, attention_fn=swapped))
     logits, _, _ = _generate(lambda inp, kv: fwd(params, inp, kv), cache)
     with pytest.raises(AssertionError):
