@@ -66,17 +66,29 @@ _BIAS_TABLE = (
     (("attn", "k_proj", "bias"), "self_attn.k_proj.bias", False, 2),  # [K*H] -> [K, H]
     (("attn", "v_proj", "bias"), "self_attn.v_proj.bias", False, 2),  # [K*H] -> [K, H]
 )
+_O_BIAS_TABLE = (
+    (("attn", "o_proj", "bias"), "self_attn.o_proj.bias", False, 1),  # [D]
+)
+_MLP_BIAS_TABLE = (
+    (("mlp", "gate_proj", "bias"), "mlp.gate_proj.bias", False, 1),  # [F]
+    (("mlp", "up_proj", "bias"), "mlp.up_proj.bias", False, 1),  # [F]
+    (("mlp", "down_proj", "bias"), "mlp.down_proj.bias", False, 1),  # [D]
+)
 _QK_NORM_TABLE = (
     (("attn", "q_norm", "scale"), "self_attn.q_norm.weight", False, 1),  # [H]
     (("attn", "k_norm", "scale"), "self_attn.k_norm.weight", False, 1),  # [H]
 )
 # model_type -> extra per-layer tables beyond _LAYER_TABLE (also gated by the config switches).
 FAMILY_TABLES: dict[str, tuple[tuple[tuple[str, ...], str, bool, int], ...]] = {
-    "llama": _BIAS_TABLE,  # only when config.json sets attention_bias
+    "llama": _BIAS_TABLE + _O_BIAS_TABLE + _MLP_BIAS_TABLE,  # with attention_bias / mlp_bias
     "mistral": (),
     "qwen2": _BIAS_TABLE,
-    "qwen3": _BIAS_TABLE + _QK_NORM_TABLE,  # bias only with attention_bias
+    "qwen3": _BIAS_TABLE + _O_BIAS_TABLE + _QK_NORM_TABLE,  # biases only with attention_bias
 }
+# Which config switch each bias path needs.
+_BIAS_SWITCH = {"q_proj": "attention_bias", "k_proj": "attention_bias",
+                "v_proj": "attention_bias", "o_proj": "o_proj_bias", "gate_proj": "mlp_bias",
+                "up_proj": "mlp_bias", "down_proj": "mlp_bias"}
 
 
 def name_map(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
@@ -89,7 +101,7 @@ def name_map(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
     if not cfg.tie_word_embeddings:
         out[("lm_head", "kernel")] = TensorSpec("lm_head.weight", True, 1)  # [V, D] -> [D, V]
     for path, name, transpose, split in _LAYER_TABLE + FAMILY_TABLES[cfg.model_type]:
-        if path[-1] == "bias" and not cfg.attention_bias:
+        if path[-1] == "bias" and not getattr(cfg, _BIAS_SWITCH[path[-2]]):
             continue
         if "q_norm" in path or "k_norm" in path:
             if not cfg.qk_norm:
@@ -140,8 +152,6 @@ def load_config(model_dir: pathlib.Path | str, *, dtype: str = "bfloat16") -> Mo
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"config.json hidden_act={act!r}: only silu is supported")
-    if hf.get("mlp_bias"):
-        raise ValueError(f"config.json mlp_bias={hf['mlp_bias']!r}: MLP biases are not supported")
     cfg = ModelConfig.from_hf_config(hf, dtype=dtype)
     if cfg.model_type == "mistral" and "sliding_window" not in hf:
         cfg = cfg.replace(sliding_window=4096)  # MistralConfig's default (null turns it off)

@@ -57,6 +57,8 @@ class ModelConfig:
     rope_scaling: RopeScaling = RopeScaling()
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2/2.5)
+    o_proj_bias: bool = False  # o_proj carries a bias (Llama, Qwen3 with attention_bias)
+    mlp_bias: bool = False  # gate/up/down projections carry biases (Llama with mlp_bias)
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before rope (Qwen3)
     sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` keys only
     bos_token_id: int | None = None
@@ -146,7 +148,12 @@ class ModelConfig:
             rope_theta=float(rope_theta or 10000.0),
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            # As transformers builds each family: Qwen2 always has q/k/v biases and no o_proj
+            # bias; Llama and Qwen3 put attention_bias on q/k/v/o; Mistral never has biases.
+            attention_bias=(model_type == "qwen2" or (model_type in ("llama", "qwen3")
+                                                       and bool(hf.get("attention_bias")))),
+            o_proj_bias=model_type in ("llama", "qwen3") and bool(hf.get("attention_bias")),
+            mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias")),
             qk_norm=model_type == "qwen3",
             sliding_window=int(sliding_window) if sliding_window else None,
             bos_token_id=hf.get("bos_token_id"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-FAMILIES = ("llama2", "llama3", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "llama_bias", "qwen3_bias")
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -32,6 +32,10 @@ _FAMILY_SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0,
                                                      tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=False)),
+    # Biases on q/k/v/o (attention_bias) and on the MLP (mlp_bias), as some Llama fine-tunes.
+    "llama_bias": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True)),
+    "qwen3_bias": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        head_dim=32, tie_word_embeddings=False, attention_bias=True)),
 }
 
 

@@ -100,21 +100,22 @@ class Embed(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)); the Llama/Mistral/Qwen MLP."""
+    """down(silu(gate(x)) * up(x)); the Llama/Mistral/Qwen MLP (biases: Llama's mlp_bias)."""
 
     dim: int
     hidden: int
     dtype: jnp.dtype
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
         gate = Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",), self.dtype,
-                          name="gate_proj")(x)
+                          self.use_bias, name="gate_proj")(x)
         up = Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",), self.dtype,
-                        name="up_proj")(x)
+                        self.use_bias, name="up_proj")(x)
         h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
         return Projection((self.hidden,), (self.dim,), ("mlp",), ("embed",), self.dtype,
-                          name="down_proj")(h)
+                          self.use_bias, name="down_proj")(h)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:

@@ -105,7 +105,7 @@ class Attention(nn.Module):
                 q, k_new, v_new, k_pages, v_pages, inputs, sm_scale=h ** -0.5,
                 sliding_window=cfg.sliding_window)  # o: [T, N, H]
         out = Projection((n, h), (d,), ("q_heads", "head_dim"), ("embed",), dt,
-                         name="o_proj")(o)  # [T, D]
+                         cfg.o_proj_bias, name="o_proj")(o)  # [T, D]
         return out, k_pages, v_pages
 
 
@@ -126,7 +126,8 @@ class DecoderLayer(nn.Module):
             x = x + a
         with jax.named_scope("mlp"):
             h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, name="post_attn_norm")(x)
-            x = x + SwiGLU(cfg.hidden_size, cfg.intermediate_size, dt, name="mlp")(h)
+            x = x + SwiGLU(cfg.hidden_size, cfg.intermediate_size, dt, cfg.mlp_bias,
+                           name="mlp")(h)
         return x, k_pages, v_pages
 
 

@@ -28,3 +28,24 @@ BASE = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidde
 def test_sliding_window_follows_transformers(tmp_path, fields: dict, window: int | None) -> None:
     (tmp_path / "config.json").write_text(json.dumps({**BASE, **fields}))
     assert hf.load_config(tmp_path).sliding_window == window
+
+
+@pytest.mark.parametrize("fields, qkv, o, mlp", [
+    # Qwen2Attention always has q/k/v biases and never an o_proj bias, whatever the config says.
+    ({"model_type": "qwen2"}, True, False, False),
+    ({"model_type": "qwen2", "attention_bias": False, "mlp_bias": True}, True, False, False),
+    # Llama and Qwen3 put attention_bias on q, k, v and o; Llama alone reads mlp_bias.
+    ({"model_type": "llama"}, False, False, False),
+    ({"model_type": "llama", "attention_bias": True, "mlp_bias": True}, True, True, True),
+    ({"model_type": "qwen3", "attention_bias": True, "mlp_bias": True}, True, True, False),
+    # MistralAttention and MistralMLP have no biases.
+    ({"model_type": "mistral", "attention_bias": True, "mlp_bias": True}, False, False, False),
+])
+def test_bias_switches_follow_transformers(tmp_path, fields: dict, qkv: bool, o: bool,
+                                           mlp: bool) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, **fields}))
+    cfg = hf.load_config(tmp_path)
+    assert (cfg.attention_bias, cfg.o_proj_bias, cfg.mlp_bias) == (qkv, o, mlp)
+    biases = {path[-2] for path in hf.name_map(cfg) if path[-1] == "bias"}
+    want = ({"q_proj", "k_proj", "v_proj"} if qkv else set()) | ({"o_proj"} if o else set())
+    assert biases == want | ({"gate_proj", "up_proj", "down_proj"} if mlp else set())

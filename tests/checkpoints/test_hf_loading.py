@@ -26,7 +26,7 @@ def expected_param(sd: dict[str, np.ndarray], spec: hf.TensorSpec, shape) -> np.
 
 
 @pytest.mark.hf
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama3", "llama_bias"])
 def test_params_equal_the_torch_weights(tmp_path, family: str) -> None:
     path = hf_models.make_hf_model(tmp_path, family)
     cfg = hf.load_config(path, dtype="float32")
@@ -55,9 +55,10 @@ def test_generation_config_eos_ids(tmp_path) -> None:
 
 
 @pytest.mark.hf
-def test_load_straight_onto_a_mesh(tmp_path) -> None:
+@pytest.mark.parametrize("family", ["qwen2", "llama_bias"])  # sharded files; every bias
+def test_load_straight_onto_a_mesh(tmp_path, family: str) -> None:
     """Every shard equals the same slice of a single-device load (incl. head_dim-split slices)."""
-    path = hf_models.make_hf_model(tmp_path, "qwen2")  # sharded files
+    path = hf_models.make_hf_model(tmp_path, family)
     cfg = hf.load_config(path, dtype="float32")
     ref = hf.load_hf_params(path, cfg)
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))

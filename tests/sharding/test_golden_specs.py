@@ -33,6 +33,8 @@ CASES: dict[str, tuple[dict[str, object], int, int]] = {
                                2),
     "qwen3_qknorm_tied_kv4_tp2": (dict(model_type="qwen3", num_kv_heads=4, qk_norm=True,
                                        tie_word_embeddings=True), 2, 1),
+    "llama_all_biases_kv4_tp4": (dict(model_type="llama", num_kv_heads=4, attention_bias=True,
+                                      o_proj_bias=True, mlp_bias=True), 4, 1),
 }
 
 

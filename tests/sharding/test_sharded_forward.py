@@ -190,6 +190,9 @@ AWKWARD = {
                                  1, 6),  # KV replicated
     "mistral_window4_8q_2kv_dp2_tp4": (dict(model_type="mistral", num_heads=8, num_kv_heads=2,
                                             sliding_window=4), 2, 4),  # KV replicated
+    # Row-parallel biases (o_proj, down_proj) must be added once, after the all-reduce.
+    "llama_all_biases_8q_4kv_tp4": (dict(attention_bias=True, o_proj_bias=True, mlp_bias=True),
+                                    1, 4),
 }
 
 
