@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 6, tp > KV heads on 4 x H200 (session 7): a Qwen2.5-3B-shaped model (16 q heads, 2 KV
+# heads, dummy weights) at tp 1 and 4, where each device now stores only the KV head it reads.
+#   1. the engine through the CLI, float32: a batch job of token-id prompts at tp 1 and tp 4
+#      (same greedy tokens?); the logs give each device's KV bytes per page and page count
+#   2. bench/tp_scaling.py at tp 1 and 4 (bf16): decode B=1 and 32, prefill 2048, greedy check
+#   OUT=/tmp/out bash bench/run_gpu_tp_kv.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+  NVSHMEM_DISABLE_NVLS=1
+R=${OUT:?set OUT}/tpkv
+PY=${PYTHON:-python3}
+M=bench/configs/qwen2.5-3b
+TPS=${TP_SIZES:-1 4}
+source bench/gpu_install.sh && gpu_session "$R" session.log "tps $TPS" && gpu_install || exit 1
+T0=$SECONDS
+$PY - > "$R/in.jsonl" <<'PY'
+import json, random
+r = random.Random(0)
+for i, n in enumerate((5, 37, 300, 1)):
+    print(json.dumps({"id": f"p{i}", "prompt": [r.randrange(1000, 150000) for _ in range(n)],
+                      "max_tokens": 24, "temperature": 0, "ignore_eos": True}))
+PY
+for tp in $TPS; do
+  timeout -s ABRT -k 5 "${CLI_S:-150}" $PY -m xlaserve --log-level INFO generate --model $M --load-format dummy \
+    --dtype float32 --tensor-parallel-size $tp --max-model-len 1024 --max-num-seqs 8 \
+    --max-num-batched-tokens 512 --input "$R/in.jsonl" --output "$R/out_tp$tp.jsonl" --no-progress \
+    > "$R/cli_tp$tp.log" 2>&1
+  echo "=== cli tp$tp rc=$? at $((SECONDS - T0))s"; grep -h "num_pages=" "$R/cli_tp$tp.log" | tail -1
+done
+$PY - "$R" $TPS <<'PY'
+import json, sys
+r, tps = sys.argv[1], sys.argv[2:]
+out = {tp: {d["id"]: d.get("token_ids") or d.get("error") for d in map(json.loads, open(f"{r}/out_tp{tp}.jsonl"))}
+       for tp in tps}
+for tp in tps[1:]:
+    print(f"CLI greedy tp{tp} == tp{tps[0]}:", out[tp] == out[tps[0]],
+          {k: (v == out[tps[0]].get(k)) for k, v in out[tp].items()})
+PY
+timeout -s ABRT -k 5 "${BENCH_S:-330}" $PY bench/tp_scaling.py --model $M --tp $TPS \
+  --decode-batches 1 32 --repeats 3 --out "$R/tp_qwen3b.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
+echo "=== tp_scaling rc=$? at $((SECONDS - T0))s"
+tar czf "$OUT/tpkv.tgz" -C "$OUT" tpkv
