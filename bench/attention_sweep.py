@@ -132,7 +132,8 @@ def sweep_key(q_class: str, *, head_dim: int, page_size: int, group: int, full: 
                                              "num_stages", "key_gather", "q_transposed")}
     entry["us"] = round(best["us"], 2)
     entry["case"] = case.name
-    entry["device"] = common.device_info()["device"]
+    info = common.device_info()
+    entry.update(device=info["device"], jax=info["jax"], command=info["command"])
     return entry
 
 
@@ -205,6 +206,7 @@ def main() -> None:
     if decode is not None and not args.no_splits:
         table["split"] = sweep_splits(decode, raw)
     info = common.device_info()
+    # device/jax/command at the top name the last sweep; each entry names its own.
     table.update(device=info["device"], jax=info["jax"], command=info["command"],
                  comment="Written by bench/attention_sweep.py on the GPU; do not edit by hand.")
     with open(args.table, "w") as f:

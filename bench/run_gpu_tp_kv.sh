@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Issue 6, tp > KV heads on 4 x H200 (session 7): a Qwen2.5-3B-shaped model (16 q heads, 2 KV
-# heads, dummy weights) at tp 1 and 4, where each device now stores only the KV head it reads.
+# Issue 6, tp > KV heads (session 7): a Qwen2.5-3B-shaped model (16 q heads, 2 KV heads, dummy
+# weights) at tp 1 and 4 on 4 x H200, where each device now stores only the KV head it reads. On
+# 2 x H200 (no 4-GPU host lent) the same shape with ONE KV head (KV_HEADS=1, a synthetic MQA
+# variant written to $R/model/, labelled so in the results) at tp 1 and 2.
 #   1. the engine through the CLI, float32: a batch job of token-id prompts at tp 1 and tp 4
 #      (same greedy tokens?); the logs give each device's KV bytes per page and page count
 #   2. bench/tp_scaling.py at tp 1 and 4 (bf16): decode B=1 and 32, prefill 2048, greedy check
@@ -12,9 +14,21 @@ export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM
 R=${OUT:?set OUT}/tpkv
 PY=${PYTHON:-python3}
 M=bench/configs/qwen2.5-3b
-TPS=${TP_SIZES:-1 4}
-source bench/gpu_install.sh && gpu_session "$R" session.log "tps $TPS" && gpu_install || exit 1
+NG=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+TPS="1 4"; [ "$NG" -lt 4 ] && TPS="1 2" && KV_HEADS=${KV_HEADS:-1}; TPS=${TP_SIZES:-$TPS}
+source bench/gpu_install.sh && gpu_session "$R" session.log "gpus $NG tps $TPS kv_heads ${KV_HEADS:-2}" \
+  && gpu_install || exit 1
 T0=$SECONDS
+if [ -n "${KV_HEADS:-}" ]; then
+  mkdir -p "$R/model"
+  $PY - "$M/config.json" "$R/model/config.json" "$KV_HEADS" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["num_key_value_heads"] = int(sys.argv[3])
+json.dump(c, open(sys.argv[2], "w"), indent=1)
+PY
+  M=$R/model
+fi
 $PY - > "$R/in.jsonl" <<'PY'
 import json, random
 r = random.Random(0)
