@@ -328,7 +328,7 @@ def ragged_paged_attention(
 
         config = lookup_config(head_dim=h, page_size=page_size, group=g, num_tokens=t_total,
                                num_seqs=s_max, max_kv_len=m_pages * page_size,
-                               num_kv_heads=k_heads)
+                               num_kv_heads=k_heads, itemsize=q.dtype.itemsize)
     bq, ppb = config.block_q, config.pages_per_block
     rows = bq * gp
     for name, value in (("head dim H", h), ("page size L", page_size)):

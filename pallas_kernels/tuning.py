@@ -6,7 +6,12 @@ q-length class) it holds the fastest measured (block_q, pages_per_block, num_war
 and one rule for KV splits (flash-decoding):
 split until the grid holds about ``target_programs`` programs, each split keeping at least
 ``min_blocks_per_split`` KV blocks. Keys missing from the table fall back to the table's
-``default`` entries for the q-length class; the fallback is logged once, never silent.
+``default`` entries for the q-length class (its H128 L16 G4 entries), with block_q scaled so the
+tile keeps the default's row count (block_q * G'); the fallback is logged once, never silent.
+
+The table is measured in bf16. A tile whose q rows would pass ``Q_TILE_BYTES`` (float32, or a
+large group) gets block_q halved until they fit: a float32 G 16 prefill tile of 512 x 128 rows
+asked Triton for 257 KiB of shared memory on an H100 (227 KiB available) and failed to compile.
 
 This module reads shapes only (all static under jit); it never touches device arrays.
 """
@@ -31,6 +36,10 @@ Q_CLASSES = ("decode", "mixed", "prefill")
 
 
 DECODE_MAX_TOKENS = 16  # the runner's smallest token bucket: always a decode-class bucket
+DEFAULT_GROUP = 4  # the padded group of the table's default entries (H128 L16 G4)
+# Most bytes of one tile's q rows (block_q * G' x H x itemsize). 64 KiB compiled on an H100 in
+# float32 (G 8 prefill, 128 x 128 rows, bench/results/session7_h200x2); 256 KiB did not.
+Q_TILE_BYTES = 64 << 10
 
 
 def q_len_class(num_tokens: int, num_seqs: int) -> str:
@@ -64,14 +73,32 @@ def table_key(head_dim: int, page_size: int, group: int, q_class: str) -> str:
 @functools.lru_cache(maxsize=None)
 def _warn_missing_entry(key: str, q_class: str, entry: str) -> None:
     """Warns once per missing table key (not once per bucket shape)."""
-    log.warning("ragged_paged_attention tuning: no entry %s in %s; using the default %s entry %s",
-                key, TABLE_PATH.name, q_class, entry)
+    log.warning("ragged_paged_attention tuning: no entry %s in %s; using the default %s entry "
+                "with block_q scaled to its rows: %s", key, TABLE_PATH.name, q_class, entry)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_shrunk(key: str, itemsize: int, was: int, now: int) -> None:
+    log.info("ragged_paged_attention tuning: %s with %d-byte q: block_q %d -> %d so the q tile "
+             "stays within %d KiB of shared memory", key, itemsize, was, now, Q_TILE_BYTES >> 10)
+
+
+def tile_block_q(block_q: int, *, group: int, head_dim: int, itemsize: int) -> int:
+    """block_q halved until the tile's q rows (block_q * G' x H) fit Q_TILE_BYTES, then raised to
+    the 16 rows Triton dots need. `group` is the padded group G'."""
+    while block_q > 1 and block_q * group * head_dim * itemsize > Q_TILE_BYTES:
+        block_q //= 2
+    return max(block_q, -(-16 // group))
 
 
 @functools.lru_cache(maxsize=None)
 def lookup_config(*, head_dim: int, page_size: int, group: int, num_tokens: int, num_seqs: int,
-                  max_kv_len: int, num_kv_heads: int) -> RaggedPagedAttentionConfig:
-    """The tuned config for these static shapes (cached; logs a missing key once)."""
+                  max_kv_len: int, num_kv_heads: int,
+                  itemsize: int = 2) -> RaggedPagedAttentionConfig:
+    """The tuned config for these static shapes (cached; logs a missing key once).
+
+    `itemsize` is q's bytes per element (2 for bf16, as the table was measured; 4 for float32).
+    """
     table = _table()
     q_class = q_len_class(num_tokens, num_seqs)
     # The kernel pads the group to a power of two (zero q heads), so G 3 runs the tiles of G 4
@@ -79,11 +106,18 @@ def lookup_config(*, head_dim: int, page_size: int, group: int, num_tokens: int,
     gp = padded_group(group)
     key = table_key(head_dim, page_size, gp, q_class)
     entry = table["entries"].get(key)
+    block_q = int(entry["block_q"]) if entry is not None else 0
     if entry is None:
         entry = table["default"][q_class]
-        _warn_missing_entry(key, q_class, json.dumps(entry, sort_keys=True))
-    block_q = int(entry["block_q"])
-    block_q = max(block_q, -(-16 // gp))  # Triton dots need >= 16 rows
+        # Keep the default tile's rows (block_q * G'): the measured entries of G 1/4/8 hold
+        # about the same rows per class (prefill 64-128, decode 16), not the same block_q.
+        block_q = max(1, int(entry["block_q"]) * DEFAULT_GROUP // gp)
+        _warn_missing_entry(key, q_class, json.dumps({**entry, "block_q": block_q},
+                                                     sort_keys=True))
+    fitted = tile_block_q(block_q, group=gp, head_dim=head_dim, itemsize=itemsize)
+    if fitted < block_q:
+        _log_shrunk(key, itemsize, block_q, fitted)
+    block_q = fitted
     block_k = int(entry["pages_per_block"]) * page_size
     num_splits = num_kv_splits(num_tokens=num_tokens, num_seqs=num_seqs, block_q=block_q,
                                num_kv_heads=num_kv_heads, max_kv_len=max_kv_len, block_k=block_k,

@@ -61,3 +61,34 @@ def test_groups_share_the_entry_of_their_padded_group(group: int, padded: int) -
     cfg = tuning.lookup_config(group=group, **kw)
     assert (cfg.pages_per_block, cfg.num_warps, cfg.num_stages) == (
         entry["pages_per_block"], entry["num_warps"], entry["num_stages"])
+
+
+KW = dict(head_dim=128, page_size=16, num_seqs=1, max_kv_len=4096, num_kv_heads=1)
+
+
+def test_missing_group_keeps_the_default_tile_rows() -> None:
+    """G 16 has no entry: the default (G 4) entry with block_q scaled to keep its q rows."""
+    default = tuning._table()["default"]
+    assert tuning.table_key(128, 16, 16, "prefill") not in tuning._table()["entries"]
+    for q_class, t in (("prefill", 4096), ("decode", 16)):
+        cfg = tuning.lookup_config(group=16, num_tokens=t, **KW)
+        want_rows = max(default[q_class]["block_q"] * tuning.DEFAULT_GROUP, 16)
+        assert cfg.block_q * 16 == want_rows
+        assert cfg.pages_per_block == default[q_class]["pages_per_block"]
+
+
+def test_float32_tiles_fit_the_q_tile_budget_and_bf16_entries_stay() -> None:
+    """The table is measured in bf16; a float32 q tile past Q_TILE_BYTES gets block_q halved
+    (512 x 128 f32 rows asked for 257 KiB of shared memory on an H100 and did not compile)."""
+    for group in (1, 4, 8, 16):
+        gp = tuning.padded_group(group)
+        bf16 = tuning.lookup_config(group=group, num_tokens=4096, **KW)
+        f32 = tuning.lookup_config(group=group, num_tokens=4096, itemsize=4, **KW)
+        assert f32.block_q * gp * 128 * 4 <= tuning.Q_TILE_BYTES
+        assert f32.block_q <= bf16.block_q
+        entry = tuning._table()["entries"].get(tuning.table_key(128, 16, gp, "prefill"))
+        if entry is not None:  # measured entries are used as measured in bf16
+            assert bf16.block_q == max(entry["block_q"], -(-16 // gp))
+    assert tuning.tile_block_q(32, group=16, head_dim=128, itemsize=4) == 8
+    assert tuning.tile_block_q(32, group=4, head_dim=128, itemsize=4) == 32  # 64 KiB: fits
+    assert tuning.tile_block_q(1, group=8, head_dim=128, itemsize=4) == 2  # >= 16 rows
