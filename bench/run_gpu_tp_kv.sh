@@ -7,6 +7,8 @@
 #      (same greedy tokens?); the logs give each device's KV bytes per page and page count
 #   2. bench/tp_scaling.py at tp 1 and 4 (bf16): decode B=1 and 32, prefill 2048, greedy check
 #   OUT=/tmp/out bash bench/run_gpu_tp_kv.sh
+# KERNEL_TESTS=1 first runs the compiled kernel tests of the tuning table's tiles (G 8/16, f32 and
+# bf16); NO_BENCH=1 skips step 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
@@ -36,6 +38,12 @@ for i, n in enumerate((5, 37, 300, 1)):
     print(json.dumps({"id": f"p{i}", "prompt": [r.randrange(1000, 150000) for _ in range(n)],
                       "max_tokens": 24, "temperature": 0, "ignore_eos": True}))
 PY
+if [ "${KERNEL_TESTS:-0}" = 1 ]; then
+  JAX_PLATFORMS=cuda timeout -k 5 "${TEST_S:-150}" $PY -m pytest -q -p no:cacheprovider \
+    tests/kernels/test_ragged_paged_attention.py -k "not Interpret and (table_tiles or matches)" \
+    > "$R/pytest_kernels_compiled.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_kernels_compiled.txt"
+fi
 for tp in $TPS; do
   timeout -s ABRT -k 5 "${CLI_S:-150}" $PY -m xlaserve --log-level INFO generate --model $M --load-format dummy \
     --dtype float32 --tensor-parallel-size $tp --max-model-len 1024 --max-num-seqs 8 \
@@ -52,7 +60,7 @@ for tp in tps[1:]:
     print(f"CLI greedy tp{tp} == tp{tps[0]}:", out[tp] == out[tps[0]],
           {k: (v == out[tps[0]].get(k)) for k, v in out[tp].items()})
 PY
-timeout -s ABRT -k 5 "${BENCH_S:-330}" $PY bench/tp_scaling.py --model $M --tp $TPS \
+[ "${NO_BENCH:-0}" = 1 ] || timeout -s ABRT -k 5 "${BENCH_S:-330}" $PY bench/tp_scaling.py --model $M --tp $TPS \
   --decode-batches 1 32 --repeats 3 --out "$R/tp_qwen3b.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
 echo "=== tp_scaling rc=$? at $((SECONDS - T0))s"
 tar czf "$OUT/tpkv.tgz" -C "$OUT" tpkv
