@@ -61,6 +61,6 @@ for tp in tps[1:]:
           {k: (v == out[tps[0]].get(k)) for k, v in out[tp].items()})
 PY
 [ "${NO_BENCH:-0}" = 1 ] || timeout -s ABRT -k 5 "${BENCH_S:-330}" $PY bench/tp_scaling.py --model $M --tp $TPS \
-  --decode-batches 1 32 --repeats 3 --out "$R/tp_qwen3b.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
+  --decode-batches ${DECODE_BATCHES:-1 32} --repeats 3 --out "$R/tp_qwen3b.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
 echo "=== tp_scaling rc=$? at $((SECONDS - T0))s"
 tar czf "$OUT/tpkv.tgz" -C "$OUT" tpkv
