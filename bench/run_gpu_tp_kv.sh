@@ -36,7 +36,7 @@ import json, random
 r = random.Random(0)
 for i, n in enumerate((5, 37, 300, 1)):
     print(json.dumps({"id": f"p{i}", "prompt": [r.randrange(1000, 150000) for _ in range(n)],
-                      "max_tokens": 24, "temperature": 0, "ignore_eos": True}))
+                      "max_tokens": 24, "temperature": 0, "ignore_eos": True, "logprobs": 2}))
 PY
 if [ "${KERNEL_TESTS:-0}" = 1 ]; then
   JAX_PLATFORMS=cuda timeout -k 5 "${TEST_S:-150}" $PY -m pytest -q -p no:cacheprovider \
@@ -59,6 +59,17 @@ out = {tp: {d["id"]: d.get("token_ids") or d.get("error") for d in map(json.load
 for tp in tps[1:]:
     print(f"CLI greedy tp{tp} == tp{tps[0]}:", out[tp] == out[tps[0]],
           {k: (v == out[tps[0]].get(k)) for k, v in out[tp].items()})
+# Where they differ: the first step, and each run's top-2 (token, logprob) there (a near-tie
+# under float32 with TF32 matmuls, or a real difference?).
+recs = {tp: {d["id"]: d for d in map(json.loads, open(f"{r}/out_tp{tp}.jsonl"))} for tp in tps}
+for tp in tps[1:]:
+    for k, d in recs[tp].items():
+        a, b = recs[tps[0]][k].get("token_ids") or [], d.get("token_ids") or []
+        step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if step is not None:
+            top = lambda rec: (rec.get("logprobs") or [{}] * (step + 1))[step].get("top")
+            print(f"  {k}: first difference at step {step}; tp{tps[0]} top-2 {top(recs[tps[0]][k])}, "
+                  f"tp{tp} top-2 {top(d)}")
 PY
 [ "${NO_BENCH:-0}" = 1 ] || timeout -s ABRT -k 5 "${BENCH_S:-330}" $PY bench/tp_scaling.py --model $M --tp $TPS \
   --decode-batches ${DECODE_BATCHES:-1 32} --repeats 3 --out "$R/tp_qwen3b.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
