@@ -37,8 +37,9 @@ Q_CLASSES = ("decode", "mixed", "prefill")
 
 DECODE_MAX_TOKENS = 16  # the runner's smallest token bucket: always a decode-class bucket
 DEFAULT_GROUP = 4  # the padded group of the table's default entries (H128 L16 G4)
-# Most bytes of one tile's q rows (block_q * G' x H x itemsize). 64 KiB compiled on an H100 in
-# float32 (G 8 prefill, 128 x 128 rows, bench/results/session7_h200x2); 256 KiB did not.
+# Most bytes of one tile's q rows (block_q * G' x H x itemsize). 64 KiB compiles (float32 G 8
+# prefill, 128 x 128 rows, H200: bench/results/session7_h200x4/tpkv_run2); 256 KiB did not
+# (float32 G 16, bench/results/session7_h200x2). Both GPUs allow 227 KiB per block.
 Q_TILE_BYTES = 64 << 10
 
 
