@@ -71,7 +71,11 @@ for tp in tps[1:]:
             print(f"  {k}: first difference at step {step}; tp{tps[0]} top-2 {top(recs[tps[0]][k])}, "
                   f"tp{tp} top-2 {top(d)}")
 PY
-[ "${NO_BENCH:-0}" = 1 ] || timeout -s ABRT -k 5 "${BENCH_S:-330}" $PY bench/tp_scaling.py --model $M --tp $TPS \
-  --decode-batches ${DECODE_BATCHES:-1 32} --repeats 3 --out "$R/tp_qwen3b.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
-echo "=== tp_scaling rc=$? at $((SECONDS - T0))s"
+if [ "${NO_BENCH:-0}" != 1 ]; then
+  timeout -s ABRT -k 5 "${BENCH_S:-330}" $PY bench/tp_scaling.py --model $M --tp $TPS \
+    --decode-batches ${DECODE_BATCHES:-1 32} --repeats 3 --out "$R/tp_qwen3b.json" \
+    > "$R/tp_scaling.log" 2>&1  # the full log keeps a stall's tracebacks
+  rc=$?; grep -v "^ \|^--\|^{\|^}" "$R/tp_scaling.log"
+  echo "=== tp_scaling rc=$rc at $((SECONDS - T0))s"
+fi
 tar czf "$OUT/tpkv.tgz" -C "$OUT" tpkv

@@ -43,7 +43,7 @@ PY
   echo "=== d2d rc=$? at $((SECONDS - T0))s"
   greedy_cli
   timeout -s ABRT -k 5 ${BASE_S:-330} $PY bench/tp_scaling.py --tp $TPS --decode-batches 1 \
-    --trace-dir /tmp/tr_base --out "$R/tp_base.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
+    --trace-dir /tmp/tr_base --out "$R/tp_base.json" 2>&1 | tee "$R/tp_base.log" | grep -v "^ \|^--\|^{\|^}"
   echo "=== base rc=$? at $((SECONDS - T0))s"
 else
   [ "${GREEDY:-0}" = 1 ] && greedy_cli
@@ -80,7 +80,7 @@ else
               ${ENVS[$base]:-} "${alloc[@]}"); fi
     "${pre[@]}" timeout -s ABRT -k 5 "${SET_S:-170}" $PY bench/tp_scaling.py \
       --tp $sizes --decode-batches 1 --greedy-steps 4 --repeats 3 ${SET_ARGS:-} "${copies[@]}" --trace-dir "/tmp/tr_$name" \
-      --out "$R/tp_$name.json" 2>&1 | grep -v "^ \|^--\|^{\|^}"
+      --out "$R/tp_$name.json" 2>&1 | tee "$R/tp_$name.log" | grep -v "^ \|^--\|^{\|^}"
     echo "=== $name rc=$? at $((SECONDS - T0))s"
   done
 fi
