@@ -39,7 +39,9 @@ DECODE_MAX_TOKENS = 16  # the runner's smallest token bucket: always a decode-cl
 DEFAULT_GROUP = 4  # the padded group of the table's default entries (H128 L16 G4)
 # Most bytes of one tile's q rows (block_q * G' x H x itemsize). 64 KiB compiles (float32 G 8
 # prefill, 128 x 128 rows, H200: bench/results/session7_h200x4/tpkv_run2); 256 KiB did not
-# (float32 G 16, bench/results/session7_h200x2). Both GPUs allow 227 KiB per block.
+# (float32 G 16, bench/results/session7_h200x2). Both GPUs allow 227 KiB per block. The
+# failure's request (q rows + 1 KiB) suggests the K/V tiles were not held in shared memory
+# beside them; float32 L 32/64 table tiles (bigger K/V blocks) are not compiled yet.
 Q_TILE_BYTES = 64 << 10
 
 

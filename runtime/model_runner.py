@@ -196,8 +196,9 @@ class ModelRunner:
         in/out shardings: params as `param_shardings` (default: replicated), the KV
         arrays as `kv_sharding` (one Sharding for every array, or a per-layer tree; default
         replicated), inputs and sampled outputs replicated.
-      kv_cache_heads: heads stored in each KV array (default model_cfg.num_kv_heads); a
-        sharding plan's ``kv_cache_heads`` (tp when tp exceeds the KV heads).
+      kv_cache_heads: heads stored in each KV array: a sharding plan's ``kv_cache_heads`` (tp
+        when tp exceeds the KV heads). Default: the attention_fn's ``kv_cache_heads`` if it has
+        one (sharding.specs.ShardedAttention), else model_cfg.num_kv_heads.
       attention_fn: replaces the model's attention step (e.g. the sharding plan's shard_map).
       enable_penalties: also compile the penalty-history variant of every bucket.
       token_buckets, seq_buckets: explicit bucket lists (default: powers of two from 16 / 8);
@@ -219,7 +220,12 @@ class ModelRunner:
         self.attention_impl = attention_impl
         self.attention_fn = attention_fn
         self.mesh = mesh
-        self.kv_cache_heads = model_cfg.num_kv_heads if kv_cache_heads is None else kv_cache_heads
+        wanted = getattr(attention_fn, "kv_cache_heads", None)
+        if kv_cache_heads is not None and wanted is not None and kv_cache_heads != wanted:
+            raise ValueError(f"kv_cache_heads={kv_cache_heads}: the attention_fn reads caches of "
+                             f"{wanted} heads (use the sharding plan's kv_cache_heads)")
+        self.kv_cache_heads = next(h for h in (kv_cache_heads, wanted, model_cfg.num_kv_heads)
+                                   if h is not None)
         self.compilation_cache_dir = setup_compilation_cache(compilation_cache_dir)
         self.page_size = cache_cfg.page_size
         self.max_pages_per_seq = math.ceil(sched_cfg.max_model_len / self.page_size)

@@ -407,11 +407,18 @@ def tree_size(tree: Any) -> int:
 
 def model_summary(*, params: Any, kv_cache: Any, num_pages: int, page_size: int,
                   max_model_len: int, max_num_seqs: int, profiles: list[BucketProfile],
-                  device_memory_bytes: int | None) -> ModelSummary:
-    """Adds up parameter, KV and compile figures. `kv_cache` is the runner's page pools."""
+                  device_memory_bytes: int | None, kv_copies: int = 1) -> ModelSummary:
+    """Adds up parameter, KV and compile figures. `kv_cache` is the runner's page pools.
+
+    `kv_copies`: stored copies of each KV head (tp / K when tensor parallelism exceeds the KV
+    heads, else 1). The KV figures are the model's own (one copy), as the parameter figures
+    count replicated weights once.
+    """
     if num_pages < 2:
         raise ValueError(f"num_pages={num_pages!r}: must be >= 2 (page 0 is reserved)")
-    kv_cache_bytes = tree_bytes(kv_cache)
+    if kv_copies < 1:
+        raise ValueError(f"kv_copies={kv_copies!r}: must be >= 1")
+    kv_cache_bytes = tree_bytes(kv_cache) // kv_copies
     pages_per_seq = -(-max_model_len // page_size)
     hit = [p for p in profiles if p.cache_hit]
     cold = [p for p in profiles if not p.cache_hit]

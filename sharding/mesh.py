@@ -44,9 +44,10 @@ def validate_model(parallel: ParallelConfig, model_cfg: ModelConfig) -> None:
     """Raises ValueError naming the model field that tensor_parallel_size does not divide.
 
     q heads, vocab and the MLP width are split over ``model`` and must divide evenly. KV heads
-    are split when tp divides them; when tp exceeds them, tp must be a multiple of them and the
-    KV projections and cache are replicated (each device then uses the one KV head its q heads
-    read). Any other combination cannot give each device whole q-head groups and is refused.
+    are split when tp divides them; when tp exceeds them, tp must be a multiple of them: the KV
+    projections are replicated and each device stores a copy of the one KV head its q heads read
+    (`rules.kv_cache_heads`). Any other combination cannot give each device whole q-head groups
+    and is refused.
     """
     tp = parallel.tensor_parallel_size
     for field in ("num_heads", "vocab_size", "intermediate_size"):
@@ -58,7 +59,7 @@ def validate_model(parallel: ParallelConfig, model_cfg: ModelConfig) -> None:
     if k % tp and tp % k:
         raise ValueError(
             f"tensor_parallel_size={tp} and the model's num_kv_heads={k}: tp must divide the "
-            f"KV heads (split) or be a multiple of them (KV replicated)")
+            f"KV heads (split) or be a multiple of them (one KV head per device)")
 
 
 def validate_parallel(parallel: ParallelConfig, model_cfg: ModelConfig | None,

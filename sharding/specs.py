@@ -12,7 +12,7 @@ the loader has read config.json, so the plan is made inside ``shardings_fn``)::
     loaded = load_model(model, ..., shardings_fn=shardings_fn)
     ModelRunner(loaded.config, loaded.params, ..., mesh=plan.mesh,
                 param_shardings=plan.param_shardings, kv_sharding=plan.kv_sharding,
-                attention_fn=plan.attention_fn)
+                kv_cache_heads=plan.kv_cache_heads, attention_fn=plan.attention_fn)
 
 Data parallelism (``data`` > 1) replicates everything, step inputs included: each data replica
 runs the same step on the same batch. It is correct but gives no extra throughput yet.
@@ -138,6 +138,11 @@ class ShardedAttention:
     model_cfg: ModelConfig
     impl: str = "auto"
 
+    @property
+    def kv_cache_heads(self) -> int:
+        """C, the head count of the KV cache arrays this attention reads and writes."""
+        return kv_cache_heads(self.model_cfg, self.mesh.shape[MODEL_AXIS])
+
     def __call__(self, q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
                  v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
                  sliding_window: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -145,7 +150,7 @@ class ShardedAttention:
         tp = self.mesh.shape[MODEL_AXIS]
         split_kv = kv_heads_sharded(self.model_cfg, tp)
         group = 1 if split_kv else tp // self.model_cfg.num_kv_heads  # devices per KV head
-        want = kv_cache_heads(self.model_cfg, tp)
+        want = self.kv_cache_heads
         if k_pages.shape[0] != want or v_pages.shape[0] != want:
             raise ValueError(
                 f"KV cache head count {k_pages.shape[0]}/{v_pages.shape[0]}: this plan (tp={tp}, "

@@ -205,16 +205,17 @@ class TestRaggedPagedAttention:
         assert not np.asarray(out).any()
 
     @pytest.mark.parametrize("q_lens", [[700, 1], [1] * 8], ids=["prefill", "decode"])
-    @pytest.mark.parametrize("group", [8, 16])
+    @pytest.mark.parametrize("page_size,group", [(16, 8), (16, 16), (32, 4), (64, 4)])
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-    def test_table_tiles_compile_and_match(self, dtype, group, q_lens):
+    def test_table_tiles_compile_and_match(self, dtype, page_size, group, q_lens):
         """config=None: the tuning table's tiles as the model gets them, G 16 (no entry: the
-        default scaled to its rows) and float32 (bf16-measured tiles shrunk to fit shared
-        memory; G 16 float32 prefill tiles did not compile on an H100 before)."""
+        default scaled to its rows), the L 32/64 entries, and float32 (bf16-measured tiles
+        shrunk to fit shared memory; G 16 float32 prefill tiles did not compile on an H100
+        before). Session 7 ran the L16 cases on an H200; the L 32/64 ones are new."""
         if self.INTERPRET:
             pytest.skip("the table's tiles are a GPU matter (shared memory, compile)")
-        batch = make_batch(group + len(q_lens), q_lens, page_size=16, head_dim=128, group=group,
-                           dtype=dtype)
+        batch = make_batch(group + len(q_lens), q_lens, page_size=page_size, head_dim=128,
+                           group=group, dtype=dtype)
         self.check(batch, None)
 
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -92,3 +92,11 @@ def test_float32_tiles_fit_the_q_tile_budget_and_bf16_entries_stay() -> None:
     assert tuning.tile_block_q(32, group=16, head_dim=128, itemsize=4) == 8
     assert tuning.tile_block_q(32, group=4, head_dim=128, itemsize=4) == 32  # 64 KiB: fits
     assert tuning.tile_block_q(1, group=8, head_dim=128, itemsize=4) == 2  # >= 16 rows
+
+
+def test_default_entries_are_the_g4_entries() -> None:
+    """DEFAULT_GROUP names the group the sweep copies into the table's defaults (H128 L16 G4)."""
+    table = tuning._table()
+    for q_class, default in table["default"].items():
+        entry = table["entries"][tuning.table_key(128, 16, tuning.DEFAULT_GROUP, q_class)]
+        assert {k: entry[k] for k in default} == default

@@ -376,6 +376,14 @@ def test_runner_at_tp_above_kv_heads_stores_one_head_per_device(params, cache_di
     want = np.argmax(direct_logits(params, inputs)[:2], axis=-1)
     np.testing.assert_array_equal(out.sampled_token_ids[:2], want)
     assert r.compiles_after_warmup == 0
+    # Without kv_cache_heads the runner takes the ShardedAttention's; a different one is refused.
+    kw = dict(attention_impl="reference", compilation_cache_dir=cache_dir, mesh=plan.mesh,
+              param_shardings=plan.param_shardings, kv_sharding=plan.kv_sharding,
+              attention_fn=plan.attention_fn, enable_penalties=False)
+    derived = mr.ModelRunner(CFG, params, CACHE, SCHED, **kw)
+    assert derived.kv_cache_heads == 4 and derived.kv_cache[0][0].shape[0] == 4
+    with pytest.raises(ValueError, match="kv_cache_heads=2: the attention_fn reads caches of 4"):
+        mr.ModelRunner(CFG, params, CACHE, SCHED, kv_cache_heads=2, **kw)
 
 
 def test_num_pages_from_memory():

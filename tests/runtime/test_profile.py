@@ -210,6 +210,28 @@ def test_cli_json_fields_are_present_and_consistent(cold_run):
 
 
 @pytest.mark.slow
+def test_kv_figures_are_the_models_at_tp_above_kv_heads(tmp_path):
+    """tp 4 > K 2: the cache stores one copy of a KV head per device ([4, P, L, H]); the
+    summary still reports the model's KV (one copy), as at tp 1, not the stored copies."""
+    from xlaserve.cli import main
+
+    model = tmp_path / "model"  # builtin:tiny's vocab (626) does not split over 4 devices
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}))
+    out = tmp_path / "tp4.json"
+    args = ["profile", *TINY, "--model", str(model), "--load-format", "dummy",
+            "--tensor-parallel-size", "4", "--buckets", "16x8", "--no-penalty-programs",
+            "--compilation-cache-dir", str(tmp_path / "cache"), "--json", str(out)]
+    assert main(args) == 0
+    summary = json.loads(out.read_text())["summary"]
+    per_token = 2 * 2 * 2 * 16 * 4  # K+V, layers, kv heads, H = 64 / 4, f32 (as at tp 1)
+    assert summary["kv_bytes_per_token"] == per_token
+    assert summary["kv_cache_bytes"] == per_token * summary["num_pages"] * summary["page_size"]
+
+
+@pytest.mark.slow
 def test_cli_second_run_hits_the_cache_and_a_forced_shape_fails(cold_run, capsys):
     _, cold, d = cold_run
     rc = _profile("--compilation-cache-dir", cold["runner"]["compilation_cache_dir"],

@@ -58,6 +58,38 @@ def test_engine_tp_greedy_equals_one_device(tp: int, dp: int) -> None:
     assert runner.compiles_after_warmup == 0
 
 
+@pytest.mark.hf
+def test_engine_tp4_above_kv_heads_equals_one_device(tmp_path) -> None:
+    """tp 4 > K 2 (a tiny HF Llama checkpoint: 4 q heads, 2 KV heads, vocab 300) through the
+    Engine: each device stores one KV head ([4, P, L, H] cache, [1, P, L, H] per device) and the
+    greedy tokens equal one device's."""
+    import hf_models
+
+    path = hf_models.make_hf_model(tmp_path, "llama2")
+    prompts = ([5, 9, 200, 31, 7], [100, 3, 3, 250, 12, 77, 60, 21, 8, 19, 40, 2, 30], [42])
+    got = {}
+    for tp in (1, 4):
+        engine = Engine.from_config(EngineConfig(
+            model=str(path), dtype="float32", attention_impl="reference",
+            cache=CacheConfig(page_size=8, num_pages=24),
+            scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8,
+                                      max_model_len=64),
+            parallel=ParallelConfig(tensor_parallel_size=tp)))
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", list(prompt),
+                               SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+        out: dict[str, list[int]] = {}
+        while engine.has_work():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        got[tp] = out
+        k_pages = engine.runner.kv_cache[0][0]
+        assert k_pages.shape[0] == (2 if tp == 1 else 4)
+        assert k_pages.addressable_shards[0].data.shape[0] == (2 if tp == 1 else 1)
+    assert len({t for toks in got[1].values() for t in toks}) > 3  # not degenerate
+    assert got[4] == got[1]
+
+
 def test_engine_tp_that_does_not_split_the_model_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size=4 does not divide the model's "
                                          "vocab_size=626"):

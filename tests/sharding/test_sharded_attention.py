@@ -18,7 +18,8 @@ from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
 from xlaserve.sharding.mesh import make_mesh
-from xlaserve.sharding.specs import ShardedAttention, shard_attention
+from xlaserve.sharding.rules import kv_cache_heads
+from xlaserve.sharding.specs import ShardedAttention, kv_cache_sharding, shard_attention
 
 N, H, L, P, M = 8, 16, 8, 24, 4  # q heads, head dim, page size, pages, max pages per sequence
 Q_LENS, KV_LENS = (1, 5, 1, 9), (7, 12, 17, 9)  # decode, chunk, decode, first prefill
@@ -63,10 +64,12 @@ def _expected(k_heads: int, sliding_window: int | None = None):
 
 
 def _on_mesh(mesh, k_heads: int, tp: int, *pools: np.ndarray) -> list[jax.Array]:
-    """Logical [K, P, L, H] pools laid out as the plan stores them: K heads split over
-    `model`, or (tp > K) tp heads, each KV head repeated for the tp // K devices reading it."""
-    group = 1 if k_heads % tp == 0 else tp // k_heads
-    sharding = NamedSharding(mesh, PartitionSpec("model"))
+    """Logical [K, P, L, H] pools laid out as the plan stores them (kv_cache_heads heads with
+    kv_cache_sharding): K heads split over `model`, or (tp > K) tp heads, each KV head repeated
+    for the tp // K devices reading it."""
+    cfg = _cfg(k_heads)
+    group = kv_cache_heads(cfg, tp) // k_heads
+    sharding = kv_cache_sharding(cfg, mesh)
     return [jax.device_put(np.repeat(p, group, axis=0), sharding) for p in pools]
 
 
@@ -141,8 +144,9 @@ def test_tp_above_kv_heads_stores_and_reads_one_head_per_device() -> None:
                         cu_q_lens=i32((s + 1,)), kv_lens=i32((s,)), page_table=i32((s, m)),
                         num_seqs=i32((1,)), logits_indices=i32((s,)))
     f32 = functools.partial(jax.ShapeDtypeStruct, dtype=np.float32)
-    pool_sharding = NamedSharding(mesh, PartitionSpec("model"))
-    pool = jax.ShapeDtypeStruct((tp, num_pages, L, H), np.float32, sharding=pool_sharding)
+    pool_sharding = kv_cache_sharding(_cfg(k_heads), mesh)  # the plan's layout
+    pool = jax.ShapeDtypeStruct((kv_cache_heads(_cfg(k_heads), tp), num_pages, L, H),
+                                np.float32, sharding=pool_sharding)
     assert pool_sharding.shard_shape(pool.shape) == (1, num_pages, L, H)
     fn = jax.jit(functools.partial(attn, sm_scale=H ** -0.5, sliding_window=None),
                  donate_argnums=(3, 4))

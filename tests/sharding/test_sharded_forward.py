@@ -184,12 +184,12 @@ AWKWARD = {
                                     attention_bias=True), 1, 2),  # 14 q heads, 2 KV heads each
     "llama3-8b_32q_8kv_tp8": (dict(num_heads=32, num_kv_heads=8), 1, 8),
     "qwen2.5-1.5b_12q_2kv_tp4": (dict(model_type="qwen2", num_heads=12, num_kv_heads=2,
-                                      attention_bias=True), 1, 4),  # KV replicated, 3 q heads
+                                      attention_bias=True), 1, 4),  # tp > K, 3 q heads each
     "qwen3_qknorm_24q_3kv_tp6": (dict(model_type="qwen3", num_heads=24, num_kv_heads=3,
                                       qk_norm=True, vocab_size=264, intermediate_size=192),
-                                 1, 6),  # KV replicated
+                                 1, 6),  # tp > K
     "mistral_window4_8q_2kv_dp2_tp4": (dict(model_type="mistral", num_heads=8, num_kv_heads=2,
-                                            sliding_window=4), 2, 4),  # KV replicated
+                                            sliding_window=4), 2, 4),  # tp > K
     # Row-parallel biases (o_proj, down_proj) must be added once, after the all-reduce.
     "llama_all_biases_8q_4kv_tp4": (dict(attention_bias=True, o_proj_bias=True, mlp_bias=True),
                                     1, 4),

@@ -257,7 +257,9 @@ def profile(cfg: EngineConfig, peaks: DevicePeaks, args: argparse.Namespace,
     records = [((t, s, w), runner.compile_records[(t, s)]) for t, s in buckets for w in widths]
     profiles: list[prof.BucketProfile] = []
     m = loaded.config
-    kv_bytes_per_token = prof.tree_bytes(runner.kv_cache) // (runner.num_pages * runner.page_size)
+    kv_copies = runner.kv_cache_heads // m.num_kv_heads  # tp / K when tp > K (one per device)
+    kv_bytes_per_token = (prof.tree_bytes(runner.kv_cache) // kv_copies
+                          // (runner.num_pages * runner.page_size))
     kv_len = args.run_kv_len or runner.sched_cfg.max_model_len // 2
     for (t, s, w), rec in records:
         bp = prof.analyze_compiled(t, s, compiled=rec.compiled,
@@ -294,7 +296,7 @@ def profile(cfg: EngineConfig, peaks: DevicePeaks, args: argparse.Namespace,
         params=runner.params, kv_cache=runner.kv_cache, num_pages=runner.num_pages,
         page_size=runner.page_size, max_model_len=runner.sched_cfg.max_model_len,
         max_num_seqs=runner.sched_cfg.max_num_seqs, profiles=profiles,
-        device_memory_bytes=_device_memory())
+        device_memory_bytes=_device_memory(), kv_copies=kv_copies)
     report: dict[str, Any] = {
         "xlaserve": xlaserve.__version__, "jax": jax.__version__, "device": _device_json(),
         "peaks": peaks.to_json(), "config": dataclasses.asdict(cfg),
