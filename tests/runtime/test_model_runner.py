@@ -321,6 +321,17 @@ def test_dtype_contract_is_enforced(runner):
         runner.execute(dataclasses.replace(inputs, sampling=smp))
 
 
+def _assert_two_seqs_greedy(r: mr.ModelRunner, params, *, seed: int) -> None:
+    """Warms up one bucket, prefills two random prompts: greedy tokens as the direct forward."""
+    r.warmup(buckets=[(16, 8)])
+    rng = np.random.default_rng(seed)
+    inputs = build_step([(rng.integers(0, 256, 4).tolist(), 0, [1]),
+                         (rng.integers(0, 256, 9).tolist(), 0, [2, 3])], r)
+    out = r.execute(inputs)
+    want = np.argmax(direct_logits(params, inputs)[:2], axis=-1)
+    np.testing.assert_array_equal(out.sampled_token_ids[:2], want)
+
+
 @pytest.mark.slow  # a third compile of the step; the sharding tests cover the sharded forward
 def test_sharded_runner_matches_unsharded(params, cache_dir):
     """Explicit in/out shardings on a 1x2 mesh: KV pages split over KV heads, same tokens."""
@@ -330,13 +341,7 @@ def test_sharded_runner_matches_unsharded(params, cache_dir):
                        compilation_cache_dir=cache_dir, mesh=mesh, kv_sharding=kv,
                        enable_penalties=False)
     assert r.kv_cache[0][0].sharding.is_equivalent_to(kv, 4)
-    r.warmup(buckets=[(16, 8)])
-    rng = np.random.default_rng(4)
-    inputs = build_step([(rng.integers(0, 256, 4).tolist(), 0, [1]),
-                         (rng.integers(0, 256, 9).tolist(), 0, [2, 3])], r)
-    out = r.execute(inputs)
-    want = np.argmax(direct_logits(params, inputs)[:2], axis=-1)
-    np.testing.assert_array_equal(out.sampled_token_ids[:2], want)
+    _assert_two_seqs_greedy(r, params, seed=4)
     assert r.kv_cache[0][0].sharding.is_equivalent_to(kv, 4)  # out_shardings kept it split
     assert r.compiles_after_warmup == 0
     with pytest.raises(ValueError, match="mesh=None"):
@@ -368,13 +373,7 @@ def test_runner_at_tp_above_kv_heads_stores_one_head_per_device(params, cache_di
     k_pages = r.kv_cache[0][0]
     assert k_pages.shape == (4, 20, 8, 16)
     assert k_pages.addressable_shards[0].data.shape == (1, 20, 8, 16)
-    r.warmup(buckets=[(16, 8)])
-    rng = np.random.default_rng(5)
-    inputs = build_step([(rng.integers(0, 256, 4).tolist(), 0, [1]),
-                         (rng.integers(0, 256, 9).tolist(), 0, [2, 3])], r)
-    out = r.execute(inputs)
-    want = np.argmax(direct_logits(params, inputs)[:2], axis=-1)
-    np.testing.assert_array_equal(out.sampled_token_ids[:2], want)
+    _assert_two_seqs_greedy(r, params, seed=5)
     assert r.compiles_after_warmup == 0
     # Without kv_cache_heads the runner takes the ShardedAttention's; a different one is refused.
     kw = dict(attention_impl="reference", compilation_cache_dir=cache_dir, mesh=plan.mesh,
