@@ -6,8 +6,10 @@ q-length class) it holds the fastest measured (block_q, pages_per_block, num_war
 and one rule for KV splits (flash-decoding):
 split until the grid holds about ``target_programs`` programs, each split keeping at least
 ``min_blocks_per_split`` KV blocks. Keys missing from the table fall back to the table's
-``default`` entries for the q-length class (its H128 L16 G4 entries), with block_q scaled so the
-tile keeps the default's row count (block_q * G'); the fallback is logged once, never silent.
+``default`` entries for the q-length class (its H128 L16 G4 entries), scaled so the tile keeps
+the default's shape: block_q keeps its row count (block_q * G') and pages_per_block its keys per
+KV block (pages_per_block * L; a page size of 128 took the default's 8 pages, 1024 keys); the
+fallback is logged once, never silent.
 
 The table is measured in bf16. A tile whose q rows would pass ``Q_TILE_BYTES`` (float32, or a
 large group) gets block_q halved until they fit: a float32 G 16 prefill tile of 512 x 128 rows
@@ -37,6 +39,7 @@ Q_CLASSES = ("decode", "mixed", "prefill")
 
 DECODE_MAX_TOKENS = 16  # the runner's smallest token bucket: always a decode-class bucket
 DEFAULT_GROUP = 4  # the padded group of the table's default entries (H128 L16 G4)
+DEFAULT_PAGE_SIZE = 16  # their page size
 # Most bytes of one tile's q rows (block_q * G' x H x itemsize). 64 KiB compiles (float32 G 8
 # prefill, 128 x 128 rows, H200: bench/results/session7_h200x4/tpkv_run2); 256 KiB did not
 # (float32 G 16, bench/results/session7_h200x2). Both GPUs allow 227 KiB per block. The
@@ -77,7 +80,7 @@ def table_key(head_dim: int, page_size: int, group: int, q_class: str) -> str:
 def _warn_missing_entry(key: str, q_class: str, entry: str) -> None:
     """Warns once per missing table key (not once per bucket shape)."""
     log.warning("ragged_paged_attention tuning: no entry %s in %s; using the default %s entry "
-                "with block_q scaled to its rows: %s", key, TABLE_PATH.name, q_class, entry)
+                "scaled to its rows and keys per block: %s", key, TABLE_PATH.name, q_class, entry)
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,14 +112,17 @@ def lookup_config(*, head_dim: int, page_size: int, group: int, num_tokens: int,
     gp = padded_group(group)
     key = table_key(head_dim, page_size, gp, q_class)
     entry = table["entries"].get(key)
-    block_q = int(entry["block_q"]) if entry is not None else 0
     if entry is None:
-        entry = table["default"][q_class]
-        # Keep the default tile's rows (block_q * G'): the measured entries of G 1/4/8 hold
-        # about the same rows per class (prefill 64-128, decode 16), not the same block_q.
-        block_q = max(1, int(entry["block_q"]) * DEFAULT_GROUP // gp)
-        _warn_missing_entry(key, q_class, json.dumps({**entry, "block_q": block_q},
-                                                     sort_keys=True))
+        default = table["default"][q_class]
+        # Keep the default tile's shape: its rows (block_q * G'; the measured entries of G 1/4/8
+        # hold about the same rows per class, prefill 64-128 and decode 16, not the same
+        # block_q) and its keys per KV block (pages_per_block * L).
+        entry = {**default,
+                 "block_q": max(1, int(default["block_q"]) * DEFAULT_GROUP // gp),
+                 "pages_per_block": max(1, int(default["pages_per_block"]) * DEFAULT_PAGE_SIZE
+                                        // page_size)}
+        _warn_missing_entry(key, q_class, json.dumps(entry, sort_keys=True))
+    block_q = int(entry["block_q"])
     fitted = tile_block_q(block_q, group=gp, head_dim=head_dim, itemsize=itemsize)
     if fitted < block_q:
         _log_shrunk(key, itemsize, block_q, fitted)

@@ -204,14 +204,24 @@ class TestRaggedPagedAttention:
         out = self.run_kernel(batch, Cfg(block_q=4, pages_per_block=1), sm_scale=0.1)
         assert not np.asarray(out).any()
 
+    @pytest.mark.parametrize("page_size", [8, 128])
+    def test_page_sizes_without_table_entries(self, page_size):
+        """L 8 and L 128 have no table entries: the default tiles scaled to their keys per
+        block run and match (decode rows and a chunk longer than a page, after random contexts)."""
+        batch = make_batch(page_size, [1, page_size + 5, 1], page_size=page_size, head_dim=64,
+                           group=4, dtype=jnp.bfloat16)
+        self.check(batch, None)
+
     @pytest.mark.parametrize("q_lens", [[700, 1], [1] * 8], ids=["prefill", "decode"])
-    @pytest.mark.parametrize("page_size,group", [(16, 8), (16, 16), (32, 4), (64, 4)])
+    @pytest.mark.parametrize("page_size,group", [(16, 8), (16, 16), (32, 4), (64, 4), (8, 4),
+                                                 (128, 4)])
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
     def test_table_tiles_compile_and_match(self, dtype, page_size, group, q_lens):
         """config=None: the tuning table's tiles as the model gets them, G 16 (no entry: the
         default scaled to its rows), the L 32/64 entries, and float32 (bf16-measured tiles
         shrunk to fit shared memory; G 16 float32 prefill tiles did not compile on an H100
-        before). Session 7 ran the L16 cases on an H200; the L 32/64 ones are new."""
+        before), and page sizes 8 and 128 (no entries: the default scaled to its keys per
+        block). Session 7 ran the L16 cases on an H200; the others are not run yet."""
         if self.INTERPRET:
             pytest.skip("the table's tiles are a GPU matter (shared memory, compile)")
         batch = make_batch(group + len(q_lens), q_lens, page_size=page_size, head_dim=128,

@@ -100,3 +100,18 @@ def test_default_entries_are_the_g4_entries() -> None:
     for q_class, default in table["default"].items():
         entry = table["entries"][tuning.table_key(128, 16, tuning.DEFAULT_GROUP, q_class)]
         assert {k: entry[k] for k in default} == default
+
+
+@pytest.mark.parametrize("page_size", [8, 128])
+def test_missing_page_size_keeps_the_default_keys_per_block(page_size: int) -> None:
+    """No L 8 / L 128 entries: pages_per_block scaled so a KV block holds the default's keys
+    (before, L 128 took the default's 8 pages per block: 1024 keys per tile)."""
+    default = tuning._table()["default"]
+    for q_class, t in (("prefill", 4096), ("decode", 16), ("mixed", 512)):
+        assert tuning.table_key(128, page_size, 4, q_class) not in tuning._table()["entries"]
+        cfg = tuning.lookup_config(head_dim=128, page_size=page_size, group=4, num_tokens=t,
+                                   num_seqs=8 if q_class == "mixed" else 1, max_kv_len=4096,
+                                   num_kv_heads=8)
+        keys = default[q_class]["pages_per_block"] * tuning.DEFAULT_PAGE_SIZE
+        assert cfg.pages_per_block * page_size == max(keys, page_size)
+        assert cfg.block_q == default[q_class]["block_q"]  # G 4: the default's own rows
