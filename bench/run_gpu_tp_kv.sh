@@ -6,6 +6,7 @@
 #   1. the engine through the CLI, float32: a batch job of token-id prompts at tp 1 and tp 4
 #      (same greedy tokens?); the logs give each device's KV bytes per page and page count
 #   2. bench/tp_scaling.py at tp 1 and 4 (bf16): decode B=1 and 32, prefill 2048, greedy check
+#      (each tp child takes ~150-170 s for a 3B model: BENCH_S must fit both)
 #   OUT=/tmp/out bash bench/run_gpu_tp_kv.sh
 # KERNEL_TESTS=1 first runs the compiled kernel tests of the tuning table's tiles (G 8/16, f32 and
 # bf16); NO_BENCH=1 skips step 2.
@@ -72,7 +73,7 @@ for tp in tps[1:]:
                   f"tp{tp} top-2 {top(d)}")
 PY
 if [ "${NO_BENCH:-0}" != 1 ]; then
-  timeout -s ABRT -k 5 "${BENCH_S:-330}" $PY bench/tp_scaling.py --model $M --tp $TPS \
+  timeout -s ABRT -k 5 "${BENCH_S:-480}" $PY bench/tp_scaling.py --model $M --tp $TPS \
     --decode-batches ${DECODE_BATCHES:-1 32} --repeats 3 --out "$R/tp_qwen3b.json" \
     > "$R/tp_scaling.log" 2>&1  # the full log keeps a stall's tracebacks
   rc=$?; grep -v "^ \|^--\|^{\|^}" "$R/tp_scaling.log"
