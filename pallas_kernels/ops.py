@@ -43,6 +43,13 @@ def _platform(platform: str | None) -> str:
     return "gpu" if platform in ("cuda", "gpu") else platform
 
 
+def _jax_minor() -> tuple[int, int]:
+    """(major, minor) of the running jax, e.g. (0, 11)."""
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0)
+                    for part in jax.__version__.split(".")[:2])
+    return major, minor
+
+
 def available_implementations(platform: str | None = None) -> dict[str, str]:
     """Maps implementation name -> "available" or the reason it is not, on `platform`."""
     platform = _platform(platform)
@@ -54,6 +61,10 @@ def available_implementations(platform: str | None = None) -> dict[str, str]:
             from jax.experimental.pallas import triton as _  # noqa: F401
         except ImportError as e:  # pragma: no cover - depends on the jax build
             triton = f"jax.experimental.pallas.triton does not import: {e}"
+        else:
+            if _jax_minor() >= (0, 11):
+                triton = (f"available (jax {jax.__version__} deprecates the Pallas Triton "
+                          f"backend; no removal version named yet, bench/NOTES_mosaic_gpu.md)")
     return {"reference": "available", "pallas_triton": triton,
             "pallas_interpret": "available (interpreter: for tests, slow)"}
 

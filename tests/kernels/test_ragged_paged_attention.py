@@ -315,3 +315,15 @@ def test_dispatcher_never_falls_back_silently(caplog):
     np.testing.assert_allclose(np.asarray(out[:10]), np.asarray(ref[:10]), rtol=1e-6)
     out_interp = ops.ragged_paged_attention(*batch.args, sm_scale=0.1, impl="pallas_interpret")
     assert relative_error(out_interp[:10], ref[:10]) < 2e-5
+
+
+@pytest.mark.parametrize("version,deprecated", [("0.10.2", False), ("0.11.2", True),
+                                                ("0.12.0.dev20261101", True)])
+def test_info_says_when_jax_deprecates_the_triton_backend(monkeypatch, version, deprecated):
+    """`xlaserve info` and the profile list the implementations: on jax >= 0.11 the Pallas
+    Triton backend is deprecated, which the GPU entry says (it still resolves and runs)."""
+    monkeypatch.setattr(jax, "__version__", version)
+    triton = ops.available_implementations("gpu")["pallas_triton"]
+    assert triton.startswith("available")
+    assert ("deprecates the Pallas Triton backend" in triton) == deprecated
+    assert ops.resolve_impl("pallas_triton", "gpu") == "pallas_triton"

@@ -376,3 +376,21 @@ def test_attention_cost_counts_kv_reads_and_flops():
     peaks = hardware.peaks_by_name("h100-sxm")
     prof.add_attention_estimate(bp, 1e9, 17e9, peaks, "bfloat16")
     assert bp.roofline_with_attention_s == pytest.approx(33e9 / 3.35e12)
+
+
+@pytest.mark.parametrize("version,noted", [("0.10.2", False), ("0.11.2", True)])
+def test_profile_notes_the_triton_deprecation_on_gpu(monkeypatch, version, noted):
+    """On a GPU under jax >= 0.11 the report says the kernel's Pallas backend is deprecated."""
+    from xlaserve.profiling import session
+    from xlaserve.runtime.config import EngineConfig
+
+    monkeypatch.setattr(jax, "__version__", version)
+    peaks = hardware.peaks_by_name("h100-sxm")  # datasheet peaks
+    report = {"device": {"platform": "gpu"}, "summary": {"device_memory_bytes": 80 << 30},
+              "xla_flags": {"set_by_xlaserve": ["--xla_gpu_dot_merger_threshold_mb=512"]}}
+    notes = session.not_available(EngineConfig(), peaks, report)
+    assert [n for n in notes if "deprecates the Pallas Triton backend" in n] == (
+        [f"attention: the Pallas kernel (pallas_triton) is available (jax {version} deprecates "
+         "the Pallas Triton backend; no removal version named yet, bench/NOTES_mosaic_gpu.md)"]
+        if noted else [])
+    assert len(notes) == int(noted)

@@ -13,8 +13,8 @@ The result is one JSON-able dict (`profile` returns it; render.py draws it):
   {num_requests, num_steps, seed, forced_shape, compiles_after_warmup[{fun_name, shapes,
   seconds}], runner_compile_log[{shapes, num_compiles}], runner_compiles_after_warmup}),
   xla_flags{XLA_FLAGS, set_by_xlaserve, not_set, late, disabled} (runtime/xla_flags.py),
-  not_available[] (what this platform cannot show or run, one sentence each; empty on a GPU with
-  datasheet peaks).
+  not_available[] (what this platform cannot show or run, one sentence each; on a GPU with
+  datasheet peaks only jax's deprecation of the Pallas Triton backend, from jax 0.11).
 """
 
 from __future__ import annotations
@@ -215,6 +215,9 @@ def not_available(cfg: EngineConfig, peaks: DevicePeaks, report: dict[str, Any])
         notes.append(f"attention: the Pallas kernel (pallas_triton) {reason}; --attention-impl "
                      "auto ran the pure-jnp reference, so the attention costs are not the "
                      "kernel's")
+    elif "deprecates" in ops.available_implementations(platform)["pallas_triton"]:
+        notes.append("attention: the Pallas kernel (pallas_triton) is "
+                     + ops.available_implementations(platform)["pallas_triton"])
     if peaks.source == "nominal":
         notes.append(f"peaks: {peaks.name} holds nominal round numbers, not this machine's: "
                      "roofline times and measured/roofline ratios are placeholders "
