@@ -65,7 +65,7 @@ def candidates(q_class: str, group: int, full: bool) -> list[Cfg]:
         grid = itertools.product(sorted({max(min_bq, b) for b in (8, 16, 32)}), [2, 4], [4, 8],
                                  [2] if full else [2])
     else:
-        bqs = [b for b in (16, 32, 64) if 32 <= b * gp <= 256] or [min_bq]
+        bqs = [b for b in (2, 4, 8, 16, 32, 64) if 32 <= b * gp <= 256] or [min_bq]
         grid = itertools.product(bqs, [2, 4, 8], [4, 8], [2, 3] if full else [2])
     out = []
     for bq, ppb, warps, stages in grid:
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--table", default="pallas_kernels/tuning_h100.json")
     parser.add_argument("--out", default="bench/results/attention_sweep_h100.json")
     parser.add_argument("--extra", action="store_true",
-                        help="also tune G 1/8, H 64, L 32/64 (smaller candidate sets)")
+                        help="also tune G 1/8/16, H 64 (G 4/8), L 32/64 (smaller candidate sets)")
     parser.add_argument("--only", default="",
                         help="comma-separated table keys to sweep (e.g. H128_L16_G8_decode); "
                              "the others keep their table entries")
@@ -178,8 +178,10 @@ def main() -> None:
     entries: dict[str, Any] = dict(table.get("entries", {}))
     keys = [(128, 16, 4, c, True) for c in ("decode", "prefill", "mixed")]
     if args.extra:
+        # G 16: one-KV-head models and 16 q heads per KV head; H64 G8: Qwen2.5-0.5B (14/2).
         keys += [(h, l, g, c, False) for (h, l, g) in [(128, 16, 1), (128, 16, 8), (64, 16, 4),
-                                                       (128, 32, 4), (128, 64, 4)]
+                                                       (128, 32, 4), (128, 64, 4),
+                                                       (128, 16, 16), (64, 16, 8)]
                  for c in ("decode", "prefill", "mixed")]
     if args.only:
         only = set(args.only.split(","))
@@ -187,7 +189,7 @@ def main() -> None:
         missing = only - {table_key(k[0], k[1], k[2], k[3]) for k in keys}
         if missing:
             parser.error(f"--only {sorted(missing)}: not among the sweep's keys "
-                         f"(add --extra for the G 1/8, H 64, L 32/64 keys)")
+                         f"(add --extra for the G 1/8/16, H 64, L 32/64 keys)")
     for head_dim, page_size, group, q_class, full in keys:
         entry = sweep_key(q_class, head_dim=head_dim, page_size=page_size, group=group,
                           full=full, raw=raw)
