@@ -59,9 +59,11 @@ def held_back(text: str, start: int, stops: Sequence[str]) -> int:
 
 
 class _State:
-    def __init__(self, detok: Detokenizer | None, stops: tuple[str, ...], min_tokens: int = 0):
+    def __init__(self, detok: Detokenizer | None, stops: tuple[str, ...], min_tokens: int = 0,
+                 include_stop: bool = False):
         self.detok = detok
         self.stops = stops
+        self.include_stop = include_stop  # a matched stop string stays in the text (vLLM's flag)
         self.min_tokens = min_tokens  # stop strings count only after this many output tokens
         self.num_tokens = 0  # output tokens seen
         self.text = ""  # everything decoded so far (includes held text)
@@ -83,7 +85,8 @@ class OutputProcessor:
     def add(self, request_id: str, prompt_token_ids: Sequence[int],
             sampling: SamplingParams) -> None:
         detok = self._factory(prompt_token_ids) if self._factory is not None else None
-        self._states[request_id] = _State(detok, sampling.stop, sampling.min_tokens)
+        self._states[request_id] = _State(detok, sampling.stop, sampling.min_tokens,
+                                          sampling.include_stop_str_in_output)
 
     def remove(self, request_id: str) -> None:
         self._states.pop(request_id, None)
@@ -111,6 +114,8 @@ class OutputProcessor:
             hit = find_stop(st.text, st.sent, st.stops)
             if hit is not None:
                 end, matched = hit
+                if st.include_stop:
+                    end += len(matched)
             elif out.finished:
                 end = len(st.text)
             else:

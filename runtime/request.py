@@ -35,6 +35,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token (0: only sampled)
     n: int = 1  # samples per prompt, sharing the prompt's pages
+    include_stop_str_in_output: bool = False  # keep a matched stop string at the end of the text
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,6 +73,8 @@ class SamplingParams:
                                                    0 <= self.logprobs <= 20), "must be in [0, 20]"),
             ("n", _is_int(self.n) and 1 <= self.n <= 64, "must be in [1, 64]"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "must be true or false"),
+            ("include_stop_str_in_output", isinstance(self.include_stop_str_in_output, bool),
+             "must be true or false"),
             ("stop", all(isinstance(s, str) and s for s in self.stop),
              "must be non-empty strings"),
         ]

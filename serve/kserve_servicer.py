@@ -128,7 +128,8 @@ _FIELD_KINDS = {
     **{name: "int" for name in ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "n")},
     **{name: "float" for name in ("temperature", "top_p", "min_p", "repetition_penalty",
                                   "presence_penalty", "frequency_penalty")},
-    "ignore_eos": "bool", "stop": "stop", "stop_token_ids": "stop_token_ids",
+    "ignore_eos": "bool", "include_stop_str_in_output": "bool", "stop": "stop",
+    "stop_token_ids": "stop_token_ids",
 }
 
 

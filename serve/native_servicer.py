@@ -41,8 +41,8 @@ def sampling_values(msg: Any) -> dict[str, Any]:
         if name in ("stop", "stop_token_ids"):  # repeated
             if len(value):
                 values[name] = tuple(value)
-        elif name == "ignore_eos":  # plain bool: false is the default anyway
-            if value:
+        elif name in ("ignore_eos", "include_stop_str_in_output"):  # plain bools (false is
+            if value:  # the default anyway)
                 values[name] = True
         elif msg.HasField(name):  # every other field is proto3 `optional`
             values[name] = value

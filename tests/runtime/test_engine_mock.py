@@ -301,6 +301,7 @@ def test_top_k_minus_one_is_off():
     (dict(max_tokens=True), "max_tokens"), (dict(n=True), "n"),
     (dict(temperature=True), "temperature"),
     (dict(stop=5), "stop"), (dict(ignore_eos="false"), "ignore_eos"),
+    (dict(include_stop_str_in_output=1), "include_stop_str_in_output"),
 ])
 def test_wrong_types_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}="):

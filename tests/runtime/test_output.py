@@ -19,9 +19,10 @@ class Chars:
         return ""
 
 
-def feed(text, stops, finish_last=False):
+def feed(text, stops, finish_last=False, include_stop=False):
     proc = OutputProcessor(Chars)
-    proc.add("r", [1], SamplingParams(stop=stops, max_tokens=100))
+    proc.add("r", [1], SamplingParams(stop=stops, max_tokens=100,
+                                      include_stop_str_in_output=include_stop))
     deltas, matched = [], None
     for i, ch in enumerate(text):
         last = finish_last and i == len(text) - 1
@@ -48,6 +49,18 @@ def test_text_that_could_start_a_stop_is_held_then_trimmed():
     assert stop == "END" and out.finished and out.finish_reason == "stop"
     assert out.stop_reason == "END"
     assert "".join(deltas) == "say "
+
+
+def test_include_stop_str_in_output_keeps_the_matched_stop_and_nothing_after():
+    """vLLM's include_stop_str_in_output: the text ends with the stop string (held back, then
+    released with it); what followed it in the same delta is still cut."""
+    deltas, matched = feed("say END now", ["END"], include_stop=True)
+    assert deltas == ["s", "a", "y", " ", "", "", "END"]
+    assert matched[0] == "END" and matched[1].finish_reason == "stop"
+    proc = OutputProcessor(Chars)
+    proc.add("r", [1], SamplingParams(stop=["XY", "B"], include_stop_str_in_output=True))
+    out, m = proc.process(RequestOutput("r", tuple(map(ord, "aXYzB")), "", False, None))
+    assert (m, out.new_text) == ("XY", "aXY")  # the earliest stop, then nothing past it
 
 
 def test_held_text_released_when_it_cannot_match():

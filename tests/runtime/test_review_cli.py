@@ -148,7 +148,10 @@ def test_batch_wrong_types_name_the_field(fast_engine, tmp_path):
         {"id": "bools", "prompt": [True, 5]},
         {"id": "eos", "prompt": "hi", "ignore_eos": "false"},
         {"id": "lp", "prompt": "hi", "logprobs": "yes"},
+        {"id": "inc", "prompt": "hi", "include_stop_str_in_output": "yes"},
         {"id": "good", "prompt": "hi", "max_tokens": 2},
+        {"id": "inc_ok", "prompt": "hi", "max_tokens": 2, "stop": ["x"],
+         "include_stop_str_in_output": True},
     ])
     by_id = {r["id"]: r for r in recs}
     assert "max_tokens='5'" in by_id["mt"]["error"]
@@ -157,7 +160,8 @@ def test_batch_wrong_types_name_the_field(fast_engine, tmp_path):
     assert "prompt=" in by_id["bools"]["error"]
     assert "ignore_eos='false'" in by_id["eos"]["error"]
     assert "logprobs='yes'" in by_id["lp"]["error"]
-    assert "error" not in by_id["good"]
+    assert "include_stop_str_in_output='yes'" in by_id["inc"]["error"]
+    assert "error" not in by_id["good"] and "error" not in by_id["inc_ok"]
 
 
 def test_batch_invalid_utf8_line_is_an_error_and_a_bom_is_fine(fast_engine, tmp_path):

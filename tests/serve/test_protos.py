@@ -56,3 +56,5 @@ def test_every_sampling_field_is_in_the_proto() -> None:
     msg.stop.append("x")
     msg.ignore_eos = True
     assert sampling_values(msg) == {"temperature": 0.0, "stop": ("x",), "ignore_eos": True}
+    msg.include_stop_str_in_output = True
+    assert sampling_values(msg)["include_stop_str_in_output"] is True

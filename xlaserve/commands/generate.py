@@ -40,6 +40,7 @@ SAMPLING_FIELDS = {
     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
     "seed": "seed", "stop": "stop", "stop_token_ids": "stop_token_ids",
     "ignore_eos": "ignore_eos", "n": "n", "top_logprobs": "logprobs",
+    "include_stop_str_in_output": "include_stop_str_in_output",
 }
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "min_tokens", "top_k", "seed", "n",
                "top_logprobs")
@@ -76,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--n", type=int, help="samples per prompt")
     s.add_argument("--ignore-eos", action="store_true", default=None)
+    s.add_argument("--include-stop-str-in-output", action="store_true", default=None,
+                   help="keep a matched stop string at the end of the text")
 
 
 def _sampling_defaults(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,7 +86,7 @@ def _sampling_defaults(args: argparse.Namespace) -> dict[str, Any]:
 
     names = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p",
              "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "n",
-             "ignore_eos")
+             "ignore_eos", "include_stop_str_in_output")
     out = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     try:
         SamplingParams(**out)
@@ -298,7 +301,7 @@ def _check_type(key: str, value: Any) -> None:
         want = "a string or a list of strings"
     elif key == "stop_token_ids":
         ok, want = isinstance(value, list), "a list of token ids"
-    elif key == "ignore_eos":
+    elif key in ("ignore_eos", "include_stop_str_in_output"):
         ok, want = isinstance(value, bool), "true or false"
     else:
         return
