@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from xlaserve.runtime.request import SamplingParams
+from xlaserve.runtime.request import MAX_LOGIT_BIAS, SamplingParams
 from xlaserve.runtime.scheduler import ScheduledSeq, SchedulerOutput
 
 
@@ -44,6 +44,11 @@ class SamplingInputs:
     # 1 when some request of the step asked for top-n logprobs: the top-k over the vocabulary is
     # computed only then (set by the runner from execute(num_logprobs=...)).
     want_top_logprobs: np.ndarray  # i32[1]
+    # logit_bias: ids (-1 padded) and biases per row, [S, MAX_LOGIT_BIAS]; None when no request
+    # of the batch has one. Only the sampler program reads them (the runner passes a cached
+    # empty pair otherwise), never the forward program.
+    logit_bias_ids: np.ndarray | None = None  # i32[S, B]
+    logit_bias: np.ndarray | None = None  # f32[S, B]
 
 
 # E: how many stop ids (EOS + stop_token_ids) min_tokens can hold back per request.
@@ -200,6 +205,13 @@ def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int, max_history: int | No
             ids = min_tokens_stop_ids(q.sampling, eos_token_ids)[:MAX_MIN_TOKENS_STOP_IDS]
             min_tokens[s] = q.sampling.min_tokens
             stop_ids[s, :len(ids)] = ids
+    bias_ids = bias = None
+    if any(q.sampling.logit_bias for q in seqs):
+        bias_ids = np.full((S, MAX_LOGIT_BIAS), -1, np.int32)
+        bias = np.zeros((S, MAX_LOGIT_BIAS), np.float32)
+        for s, q in enumerate(seqs):
+            for j, (tok, b) in enumerate(q.sampling.logit_bias):
+                bias_ids[s, j], bias[s, j] = tok, b
     return SamplingInputs(
         temperature=col(lambda p: p.temperature, 0.0, np.float32),
         top_k=col(lambda p: p.top_k, 0, np.int32),
@@ -211,7 +223,8 @@ def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int, max_history: int | No
         seeds=seeds, output_positions=out_pos,
         prompt_token_ids=prompt_hist, output_token_ids=output_hist,
         min_tokens=min_tokens, min_tokens_stop_ids=stop_ids,
-        want_top_logprobs=np.array([any(q.sampling.logprobs for q in seqs)], np.int32))
+        want_top_logprobs=np.array([any(q.sampling.logprobs for q in seqs)], np.int32),
+        logit_bias_ids=bias_ids, logit_bias=bias)
 
 
 def chain_placeholders(inputs: StepInputs, sched_out: SchedulerOutput,

@@ -151,6 +151,9 @@ class Engine:
         vocab = self.model_config.vocab_size if self.model_config else None
         if vocab is not None and any(not 0 <= int(t) < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab})")
+        if vocab is not None and any(t >= vocab for t, _ in sampling.logit_bias):
+            raise ValueError(f"logit_bias: token ids must be in [0, {vocab}), got "
+                             f"{[t for t, _ in sampling.logit_bias if t >= vocab][:5]}")
         if sampling.min_tokens > 0 and len(batch.min_tokens_stop_ids(
                 sampling, self.eos_token_ids)) > batch.MAX_MIN_TOKENS_STOP_IDS:
             raise ValueError(f"stop_token_ids: with min_tokens > 0 at most "

@@ -48,6 +48,7 @@ import numpy as np
 
 from xlaserve.runtime import packing, sampling, step_programs, xla_flags
 from xlaserve.runtime.batch import (
+    MAX_LOGIT_BIAS,
     MAX_MIN_TOKENS_STOP_IDS,
     SamplingInputs,
     StepInputs,
@@ -240,6 +241,7 @@ class ModelRunner:
         self.history_width = sched_cfg.max_model_len if enable_penalties else 1
         self.history_widths = (self.history_width,)
         self._empty_history: dict[int, jax.Array] = {}  # S -> i32[S, W] of -1 on the device
+        self._empty_bias: dict[int, tuple[jax.Array, jax.Array]] = {}  # S -> empty logit_bias
         self._no_chain: dict[int, np.ndarray] = {}  # T -> i32[T] of -1 (no placeholder rows)
         self._zero_tokens: jax.Array | None = None  # prev_tokens of an unchained step
 
@@ -419,8 +421,10 @@ class ModelRunner:
                                                          output_token_ids=None))
         logits = jax.ShapeDtypeStruct((num_seqs, self.model_cfg.vocab_size), np.float32,
                                       sharding=self._replicated)
+        bias_ids, bias = (np.zeros((num_seqs, MAX_LOGIT_BIAS), t) for t in (np.int32, np.float32))
         record = lower_and_compile(self._samplers[mode], logits, small,
-                                   struct(smp.prompt_token_ids), struct(smp.output_token_ids))
+                                   struct(smp.prompt_token_ids), struct(smp.output_token_ids),
+                                   struct(bias_ids), struct(bias))
         self._sampler_executables[(num_seqs, history_width, mode)] = record.compiled
         return record
 
@@ -490,6 +494,12 @@ class ModelRunner:
                 got = np.dtype(getattr(inputs.sampling, name).dtype)
                 if got != dtype:
                     raise ValueError(f"inputs.sampling.{name}.dtype={got}: must be {dtype}")
+            want = (inputs.num_seqs_bucket, MAX_LOGIT_BIAS)
+            for name, dtype in (("logit_bias_ids", np.int32), ("logit_bias", np.float32)):
+                a = getattr(inputs.sampling, name)
+                if a is not None and (np.shape(a) != want or np.dtype(a.dtype) != dtype):
+                    raise ValueError(f"inputs.sampling.{name}: {np.dtype(a.dtype)}"
+                                     f"{list(np.shape(a))}, must be {np.dtype(dtype)}{list(want)}")
         if inputs.page_table.shape[-1] != self.max_pages_per_seq:
             raise ValueError(f"page_table.shape={inputs.page_table.shape}: width must be "
                              f"max_pages_per_seq={self.max_pages_per_seq}")
@@ -546,6 +556,12 @@ class ModelRunner:
             raise ValueError(f"num_logprobs={num_logprobs}: must be in "
                              f"[0, {sampling.MAX_TOP_LOGPROBS}]")
         inputs = self._prepare(inputs)
+        # logit_bias goes to the sampler program only; the forward program never carries it.
+        bias_args = self._bias_args(inputs.sampling)
+        has_bias = bias_args is not None
+        if inputs.sampling.logit_bias_ids is not None:  # type: ignore[union-attr]
+            inputs = dataclasses.replace(inputs, sampling=dataclasses.replace(
+                inputs.sampling, logit_bias_ids=None, logit_bias=None))
         want = np.array([1 if num_logprobs else 0], np.int32)  # top-n only when asked
         inputs = dataclasses.replace(inputs, sampling=dataclasses.replace(
             inputs.sampling, want_top_logprobs=want))
@@ -556,7 +572,8 @@ class ModelRunner:
         prev_tokens = prev.padded_tokens if prev is not None else self._zero_prev_tokens()
         mode = step_programs.sampler_mode(inputs.sampling, num_logprobs=num_logprobs,
                                           has_history=self._has_history(inputs.sampling),
-                                          vocab_size=self.model_cfg.vocab_size)
+                                          vocab_size=self.model_cfg.vocab_size,
+                                          has_bias=has_bias)
         spec = self._spec(key, inputs)
         packed, separate = packing.pack(inputs, spec)
         executable = self._executables.get(key)
@@ -571,9 +588,29 @@ class ModelRunner:
                 smp = inputs.sampling
                 sampler = self._sampler_executables.get((key[1], key[2], mode),
                                                         self._samplers[mode])
+                if bias_args is None:
+                    bias_args = self._no_bias(key[1])
                 out, padded = sampler(logits, small, smp.prompt_token_ids,
-                                      smp.output_token_ids)
+                                      smp.output_token_ids, *bias_args)
         return PendingOutput(out, num_logprobs, padded)
+
+    def _bias_args(self, smp: SamplingInputs | None) -> tuple[Any, Any] | None:
+        """The batch's (logit_bias_ids, logit_bias) when some row has a bias, else None."""
+        if smp is None or smp.logit_bias_ids is None:
+            return None
+        if not bool((np.asarray(smp.logit_bias_ids) >= 0).any()):
+            return None
+        return smp.logit_bias_ids, smp.logit_bias
+
+    def _no_bias(self, num_seqs: int) -> tuple[jax.Array, jax.Array]:
+        """Cached device arrays of an empty logit_bias for S bucket `num_seqs` (nothing copied)."""
+        pair = self._empty_bias.get(num_seqs)
+        if pair is None:
+            shape = (num_seqs, MAX_LOGIT_BIAS)
+            pair = self._empty_bias[num_seqs] = (
+                jax.device_put(np.full(shape, -1, np.int32), self._replicated),
+                jax.device_put(np.zeros(shape, np.float32), self._replicated))
+        return pair
 
     def _has_history(self, smp: SamplingInputs) -> bool:
         """Whether any row has penalty history (our cached all -1 device arrays have none)."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import numbers
 import operator
 import time
+from collections.abc import Mapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,9 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs to return per token (0: only sampled)
     n: int = 1  # samples per prompt, sharing the prompt's pages
     include_stop_str_in_output: bool = False  # keep a matched stop string at the end of the text
+    # Added to the logits of these token ids before penalties and sampling (OpenAI's logit_bias;
+    # -100 bans a token, +100 forces it). A mapping {token id: bias} becomes sorted pairs.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,6 +52,7 @@ class SamplingParams:
                 raise ValueError(f"stop={self.stop!r}: must be a string or a list of strings"
                                  ) from None
         object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         # The step's arrays are int32: a larger value would fail the whole batch mid-step.
@@ -105,6 +111,39 @@ def _token_ids(values: object) -> tuple[int, ...]:
             or not all(0 <= t <= _INT32_MAX for t in ids)):
         raise ValueError(f"stop_token_ids={list(vals)!r}: must be token ids in [0, 2**31)")
     return ids
+
+
+MAX_LOGIT_BIAS = 300  # entries per request (OpenAI's limit); the step's bias arrays are this wide
+
+
+def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs: ids in [0, 2**31), biases in [-100, 100]."""
+    try:
+        items = list(value.items()) if isinstance(value, Mapping) else [  # type: ignore[union-attr]
+            tuple(p) for p in value]  # type: ignore[union-attr]
+    except TypeError:
+        items = None
+    if items is None or any(len(p) != 2 for p in items):
+        raise ValueError(f"logit_bias={value!r}: must map token ids to biases")
+    pairs = []
+    for tok, bias in items:
+        try:
+            tok_id = None if isinstance(tok, bool) else operator.index(tok)
+        except TypeError:
+            tok_id = None
+        if tok_id is None or not 0 <= tok_id <= _INT32_MAX:
+            raise ValueError(f"logit_bias={value!r}: token id {tok!r} must be an integer in "
+                             f"[0, 2**31)")
+        if (isinstance(bias, bool) or not isinstance(bias, numbers.Real)
+                or not math.isfinite(bias) or not -100 <= bias <= 100):
+            raise ValueError(f"logit_bias={value!r}: bias {bias!r} for token {tok_id} must be "
+                             f"a number in [-100, 100]")
+        pairs.append((tok_id, float(bias)))
+    if len({t for t, _ in pairs}) != len(pairs):
+        raise ValueError(f"logit_bias={value!r}: a token id appears twice")
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias: {len(pairs)} entries; at most {MAX_LOGIT_BIAS}")
+    return tuple(sorted(pairs))
 
 
 def _finite(x: object) -> bool:

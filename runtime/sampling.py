@@ -5,6 +5,8 @@ compiled program serves any mix of greedy and sampled requests. Runs inside the 
 step: only the sampled ids (and, when asked, logprobs) ever leave the device.
 
 Order of operations for each row (HF / vLLM semantics):
+  0. logit_bias: each listed token's bias is added to its logit (vLLM v1 applies it before the
+     penalties too);
   1. repetition penalty over prompt + output tokens (HF: positive logits are divided by the
      penalty, negative ones multiplied), then presence / frequency penalties over output tokens
      (OpenAI: ``logit -= frequency * count + presence * (count > 0)``);
@@ -181,6 +183,22 @@ def _draw(logits: jax.Array, sampling: SamplingInputs, sort: bool | None = None)
     return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
 
 
+def apply_logit_bias(logits: jax.Array, sampling: SamplingInputs) -> jax.Array:
+    """logits + each row's logit_bias (ids -1 padded). Unchanged when the batch has none.
+
+    Args:
+      logits: f32[S, V].
+      sampling: logit_bias_ids i32[S, B] and logit_bias f32[S, B], or None.
+    """
+    if sampling.logit_bias_ids is None:
+        return logits
+    s, v = logits.shape
+    ids = jnp.asarray(sampling.logit_bias_ids)
+    rows = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], ids.shape)
+    cols = jnp.where((ids >= 0) & (ids < v), ids, v)  # v: dropped
+    return logits.at[rows, cols].add(jnp.asarray(sampling.logit_bias, jnp.float32), mode="drop")
+
+
 def suppress_early_stops(logits: jax.Array, sampling: SamplingInputs) -> jax.Array:
     """min_tokens: rows with output_position < min_tokens cannot sample their stop ids.
 
@@ -202,7 +220,8 @@ def suppress_early_stops(logits: jax.Array, sampling: SamplingInputs) -> jax.Arr
 def greedy(logits: jax.Array, sampling: SamplingInputs) -> SamplerOutput:
     """The greedy sampler: argmax (min_tokens applied) and its raw logprob; no cond.
 
-    Equal to `sample` for rows with temperature 0 and no penalty history. The top-n fields are
+    Equal to `sample` for rows with temperature 0, no penalty history and no logit_bias. The
+    top-n fields are
     zeros (a batch that asks for them takes a sampler with SamplerMode.top_n).
     """
     logits = logits.astype(jnp.float32)
@@ -236,7 +255,8 @@ def sample(logits: jax.Array, sampling: SamplingInputs, mode: SamplerMode | None
     # The [S, V] count tables are only built when some row has a history (W=1 batches: none).
     has_history = (jnp.any(jnp.asarray(sampling.prompt_token_ids) >= 0)
                    | jnp.any(jnp.asarray(sampling.output_token_ids) >= 0))
-    penalized = jax.lax.cond(has_history, apply_penalties, lambda x, _s: x, logits, sampling)
+    biased = apply_logit_bias(logits, sampling)
+    penalized = jax.lax.cond(has_history, apply_penalties, lambda x, _s: x, biased, sampling)
     penalized = suppress_early_stops(penalized, sampling)
     greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)  # [S]
     # Skip the noise and filters entirely when every row is greedy (the common padded decode).
@@ -268,7 +288,8 @@ def _sample_static(logits: jax.Array, sampling: SamplingInputs, mode: SamplerMod
     """`sample` with its optional stages fixed by `mode` (no lax.cond)."""
     logits = logits.astype(jnp.float32)
     temperature = jnp.asarray(sampling.temperature, jnp.float32)
-    penalized = suppress_early_stops(apply_penalties(logits, sampling), sampling)
+    penalized = suppress_early_stops(apply_penalties(apply_logit_bias(logits, sampling),
+                                                     sampling), sampling)
     greedy_ids = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
     drawn = _draw(penalized, sampling, sort=mode.sort)
     token_ids = jnp.where(temperature > 0, drawn, greedy_ids)

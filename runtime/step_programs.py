@@ -75,23 +75,27 @@ def forward_step(spec: ModelSpec, params: Any, kv_cache: llama.KVCache, inputs: 
     histories), kv_cache). A batch that needs more than greedy runs `sampler_step` after it."""
     inputs, logits, kv_cache = _logits(spec, params, kv_cache, inputs, prev_tokens)
     out = sampling.greedy(logits, inputs.sampling)
-    small = dataclasses.replace(inputs.sampling, prompt_token_ids=None, output_token_ids=None)
+    small = dataclasses.replace(inputs.sampling, prompt_token_ids=None, output_token_ids=None,
+                                logit_bias_ids=None, logit_bias=None)
     return (out, _pad(out.token_ids, spec.max_seqs), logits, small), kv_cache
 
 
 def sampler_step(logits: jax.Array, small: SamplingInputs, prompt_hist: jax.Array,
-                 output_hist: jax.Array, *, mode: sampling.SamplerMode, max_seqs: int) -> Any:
-    """(SamplerOutput, padded ids) of the `mode` sampler over a forward_step's logits."""
-    smp = dataclasses.replace(small, prompt_token_ids=prompt_hist, output_token_ids=output_hist)
+                 output_hist: jax.Array, bias_ids: jax.Array, bias: jax.Array, *,
+                 mode: sampling.SamplerMode, max_seqs: int) -> Any:
+    """(SamplerOutput, padded ids) of the `mode` sampler over a forward_step's logits.
+    bias_ids / bias: the batch's logit_bias [S, B] (all -1 ids when it has none)."""
+    smp = dataclasses.replace(small, prompt_token_ids=prompt_hist, output_token_ids=output_hist,
+                              logit_bias_ids=bias_ids, logit_bias=bias)
     out = sampling.sample(logits, smp, mode)
     return out, _pad(out.token_ids, max_seqs)
 
 
 def sampler_mode(smp: SamplingInputs, *, num_logprobs: int | None, has_history: bool,
-                 vocab_size: int) -> sampling.SamplerMode | None:
+                 vocab_size: int, has_bias: bool = False) -> sampling.SamplerMode | None:
     """None when forward_step's greedy sampler covers every row, else the sampler to run."""
     top_n = bool(num_logprobs)
-    if not (top_n or has_history or (np.asarray(smp.temperature) > 0).any()):
+    if not (top_n or has_history or has_bias or (np.asarray(smp.temperature) > 0).any()):
         return None
     top_k, top_p = np.asarray(smp.top_k), np.asarray(smp.top_p)
     sort = bool((((top_k > 0) & (top_k < vocab_size)) | (top_p < 1.0)).any())

@@ -67,6 +67,8 @@ def build_generate_request(prompt: str | None = None, *,
             continue
         if name in ("stop", "stop_token_ids"):  # the repeated fields
             getattr(req.sampling, name).extend([value] if isinstance(value, str) else value)
+        elif name == "logit_bias":  # the map field: {token id: bias}
+            getattr(req.sampling, name).update({int(k): float(v) for k, v in value.items()})
         else:
             setattr(req.sampling, name, value)
     return req

@@ -101,6 +101,14 @@ def _coerce(name: str, value: Any) -> Any:
     """Parameter value -> SamplingParams field value. Strings are parsed, since tritonclient
     before 2.44 cannot send float parameters (send "0.7")."""
     kind = _FIELD_KINDS[name]
+    if kind == "logit_bias":  # a JSON object {"token id": bias}, as OpenAI's
+        try:
+            obj = json.loads(value) if isinstance(value, str) else None
+        except json.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict) or not all(k.isdigit() for k in obj):
+            raise InvalidArgument(f"{name}={value!r}: must be a JSON object of token id -> bias")
+        return {int(k): v for k, v in obj.items()}
     if kind in ("stop", "stop_token_ids"):
         if not isinstance(value, str):
             raise InvalidArgument(f"{name}={value!r}: must be a string")
@@ -129,7 +137,7 @@ _FIELD_KINDS = {
     **{name: "float" for name in ("temperature", "top_p", "min_p", "repetition_penalty",
                                   "presence_penalty", "frequency_penalty")},
     "ignore_eos": "bool", "include_stop_str_in_output": "bool", "stop": "stop",
-    "stop_token_ids": "stop_token_ids",
+    "stop_token_ids": "stop_token_ids", "logit_bias": "logit_bias",
 }
 
 

@@ -41,6 +41,9 @@ def sampling_values(msg: Any) -> dict[str, Any]:
         if name in ("stop", "stop_token_ids"):  # repeated
             if len(value):
                 values[name] = tuple(value)
+        elif name == "logit_bias":  # map
+            if len(value):
+                values[name] = dict(value)
         elif name in ("ignore_eos", "include_stop_str_in_output"):  # plain bools (false is
             if value:  # the default anyway)
                 values[name] = True

@@ -436,3 +436,29 @@ def test_step_programs_have_no_conditionals(runner):
     text = jax.jit(mr.sampling.sample).lower(np.zeros((8, CFG.vocab_size), np.float32),
                                              smp).compile().as_text()
     assert " conditional(" in text
+
+
+def test_logit_bias_rows_take_the_sampler_program(runner, params):
+    """A batch with logit_bias runs the sampler with the bias (+100 forces a token, -100 bans
+    the argmax); rows without one keep their greedy tokens; nothing compiles after warm-up."""
+    from xlaserve.runtime.batch import MAX_LOGIT_BIAS
+
+    rng = np.random.default_rng(6)
+    inputs = build_step([(rng.integers(0, 256, 4).tolist(), 0, [1]),
+                         (rng.integers(0, 256, 9).tolist(), 0, [2, 3]),
+                         (rng.integers(0, 256, 3).tolist(), 0, [4])], runner)
+    logits = direct_logits(params, inputs)[:3]
+    ids = np.full((8, MAX_LOGIT_BIAS), -1, np.int32)
+    vals = np.zeros((8, MAX_LOGIT_BIAS), np.float32)
+    ids[0, 0], vals[0, 0] = 200, 100.0
+    ids[1, 0], vals[1, 0] = int(np.argmax(logits[1])), -100.0
+    smp = dataclasses.replace(mr.greedy_sampling_inputs(8), logit_bias_ids=ids, logit_bias=vals)
+    before = runner.compiles_after_warmup
+    out = runner.execute(dataclasses.replace(inputs, sampling=smp))
+    assert out.sampled_token_ids[0] == 200
+    assert out.sampled_token_ids[1] == np.argsort(logits[1])[-2]
+    assert out.sampled_token_ids[2] == np.argmax(logits[2])
+    assert runner.compiles_after_warmup == before  # no new program for the bias
+    bad = dataclasses.replace(smp, logit_bias=vals[:, :10])
+    with pytest.raises(ValueError, match="inputs.sampling.logit_bias: float32"):
+        runner.execute(dataclasses.replace(inputs, sampling=bad))

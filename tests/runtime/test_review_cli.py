@@ -129,13 +129,13 @@ def test_batch_unknown_fields_are_errors_naming_them(fast_engine, tmp_path):
     rc, recs = run_batch(tmp_path, [
         {"id": "typo", "prompt": "hi", "max_token": 3},
         {"custom_id": "oa", "method": "POST", "url": "/v1/completions",
-         "body": {"model": "m", "prompt": "hi", "max_tokens": 2, "logit_bias": {"5": 100}}},
+         "body": {"model": "m", "prompt": "hi", "max_tokens": 2, "functions": []}},
         {"custom_id": "ok", "method": "POST", "url": "/v1/completions",
          "body": {"model": "tiny", "prompt": "hi", "max_tokens": 2}},
     ])
     by_id = {r["id"]: r for r in recs}
     assert "max_token=3" in by_id["typo"]["error"] and "unknown" in by_id["typo"]["error"]
-    assert "logit_bias" in by_id["oa"]["error"]
+    assert "functions" in by_id["oa"]["error"]
     assert "error" not in by_id["ok"] and len(by_id["ok"]["token_ids"]) <= 2  # "model" is fine
     assert rc == 0
 
@@ -244,3 +244,33 @@ def test_convert_output_that_is_a_file_exits_2(capsys, tmp_path):
     target.write_text("")
     assert main(["convert", "--model", "builtin:tiny", "--output", str(target)]) == 2
     assert "--output" in capsys.readouterr().err
+
+
+def test_batch_logit_bias_forces_and_bans_tokens(fast_engine, tmp_path):
+    """OpenAI's logit_bias (token ids as string keys): +100 forces a token at every step, and
+    a line without one in the same batch is unchanged; bad values are error records."""
+    plain = {"id": "plain", "prompt": "The quick brown fox", "max_tokens": 6, "temperature": 0,
+             "ignore_eos": True}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, solo = run_batch(tmp_path / "a", [plain])
+    first = solo[0]["token_ids"][0]
+    _, recs = run_batch(tmp_path / "b", [
+        {**plain, "id": "forced", "logit_bias": {"97": 100}},
+        {"custom_id": "banned", "method": "POST", "url": "/v1/completions",
+         "body": {**{k: v for k, v in plain.items() if k != "id"}, "max_tokens": 1,
+                  "logit_bias": {str(first): -100}}},
+        plain,
+        {"id": "key", "prompt": "hi", "logit_bias": {"x": 1}},
+        {"id": "range", "prompt": "hi", "logit_bias": {"5": 101}},
+        {"id": "vocab", "prompt": "hi", "logit_bias": {"100000": 1}},
+        {"id": "type", "prompt": "hi", "logit_bias": [5, 1]},
+    ])
+    by_id = {r["id"]: r for r in recs}
+    assert by_id["forced"]["token_ids"] == [97] * 6
+    assert by_id["banned"]["token_ids"][0] != first
+    assert by_id["plain"]["token_ids"] == solo[0]["token_ids"]
+    assert "key 'x' is not a token id" in by_id["key"]["error"]
+    assert "bias 101 for token 5" in by_id["range"]["error"]
+    assert "logit_bias: token ids must be in [0, " in by_id["vocab"]["error"]
+    assert "logit_bias=[5, 1]: must be an object" in by_id["type"]["error"]

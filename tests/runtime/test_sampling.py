@@ -293,3 +293,43 @@ def test_greedy_sampler_equals_sample_for_greedy_rows_without_history():
     np.testing.assert_array_equal(np.asarray(got.token_ids), np.asarray(want.token_ids))
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), rtol=1e-6)
     assert (np.asarray(got.token_ids)[[0, 2]] != stop[[0, 2], 0]).all()  # min_tokens applied
+
+
+def _bias_arrays(s: int, rows: dict[int, dict[int, float]], width: int = 300):
+    ids = np.full((s, width), -1, np.int32)
+    vals = np.zeros((s, width), np.float32)
+    for r, bias in rows.items():
+        for j, (tok, b) in enumerate(sorted(bias.items())):
+            ids[r, j], vals[r, j] = tok, b
+    return ids, vals
+
+
+def test_logit_bias_is_added_before_penalties_and_sampling():
+    """Each row's bias lands on its own tokens only (ids -1 padded, other rows untouched); +100
+    forces a token under greedy and under sampling, -100 bans the argmax; logprobs stay raw."""
+    rng = np.random.default_rng(13)
+    s, v = 5, 97
+    logits = jnp.asarray(rng.normal(size=(s, v)).astype(np.float32) * 3)
+    top = np.asarray(logits).argmax(-1)
+    rows = {0: {7: 100.0}, 1: {int(top[1]): -100.0}, 2: {3: 0.5, 90: -1.25}, 4: {11: 100.0}}
+    ids, vals = _bias_arrays(s, rows)
+    inputs = dataclasses.replace(make_inputs(s, temperature=[0, 0, 0, 0, 1.0], seeds=9),
+                                 logit_bias_ids=ids, logit_bias=vals)
+    want = np.asarray(logits).copy()
+    for r, bias in rows.items():
+        for tok, b in bias.items():
+            want[r, tok] += b
+    got = jax.jit(smp.apply_logit_bias)(logits, inputs)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+    out = sample(logits, inputs)
+    tokens = np.asarray(out.token_ids)
+    assert tokens[0] == 7 and tokens[4] == 11  # forced, greedy and sampled
+    assert tokens[1] == np.argsort(np.asarray(logits)[1])[-2]  # the banned argmax: next best
+    assert tokens[2] == want[2].argmax() and tokens[3] == top[3]
+    raw = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    np.testing.assert_allclose(np.asarray(out.logprobs), raw[np.arange(s), tokens], rtol=1e-5)
+    for mode in smp.SAMPLER_MODES:  # the static samplers apply it too
+        got_mode = jax.jit(smp.sample, static_argnums=2)(logits, inputs, mode)
+        np.testing.assert_array_equal(np.asarray(got_mode.token_ids), tokens)
+    np.testing.assert_array_equal(  # no logit_bias arrays: the logits as they were
+        np.asarray(jax.jit(smp.apply_logit_bias)(logits, make_inputs(s))), np.asarray(logits))

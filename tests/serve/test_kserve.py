@@ -112,6 +112,9 @@ def test_tritonclient_infer_and_stream(mock_server: Any, tokenizer: Any) -> None
     ({"stop_token_ids": '["a"]'}, "stop_token_ids"),
     ({"stop_token_ids": "[1.5]"}, "stop_token_ids"),
     ({"top_k": 2**40}, "top_k"),
+    ({"logit_bias": '{"x": 1}'}, "logit_bias"),
+    ({"logit_bias": '{"5": 200}'}, "logit_bias"),
+    ({"logit_bias": "[5]"}, "logit_bias"),
 ])
 def test_tritonclient_invalid_parameters(mock_server: Any, params: dict[str, Any],
                                          field: str) -> None:

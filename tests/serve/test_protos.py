@@ -58,3 +58,6 @@ def test_every_sampling_field_is_in_the_proto() -> None:
     assert sampling_values(msg) == {"temperature": 0.0, "stop": ("x",), "ignore_eos": True}
     msg.include_stop_str_in_output = True
     assert sampling_values(msg)["include_stop_str_in_output"] is True
+    msg.logit_bias[5] = -100.0
+    msg.logit_bias[7] = 2.5
+    assert sampling_values(msg)["logit_bias"] == {5: -100.0, 7: 2.5}

@@ -113,6 +113,33 @@ def test_tritonclient_gets_the_right_text(tiny: Any) -> None:
         client.close()
 
 
+def test_logit_bias_through_both_protocols(tiny: Any) -> None:
+    """logit_bias reaches the engine from the native API (a map field) and KServe (a JSON
+    parameter): +100 on a token makes every greedy token that token; a token id past the
+    vocabulary is INVALID_ARGUMENT naming the field."""
+    import tritonclient.grpc as triton
+
+    srv, _, _ = tiny
+    with XlaserveClient(srv.target, timeout_s=120) as c:
+        out = c.generate("Once upon a time", max_tokens=4, temperature=0.0, ignore_eos=True,
+                         logit_bias={77: 100.0})
+        assert list(out.token_ids) == [77] * 4
+        with pytest.raises(grpc.RpcError) as info:
+            c.generate("hi", max_tokens=2, logit_bias={10**6: 1.0})
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "logit_bias" in info.value.details()
+    client = triton.InferenceServerClient(srv.target)
+    try:
+        inp = triton.InferInput("text_input", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([b"Once upon a time"], dtype=np.object_))
+        result = client.infer("tiny", [inp], parameters={
+            "max_tokens": 4, "temperature": "0", "ignore_eos": True,
+            "logit_bias": '{"77": 100}'})
+        assert result.as_numpy("text_output")[0].decode() == out.text
+    finally:
+        client.close()
+
+
 def test_cancel_frees_pages_and_server_keeps_serving(tiny: Any) -> None:
     srv, prompts, reference = tiny
     aborted = _metric(srv, "xlaserve_requests_total", {"finish_reason": "abort"})

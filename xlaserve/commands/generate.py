@@ -40,7 +40,7 @@ SAMPLING_FIELDS = {
     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
     "seed": "seed", "stop": "stop", "stop_token_ids": "stop_token_ids",
     "ignore_eos": "ignore_eos", "n": "n", "top_logprobs": "logprobs",
-    "include_stop_str_in_output": "include_stop_str_in_output",
+    "include_stop_str_in_output": "include_stop_str_in_output", "logit_bias": "logit_bias",
 }
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "min_tokens", "top_k", "seed", "n",
                "top_logprobs")
@@ -252,7 +252,7 @@ def parse_line(text: str, lineno: int, defaults: dict[str, Any],
         for key, field in SAMPLING_FIELDS.items():
             if key in body and body[key] is not None:
                 _check_type(key, body[key])
-                kw[field] = body[key]
+                kw[field] = _logit_bias(body[key]) if key == "logit_bias" else body[key]
         logprobs = body.get("logprobs")
         if logprobs is True:
             kw.setdefault("logprobs", 0)
@@ -284,6 +284,16 @@ def parse_line(text: str, lineno: int, defaults: dict[str, Any],
     return rid, custom, ids, sp, None
 
 
+def _logit_bias(value: dict[str, Any]) -> dict[int, Any]:
+    """OpenAI's logit_bias: token ids as JSON object keys (strings of digits) -> biases."""
+    out = {}
+    for key, bias in value.items():
+        if not key.isdigit():
+            raise ValueError(f"logit_bias={_short(value)}: key {key!r} is not a token id")
+        out[int(key)] = bias
+    return out
+
+
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -303,6 +313,8 @@ def _check_type(key: str, value: Any) -> None:
         ok, want = isinstance(value, list), "a list of token ids"
     elif key in ("ignore_eos", "include_stop_str_in_output"):
         ok, want = isinstance(value, bool), "true or false"
+    elif key == "logit_bias":
+        ok, want = isinstance(value, dict), "an object of token id -> bias"
     else:
         return
     if not ok:
