@@ -9,6 +9,7 @@ here is registering StepInputs as a pytree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 
@@ -210,8 +211,9 @@ def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int, max_history: int | No
         bias_ids = np.full((S, MAX_LOGIT_BIAS), -1, np.int32)
         bias = np.zeros((S, MAX_LOGIT_BIAS), np.float32)
         for s, q in enumerate(seqs):
-            for j, (tok, b) in enumerate(q.sampling.logit_bias):
-                bias_ids[s, j], bias[s, j] = tok, b
+            if q.sampling.logit_bias:
+                ids_row, bias_row = _bias_rows(q.sampling.logit_bias)
+                bias_ids[s, :len(ids_row)], bias[s, :len(bias_row)] = ids_row, bias_row
     return SamplingInputs(
         temperature=col(lambda p: p.temperature, 0.0, np.float32),
         top_k=col(lambda p: p.top_k, 0, np.int32),
@@ -225,6 +227,16 @@ def _sampling_inputs(seqs: Sequence[ScheduledSeq], S: int, max_history: int | No
         min_tokens=min_tokens, min_tokens_stop_ids=stop_ids,
         want_top_logprobs=np.array([any(q.sampling.logprobs for q in seqs)], np.int32),
         logit_bias_ids=bias_ids, logit_bias=bias)
+
+
+@functools.lru_cache(maxsize=1024)
+def _bias_rows(logit_bias: tuple[tuple[int, float], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A request's logit_bias as (i32 ids, f32 biases) rows, made once per distinct bias (a
+    Python loop over 300 entries x 256 rows took ~14 ms a step)."""
+    ids = np.array([t for t, _ in logit_bias], np.int32)
+    vals = np.array([b for _, b in logit_bias], np.float32)
+    ids.flags.writeable = vals.flags.writeable = False
+    return ids, vals
 
 
 def chain_placeholders(inputs: StepInputs, sched_out: SchedulerOutput,

@@ -22,9 +22,9 @@ goes through the plain jit path; after warm-up each compile that causes is count
 
 Programs (runtime/step_programs.py). Per (T, S) bucket one forward program that ends with a
 greedy sampler; per S bucket four small sampler programs (SamplerMode: top-k/p sort, top-n
-logprobs) that a batch needing temperature, penalties, filters or logprobs runs after it. The host
-picks; no program has a lax.cond. Logprobs come back only when `execute(..., num_logprobs=n)`
-asks, in the same device->host copy as the sampled ids.
+logprobs) that a batch needing temperature, penalties, logit_bias, filters or logprobs runs after
+it. The host picks; no program has a lax.cond. Logprobs come back only when
+`execute(..., num_logprobs=n)` asks, in the same device->host copy as the sampled ids.
 
 Overlap. `execute_async` dispatches the step and returns at once (JAX dispatch is asynchronous);
 the host builds step N+1 while the device runs step N, and `PendingOutput.result()` does the one
@@ -495,6 +495,8 @@ class ModelRunner:
                 if got != dtype:
                     raise ValueError(f"inputs.sampling.{name}.dtype={got}: must be {dtype}")
             want = (inputs.num_seqs_bucket, MAX_LOGIT_BIAS)
+            if (inputs.sampling.logit_bias_ids is None) != (inputs.sampling.logit_bias is None):
+                raise ValueError("inputs.sampling.logit_bias_ids, logit_bias: give both or neither")
             for name, dtype in (("logit_bias_ids", np.int32), ("logit_bias", np.float32)):
                 a = getattr(inputs.sampling, name)
                 if a is not None and (np.shape(a) != want or np.dtype(a.dtype) != dtype):

@@ -116,15 +116,28 @@ def _token_ids(values: object) -> tuple[int, ...]:
 MAX_LOGIT_BIAS = 300  # entries per request (OpenAI's limit); the step's bias arrays are this wide
 
 
+def _brief(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
-    """logit_bias as sorted (token id, bias) pairs: ids in [0, 2**31), biases in [-100, 100]."""
+    """logit_bias as sorted (token id, bias) pairs: ids in [0, 2**31), biases in [-100, 100].
+
+    None is no bias (vLLM's default). Errors quote the value briefly (a gRPC status message
+    must stay small).
+    """
+    if value is None:
+        return ()
     try:
         items = list(value.items()) if isinstance(value, Mapping) else [  # type: ignore[union-attr]
             tuple(p) for p in value]  # type: ignore[union-attr]
     except TypeError:
         items = None
     if items is None or any(len(p) != 2 for p in items):
-        raise ValueError(f"logit_bias={value!r}: must map token ids to biases")
+        raise ValueError(f"logit_bias={_brief(value)}: must map token ids to biases")
+    if len(items) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias: {len(items)} entries; at most {MAX_LOGIT_BIAS}")
     pairs = []
     for tok, bias in items:
         try:
@@ -132,18 +145,36 @@ def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
         except TypeError:
             tok_id = None
         if tok_id is None or not 0 <= tok_id <= _INT32_MAX:
-            raise ValueError(f"logit_bias={value!r}: token id {tok!r} must be an integer in "
+            raise ValueError(f"logit_bias: token id {_brief(tok)} must be an integer in "
                              f"[0, 2**31)")
         if (isinstance(bias, bool) or not isinstance(bias, numbers.Real)
                 or not math.isfinite(bias) or not -100 <= bias <= 100):
-            raise ValueError(f"logit_bias={value!r}: bias {bias!r} for token {tok_id} must be "
-                             f"a number in [-100, 100]")
+            raise ValueError(f"logit_bias: bias {_brief(bias)} for token {tok_id} must be a "
+                             f"number in [-100, 100]")
         pairs.append((tok_id, float(bias)))
     if len({t for t, _ in pairs}) != len(pairs):
-        raise ValueError(f"logit_bias={value!r}: a token id appears twice")
-    if len(pairs) > MAX_LOGIT_BIAS:
-        raise ValueError(f"logit_bias: {len(pairs)} entries; at most {MAX_LOGIT_BIAS}")
+        raise ValueError("logit_bias: a token id appears twice")
     return tuple(sorted(pairs))
+
+
+def logit_bias_from_json(obj: object) -> dict[int, object]:
+    """OpenAI's JSON logit_bias: an object whose keys are token ids in decimal ("50256").
+
+    Raises:
+      ValueError naming logit_bias: not an object, a key that is not ASCII digits, or two keys
+        of one id ("5" and "05").
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"logit_bias={_brief(obj)}: must be an object of token id -> bias")
+    out: dict[int, object] = {}
+    for key, bias in obj.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise ValueError(f"logit_bias: key {_brief(key)} is not a token id")
+        tok = int(key)
+        if tok in out:
+            raise ValueError(f"logit_bias: token id {tok} appears twice ({key!r})")
+        out[tok] = bias
+    return out
 
 
 def _finite(x: object) -> bool:

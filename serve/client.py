@@ -68,7 +68,7 @@ def build_generate_request(prompt: str | None = None, *,
         if name in ("stop", "stop_token_ids"):  # the repeated fields
             getattr(req.sampling, name).extend([value] if isinstance(value, str) else value)
         elif name == "logit_bias":  # the map field: {token id: bias}
-            getattr(req.sampling, name).update({int(k): float(v) for k, v in value.items()})
+            getattr(req.sampling, name).update({int(k): float(v) for k, v in dict(value).items()})
         else:
             setattr(req.sampling, name, value)
     return req

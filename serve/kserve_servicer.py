@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from xlaserve.runtime.request import logit_bias_from_json
 from xlaserve.serve.bridge import EngineBridge, NotAcceptingError
 from xlaserve.serve.common import (
     InvalidArgument,
@@ -103,12 +104,10 @@ def _coerce(name: str, value: Any) -> Any:
     kind = _FIELD_KINDS[name]
     if kind == "logit_bias":  # a JSON object {"token id": bias}, as OpenAI's
         try:
-            obj = json.loads(value) if isinstance(value, str) else None
-        except json.JSONDecodeError:
-            obj = None
-        if not isinstance(obj, dict) or not all(k.isdigit() for k in obj):
-            raise InvalidArgument(f"{name}={value!r}: must be a JSON object of token id -> bias")
-        return {int(k): v for k, v in obj.items()}
+            return logit_bias_from_json(json.loads(value) if isinstance(value, str) else None)
+        except (json.JSONDecodeError, ValueError) as e:
+            raise InvalidArgument(f"{name}: must be a JSON object of token id -> bias ({e})"
+                                  ) from e
     if kind in ("stop", "stop_token_ids"):
         if not isinstance(value, str):
             raise InvalidArgument(f"{name}={value!r}: must be a string")

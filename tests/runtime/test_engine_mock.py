@@ -306,3 +306,18 @@ def test_top_k_minus_one_is_off():
 def test_wrong_types_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}="):
         SamplingParams(**kwargs)
+
+
+def test_logit_bias_normalization_and_errors():
+    """A mapping or pairs become sorted pairs; None is no bias (vLLM's default); errors name the
+    field, check the count first and quote briefly (gRPC status messages must stay small)."""
+    assert SamplingParams(logit_bias={9: 1, 2: -100.0}).logit_bias == ((2, -100.0), (9, 1.0))
+    assert SamplingParams(logit_bias=[(3, 0.5)]).logit_bias == ((3, 0.5),)
+    assert SamplingParams(logit_bias=None).logit_bias == ()
+    for bad, msg in (({"5": 1}, "token id '5'"), ({5: 101}, "bias 101 for token 5"),
+                     ({5: True}, "bias True"), ({True: 1}, "token id True"),
+                     ([(1, 1.0), (1, 2.0)], "appears twice"), (5, "must map token ids"),
+                     ({i: 200.0 for i in range(5000)}, "5000 entries; at most 300")):
+        with pytest.raises(ValueError, match="^logit_bias") as info:
+            SamplingParams(logit_bias=bad)
+        assert msg in str(info.value) and len(str(info.value)) < 200

@@ -462,3 +462,6 @@ def test_logit_bias_rows_take_the_sampler_program(runner, params):
     bad = dataclasses.replace(smp, logit_bias=vals[:, :10])
     with pytest.raises(ValueError, match="inputs.sampling.logit_bias: float32"):
         runner.execute(dataclasses.replace(inputs, sampling=bad))
+    half = dataclasses.replace(smp, logit_bias=None)
+    with pytest.raises(ValueError, match="logit_bias_ids, logit_bias: give both or neither"):
+        runner.execute(dataclasses.replace(inputs, sampling=half))

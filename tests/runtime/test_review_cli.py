@@ -265,6 +265,9 @@ def test_batch_logit_bias_forces_and_bans_tokens(fast_engine, tmp_path):
         {"id": "range", "prompt": "hi", "logit_bias": {"5": 101}},
         {"id": "vocab", "prompt": "hi", "logit_bias": {"100000": 1}},
         {"id": "type", "prompt": "hi", "logit_bias": [5, 1]},
+        {"id": "super", "prompt": "hi", "logit_bias": {"\u00b2": 1}},
+        {"id": "arabic", "prompt": "hi", "logit_bias": {"\u0661": 1}},
+        {"id": "twice", "prompt": "hi", "logit_bias": {"5": 1, "05": -100}},
     ])
     by_id = {r["id"]: r for r in recs}
     assert by_id["forced"]["token_ids"] == [97] * 6
@@ -274,3 +277,6 @@ def test_batch_logit_bias_forces_and_bans_tokens(fast_engine, tmp_path):
     assert "bias 101 for token 5" in by_id["range"]["error"]
     assert "logit_bias: token ids must be in [0, " in by_id["vocab"]["error"]
     assert "logit_bias=[5, 1]: must be an object" in by_id["type"]["error"]
+    assert "logit_bias: key '²' is not a token id" in by_id["super"]["error"]
+    assert "logit_bias: key '١' is not a token id" in by_id["arabic"]["error"]
+    assert "logit_bias: token id 5 appears twice ('05')" in by_id["twice"]["error"]

@@ -115,6 +115,7 @@ def test_tritonclient_infer_and_stream(mock_server: Any, tokenizer: Any) -> None
     ({"logit_bias": '{"x": 1}'}, "logit_bias"),
     ({"logit_bias": '{"5": 200}'}, "logit_bias"),
     ({"logit_bias": "[5]"}, "logit_bias"),
+    ({"logit_bias": '{"5": 1, "05": 2}'}, "logit_bias"),
 ])
 def test_tritonclient_invalid_parameters(mock_server: Any, params: dict[str, Any],
                                          field: str) -> None:

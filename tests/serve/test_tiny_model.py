@@ -124,10 +124,14 @@ def test_logit_bias_through_both_protocols(tiny: Any) -> None:
         out = c.generate("Once upon a time", max_tokens=4, temperature=0.0, ignore_eos=True,
                          logit_bias={77: 100.0})
         assert list(out.token_ids) == [77] * 4
-        with pytest.raises(grpc.RpcError) as info:
-            c.generate("hi", max_tokens=2, logit_bias={10**6: 1.0})
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "logit_bias" in info.value.details()
+        for bad in ({10**6: 1.0}, {i: (200.0 if i == 7 else 1.0) for i in range(1000)}):
+            with pytest.raises(grpc.RpcError) as info:
+                c.generate("hi", max_tokens=2, logit_bias=bad)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # small message too
+            assert "logit_bias" in info.value.details() and len(info.value.details()) < 300
+        pairs = c.generate("Once upon a time", max_tokens=4, temperature=0.0, ignore_eos=True,
+                           logit_bias=((77, 100.0),))  # SamplingParams' own pairs form
+        assert list(pairs.token_ids) == [77] * 4
     client = triton.InferenceServerClient(srv.target)
     try:
         inp = triton.InferInput("text_input", [1], "BYTES")

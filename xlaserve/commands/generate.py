@@ -218,7 +218,7 @@ def parse_line(text: str, lineno: int, defaults: dict[str, Any],
     Returns:
       (id, is_openai_format, prompt token ids or None, SamplingParams or None, error or None).
     """
-    from xlaserve.runtime.request import SamplingParams
+    from xlaserve.runtime.request import SamplingParams, logit_bias_from_json
 
     rid, custom = f"line-{lineno}", False
     try:
@@ -252,7 +252,8 @@ def parse_line(text: str, lineno: int, defaults: dict[str, Any],
         for key, field in SAMPLING_FIELDS.items():
             if key in body and body[key] is not None:
                 _check_type(key, body[key])
-                kw[field] = _logit_bias(body[key]) if key == "logit_bias" else body[key]
+                kw[field] = (logit_bias_from_json(body[key]) if key == "logit_bias"
+                             else body[key])
         logprobs = body.get("logprobs")
         if logprobs is True:
             kw.setdefault("logprobs", 0)
@@ -282,16 +283,6 @@ def parse_line(text: str, lineno: int, defaults: dict[str, Any],
     except (ValueError, TypeError) as e:
         return rid, custom, None, None, str(e)
     return rid, custom, ids, sp, None
-
-
-def _logit_bias(value: dict[str, Any]) -> dict[int, Any]:
-    """OpenAI's logit_bias: token ids as JSON object keys (strings of digits) -> biases."""
-    out = {}
-    for key, bias in value.items():
-        if not key.isdigit():
-            raise ValueError(f"logit_bias={_short(value)}: key {key!r} is not a token id")
-        out[int(key)] = bias
-    return out
 
 
 def _short(value: Any, limit: int = 60) -> str:
