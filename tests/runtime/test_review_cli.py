@@ -255,28 +255,26 @@ def test_batch_logit_bias_forces_and_bans_tokens(fast_engine, tmp_path):
     (tmp_path / "b").mkdir()
     _, solo = run_batch(tmp_path / "a", [plain])
     first = solo[0]["token_ids"][0]
+    bad = {  # id -> (logit_bias, what its error record says)
+        "key": ({"x": 1}, "key 'x' is not a token id"),
+        "range": ({"5": 101}, "bias 101 for token 5"),
+        "vocab": ({"100000": 1}, "logit_bias: token ids must be in [0, "),
+        "type": ([5, 1], "logit_bias=[5, 1]: must be an object"),
+        "super": ({"\u00b2": 1}, "logit_bias: key '²' is not a token id"),
+        "arabic": ({"\u0661": 1}, "logit_bias: key '١' is not a token id"),
+        "twice": ({"5": 1, "05": -100}, "logit_bias: token id 5 appears twice ('05')"),
+    }
     _, recs = run_batch(tmp_path / "b", [
         {**plain, "id": "forced", "logit_bias": {"97": 100}},
         {"custom_id": "banned", "method": "POST", "url": "/v1/completions",
          "body": {**{k: v for k, v in plain.items() if k != "id"}, "max_tokens": 1,
                   "logit_bias": {str(first): -100}}},
         plain,
-        {"id": "key", "prompt": "hi", "logit_bias": {"x": 1}},
-        {"id": "range", "prompt": "hi", "logit_bias": {"5": 101}},
-        {"id": "vocab", "prompt": "hi", "logit_bias": {"100000": 1}},
-        {"id": "type", "prompt": "hi", "logit_bias": [5, 1]},
-        {"id": "super", "prompt": "hi", "logit_bias": {"\u00b2": 1}},
-        {"id": "arabic", "prompt": "hi", "logit_bias": {"\u0661": 1}},
-        {"id": "twice", "prompt": "hi", "logit_bias": {"5": 1, "05": -100}},
+        *({"id": rid, "prompt": "hi", "logit_bias": lb} for rid, (lb, _) in bad.items()),
     ])
     by_id = {r["id"]: r for r in recs}
     assert by_id["forced"]["token_ids"] == [97] * 6
     assert by_id["banned"]["token_ids"][0] != first
     assert by_id["plain"]["token_ids"] == solo[0]["token_ids"]
-    assert "key 'x' is not a token id" in by_id["key"]["error"]
-    assert "bias 101 for token 5" in by_id["range"]["error"]
-    assert "logit_bias: token ids must be in [0, " in by_id["vocab"]["error"]
-    assert "logit_bias=[5, 1]: must be an object" in by_id["type"]["error"]
-    assert "logit_bias: key '²' is not a token id" in by_id["super"]["error"]
-    assert "logit_bias: key '١' is not a token id" in by_id["arabic"]["error"]
-    assert "logit_bias: token id 5 appears twice ('05')" in by_id["twice"]["error"]
+    for rid, (_, says) in bad.items():
+        assert says in by_id[rid]["error"], (rid, by_id[rid])
