@@ -117,7 +117,7 @@ class Engine:
         if plan_fn is not None:
             p = plan["p"]
             kw = dict(mesh=p.mesh, param_shardings=p.param_shardings, kv_sharding=p.kv_sharding,
-                      kv_cache_heads=p.kv_cache_heads, attention_fn=p.attention_fn)
+                      attention_fn=p.attention_fn)  # its kv_cache_heads sizes the cache
         runner = ModelRunner(loaded.config, loaded.params, config.cache, config.scheduler,
                              attention_impl=config.attention_impl,
                              compilation_cache_dir=config.compilation_cache_dir,

@@ -31,6 +31,8 @@ the host builds step N+1 while the device runs step N, and `PendingOutput.result
 device->host copy.
 
 This module does not schedule, allocate pages, or pad inputs to buckets (runtime/batch.py does).
+The input contract checks and the cached stand-ins for absent inputs (no placeholders, no penalty
+history, no logit_bias) are in runtime/step_arrays.py.
 """
 
 from __future__ import annotations
@@ -46,11 +48,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from xlaserve.runtime import packing, sampling, step_programs, xla_flags
+from xlaserve.runtime import packing, sampling, step_arrays, step_programs, xla_flags
 from xlaserve.runtime.batch import (
     MAX_LOGIT_BIAS,
-    MAX_MIN_TOKENS_STOP_IDS,
-    SamplingInputs,
     StepInputs,
     choose_bucket,
 )
@@ -62,6 +62,7 @@ from xlaserve.runtime.compile_cache import (
     setup_compilation_cache,
 )
 from xlaserve.runtime.config import CacheConfig, ModelConfig, SchedulerConfig, pow2_buckets
+from xlaserve.runtime.step_arrays import greedy_sampling_inputs
 from xlaserve.runtime.models import llama
 
 log = logging.getLogger(__name__)
@@ -133,32 +134,6 @@ def num_pages_from_memory(bytes_limit: int, bytes_in_use: int, utilization: floa
                          f"{bytes_limit} ({bytes_in_use} in use) for KV pages of {page_bytes} "
                          f"bytes each; need >= 2 pages")
     return int(num_pages)
-
-
-def greedy_sampling_inputs(num_seqs_bucket: int) -> SamplingInputs:
-    """All-greedy sampling controls with no penalty history (W = 1)."""
-    s = num_seqs_bucket
-    return SamplingInputs(
-        temperature=np.zeros(s, np.float32), top_k=np.zeros(s, np.int32),
-        top_p=np.ones(s, np.float32), min_p=np.zeros(s, np.float32),
-        repetition_penalty=np.ones(s, np.float32), presence_penalty=np.zeros(s, np.float32),
-        frequency_penalty=np.zeros(s, np.float32), seeds=np.zeros(s, np.uint32),
-        output_positions=np.zeros(s, np.int32), prompt_token_ids=np.full((s, 1), -1, np.int32),
-        output_token_ids=np.full((s, 1), -1, np.int32), min_tokens=np.zeros(s, np.int32),
-        min_tokens_stop_ids=np.full((s, MAX_MIN_TOKENS_STOP_IDS), -1, np.int32),
-        want_top_logprobs=np.zeros(1, np.int32))
-
-
-# The dtypes of the StepInputs contract (runtime/batch.py); compiled programs accept no other.
-_STEP_DTYPES = {f.name: np.dtype(np.int32) for f in dataclasses.fields(StepInputs)
-                if f.name != "sampling"}
-_SAMPLING_DTYPES = {
-    **dict.fromkeys(("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty"), np.dtype(np.float32)),
-    **dict.fromkeys(("top_k", "output_positions", "prompt_token_ids", "output_token_ids",
-                     "min_tokens", "min_tokens_stop_ids", "want_top_logprobs"),
-                    np.dtype(np.int32)),
-    "seeds": np.dtype(np.uint32)}
 
 
 def _check_buckets(field: str, given: Sequence[int] | None, maximum: int,
@@ -240,10 +215,6 @@ class ModelRunner:
         # cached all -1 device array, so nothing is copied), or 1 with enable_penalties=False.
         self.history_width = sched_cfg.max_model_len if enable_penalties else 1
         self.history_widths = (self.history_width,)
-        self._empty_history: dict[int, jax.Array] = {}  # S -> i32[S, W] of -1 on the device
-        self._empty_bias: dict[int, tuple[jax.Array, jax.Array]] = {}  # S -> empty logit_bias
-        self._no_chain: dict[int, np.ndarray] = {}  # T -> i32[T] of -1 (no placeholder rows)
-        self._zero_tokens: jax.Array | None = None  # prev_tokens of an unchained step
 
         self._replicated = None
         if mesh is None and (param_shardings is not None or kv_sharding is not None):
@@ -254,6 +225,8 @@ class ModelRunner:
                 param_shardings = jax.tree.map(lambda _: self._replicated, params)
             params = jax.device_put(params, param_shardings)
         self.params = params
+        self._stand_ins = step_arrays.StandIns(self._replicated, self.history_width,
+                                               sched_cfg.max_model_len, self.seq_buckets[-1])
 
         single_kv = kv_sharding if isinstance(kv_sharding, jax.sharding.Sharding) else None
         if mesh is not None and kv_sharding is None:
@@ -483,63 +456,15 @@ class ModelRunner:
 
     def _prepare(self, inputs: StepInputs) -> StepInputs:
         """Checks widths and dtypes, fills in greedy sampling, pads the penalty history."""
-        for name, dtype in _STEP_DTYPES.items():
-            if getattr(inputs, name) is None:  # prev_sampled_index: filled in below
-                continue
-            got = np.dtype(getattr(inputs, name).dtype)
-            if got != dtype:
-                raise ValueError(f"inputs.{name}.dtype={got}: must be {dtype}")
-        if inputs.sampling is not None:
-            for name, dtype in _SAMPLING_DTYPES.items():
-                got = np.dtype(getattr(inputs.sampling, name).dtype)
-                if got != dtype:
-                    raise ValueError(f"inputs.sampling.{name}.dtype={got}: must be {dtype}")
-            want = (inputs.num_seqs_bucket, MAX_LOGIT_BIAS)
-            if (inputs.sampling.logit_bias_ids is None) != (inputs.sampling.logit_bias is None):
-                raise ValueError("inputs.sampling.logit_bias_ids, logit_bias: give both or neither")
-            for name, dtype in (("logit_bias_ids", np.int32), ("logit_bias", np.float32)):
-                a = getattr(inputs.sampling, name)
-                if a is not None and (np.shape(a) != want or np.dtype(a.dtype) != dtype):
-                    raise ValueError(f"inputs.sampling.{name}: {np.dtype(a.dtype)}"
-                                     f"{list(np.shape(a))}, must be {np.dtype(dtype)}{list(want)}")
-        if inputs.page_table.shape[-1] != self.max_pages_per_seq:
-            raise ValueError(f"page_table.shape={inputs.page_table.shape}: width must be "
-                             f"max_pages_per_seq={self.max_pages_per_seq}")
+        step_arrays.check_step_inputs(inputs, self.max_pages_per_seq)
         if inputs.prev_sampled_index is None:
-            t = inputs.num_tokens_bucket
-            none = self._no_chain.get(t)
-            if none is None:
-                none = self._no_chain[t] = np.full(t, -1, np.int32)
-            inputs = dataclasses.replace(inputs, prev_sampled_index=none)
+            inputs = dataclasses.replace(
+                inputs, prev_sampled_index=self._stand_ins.no_chain(inputs.num_tokens_bucket))
         smp = inputs.sampling
         if smp is None:
             smp = greedy_sampling_inputs(inputs.num_seqs_bucket)
-            inputs = dataclasses.replace(inputs, sampling=smp)
-        widths = (smp.prompt_token_ids.shape[-1], smp.output_token_ids.shape[-1])
-        w = max(widths)
-        full = self.history_width
-        if w > full:
-            raise ValueError(
-                f"sampling.output_token_ids width {w}: penalty history needs enable_penalties=True"
-                f" and at most max_model_len={self.sched_cfg.max_model_len} tokens")
-        if widths == (full, full):  # both at the compiled width (else pad the narrower one)
-            return inputs
-        has_history = bool((smp.prompt_token_ids >= 0).any() or (smp.output_token_ids >= 0).any())
-        if not has_history:  # the common case: reuse one all -1 device array, copy nothing
-            empty = self._empty_history.get(inputs.num_seqs_bucket)
-            if empty is None:
-                empty = jax.device_put(np.full((inputs.num_seqs_bucket, full), -1, np.int32),
-                                       self._replicated)
-                self._empty_history[inputs.num_seqs_bucket] = empty
-            smp = dataclasses.replace(smp, prompt_token_ids=empty, output_token_ids=empty)
-            return dataclasses.replace(inputs, sampling=smp)
-
-        def pad(a: np.ndarray) -> np.ndarray:
-            a = np.asarray(a, np.int32)
-            return np.pad(a, ((0, 0), (0, full - a.shape[-1])), constant_values=-1)
-        smp = dataclasses.replace(smp, prompt_token_ids=pad(smp.prompt_token_ids),
-                                  output_token_ids=pad(smp.output_token_ids))
-        return dataclasses.replace(inputs, sampling=smp)
+        return dataclasses.replace(inputs, sampling=self._stand_ins.fit_history(
+            smp, inputs.num_seqs_bucket))
 
     def execute_async(self, inputs: StepInputs, *, num_logprobs: int | None = None,
                       prev: PendingOutput | None = None) -> PendingOutput:
@@ -559,7 +484,7 @@ class ModelRunner:
                              f"[0, {sampling.MAX_TOP_LOGPROBS}]")
         inputs = self._prepare(inputs)
         # logit_bias goes to the sampler program only; the forward program never carries it.
-        bias_args = self._bias_args(inputs.sampling)
+        bias_args = step_arrays.bias_args(inputs.sampling)
         has_bias = bias_args is not None
         if inputs.sampling.logit_bias_ids is not None:  # type: ignore[union-attr]
             inputs = dataclasses.replace(inputs, sampling=dataclasses.replace(
@@ -571,9 +496,11 @@ class ModelRunner:
                int(inputs.sampling.output_token_ids.shape[-1]))  # type: ignore[union-attr]
         if prev is None and bool((inputs.prev_sampled_index >= 0).any()):
             raise ValueError("inputs.prev_sampled_index points at a previous step: pass prev")
-        prev_tokens = prev.padded_tokens if prev is not None else self._zero_prev_tokens()
+        prev_tokens = (prev.padded_tokens if prev is not None
+                       else self._stand_ins.zero_prev_tokens())
         mode = step_programs.sampler_mode(inputs.sampling, num_logprobs=num_logprobs,
-                                          has_history=self._has_history(inputs.sampling),
+                                          has_history=self._stand_ins.has_history(
+                                              inputs.sampling),
                                           vocab_size=self.model_cfg.vocab_size,
                                           has_bias=has_bias)
         spec = self._spec(key, inputs)
@@ -591,44 +518,10 @@ class ModelRunner:
                 sampler = self._sampler_executables.get((key[1], key[2], mode),
                                                         self._samplers[mode])
                 if bias_args is None:
-                    bias_args = self._no_bias(key[1])
+                    bias_args = self._stand_ins.no_bias(key[1])
                 out, padded = sampler(logits, small, smp.prompt_token_ids,
                                       smp.output_token_ids, *bias_args)
         return PendingOutput(out, num_logprobs, padded)
-
-    def _bias_args(self, smp: SamplingInputs | None) -> tuple[Any, Any] | None:
-        """The batch's (logit_bias_ids, logit_bias) when some row has a bias, else None."""
-        if smp is None or smp.logit_bias_ids is None:
-            return None
-        if not bool((np.asarray(smp.logit_bias_ids) >= 0).any()):
-            return None
-        return smp.logit_bias_ids, smp.logit_bias
-
-    def _no_bias(self, num_seqs: int) -> tuple[jax.Array, jax.Array]:
-        """Cached device arrays of an empty logit_bias for S bucket `num_seqs` (nothing copied)."""
-        pair = self._empty_bias.get(num_seqs)
-        if pair is None:
-            shape = (num_seqs, MAX_LOGIT_BIAS)
-            pair = self._empty_bias[num_seqs] = (
-                jax.device_put(np.full(shape, -1, np.int32), self._replicated),
-                jax.device_put(np.zeros(shape, np.float32), self._replicated))
-        return pair
-
-    def _has_history(self, smp: SamplingInputs) -> bool:
-        """Whether any row has penalty history (our cached all -1 device arrays have none)."""
-        for a in (smp.prompt_token_ids, smp.output_token_ids):
-            if isinstance(a, jax.Array):
-                if not any(a is e for e in self._empty_history.values()):
-                    return True  # a device array we did not make: assume it has some
-            elif bool((np.asarray(a) >= 0).any()):
-                return True
-        return False
-
-    def _zero_prev_tokens(self) -> jax.Array:
-        if self._zero_tokens is None:
-            self._zero_tokens = jax.device_put(np.zeros(self.seq_buckets[-1], np.int32),
-                                               self._replicated)
-        return self._zero_tokens
 
     def execute(self, inputs: StepInputs, *, num_logprobs: int | None = None) -> RunnerOutput:
         """Runs one step and waits for its output (see `execute_async`)."""

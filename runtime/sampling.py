@@ -221,8 +221,7 @@ def greedy(logits: jax.Array, sampling: SamplingInputs) -> SamplerOutput:
     """The greedy sampler: argmax (min_tokens applied) and its raw logprob; no cond.
 
     Equal to `sample` for rows with temperature 0, no penalty history and no logit_bias. The
-    top-n fields are
-    zeros (a batch that asks for them takes a sampler with SamplerMode.top_n).
+    top-n fields are zeros (a batch that asks for them takes a sampler with SamplerMode.top_n).
     """
     logits = logits.astype(jnp.float32)
     token_ids = jnp.argmax(suppress_early_stops(logits, sampling), axis=-1).astype(jnp.int32)

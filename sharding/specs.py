@@ -12,7 +12,7 @@ the loader has read config.json, so the plan is made inside ``shardings_fn``)::
     loaded = load_model(model, ..., shardings_fn=shardings_fn)
     ModelRunner(loaded.config, loaded.params, ..., mesh=plan.mesh,
                 param_shardings=plan.param_shardings, kv_sharding=plan.kv_sharding,
-                kv_cache_heads=plan.kv_cache_heads, attention_fn=plan.attention_fn)
+                attention_fn=plan.attention_fn)       # its kv_cache_heads sizes the cache
 
 Data parallelism (``data`` > 1) replicates everything, step inputs included: each data replica
 runs the same step on the same batch. It is correct but gives no extra throughput yet.
@@ -206,7 +206,6 @@ class ShardingPlan:
       rules: the logical -> mesh axis table in force (kv_heads may be replicated).
       param_shardings: NamedSharding per parameter (same tree as the params).
       kv_sharding: sharding of each per-layer k_pages / v_pages [C, P, L, H].
-      kv_cache_heads: C, the cache's stored heads: K, or tp when tp > K (one per device).
       input_sharding: sharding of StepInputs arrays and of sampled outputs (replicated).
       attention_fn: pass as ``llama.forward(..., attention_fn=plan.attention_fn)``.
     """
@@ -216,7 +215,6 @@ class ShardingPlan:
     rules: Rules
     param_shardings: llama.Params
     kv_sharding: NamedSharding
-    kv_cache_heads: int
     input_sharding: NamedSharding
     attention_fn: ShardedAttention
 
@@ -243,9 +241,13 @@ class ShardingPlan:
         return cls(mesh=mesh, model_cfg=model_cfg, rules=mesh_rules(model_cfg, mesh),
                    param_shardings=param_shardings(model_cfg, mesh),
                    kv_sharding=kv_cache_sharding(model_cfg, mesh),
-                   kv_cache_heads=kv_cache_heads(model_cfg, mesh.shape[MODEL_AXIS]),
                    input_sharding=step_input_sharding(mesh),
                    attention_fn=shard_attention(mesh, model_cfg, impl=attention_impl))
+
+    @property
+    def kv_cache_heads(self) -> int:
+        """C, the cache's stored heads: K, or tp when tp > K (one per device)."""
+        return self.attention_fn.kv_cache_heads
 
     @property
     def shardings_fn(self) -> Callable[[ModelConfig], llama.Params]:

@@ -304,8 +304,6 @@ def _check_type(key: str, value: Any) -> None:
         ok, want = isinstance(value, list), "a list of token ids"
     elif key in ("ignore_eos", "include_stop_str_in_output"):
         ok, want = isinstance(value, bool), "true or false"
-    elif key == "logit_bias":
-        ok, want = isinstance(value, dict), "an object of token id -> bias"
     else:
         return
     if not ok:
