@@ -90,6 +90,8 @@ def add_engine_flags(p: argparse.ArgumentParser, *, max_num_seqs: int,
     g.add_argument("--sync-engine", action="store_true",
                    help="Engine(async_scheduling=False): no host/device overlap")
     g.add_argument("--seed", type=int, default=0, help="prompt and weight seed")
+    g.add_argument("--data-parallel-size", type=int, default=1,
+                   help="replicas, one GPU each (runtime/data_parallel.py)")
     g.add_argument("--kv-write-min-tokens", type=int, default=None,
                    help="experiment: steps of at least this many tokens write K/V with the Pallas "
                         "kernel, smaller ones with XLA's scatter (default: ops' own threshold)")
@@ -244,10 +246,19 @@ class TimedRunner:
 class BuiltEngine:
     """An engine ready to benchmark, with what was chosen to build it."""
 
-    engine: Any  # xlaserve.runtime.engine.Engine
-    timed: TimedRunner  # the runner proxy the engine calls
+    engine: Any  # xlaserve.runtime.engine.Engine (a DataParallelEngine at --data-parallel-size > 1)
+    timed: TimedRunner  # the runner proxy the engine calls (replica 0's)
     model_config: Any  # ModelConfig
     info: dict[str, Any]  # recorded in the JSON: build path, timings, warm-up
+    timed_replicas: tuple[TimedRunner, ...] = ()  # every replica's proxy (timed is the first)
+
+    def set_recording(self, on: bool) -> None:
+        for t in self.timed_replicas or (self.timed,):
+            t.recording = on
+
+    def reset_records(self) -> None:
+        for t in self.timed_replicas or (self.timed,):
+            t.reset()
 
 
 def build_engine(args: argparse.Namespace, *, max_model_len: int) -> BuiltEngine:
@@ -262,11 +273,12 @@ def build_engine(args: argparse.Namespace, *, max_model_len: int) -> BuiltEngine
       args: parsed `add_engine_flags` flags.
       max_model_len: used when --max-model-len is not given.
     Raises:
-      ValueError: bad bucket lists (ModelRunner names the field), or more than one device.
+      ValueError: bad bucket lists (ModelRunner names the field), or tensor parallelism.
     """
     import jax
 
     from xlaserve.engine_args import engine_config_from_options
+    from xlaserve.runtime.data_parallel import DataParallelEngine, build_runners
     from xlaserve.runtime.engine import Engine
 
     load_format = resolve_load_format(args.model, args.load_format)
@@ -276,18 +288,18 @@ def build_engine(args: argparse.Namespace, *, max_model_len: int) -> BuiltEngine
         max_model_len=args.max_model_len or max_model_len, page_size=args.page_size,
         num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
         attention_impl=args.attention_impl, compilation_cache_dir=args.compilation_cache_dir,
-        seed=args.seed)
+        seed=args.seed, data_parallel_size=getattr(args, "data_parallel_size", 1))
     if args.no_prefix_caching:
         options["enable_prefix_caching"] = False
     config = engine_config_from_options(args.model, **options)
-    if config.parallel.world_size != 1:
-        raise ValueError("tensor_parallel_size: the e2e benchmarks run on one device "
-                         "(bench/tp_scaling.py covers meshes)")
+    if config.parallel.tensor_parallel_size != 1:
+        raise ValueError("tensor_parallel_size: the e2e benchmarks run one device per replica "
+                         "(bench/tp_scaling.py covers tensor parallelism)")
     t0 = time.perf_counter()
-    runner, loaded = Engine.build_runner(
+    runners, loaded = build_runners(
         config, enable_penalties=args.enable_penalties, token_buckets=args.token_buckets,
         seq_buckets=args.seq_buckets)
-    jax.block_until_ready((runner.params, runner.kv_cache))
+    jax.block_until_ready([(r.params, r.kv_cache) for r in runners])
     load_and_build_s = time.perf_counter() - t0
 
     compiled: list[dict[str, Any]] = []
@@ -301,19 +313,23 @@ def build_engine(args: argparse.Namespace, *, max_model_len: int) -> BuiltEngine
               f"compile {record.compile_s:.1f}s cache_hit={record.cache_hit}", flush=True)
 
     t0 = time.perf_counter()
-    runner.warmup(progress=progress)
+    for runner in runners:
+        runner.warmup(progress=progress)
     warmup_s = time.perf_counter() - t0
-    timed = TimedRunner(runner)
-    engine = Engine(config, timed, tokenizer=None, model_config=loaded.config,
-                    async_scheduling=not args.sync_engine)
+    timed = [TimedRunner(r) for r in runners]
+    engines = [Engine(config, t, tokenizer=None, model_config=loaded.config,
+                      async_scheduling=not args.sync_engine) for t in timed]
+    engine = engines[0] if len(engines) == 1 else DataParallelEngine(engines)
     info = {
-        "engine_build": "Engine.build_runner -> warmup -> Engine(tokenizer=None)",
+        "engine_build": "build_runners -> warmup -> Engine(tokenizer=None)"
+                        + (f" x {len(engines)} -> DataParallelEngine" if len(engines) > 1 else ""),
+        "data_parallel_size": len(engines),
         "load_format": load_format, "tokenizer": None,
         "enable_penalties": bool(args.enable_penalties),
         "load_and_build_s": round(load_and_build_s, 2), "load_s": round(load_and_build_s, 2),
         "warmup_s": round(warmup_s, 2), "warmup_programs": compiled,
     }
-    return BuiltEngine(engine, timed, loaded.config, info)
+    return BuiltEngine(engine, timed[0], loaded.config, info, tuple(timed))
 
 
 def engine_summary(built: BuiltEngine) -> dict[str, Any]:
@@ -501,7 +517,8 @@ def sharegpt_lengths(n: int, seed: int) -> tuple[tuple[int, int], ...]:
 
 _ENGINE_FLAGS = ("model", "load_format", "dtype", "max_num_seqs", "max_num_batched_tokens",
                  "max_model_len", "page_size", "num_pages", "gpu_memory_utilization",
-                 "attention_impl", "compilation_cache_dir", "token_buckets", "seq_buckets", "seed")
+                 "attention_impl", "compilation_cache_dir", "token_buckets", "seq_buckets", "seed",
+                 "data_parallel_size")
 
 
 def engine_flag_argv(args: argparse.Namespace) -> list[str]:

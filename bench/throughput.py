@@ -98,12 +98,12 @@ def run_case(built: ec.BuiltEngine, llm: Any, case: Case, rng: np.random.Generat
 
     vocab = built.model_config.vocab_size
     warm = case.lengths[:warm_n]
-    built.timed.recording = False
+    built.set_recording(False)
     llm.generate([ec.random_prompt(rng, i, vocab) for i, _ in warm],
                  [SamplingParams(max_tokens=min(o, 4), temperature=0.0, ignore_eos=True)
                   for _, o in warm])
-    built.timed.recording = True
-    built.timed.reset()
+    built.set_recording(True)
+    built.reset_records()
     prompts = [ec.random_prompt(rng, i, vocab) for i, _ in case.lengths]
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True)
               for _, o in case.lengths]
@@ -120,10 +120,15 @@ def run_case(built: ec.BuiltEngine, llm: Any, case: Case, rng: np.random.Generat
     in_tok = sum(i for i, _ in case.lengths)
     out_tok = sum(o for _, o in case.lengths)
     e = built.engine
+    replicas = len(built.timed_replicas) or 1  # data parallel: each on its own GPU
     per_seq_pages = max(math.ceil((i + o) / e.runner.page_size) for i, o in case.lengths)
     concurrency = max(1, min(e.config.scheduler.max_num_seqs,
-                             (stats1.num_pages_total) // per_seq_pages))
-    roof = case_roofline(cost, case.lengths, concurrency, ceilings)
+                             (stats1.num_pages_total // replicas) // per_seq_pages))
+    # One replica's roofline over its share of the requests (an even split), D at once.
+    share = case.lengths[:math.ceil(n / replicas)]
+    roof = case_roofline(cost, share, concurrency, ceilings)
+    if roof is not None and replicas > 1:
+        roof = {**roof, "replicas": replicas, "output_tokens_per_s": out_tok / roof["seconds"]}
     out_tps = out_tok / elapsed
     res = {
         "case": case.name, "num_requests": n, "input_tokens": in_tok, "output_tokens": out_tok,
@@ -137,6 +142,8 @@ def run_case(built: ec.BuiltEngine, llm: Any, case: Case, rng: np.random.Generat
         "preemptions": stats1.num_preemptions - stats0.num_preemptions,
         "prefix_cache_hit_tokens": stats1.prefix_cache_hits - stats0.prefix_cache_hits,
         "host_gaps": built.timed.idle_summary(),
+        "host_gaps_per_replica": ([t.idle_summary() for t in built.timed_replicas]
+                                  if replicas > 1 else None),
         "compiles_after_warmup_so_far": stats1.compiles_after_warmup,
     }
     if case.name in TARGETS:

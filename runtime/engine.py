@@ -95,58 +95,44 @@ class Engine:
     def build_runner(config: EngineConfig, **runner_options: Any) -> tuple[Any, Any]:
         """Loads the model and builds its ModelRunner (on a mesh when parallel), not warmed up.
 
-        Shared by `from_config` and `xlaserve profile`, so both compile the same programs.
+        With data parallelism, only the first replica's runner (they are all alike). Shared by
+        `from_config` and `xlaserve profile`, so both compile the same programs.
         Returns (runner, LoadedModel).
         """
-        from xlaserve.checkpoints.loader import load_model
-        from xlaserve.runtime.model_runner import ModelRunner
+        from xlaserve.runtime.data_parallel import build_runners
 
-        kw: dict[str, Any] = {}
-        plan_fn = None
-        if config.parallel.world_size > 1:
-            from xlaserve.sharding.specs import ShardingPlan
-
-            plan: dict[str, ShardingPlan] = {}
-
-            def plan_fn(cfg: ModelConfig) -> Any:
-                plan["p"] = ShardingPlan.create(cfg, config.parallel,
-                                                attention_impl=config.attention_impl)
-                return plan["p"].param_shardings
-        loaded = load_model(config.model, load_format=config.load_format, dtype=config.dtype,
-                            shardings_fn=plan_fn, seed=config.seed)
-        if plan_fn is not None:
-            p = plan["p"]
-            kw = dict(mesh=p.mesh, param_shardings=p.param_shardings, kv_sharding=p.kv_sharding,
-                      attention_fn=p.attention_fn)  # its kv_cache_heads sizes the cache
-        runner = ModelRunner(loaded.config, loaded.params, config.cache, config.scheduler,
-                             attention_impl=config.attention_impl,
-                             compilation_cache_dir=config.compilation_cache_dir,
-                             **kw, **runner_options)
-        return runner, loaded
+        runners, loaded = build_runners(config, num_replicas=1, **runner_options)
+        return runners[0], loaded
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> Engine:
+    def from_config(cls, config: EngineConfig) -> Any:
         """Loads the model and tokenizer, builds the runner, warms up every bucket.
 
+        Returns an Engine, or with ``data_parallel_size`` > 1 a DataParallelEngine of that many
+        Engines (runtime/data_parallel.py), which has the same methods.
         A model directory without tokenizer.json (e.g. a config-only dir with --load-format
         dummy) serves token ids only: that is logged as a warning, and text input is refused.
         """
         from xlaserve.checkpoints.tokenizer import Tokenizer
+        from xlaserve.runtime.data_parallel import DataParallelEngine, build_runners
 
-        runner, loaded = cls.build_runner(config)
-        runner.warmup()
+        runners, loaded = build_runners(config)
+        for runner in runners:
+            runner.warmup()
         tokenizer = None
         if (loaded.model_dir / "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_dir(loaded.model_dir)
         else:
             log.warning("%s has no tokenizer.json: token ids in and out only, no text",
                         loaded.model_dir)
-        return cls(config, runner, tokenizer=tokenizer, model_config=loaded.config)
+        engines = [cls(config, r, tokenizer=tokenizer, model_config=loaded.config)
+                   for r in runners]
+        return engines[0] if len(engines) == 1 else DataParallelEngine(engines)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     sampling: SamplingParams) -> None:
         """Queues a request. Raises ValueError naming the field (length, empty prompt, dup id)."""
-        if request_id in self._children or request_id in self.scheduler.requests:
+        if self.has_request(request_id):
             raise ValueError(f"request_id={request_id!r}: already in use")
         vocab = self.model_config.vocab_size if self.model_config else None
         if vocab is not None and any(not 0 <= int(t) < vocab for t in prompt_token_ids):
@@ -160,7 +146,7 @@ class Engine:
                              f"{batch.MAX_MIN_TOKENS_STOP_IDS} stop ids (EOS included)")
         ids = [request_id] if sampling.n == 1 else [f"{request_id}#{i}" for i in range(sampling.n)]
         for rid in ids:  # before adding any, so that a failure adds nothing
-            if rid in self._children or rid in self.scheduler.requests:
+            if self.has_request(rid):
                 raise ValueError(f"request_id={rid!r}: already in use")
         for i, rid in enumerate(ids):
             seed = sampling.seed + i if sampling.seed is not None else (
@@ -196,6 +182,23 @@ class Engine:
             kids.remove(request_id)
             if not kids:
                 del self._children[parent]
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether the id is in use here (a live request, or the parent of live n > 1 ones)."""
+        return request_id in self._children or request_id in self.scheduler.requests
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """Ends every request after a failed step (its state is unknown): pages freed, the
+        in-flight step dropped, and one final output each (finish_reason "abort", `error`)."""
+        self._inflight, self._pending = None, []
+        outs = []
+        for rid in list(self.scheduler.requests):
+            out = self.scheduler.abort(rid)
+            self._outputs.remove(rid)
+            if out is not None:
+                outs.append(dataclasses.replace(out, new_text="", error=error))
+        self._children.clear()
+        return outs
 
     def has_work(self) -> bool:
         return bool(self._pending) or self._inflight is not None or self.scheduler.has_work()

@@ -2,10 +2,9 @@
 
 The mesh always has two axes, ``("data", "model")``, of sizes ``data_parallel_size`` and
 ``tensor_parallel_size``. Parameters and the KV cache are split over ``model`` (see rules.py);
-everything is replicated over ``data``. What ``data`` > 1 means in this first version, plainly:
-each data replica holds a full (tp-sharded) copy of the weights and runs the *same* step on the
-*same* inputs, so it adds redundancy, not throughput. Splitting the batch over ``data`` is not
-done yet.
+everything is replicated over ``data``. The engine loads the model once onto the whole mesh and
+then runs one replica per row (sharding/replicas.py, runtime/data_parallel.py): each row's
+devices serve their own requests, so ``data`` > 1 adds throughput.
 
 This module validates sizes against the visible devices and the model; it never touches params.
 """

@@ -14,8 +14,9 @@ the loader has read config.json, so the plan is made inside ``shardings_fn``)::
                 param_shardings=plan.param_shardings, kv_sharding=plan.kv_sharding,
                 attention_fn=plan.attention_fn)       # its kv_cache_heads sizes the cache
 
-Data parallelism (``data`` > 1) replicates everything, step inputs included: each data replica
-runs the same step on the same batch. It is correct but gives no extra throughput yet.
+A plan on a ``data`` > 1 mesh replicates everything over ``data``, step inputs included (each row
+would run the same step on the same batch): the engine uses it only to load the model once, then
+builds one ``1 x tp`` plan per row (runtime/data_parallel.py).
 """
 
 from __future__ import annotations

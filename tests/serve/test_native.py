@@ -50,6 +50,25 @@ def test_concurrent_streams_match_offline(mock_server: Any, tokenizer: Any) -> N
         assert final.timings.end_to_end_s >= final.timings.time_to_first_token_s > 0
 
 
+def test_data_parallel_engine_serves_the_same_streams(start_server: Any, tokenizer: Any) -> None:
+    """The server over a DataParallelEngine of two replicas: each stream equals one engine's."""
+    from xlaserve.runtime.data_parallel import DataParallelEngine
+
+    def factory() -> DataParallelEngine:
+        return DataParallelEngine([make_engine(tokenizer=tokenizer).inner for _ in range(2)])
+    server = start_server(factory)
+    reqs = [build_generate_request(p, stream=True, max_tokens=10, temperature=0.0)
+            for p in PROMPTS[:8]]
+    results = asyncio.run(_stream_all(server.target, reqs))
+    sp = SamplingParams(max_tokens=10, temperature=0.0)
+    for prompt, (ids, text, final) in zip(PROMPTS[:8], results, strict=True):
+        assert (ids, text) == offline_generate(make_engine(tokenizer=tokenizer),
+                                               tokenizer.encode(prompt), sp)
+        assert final is not None and final.completion_tokens == len(ids) == 10
+    engine = server.server.bridge.engine
+    assert all(s.num_steps > 0 for s in engine.replica_stats())
+
+
 def test_unary_style_chat_and_token_ids(mock_server: Any, tokenizer: Any) -> None:
     with XlaserveClient(mock_server.target, timeout_s=30) as c:
         a = c.generate(token_ids=tokenizer.encode("hello"), max_tokens=5, temperature=0.0)

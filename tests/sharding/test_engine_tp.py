@@ -1,5 +1,6 @@
-"""The real Engine on a mesh (tp = 2, 4 and data 2 x model 2) gives the same greedy tokens as on
-one device, with the sharding plan's shard_map'd attention in the runner."""
+"""The real Engine on a mesh (tp = 2, 4; data 2 x model 1 and 2) gives the same tokens as on one
+device, with the sharding plan's shard_map'd attention in the runner. Data parallelism is a
+DataParallelEngine of replicas on disjoint devices (runtime/data_parallel.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import pytest
 
 from xlaserve.runtime.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from xlaserve.runtime.data_parallel import DataParallelEngine
 from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.request import SamplingParams
 from xlaserve.sharding.specs import ShardedAttention
@@ -33,6 +35,9 @@ def _generate(tp: int, dp: int) -> tuple[dict[str, list[int]], object]:
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(f"r{i}", list(prompt),
                            SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    # Sampled, no seed: the engine derives one, the same whichever replica runs it.
+    engine.add_request("t", [9, 8, 7], SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12,
+                                                      ignore_eos=True))
     got: dict[str, list[int]] = {}
     for _ in range(500):
         if not engine.has_work():
@@ -43,19 +48,25 @@ def _generate(tp: int, dp: int) -> tuple[dict[str, list[int]], object]:
     return got, engine
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("tp,dp", [(2, 1), (2, 2)])  # builtin:tiny vocab 626: tp <= 2
-def test_engine_tp_greedy_equals_one_device(tp: int, dp: int) -> None:
+@pytest.mark.parametrize("tp,dp", [(2, 1), (1, 2), (2, 2)])  # builtin:tiny vocab 626: tp <= 2
+def test_engine_parallel_equals_one_device(tp: int, dp: int) -> None:
     want, _ = _generate(1, 1)
     got, engine = _generate(tp, dp)
-    runner = engine.runner
-    assert dict(runner.mesh.shape) == {"data": dp, "model": tp}
-    assert isinstance(runner.attention_fn, ShardedAttention)
-    q = runner.params["layers_0"]["attn"]["q_proj"]["kernel"]
-    assert q.addressable_shards[0].data.shape[1] == 4 // tp  # 4 q heads split over model
+    replicas = engine.replicas if dp > 1 else [engine]
+    assert isinstance(engine, DataParallelEngine) == (dp > 1) and len(replicas) == dp
+    devices = [d for r in replicas for d in r.runner.mesh.devices.flat]
+    assert len(set(devices)) == tp * dp  # disjoint replicas
+    for r in replicas:
+        runner = r.runner
+        assert dict(runner.mesh.shape) == {"data": 1, "model": tp}
+        assert isinstance(runner.attention_fn, ShardedAttention)
+        q = runner.params["layers_0"]["attn"]["q_proj"]["kernel"]
+        assert q.sharding.device_set == set(runner.mesh.devices.flat)
+        assert q.addressable_shards[0].data.shape[1] == 4 // tp  # 4 q heads split over model
+        assert r.stats().num_steps > 0  # every replica ran requests
+        assert runner.compiles_after_warmup == 0
     assert all(len(v) == 12 for v in want.values())
     assert got == want
-    assert runner.compiles_after_warmup == 0
 
 
 @pytest.mark.hf
@@ -98,13 +109,14 @@ def test_engine_tp_that_does_not_split_the_model_is_a_clear_error() -> None:
         Engine.from_config(_config(16, 1))
 
 
-def _cli_generate(tp: int) -> dict:
+def _cli_generate(tp: int, dp: int = 1) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=8")
     res = subprocess.run(
         [sys.executable, "-m", "xlaserve", "generate", "--model", "builtin:tiny", "--dtype",
          "float32", "--max-num-batched-tokens", "32", "--max-num-seqs", "8", "--max-model-len",
          "64", "--page-size", "8", "--num-pages", "32", "--tensor-parallel-size", str(tp),
+         "--data-parallel-size", str(dp),
          "--prompt", "Hello world", "--max-tokens", "8", "--temperature", "0", "--json"],
         env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -112,11 +124,14 @@ def _cli_generate(tp: int) -> dict:
 
 
 @pytest.mark.slow
-def test_cli_generate_tp2_equals_tp1() -> None:
-    """The batch CLI takes --tensor-parallel-size unchanged and gives the same greedy text."""
-    one, two = _cli_generate(1), _cli_generate(2)
+def test_cli_generate_tp2_and_dp2_equal_one_device() -> None:
+    """The batch CLI takes --tensor-parallel-size / --data-parallel-size and gives the same
+    greedy text."""
+    one = _cli_generate(1)
     assert len(one["token_ids"]) == 8
-    assert two["token_ids"] == one["token_ids"] and two["text"] == one["text"]
+    for tp, dp in ((2, 1), (1, 2)):
+        two = _cli_generate(tp, dp)
+        assert two["token_ids"] == one["token_ids"] and two["text"] == one["text"]
 
 
 @pytest.mark.slow
