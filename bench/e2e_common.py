@@ -313,8 +313,12 @@ def build_engine(args: argparse.Namespace, *, max_model_len: int) -> BuiltEngine
               f"compile {record.compile_s:.1f}s cache_hit={record.cache_hit}", flush=True)
 
     t0 = time.perf_counter()
-    for runner in runners:
-        runner.warmup(progress=progress)
+    if len(runners) == 1:
+        runners[0].warmup(progress=progress)
+    else:  # as Engine.from_config: the replicas compile at once
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(len(runners)) as pool:
+            list(pool.map(lambda r: r.warmup(progress=progress), runners))
     warmup_s = time.perf_counter() - t0
     timed = [TimedRunner(r) for r in runners]
     engines = [Engine(config, t, tokenizer=None, model_config=loaded.config,

@@ -25,6 +25,7 @@ async_scheduling=False runs schedule -> execute -> update strictly in turn.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -117,8 +118,11 @@ class Engine:
         from xlaserve.runtime.data_parallel import DataParallelEngine, build_runners
 
         runners, loaded = build_runners(config)
-        for runner in runners:
-            runner.warmup()
+        if len(runners) == 1:
+            runners[0].warmup()
+        else:  # replicas compile at once (XLA's compiles release the GIL)
+            with concurrent.futures.ThreadPoolExecutor(len(runners)) as pool:
+                list(pool.map(lambda r: r.warmup(), runners))
         tokenizer = None
         if (loaded.model_dir / "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_dir(loaded.model_dir)
