@@ -23,7 +23,7 @@ for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", 
     print(json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": 24, "temperature": 0}))
 PY
 for dp in 1 2; do
-  timeout -s ABRT -k 5 180 $PY -m xlaserve generate --model builtin:tiny --dtype float32 \
+  timeout -s ABRT -k 5 120 $PY -m xlaserve generate --model builtin:tiny --dtype float32 \
     --data-parallel-size $dp --input "$R/in.jsonl" --output "$R/cli_dp$dp.jsonl" \
     > "$R/cli_dp$dp.log" 2>&1
   echo "=== cli dp$dp rc=$? at $((SECONDS - T0))s"; tail -2 "$R/cli_dp$dp.log"
@@ -35,7 +35,7 @@ t = {dp: {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in open(f"{sys.a
 print("CLI greedy token ids dp2 == dp1:", t[1] == t[2], "prompts", len(t[1]))
 PY
 for dp in 1 2; do
-  timeout -s ABRT -k 5 "${BENCH_S:-200}" $PY bench/throughput.py --data-parallel-size $dp \
+  timeout -s ABRT -k 5 "${BENCH_S:-250}" $PY bench/throughput.py --data-parallel-size $dp \
     --cases $CASES --compilation-cache-dir /tmp/xc --out "$R/throughput_dp$dp.json" \
     > "$R/throughput_dp$dp.log" 2>&1
   echo "=== throughput dp$dp rc=$? at $((SECONDS - T0))s"; tail -6 "$R/throughput_dp$dp.log"
