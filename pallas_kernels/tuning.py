@@ -14,6 +14,10 @@ fallback is logged once, never silent.
 The table is measured in bf16. A tile whose q rows would pass ``Q_TILE_BYTES`` (float32, or a
 large group) gets block_q halved until they fit: a float32 G 16 prefill tile of 512 x 128 rows
 asked Triton for 257 KiB of shared memory on an H100 (227 KiB available) and failed to compile.
+Likewise a K/V block past ``KV_TILE_BYTES`` gets pages_per_block halved, down to one page; when
+one page alone passes it (float32 at L 128), the q tile gets half of ``Q_TILE_BYTES`` and at
+most two pipeline stages. The float32 prefill tiles of the L 64 entry and of L 128 failed on an
+H100 without this (session 8).
 
 This module reads shapes only (all static under jit); it never touches device arrays.
 """
@@ -46,6 +50,10 @@ DEFAULT_PAGE_SIZE = 16  # their page size
 # failure's request (q rows + 1 KiB) suggests the K/V tiles were not held in shared memory
 # beside them; float32 L 32/64 table tiles (bigger K/V blocks) are not compiled yet.
 Q_TILE_BYTES = 64 << 10
+# Most bytes of one K (or V) block, pages_per_block * L x H x itemsize: every bf16 table entry
+# is within it (at most 32 KiB); float32 L 64 (2 pages, 64 KiB) and L 128 (1 page, 64 KiB)
+# prefill tiles did not compile on an H100 (bench/results/session8_h100).
+KV_TILE_BYTES = 32 << 10
 
 
 def q_len_class(num_tokens: int, num_seqs: int) -> str:
@@ -84,17 +92,33 @@ def _warn_missing_entry(key: str, q_class: str, entry: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _log_shrunk(key: str, itemsize: int, was: int, now: int) -> None:
-    log.info("ragged_paged_attention tuning: %s with %d-byte q: block_q %d -> %d so the q tile "
-             "stays within %d KiB of shared memory", key, itemsize, was, now, Q_TILE_BYTES >> 10)
+def _log_shrunk(key: str, itemsize: int, was: str, now: str) -> None:
+    log.info("ragged_paged_attention tuning: %s with %d-byte q: %s -> %s so the tile fits "
+             "shared memory (q rows <= %d KiB, K/V block <= %d KiB)", key, itemsize, was, now,
+             Q_TILE_BYTES >> 10, KV_TILE_BYTES >> 10)
 
 
-def tile_block_q(block_q: int, *, group: int, head_dim: int, itemsize: int) -> int:
-    """block_q halved until the tile's q rows (block_q * G' x H) fit Q_TILE_BYTES, then raised to
-    the 16 rows Triton dots need. `group` is the padded group G'."""
-    while block_q > 1 and block_q * group * head_dim * itemsize > Q_TILE_BYTES:
+def tile_block_q(block_q: int, *, group: int, head_dim: int, itemsize: int,
+                 budget: int = Q_TILE_BYTES) -> int:
+    """block_q halved until the tile's q rows (block_q * G' x H) fit `budget` bytes, then raised
+    to the 16 rows Triton dots need. `group` is the padded group G'."""
+    while block_q > 1 and block_q * group * head_dim * itemsize > budget:
         block_q //= 2
     return max(block_q, -(-16 // group))
+
+
+def fit_kv_tile(pages_per_block: int, num_stages: int, *, page_size: int, head_dim: int,
+                itemsize: int) -> tuple[int, int, int]:
+    """(pages_per_block, num_stages, q tile budget) with the K/V block within KV_TILE_BYTES:
+    pages_per_block halved down to one page; if one page still passes it, at most two stages
+    and half the q budget."""
+    def block_bytes(p: int) -> int:
+        return p * page_size * head_dim * itemsize
+    while pages_per_block > 1 and block_bytes(pages_per_block) > KV_TILE_BYTES:
+        pages_per_block //= 2
+    if block_bytes(pages_per_block) > KV_TILE_BYTES:
+        return pages_per_block, min(num_stages, 2), Q_TILE_BYTES // 2
+    return pages_per_block, num_stages, Q_TILE_BYTES
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,21 +146,28 @@ def lookup_config(*, head_dim: int, page_size: int, group: int, num_tokens: int,
                  "pages_per_block": max(1, int(default["pages_per_block"]) * DEFAULT_PAGE_SIZE
                                         // page_size)}
         _warn_missing_entry(key, q_class, json.dumps(entry, sort_keys=True))
+    pages_per_block, num_stages, q_budget = fit_kv_tile(
+        int(entry["pages_per_block"]), int(entry["num_stages"]), page_size=page_size,
+        head_dim=head_dim, itemsize=itemsize)
     block_q = int(entry["block_q"])
-    fitted = tile_block_q(block_q, group=gp, head_dim=head_dim, itemsize=itemsize)
-    if fitted < block_q:
-        _log_shrunk(key, itemsize, block_q, fitted)
+    fitted = tile_block_q(block_q, group=gp, head_dim=head_dim, itemsize=itemsize,
+                          budget=q_budget)
+    if (fitted, pages_per_block, num_stages) != (block_q, int(entry["pages_per_block"]),
+                                                 int(entry["num_stages"])):
+        _log_shrunk(key, itemsize, f"block_q {block_q}, pages_per_block "
+                    f"{entry['pages_per_block']}, num_stages {entry['num_stages']}",
+                    f"{fitted}, {pages_per_block}, {num_stages}")
     block_q = fitted
-    block_k = int(entry["pages_per_block"]) * page_size
+    block_k = pages_per_block * page_size
     num_splits = num_kv_splits(num_tokens=num_tokens, num_seqs=num_seqs, block_q=block_q,
                                num_kv_heads=num_kv_heads, max_kv_len=max_kv_len, block_k=block_k,
                                target_programs=int(table["split"]["target_programs"]),
                                min_blocks_per_split=int(table["split"]["min_blocks_per_split"]),
                                max_splits=int(table["split"]["max_splits"]))
     return RaggedPagedAttentionConfig(block_q=block_q,
-                                      pages_per_block=int(entry["pages_per_block"]),
+                                      pages_per_block=pages_per_block,
                                       num_splits=num_splits, num_warps=int(entry["num_warps"]),
-                                      num_stages=int(entry["num_stages"]),
+                                      num_stages=num_stages,
                                       key_gather=bool(entry.get("key_gather", False)),
                                       q_transposed=bool(entry.get("q_transposed", False)))
 

@@ -67,14 +67,43 @@ KW = dict(head_dim=128, page_size=16, num_seqs=1, max_kv_len=4096, num_kv_heads=
 
 
 def test_missing_group_keeps_the_default_tile_rows() -> None:
-    """G 16 has no entry: the default (G 4) entry with block_q scaled to keep its q rows."""
+    """G 2 has no entry: the default (G 4) entry with block_q scaled to keep its q rows."""
     default = tuning._table()["default"]
-    assert tuning.table_key(128, 16, 16, "prefill") not in tuning._table()["entries"]
+    assert tuning.table_key(128, 16, 2, "prefill") not in tuning._table()["entries"]
     for q_class, t in (("prefill", 4096), ("decode", 16)):
-        cfg = tuning.lookup_config(group=16, num_tokens=t, **KW)
+        cfg = tuning.lookup_config(group=2, num_tokens=t, **KW)
         want_rows = max(default[q_class]["block_q"] * tuning.DEFAULT_GROUP, 16)
-        assert cfg.block_q * 16 == want_rows
+        assert cfg.block_q * 2 == want_rows
         assert cfg.pages_per_block == default[q_class]["pages_per_block"]
+
+
+def test_kv_blocks_fit_their_budget_and_bf16_entries_stay_as_measured() -> None:
+    """float32 K/V blocks past KV_TILE_BYTES get fewer pages (the float32 L 64 and L 128 prefill
+    tiles did not compile on an H100); one page past it: two stages and half the q budget.
+    Every bf16 table entry is used exactly as measured."""
+    for key, entry in tuning._table()["entries"].items():
+        h, ell, g, q_class = key.split("_")
+        kw = dict(head_dim=int(h[1:]), page_size=int(ell[1:]), group=int(g[1:]), num_seqs=1,
+                  num_tokens={"decode": 1, "mixed": 2048, "prefill": 4096}[q_class],
+                  max_kv_len=4096, num_kv_heads=8)
+        if q_class == "mixed":
+            kw["num_seqs"] = 64
+        cfg = tuning.lookup_config(**kw)
+        assert tuning.q_len_class(kw["num_tokens"], kw["num_seqs"]) == q_class
+        assert (cfg.pages_per_block, cfg.num_stages) == (entry["pages_per_block"],
+                                                          entry["num_stages"]), key
+        f32 = tuning.lookup_config(itemsize=4, **kw)
+        kv_bytes = f32.pages_per_block * kw["page_size"] * kw["head_dim"] * 4
+        assert kv_bytes <= tuning.KV_TILE_BYTES or f32.pages_per_block == 1
+    assert tuning.fit_kv_tile(2, 2, page_size=64, head_dim=128, itemsize=4) == (
+        1, 2, tuning.Q_TILE_BYTES)
+    assert tuning.fit_kv_tile(1, 3, page_size=128, head_dim=128, itemsize=4) == (
+        1, 2, tuning.Q_TILE_BYTES // 2)
+    assert tuning.fit_kv_tile(1, 3, page_size=128, head_dim=128, itemsize=2) == (
+        1, 3, tuning.Q_TILE_BYTES)
+    cfg = tuning.lookup_config(head_dim=128, page_size=128, group=4, num_tokens=4096,
+                               num_seqs=1, max_kv_len=4096, num_kv_heads=8, itemsize=4)
+    assert cfg.block_q * 4 * 128 * 4 <= tuning.Q_TILE_BYTES // 2 and cfg.num_stages == 2
 
 
 def test_float32_tiles_fit_the_q_tile_budget_and_bf16_entries_stay() -> None:
