@@ -102,6 +102,9 @@ class Engine:
         """
         from xlaserve.runtime.data_parallel import build_runners
 
+        if config.parallel.data_parallel_size > 1:
+            log.info("data_parallel_size=%d: building replica 0 only (every replica compiles "
+                     "the same programs)", config.parallel.data_parallel_size)
         runners, loaded = build_runners(config, num_replicas=1, **runner_options)
         return runners[0], loaded
 
