@@ -51,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from e
     check_engine_config(config)  # a bad --model etc. exits 2 here, before the ports open
+    if config.parallel.data_parallel_size > 1:
+        print(f"xlaserve serve: warning: data_parallel_size={config.parallel.data_parallel_size}"
+              f" runs the replicas in this one process, sharing the GIL with the gRPC streams;"
+              f" measured 0.81x one GPU's output tokens/s at 256 concurrent streams (BENCHMARKS.md"
+              f" 0e). One server per GPU behind a load balancer serves more.", file=sys.stderr,
+              flush=True)
 
     def build_engine() -> Any:
         from xlaserve.runtime.engine import Engine
