@@ -196,9 +196,11 @@ class Engine:
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """Ends every request after a failed step (its state is unknown): pages freed, the
-        in-flight step dropped, and one final output each (finish_reason "abort", `error`)."""
-        self._inflight, self._pending = None, []
-        outs = []
+        in-flight step dropped. Returns what the failed step had produced (abort finals of
+        earlier `abort` calls included), then one final output per live request
+        (finish_reason "abort", `error`)."""
+        self._inflight = None
+        outs, self._pending = self._pending, []
         for rid in list(self.scheduler.requests):
             out = self.scheduler.abort(rid)
             self._outputs.remove(rid)
@@ -227,8 +229,20 @@ class Engine:
         return sched_out, handle
 
     def step(self) -> list[RequestOutput]:
-        """Runs one step; returns the deltas of every request that produced something."""
+        """Runs one step; returns the deltas of every request that produced something.
+
+        If it raises, what it had produced (abort finals included) waits in `_pending`, and
+        `fail_all` returns it.
+        """
         outs, self._pending = self._pending, []
+        try:
+            self._step(outs)
+        except BaseException:
+            self._pending = outs + self._pending
+            raise
+        return outs
+
+    def _step(self, outs: list[RequestOutput]) -> None:
         start = time.perf_counter()
         cur, self._inflight = self._inflight, None
         if cur is None:
@@ -265,7 +279,6 @@ class Engine:
                     self._forget_child(out.request_id)
                 outs.append(out)
         self._last_step_time = time.perf_counter() - start
-        return outs
 
     def _fail(self, delta: RequestOutput, error: Exception) -> RequestOutput:
         """Ends one request whose output processing raised: pages freed, an error final."""

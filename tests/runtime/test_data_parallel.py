@@ -143,6 +143,26 @@ def test_a_failing_replica_ends_only_its_own_requests() -> None:
     assert not dp.has_work()
 
 
+def test_abort_finals_survive_a_failed_step() -> None:
+    """An abort's final output comes from the next step; if that step fails, fail_all returns
+    it (with the error finals of the live requests), not lost."""
+    dp = _dp(2)
+    dp.add_request("a", [1, 2], SamplingParams(max_tokens=8, ignore_eos=True))  # replica 0
+    dp.add_request("b", [3, 4], SamplingParams(max_tokens=8, ignore_eos=True))  # replica 1
+    dp.add_request("c", [5, 6], SamplingParams(max_tokens=8, ignore_eos=True))  # replica 0
+    dp.step()
+    dp.abort("c")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("device lost")
+    dp.replicas[0].runner.execute_async = boom
+    got = {o.request_id: o for o in dp.step() if o.finished}
+    assert got["c"].finish_reason == "abort" and got["c"].error is None  # the user's abort
+    assert got["a"].finish_reason == "abort" and "device lost" in got["a"].error
+    assert "b" not in got
+    assert dp.replica_stats()[0].num_pages_used == 0
+
+
 def test_needs_two_replicas() -> None:
     with pytest.raises(ValueError, match="replicas: 1 given"):
         DataParallelEngine([_engine()])
