@@ -79,23 +79,47 @@ def setup_compilation_cache(cache_dir: str | None = None) -> str:
     return path
 
 
-@contextlib.contextmanager
-def _thread_events(names: tuple[str, ...]) -> Iterator[dict[str, int]]:
+class _EventCounter:
+    """One JAX monitoring listener for the process, registered once, counting per thread.
+
+    Registering a listener per block and removing it after (the first version) is not safe
+    when several threads compile or step at once (data-parallel replicas): jax walks its listener
+    list while another thread removes from it, and an event can be missed.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._registered = False
+
+    def _on_event(self, event: str, *_args: Any, **_kwargs: Any) -> None:
+        for counts in getattr(self._local, "active", ()):
+            if event in counts:
+                counts[event] += 1
+
+    @contextlib.contextmanager
+    def count(self, names: tuple[str, ...]) -> Iterator[dict[str, int]]:
+        """Counts the named events raised by this thread inside the block."""
+        with self._lock:
+            if not self._registered:
+                jax.monitoring.register_event_listener(self._on_event)
+                jax.monitoring.register_event_duration_secs_listener(self._on_event)
+                self._registered = True
+        counts = dict.fromkeys(names, 0)
+        active = self._local.__dict__.setdefault("active", [])
+        active.append(counts)
+        try:
+            yield counts
+        finally:  # by identity: equal counts of nested blocks compare equal
+            del active[next(i for i in range(len(active) - 1, -1, -1) if active[i] is counts)]
+
+
+_EVENTS = _EventCounter()  # jax.monitoring's listeners are process-wide: so is this
+
+
+def _thread_events(names: tuple[str, ...]) -> contextlib.AbstractContextManager[dict[str, int]]:
     """Counts the named JAX monitoring events raised by this thread inside the block."""
-    counts = dict.fromkeys(names, 0)
-    me = threading.get_ident()
-
-    def on_event(event: str, *_args: Any, **_kwargs: Any) -> None:
-        if event in counts and threading.get_ident() == me:
-            counts[event] += 1
-
-    jax.monitoring.register_event_listener(on_event)
-    jax.monitoring.register_event_duration_secs_listener(on_event)
-    try:
-        yield counts
-    finally:
-        jax.monitoring.unregister_event_listener(on_event)
-        jax.monitoring.unregister_event_duration_listener(on_event)
+    return _EVENTS.count(names)
 
 
 @dataclasses.dataclass

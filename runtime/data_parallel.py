@@ -14,8 +14,10 @@ waits for every replica's step, so a replica with a much longer step (a big pref
 others' next step back; the one step each replica keeps queued on its device hides most of it.
 
 Failures: a replica whose step raises ends only its own requests (an error final each, as
-`Engine.fail_all`), the other replicas' outputs of that step are returned, and new requests go
-to replicas whose last step succeeded. Only when every replica's step fails does `step()` raise.
+`Engine.fail_all`, which also empties its prefix cache), the other replicas' outputs of that
+step are returned, and for `retry_after_s` new requests go to the other replicas; then it gets
+requests again (a transient failure does not cost a GPU for good; a broken one fails again and
+rests again). Only when every busy replica's step fails does `step()` raise.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,9 +108,11 @@ class DataParallelEngine:
     Args:
       replicas: at least two Engines with the same model, config and tokenizer, each on its own
         devices. Request ids are unique across all of them.
+      retry_after_s: how long a replica whose step failed gets no new requests (while another
+        replica can take them).
     """
 
-    def __init__(self, replicas: Sequence[Any]) -> None:
+    def __init__(self, replicas: Sequence[Any], *, retry_after_s: float = 10.0) -> None:
         if len(replicas) < 2:
             raise ValueError(f"replicas: {len(replicas)} given, need at least 2 (use the Engine "
                              f"itself for one)")
@@ -117,7 +122,8 @@ class DataParallelEngine:
         self.model_config, self.eos_token_ids = first.model_config, first.eos_token_ids
         self.async_scheduling = first.async_scheduling
         self._counter = 0  # seeds of unseeded requests, as one Engine would give them
-        self._healthy = [True] * len(self.replicas)  # did the replica's last step succeed?
+        self.retry_after_s = retry_after_s
+        self._failed_at: list[float | None] = [None] * len(self.replicas)  # last failed step
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=len(self.replicas), thread_name_prefix="xlaserve-replica")
 
@@ -126,12 +132,17 @@ class DataParallelEngine:
         """Replica 0's runner (every replica compiles the same buckets)."""
         return self.replicas[0].runner
 
+    def resting(self, i: int) -> bool:
+        """Whether replica i's step failed less than `retry_after_s` ago."""
+        failed = self._failed_at[i]
+        return failed is not None and time.monotonic() - failed < self.retry_after_s
+
     def _pick(self) -> int:
-        """The replica for a new request: healthy first, then fewest sequences, then fewest
+        """The replica for a new request: not resting first, then fewest sequences, then fewest
         used pages, then the lowest index."""
         def load(i: int) -> tuple[bool, int, int]:
             s = self.replicas[i].stats()
-            return (not self._healthy[i], s.num_waiting + s.num_running, s.num_pages_used)
+            return (self.resting(i), s.num_waiting + s.num_running, s.num_pages_used)
         return min(range(len(self.replicas)), key=load)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
@@ -160,18 +171,24 @@ class DataParallelEngine:
         """One step of every replica with work, concurrently; their outputs in replica order."""
         busy = [i for i, r in enumerate(self.replicas) if r.has_work()]
         futures = {i: self._pool.submit(self.replicas[i].step) for i in busy}
+        try:
+            concurrent.futures.wait(futures.values())
+        except BaseException:  # e.g. KeyboardInterrupt: the caller may abort next, and an
+            concurrent.futures.wait(futures.values())  # Engine is not thread-safe: finish first
+            raise
         outs: list[RequestOutput] = []
-        errors: list[Exception] = []
+        errors: list[BaseException] = []
         for i in busy:
-            try:
+            error = futures[i].exception()
+            if error is None:
                 outs.extend(futures[i].result())
-                self._healthy[i] = True
-            except Exception as e:  # noqa: BLE001 - only this replica's requests end
-                log.exception("replica %d: step failed; ending its requests", i)
-                errors.append(e)
-                self._healthy[i] = False
-                outs.extend(self.replicas[i].fail_all(f"engine step failed (replica {i}): "
-                                                      f"{e!r}"))
+                self._failed_at[i] = None
+                continue
+            log.error("replica %d: step failed; ending its requests", i, exc_info=error)
+            errors.append(error)
+            self._failed_at[i] = time.monotonic()
+            outs.extend(self.replicas[i].fail_all(f"engine step failed (replica {i}): "
+                                                  f"{error!r}"))
         if busy and len(errors) == len(busy):
             raise errors[0]
         return outs

@@ -198,7 +198,8 @@ class Engine:
         """Ends every request after a failed step (its state is unknown): pages freed, the
         in-flight step dropped. Returns what the failed step had produced (abort finals of
         earlier `abort` calls included), then one final output per live request
-        (finish_reason "abort", `error`)."""
+        (finish_reason "abort", `error`). The prefix cache is emptied too: the failed step may
+        have left pages registered whose K/V it never wrote."""
         self._inflight = None
         outs, self._pending = self._pending, []
         for rid in list(self.scheduler.requests):
@@ -207,6 +208,7 @@ class Engine:
             if out is not None:
                 outs.append(dataclasses.replace(out, new_text="", error=error))
         self._children.clear()
+        self.scheduler.allocator.reset_prefix_cache()
         return outs
 
     def has_work(self) -> bool:

@@ -116,3 +116,40 @@ def test_guard_ignores_other_threads():
         t.start()
         t.join()
     assert guard.compiles_after_warmup == 0
+
+
+def test_compile_events_are_counted_per_thread_with_threads_compiling_at_once() -> None:
+    """Data-parallel replicas compile and step in threads: each thread's watch counts its own
+    compiles only, and none is lost while other threads open and close their watches."""
+    import threading
+
+    import jax
+    import jax.numpy as jnp
+
+    from xlaserve.runtime import compile_cache as cc
+
+    def compile_one(tag: int) -> None:
+        jax.jit(lambda x, c=tag: x * c + 1).lower(
+            jax.ShapeDtypeStruct((7 + tag,), jnp.float32)).compile()
+
+    with cc._thread_events((cc.BACKEND_COMPILE_EVENT,)) as one:
+        compile_one(1000)
+    per_compile = one[cc.BACKEND_COMPILE_EVENT]
+    assert per_compile >= 1
+    got: dict[int, int] = {}
+
+    def work(k: int) -> None:
+        with cc._thread_events((cc.BACKEND_COMPILE_EVENT,)) as counts:
+            for i in range(k + 1):
+                for _ in range(3):  # short watches of their own, opened and closed meanwhile
+                    with cc._thread_events((cc.BACKEND_COMPILE_EVENT,)):
+                        pass
+                compile_one(100 * k + i)
+        got[k] = counts[cc.BACKEND_COMPILE_EVENT]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {k: (k + 1) * per_compile for k in range(3)}

@@ -130,11 +130,22 @@ def test_a_failing_replica_ends_only_its_own_requests() -> None:
         assert got[rid][-1].finish_reason == "length" and got[rid][-1].error is None
         assert sum(len(o.new_token_ids) for o in got[rid]) == 8
     assert dp.replica_stats()[1].num_pages_used == 0
-    # New requests go to the replica whose last step succeeded.
+    # New requests go to the replica whose step did not fail, for retry_after_s.
+    assert dp.resting(1) and not dp.resting(0)
     dp.add_request("e", [5], SamplingParams(max_tokens=3, ignore_eos=True))
     dp.add_request("f", [6], SamplingParams(max_tokens=3, ignore_eos=True))
     assert [s.num_waiting for s in dp.replica_stats()] == [2, 0]
     assert _tokens(_drain(dp)).keys() == {"e", "f"}
+    # Then it gets requests again (here: healed), and serves them.
+    dp.retry_after_s = 0.0
+    del broken.execute_async  # the instance attribute: the class's method again
+    dp.add_request("h", [8], SamplingParams(max_tokens=3, ignore_eos=True))
+    dp.add_request("i", [9], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert [s.num_waiting for s in dp.replica_stats()] == [1, 1]
+    done = _drain(dp)
+    assert all(done[r][-1].finish_reason == "length" for r in ("h", "i"))
+    dp.retry_after_s = 10.0
+    broken.execute_async = boom
     # Every busy replica failing is the step failing.
     dp.replicas[0].runner.execute_async = boom
     dp.add_request("g", [7], SamplingParams(max_tokens=3))
