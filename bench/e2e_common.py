@@ -278,7 +278,7 @@ def build_engine(args: argparse.Namespace, *, max_model_len: int) -> BuiltEngine
     import jax
 
     from xlaserve.engine_args import engine_config_from_options
-    from xlaserve.runtime.data_parallel import DataParallelEngine, build_runners
+    from xlaserve.runtime.data_parallel import DataParallelEngine, build_runners, warm_up
     from xlaserve.runtime.engine import Engine
 
     load_format = resolve_load_format(args.model, args.load_format)
@@ -313,12 +313,7 @@ def build_engine(args: argparse.Namespace, *, max_model_len: int) -> BuiltEngine
               f"compile {record.compile_s:.1f}s cache_hit={record.cache_hit}", flush=True)
 
     t0 = time.perf_counter()
-    if len(runners) == 1:
-        runners[0].warmup(progress=progress)
-    else:  # as Engine.from_config: the replicas compile at once
-        import concurrent.futures
-        with concurrent.futures.ThreadPoolExecutor(len(runners)) as pool:
-            list(pool.map(lambda r: r.warmup(progress=progress), runners))
+    warm_up(runners, progress)  # as Engine.from_config
     warmup_s = time.perf_counter() - t0
     timed = [TimedRunner(r) for r in runners]
     engines = [Engine(config, t, tokenizer=None, model_config=loaded.config,

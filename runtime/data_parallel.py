@@ -102,6 +102,16 @@ def build_runners(config: EngineConfig, *, num_replicas: int | None = None,
     return runners, loaded  # loaded.params: the same device buffers the replicas use
 
 
+def warm_up(runners: Sequence[Any], progress: Any = None) -> None:
+    """Compiles every runner's buckets; several replicas at once (XLA's compiles release the
+    GIL). `progress` as ModelRunner.warmup's."""
+    if len(runners) == 1:
+        runners[0].warmup(progress=progress)
+        return
+    with concurrent.futures.ThreadPoolExecutor(len(runners)) as pool:
+        list(pool.map(lambda r: r.warmup(progress=progress), runners))
+
+
 class DataParallelEngine:
     """D Engines (one per replica) behind Engine's add_request / step / abort / has_work / stats.
 
@@ -206,7 +216,3 @@ class DataParallelEngine:
     def replica_stats(self) -> list[Any]:
         """Each replica's own EngineStats, in replica order."""
         return [r.stats() for r in self.replicas]
-
-    def close(self) -> None:
-        """Stops the step threads (idle ones exit at once)."""
-        self._pool.shutdown(wait=False)

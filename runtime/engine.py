@@ -25,7 +25,6 @@ async_scheduling=False runs schedule -> execute -> update strictly in turn.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -118,14 +117,10 @@ class Engine:
         dummy) serves token ids only: that is logged as a warning, and text input is refused.
         """
         from xlaserve.checkpoints.tokenizer import Tokenizer
-        from xlaserve.runtime.data_parallel import DataParallelEngine, build_runners
+        from xlaserve.runtime.data_parallel import DataParallelEngine, build_runners, warm_up
 
         runners, loaded = build_runners(config)
-        if len(runners) == 1:
-            runners[0].warmup()
-        else:  # replicas compile at once (XLA's compiles release the GIL)
-            with concurrent.futures.ThreadPoolExecutor(len(runners)) as pool:
-                list(pool.map(lambda r: r.warmup(), runners))
+        warm_up(runners)
         tokenizer = None
         if (loaded.model_dir / "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_dir(loaded.model_dir)
