@@ -108,7 +108,8 @@ def step_inputs(q_lens: list[int], kv_lens: list[int], *, page_size: int, pages_
 def make_step_fn(cfg: ModelConfig, plan: ShardingPlan):
     """The jitted step: forward + greedy on device -> (tokens i32[S], top2 f32[S, 2], cache)."""
     def step(params: Any, inputs: StepInputs, cache: llama.KVCache):
-        logits, cache = llama.forward(params, inputs, cache, cfg, attention_fn=plan.attention_fn)
+        logits, cache = llama.forward(params, inputs, cache, cfg, attention_fn=plan.attention_fn,
+                                      row_parallel_fn=plan.row_parallel_fn)
         top2 = jax.lax.top_k(logits, 2)[0]  # [S, 2]
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), top2, cache
 
@@ -122,9 +123,9 @@ class Runner:
     """One tp: plan, params, cache and the compiled programs (one per input shape)."""
 
     def __init__(self, cfg: ModelConfig, tp: int, num_pages: int, page_size: int,
-                 impl: str, copies: int = 1) -> None:
+                 impl: str, copies: int = 1, all_reduce: str = "auto") -> None:
         self.plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
-                                        attention_impl=impl)
+                                        attention_impl=impl).with_all_reduce(all_reduce)
         # The key is made inside the program: no array crosses devices before the step (a
         # single-device key put onto the mesh stalled on one 2 x H200 host, BENCHMARKS.md).
         self.params = jax.jit(lambda: llama.init_params(cfg, jax.random.key(0)),
@@ -221,7 +222,8 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
     longest = max(args.context + 2, args.prefill_tokens + args.greedy_steps + 1)
     pages_per_seq = math.ceil(longest / page_size)
     num_pages = 1 + max(max(args.decode_batches), 1) * pages_per_seq
-    r = Runner(cfg, tp, num_pages, page_size, args.attention_impl, args.program_copies)
+    r = Runner(cfg, tp, num_pages, page_size, args.attention_impl, args.program_copies,
+               args.all_reduce)
     q = r.params["layers_0"]["attn"]["q_proj"]["kernel"]
     rng = np.random.default_rng(1)
     kw = dict(page_size=page_size, pages_per_seq=pages_per_seq, rng=rng, vocab=cfg.vocab_size)
@@ -230,6 +232,10 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         "devices": [str(d) for d in r.plan.mesh.devices.flat],
         "q_proj_shard_shape": list(q.addressable_shards[0].data.shape),
         "kv_cache_spec": str(r.plan.kv_sharding.spec),
+        "all_reduce": args.all_reduce,
+        "row_parallel": ("xla collective" if r.plan.row_parallel_fn is None else
+                         "psum under shard_map" if r.plan.row_parallel_fn.all_reduce is None
+                         else "xlaserve kernel (decode-sized) + xla collective (larger)"),
         "param_checksums": r.checksums()}
     prompt = rng.integers(0, cfg.vocab_size, args.prefill_tokens).tolist()
     res["greedy_tokens"], res["greedy_top1"], res["greedy_gap"] = greedy(
@@ -400,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-layers", type=int, default=None, help="override (quick runs)")
     p.add_argument("--dtype", default=None, help="default bfloat16 (float32 for tiny)")
     p.add_argument("--attention-impl", default="auto")
+    p.add_argument("--all-reduce", default="auto", choices=["auto", "xla", "custom", "psum"],
+                   help="row-parallel all-reduce (ParallelConfig.all_reduce)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--spread-steps", type=int, default=20)

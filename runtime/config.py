@@ -195,18 +195,30 @@ class SchedulerConfig:
         _require(self.max_model_len >= 2, "max_model_len", self.max_model_len, "must be >= 2")
 
 
+ALL_REDUCE_MODES = ("auto", "xla", "custom", "psum")
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     """Device mesh sizes: `data` x `model` axes."""
 
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    # The all-reduces of the row-parallel projections (o_proj, down_proj) at tp > 1:
+    #   auto    xlaserve's kernel (sharding/all_reduce.py) for decode-sized steps where it can run
+    #           (GPUs of one process, tp <= 8), XLA's collective elsewhere; the choice is logged
+    #   xla     XLA's collective everywhere (inserted by the partitioner)
+    #   custom  like auto, but an error where the kernel cannot run
+    #   psum    jax.lax.psum under shard_map (the kernel's reference; runs on CPU)
+    all_reduce: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size",
                  self.tensor_parallel_size, "must be >= 1")
         _require(self.data_parallel_size >= 1, "data_parallel_size", self.data_parallel_size,
                  "must be >= 1")
+        _require(self.all_reduce in ALL_REDUCE_MODES, "all_reduce", self.all_reduce,
+                 f"must be one of {ALL_REDUCE_MODES}")
 
     @property
     def world_size(self) -> int:

@@ -64,8 +64,10 @@ def build_runners(config: EngineConfig, *, num_replicas: int | None = None,
     def runner(cfg: Any, params: Any, plan: ShardingPlan | None) -> ModelRunner:
         kw: dict[str, Any] = {}
         if plan is not None:
+            plan = plan.with_all_reduce(par.all_reduce)
             kw = dict(mesh=plan.mesh, param_shardings=plan.param_shardings,
-                      kv_sharding=plan.kv_sharding, attention_fn=plan.attention_fn)
+                      kv_sharding=plan.kv_sharding, attention_fn=plan.attention_fn,
+                      row_parallel_fn=plan.row_parallel_fn)
         return ModelRunner(cfg, params, config.cache, config.scheduler,
                            attention_impl=config.attention_impl,
                            compilation_cache_dir=config.compilation_cache_dir,
@@ -81,7 +83,7 @@ def build_runners(config: EngineConfig, *, num_replicas: int | None = None,
     validate_devices(par, len(jax.devices()))
     # Loaded once onto the rows that are built: split over `model`, replicated over `data`.
     load_par = ParallelConfig(tensor_parallel_size=par.tensor_parallel_size,
-                              data_parallel_size=count)
+                              data_parallel_size=count, all_reduce=par.all_reduce)
     plans: dict[str, ShardingPlan] = {}
 
     def plan_fn(cfg: Any) -> Any:
@@ -93,7 +95,8 @@ def build_runners(config: EngineConfig, *, num_replicas: int | None = None,
     if count == 1:
         return [runner(loaded.config, loaded.params, full)], loaded
     runners = []
-    one_row = ParallelConfig(tensor_parallel_size=par.tensor_parallel_size)
+    one_row = ParallelConfig(tensor_parallel_size=par.tensor_parallel_size,
+                             all_reduce=par.all_reduce)
     for mesh in replica_meshes(full.mesh):
         plan = ShardingPlan.create(loaded.config, one_row, mesh=mesh,
                                    attention_impl=config.attention_impl)

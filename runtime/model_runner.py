@@ -176,6 +176,7 @@ class ModelRunner:
         when tp exceeds the KV heads). Default: the attention_fn's ``kv_cache_heads`` if it has
         one (sharding.specs.ShardedAttention), else model_cfg.num_kv_heads.
       attention_fn: replaces the model's attention step (e.g. the sharding plan's shard_map).
+      row_parallel_fn: computes o_proj and down_proj (the sharding plan's explicit all-reduce).
       enable_penalties: also compile the penalty-history variant of every bucket.
       token_buckets, seq_buckets: explicit bucket lists (default: powers of two from 16 / 8);
         ascending, the last at least max_num_batched_tokens / max_num_seqs.
@@ -186,7 +187,8 @@ class ModelRunner:
                  compilation_cache_dir: str | None = None, mesh: jax.sharding.Mesh | None = None,
                  param_shardings: Any = None, kv_sharding: Any = None,
                  kv_cache_heads: int | None = None,
-                 attention_fn: llama.AttentionFn | None = None, enable_penalties: bool = True,
+                 attention_fn: llama.AttentionFn | None = None,
+                 row_parallel_fn: llama.RowParallelFn | None = None, enable_penalties: bool = True,
                  token_buckets: Sequence[int] | None = None,
                  seq_buckets: Sequence[int] | None = None) -> None:
         xla_flags.log_applied()
@@ -195,6 +197,7 @@ class ModelRunner:
         self.sched_cfg = sched_cfg
         self.attention_impl = attention_impl
         self.attention_fn = attention_fn
+        self.row_parallel_fn = row_parallel_fn
         self.mesh = mesh
         wanted = getattr(attention_fn, "kv_cache_heads", None)
         if kv_cache_heads is not None and wanted is not None and kv_cache_heads != wanted:
@@ -249,7 +252,7 @@ class ModelRunner:
         # The step on a StepInputs (eval_shape, tests). Execution runs the packed form: the
         # same step behind packing.unpack, so each step makes one host->device copy.
         self._model_spec = step_programs.ModelSpec(model_cfg, attention_impl, attention_fn,
-                                                   self.seq_buckets[-1])
+                                                   self.seq_buckets[-1], row_parallel_fn)
         self.jitted_step = jax.jit(functools.partial(step_programs.full_step, self._model_spec),
                                    **jit_kwargs)
         self._packed_kwargs = packed_kwargs

@@ -22,6 +22,8 @@ builds one ``1 x tp`` plan per row (runtime/data_parallel.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +34,8 @@ from xlaserve.pallas_kernels import ops
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
+from xlaserve.runtime.models.layers import contract
+from xlaserve.sharding import all_reduce as custom_all_reduce
 from xlaserve.sharding.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, validate_model
 from xlaserve.sharding.rules import (
     KV_CACHE_AXES,
@@ -41,6 +45,8 @@ from xlaserve.sharding.rules import (
     logical_to_spec,
     rules_for,
 )
+
+log = logging.getLogger(__name__)
 
 
 def mesh_parallel(mesh: Mesh) -> ParallelConfig:
@@ -197,6 +203,98 @@ def shard_attention(mesh: Mesh, model_cfg: ModelConfig, *, impl: str = "auto",
     return ShardedAttention(mesh, model_cfg, impl)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardedRowParallel:
+    """A `llama.RowParallelFn`: each device's slice of the product, then an explicit all-reduce.
+
+    o_proj and down_proj contract an axis split over ``model``; instead of letting the
+    partitioner insert XLA's collective, the product runs under shard_map and the partial sums
+    are reduced by `all_reduce` (sharding/all_reduce.py's kernel), or by jax.lax.psum when it is
+    None (the reference, and the CPU path of the tests). A product the kernel cannot take (over
+    its message limit: prefill-sized steps) keeps the partitioner's collective.
+
+    Frozen and hashable: a static part of the jitted step.
+    """
+
+    mesh: Mesh
+    model_cfg: ModelConfig
+    all_reduce: custom_all_reduce.AllReduce | None = None
+
+    def uses_kernel(self, out_shape: tuple[int, ...], dtype: Any) -> bool:
+        """True when a product of this output shape runs through the kernel."""
+        return self.all_reduce is not None and custom_all_reduce.fits(out_shape, dtype)
+
+    def __call__(self, x: jax.Array, kernel: jax.Array, in_axes: tuple[str | None, ...],
+                 out_axes: tuple[str | None, ...]) -> jax.Array:
+        n_in = len(in_axes)
+        out_shape = x.shape[:x.ndim - n_in] + kernel.shape[n_in:]  # [T, *out]
+        if self.all_reduce is not None and not self.uses_kernel(out_shape, x.dtype):
+            return contract(x, kernel, n_in, x.dtype)  # the partitioner all-reduces
+        rules = mesh_rules(self.model_cfg, self.mesh)
+        x_spec = logical_to_spec(("tokens", *in_axes), rules)  # [T, *in], in split
+        kernel_spec = logical_to_spec((*in_axes, *out_axes), rules)
+        reduce = (self.all_reduce if self.all_reduce is not None
+                  else functools.partial(jax.lax.psum, axis_name=MODEL_AXIS))
+
+        def body(x, kernel):
+            return reduce(contract(x, kernel, n_in, x.dtype))  # [T, *out] partial -> sum
+
+        fn = _shard_map(body, self.mesh, in_specs=(x_spec, kernel_spec),
+                        out_specs=PartitionSpec())
+        return fn(x, kernel)
+
+
+def choose_row_parallel(mesh: Mesh, model_cfg: ModelConfig,
+                        mode: str) -> ShardedRowParallel | None:
+    """The row-parallel projections' all-reduce for `mode` (ParallelConfig.all_reduce).
+
+    None means the partitioner's collective (XLA's) everywhere: tp = 1, mode "xla", or mode
+    "auto" where the kernel cannot run (the reason is logged).
+
+    Raises:
+      ValueError: mode "custom" where the kernel cannot run (names the reason).
+    """
+    if mesh.shape[MODEL_AXIS] == 1 or mode == "xla":
+        return None
+    if mode == "psum":
+        return ShardedRowParallel(mesh, model_cfg, None)
+    why = custom_all_reduce.availability(mesh, MODEL_AXIS)
+    kernel = None
+    if why is None:
+        try:
+            kernel = custom_all_reduce.AllReduce.create(mesh, MODEL_AXIS)
+        except RuntimeError as e:
+            why = str(e)
+    if kernel is None:
+        if mode == "custom":
+            raise ValueError(f"all_reduce='custom': xlaserve's all-reduce kernel cannot run "
+                             f"here: {why}")
+        on_gpu = all(d.platform == "gpu" for d in mesh.devices.flat)
+        (log.warning if on_gpu else log.info)(
+            "all_reduce=auto: XLA's collective for every all-reduce; xlaserve's kernel cannot "
+            "run here: %s", why)
+        return None
+    log.info("all_reduce=%s: xlaserve's kernel for o_proj / down_proj messages up to %d KiB "
+             "per device (decode-sized steps), XLA's collective above", mode,
+             custom_all_reduce.MAX_MESSAGE_BYTES >> 10)
+    return ShardedRowParallel(mesh, model_cfg, kernel)
+
+
+def describe_all_reduce(mesh: Mesh | None, row_parallel_fn: ShardedRowParallel | None) -> str:
+    """One line on what reduces o_proj / down_proj (for `xlaserve profile` and the logs)."""
+    if mesh is None or mesh.shape[MODEL_AXIS] == 1:
+        return "none (tensor_parallel_size 1)"
+    if row_parallel_fn is None:
+        why = custom_all_reduce.availability(mesh, MODEL_AXIS)
+        return "XLA's collective" + (f" (xlaserve's kernel cannot run: {why})" if why else
+                                     " (all_reduce='xla')")
+    if row_parallel_fn.all_reduce is None:
+        return "jax.lax.psum under shard_map (all_reduce='psum')"
+    return (f"xlaserve's kernel for messages up to "
+            f"{custom_all_reduce.MAX_MESSAGE_BYTES >> 10} KiB per device (decode-sized steps), "
+            f"XLA's collective above")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ShardingPlan:
     """Everything the engine needs to run one model on one mesh.
@@ -209,6 +307,8 @@ class ShardingPlan:
       kv_sharding: sharding of each per-layer k_pages / v_pages [C, P, L, H].
       input_sharding: sharding of StepInputs arrays and of sampled outputs (replicated).
       attention_fn: pass as ``llama.forward(..., attention_fn=plan.attention_fn)``.
+      row_parallel_fn: pass as ``llama.forward(..., row_parallel_fn=...)``; None (XLA's
+        collectives) unless set by `with_all_reduce`.
     """
 
     mesh: Mesh
@@ -218,6 +318,13 @@ class ShardingPlan:
     kv_sharding: NamedSharding
     input_sharding: NamedSharding
     attention_fn: ShardedAttention
+    row_parallel_fn: ShardedRowParallel | None = None
+
+    def with_all_reduce(self, mode: str) -> ShardingPlan:
+        """This plan with the row-parallel all-reduce `mode` picks (`choose_row_parallel`);
+        "custom" / "auto" allocate the kernel's workspace on the mesh's devices."""
+        return dataclasses.replace(
+            self, row_parallel_fn=choose_row_parallel(self.mesh, self.model_cfg, mode))
 
     @classmethod
     def create(cls, model_cfg: ModelConfig, parallel: ParallelConfig, *, mesh: Mesh | None = None,
@@ -235,7 +342,7 @@ class ShardingPlan:
         """
         if mesh is None:
             mesh = make_mesh(parallel, devices, model_cfg)
-        elif mesh_parallel(mesh) != parallel:
+        elif mesh_parallel(mesh) != dataclasses.replace(parallel, all_reduce="auto"):
             raise ValueError(f"mesh shape {dict(mesh.shape)} does not match tensor_parallel_size="
                              f"{parallel.tensor_parallel_size}, data_parallel_size="
                              f"{parallel.data_parallel_size}")

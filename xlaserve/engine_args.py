@@ -21,7 +21,7 @@ from xlaserve.runtime.config import CacheConfig, EngineConfig, ParallelConfig, S
 
 _CACHE = ("page_size", "num_pages", "gpu_memory_utilization", "enable_prefix_caching")
 _SCHED = ("max_num_batched_tokens", "max_num_seqs", "max_model_len")
-_PARALLEL = ("tensor_parallel_size", "data_parallel_size")
+_PARALLEL = ("tensor_parallel_size", "data_parallel_size", "all_reduce")
 _TOP = ("load_format", "dtype", "attention_impl", "compilation_cache_dir", "seed")
 OPTION_NAMES = _CACHE + _SCHED + _PARALLEL + _TOP
 
@@ -44,6 +44,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--tensor-parallel-size", type=int, help="devices on the model axis")
     g.add_argument("--data-parallel-size", type=int, help="devices on the data axis")
+    g.add_argument("--all-reduce", choices=["auto", "xla", "custom", "psum"],
+                   help="tp > 1: all-reduce of the row-parallel projections (auto: xlaserve's "
+                        "kernel for decode-sized steps on GPUs, XLA's collective otherwise)")
     g.add_argument("--attention-impl", help="ragged paged attention implementation (auto)")
     g.add_argument("--compilation-cache-dir", help="persistent XLA compilation cache directory")
     g.add_argument("--seed", type=int, help="base seed for requests that give none")

@@ -7,7 +7,7 @@ this module names a mesh axis, touches the KV cache, or knows about pages.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -47,11 +47,24 @@ class RMSNorm(nn.Module):
         return (y.astype(x.dtype) * scale).astype(x.dtype)
 
 
+def contract(x: jax.Array, kernel: jax.Array, n_in: int, out_dtype: jnp.dtype) -> jax.Array:
+    """x [T, *in] . kernel [*in, *out] -> [T, *out]: x's trailing n_in dims with the kernel's
+    leading ones, accumulated in float32, returned in `out_dtype`."""
+    return jax.lax.dot_general(
+        x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+        preferred_element_type=out_dtype)
+
+
 class Projection(nn.Module):
     """A linear map whose input and output may each span several named axes.
 
     ``kernel`` has shape ``in_shape + out_shape``; the optional ``bias`` has shape ``out_shape``.
     Example: the q projection maps [T, D] to [T, N, H] with kernel [D, N, H].
+
+    ``matmul_fn(x, kernel, in_axes, out_axes)``, when given, computes the bias-free product
+    instead of the plain contraction (in the model dtype): the sharding code passes its
+    row-parallel matmul (a local product plus an explicit all-reduce) for o_proj and down_proj.
+    With a bias the plain contraction runs (the partitioner inserts the collective).
     """
 
     in_shape: tuple[int, ...]
@@ -60,20 +73,19 @@ class Projection(nn.Module):
     out_axes: tuple[str | None, ...]
     dtype: jnp.dtype
     use_bias: bool = False
+    matmul_fn: Callable[..., jax.Array] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = _param(self, "kernel", _KERNEL_INIT, self.in_shape + self.out_shape,
                         self.in_axes + self.out_axes, self.dtype)
-        n_in = len(self.in_shape)
-        # Contract x's trailing len(in_shape) dims with the kernel's leading ones. The product
-        # accumulates in float32 either way; its output is in the model dtype unless a bias
-        # follows, so that under tensor parallelism the row-parallel projections (o, down)
-        # all-reduce bf16 partial sums (half the bytes), as HF and vLLM do.
-        y = jax.lax.dot_general(
-            x, kernel,
-            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-            preferred_element_type=jnp.float32 if self.use_bias else self.dtype)
+        if self.matmul_fn is not None and not self.use_bias:
+            return self.matmul_fn(x, kernel, self.in_axes, self.out_axes).astype(self.dtype)
+        # The product accumulates in float32 either way; its output is in the model dtype
+        # unless a bias follows, so that under tensor parallelism the row-parallel projections
+        # (o, down) all-reduce bf16 partial sums (half the bytes), as HF and vLLM do.
+        y = contract(x, kernel, len(self.in_shape),
+                     jnp.float32 if self.use_bias else self.dtype)
         if self.use_bias:
             bias = _param(self, "bias", nn.initializers.zeros, self.out_shape, self.out_axes,
                           self.dtype)
@@ -106,6 +118,7 @@ class SwiGLU(nn.Module):
     hidden: int
     dtype: jnp.dtype
     use_bias: bool = False
+    down_matmul_fn: Callable[..., jax.Array] | None = None  # Projection.matmul_fn of down_proj
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
@@ -115,7 +128,7 @@ class SwiGLU(nn.Module):
                         self.use_bias, name="up_proj")(x)
         h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
         return Projection((self.hidden,), (self.dim,), ("mlp",), ("embed",), self.dtype,
-                          self.use_bias, name="down_proj")(h)
+                          self.use_bias, self.down_matmul_fn, name="down_proj")(h)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:

@@ -10,7 +10,9 @@ their slots (``ops.write_kv_pages``) and attends through the page table
 (``ops.ragged_paged_attention``). The KV cache is a tuple of per-layer (k_pages, v_pages) arrays,
 each [K, P, L, H], so a donated cache is updated in place. The attention step is one replaceable
 function (`AttentionFn`) so the sharding code can wrap it (e.g. in shard_map) without touching the
-model. This module never names mesh axes and never calls jit itself.
+model; likewise the row-parallel projections o_proj and down_proj take an optional
+`RowParallelFn` (the sharding code's explicit local product + all-reduce). This module never
+names mesh axes and never calls jit itself.
 """
 
 from __future__ import annotations
@@ -52,6 +54,15 @@ class AttentionFn(Protocol):
                  sliding_window: int | None) -> tuple[jax.Array, jax.Array, jax.Array]: ...
 
 
+class RowParallelFn(Protocol):
+    """Computes a bias-free projection x [T, *in] x kernel [*in, *out] -> [T, *out] (model dtype).
+
+    `in_axes` / `out_axes` are the kernel's logical axis names (layers.Projection's)."""
+
+    def __call__(self, x: jax.Array, kernel: jax.Array, in_axes: tuple[str | None, ...],
+                 out_axes: tuple[str | None, ...]) -> jax.Array: ...
+
+
 def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
                     v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
                     sliding_window: int | None, impl: str = "auto",
@@ -81,6 +92,7 @@ class Attention(nn.Module):
 
     cfg: ModelConfig
     attention_fn: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+    row_parallel_fn: RowParallelFn | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, inputs: StepInputs, k_pages: jax.Array,
@@ -105,7 +117,7 @@ class Attention(nn.Module):
                 q, k_new, v_new, k_pages, v_pages, inputs, sm_scale=h ** -0.5,
                 sliding_window=cfg.sliding_window)  # o: [T, N, H]
         out = Projection((n, h), (d,), ("q_heads", "head_dim"), ("embed",), dt,
-                         cfg.o_proj_bias, name="o_proj")(o)  # [T, D]
+                         cfg.o_proj_bias, self.row_parallel_fn, name="o_proj")(o)  # [T, D]
         return out, k_pages, v_pages
 
 
@@ -114,6 +126,7 @@ class DecoderLayer(nn.Module):
 
     cfg: ModelConfig
     attention_fn: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+    row_parallel_fn: RowParallelFn | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, inputs: StepInputs, k_pages: jax.Array,
@@ -121,13 +134,14 @@ class DecoderLayer(nn.Module):
         cfg, dt = self.cfg, _dtype(self.cfg)
         with jax.named_scope("attention"):
             h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, name="input_norm")(x)
-            a, k_pages, v_pages = Attention(cfg, self.attention_fn, name="attn")(
+            a, k_pages, v_pages = Attention(cfg, self.attention_fn, self.row_parallel_fn,
+                                            name="attn")(
                 h, inputs, k_pages, v_pages)
             x = x + a
         with jax.named_scope("mlp"):
             h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, name="post_attn_norm")(x)
             x = x + SwiGLU(cfg.hidden_size, cfg.intermediate_size, dt, cfg.mlp_bias,
-                           name="mlp")(h)
+                           self.row_parallel_fn, name="mlp")(h)
         return x, k_pages, v_pages
 
 
@@ -136,11 +150,13 @@ class Llama(nn.Module):
 
     cfg: ModelConfig
     attention_fn: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+    row_parallel_fn: RowParallelFn | None = None
 
     def setup(self) -> None:
         cfg, dt = self.cfg, _dtype(self.cfg)
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dt)
-        self.layers = [DecoderLayer(cfg, self.attention_fn, name=f"layers_{i}")
+        self.layers = [DecoderLayer(cfg, self.attention_fn, self.row_parallel_fn,
+                                    name=f"layers_{i}")
                        for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
         if not cfg.tie_word_embeddings:
@@ -173,24 +189,27 @@ class Llama(nn.Module):
         return self.logits(hidden)
 
 
-def _model(cfg: ModelConfig, attention_impl: str, attention_fn: AttentionFn | None) -> Llama:
+def _model(cfg: ModelConfig, attention_impl: str, attention_fn: AttentionFn | None,
+           row_parallel_fn: RowParallelFn | None = None) -> Llama:
     if attention_fn is None:
         attention_fn = functools.partial(paged_attention, impl=attention_impl)
-    return Llama(cfg, attention_fn)
+    return Llama(cfg, attention_fn, row_parallel_fn)
 
 
 def forward_hidden(params: Params, inputs: StepInputs, kv_cache: KVCache, cfg: ModelConfig, *,
                    attention_impl: str = "auto", attention_fn: AttentionFn | None = None,
+                   row_parallel_fn: RowParallelFn | None = None,
                    ) -> tuple[jax.Array, KVCache]:
     """Runs the decoder over all scheduled tokens; returns (final-normed hidden [T, D], cache).
 
     `attention_fn` replaces the default write-pages-then-attend step (for sharding wrappers and
     tests); `attention_impl` picks the ops.ragged_paged_attention implementation otherwise.
+    `row_parallel_fn` computes o_proj and down_proj (the sharding plan's explicit all-reduce).
     """
     if len(kv_cache) != cfg.num_layers:
         raise ValueError(f"kv_cache has {len(kv_cache)} layers, config has "
                          f"num_layers={cfg.num_layers}")
-    model = _model(cfg, attention_impl, attention_fn)
+    model = _model(cfg, attention_impl, attention_fn, row_parallel_fn)
     return model.apply({"params": params}, inputs, kv_cache)
 
 
@@ -202,14 +221,15 @@ def compute_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.A
 
 def forward(params: Params, inputs: StepInputs, kv_cache: KVCache, cfg: ModelConfig, *,
             attention_impl: str = "auto", attention_fn: AttentionFn | None = None,
-            ) -> tuple[jax.Array, KVCache]:
+            row_parallel_fn: RowParallelFn | None = None) -> tuple[jax.Array, KVCache]:
     """One step: returns (f32 logits [S, V] at inputs.logits_indices, updated KV cache).
 
     Pure and jittable with `cfg`, `attention_impl` and `attention_fn` static. Donate `kv_cache`
     so the page pools are updated in place.
     """
     hidden, kv_cache = forward_hidden(params, inputs, kv_cache, cfg,
-                                      attention_impl=attention_impl, attention_fn=attention_fn)
+                                      attention_impl=attention_impl, attention_fn=attention_fn,
+                                      row_parallel_fn=row_parallel_fn)
     selected = jnp.take(hidden, inputs.logits_indices, axis=0)  # [S, D]
     return compute_logits(params, selected, cfg), kv_cache
 

@@ -223,9 +223,12 @@ def test_kv_figures_are_the_models_at_tp_above_kv_heads(tmp_path):
     out = tmp_path / "tp4.json"
     args = ["profile", *TINY, "--model", str(model), "--load-format", "dummy",
             "--tensor-parallel-size", "4", "--buckets", "16x8", "--no-penalty-programs",
+            "--all-reduce", "psum",
             "--compilation-cache-dir", str(tmp_path / "cache"), "--json", str(out)]
     assert main(args) == 0
-    summary = json.loads(out.read_text())["summary"]
+    report = json.loads(out.read_text())
+    assert report["all_reduce"].startswith("jax.lax.psum")  # the explicit row-parallel path
+    summary = report["summary"]
     per_token = 2 * 2 * 2 * 16 * 4  # K+V, layers, kv heads, H = 64 / 4, f32 (as at tp 1)
     assert summary["kv_bytes_per_token"] == per_token
     assert summary["kv_cache_bytes"] == per_token * summary["num_pages"] * summary["page_size"]

@@ -18,7 +18,7 @@ import pytest
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
-from xlaserve.sharding.specs import ShardingPlan
+from xlaserve.sharding.specs import ShardingPlan, describe_all_reduce
 
 PAGE_SIZE = 8
 NUM_PAGES = 12
@@ -113,16 +113,18 @@ def _reference(cfg: ModelConfig, noisy: bool = False,
     return logits, tokens, [np.asarray(a) for a in jax.tree.leaves(cache)]
 
 
-def _sharded(cfg: ModelConfig, dp: int, tp: int, noisy: bool = False):
+def _sharded(cfg: ModelConfig, dp: int, tp: int, noisy: bool = False, all_reduce: str = "xla"):
     devices = jax.devices()[:dp * tp]  # all 8 unless tp x dp does not divide them (e.g. 6)
     plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp,
                                                    data_parallel_size=dp),
                                devices=devices, attention_impl="reference")
+    plan = plan.with_all_reduce(all_reduce)
     params = jax.jit(functools.partial(_scaled_params, cfg, noisy),
                      out_shardings=plan.param_shardings)(jax.random.key(0))
     cache = plan.init_kv_cache(NUM_PAGES, PAGE_SIZE)
     fwd = jax.jit(
-        functools.partial(llama.forward, cfg=cfg, attention_fn=plan.attention_fn),
+        functools.partial(llama.forward, cfg=cfg, attention_fn=plan.attention_fn,
+                          row_parallel_fn=plan.row_parallel_fn),
         in_shardings=(plan.param_shardings, plan.input_sharding, plan.kv_cache_shardings()),
         out_shardings=(plan.input_sharding, plan.kv_cache_shardings()),
         donate_argnums=(2,))
@@ -244,3 +246,59 @@ def test_wrong_kv_head_mapping_is_detected() -> None:
     logits, _, _ = _generate(lambda inp, kv: fwd(params, inp, kv), cache)
     with pytest.raises(AssertionError):
         _assert_logits_close(logits[0], ref_logits[0])
+
+
+# The explicit row-parallel all-reduce (o_proj, down_proj under shard_map + a reduction) in its
+# CPU form, psum: the GPU kernel (sharding/all_reduce.py) replaces exactly that reduction and is
+# compared with psum on the GPU (tests/sharding/test_all_reduce_gpu.py).
+@pytest.mark.parametrize("num_kv_heads,dp,tp,overrides", [
+    (4, 1, 2, {}), (2, 1, 4, {}), (4, 2, 4, {}),
+    pytest.param(4, 1, 4, dict(attention_bias=True, o_proj_bias=True, mlp_bias=True),
+                 id="row-parallel-biases"),
+])
+def test_explicit_row_parallel_all_reduce_matches_one_device(num_kv_heads: int, dp: int,
+                                                             tp: int, overrides: dict) -> None:
+    cfg = _cfg(num_kv_heads, **overrides)
+    noisy = bool(overrides)
+    ref_logits, ref_tokens, ref_cache = _reference(cfg, noisy)
+    plan, _, logits, tokens, cache = _sharded(cfg, dp, tp, noisy, all_reduce="psum")
+    assert plan.row_parallel_fn is not None
+    for i, (got, want) in enumerate(zip(logits, ref_logits)):
+        _assert_logits_close(got, want, f"step {i}")
+    assert tokens == ref_tokens
+    _assert_cache_close(plan, cache, ref_cache)
+
+
+def test_row_parallel_fn_replaces_both_projections() -> None:
+    """psum mode adds one shard_map per row-parallel projection (o_proj, down_proj) per layer;
+    bias-carrying projections keep the partitioner's collective (plain contraction)."""
+    def count(cfg: ModelConfig, mode: str) -> int:
+        plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=2),
+                                   attention_impl="reference").with_all_reduce(mode)
+        params = llama.abstract_params(cfg)
+        cache = plan.init_kv_cache(NUM_PAGES, PAGE_SIZE)
+        jaxpr = jax.make_jaxpr(functools.partial(
+            llama.forward, cfg=cfg, attention_fn=plan.attention_fn,
+            row_parallel_fn=plan.row_parallel_fn))(params, _step([]), cache)
+        return str(jaxpr).count("shard_map[")
+
+    cfg = _cfg(4)
+    assert count(cfg, "psum") - count(cfg, "xla") == 2 * cfg.num_layers
+    biased = _cfg(4, o_proj_bias=True, mlp_bias=True)
+    assert count(biased, "psum") == count(biased, "xla")
+
+
+def test_all_reduce_modes_on_cpu() -> None:
+    """auto falls back to XLA's collective on CPU (logged); custom refuses, naming the field."""
+    plan = ShardingPlan.create(_cfg(4), ParallelConfig(tensor_parallel_size=2),
+                               attention_impl="reference")
+    assert plan.with_all_reduce("auto").row_parallel_fn is None
+    assert plan.with_all_reduce("xla").row_parallel_fn is None
+    with pytest.raises(ValueError, match="all_reduce='custom'.*platform cpu"):
+        plan.with_all_reduce("custom")
+    with pytest.raises(ValueError, match="all_reduce='nccl'"):
+        ParallelConfig(tensor_parallel_size=2, all_reduce="nccl")
+    # what `xlaserve profile` shows ("tp all-reduce")
+    assert "cannot run: platform cpu" in describe_all_reduce(plan.mesh, None)
+    assert "psum" in describe_all_reduce(plan.mesh, plan.with_all_reduce("psum").row_parallel_fn)
+    assert describe_all_reduce(None, None).startswith("none")

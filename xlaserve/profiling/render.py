@@ -128,6 +128,8 @@ def summary_table(report: dict[str, Any]) -> Table:
         ("  of which cold", _seconds(s["compile_s_cold"])),
         ("  of which from cache", _seconds(s["compile_s_from_cache"])),
     ]
+    if report.get("all_reduce"):
+        rows.append(("tp all-reduce", report["all_reduce"]))
     flags = report.get("xla_flags")
     if flags and flags.get("disabled"):
         rows.append(("XLA defaults", "off (XLASERVE_NO_DEFAULT_XLA_FLAGS)"))

@@ -13,6 +13,7 @@ The result is one JSON-able dict (`profile` returns it; render.py draws it):
   {num_requests, num_steps, seed, forced_shape, compiles_after_warmup[{fun_name, shapes,
   seconds}], runner_compile_log[{shapes, num_compiles}], runner_compiles_after_warmup}),
   xla_flags{XLA_FLAGS, set_by_xlaserve, not_set, late, disabled} (runtime/xla_flags.py),
+  all_reduce (what reduces the row-parallel projections at tp > 1, sharding/specs.py),
   not_available[] (what this platform cannot show or run, one sentence each; on a GPU with
   datasheet peaks only jax's deprecation of the Pallas Triton backend, from jax 0.11).
 """
@@ -38,6 +39,7 @@ from xlaserve.runtime import xla_flags
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import EngineConfig
 from xlaserve.runtime.hardware import DevicePeaks
+from xlaserve.sharding.specs import describe_all_reduce
 
 Bucket = tuple[int, int]
 
@@ -225,6 +227,9 @@ def not_available(cfg: EngineConfig, peaks: DevicePeaks, report: dict[str, Any])
     if report["summary"].get("device_memory_bytes") is None:
         notes.append(f"device memory: {platform} reports no limit, so whether the largest step "
                      "fits is unknown")
+    if report["all_reduce"].startswith("XLA's collective (xlaserve's kernel cannot run"):
+        notes.append(f"tensor parallelism: {report['all_reduce']}; every decode step ends a "
+                     "CUDA graph at each all-reduce")
     flags = report["xla_flags"]
     if platform != "gpu" and flags and flags.get("set_by_xlaserve"):
         notes.append(f"XLA defaults: {' '.join(flags['set_by_xlaserve'])}: GPU-only XLA flags, "
@@ -315,6 +320,7 @@ def profile(cfg: EngineConfig, peaks: DevicePeaks, args: argparse.Namespace,
         "summary": summary.to_json(),
         "recompiles": None,
         "xla_flags": xla_flags.report(),
+        "all_reduce": describe_all_reduce(runner.mesh, runner.row_parallel_fn),
     }
     report["not_available"] = not_available(cfg, peaks, report)
     if args.check_recompiles:

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# xlaserve's all-reduce kernel (sharding/all_reduce.py, session 9) on 2+ GPUs of one host, one call:
+#   1. the kernel against jax.lax.psum (tests/sharding/test_all_reduce.py, compiled on the GPUs)
+#   2. bench/all_reduce.py: one all-reduce's latency, kernel vs XLA's collective (NCCL)
+#   3. bench/tp_scaling.py, 8B shape, decode B=1 (+ prefill 2048), tp $TP with the kernel
+#      (--all-reduce custom; a watchdog prints native stacks of a child that stalls), then tp 2
+#      with XLA's collective (--all-reduce xla) for the ratio in the same run
+#   4. the builtin model through the CLI at tp 2 (kernel) vs tp 1: same greedy tokens?
+#   OUT=/tmp/out bash bench/run_gpu_allreduce.sh      (TRACE=1: --trace-dir for step 3)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0
+R=${OUT:?set OUT}/allreduce
+PY=${PYTHON:-python3}
+TP=${TP:-1 2}
+source bench/gpu_install.sh && gpu_session "$R" session.log "all-reduce kernel; tp $TP" \
+  && gpu_install || exit 1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+T0=$SECONDS
+watch_stall() {  # PID SECONDS FILE: native stacks of PID and its children if still running
+  sleep "$2"; kill -0 "$1" 2>/dev/null || return
+  for c in $(pgrep -P "$1") $1; do
+    echo "--- stalled pid $c: $(tr '\0' ' ' < /proc/$c/cmdline | head -c 200)"
+    if command -v gdb >/dev/null; then timeout 60 gdb -p "$c" -batch -ex "thread apply all bt 12" 2>&1 | grep -E "^#|^Thread" | head -150
+    else for t in /proc/$c/task/*; do echo "$t $(cat $t/wchan 2>/dev/null) $(cat $t/comm)"; done | head -80; fi
+  done > "$3" 2>&1
+}
+JAX_PLATFORMS=cuda timeout -k 5 "${TEST_S:-200}" $PY -m pytest -q -rfs --tb=short \
+  -p no:cacheprovider tests/sharding/test_all_reduce.py > "$R/pytest_all_reduce.txt" 2>&1
+echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_all_reduce.txt"
+timeout -s ABRT -k 5 150 $PY bench/all_reduce.py --tp 2 --tokens 1 16 128 \
+  --out "$R/all_reduce_micro.json" > "$R/all_reduce_micro.log" 2>&1
+echo "=== micro rc=$? at $((SECONDS - T0))s"; tail -3 "$R/all_reduce_micro.log"
+timeout -s ABRT -k 5 "${BENCH_S:-300}" $PY bench/tp_scaling.py --tp $TP --decode-batches 1 \
+  --all-reduce custom --child-timeout 200 ${TRACE:+--trace-dir /tmp/tp_trace} \
+  --out "$R/tp_custom.json" > "$R/tp_custom.log" 2>&1 &
+P=$!; watch_stall $P 250 "$R/stall.txt" & W=$!; wait $P
+echo "=== tp_scaling custom rc=$? at $((SECONDS - T0))s"; kill $W 2>/dev/null
+grep -E "decode B=1|busy|command_buffer" "$R/tp_custom.log" | head -12
+timeout -s ABRT -k 5 200 $PY bench/tp_scaling.py --tp 2 --decode-batches 1 --all-reduce xla \
+  --no-prefill --child-timeout 180 --out "$R/tp_xla.json" > "$R/tp_xla.log" 2>&1
+echo "=== tp_scaling xla rc=$? at $((SECONDS - T0))s"; grep "decode B=1" "$R/tp_xla.log"
+$PY - > /tmp/in.jsonl <<'PY'
+import json
+for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", "Once upon a time"]):
+    print(json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": 24, "temperature": 0}))
+PY
+for tp in 1 2; do
+  timeout -s ABRT -k 5 120 $PY -m xlaserve generate --model builtin:tiny --dtype float32 \
+    --tensor-parallel-size $tp --input /tmp/in.jsonl --output "/tmp/cli_tp$tp.jsonl" > /tmp/cli_tp$tp.log 2>&1
+  echo "=== cli tp$tp rc=$?"
+done
+$PY - "$R" <<'PY' | tee "$R/summary.txt"
+import json, sys
+t = {tp: {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in open(f"/tmp/cli_tp{tp}.jsonl")} for tp in (1, 2)}
+print("CLI greedy token ids tp2 (kernel) == tp1:", t[1] == t[2], "prompts", len(t[1]))
+for n in ("tp_custom", "tp_xla"):
+    try:
+        rep = json.load(open(f"{sys.argv[1]}/{n}.json"))
+    except Exception as e:
+        print(n, "missing:", e); continue
+    for r in rep["results"]:
+        print(f"{n} tp={r['tp']}: decode B=1 {r['decode']['1']['step_ms']} ms, prefill "
+              f"{r.get('prefill', {}).get('step_ms')} ms ({r.get('row_parallel')})")
+    print(n, "checks:", json.dumps(rep.get("checks")))
+PY
