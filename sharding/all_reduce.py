@@ -37,6 +37,13 @@ one process (no multi-host); jax 0.11+ (measured on 0.11.2). Needs the CUDA plug
 kernel-call support (jaxlib's `gpu_triton`) and peer access; `availability` says why not
 otherwise.
 
+Failure and limits (review, session 9): a 10 s wait traps, which is a sticky CUDA error: those
+GPUs are unusable for the rest of the process (steps fail loudly; restart the server). The LL
+protocol assumes 8-byte halves of a 16-byte vector store arrive whole, as NCCL's LL does (PTX only
+promises 4-byte words; 64-bit {data, flag} stores would make it explicit: not yet measured).
+Flags are u32: after 2^32 calls of one CTA (days of nonstop decode) a line not rewritten since
+could match again; not handled yet.
+
 Reference: ``jax.lax.psum`` (tests compare the two on the GPU).
 """
 
@@ -45,6 +52,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
+import os
 import zlib
 from typing import Any
 
@@ -271,23 +279,27 @@ def enable_peer_access(devices: list[jax.Device]) -> None:
     cuda = ctypes.CDLL("libcuda.so.1")
     already_enabled = 704  # CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
     ords = [int(d.local_hardware_id) for d in devices]  # type: ignore[attr-defined]
-    ctxs = {}
-    for o in ords:
-        ctx = ctypes.c_void_p()
-        rc = cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), o)
-        if rc:
-            raise RuntimeError(f"cuDevicePrimaryCtxRetain(device {o}) failed: CUDA error {rc}")
-        ctxs[o] = ctx
+    ctxs: dict[int, ctypes.c_void_p] = {}
     try:
+        for o in ords:
+            ctx = ctypes.c_void_p()
+            rc = cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), o)
+            if rc:
+                raise RuntimeError(f"cuDevicePrimaryCtxRetain(device {o}) failed: CUDA error "
+                                   f"{rc}")
+            ctxs[o] = ctx
         for a in ords:
             for b in ords:
                 if a == b:
                     continue
                 can = ctypes.c_int(0)
-                cuda.cuDeviceCanAccessPeer(ctypes.byref(can), a, b)
-                if not can.value:
-                    raise RuntimeError(f"device {a} cannot access device {b}'s memory (no P2P)")
-                cuda.cuCtxPushCurrent_v2(ctxs[a])
+                rc = cuda.cuDeviceCanAccessPeer(ctypes.byref(can), a, b)
+                if rc or not can.value:
+                    raise RuntimeError(f"device {a} cannot access device {b}'s memory (no P2P; "
+                                       f"CUDA error {rc})")
+                rc = cuda.cuCtxPushCurrent_v2(ctxs[a])
+                if rc:
+                    raise RuntimeError(f"cuCtxPushCurrent(device {a}) failed: CUDA error {rc}")
                 rc = cuda.cuCtxEnablePeerAccess(ctxs[b], 0)
                 cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
                 if rc not in (0, already_enabled):
@@ -296,7 +308,7 @@ def enable_peer_access(devices: list[jax.Device]) -> None:
                 log.info("peer access %d -> %d: %s", a, b,
                          "enabled" if rc == 0 else "already enabled")
     finally:
-        for o in ords:
+        for o in ctxs:
             cuda.cuDevicePrimaryCtxRelease_v2(o)
 
 
@@ -314,11 +326,32 @@ def availability(mesh: Mesh, model_axis: str = "model") -> str | None:
         return f"platform {devices[0].platform} (the kernel is for NVIDIA GPUs)"
     if any(d.process_index != jax.process_index() for d in devices):
         return "the mesh spans processes (the kernel needs the devices of one process)"
-    if _gpu_triton() is None:
+    gt = _gpu_triton()
+    arch = (int(gt.get_compute_capability(int(devices[0].local_hardware_id)))  # type: ignore
+            if gt is not None else None)
+    return support_reason(tuple(int(p) for p in jax.__version_info__[:2]), arch,
+                          os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", ""))
+
+
+def support_reason(jax_version: tuple[int, ...], arch: int | None, allocator: str) -> str | None:
+    """Why this jax / GPU / allocator cannot run the kernel (None: it can).
+
+    Args:
+      jax_version: (major, minor).
+      arch: compute capability (e.g. 90), None when jaxlib has no Triton kernel-call support.
+      allocator: XLA_PYTHON_CLIENT_ALLOCATOR. Peer access (cuCtxEnablePeerAccess) covers the
+        default allocator's cuMemAlloc memory, not stream-ordered pools ("cuda_async").
+    """
+    if arch is None:
         return "this jaxlib has no Triton kernel-call support (jax._src.lib.gpu_triton)"
-    if tuple(int(p) for p in jax.__version_info__[:2]) < MIN_JAX:
-        return (f"jax {jax.__version__}: the kernel's launch path was measured with jax "
-                f"{'.'.join(map(str, MIN_JAX))}+ only")
+    if tuple(jax_version) < MIN_JAX:
+        return (f"jax {'.'.join(map(str, jax_version))}: the kernel's launch path was measured "
+                f"with jax {'.'.join(map(str, MIN_JAX))}+ only")
+    if arch < 80:
+        return f"compute capability {arch / 10:.1f} (the kernel's bf16/f16 conversions need 8.0+)"
+    if allocator == "cuda_async":
+        return ("XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async (peer access does not cover its memory "
+                "pools)")
     return None
 
 
@@ -352,6 +385,9 @@ class AllReduce:
         words = workspace_bytes(tp) // 4
         sharding = NamedSharding(mesh, PartitionSpec(model_axis))
         ws = jax.jit(lambda: jnp.zeros((tp, words), jnp.int32), out_shardings=sharding)()
+        # Every device's zeros must have landed before any program can push into a peer's
+        # workspace (a late fill would wipe a peer's first message).
+        jax.block_until_ready(ws)
         by_rank = sorted(ws.addressable_shards, key=lambda s: s.index[0].start)
         addresses = tuple(int(s.data.unsafe_buffer_pointer()) for s in by_rank)
         arch = int(_gpu_triton().get_compute_capability(int(devices[0].local_hardware_id)))

@@ -280,19 +280,27 @@ def choose_row_parallel(mesh: Mesh, model_cfg: ModelConfig,
     return ShardedRowParallel(mesh, model_cfg, kernel)
 
 
-def describe_all_reduce(mesh: Mesh | None, row_parallel_fn: ShardedRowParallel | None) -> str:
-    """One line on what reduces o_proj / down_proj (for `xlaserve profile` and the logs)."""
+def describe_all_reduce(mesh: Mesh | None, row_parallel_fn: ShardedRowParallel | None,
+                        mode: str = "auto") -> str:
+    """One line on what reduces o_proj / down_proj (for `xlaserve profile` and the logs).
+
+    `mode` is the ParallelConfig.all_reduce the plan was made with."""
     if mesh is None or mesh.shape[MODEL_AXIS] == 1:
         return "none (tensor_parallel_size 1)"
     if row_parallel_fn is None:
+        if mode == "xla":
+            return "XLA's collective (all_reduce='xla')"
         why = custom_all_reduce.availability(mesh, MODEL_AXIS)
-        return "XLA's collective" + (f" (xlaserve's kernel cannot run: {why})" if why else
-                                     " (all_reduce='xla')")
+        return ("XLA's collective (xlaserve's kernel cannot run: "
+                + (why or "its set-up failed, see the log") + ")")
     if row_parallel_fn.all_reduce is None:
         return "jax.lax.psum under shard_map (all_reduce='psum')"
+    cfg = row_parallel_fn.model_cfg
+    biased = [n for n, b in (("o_proj", cfg.o_proj_bias), ("down_proj", cfg.mlp_bias)) if b]
     return (f"xlaserve's kernel for messages up to "
             f"{custom_all_reduce.MAX_MESSAGE_BYTES >> 10} KiB per device (decode-sized steps), "
-            f"XLA's collective above")
+            f"XLA's collective above" + (f"; {' and '.join(biased)} (with a bias) always use "
+                                         f"XLA's collective" if biased else ""))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

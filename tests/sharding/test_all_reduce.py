@@ -10,6 +10,7 @@ model calls it).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import shutil
@@ -76,6 +77,49 @@ def test_availability_reasons_on_cpu() -> None:
     assert "data axis" in ar.availability(Mesh(two_rows, ("data", "model")))
 
 
+def test_support_reasons() -> None:
+    assert ar.support_reason((0, 11), 90, "") is None
+    assert "Triton kernel-call" in ar.support_reason((0, 11), None, "")
+    assert "jax 0.10" in ar.support_reason((0, 10), 90, "")
+    assert "compute capability 7.5" in ar.support_reason((0, 11), 75, "")
+    assert "cuda_async" in ar.support_reason((0, 11), 90, "cuda_async")
+
+
+def test_identity_ignores_the_workspace() -> None:
+    """The kernel is a static part of the jitted step: equal addresses, equal programs."""
+    a = ar.AllReduce(2, (1 << 20, 2 << 20), 90, workspace=object())
+    b = ar.AllReduce(2, (1 << 20, 2 << 20), 90, workspace=object())
+    assert a == b and hash(a) == hash(b)
+    assert a != ar.AllReduce(2, (1 << 20, 3 << 20), 90)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeKernel:
+    """Stands in for AllReduce on CPU: psum over the model axis."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.lax.psum(x, "model")
+
+
+@pytest.mark.parametrize("tokens,kernel", [(16, True), (4096, True), (4097, False)])
+def test_row_parallel_uses_the_kernel_up_to_its_limit(tokens: int, kernel: bool) -> None:
+    """down_proj [T, F] x [F, D], D 64 f32: 4096 tokens are exactly 1 MiB per device (the
+    kernel), one more is over (the partitioner's collective, no shard_map)."""
+    from xlaserve.runtime.config import ModelConfig
+    from xlaserve.sharding.specs import ShardedRowParallel
+
+    cfg = ModelConfig(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                      num_layers=1, num_heads=8, num_kv_heads=4, head_dim=8,
+                      max_position_embeddings=128, dtype="float32")
+    mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "model"))
+    rp = ShardedRowParallel(mesh, cfg, _FakeKernel())  # type: ignore[arg-type]
+    x = jax.ShapeDtypeStruct((tokens, 128), jnp.float32)
+    w = jax.ShapeDtypeStruct((128, 64), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda x, w: rp(x, w, ("mlp",), ("embed",)))(x, w))
+    assert rp.uses_kernel((tokens, 64), jnp.float32) == kernel
+    assert ("shard_map[" in jaxpr) == kernel and ("psum" in jaxpr) == kernel
+
+
 def _gpus() -> list[jax.Device]:
     try:
         return jax.devices("gpu")
@@ -134,14 +178,20 @@ def test_kernel_equals_psum(dtype: str, shape: tuple[int, ...]) -> None:
 @needs_gpus
 @pytest.mark.gpu
 def test_chain_of_all_reduces_in_one_program() -> None:
-    """64 dependent all-reduces in one program (a 32-layer decode step's count), 50 times."""
+    """64 dependent all-reduces in one program (a 32-layer decode step's count), 20 calls with
+    fresh inputs, each checked (stale data from an earlier call would show), then programs of
+    1 and 128 CTAs in turn (different CTAs' counters advance differently)."""
     tp = min(len(_gpus()), 8)
     mesh, kernel = _setup(tp)
     fn, ref = _reduce_fns(mesh, kernel, chain=64)
     sharding = NamedSharding(mesh, PartitionSpec("model"))
-    x = jax.device_put(np.random.default_rng(1).standard_normal((tp, 16, 4096))
-                       .astype(np.float32) * 0.01, sharding)
-    want = np.asarray(ref(x))
-    for _ in range(50):
-        out = fn(x)
-    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        x = jax.device_put(rng.standard_normal((tp, 16, 4096)).astype(np.float32) * 0.01,
+                           sharding)
+        np.testing.assert_allclose(np.asarray(fn(x)), np.asarray(ref(x)), rtol=1e-5, atol=1e-5)
+    small, small_ref = _reduce_fns(mesh, kernel)
+    for shape in [(1, 2048), (64, 4096), (1, 2048), (1, 8), (64, 4096)]:  # 1, 128, 1, 1, 128 CTAs
+        x = jax.device_put(rng.standard_normal((tp, *shape)).astype(np.float32), sharding)
+        np.testing.assert_allclose(np.asarray(small(x)), np.asarray(small_ref(x)), rtol=1e-5,
+                                   atol=1e-5)

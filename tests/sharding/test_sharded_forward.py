@@ -250,7 +250,7 @@ def test_wrong_kv_head_mapping_is_detected() -> None:
 
 # The explicit row-parallel all-reduce (o_proj, down_proj under shard_map + a reduction) in its
 # CPU form, psum: the GPU kernel (sharding/all_reduce.py) replaces exactly that reduction and is
-# compared with psum on the GPU (tests/sharding/test_all_reduce_gpu.py).
+# compared with psum on the GPU (tests/sharding/test_all_reduce.py, 2+ GPUs).
 @pytest.mark.parametrize("num_kv_heads,dp,tp,overrides", [
     (4, 1, 2, {}), (2, 1, 4, {}), (4, 2, 4, {}),
     pytest.param(4, 1, 4, dict(attention_bias=True, o_proj_bias=True, mlp_bias=True),
@@ -300,5 +300,6 @@ def test_all_reduce_modes_on_cpu() -> None:
         ParallelConfig(tensor_parallel_size=2, all_reduce="nccl")
     # what `xlaserve profile` shows ("tp all-reduce")
     assert "cannot run: platform cpu" in describe_all_reduce(plan.mesh, None)
+    assert "all_reduce='xla'" in describe_all_reduce(plan.mesh, None, "xla")
     assert "psum" in describe_all_reduce(plan.mesh, plan.with_all_reduce("psum").row_parallel_fn)
     assert describe_all_reduce(None, None).startswith("none")

@@ -227,7 +227,7 @@ def not_available(cfg: EngineConfig, peaks: DevicePeaks, report: dict[str, Any])
     if report["summary"].get("device_memory_bytes") is None:
         notes.append(f"device memory: {platform} reports no limit, so whether the largest step "
                      "fits is unknown")
-    if report["all_reduce"].startswith("XLA's collective (xlaserve's kernel cannot run"):
+    if report.get("all_reduce", "").startswith("XLA's collective (xlaserve's kernel cannot run"):
         notes.append(f"tensor parallelism: {report['all_reduce']}; every decode step ends a "
                      "CUDA graph at each all-reduce")
     flags = report["xla_flags"]
@@ -320,7 +320,8 @@ def profile(cfg: EngineConfig, peaks: DevicePeaks, args: argparse.Namespace,
         "summary": summary.to_json(),
         "recompiles": None,
         "xla_flags": xla_flags.report(),
-        "all_reduce": describe_all_reduce(runner.mesh, runner.row_parallel_fn),
+        "all_reduce": describe_all_reduce(runner.mesh, runner.row_parallel_fn,
+                                          cfg.parallel.all_reduce),
     }
     report["not_available"] = not_available(cfg, peaks, report)
     if args.check_recompiles:
