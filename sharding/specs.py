@@ -258,13 +258,10 @@ def choose_row_parallel(mesh: Mesh, model_cfg: ModelConfig,
         return None
     if mode == "psum":
         return ShardedRowParallel(mesh, model_cfg, None)
-    why = custom_all_reduce.availability(mesh, MODEL_AXIS)
-    kernel = None
-    if why is None:
-        try:
-            kernel = custom_all_reduce.AllReduce.create(mesh, MODEL_AXIS)
-        except RuntimeError as e:
-            why = str(e)
+    try:  # create() checks availability first and names the reason
+        kernel = custom_all_reduce.AllReduce.create(mesh, MODEL_AXIS)
+    except RuntimeError as e:
+        kernel, why = None, str(e)
     if kernel is None:
         if mode == "custom":
             raise ValueError(f"all_reduce='custom': xlaserve's all-reduce kernel cannot run "
