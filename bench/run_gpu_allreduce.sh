@@ -6,7 +6,8 @@
 #      (--all-reduce custom; a watchdog prints native stacks of a child that stalls), then tp 2
 #      with XLA's collective (--all-reduce xla) for the ratio in the same run
 #   4. the builtin model through the CLI at tp 2 (kernel) vs tp 1: same greedy tokens?
-#   OUT=/tmp/out bash bench/run_gpu_allreduce.sh      (TRACE=1: --trace-dir for step 3)
+#   OUT=/tmp/out bash bench/run_gpu_allreduce.sh      (TRACE=1: --trace-dir for step 3;
+#   MICRO=0 skips step 2, XLA_RUN=0 the tp 2 run with XLA's collective)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0
@@ -28,18 +29,22 @@ watch_stall() {  # PID SECONDS FILE: native stacks of PID and its children if st
 JAX_PLATFORMS=cuda timeout -k 5 "${TEST_S:-200}" $PY -m pytest -q -rfs --tb=short \
   -p no:cacheprovider tests/sharding/test_all_reduce.py > "$R/pytest_all_reduce.txt" 2>&1
 echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_all_reduce.txt"
+if [ "${MICRO:-1}" != 0 ]; then
 timeout -s ABRT -k 5 150 $PY bench/all_reduce.py --tp 2 --tokens 1 16 128 \
   --out "$R/all_reduce_micro.json" > "$R/all_reduce_micro.log" 2>&1
 echo "=== micro rc=$? at $((SECONDS - T0))s"; tail -3 "$R/all_reduce_micro.log"
+fi
 timeout -s ABRT -k 5 "${BENCH_S:-300}" $PY bench/tp_scaling.py --tp $TP --decode-batches 1 \
   --all-reduce custom --child-timeout 200 ${TRACE:+--trace-dir /tmp/tp_trace} \
   --out "$R/tp_custom.json" > "$R/tp_custom.log" 2>&1 &
 P=$!; watch_stall $P 250 "$R/stall.txt" & W=$!; wait $P
 echo "=== tp_scaling custom rc=$? at $((SECONDS - T0))s"; kill $W 2>/dev/null
 grep -E "decode B=1|busy|command_buffer" "$R/tp_custom.log" | head -12
+if [ "${XLA_RUN:-1}" != 0 ]; then
 timeout -s ABRT -k 5 200 $PY bench/tp_scaling.py --tp 2 --decode-batches 1 --all-reduce xla \
   --no-prefill --child-timeout 180 --out "$R/tp_xla.json" > "$R/tp_xla.log" 2>&1
 echo "=== tp_scaling xla rc=$? at $((SECONDS - T0))s"; grep "decode B=1" "$R/tp_xla.log"
+fi
 $PY - > /tmp/in.jsonl <<'PY'
 import json
 for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", "Once upon a time"]):

@@ -9,7 +9,10 @@ between its layers.
 
 What it computes: out = sum over ranks r = 0 .. tp-1 of x_r, each element summed in float32 in
 rank order (so every rank gets the same bits) and rounded once to x's dtype. For two ranks that
-is what NCCL's bf16 sum gives.
+is what NCCL's bf16 sum gives. `AllReduce.add_rms_norm` is the same sum fused with what follows
+it in a pre-norm decoder (session 10): residual + sum, and its RMSNorm times a scale, one CTA
+per token row, saving the separate add + norm kernel after each of the model's all-reduces.
+The PTX of both is generated in sharding/all_reduce_ptx.py.
 
 How (one launch per all-reduce; CTAs of 256 threads, each CTA owns an 8 KiB chunk, each thread
 two 16-byte vectors), NCCL's "LL" idea:
@@ -32,7 +35,8 @@ one program must be ordered by data dependence (a chain, as the model's are): tw
 calls could run at once and share the counters.
 
 Limits: messages up to 128 x 8 KiB = 1 MiB per rank (decode steps; larger ones use XLA's
-collective), a multiple of 16 bytes, dtypes bfloat16, float16, float32; tp <= 8; the devices of
+collective), a multiple of 16 bytes, dtypes bfloat16, float16, float32 (the fused kernel: up to
+128 rows of up to 8 KiB, e.g. hidden 4096 in bf16); tp <= 8; the devices of
 one process (no multi-host); jax 0.11+ (measured on 0.11.2). Needs the CUDA plugin's Triton
 kernel-call support (jaxlib's `gpu_triton`) and peer access; `availability` says why not
 otherwise.
@@ -61,20 +65,26 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from xlaserve.sharding.all_reduce_ptx import (
+    CHUNK_BYTES,
+    DATA_OFFSET,
+    DTYPES,
+    LL_CHUNK_BYTES,
+    MAX_CTAS,
+    MAX_RANKS,
+    THREADS,
+    add_rms_norm_kernel_name,
+    add_rms_norm_ptx,
+    add_rms_norm_row_ok,
+    all_reduce_ptx,
+    kernel_name,
+)
+
 log = logging.getLogger(__name__)
 
-THREADS = 256  # per CTA (8 warps)
-CHUNK_BYTES = 8192  # payload per CTA and rank: 2 16-byte vectors per thread
-LL_CHUNK_BYTES = 2 * CHUNK_BYTES  # in the workspace: every 4 payload bytes carry a 4-byte flag
-MAX_CTAS = 128
-MAX_RANKS = 8
 MAX_MESSAGE_BYTES = MAX_CTAS * CHUNK_BYTES  # 1 MiB
-COUNTER_OFFSET = 0  # u32 per CTA
-DATA_OFFSET = 4096
-TIMEOUT_NS = 10_000_000_000
 FFI_TARGET = "triton_kernel_call_ffi"
 MIN_JAX = (0, 11)  # measured on 0.11.2 (2 x H200); 0.10.2's launcher was not tried
-_DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 
 
 def workspace_bytes(tp: int) -> int:
@@ -86,177 +96,14 @@ def fits(shape: tuple[int, ...], dtype: Any) -> bool:
     """True when a message of this shape and dtype can use the kernel (size, alignment, dtype)."""
     dt = jnp.dtype(dtype)
     nbytes = int(np.prod(shape)) * dt.itemsize
-    return dt.name in _DTYPES and 0 < nbytes <= MAX_MESSAGE_BYTES and nbytes % 16 == 0
+    return dt.name in DTYPES and 0 < nbytes <= MAX_MESSAGE_BYTES and nbytes % 16 == 0
 
 
-# ----------------------------------------------------------------------------- the kernel (PTX)
-
-def _accumulate(dtype: str, words: list[str], first: bool) -> list[str]:
-    """PTX adding one 16-byte vector (4 b32 registers) into the float32 accumulators %acc*."""
-    op = "mov.f32 {a}, {v};" if first else "add.f32 {a}, {a}, {v};"
-    lines = []
-    if dtype == "f32":
-        for k, w in enumerate(words):
-            lines += [f"mov.b32 %fv, {w};", op.format(a=f"%acc{k}", v="%fv")]
-        return lines
-    for k, w in enumerate(words):
-        lo, hi = f"%acc{2 * k}", f"%acc{2 * k + 1}"
-        if dtype == "bf16":  # bf16 -> f32 is a 16-bit shift
-            lines += [f"shl.b32 %u, {w}, 16;", "mov.b32 %fv, %u;", op.format(a=lo, v="%fv"),
-                      f"and.b32 %u, {w}, 0xFFFF0000;", "mov.b32 %fv, %u;",
-                      op.format(a=hi, v="%fv")]
-        else:
-            lines += [f"mov.b32 {{%h0, %h1}}, {w};", "cvt.f32.f16 %fv, %h0;",
-                      op.format(a=lo, v="%fv"), "cvt.f32.f16 %fv, %h1;", op.format(a=hi, v="%fv")]
-    return lines
-
-
-def _pack(dtype: str) -> list[str]:
-    """PTX rounding the accumulators into %w0..%w3 (the output vector)."""
-    if dtype == "f32":
-        return [f"mov.b32 %w{k}, %acc{k};" for k in range(4)]
-    cvt = "cvt.rn.bf16x2.f32" if dtype == "bf16" else "cvt.rn.f16x2.f32"
-    return [f"{cvt} %w{k}, %acc{2 * k + 1}, %acc{2 * k};" for k in range(4)]  # hi, lo
-
-
-def kernel_name(tp: int, dtype: Any) -> str:
-    return f"xlaserve_all_reduce_tp{tp}_{_DTYPES[jnp.dtype(dtype).name]}"
-
-
-def all_reduce_ptx(tp: int, dtype: Any, arch: int) -> str:
-    """The PTX of the kernel for `tp` ranks and `dtype` on compute capability `arch` (e.g. 90).
-
-    Parameters, in order: x, rank (i32[1]), out (buffers); the tp workspace addresses (u64);
-    nvec, the message's 16-byte vectors (u32). Pointers a jaxlib appends after them (0.11's
-    launcher adds global-scratch and profiling pointers) are not declared: the driver reads only
-    the declared parameters.
-    """
-    if not 2 <= tp <= MAX_RANKS:
-        raise ValueError(f"tp={tp}: the custom all-reduce supports 2..{MAX_RANKS} ranks")
-    dt = _DTYPES[jnp.dtype(dtype).name]
-    name = kernel_name(tp, dtype)
-    chunk_vec = CHUNK_BYTES // 16
-    nacc = 4 if dt == "f32" else 8
-    vec = "{%w0, %w1, %w2, %w3}"
-    ws_params = ",\n".join(f"    .param .u64 p_ws{r}" for r in range(tp))
-    body: list[str] = []
-    emit = body.append
-    emit(".reg .pred %p, %is0, %peq<8>, %pne<8>;")
-    emit(".reg .b32 %th, %nthr, %cta, %rank, %seq, %slot, %nvec, %vbeg, %vend, %v, %blk, %t, "
-         "%u, %w0, %w1, %w2, %w3, %q0, %q1, %q2, %q3, %f0, %f1, %f2, %f3;")
-    emit(".reg .b16 %h0, %h1;")
-    emit(".reg .b64 %xp, %rankp, %outp, %wsl, %cnt, %a, %b, %off, %loc, %start, %now;")
-    emit(f".reg .b64 %ws<{tp}>;")
-    emit(f".reg .f32 %fv, %acc<{nacc}>;")
-    for name_, reg in (("p_x", "%xp"), ("p_rank", "%rankp"), ("p_out", "%outp")):
-        emit(f"ld.param.u64 {reg}, [{name_}];")
-        emit(f"cvta.to.global.u64 {reg}, {reg};")
-    for r in range(tp):
-        emit(f"ld.param.u64 %ws{r}, [p_ws{r}];")
-    emit("ld.param.u32 %nvec, [p_nvec];")
-    emit("mov.u32 %th, %tid.x;")
-    emit("mov.u32 %nthr, %ntid.x;")
-    emit("mov.u32 %cta, %ctaid.x;")
-    emit("ld.global.nc.u32 %rank, [%rankp];")
-    emit("mov.u64 %wsl, %ws0;")
-    for r in range(tp):
-        emit(f"setp.eq.u32 %peq{r}, %rank, {r};")
-        emit(f"setp.ne.u32 %pne{r}, %rank, {r};")
-        if r:
-            emit(f"selp.b64 %wsl, %ws{r}, %wsl, %peq{r};")
-    # This CTA's call counter -> sequence number (the flag value of this call), shared.
-    emit("setp.eq.u32 %is0, %th, 0;")
-    emit("mul.wide.u32 %off, %cta, 4;")
-    emit(f"add.u64 %cnt, %wsl, {COUNTER_OFFSET};")
-    emit("add.u64 %cnt, %cnt, %off;")
-    emit("@!%is0 bra SEQ_DONE;")
-    emit("ld.global.cg.u32 %seq, [%cnt];")
-    emit("add.u32 %seq, %seq, 1;")
-    emit(f"st.shared.u32 [{name}_seq], %seq;")
-    emit("SEQ_DONE:")
-    emit("bar.sync 0;")
-    emit(f"ld.shared.u32 %seq, [{name}_seq];")
-    emit("and.b32 %slot, %seq, 1;")
-    emit(f"mul.lo.u32 %vbeg, %cta, {chunk_vec};")
-    emit(f"add.u32 %vend, %vbeg, {chunk_vec};")
-    emit("min.u32 %vend, %vend, %nvec;")
-    emit("mad.lo.u32 %t, %cta, 2, %slot;")
-    emit(f"mul.lo.u32 %blk, %t, {tp};")  # LL block of (cta, slot, source 0)
-    # 1. push: each 16-byte vector of x goes to every peer as two 16-byte LL lines
-    #    {d0, seq, d1, seq}, {d2, seq, d3, seq}: every 8-byte half carries its own flag, so the
-    #    reader needs no fence (8-byte stores arrive whole).
-    emit("add.u32 %v, %vbeg, %th;")
-    emit("PUSH_LOOP:")
-    emit("setp.ge.u32 %p, %v, %vend;")
-    emit("@%p bra PUSH_DONE;")
-    emit("mul.wide.u32 %off, %v, 16;")
-    emit("add.u64 %a, %xp, %off;")
-    emit(f"ld.global.v4.b32 {vec}, [%a];")
-    emit("sub.u32 %t, %v, %vbeg;")
-    emit("mul.wide.u32 %loc, %t, 32;")
-    emit("add.u32 %t, %blk, %rank;")
-    emit(f"mul.wide.u32 %b, %t, {LL_CHUNK_BYTES};")
-    emit("add.u64 %b, %b, %loc;")
-    emit(f"add.u64 %b, %b, {DATA_OFFSET};")
-    for r in range(tp):
-        emit(f"add.u64 %a, %ws{r}, %b;")
-        emit(f"@%pne{r} st.volatile.global.v4.b32 [%a], {{%w0, %seq, %w1, %seq}};")
-        emit(f"@%pne{r} st.volatile.global.v4.b32 [%a+16], {{%w2, %seq, %w3, %seq}};")
-    emit("add.u32 %v, %v, %nthr;")
-    emit("bra PUSH_LOOP;")
-    emit("PUSH_DONE:")
-    # 2. sum in rank order: own vector from x, each peer's from this workspace once both of
-    #    its LL lines carry this call's flag (volatile loads: never a stale L1 line).
-    emit("add.u32 %v, %vbeg, %th;")
-    emit("RED_LOOP:")
-    emit("setp.ge.u32 %p, %v, %vend;")
-    emit("@%p bra RED_DONE;")
-    emit("mul.wide.u32 %off, %v, 16;")
-    emit("sub.u32 %t, %v, %vbeg;")
-    emit("mul.wide.u32 %loc, %t, 32;")
-    emit("add.u64 %a, %xp, %off;")
-    emit(f"ld.global.v4.b32 {vec}, [%a];")
-    for r in range(tp):
-        emit(f"@%peq{r} bra OWN{r};")
-        emit(f"add.u32 %t, %blk, {r};")
-        emit(f"mul.wide.u32 %b, %t, {LL_CHUNK_BYTES};")
-        emit("add.u64 %b, %b, %loc;")
-        emit(f"add.u64 %b, %b, {DATA_OFFSET};")
-        emit("add.u64 %b, %wsl, %b;")
-        emit("mov.u64 %start, %globaltimer;")
-        emit(f"SPIN{r}:")
-        emit("ld.volatile.global.v4.b32 {%q0, %f0, %q1, %f1}, [%b];")
-        emit("ld.volatile.global.v4.b32 {%q2, %f2, %q3, %f3}, [%b+16];")
-        emit("setp.eq.u32 %p, %f0, %seq;")
-        for f in ("%f1", "%f2", "%f3"):
-            emit(f"setp.eq.and.u32 %p, {f}, %seq, %p;")
-        emit(f"@%p bra GOT{r};")
-        emit("mov.u64 %now, %globaltimer;")
-        emit("sub.u64 %now, %now, %start;")
-        emit(f"setp.gt.u64 %p, %now, {TIMEOUT_NS};")
-        emit("@%p trap;")
-        emit(f"bra SPIN{r};")
-        emit(f"OWN{r}:")
-        for k in range(4):
-            emit(f"mov.b32 %q{k}, %w{k};")
-        emit(f"GOT{r}:")
-        body.extend(_accumulate(dt, ["%q0", "%q1", "%q2", "%q3"], first=(r == 0)))
-    body.extend(_pack(dt))
-    emit("add.u64 %a, %outp, %off;")
-    emit(f"st.global.v4.b32 [%a], {vec};")
-    emit("add.u32 %v, %v, %nthr;")
-    emit("bra RED_LOOP;")
-    emit("RED_DONE:")
-    emit("@%is0 st.global.u32 [%cnt], %seq;")
-    emit("ret;")
-    lines = "\n".join("    " + b if not b.endswith(":") else b for b in body)
-    return (f"//\n// xlaserve one-shot all-reduce, tp={tp}, {dt}\n//\n"
-            f".version 7.8\n.target sm_{arch}\n.address_size 64\n\n"
-            f".shared .align 4 .u32 {name}_seq;\n\n"
-            f".visible .entry {name}(\n"
-            f"    .param .u64 p_x,\n    .param .u64 p_rank,\n    .param .u64 p_out,\n"
-            f"{ws_params},\n    .param .u32 p_nvec\n)\n"
-            f".maxntid {THREADS}, 1, 1\n{{\n{lines}\n}}\n")
+def fits_add_rms_norm(shape: tuple[int, ...], dtype: Any) -> bool:
+    """True when x [T, D] can use the fused all-reduce + residual add + RMSNorm kernel: one CTA
+    per row (T <= 128), a row of at most 8 KiB (D <= 4096 in bf16) and a multiple of 16 bytes."""
+    return (len(shape) == 2 and 0 < shape[0] <= MAX_CTAS and jnp.dtype(dtype).name in DTYPES
+            and add_rms_norm_row_ok(shape[1], dtype))
 
 
 # ----------------------------------------------------------------------------- device set-up
@@ -395,19 +242,20 @@ class AllReduce:
                  tp, workspace_bytes(tp) >> 10, MAX_MESSAGE_BYTES >> 10)
         return cls(tp, addresses, arch, model_axis, ws)
 
-    def _opaque(self, nbytes: int, dtype: Any) -> tuple[str, bytes]:
+    def _opaque(self, name: str, ptx: str, buffers: int, grid: int,
+                scalars: tuple[tuple[int, str], ...] = ()) -> bytes:
+        """The launch record jaxlib's kernel-call handler reads: `buffers` pointer parameters
+        (the call's operands, then its results), the workspace addresses, then `scalars`."""
         gt = _gpu_triton()
-        name = kernel_name(self.tp, dtype)
-        kernel = gt.TritonKernel(name, THREADS // 32, 1, 0,
-                                 all_reduce_ptx(self.tp, dtype, self.arch), "", self.arch)
-        nvec = nbytes // 16
-        params = [gt.create_array_parameter(0, 16), gt.create_array_parameter(0, 4),
-                  gt.create_array_parameter(0, 16)]
+        kernel = gt.TritonKernel(name, THREADS // 32, 1, 0, ptx, "", self.arch)
+        params = [gt.create_array_parameter(0, 16) for _ in range(buffers)]
         params += [gt.create_scalar_parameter(a, "u64") for a in self.addresses]
-        params.append(gt.create_scalar_parameter(nvec, "u32"))
-        grid = -(-nvec // (CHUNK_BYTES // 16))
+        params += [gt.create_scalar_parameter(v, t) for v, t in scalars]
         call = gt.TritonKernelCall(kernel, grid, 1, 1, params)
-        return name, zlib.compress(call.to_proto(name, b""))
+        return zlib.compress(call.to_proto(name, b""))
+
+    def _rank(self) -> jax.Array:
+        return jax.lax.axis_index(self.model_axis).astype(jnp.int32).reshape(1)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """The sum of x over the ``model`` axis; call inside shard_map (x is this rank's part).
@@ -417,10 +265,35 @@ class AllReduce:
         """
         if not fits(x.shape, x.dtype):
             raise ValueError(f"custom all-reduce: x {x.shape} {x.dtype} does not fit (dtypes "
-                             f"{sorted(_DTYPES)}, up to {MAX_MESSAGE_BYTES} bytes, a multiple "
+                             f"{sorted(DTYPES)}, up to {MAX_MESSAGE_BYTES} bytes, a multiple "
                              f"of 16)")
-        nbytes = int(np.prod(x.shape)) * x.dtype.itemsize
-        name, opaque = self._opaque(nbytes, x.dtype)
-        rank = jax.lax.axis_index(self.model_axis).astype(jnp.int32).reshape(1)
+        nvec = int(np.prod(x.shape)) * x.dtype.itemsize // 16
+        name = kernel_name(self.tp, x.dtype)
+        opaque = self._opaque(name, all_reduce_ptx(self.tp, x.dtype, self.arch), 3,
+                              -(-nvec // (CHUNK_BYTES // 16)), ((nvec, "u32"),))
         call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype))
-        return call(x, rank, name=name, opaque=opaque)
+        return call(x, self._rank(), name=name, opaque=opaque)
+
+    def add_rms_norm(self, x: jax.Array, residual: jax.Array, scale: jax.Array,
+                     eps: float) -> tuple[jax.Array, jax.Array]:
+        """(residual + sum of x over ``model``, its RMSNorm times `scale`), in one kernel; call
+        inside shard_map (x [T, D] is this rank's partial sum; residual [T, D] and scale [D]
+        are the same on every rank). Equals `layers.rms_norm(residual + psum(x))` up to the
+        norm's float32 summation order (the residual is bit-equal at tp 2).
+
+        Raises:
+          ValueError: x does not `fits_add_rms_norm`, or the shapes / dtypes disagree.
+        """
+        t, d = x.shape if x.ndim == 2 else (0, 0)
+        if (not fits_add_rms_norm(x.shape, x.dtype) or residual.shape != x.shape
+                or scale.shape != (d,) or residual.dtype != x.dtype or scale.dtype != x.dtype):
+            raise ValueError(f"custom all-reduce + RMSNorm: x {x.shape} {x.dtype}, residual "
+                             f"{residual.shape} {residual.dtype}, scale {scale.shape} "
+                             f"{scale.dtype}: needs x [T <= {MAX_CTAS}, D] with a row of at "
+                             f"most {CHUNK_BYTES} bytes, residual like x, scale [D], one dtype "
+                             f"of {sorted(DTYPES)}")
+        name = add_rms_norm_kernel_name(self.tp, x.dtype, d, eps)
+        opaque = self._opaque(name, add_rms_norm_ptx(self.tp, x.dtype, self.arch, d, eps), 6, t)
+        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        call = jax.ffi.ffi_call(FFI_TARGET, (out, out))
+        return call(x, self._rank(), residual, scale, name=name, opaque=opaque)

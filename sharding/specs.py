@@ -34,7 +34,7 @@ from xlaserve.pallas_kernels import ops
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
-from xlaserve.runtime.models.layers import contract
+from xlaserve.runtime.models.layers import contract, rms_norm
 from xlaserve.sharding import all_reduce as custom_all_reduce
 from xlaserve.sharding.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, validate_model
 from xlaserve.sharding.rules import (
@@ -205,13 +205,17 @@ def shard_attention(mesh: Mesh, model_cfg: ModelConfig, *, impl: str = "auto",
 
 @dataclasses.dataclass(frozen=True)
 class ShardedRowParallel:
-    """A `llama.RowParallelFn`: each device's slice of the product, then an explicit all-reduce.
+    """A `llama.RowParallelFn`: residual + (each device's slice of the product, all-reduced),
+    then the RMSNorm after it, under one shard_map.
 
     o_proj and down_proj contract an axis split over ``model``; instead of letting the
-    partitioner insert XLA's collective, the product runs under shard_map and the partial sums
-    are reduced by `all_reduce` (sharding/all_reduce.py's kernel), or by jax.lax.psum when it is
-    None (the reference, and the CPU path of the tests). A product the kernel cannot take (over
-    its message limit: prefill-sized steps) keeps the partitioner's collective.
+    partitioner insert XLA's collective, the product runs under shard_map and its partial sums
+    are reduced by `all_reduce` (sharding/all_reduce.py): one kernel that also adds the
+    residual and applies the norm where a row fits it (`fits_add_rms_norm`: up to 128 tokens
+    of up to 8 KiB, e.g. hidden 4096 in bf16), else the plain all-reduce kernel and the add and
+    norm after it. With `all_reduce` None the reduction is jax.lax.psum (the reference, and the
+    CPU path of the tests). A product over the kernel's message limit (prefill-sized steps)
+    keeps the partitioner's collective.
 
     Frozen and hashable: a static part of the jitted step.
     """
@@ -224,24 +228,37 @@ class ShardedRowParallel:
         """True when a product of this output shape runs through the kernel."""
         return self.all_reduce is not None and custom_all_reduce.fits(out_shape, dtype)
 
-    def __call__(self, x: jax.Array, kernel: jax.Array, in_axes: tuple[str | None, ...],
-                 out_axes: tuple[str | None, ...]) -> jax.Array:
+    def uses_fused_kernel(self, out_shape: tuple[int, ...], dtype: Any) -> bool:
+        """True when the kernel also adds the residual and applies the norm (one launch)."""
+        return (self.uses_kernel(out_shape, dtype)
+                and custom_all_reduce.fits_add_rms_norm(out_shape, dtype))
+
+    def __call__(self, residual: jax.Array, x: jax.Array, kernel: jax.Array,
+                 in_axes: tuple[str | None, ...], out_axes: tuple[str | None, ...],
+                 scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
         n_in = len(in_axes)
-        out_shape = x.shape[:x.ndim - n_in] + kernel.shape[n_in:]  # [T, *out]
+        out_shape = x.shape[:x.ndim - n_in] + kernel.shape[n_in:]  # [T, D]
         if self.all_reduce is not None and not self.uses_kernel(out_shape, x.dtype):
-            return contract(x, kernel, n_in, x.dtype)  # the partitioner all-reduces
+            new = residual + contract(x, kernel, n_in, x.dtype)  # the partitioner all-reduces
+            return new, rms_norm(new, scale, eps)
         rules = mesh_rules(self.model_cfg, self.mesh)
         x_spec = logical_to_spec(("tokens", *in_axes), rules)  # [T, *in], in split
         kernel_spec = logical_to_spec((*in_axes, *out_axes), rules)
+        rep = PartitionSpec()
+        fused = self.uses_fused_kernel(out_shape, x.dtype)
         reduce = (self.all_reduce if self.all_reduce is not None
                   else functools.partial(jax.lax.psum, axis_name=MODEL_AXIS))
 
-        def body(x, kernel):
-            return reduce(contract(x, kernel, n_in, x.dtype))  # [T, *out] partial -> sum
+        def body(residual, x, kernel, scale):
+            part = contract(x, kernel, n_in, x.dtype)  # [T, D] this device's partial sum
+            if fused:
+                return self.all_reduce.add_rms_norm(part, residual, scale, eps)
+            new = residual + reduce(part)
+            return new, rms_norm(new, scale, eps)
 
-        fn = _shard_map(body, self.mesh, in_specs=(x_spec, kernel_spec),
-                        out_specs=PartitionSpec())
-        return fn(x, kernel)
+        fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep),
+                        out_specs=(rep, rep))
+        return fn(residual, x, kernel, scale)
 
 
 def choose_row_parallel(mesh: Mesh, model_cfg: ModelConfig,
@@ -272,8 +289,9 @@ def choose_row_parallel(mesh: Mesh, model_cfg: ModelConfig,
             "run here: %s", why)
         return None
     log.info("all_reduce=%s: xlaserve's kernel for o_proj / down_proj messages up to %d KiB "
-             "per device (decode-sized steps), XLA's collective above", mode,
-             custom_all_reduce.MAX_MESSAGE_BYTES >> 10)
+             "per device (decode-sized steps; fused with the residual add and RMSNorm for rows "
+             "up to %d bytes), XLA's collective above", mode,
+             custom_all_reduce.MAX_MESSAGE_BYTES >> 10, custom_all_reduce.CHUNK_BYTES)
     return ShardedRowParallel(mesh, model_cfg, kernel)
 
 
@@ -294,10 +312,15 @@ def describe_all_reduce(mesh: Mesh | None, row_parallel_fn: ShardedRowParallel |
         return "jax.lax.psum under shard_map (all_reduce='psum')"
     cfg = row_parallel_fn.model_cfg
     biased = [n for n, b in (("o_proj", cfg.o_proj_bias), ("down_proj", cfg.mlp_bias)) if b]
+    fused = custom_all_reduce.add_rms_norm_row_ok(cfg.hidden_size, cfg.dtype)
     return (f"xlaserve's kernel for messages up to "
             f"{custom_all_reduce.MAX_MESSAGE_BYTES >> 10} KiB per device (decode-sized steps), "
-            f"XLA's collective above" + (f"; {' and '.join(biased)} (with a bias) always use "
-                                         f"XLA's collective" if biased else ""))
+            + ("fused with the residual add and RMSNorm, " if fused else
+               f"then the residual add and RMSNorm (hidden {cfg.hidden_size} {cfg.dtype} is over "
+               f"the fused kernel's {custom_all_reduce.CHUNK_BYTES}-byte row), ")
+            + "XLA's collective above"
+            + (f"; {' and '.join(biased)} (with a bias) always use XLA's collective"
+               if biased else ""))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -7,7 +7,9 @@ this module names a mesh axis, touches the KV cache, or knows about pages.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
 
 import flax.linen as nn
 import jax
@@ -29,8 +31,17 @@ def _param(module: nn.Module, name: str, init: nn.initializers.Initializer,
     return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype)
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) over the last axis, computed in float32 (as HF does), rounded to x's dtype,
+    then times `scale` (rounded again)."""
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + eps)
+    return (y.astype(x.dtype) * scale).astype(x.dtype)
+
+
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * scale, computed in float32 (as HF does) and cast back to x's dtype."""
+    """y = rms_norm(x) * scale (the q/k norms of Qwen3; the blocks' norms are ResidualRMSNorm)."""
 
     dim: int
     eps: float
@@ -41,10 +52,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = _param(self, "scale", nn.initializers.ones, (self.dim,), (self.axis_name,),
                        self.dtype)
-        x32 = x.astype(jnp.float32)
-        var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(var + self.eps)
-        return (y.astype(x.dtype) * scale).astype(x.dtype)
+        return rms_norm(x, scale, self.eps)
 
 
 def contract(x: jax.Array, kernel: jax.Array, n_in: int, out_dtype: jnp.dtype) -> jax.Array:
@@ -55,16 +63,69 @@ def contract(x: jax.Array, kernel: jax.Array, n_in: int, out_dtype: jnp.dtype) -
         preferred_element_type=out_dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+    """A bias-free projection x [T, *in] . kernel [*in, *out] not computed yet: the next
+    ResidualRMSNorm adds it to the residual stream, so that a sharding hook (`AddRMSNormFn`) can
+    run the product, its all-reduce, the add and the norm as one step (o_proj, down_proj)."""
+
+    x: jax.Array
+    kernel: jax.Array
+    in_axes: tuple[str | None, ...]
+    out_axes: tuple[str | None, ...]
+
+    def compute(self, dtype: jnp.dtype) -> jax.Array:
+        return contract(self.x, self.kernel, len(self.in_axes), dtype)
+
+
+class AddRMSNormFn(Protocol):
+    """residual [T, D] + x . kernel (a bias-free projection into D, in the model dtype), then
+    rms_norm of that sum: returns (the sum, the normed sum). `in_axes` / `out_axes` are the
+    kernel's logical axis names. The sharding code's row-parallel hook implements it."""
+
+    def __call__(self, residual: jax.Array, x: jax.Array, kernel: jax.Array,
+                 in_axes: tuple[str | None, ...], out_axes: tuple[str | None, ...],
+                 scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]: ...
+
+
+class ResidualRMSNorm(nn.Module):
+    """The pre-norm block's join: x = residual + delta, then (x, rms_norm(x) * scale).
+
+    `delta` is the previous block's output (an array, a `Deferred` projection, or None before
+    the first block: then only the norm). With `add_norm_fn` a Deferred delta goes to it whole.
+    Its parameter is "scale", as RMSNorm's.
+    """
+
+    dim: int
+    eps: float
+    dtype: jnp.dtype
+    add_norm_fn: AddRMSNormFn | None = None
+
+    @nn.compact
+    def __call__(self, residual: jax.Array, delta: jax.Array | Deferred | None,
+                 ) -> tuple[jax.Array, jax.Array]:
+        scale = _param(self, "scale", nn.initializers.ones, (self.dim,), ("norm",), self.dtype)
+        if delta is None:
+            return residual, rms_norm(residual, scale, self.eps)
+        if isinstance(delta, Deferred):
+            if self.add_norm_fn is not None:
+                return self.add_norm_fn(residual, delta.x, delta.kernel, delta.in_axes,
+                                        delta.out_axes, scale, self.eps)
+            delta = delta.compute(self.dtype)
+        x = residual + delta
+        return x, rms_norm(x, scale, self.eps)
+
+
 class Projection(nn.Module):
     """A linear map whose input and output may each span several named axes.
 
     ``kernel`` has shape ``in_shape + out_shape``; the optional ``bias`` has shape ``out_shape``.
     Example: the q projection maps [T, D] to [T, N, H] with kernel [D, N, H].
 
-    ``matmul_fn(x, kernel, in_axes, out_axes)``, when given, computes the bias-free product
-    instead of the plain contraction (in the model dtype): the sharding code passes its
-    row-parallel matmul (a local product plus an explicit all-reduce) for o_proj and down_proj.
-    With a bias the plain contraction runs (the partitioner inserts the collective).
+    With ``defer`` and no bias it returns a `Deferred` product instead (o_proj and down_proj:
+    the next ResidualRMSNorm computes it, fused with the residual add where the sharding code
+    can). With a bias the plain contraction runs (under tp the partitioner inserts the
+    collective).
     """
 
     in_shape: tuple[int, ...]
@@ -73,14 +134,14 @@ class Projection(nn.Module):
     out_axes: tuple[str | None, ...]
     dtype: jnp.dtype
     use_bias: bool = False
-    matmul_fn: Callable[..., jax.Array] | None = None
+    defer: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array | Deferred:
         kernel = _param(self, "kernel", _KERNEL_INIT, self.in_shape + self.out_shape,
                         self.in_axes + self.out_axes, self.dtype)
-        if self.matmul_fn is not None and not self.use_bias:
-            return self.matmul_fn(x, kernel, self.in_axes, self.out_axes).astype(self.dtype)
+        if self.defer and not self.use_bias:
+            return Deferred(x, kernel, self.in_axes, self.out_axes)
         # The product accumulates in float32 either way; its output is in the model dtype
         # unless a bias follows, so that under tensor parallelism the row-parallel projections
         # (o, down) all-reduce bf16 partial sums (half the bytes), as HF and vLLM do.
@@ -118,17 +179,17 @@ class SwiGLU(nn.Module):
     hidden: int
     dtype: jnp.dtype
     use_bias: bool = False
-    down_matmul_fn: Callable[..., jax.Array] | None = None  # Projection.matmul_fn of down_proj
+    defer_down: bool = False  # down_proj's Projection.defer
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
+    def __call__(self, x: jax.Array) -> jax.Array | Deferred:  # [T, D] -> [T, D]
         gate = Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",), self.dtype,
                           self.use_bias, name="gate_proj")(x)
         up = Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",), self.dtype,
                         self.use_bias, name="up_proj")(x)
         h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
         return Projection((self.hidden,), (self.dim,), ("mlp",), ("embed",), self.dtype,
-                          self.use_bias, self.down_matmul_fn, name="down_proj")(h)
+                          self.use_bias, self.defer_down, name="down_proj")(h)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:

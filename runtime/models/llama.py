@@ -10,9 +10,12 @@ their slots (``ops.write_kv_pages``) and attends through the page table
 (``ops.ragged_paged_attention``). The KV cache is a tuple of per-layer (k_pages, v_pages) arrays,
 each [K, P, L, H], so a donated cache is updated in place. The attention step is one replaceable
 function (`AttentionFn`) so the sharding code can wrap it (e.g. in shard_map) without touching the
-model; likewise the row-parallel projections o_proj and down_proj take an optional
-`RowParallelFn` (the sharding code's explicit local product + all-reduce). This module never
-names mesh axes and never calls jit itself.
+model. Likewise the row-parallel projections o_proj and down_proj are not computed where they
+appear: each block returns them as a `layers.Deferred` product, and the next norm
+(`layers.ResidualRMSNorm`: the residual add, then RMSNorm) computes them, through the optional
+`RowParallelFn` (the sharding code's local product + all-reduce, fused with the add and the norm
+where it can) or as a plain product. This module never names mesh axes and never calls jit
+itself.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ from xlaserve.pallas_kernels import ops
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig
 from xlaserve.runtime.models.layers import (
+    AddRMSNormFn,
+    Deferred,
     Embed,
     Projection,
+    ResidualRMSNorm,
     RMSNorm,
     SwiGLU,
     apply_rope,
@@ -54,13 +60,9 @@ class AttentionFn(Protocol):
                  sliding_window: int | None) -> tuple[jax.Array, jax.Array, jax.Array]: ...
 
 
-class RowParallelFn(Protocol):
-    """Computes a bias-free projection x [T, *in] x kernel [*in, *out] -> [T, *out] (model dtype).
-
-    `in_axes` / `out_axes` are the kernel's logical axis names (layers.Projection's)."""
-
-    def __call__(self, x: jax.Array, kernel: jax.Array, in_axes: tuple[str | None, ...],
-                 out_axes: tuple[str | None, ...]) -> jax.Array: ...
+# residual + o_proj / down_proj, then the next RMSNorm (layers.AddRMSNormFn): the hook the
+# sharding code implements for tensor parallelism (its explicit all-reduce, fused where it can).
+RowParallelFn = AddRMSNormFn
 
 
 def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
@@ -88,15 +90,16 @@ def _dtype(cfg: ModelConfig) -> jnp.dtype:
 
 
 class Attention(nn.Module):
-    """Self-attention over the paged cache: q/k/v projections, (qk norm), rope, attention, o."""
+    """Self-attention over the paged cache: q/k/v projections, (qk norm), rope, attention, o.
+
+    Returns o_proj's output as a `Deferred` product (an array when o_proj has a bias)."""
 
     cfg: ModelConfig
     attention_fn: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
-    row_parallel_fn: RowParallelFn | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, inputs: StepInputs, k_pages: jax.Array,
-                 v_pages: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, inputs: StepInputs, k_pages: jax.Array, v_pages: jax.Array,
+                 ) -> tuple[jax.Array | Deferred, jax.Array, jax.Array]:
         cfg, dt = self.cfg, _dtype(self.cfg)
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
@@ -117,32 +120,36 @@ class Attention(nn.Module):
                 q, k_new, v_new, k_pages, v_pages, inputs, sm_scale=h ** -0.5,
                 sliding_window=cfg.sliding_window)  # o: [T, N, H]
         out = Projection((n, h), (d,), ("q_heads", "head_dim"), ("embed",), dt,
-                         cfg.o_proj_bias, self.row_parallel_fn, name="o_proj")(o)  # [T, D]
+                         cfg.o_proj_bias, defer=True, name="o_proj")(o)  # [T, D]
         return out, k_pages, v_pages
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)).
+
+    Takes and returns the residual stream x and the previous block's output not yet added to it
+    (`delta`: None before the first layer, else the MLP's deferred down_proj): its input norm
+    adds it, so each norm is one residual-add-then-norm step (fused under tp)."""
 
     cfg: ModelConfig
     attention_fn: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
     row_parallel_fn: RowParallelFn | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, inputs: StepInputs, k_pages: jax.Array,
-                 v_pages: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, delta: jax.Array | Deferred | None, inputs: StepInputs,
+                 k_pages: jax.Array, v_pages: jax.Array,
+                 ) -> tuple[jax.Array, jax.Array | Deferred, jax.Array, jax.Array]:
         cfg, dt = self.cfg, _dtype(self.cfg)
+        d, eps, add_norm = cfg.hidden_size, cfg.rms_norm_eps, self.row_parallel_fn
         with jax.named_scope("attention"):
-            h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, name="input_norm")(x)
-            a, k_pages, v_pages = Attention(cfg, self.attention_fn, self.row_parallel_fn,
-                                            name="attn")(
+            x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="input_norm")(x, delta)
+            a, k_pages, v_pages = Attention(cfg, self.attention_fn, name="attn")(
                 h, inputs, k_pages, v_pages)
-            x = x + a
         with jax.named_scope("mlp"):
-            h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, name="post_attn_norm")(x)
-            x = x + SwiGLU(cfg.hidden_size, cfg.intermediate_size, dt, cfg.mlp_bias,
-                           self.row_parallel_fn, name="mlp")(h)
-        return x, k_pages, v_pages
+            x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="post_attn_norm")(x, a)
+            m = SwiGLU(d, cfg.intermediate_size, dt, cfg.mlp_bias, defer_down=True,
+                       name="mlp")(h)
+        return x, m, k_pages, v_pages
 
 
 class Llama(nn.Module):
@@ -158,7 +165,8 @@ class Llama(nn.Module):
         self.layers = [DecoderLayer(cfg, self.attention_fn, self.row_parallel_fn,
                                     name=f"layers_{i}")
                        for i in range(cfg.num_layers)]
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.final_norm = ResidualRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt,
+                                          self.row_parallel_fn)
         if not cfg.tie_word_embeddings:
             self.lm_head = Projection((cfg.hidden_size,), (cfg.vocab_size,), ("embed",),
                                       ("vocab",), dt)
@@ -168,13 +176,14 @@ class Llama(nn.Module):
         with jax.named_scope("embed"):
             x = self.embed(inputs.token_ids)  # [T, D]
         new_cache = []
+        delta = None  # the last block's output, added to x by the next norm
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
                 k_pages, v_pages = kv_cache[i]
-                x, k_pages, v_pages = layer(x, inputs, k_pages, v_pages)
+                x, delta, k_pages, v_pages = layer(x, delta, inputs, k_pages, v_pages)
                 new_cache.append((k_pages, v_pages))
         with jax.named_scope("final_norm"):
-            x = self.final_norm(x)
+            _, x = self.final_norm(x, delta)
         return x, tuple(new_cache)
 
     def logits(self, hidden: jax.Array) -> jax.Array:  # [..., D] -> f32[..., V]
@@ -204,7 +213,8 @@ def forward_hidden(params: Params, inputs: StepInputs, kv_cache: KVCache, cfg: M
 
     `attention_fn` replaces the default write-pages-then-attend step (for sharding wrappers and
     tests); `attention_impl` picks the ops.ragged_paged_attention implementation otherwise.
-    `row_parallel_fn` computes o_proj and down_proj (the sharding plan's explicit all-reduce).
+    `row_parallel_fn` computes o_proj and down_proj with the residual add and norm after each
+    (the sharding plan's explicit all-reduce, fused where it can).
     """
     if len(kv_cache) != cfg.num_layers:
         raise ValueError(f"kv_cache has {len(kv_cache)} layers, config has "
