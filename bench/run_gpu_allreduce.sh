@@ -7,7 +7,8 @@
 #      with XLA's collective (--all-reduce xla) for the ratio in the same run
 #   4. the builtin model through the CLI at tp 2 (kernel) vs tp 1: same greedy tokens?
 #   OUT=/tmp/out bash bench/run_gpu_allreduce.sh      (TRACE=1: --trace-dir for step 3;
-#   MICRO=0 skips step 2, XLA_RUN=0 the tp 2 run with XLA's collective)
+#   MICRO=0 skips step 2, XLA_RUN=0 the tp 2 run with XLA's collective, NO_PREFILL=1 the
+#   prefill timing; TRACE_TP2=1 adds a traced tp 2 decode run after step 3's untraced one)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0
@@ -36,10 +37,17 @@ echo "=== micro rc=$? at $((SECONDS - T0))s"; tail -3 "$R/all_reduce_micro.log"
 fi
 timeout -s ABRT -k 5 "${BENCH_S:-300}" $PY bench/tp_scaling.py --tp $TP --decode-batches 1 \
   --all-reduce custom --child-timeout 200 ${TRACE:+--trace-dir /tmp/tp_trace} \
+  ${NO_PREFILL:+--no-prefill} \
   --out "$R/tp_custom.json" > "$R/tp_custom.log" 2>&1 &
 P=$!; watch_stall $P 250 "$R/stall.txt" & W=$!; wait $P
 echo "=== tp_scaling custom rc=$? at $((SECONDS - T0))s"; kill $W 2>/dev/null
 grep -E "decode B=1|busy|command_buffer" "$R/tp_custom.log" | head -12
+if [ -n "${TRACE_TP2:-}" ]; then
+timeout -s ABRT -k 5 200 $PY bench/tp_scaling.py --tp 2 --decode-batches 1 --all-reduce custom \
+  --no-prefill --greedy-steps 2 --trace-dir /tmp/tp_trace2 --out "$R/tp2_trace.json" \
+  > "$R/tp2_trace.log" 2>&1
+echo "=== tp2 traced rc=$? at $((SECONDS - T0))s"; grep -E "busy|xlaserve_all_reduce|gemm_fusion" "$R/tp2_trace.log" | head -12
+fi
 if [ "${XLA_RUN:-1}" != 0 ]; then
 timeout -s ABRT -k 5 200 $PY bench/tp_scaling.py --tp 2 --decode-batches 1 --all-reduce xla \
   --no-prefill --child-timeout 180 --out "$R/tp_xla.json" > "$R/tp_xla.log" 2>&1

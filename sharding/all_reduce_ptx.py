@@ -295,7 +295,6 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float) -> st
     per_thread = -(-row_vec // THREADS)
     n = 4 if dt == "f32" else 8  # elements per 16-byte vector
     w = [f"%w{k}" for k in range(4)]
-    q = [f"%q{k}" for k in range(4)]
     s = [f"%s{k}" for k in range(n)]
     acc = [f"%acc{k}" for k in range(n)]
     vec = "{%w0, %w1, %w2, %w3}"
@@ -304,7 +303,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float) -> st
     emit(f".reg .b64 %ws<{tp}>, %resp, %scp, %outhp;")
     emit(f".reg .pred %pv<{per_thread}>;")
     emit(f".reg .f32 %fv, %fr, %ss, %rstd, %acc<{n}>, %s<{n}>, %xn<{per_thread * n}>;")
-    emit(".reg .b32 %lane, %warp;")
+    emit(f".reg .b32 %lane, %warp, %r<{4 * per_thread}>, %c<{4 * per_thread}>;")
     _load_params(emit, tp, (("p_x", "%xp"), ("p_rank", "%rankp"), ("p_res", "%resp"),
                             ("p_scale", "%scp"), ("p_out", "%outp"), ("p_outh", "%outhp")))
     emit("mov.u32 %th, %tid.x;")
@@ -322,10 +321,18 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float) -> st
         emit("add.u32 %v, %vbeg, %t;")
         emit("mul.wide.u32 %off, %v, 16;")
 
-    # 1. push this rank's row to every peer
+    # 1. push this rank's row to every peer; load this thread's residual and scale vectors
+    #    now, so their latency hides behind the wait for the peers' data
     for j in range(per_thread):
+        res, sc = [f"%r{4 * j + k}" for k in range(4)], [f"%c{4 * j + k}" for k in range(4)]
         emit(f"@!%pv{j} bra PUSHED{j};")
         locate(j)
+        emit("add.u64 %a, %resp, %off;")
+        emit(f"ld.global.v4.b32 {{{', '.join(res)}}}, [%a];")
+        emit(f"add.u32 %t, %th, {j * THREADS};")
+        emit("mul.wide.u32 %a, %t, 16;")
+        emit("add.u64 %a, %scp, %a;")
+        emit(f"ld.global.nc.v4.b32 {{{', '.join(sc)}}}, [%a];")
         emit("add.u64 %a, %xp, %off;")
         emit(f"ld.global.v4.b32 {vec}, [%a];")
         _push(emit, tp)
@@ -341,9 +348,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float) -> st
         _poll_sum(emit, body, tp, dt, tag=f"_{j}")
         body.extend(_pack_regs(dt, acc, w))
         body.extend(_unpack_regs(dt, w, s))
-        emit("add.u64 %a, %resp, %off;")
-        emit("ld.global.v4.b32 {%q0, %q1, %q2, %q3}, [%a];")
-        body.extend(_unpack_regs(dt, q, acc))
+        body.extend(_unpack_regs(dt, [f"%r{4 * j + k}" for k in range(4)], acc))
         body.extend(f"add.f32 {x}, {x}, {a};" for x, a in zip(s, acc))
         body.extend(_pack_regs(dt, s, w))
         emit("add.u64 %a, %outp, %off;")
@@ -383,11 +388,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float) -> st
         body.extend(f"mul.f32 {x}, {v}, %rstd;" for x, v in zip(s, xn))
         body.extend(_pack_regs(dt, s, w))
         body.extend(_unpack_regs(dt, w, s))
-        emit(f"add.u32 %t, %th, {j * THREADS};")
-        emit("mul.wide.u32 %a, %t, 16;")
-        emit("add.u64 %a, %scp, %a;")
-        emit("ld.global.nc.v4.b32 {%q0, %q1, %q2, %q3}, [%a];")
-        body.extend(_unpack_regs(dt, q, acc))
+        body.extend(_unpack_regs(dt, [f"%c{4 * j + k}" for k in range(4)], acc))
         body.extend(f"mul.f32 {x}, {x}, {a};" for x, a in zip(s, acc))
         body.extend(_pack_regs(dt, s, w))
         emit("add.u64 %a, %outhp, %off;")

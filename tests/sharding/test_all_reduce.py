@@ -187,7 +187,8 @@ def test_row_parallel_values_on_every_path(tokens: int) -> None:
     rng = np.random.default_rng(tokens)
     r, x, w, s = (rng.standard_normal(sh).astype(np.float32)
                   for sh in [(tokens, 64), (tokens, 128), (128, 64), (64,)])
-    new, h = jax.jit(fn)(r, x, w, s)
+    with jax.default_matmul_precision("highest"):  # (GPUs: no TF32 for the f32 product)
+        new, h = jax.jit(fn)(r, x, w, s)
     want = r + x @ w
     np.testing.assert_allclose(np.asarray(new), want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(h), rms_norm(jnp.asarray(want), jnp.asarray(s), 1e-6),
@@ -308,9 +309,9 @@ def _bf16_ulps(got: np.ndarray, want: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("shape", [(1, 4096), (16, 4096), (128, 4096), (3, 3584), (5, 64)])
 def test_add_rms_norm_equals_psum(dtype: str, shape: tuple[int, int]) -> None:
-    """residual + all-reduce, bit-equal to psum's at tp 2; the norm within a bf16 ulp or two,
-    and equal for 99%+ of the elements (its float32 sum of squares is summed in another order
-    than XLA's, and rsqrt may differ in the last bit)."""
+    """residual + all-reduce, bit-equal to psum's at tp 2; the norm, in 16-bit dtypes, within
+    a bf16 ulp or two and equal for 99%+ of the elements (its float32 sum of squares is summed
+    in another order than XLA's, and rsqrt may differ in the last bit); in float32 within 1e-5."""
     tp = min(len(_gpus()), 8)
     mesh, kernel = _setup(tp)
     if not ar.fits_add_rms_norm(shape, dtype):
@@ -329,9 +330,12 @@ def test_add_rms_norm_equals_psum(dtype: str, shape: tuple[int, int]) -> None:
             np.testing.assert_array_equal(new, want_new)
         else:
             np.testing.assert_allclose(new, want_new, rtol=1e-2, atol=1e-2)
-        ulps = _bf16_ulps(h, want_h)
-        assert ulps.max() <= 2.01 and (h != want_h).mean() < 0.01, (ulps.max(),
-                                                                    (h != want_h).mean())
+        if dtype == "float32":  # rsqrt's last bits differ: a float32 ulp or so, often
+            np.testing.assert_allclose(h, want_h, rtol=1e-5, atol=1e-6)
+        else:
+            ulps = _bf16_ulps(h, want_h)
+            assert ulps.max() <= 2.01 and (h != want_h).mean() < 0.01, (ulps.max(),
+                                                                        (h != want_h).mean())
 
 
 @needs_gpus
