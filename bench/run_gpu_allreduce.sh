@@ -8,7 +8,8 @@
 #   4. the builtin model through the CLI at tp 2 (kernel) vs tp 1: same greedy tokens?
 #   OUT=/tmp/out bash bench/run_gpu_allreduce.sh      (TRACE=1: --trace-dir for step 3;
 #   MICRO=0 skips step 2, XLA_RUN=0 the tp 2 run with XLA's collective, NO_PREFILL=1 the
-#   prefill timing; TRACE_TP2=1 adds a traced tp 2 decode run after step 3's untraced one)
+#   prefill timing; TRACE_TP2=1 adds a traced tp 2 decode run after step 3's untraced one;
+#   UNFUSED=1 a tp 2 run without the fused residual add + RMSNorm)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0
@@ -48,6 +49,11 @@ timeout -s ABRT -k 5 200 $PY bench/tp_scaling.py --tp 2 --decode-batches 1 --all
   > "$R/tp2_trace.log" 2>&1
 echo "=== tp2 traced rc=$? at $((SECONDS - T0))s"; grep -E "busy|xlaserve_all_reduce|gemm_fusion" "$R/tp2_trace.log" | head -12
 fi
+if [ -n "${UNFUSED:-}" ]; then  # A/B: the kernel without the fused add + RMSNorm
+timeout -s ABRT -k 5 200 $PY bench/tp_scaling.py --tp 2 --decode-batches 1 --all-reduce custom \
+  --no-fused-norm --no-prefill --greedy-steps 2 --out "$R/tp_unfused.json" > "$R/tp_unfused.log" 2>&1
+echo "=== tp_scaling unfused rc=$? at $((SECONDS - T0))s"; grep "decode B=1" "$R/tp_unfused.log"
+fi
 if [ "${XLA_RUN:-1}" != 0 ]; then
 timeout -s ABRT -k 5 200 $PY bench/tp_scaling.py --tp 2 --decode-batches 1 --all-reduce xla \
   --no-prefill --child-timeout 180 --out "$R/tp_xla.json" > "$R/tp_xla.log" 2>&1
@@ -67,7 +73,7 @@ $PY - "$R" <<'PY' | tee "$R/summary.txt"
 import json, sys
 t = {tp: {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in open(f"/tmp/cli_tp{tp}.jsonl")} for tp in (1, 2)}
 print("CLI greedy token ids tp2 (kernel) == tp1:", t[1] == t[2], "prompts", len(t[1]))
-for n in ("tp_custom", "tp_xla"):
+for n in ("tp_custom", "tp_unfused", "tp_xla"):
     try:
         rep = json.load(open(f"{sys.argv[1]}/{n}.json"))
     except Exception as e:

@@ -232,7 +232,7 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         "devices": [str(d) for d in r.plan.mesh.devices.flat],
         "q_proj_shard_shape": list(q.addressable_shards[0].data.shape),
         "kv_cache_spec": str(r.plan.kv_sharding.spec),
-        "all_reduce": args.all_reduce,
+        "all_reduce": args.all_reduce, "fused_norm": not args.no_fused_norm,
         "row_parallel": ("xla collective" if r.plan.row_parallel_fn is None else
                          "psum under shard_map" if r.plan.row_parallel_fn.all_reduce is None
                          else "xlaserve kernel (decode-sized) + xla collective (larger)"),
@@ -408,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention-impl", default="auto")
     p.add_argument("--all-reduce", default="auto", choices=["auto", "xla", "custom", "psum"],
                    help="row-parallel all-reduce (ParallelConfig.all_reduce)")
+    p.add_argument("--no-fused-norm", action="store_true",
+                   help="A/B: the all-reduce kernel without the fused residual add + RMSNorm "
+                        "(the add and norm run as XLA fusions after it)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--spread-steps", type=int, default=20)
@@ -433,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.xla_flags:  # read when the backend starts, i.e. at the first device query below
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
 
+    if args.no_fused_norm:
+        from xlaserve.sharding import all_reduce as custom_all_reduce
+        custom_all_reduce.fits_add_rms_norm = lambda shape, dtype: False  # bench-only switch
     if args.compilation_cache_dir != "none":
         setup_compilation_cache(args.compilation_cache_dir)
     cfg = load_model_config(args)
