@@ -29,6 +29,8 @@ ENGINE_FIELDS = ("token_buckets", "seq_buckets", "max_num_batched_tokens", "max_
 def _e2e_common() -> Any:
     if "e2e_common" in sys.modules:
         return sys.modules["e2e_common"]
+    if str(BENCH) not in sys.path:  # its bench-local imports (rooflines), as for the scripts
+        sys.path.append(str(BENCH))
     spec = importlib.util.spec_from_file_location("e2e_common", BENCH / "e2e_common.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
