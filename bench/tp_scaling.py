@@ -235,7 +235,9 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         "all_reduce": args.all_reduce, "fused_norm": not args.no_fused_norm,
         "row_parallel": ("xla collective" if r.plan.row_parallel_fn is None else
                          "psum under shard_map" if r.plan.row_parallel_fn.all_reduce is None
-                         else "xlaserve kernel (decode-sized) + xla collective (larger)"),
+                         else "xlaserve kernel (decode-sized" + (
+                             ", fused with the residual add + RMSNorm)" if not args.no_fused_norm
+                             else ")") + " + xla collective (larger)"),
         "param_checksums": r.checksums()}
     prompt = rng.integers(0, cfg.vocab_size, args.prefill_tokens).tolist()
     res["greedy_tokens"], res["greedy_top1"], res["greedy_gap"] = greedy(

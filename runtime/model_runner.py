@@ -176,7 +176,8 @@ class ModelRunner:
         when tp exceeds the KV heads). Default: the attention_fn's ``kv_cache_heads`` if it has
         one (sharding.specs.ShardedAttention), else model_cfg.num_kv_heads.
       attention_fn: replaces the model's attention step (e.g. the sharding plan's shard_map).
-      row_parallel_fn: computes o_proj and down_proj (the sharding plan's explicit all-reduce).
+      row_parallel_fn: computes o_proj and down_proj with the residual add and the RMSNorm
+        after each (`llama.RowParallelFn`: the sharding plan's explicit all-reduce, fused).
       enable_penalties: also compile the penalty-history variant of every bucket.
       token_buckets, seq_buckets: explicit bucket lists (default: powers of two from 16 / 8);
         ascending, the last at least max_num_batched_tokens / max_num_seqs.

@@ -15,7 +15,7 @@ per token row, saving the separate add + norm kernel after each of the model's a
 The PTX of both is generated in sharding/all_reduce_ptx.py.
 
 How (one launch per all-reduce; CTAs of 256 threads, each CTA owns an 8 KiB chunk, each thread
-two 16-byte vectors), NCCL's "LL" idea:
+two 16-byte vectors; the fused kernel: one CTA per token row of up to 8 KiB), NCCL's "LL" idea:
   1. every rank writes its chunk into each peer's workspace (NVLink stores into peer memory; the
      devices of one process have peer access, `enable_peer_access`), every 4 bytes of data
      beside a 4-byte flag holding this call's sequence number, so each 8-byte store arrives
@@ -242,13 +242,14 @@ class AllReduce:
                  tp, workspace_bytes(tp) >> 10, MAX_MESSAGE_BYTES >> 10)
         return cls(tp, addresses, arch, model_axis, ws)
 
-    def _opaque(self, name: str, ptx: str, buffers: int, grid: int,
+    def _opaque(self, name: str, ptx: str, buffers: tuple[int, ...], grid: int,
                 scalars: tuple[tuple[int, str], ...] = ()) -> bytes:
-        """The launch record jaxlib's kernel-call handler reads: `buffers` pointer parameters
-        (the call's operands, then its results), the workspace addresses, then `scalars`."""
+        """The launch record jaxlib's kernel-call handler reads: one pointer parameter per
+        entry of `buffers` (the call's operands, then its results; each entry the alignment in
+        bytes jaxlib checks at launch), the workspace addresses, then `scalars`."""
         gt = _gpu_triton()
         kernel = gt.TritonKernel(name, THREADS // 32, 1, 0, ptx, "", self.arch)
-        params = [gt.create_array_parameter(0, 16) for _ in range(buffers)]
+        params = [gt.create_array_parameter(0, align) for align in buffers]
         params += [gt.create_scalar_parameter(a, "u64") for a in self.addresses]
         params += [gt.create_scalar_parameter(v, t) for v, t in scalars]
         call = gt.TritonKernelCall(kernel, grid, 1, 1, params)
@@ -269,7 +270,7 @@ class AllReduce:
                              f"of 16)")
         nvec = int(np.prod(x.shape)) * x.dtype.itemsize // 16
         name = kernel_name(self.tp, x.dtype)
-        opaque = self._opaque(name, all_reduce_ptx(self.tp, x.dtype, self.arch), 3,
+        opaque = self._opaque(name, all_reduce_ptx(self.tp, x.dtype, self.arch), (16, 4, 16),
                               -(-nvec // (CHUNK_BYTES // 16)), ((nvec, "u32"),))
         call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype))
         return call(x, self._rank(), name=name, opaque=opaque)
@@ -279,7 +280,8 @@ class AllReduce:
         """(residual + sum of x over ``model``, its RMSNorm times `scale`), in one kernel; call
         inside shard_map (x [T, D] is this rank's partial sum; residual [T, D] and scale [D]
         are the same on every rank). Equals `layers.rms_norm(residual + psum(x))` up to the
-        norm's float32 summation order (the residual is bit-equal at tp 2).
+        norm's float32 arithmetic (the squares summed in another order with fma, rsqrt.approx):
+        the residual is bit-equal at tp 2, the normed output within a 16-bit ulp or two.
 
         Raises:
           ValueError: x does not `fits_add_rms_norm`, or the shapes / dtypes disagree.
@@ -293,7 +295,8 @@ class AllReduce:
                              f"most {CHUNK_BYTES} bytes, residual like x, scale [D], one dtype "
                              f"of {sorted(DTYPES)}")
         name = add_rms_norm_kernel_name(self.tp, x.dtype, d, eps)
-        opaque = self._opaque(name, add_rms_norm_ptx(self.tp, x.dtype, self.arch, d, eps), 6, t)
+        opaque = self._opaque(name, add_rms_norm_ptx(self.tp, x.dtype, self.arch, d, eps),
+                              (16, 4, 16, 16, 16, 16), t)
         out = jax.ShapeDtypeStruct(x.shape, x.dtype)
         call = jax.ffi.ffi_call(FFI_TARGET, (out, out))
         return call(x, self._rank(), residual, scale, name=name, opaque=opaque)

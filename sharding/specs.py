@@ -238,19 +238,20 @@ class ShardedRowParallel:
                  scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
         n_in = len(in_axes)
         out_shape = x.shape[:x.ndim - n_in] + kernel.shape[n_in:]  # [T, D]
-        if self.all_reduce is not None and not self.uses_kernel(out_shape, x.dtype):
-            new = residual + contract(x, kernel, n_in, x.dtype)  # the partitioner all-reduces
+        dt = residual.dtype  # the model dtype (the residual stream's)
+        if self.all_reduce is not None and not self.uses_kernel(out_shape, dt):
+            new = residual + contract(x, kernel, n_in, dt)  # the partitioner all-reduces
             return new, rms_norm(new, scale, eps)
         rules = mesh_rules(self.model_cfg, self.mesh)
         x_spec = logical_to_spec(("tokens", *in_axes), rules)  # [T, *in], in split
         kernel_spec = logical_to_spec((*in_axes, *out_axes), rules)
         rep = PartitionSpec()
-        fused = self.uses_fused_kernel(out_shape, x.dtype)
+        fused = self.uses_fused_kernel(out_shape, dt)
         reduce = (self.all_reduce if self.all_reduce is not None
                   else functools.partial(jax.lax.psum, axis_name=MODEL_AXIS))
 
         def body(residual, x, kernel, scale):
-            part = contract(x, kernel, n_in, x.dtype)  # [T, D] this device's partial sum
+            part = contract(x, kernel, n_in, dt)  # [T, D] this device's partial sum
             if fused:
                 return self.all_reduce.add_rms_norm(part, residual, scale, eps)
             new = residual + reduce(part)
@@ -289,9 +290,10 @@ def choose_row_parallel(mesh: Mesh, model_cfg: ModelConfig,
             "run here: %s", why)
         return None
     log.info("all_reduce=%s: xlaserve's kernel for o_proj / down_proj messages up to %d KiB "
-             "per device (decode-sized steps; fused with the residual add and RMSNorm for rows "
-             "up to %d bytes), XLA's collective above", mode,
-             custom_all_reduce.MAX_MESSAGE_BYTES >> 10, custom_all_reduce.CHUNK_BYTES)
+             "per device (decode-sized steps; fused with the residual add and RMSNorm for up to "
+             "%d rows of up to %d bytes), XLA's collective above", mode,
+             custom_all_reduce.MAX_MESSAGE_BYTES >> 10, custom_all_reduce.MAX_CTAS,
+             custom_all_reduce.CHUNK_BYTES)
     return ShardedRowParallel(mesh, model_cfg, kernel)
 
 
@@ -312,15 +314,21 @@ def describe_all_reduce(mesh: Mesh | None, row_parallel_fn: ShardedRowParallel |
         return "jax.lax.psum under shard_map (all_reduce='psum')"
     cfg = row_parallel_fn.model_cfg
     biased = [n for n, b in (("o_proj", cfg.o_proj_bias), ("down_proj", cfg.mlp_bias)) if b]
-    fused = custom_all_reduce.add_rms_norm_row_ok(cfg.hidden_size, cfg.dtype)
+    hidden = cfg.hidden_size
+    if len(biased) == 2:
+        return ("XLA's collective (o_proj and down_proj carry biases; xlaserve's kernel takes "
+                "bias-free projections only)")
+    if custom_all_reduce.fits_add_rms_norm((1, hidden), cfg.dtype):
+        fused = (f"fused with the residual add and RMSNorm for steps of up to "
+                 f"{custom_all_reduce.MAX_CTAS} tokens, ")
+    else:
+        fused = (f"then the residual add and RMSNorm (hidden {hidden} {cfg.dtype} does not fit "
+                 f"the fused kernel: rows of at most {custom_all_reduce.CHUNK_BYTES} bytes, a "
+                 f"multiple of 16), ")
     return (f"xlaserve's kernel for messages up to "
             f"{custom_all_reduce.MAX_MESSAGE_BYTES >> 10} KiB per device (decode-sized steps), "
-            + ("fused with the residual add and RMSNorm, " if fused else
-               f"then the residual add and RMSNorm (hidden {cfg.hidden_size} {cfg.dtype} is over "
-               f"the fused kernel's {custom_all_reduce.CHUNK_BYTES}-byte row), ")
-            + "XLA's collective above"
-            + (f"; {' and '.join(biased)} (with a bias) always use XLA's collective"
-               if biased else ""))
+            + fused + "XLA's collective above"
+            + (f"; {' and '.join(biased)} (with a bias) use XLA's collective" if biased else ""))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -41,7 +41,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 class RMSNorm(nn.Module):
-    """y = rms_norm(x) * scale (the q/k norms of Qwen3; the blocks' norms are ResidualRMSNorm)."""
+    """rms_norm(x, scale) (the q/k norms of Qwen3; the blocks' norms are ResidualRMSNorm)."""
 
     dim: int
     eps: float

@@ -176,7 +176,9 @@ class Llama(nn.Module):
         with jax.named_scope("embed"):
             x = self.embed(inputs.token_ids)  # [T, D]
         new_cache = []
-        delta = None  # the last block's output, added to x by the next norm
+        # The last block's output, added to x by the next norm. So in traces o_proj's product
+        # sits under layer_i/mlp and down_proj's under layer_{i+1}/attention (or final_norm).
+        delta = None
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
                 k_pages, v_pages = kv_cache[i]
