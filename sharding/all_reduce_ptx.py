@@ -74,6 +74,11 @@ def _unpack_regs(dtype: str, words: list[str], dst: list[str]) -> list[str]:
     return lines
 
 
+def _round_regs(dtype: str, src: list[str], words: list[str], dst: list[str]) -> list[str]:
+    """PTX rounding float32 `src` to the dtype into float32 `dst` (through the b32 `words`)."""
+    return _pack_regs(dtype, src, words) + _unpack_regs(dtype, words, dst)
+
+
 def _pack(dtype: str) -> list[str]:
     """PTX rounding the accumulators into %w0..%w3 (the output vector)."""
     n = 4 if dtype == "f32" else 8
@@ -346,8 +351,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float) -> st
         emit("add.u64 %a, %xp, %off;")
         emit(f"ld.global.v4.b32 {vec}, [%a];")
         _poll_sum(emit, body, tp, dt, tag=f"_{j}")
-        body.extend(_pack_regs(dt, acc, w))
-        body.extend(_unpack_regs(dt, w, s))
+        body.extend(_round_regs(dt, acc, w, s))  # the sum, rounded as the plain kernel's
         body.extend(_unpack_regs(dt, [f"%r{4 * j + k}" for k in range(4)], acc))
         body.extend(f"add.f32 {x}, {x}, {a};" for x, a in zip(s, acc))
         body.extend(_pack_regs(dt, s, w))
@@ -386,8 +390,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float) -> st
         emit(f"@!%pv{j} bra NORMED{j};")
         locate(j)
         body.extend(f"mul.f32 {x}, {v}, %rstd;" for x, v in zip(s, xn))
-        body.extend(_pack_regs(dt, s, w))
-        body.extend(_unpack_regs(dt, w, s))
+        body.extend(_round_regs(dt, s, w, s))
         body.extend(_unpack_regs(dt, [f"%c{4 * j + k}" for k in range(4)], acc))
         body.extend(f"mul.f32 {x}, {x}, {a};" for x, a in zip(s, acc))
         body.extend(_pack_regs(dt, s, w))

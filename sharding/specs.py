@@ -34,7 +34,7 @@ from xlaserve.pallas_kernels import ops
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
-from xlaserve.runtime.models.layers import contract, rms_norm
+from xlaserve.runtime.models.layers import add_rms_norm, contract
 from xlaserve.sharding import all_reduce as custom_all_reduce
 from xlaserve.sharding.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, validate_model
 from xlaserve.sharding.rules import (
@@ -240,8 +240,8 @@ class ShardedRowParallel:
         out_shape = x.shape[:x.ndim - n_in] + kernel.shape[n_in:]  # [T, D]
         dt = residual.dtype  # the model dtype (the residual stream's)
         if self.all_reduce is not None and not self.uses_kernel(out_shape, dt):
-            new = residual + contract(x, kernel, n_in, dt)  # the partitioner all-reduces
-            return new, rms_norm(new, scale, eps)
+            # the partitioner all-reduces the product
+            return add_rms_norm(residual, contract(x, kernel, n_in, dt), scale, eps)
         rules = mesh_rules(self.model_cfg, self.mesh)
         x_spec = logical_to_spec(("tokens", *in_axes), rules)  # [T, *in], in split
         kernel_spec = logical_to_spec((*in_axes, *out_axes), rules)
@@ -254,8 +254,7 @@ class ShardedRowParallel:
             part = contract(x, kernel, n_in, dt)  # [T, D] this device's partial sum
             if fused:
                 return self.all_reduce.add_rms_norm(part, residual, scale, eps)
-            new = residual + reduce(part)
-            return new, rms_norm(new, scale, eps)
+            return add_rms_norm(residual, reduce(part), scale, eps)
 
         fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep),
                         out_specs=(rep, rep))

@@ -40,6 +40,13 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (y.astype(x.dtype) * scale).astype(x.dtype)
 
 
+def add_rms_norm(residual: jax.Array, delta: jax.Array, scale: jax.Array,
+                 eps: float) -> tuple[jax.Array, jax.Array]:
+    """(residual + delta, rms_norm of that sum): the pre-norm block's join, unfused."""
+    x = residual + delta
+    return x, rms_norm(x, scale, eps)
+
+
 class RMSNorm(nn.Module):
     """rms_norm(x, scale) (the q/k norms of Qwen3; the blocks' norms are ResidualRMSNorm)."""
 
@@ -112,8 +119,7 @@ class ResidualRMSNorm(nn.Module):
                 return self.add_norm_fn(residual, delta.x, delta.kernel, delta.in_axes,
                                         delta.out_axes, scale, self.eps)
             delta = delta.compute(self.dtype)
-        x = residual + delta
-        return x, rms_norm(x, scale, self.eps)
+        return add_rms_norm(residual, delta, scale, self.eps)
 
 
 class Projection(nn.Module):
