@@ -1,0 +1,262 @@
+"""The decode step's skinny GEMMs ([16, K] x [K, N], bf16) with their weights streamed from HBM.
+
+Why: the profile of session 10 found the half-width GEMMs of tp=2 (qkv [4096, 3072] 25 MB, o
+[2048, 4096] 17 MB) at 2.3-2.5 TB/s, against 3.9-4.2 for the large ones. Those weights fit the
+H200's L2 (50 MB); XLA's autotuner times each GEMM alone, back to back on the same weights, so it
+may pick tiles that are fast only when the weights are in L2. In a decode step every weight is
+read once per step, from HBM.
+
+What it measures, per shape (the 8B model's layer GEMMs at tp 1 and 2, and the lm_head shard):
+  * cold: one program of n independent GEMMs on n weight copies (n x bytes >= --cold-mb, so
+    nothing stays in L2), time / n;
+  * hot: the same program on one weight (dot merging off), time / n;
+  * each as XLA autotunes it, and with one forced Triton tile per compile
+    (``xla_gpu_override_gemm_autotuner``, per-compile options), over a small grid;
+  * a Pallas (Triton) skinny GEMM prototype over its own grid (f32 split-K partials summed by XLA).
+Reports us and TB/s of weight bytes, XLA's own choice, the best forced tile per shape and the best
+single tile for each tp's four layer shapes.
+
+    python bench/gemm_decode.py --out /tmp/gemm_decode.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+import sys
+import time
+from typing import Any
+
+import common  # noqa: F401  (first: xlaserve's XLA flags)
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+H, NQ, NKV, HD, INTER, VOCAB = 4096, 32, 8, 128, 14336, 128256  # Llama 3.1 8B
+
+
+def shapes(tps: list[int]) -> list[dict[str, Any]]:
+    out = []
+    for tp in tps:
+        for name, k, n, m in (("qkv", H, (NQ + 2 * NKV) * HD // tp, 16),
+                              ("o", NQ * HD // tp, H, 16),
+                              ("gate_up", H, 2 * INTER // tp, 16),
+                              ("down", INTER // tp, H, 16),
+                              ("lm_head", H, VOCAB // tp, 8)):
+            out.append({"name": f"{name}_tp{tp}", "tp": tp, "m": m, "k": k, "n": n,
+                        "layer": name != "lm_head"})
+    return out
+
+
+def tile_text(bm: int, bn: int, bk: int, split: int, stages: int, warps: int) -> str:
+    return (f"block_m: {bm} block_n: {bn} block_k: {bk} split_k: {split} "
+            f"num_stages: {stages} num_warps: {warps} num_ctas: 1")
+
+
+def candidate_tiles(m: int, k: int, n: int, quick: bool) -> list[tuple[int, ...]]:
+    """(bm, bn, bk, split, stages, warps) with about 1-8 CTAs per SM of an H100/H200."""
+    out = []
+    bns = (32, 64, 128) if not quick else (64, 128)
+    for bn, bk, split in itertools.product(bns, (128, 256), (1, 2, 4, 8, 16)):
+        ctas = (n // bn) * split
+        if n % bn or k % (split * bk) or not 120 <= ctas <= 1100:
+            continue
+        for stages in ((3, 4) if not quick else (4,)):
+            out.append((16, bn, bk, split, stages, 4))
+    return out
+
+
+def chain(num: int):
+    def fn(xs, ws):
+        return tuple(jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+                     for x, w in zip(xs, ws))
+    return fn
+
+
+def time_compiled(compiled, args, iters: int = 10, repeats: int = 5) -> float:
+    jax.block_until_ready(compiled(*args))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(iters):
+            out = compiled(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / iters)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+_XLA_TILE = re.compile(r'"triton_gemm_config":\{([^}]*)\}')
+
+
+def xla_choice(text: str) -> list[str]:
+    return sorted(set(m.group(1) for m in _XLA_TILE.finditer(text)))
+
+
+# ------------------------------------------------------------------ Pallas skinny GEMM (prototype)
+
+def _params(num_warps: int, num_stages: int):
+    cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def pallas_skinny(x: jax.Array, w: jax.Array, *, bn: int, bk: int, split: int, warps: int,
+                  stages: int) -> jax.Array:
+    """x [M, K] @ w [K, N] -> [M, N] in x's dtype: grid (N / bn, split); each program walks its
+    K / split rows of w in bk steps; f32 partials [split, M, N] summed by XLA."""
+    m, k = x.shape
+    n = w.shape[1]
+    ks = k // split
+    steps = ks // bk
+
+    def kernel(x_ref, w_ref, o_ref):
+        def body(i, acc):
+            xs = x_ref[:, pl.ds(i * bk, bk)]
+            ws = w_ref[pl.ds(i * bk, bk), :]
+            return acc + jax.lax.dot_general(xs, ws, (((1,), (0,)), ((), ())),
+                                             preferred_element_type=jnp.float32)
+        o_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros((m, bn), jnp.float32))
+
+    part = pl.pallas_call(
+        kernel, grid=(n // bn, split),
+        in_specs=[pl.BlockSpec((m, ks), lambda j, s: (0, s)),
+                  pl.BlockSpec((ks, bn), lambda j, s: (s, j))],
+        out_specs=pl.BlockSpec((None, m, bn), lambda j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((split, m, n), jnp.float32),
+        compiler_params=_params(warps, stages))(x, w)
+    return part.sum(axis=0).astype(x.dtype)
+
+
+def pallas_tiles(m: int, k: int, n: int, quick: bool) -> list[dict[str, int]]:
+    out = []
+    for bn, bk, split, stages in itertools.product((32, 64, 128), (64, 128, 256), (1, 2, 4, 8),
+                                                   (3, 4)):
+        ctas = (n // bn) * split
+        if n % bn or k % (split * bk) or not 120 <= ctas <= 1100 or k // split // bk < 2:
+            continue
+        if quick and (bk == 64 or stages == 3):
+            continue
+        out.append({"bn": bn, "bk": bk, "split": split, "warps": 4, "stages": stages})
+    return out
+
+
+# ------------------------------------------------------------------------------------------- run
+
+def run_shape(s: dict[str, Any], args) -> dict[str, Any]:
+    m, k, n = s["m"], s["k"], s["n"]
+    wbytes = k * n * 2
+    num = max(4, math.ceil(args.cold_mb * 2 ** 20 / wbytes))
+    key = jax.random.key(0)
+    xs = tuple(jax.random.normal(jax.random.fold_in(key, i), (m, k), jnp.bfloat16)
+               for i in range(num))
+    w0 = jax.random.normal(jax.random.fold_in(key, 999), (k, n), jnp.bfloat16) * 0.02
+    ws = tuple(w0 + jnp.bfloat16(i * 1e-3) for i in range(num))
+    hot_ws = (w0,) * num
+    fn = jax.jit(chain(num))
+    res: dict[str, Any] = {**s, "weight_mb": wbytes / 2 ** 20, "copies": num, "forced": [],
+                           "pallas": []}
+    ref = jnp.dot(xs[0], ws[0], preferred_element_type=jnp.float32)
+
+    def per_gemm(compiled, w_args):
+        return time_compiled(compiled, (xs, w_args)) / num * 1e6
+
+    comp = fn.lower(xs, ws).compile()
+    res["xla_tile"] = xla_choice(comp.as_text())
+    res["xla_cold_us"] = per_gemm(comp, ws)
+    hot = fn.lower(xs, hot_ws).compile(
+        compiler_options={"xla_gpu_dot_merger_threshold_mb": "0"})
+    res["xla_hot_us"] = per_gemm(hot, hot_ws)
+    res["xla_hot_tile"] = xla_choice(hot.as_text())
+    for tile in candidate_tiles(m, k, n, args.quick):
+        text = tile_text(*tile)
+        try:
+            c = fn.lower(xs, ws).compile(
+                compiler_options={"xla_gpu_override_gemm_autotuner": text})
+            us = per_gemm(c, ws)
+        except Exception as e:  # noqa: BLE001  (a tile that does not compile is reported)
+            res["forced"].append({"tile": text, "error": str(e)[:200]})
+            continue
+        res["forced"].append({"tile": text, "us": us})
+    if not args.no_pallas:
+        for t in pallas_tiles(m, k, n, args.quick):
+            pf = jax.jit(lambda xs, ws, t=t: tuple(pallas_skinny(x, w, **t)
+                                                   for x, w in zip(xs, ws)))
+            try:
+                c = pf.lower(xs, ws).compile()
+                out0 = c(xs, ws)[0]
+                err = float(jnp.max(jnp.abs(out0.astype(jnp.float32) - ref))
+                            / jnp.max(jnp.abs(ref)))
+                us = per_gemm(c, ws)
+            except Exception as e:  # noqa: BLE001
+                res["pallas"].append({**t, "error": str(e)[:200]})
+                continue
+            res["pallas"].append({**t, "us": us, "max_rel_err": err})
+    ok = [f for f in res["forced"] if "us" in f]
+    res["best_forced"] = min(ok, key=lambda f: f["us"]) if ok else None
+    okp = [f for f in res["pallas"] if "us" in f]
+    res["best_pallas"] = min(okp, key=lambda f: f["us"]) if okp else None
+    return res
+
+
+def gbps(wmb: float, us: float) -> float:
+    return wmb * 2 ** 20 / us / 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--cold-mb", type=float, default=320.0)
+    p.add_argument("--only", default="", help="comma-separated shape names")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-pallas", action="store_true")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    report: dict[str, Any] = {**common.device_info(), "shapes": []}
+    for s in shapes(args.tp):
+        if args.only and s["name"] not in args.only.split(","):
+            continue
+        t0 = time.time()
+        r = run_shape(s, args)
+        r["seconds"] = time.time() - t0
+        report["shapes"].append(r)
+        bf = r["best_forced"] or {}
+        bp = r["best_pallas"] or {}
+        print(f"{r['name']:12s} {r['weight_mb']:7.1f} MB  xla cold {r['xla_cold_us']:7.2f} us "
+              f"({gbps(r['weight_mb'], r['xla_cold_us']):.2f} TB/s)  hot {r['xla_hot_us']:7.2f}  "
+              f"forced best {bf.get('us', float('nan')):7.2f} [{bf.get('tile')}]  "
+              f"pallas best {bp.get('us', float('nan')):7.2f} "
+              f"[{ {k: bp.get(k) for k in ('bn', 'bk', 'split', 'stages')} }]  "
+              f"xla tile {r['xla_tile']}  ({r['seconds']:.0f} s)", flush=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    # The best single forced tile over each tp's layer shapes (sum of us).
+    for tp in args.tp:
+        rows = [r for r in report["shapes"] if r["tp"] == tp and r["layer"]]
+        tiles: dict[str, float] = {}
+        for r in rows:
+            for f in r["forced"]:
+                if "us" in f:
+                    tiles.setdefault(f["tile"], 0.0)
+                    tiles[f["tile"]] += f["us"]
+        full = {t: v for t, v in tiles.items()
+                if sum(1 for r in rows for f in r["forced"] if f.get("tile") == t and "us" in f)
+                == len(rows)}
+        if full:
+            best = min(full, key=full.get)
+            xla = sum(r["xla_cold_us"] for r in rows)
+            report[f"best_single_tile_tp{tp}"] = {"tile": best, "layer_us": full[best],
+                                                  "xla_layer_us": xla}
+            print(f"tp{tp}: one tile for all layer GEMMs: {full[best]:.2f} us/layer vs XLA's "
+                  f"{xla:.2f} [{best}]")
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
