@@ -72,12 +72,14 @@ from xlaserve.sharding.all_reduce_ptx import (
     LL_CHUNK_BYTES,
     MAX_CTAS,
     MAX_RANKS,
+    PREFETCH_MIN_ARCH,
     THREADS,
     add_rms_norm_kernel_name,
     add_rms_norm_ptx,
     add_rms_norm_row_ok,
     all_reduce_ptx,
     kernel_name,
+    prefetch_stride,
 )
 
 log = logging.getLogger(__name__)
@@ -275,13 +277,24 @@ class AllReduce:
         call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype))
         return call(x, self._rank(), name=name, opaque=opaque)
 
-    def add_rms_norm(self, x: jax.Array, residual: jax.Array, scale: jax.Array,
-                     eps: float) -> tuple[jax.Array, jax.Array]:
+    @property
+    def can_prefetch(self) -> bool:
+        """True when `add_rms_norm` can prefetch into L2 (compute capability 9.0+)."""
+        return self.arch >= PREFETCH_MIN_ARCH
+
+    def add_rms_norm(self, x: jax.Array, residual: jax.Array, scale: jax.Array, eps: float,
+                     prefetch: tuple[jax.Array, ...] = (), prefetch_bytes: int = 0,
+                     ) -> tuple[jax.Array, jax.Array]:
         """(residual + sum of x over ``model``, its RMSNorm times `scale`), in one kernel; call
         inside shard_map (x [T, D] is this rank's partial sum; residual [T, D] and scale [D]
         are the same on every rank). Equals `layers.rms_norm(residual + psum(x))` up to the
         norm's float32 arithmetic (the squares summed in another order with fma, rsqrt.approx):
         the residual is bit-equal at tp 2, the normed output within a 16-bit ulp or two.
+
+        `prefetch`: arrays the next kernels read (this rank's shards of the next GEMM's
+        weights); with `prefetch_bytes` > 0 the kernel prefetches about that many bytes of them,
+        spread evenly, into L2 while it waits for the peers (`add_rms_norm_ptx`). Ignored below
+        compute capability 9.0 (`can_prefetch`).
 
         Raises:
           ValueError: x does not `fits_add_rms_norm`, or the shapes / dtypes disagree.
@@ -294,9 +307,13 @@ class AllReduce:
                              f"{scale.dtype}: needs x [T <= {MAX_CTAS}, D] with a row of at "
                              f"most {CHUNK_BYTES} bytes, residual like x, scale [D], one dtype "
                              f"of {sorted(DTYPES)}")
-        name = add_rms_norm_kernel_name(self.tp, x.dtype, d, eps)
-        opaque = self._opaque(name, add_rms_norm_ptx(self.tp, x.dtype, self.arch, d, eps),
-                              (16, 4, 16, 16, 16, 16), t)
+        if prefetch_bytes <= 0 or not self.can_prefetch:
+            prefetch = ()
+        regions = tuple(int(a.size) * a.dtype.itemsize for a in prefetch)
+        stride = prefetch_stride(regions, prefetch_bytes) if regions else 1
+        name = add_rms_norm_kernel_name(self.tp, x.dtype, d, eps, regions, stride)
+        ptx = add_rms_norm_ptx(self.tp, x.dtype, self.arch, d, eps, regions, stride)
+        opaque = self._opaque(name, ptx, (16, 4, 16, 16, *(16,) * len(regions), 16, 16), t)
         out = jax.ShapeDtypeStruct(x.shape, x.dtype)
         call = jax.ffi.ffi_call(FFI_TARGET, (out, out))
-        return call(x, self._rank(), residual, scale, name=name, opaque=opaque)
+        return call(x, self._rank(), residual, scale, *prefetch, name=name, opaque=opaque)
