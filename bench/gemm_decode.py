@@ -91,11 +91,14 @@ def time_compiled(compiled, args, iters: int = 10, repeats: int = 5) -> float:
     return samples[len(samples) // 2]
 
 
-_XLA_TILE = re.compile(r'"triton_gemm_config":\{([^}]*)\}')
+# XLA's tile in the optimized HLO: "triton_gemm_config" (legacy GEMM fusions) or, for the
+# nested GEMM fusions of newer XLA, "block_level_fusion_config" (output tile, warps, stages).
+_XLA_TILE = re.compile(r'"(triton_gemm_config|block_level_fusion_config)":'
+                       r'(\{(?:[^{}]|\{[^{}]*\})*\})')
 
 
 def xla_choice(text: str) -> list[str]:
-    return sorted(set(m.group(1) for m in _XLA_TILE.finditer(text)))
+    return sorted(set(f"{m.group(1)}={m.group(2)}" for m in _XLA_TILE.finditer(text)))
 
 
 # ------------------------------------------------------------------ Pallas skinny GEMM (prototype)
