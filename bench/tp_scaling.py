@@ -125,13 +125,18 @@ class Runner:
 
     def __init__(self, cfg: ModelConfig, tp: int, num_pages: int, page_size: int,
                  impl: str, copies: int = 1, all_reduce: str = "auto",
-                 prefetch_mb: float | None = None) -> None:
+                 prefetch_mb: float | None = None, split_k: int | None = None) -> None:
         self.plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
                                         attention_impl=impl).with_all_reduce(all_reduce)
         rp = self.plan.row_parallel_fn
-        if prefetch_mb is not None and rp is not None:  # A/B of the fused kernel's L2 prefetch
-            self.plan = dataclasses.replace(self.plan, row_parallel_fn=dataclasses.replace(
-                rp, prefetch_bytes=int(prefetch_mb * 2 ** 20)))
+        if rp is not None and (prefetch_mb is not None or split_k is not None):  # A/B switches
+            over: dict[str, int] = {}
+            if prefetch_mb is not None:  # the fused kernel's L2 prefetch
+                over["prefetch_bytes"] = int(prefetch_mb * 2 ** 20)
+            if split_k is not None:  # split-K partials summed in the fused kernel
+                over["split_k"] = split_k
+            self.plan = dataclasses.replace(self.plan,
+                                            row_parallel_fn=dataclasses.replace(rp, **over))
         # The key is made inside the program: no array crosses devices before the step (a
         # single-device key put onto the mesh stalled on one 2 x H200 host, BENCHMARKS.md).
         self.params = jax.jit(lambda: llama.init_params(cfg, jax.random.key(0)),
@@ -229,7 +234,7 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
     pages_per_seq = math.ceil(longest / page_size)
     num_pages = 1 + max(max(args.decode_batches), 1) * pages_per_seq
     r = Runner(cfg, tp, num_pages, page_size, args.attention_impl, args.program_copies,
-               args.all_reduce, args.prefetch_mb)
+               args.all_reduce, args.prefetch_mb, args.split_k)
     q = r.params["layers_0"]["attn"]["q_proj"]["kernel"]
     rng = np.random.default_rng(1)
     kw = dict(page_size=page_size, pages_per_seq=pages_per_seq, rng=rng, vocab=cfg.vocab_size)
@@ -240,6 +245,7 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         "kv_cache_spec": str(r.plan.kv_sharding.spec),
         "all_reduce": args.all_reduce, "fused_norm": not args.no_fused_norm,
         "prefetch_bytes": getattr(r.plan.row_parallel_fn, "prefetch_bytes", None),
+        "split_k": getattr(r.plan.row_parallel_fn, "split_k", None),
         "row_parallel": ("xla collective" if r.plan.row_parallel_fn is None else
                          "psum under shard_map" if r.plan.row_parallel_fn.all_reduce is None
                          else "xlaserve kernel (decode-sized" + (
@@ -423,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch-mb", type=float, default=None,
                    help="MiB of the next GEMM's weights the fused all-reduce prefetches into L2 "
                         "(default: the plan's)")
+    p.add_argument("--split-k", type=int, default=None,
+                   help="o_proj / down_proj as explicit split-K partials summed in the fused "
+                        "all-reduce (default: the plan's)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--spread-steps", type=int, default=20)

@@ -296,24 +296,34 @@ class AllReduce:
         spread evenly, into L2 while it waits for the peers (`add_rms_norm_ptx`). Ignored below
         compute capability 9.0 (`can_prefetch`).
 
+        x may also be float32 [S, T, D]: S split-K partial products whose sum is this rank's
+        part (the kernel sums them in order and rounds to residual's dtype before the exchange;
+        `ShardedRowParallel.split_k`).
+
         Raises:
           ValueError: x does not `fits_add_rms_norm`, or the shapes / dtypes disagree.
         """
-        t, d = x.shape if x.ndim == 2 else (0, 0)
-        if (not fits_add_rms_norm(x.shape, x.dtype) or residual.shape != x.shape
-                or scale.shape != (d,) or residual.dtype != x.dtype or scale.dtype != x.dtype):
+        partials = None
+        if x.ndim == 3 and x.dtype == jnp.float32:  # split-K partials [S, T, D]
+            partials = (int(x.shape[0]), int(x.shape[1]))
+        t, d = residual.shape if residual.ndim == 2 else (0, 0)
+        want_x = (partials[0], t, d) if partials else (t, d)
+        if (not fits_add_rms_norm(residual.shape, residual.dtype) or x.shape != want_x
+                or scale.shape != (d,) or (partials is None and residual.dtype != x.dtype)
+                or scale.dtype != residual.dtype):
             raise ValueError(f"custom all-reduce + RMSNorm: x {x.shape} {x.dtype}, residual "
                              f"{residual.shape} {residual.dtype}, scale {scale.shape} "
-                             f"{scale.dtype}: needs x [T <= {MAX_CTAS}, D] with a row of at "
-                             f"most {CHUNK_BYTES} bytes, residual like x, scale [D], one dtype "
-                             f"of {sorted(DTYPES)}")
+                             f"{scale.dtype}: needs residual [T <= {MAX_CTAS}, D] with a row of "
+                             f"at most {CHUNK_BYTES} bytes, x like residual (or float32 split-K "
+                             f"partials [S, T, D]), scale [D], one dtype of {sorted(DTYPES)}")
         if prefetch_bytes <= 0 or not self.can_prefetch:
             prefetch = ()
         regions = tuple(int(a.size) * a.dtype.itemsize for a in prefetch)
         stride = prefetch_stride(regions, prefetch_bytes) if regions else 1
-        name = add_rms_norm_kernel_name(self.tp, x.dtype, d, eps, regions, stride)
-        ptx = add_rms_norm_ptx(self.tp, x.dtype, self.arch, d, eps, regions, stride)
+        dt = residual.dtype
+        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, regions, stride, partials)
+        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, regions, stride, partials)
         opaque = self._opaque(name, ptx, (16, 4, 16, 16, *(16,) * len(regions), 16, 16), t)
-        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        out = jax.ShapeDtypeStruct(residual.shape, dt)
         call = jax.ffi.ffi_call(FFI_TARGET, (out, out))
         return call(x, self._rank(), residual, scale, *prefetch, name=name, opaque=opaque)

@@ -99,10 +99,12 @@ def kernel_name(tp: int, dtype: Any) -> str:
 
 
 def add_rms_norm_kernel_name(tp: int, dtype: Any, dim: int, eps: float,
-                             prefetch: tuple[int, ...] = (), stride: int = 1) -> str:
+                             prefetch: tuple[int, ...] = (), stride: int = 1,
+                             partials: tuple[int, int] | None = None) -> str:
     pf = ("_pf" + "_".join(str(b) for b in prefetch) + f"_s{stride}") if prefetch else ""
+    k = f"_k{partials[0]}x{partials[1]}" if partials else ""
     return (f"xlaserve_all_reduce_add_rms_norm_tp{tp}_{DTYPES[jnp.dtype(dtype).name]}"
-            f"_d{dim}_e{_f32(eps)[2:]}{pf}")
+            f"_d{dim}_e{_f32(eps)[2:]}{pf}{k}")
 
 
 def prefetch_stride(region_bytes: tuple[int, ...], budget: int) -> int:
@@ -295,7 +297,8 @@ def add_rms_norm_row_ok(dim: int, dtype: Any) -> bool:
 
 
 def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
-                     prefetch: tuple[int, ...] = (), stride: int = 1) -> str:
+                     prefetch: tuple[int, ...] = (), stride: int = 1,
+                     partials: tuple[int, int] | None = None) -> str:
     """The PTX of the all-reduce fused with the residual add and RMSNorm that follow it.
 
     For each row (token) t, one CTA: s = sum over ranks of x[t] (float32, rank order, rounded to
@@ -307,6 +310,10 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     every `stride`-th PREFETCH_CHUNK-byte chunk of each region (`cp.async.bulk.prefetch.L2`,
     fire and forget: nothing waits for it), so the HBM streams the next weights while the
     all-reduce waits on NVLink. Compute capability 9.0+ (PTX 8.0). It changes no result.
+
+    `partials` = (S, T): x is float32 [S, T, dim], S split-K partial products of this rank's
+    slice (an explicit split-K GEMM); the kernel sums them (float32, in order) and rounds the
+    sum to the dtype before the exchange, so no separate reduce kernel runs before it.
 
     Parameters, in order: x, rank (i32[1]), residual, scale [dim], the prefetch regions, out_x,
     out_h (buffers); the tp workspace addresses (u64). The grid is one CTA per row (at most
@@ -321,8 +328,10 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
                      or min(prefetch) <= 0):
         raise ValueError(f"prefetch={prefetch} stride={stride} on sm_{arch}: needs compute "
                          f"capability {PREFETCH_MIN_ARCH}+, 1-8 non-empty regions, stride >= 1")
+    if partials is not None and (partials[0] < 1 or not 1 <= partials[1] <= MAX_CTAS):
+        raise ValueError(f"partials={partials}: needs (S >= 1, 1 <= T <= {MAX_CTAS})")
     dt = DTYPES[jnp.dtype(dtype).name]
-    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, prefetch, stride)
+    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, prefetch, stride, partials)
     row_vec = dim * jnp.dtype(dtype).itemsize // 16
     per_thread = -(-row_vec // THREADS)
     n = 4 if dt == "f32" else 8  # elements per 16-byte vector
@@ -340,6 +349,9 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     if prefetch:
         emit(f".reg .b64 %pf<{len(prefetch)}>;")
         emit(".reg .b32 %pfc, %pfstep;")
+    if partials:
+        emit(f".reg .b32 %o<{4 * per_thread}>;")
+        emit(f".reg .f32 %pp<{n}>;")
     _load_params(emit, tp, (("p_x", "%xp"), ("p_rank", "%rankp"), ("p_res", "%resp"),
                             ("p_scale", "%scp"), ("p_out", "%outp"), ("p_outh", "%outhp"),
                             *((p, f"%pf{r}") for r, p in enumerate(pf_params))))
@@ -370,8 +382,12 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
         emit("mul.wide.u32 %a, %t, 16;")
         emit("add.u64 %a, %scp, %a;")
         emit(f"ld.global.nc.v4.b32 {{{', '.join(sc)}}}, [%a];")
-        emit("add.u64 %a, %xp, %off;")
-        emit(f"ld.global.v4.b32 {vec}, [%a];")
+        if partials:
+            _sum_partials(emit, body, dt, partials, dim, n)
+            body.extend(f"mov.b32 %o{4 * j + k}, %w{k};" for k in range(4))
+        else:
+            emit("add.u64 %a, %xp, %off;")
+            emit(f"ld.global.v4.b32 {vec}, [%a];")
         _push(emit, tp)
         emit(f"PUSHED{j}:")
     if prefetch:  # 1b. the L2 prefetch of the next weights, while the peers' rows travel
@@ -382,8 +398,11 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
         xn = [f"%xn{j * n + k}" for k in range(n)]
         emit(f"@!%pv{j} bra SUMMED{j};")
         locate(j)
-        emit("add.u64 %a, %xp, %off;")
-        emit(f"ld.global.v4.b32 {vec}, [%a];")
+        if partials:  # this rank's rounded sum, kept from step 1
+            body.extend(f"mov.b32 %w{k}, %o{4 * j + k};" for k in range(4))
+        else:
+            emit("add.u64 %a, %xp, %off;")
+            emit(f"ld.global.v4.b32 {vec}, [%a];")
         _poll_sum(emit, body, tp, dt, tag=f"_{j}")
         body.extend(_round_regs(dt, acc, w, s))  # the sum, rounded as the plain kernel's
         body.extend(_unpack_regs(dt, [f"%r{4 * j + k}" for k in range(4)], acc))
@@ -439,6 +458,22 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     return _entry(name, arch, dt, tp, "all-reduce + residual add + RMSNorm", shared,
                   ["p_x", "p_rank", "p_res", "p_scale", *pf_params, "p_out", "p_outh"], [],
                   body, version="8.0" if prefetch else "7.8")
+
+
+def _sum_partials(emit: Any, body: list[str], dt: str, partials: tuple[int, int], dim: int,
+                  n: int) -> None:
+    """Into %w0..3: the vector at byte %off of a [T, dim] array of the dtype, as the float32
+    sum over s of x[s] (x float32 [S, T, dim] at %xp), rounded to the dtype."""
+    num, rows = partials
+    emit(f"mul.lo.u64 %b, %off, {4 * n // 16};")  # the same elements' bytes in float32
+    emit("add.u64 %b, %b, %xp;")
+    for s_ in range(num):
+        for half in range(n // 4):  # 16-byte float32 loads
+            regs = ", ".join(f"%pp{4 * half + k}" for k in range(4))
+            emit(f"ld.global.v4.f32 {{{regs}}}, [%b+{s_ * rows * dim * 4 + 16 * half}];")
+        op = "mov.f32 {a}, {p};" if s_ == 0 else "add.f32 {a}, {a}, {p};"
+        body.extend(op.format(a=f"%acc{k}", p=f"%pp{k}") for k in range(n))
+    body.extend(_pack(dt))
 
 
 def _prefetch(emit: Any, regions: tuple[int, ...], stride: int) -> None:

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xlaserve.pallas_kernels import ops
@@ -226,6 +228,10 @@ class ShardedRowParallel:
     # Bytes of the next GEMM's weight shards the fused kernel prefetches into L2 while it waits
     # for the peers (0: none; compute capability 9.0+). See `AllReduce.add_rms_norm`.
     prefetch_bytes: int = 0
+    # > 1: the fused kernel's product runs as an explicit split-K GEMM into float32 partials
+    # [S, T, D] that the kernel sums (no separate reduce kernel before it); S is the largest
+    # divisor of the local contraction size up to this. 0 or 1: one product in the model dtype.
+    split_k: int = 0
 
     def uses_kernel(self, out_shape: tuple[int, ...], dtype: Any) -> bool:
         """True when a product of this output shape runs through the kernel."""
@@ -264,6 +270,10 @@ class ShardedRowParallel:
         pf_specs = tuple(logical_to_spec(axes, rules) for _, axes in prefetch)
 
         def body(residual, x, kernel, scale, *pf):
+            if fused and self.split_k > 1:  # f32 [S, T, D]: summed inside the kernel
+                part = split_k_contract(x, kernel, n_in, self.split_k)
+                return self.all_reduce.add_rms_norm(part, residual, scale, eps, pf,
+                                                    self.prefetch_bytes)
             part = contract(x, kernel, n_in, dt)  # [T, D] this device's partial sum
             if fused:
                 return self.all_reduce.add_rms_norm(part, residual, scale, eps, pf,
@@ -273,6 +283,17 @@ class ShardedRowParallel:
         fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep, *pf_specs),
                         out_specs=(rep, rep))
         return fn(residual, x, kernel, scale, *pf_arrays)
+
+
+def split_k_contract(x: jax.Array, kernel: jax.Array, n_in: int, splits: int) -> jax.Array:
+    """x [T, *in] . kernel [*in, D] as float32 partials [S, T, D] over S equal slices of the
+    contraction (S the largest divisor of its size up to `splits`); their sum is the product."""
+    t, k = x.shape[0], int(np.prod(x.shape[1:]))
+    d = int(np.prod(kernel.shape[n_in:]))
+    s = max(c for c in range(1, splits + 1) if k % c == 0)
+    parts = jnp.einsum("tsk,skn->stn", x.reshape(t, s, k // s), kernel.reshape(s, k // s, d),
+                       preferred_element_type=jnp.float32)
+    return parts.reshape(s, t, *kernel.shape[n_in:])
 
 
 def choose_row_parallel(mesh: Mesh, model_cfg: ModelConfig,

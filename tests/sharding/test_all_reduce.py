@@ -145,6 +145,9 @@ class _FakeKernel:
     def add_rms_norm(self, x, residual, scale, eps, prefetch=(), prefetch_bytes=0):
         _FAKE_CALLS.append("add_rms_norm")
         _FAKE_PREFETCH.append((tuple(a.shape for a in prefetch), prefetch_bytes))
+        if x.ndim == 3:  # split-K partials
+            _FAKE_CALLS.append(f"partials{x.shape[0]}")
+            x = x.sum(axis=0).astype(residual.dtype)
         new = residual + jax.lax.psum(x, "model")
         return new, rms_norm(new, scale, eps)
 
@@ -286,6 +289,41 @@ def test_model_prefetches_the_next_weights(tie: bool) -> None:
     assert _FAKE_PREFETCH == [((), 0)] * (2 * cfg.num_layers)
 
 
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
+def test_model_with_split_k_partials() -> None:
+    """split_k 4: o_proj and down_proj reach the fused kernel as float32 partials [4, T, D] (one
+    per quarter of the local contraction) and the hidden states equal psum mode's."""
+    import dataclasses
+    import functools
+
+    from xlaserve.runtime.config import ParallelConfig
+    from xlaserve.runtime.models import llama
+    from xlaserve.sharding.specs import ShardedRowParallel, ShardingPlan, split_k_contract
+
+    cfg = _tiny_cfg()
+    plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=2),
+                               devices=jax.devices()[:2], attention_impl="reference")
+    params = jax.jit(functools.partial(llama.init_params, cfg),
+                     out_shardings=plan.param_shardings)(jax.random.key(0))
+    inputs = llama._dummy_step(cfg)[0]
+    cache = plan.init_kv_cache(4, 4)
+    rp = dataclasses.replace(ShardedRowParallel(plan.mesh, cfg, _FakeKernel()), split_k=4)
+    _FAKE_CALLS.clear()
+    got = jax.jit(functools.partial(llama.forward_hidden, cfg=cfg, attention_fn=plan.attention_fn,
+                                    row_parallel_fn=rp))(params, inputs, cache)[0]
+    assert _FAKE_CALLS == ["add_rms_norm", "partials4"] * (2 * cfg.num_layers)
+    want = jax.jit(functools.partial(
+        llama.forward_hidden, cfg=cfg, attention_fn=plan.attention_fn,
+        row_parallel_fn=plan.with_all_reduce("psum").row_parallel_fn))(params, inputs, cache)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # S is the largest divisor of the contraction up to split_k; the partials sum to the product
+    x, w = jnp.ones((3, 2, 5), jnp.float32), jnp.arange(10 * 4, dtype=jnp.float32).reshape(2, 5, 4)
+    parts = split_k_contract(x, w, 2, 4)
+    assert parts.shape == (2, 3, 4)
+    np.testing.assert_allclose(np.asarray(parts.sum(0)),
+                               np.asarray(jnp.einsum("tab,abn->tn", x, w)))
+
+
 def test_prefetch_ptx(tmp_path) -> None:
     """The fused kernel with an L2 prefetch: its parameters (the regions between scale and the
     outputs), PTX 8.0, one bulk-prefetch loop per region (plus a tail for a partial chunk), the
@@ -305,6 +343,10 @@ def test_prefetch_ptx(tmp_path) -> None:
     assert ar.prefetch_stride((112 << 20, 112 << 20), 24 << 20) == 10
     with pytest.raises(ValueError, match="compute capability 90"):
         ar.add_rms_norm_ptx(2, "bfloat16", 80, 4096, 1e-5, regions, 1)
+    # split-K partials: float32 [4, 16, 4096] loads at each partial's offset, the name says so
+    part = ar.add_rms_norm_ptx(2, "bfloat16", 90, 4096, 1e-5, partials=(4, 16))
+    assert ar.add_rms_norm_kernel_name(2, "bfloat16", 4096, 1e-5, partials=(4, 16)) in part
+    assert f"[%b+{3 * 16 * 4096 * 4 + 16}]" in part and "ld.global.v4.f32" in part
     if shutil.which("ptxas"):
         path = tmp_path / "k.ptx"
         path.write_text(ptx)
@@ -543,3 +585,38 @@ def test_add_rms_norm_with_prefetch_is_unchanged(budget: int) -> None:
     want = make(0)(x, residual, scale, w1, w2)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@needs_gpus
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("splits,rows", [(4, 16), (8, 1), (3, 5)])
+def test_add_rms_norm_sums_split_k_partials(dtype: str, splits: int, rows: int) -> None:
+    """float32 partials [S, T, D] per rank: the kernel's residual equals residual + psum(the
+    partials' float32 sum rounded to the dtype) within one ulp of the dtype on 99%+ of the
+    elements (XLA may sum the partials in another order), the norm within 2 ulps."""
+    tp = min(len(_gpus()), 8)
+    mesh, kernel = _setup(tp)
+    d = 4096 if dtype == "bfloat16" else 2048
+    split, rep = PartitionSpec("model"), PartitionSpec()
+
+    def body(x, residual, scale):
+        return kernel.add_rms_norm(x[0], residual, scale, 1e-5)
+
+    def ref_body(x, residual, scale):
+        new = residual + jax.lax.psum(x[0].sum(axis=0).astype(residual.dtype), "model")
+        return new, rms_norm(new, scale, 1e-5)
+
+    fn, ref = (jax.jit(_shard_map(b, mesh, in_specs=(split, rep, rep), out_specs=(rep, rep)))
+               for b in (body, ref_body))
+    rng = np.random.default_rng(5)
+    x = jax.device_put(rng.standard_normal((tp, splits, rows, d)).astype(np.float32),
+                       NamedSharding(mesh, split))
+    residual = jnp.asarray(rng.standard_normal((rows, d)), dtype)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, d), dtype)
+    bits = 7 if dtype == "bfloat16" else 23
+    for got, want, most in zip(fn(x, residual, scale), ref(x, residual, scale), (1.01, 2.01)):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        ulps = _ulps(got, want, bits)
+        assert ulps.max() <= (most if dtype == "bfloat16" else 64), ulps.max()
+        assert (got != want).mean() < 0.01 or dtype == "float32", (got != want).mean()
