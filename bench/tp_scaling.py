@@ -125,18 +125,13 @@ class Runner:
 
     def __init__(self, cfg: ModelConfig, tp: int, num_pages: int, page_size: int,
                  impl: str, copies: int = 1, all_reduce: str = "auto",
-                 prefetch_mb: float | None = None, split_k: int | None = None) -> None:
+                 split_k: int | None = None) -> None:
         self.plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
                                         attention_impl=impl).with_all_reduce(all_reduce)
         rp = self.plan.row_parallel_fn
-        if rp is not None and (prefetch_mb is not None or split_k is not None):  # A/B switches
-            over: dict[str, int] = {}
-            if prefetch_mb is not None:  # the fused kernel's L2 prefetch
-                over["prefetch_bytes"] = int(prefetch_mb * 2 ** 20)
-            if split_k is not None:  # split-K partials summed in the fused kernel
-                over["split_k"] = split_k
-            self.plan = dataclasses.replace(self.plan,
-                                            row_parallel_fn=dataclasses.replace(rp, **over))
+        if rp is not None and split_k is not None:  # A/B: split-K partials summed in the kernel
+            self.plan = dataclasses.replace(
+                self.plan, row_parallel_fn=dataclasses.replace(rp, split_k=split_k))
         # The key is made inside the program: no array crosses devices before the step (a
         # single-device key put onto the mesh stalled on one 2 x H200 host, BENCHMARKS.md).
         self.params = jax.jit(lambda: llama.init_params(cfg, jax.random.key(0)),
@@ -234,7 +229,7 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
     pages_per_seq = math.ceil(longest / page_size)
     num_pages = 1 + max(max(args.decode_batches), 1) * pages_per_seq
     r = Runner(cfg, tp, num_pages, page_size, args.attention_impl, args.program_copies,
-               args.all_reduce, args.prefetch_mb, args.split_k)
+               args.all_reduce, args.split_k)
     q = r.params["layers_0"]["attn"]["q_proj"]["kernel"]
     rng = np.random.default_rng(1)
     kw = dict(page_size=page_size, pages_per_seq=pages_per_seq, rng=rng, vocab=cfg.vocab_size)
@@ -244,7 +239,6 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         "q_proj_shard_shape": list(q.addressable_shards[0].data.shape),
         "kv_cache_spec": str(r.plan.kv_sharding.spec),
         "all_reduce": args.all_reduce, "fused_norm": not args.no_fused_norm,
-        "prefetch_bytes": getattr(r.plan.row_parallel_fn, "prefetch_bytes", None),
         "split_k": getattr(r.plan.row_parallel_fn, "split_k", None),
         "row_parallel": ("xla collective" if r.plan.row_parallel_fn is None else
                          "psum under shard_map" if r.plan.row_parallel_fn.all_reduce is None
@@ -426,9 +420,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fused-norm", action="store_true",
                    help="A/B: the all-reduce kernel without the fused residual add + RMSNorm "
                         "(the add and norm run as XLA fusions after it)")
-    p.add_argument("--prefetch-mb", type=float, default=None,
-                   help="MiB of the next GEMM's weights the fused all-reduce prefetches into L2 "
-                        "(default: the plan's)")
     p.add_argument("--split-k", type=int, default=None,
                    help="o_proj / down_proj as explicit split-K partials summed in the fused "
                         "all-reduce (default: the plan's)")

@@ -72,14 +72,12 @@ from xlaserve.sharding.all_reduce_ptx import (
     LL_CHUNK_BYTES,
     MAX_CTAS,
     MAX_RANKS,
-    PREFETCH_MIN_ARCH,
     THREADS,
     add_rms_norm_kernel_name,
     add_rms_norm_ptx,
     add_rms_norm_row_ok,
     all_reduce_ptx,
     kernel_name,
-    prefetch_stride,
 )
 
 log = logging.getLogger(__name__)
@@ -277,24 +275,13 @@ class AllReduce:
         call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype))
         return call(x, self._rank(), name=name, opaque=opaque)
 
-    @property
-    def can_prefetch(self) -> bool:
-        """True when `add_rms_norm` can prefetch into L2 (compute capability 9.0+)."""
-        return self.arch >= PREFETCH_MIN_ARCH
-
-    def add_rms_norm(self, x: jax.Array, residual: jax.Array, scale: jax.Array, eps: float,
-                     prefetch: tuple[jax.Array, ...] = (), prefetch_bytes: int = 0,
-                     ) -> tuple[jax.Array, jax.Array]:
+    def add_rms_norm(self, x: jax.Array, residual: jax.Array, scale: jax.Array,
+                     eps: float) -> tuple[jax.Array, jax.Array]:
         """(residual + sum of x over ``model``, its RMSNorm times `scale`), in one kernel; call
         inside shard_map (x [T, D] is this rank's partial sum; residual [T, D] and scale [D]
         are the same on every rank). Equals `layers.rms_norm(residual + psum(x))` up to the
         norm's float32 arithmetic (the squares summed in another order with fma, rsqrt.approx):
         the residual is bit-equal at tp 2, the normed output within a 16-bit ulp or two.
-
-        `prefetch`: arrays the next kernels read (this rank's shards of the next GEMM's
-        weights); with `prefetch_bytes` > 0 the kernel prefetches about that many bytes of them,
-        spread evenly, into L2 while it waits for the peers (`add_rms_norm_ptx`). Ignored below
-        compute capability 9.0 (`can_prefetch`).
 
         x may also be float32 [S, T, D]: S split-K partial products whose sum is this rank's
         part (the kernel sums them in order and rounds to residual's dtype before the exchange;
@@ -316,14 +303,10 @@ class AllReduce:
                              f"{scale.dtype}: needs residual [T <= {MAX_CTAS}, D] with a row of "
                              f"at most {CHUNK_BYTES} bytes, x like residual (or float32 split-K "
                              f"partials [S, T, D]), scale [D], one dtype of {sorted(DTYPES)}")
-        if prefetch_bytes <= 0 or not self.can_prefetch:
-            prefetch = ()
-        regions = tuple(int(a.size) * a.dtype.itemsize for a in prefetch)
-        stride = prefetch_stride(regions, prefetch_bytes) if regions else 1
         dt = residual.dtype
-        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, regions, stride, partials)
-        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, regions, stride, partials)
-        opaque = self._opaque(name, ptx, (16, 4, 16, 16, *(16,) * len(regions), 16, 16), t)
+        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials)
+        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials)
+        opaque = self._opaque(name, ptx, (16, 4, 16, 16, 16, 16), t)
         out = jax.ShapeDtypeStruct(residual.shape, dt)
         call = jax.ffi.ffi_call(FFI_TARGET, (out, out))
-        return call(x, self._rank(), residual, scale, *prefetch, name=name, opaque=opaque)
+        return call(x, self._rank(), residual, scale, name=name, opaque=opaque)

@@ -28,10 +28,6 @@ COUNTER_OFFSET = 0  # u32 per CTA
 DATA_OFFSET = 4096
 TIMEOUT_NS = 10_000_000_000
 DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
-# L2 prefetch of the fused kernel (`add_rms_norm_ptx(prefetch=...)`): bytes per bulk prefetch,
-# and the compute capability that has `cp.async.bulk.prefetch.L2` (PTX 8.0, sm_90).
-PREFETCH_CHUNK = 4096
-PREFETCH_MIN_ARCH = 90
 
 
 def _accumulate(dtype: str, words: list[str], first: bool) -> list[str]:
@@ -99,20 +95,10 @@ def kernel_name(tp: int, dtype: Any) -> str:
 
 
 def add_rms_norm_kernel_name(tp: int, dtype: Any, dim: int, eps: float,
-                             prefetch: tuple[int, ...] = (), stride: int = 1,
                              partials: tuple[int, int] | None = None) -> str:
-    pf = ("_pf" + "_".join(str(b) for b in prefetch) + f"_s{stride}") if prefetch else ""
     k = f"_k{partials[0]}x{partials[1]}" if partials else ""
     return (f"xlaserve_all_reduce_add_rms_norm_tp{tp}_{DTYPES[jnp.dtype(dtype).name]}"
-            f"_d{dim}_e{_f32(eps)[2:]}{pf}{k}")
-
-
-def prefetch_stride(region_bytes: tuple[int, ...], budget: int) -> int:
-    """Every how many PREFETCH_CHUNK chunks of the regions a prefetch takes so that about
-    `budget` bytes are prefetched (1: all of them). `budget` must be positive."""
-    chunks = sum(-(-b // PREFETCH_CHUNK) for b in region_bytes)
-    want = max(1, budget // PREFETCH_CHUNK)
-    return max(1, -(-chunks // want))
+            f"_d{dim}_e{_f32(eps)[2:]}{k}")
 
 
 def _check_tp(tp: int) -> None:
@@ -210,15 +196,14 @@ _COMMON_REGS = (
 
 
 def _entry(name: str, arch: int, dt: str, tp: int, what: str, shared: list[str],
-           buffers: list[str], scalars: list[str], body: list[str],
-           version: str = "7.8") -> str:
+           buffers: list[str], scalars: list[str], body: list[str]) -> str:
     """The module text: `buffers` (u64 pointer parameters), the tp workspace addresses, then
     `scalars` (full declarations), with `shared` declarations and the `body` lines."""
     lines = "\n".join("    " + b if not b.endswith(":") else b for b in body)
     params = ([f"    .param .u64 {b}" for b in buffers]
               + [f"    .param .u64 p_ws{r}" for r in range(tp)] + scalars)
     return (f"//\n// xlaserve one-shot {what}, tp={tp}, {dt}\n//\n"
-            f".version {version}\n.target sm_{arch}\n.address_size 64\n\n"
+            f".version 7.8\n.target sm_{arch}\n.address_size 64\n\n"
             + "".join(x + "\n" for x in shared) + "\n"
             f".visible .entry {name}(\n" + ",\n".join(params) + "\n)\n"
             f".maxntid {THREADS}, 1, 1\n{{\n{lines}\n}}\n")
@@ -297,7 +282,6 @@ def add_rms_norm_row_ok(dim: int, dtype: Any) -> bool:
 
 
 def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
-                     prefetch: tuple[int, ...] = (), stride: int = 1,
                      partials: tuple[int, int] | None = None) -> str:
     """The PTX of the all-reduce fused with the residual add and RMSNorm that follow it.
 
@@ -305,33 +289,22 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     the dtype), x_new[t] = residual[t] + s (rounded), h[t] = (x_new[t] * rsqrt(mean(x_new[t]^2)
     + eps), rounded) * scale (rounded) -- `layers.rms_norm` of `residual + all_reduce(x)`.
 
-    `prefetch` (byte sizes of up to 8 read-only regions, e.g. the next GEMM's weight shards):
-    after pushing its row and before waiting for the peers, the kernel asks the L2 to fetch
-    every `stride`-th PREFETCH_CHUNK-byte chunk of each region (`cp.async.bulk.prefetch.L2`,
-    fire and forget: nothing waits for it), so the HBM streams the next weights while the
-    all-reduce waits on NVLink. Compute capability 9.0+ (PTX 8.0). It changes no result.
-
     `partials` = (S, T): x is float32 [S, T, dim], S split-K partial products of this rank's
     slice (an explicit split-K GEMM); the kernel sums them (float32, in order) and rounds the
     sum to the dtype before the exchange, so no separate reduce kernel runs before it.
 
-    Parameters, in order: x, rank (i32[1]), residual, scale [dim], the prefetch regions, out_x,
-    out_h (buffers); the tp workspace addresses (u64). The grid is one CTA per row (at most
-    MAX_CTAS). `dim`, `eps`, the region sizes and the stride are constants of the code (they are
-    in the kernel's name).
+    Parameters, in order: x, rank (i32[1]), residual, scale [dim], out_x, out_h (buffers); the
+    tp workspace addresses (u64). The grid is one CTA per row (at most MAX_CTAS). `dim`, `eps`
+    and `partials` are constants of the code (they are in the kernel's name).
     """
     _check_tp(tp)
     if not add_rms_norm_row_ok(dim, dtype):
         raise ValueError(f"dim={dim} {jnp.dtype(dtype).name}: a row must be a multiple of 16 "
                          f"bytes and at most {CHUNK_BYTES} (one CTA)")
-    if prefetch and (arch < PREFETCH_MIN_ARCH or len(prefetch) > 8 or stride < 1
-                     or min(prefetch) <= 0):
-        raise ValueError(f"prefetch={prefetch} stride={stride} on sm_{arch}: needs compute "
-                         f"capability {PREFETCH_MIN_ARCH}+, 1-8 non-empty regions, stride >= 1")
     if partials is not None and (partials[0] < 1 or not 1 <= partials[1] <= MAX_CTAS):
         raise ValueError(f"partials={partials}: needs (S >= 1, 1 <= T <= {MAX_CTAS})")
     dt = DTYPES[jnp.dtype(dtype).name]
-    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, prefetch, stride, partials)
+    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, partials)
     row_vec = dim * jnp.dtype(dtype).itemsize // 16
     per_thread = -(-row_vec // THREADS)
     n = 4 if dt == "f32" else 8  # elements per 16-byte vector
@@ -345,16 +318,11 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     emit(f".reg .pred %pv<{per_thread}>;")
     emit(f".reg .f32 %fv, %fr, %ss, %rstd, %acc<{n}>, %s<{n}>, %xn<{per_thread * n}>;")
     emit(f".reg .b32 %lane, %warp, %r<{4 * per_thread}>, %c<{4 * per_thread}>;")
-    pf_params = [f"p_pf{r}" for r in range(len(prefetch))]
-    if prefetch:
-        emit(f".reg .b64 %pf<{len(prefetch)}>;")
-        emit(".reg .b32 %pfc, %pfstep;")
     if partials:
         emit(f".reg .b32 %o<{4 * per_thread}>;")
         emit(f".reg .f32 %pp<{n}>;")
     _load_params(emit, tp, (("p_x", "%xp"), ("p_rank", "%rankp"), ("p_res", "%resp"),
-                            ("p_scale", "%scp"), ("p_out", "%outp"), ("p_outh", "%outhp"),
-                            *((p, f"%pf{r}") for r, p in enumerate(pf_params))))
+                            ("p_scale", "%scp"), ("p_out", "%outp"), ("p_outh", "%outhp")))
     emit("mov.u32 %th, %tid.x;")
     emit("mov.u32 %cta, %ctaid.x;")
     _rank_and_sequence(emit, tp, name)
@@ -390,8 +358,6 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
             emit(f"ld.global.v4.b32 {vec}, [%a];")
         _push(emit, tp)
         emit(f"PUSHED{j}:")
-    if prefetch:  # 1b. the L2 prefetch of the next weights, while the peers' rows travel
-        _prefetch(emit, prefetch, stride)
     # 2. s = the sum (rounded); x_new = residual + s (rounded), stored; sum of squares of x_new
     emit(f"mov.f32 %ss, {_f32(0.0)};")
     for j in range(per_thread):
@@ -456,8 +422,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
               f".shared .align 4 .f32 {name}_red[{THREADS // 32}];",
               f".shared .align 4 .f32 {name}_rstd;"]
     return _entry(name, arch, dt, tp, "all-reduce + residual add + RMSNorm", shared,
-                  ["p_x", "p_rank", "p_res", "p_scale", *pf_params, "p_out", "p_outh"], [],
-                  body, version="8.0" if prefetch else "7.8")
+                  ["p_x", "p_rank", "p_res", "p_scale", "p_out", "p_outh"], [], body)
 
 
 def _sum_partials(emit: Any, body: list[str], dt: str, partials: tuple[int, int], dim: int,
@@ -474,31 +439,3 @@ def _sum_partials(emit: Any, body: list[str], dt: str, partials: tuple[int, int]
         op = "mov.f32 {a}, {p};" if s_ == 0 else "add.f32 {a}, {a}, {p};"
         body.extend(op.format(a=f"%acc{k}", p=f"%pp{k}") for k in range(n))
     body.extend(_pack(dt))
-
-
-def _prefetch(emit: Any, regions: tuple[int, ...], stride: int) -> None:
-    """Each thread of the grid (global index g of G) prefetches chunks g * stride,
-    (g + G) * stride, ... of every region %pf<r> (PREFETCH_CHUNK bytes each; a last partial
-    chunk rounded down to 16 bytes)."""
-    emit(f"mad.lo.u32 %t, %cta, {THREADS}, %th;")
-    emit("mov.u32 %pfstep, %nctaid.x;")
-    emit(f"mul.lo.u32 %pfstep, %pfstep, {THREADS * stride};")
-    for r, nbytes in enumerate(regions):
-        full, tail = divmod(nbytes, PREFETCH_CHUNK)
-        tail -= tail % 16
-        emit(f"mul.lo.u32 %pfc, %t, {stride};")
-        emit(f"PF_LOOP{r}:")
-        emit(f"setp.ge.u32 %p, %pfc, {full};")
-        emit(f"@%p bra PF_TAIL{r};")
-        emit(f"mul.wide.u32 %off, %pfc, {PREFETCH_CHUNK};")
-        emit(f"add.u64 %a, %pf{r}, %off;")
-        emit(f"cp.async.bulk.prefetch.L2.global [%a], {PREFETCH_CHUNK};")
-        emit("add.u32 %pfc, %pfc, %pfstep;")
-        emit(f"bra PF_LOOP{r};")
-        emit(f"PF_TAIL{r}:")
-        if tail and full % stride == 0:  # the chunk after the last full one is selected
-            emit(f"setp.ne.u32 %p, %pfc, {full};")
-            emit(f"@%p bra PF_DONE{r};")
-            emit(f"add.u64 %a, %pf{r}, {full * PREFETCH_CHUNK};")
-            emit(f"cp.async.bulk.prefetch.L2.global [%a], {tail};")
-        emit(f"PF_DONE{r}:")

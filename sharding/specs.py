@@ -36,7 +36,7 @@ from xlaserve.pallas_kernels import ops
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
-from xlaserve.runtime.models.layers import Prefetch, add_rms_norm, contract
+from xlaserve.runtime.models.layers import add_rms_norm, contract
 from xlaserve.sharding import all_reduce as custom_all_reduce
 from xlaserve.sharding.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, validate_model
 from xlaserve.sharding.rules import (
@@ -225,9 +225,6 @@ class ShardedRowParallel:
     mesh: Mesh
     model_cfg: ModelConfig
     all_reduce: custom_all_reduce.AllReduce | None = None
-    # Bytes of the next GEMM's weight shards the fused kernel prefetches into L2 while it waits
-    # for the peers (0: none; compute capability 9.0+). See `AllReduce.add_rms_norm`.
-    prefetch_bytes: int = 0
     # > 1: the fused kernel's product runs as an explicit split-K GEMM into float32 partials
     # [S, T, D] that the kernel sums (no separate reduce kernel before it); S is the largest
     # divisor of the local contraction size up to this. 0 or 1: one product in the model dtype.
@@ -242,15 +239,9 @@ class ShardedRowParallel:
         return (self.uses_kernel(out_shape, dtype)
                 and custom_all_reduce.fits_add_rms_norm(out_shape, dtype))
 
-    def prefetches(self, out_shape: tuple[int, ...], dtype: Any) -> bool:
-        """True when the fused kernel of this product also prefetches the next weights."""
-        return (self.prefetch_bytes > 0 and self.uses_fused_kernel(out_shape, dtype)
-                and self.all_reduce is not None and self.all_reduce.can_prefetch)
-
     def __call__(self, residual: jax.Array, x: jax.Array, kernel: jax.Array,
                  in_axes: tuple[str | None, ...], out_axes: tuple[str | None, ...],
-                 scale: jax.Array, eps: float, prefetch: Prefetch = (),
-                 ) -> tuple[jax.Array, jax.Array]:
+                 scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
         n_in = len(in_axes)
         out_shape = x.shape[:x.ndim - n_in] + kernel.shape[n_in:]  # [T, D]
         dt = residual.dtype  # the model dtype (the residual stream's)
@@ -264,25 +255,18 @@ class ShardedRowParallel:
         fused = self.uses_fused_kernel(out_shape, dt)
         reduce = (self.all_reduce if self.all_reduce is not None
                   else functools.partial(jax.lax.psum, axis_name=MODEL_AXIS))
-        if not self.prefetches(out_shape, dt):
-            prefetch = ()
-        pf_arrays = tuple(a for a, _ in prefetch)
-        pf_specs = tuple(logical_to_spec(axes, rules) for _, axes in prefetch)
-
-        def body(residual, x, kernel, scale, *pf):
+        def body(residual, x, kernel, scale):
             if fused and self.split_k > 1:  # f32 [S, T, D]: summed inside the kernel
                 part = split_k_contract(x, kernel, n_in, self.split_k)
-                return self.all_reduce.add_rms_norm(part, residual, scale, eps, pf,
-                                                    self.prefetch_bytes)
+                return self.all_reduce.add_rms_norm(part, residual, scale, eps)
             part = contract(x, kernel, n_in, dt)  # [T, D] this device's partial sum
             if fused:
-                return self.all_reduce.add_rms_norm(part, residual, scale, eps, pf,
-                                                    self.prefetch_bytes)
+                return self.all_reduce.add_rms_norm(part, residual, scale, eps)
             return add_rms_norm(residual, reduce(part), scale, eps)
 
-        fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep, *pf_specs),
+        fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep),
                         out_specs=(rep, rep))
-        return fn(residual, x, kernel, scale, *pf_arrays)
+        return fn(residual, x, kernel, scale)
 
 
 def split_k_contract(x: jax.Array, kernel: jax.Array, n_in: int, splits: int) -> jax.Array:

@@ -85,29 +85,22 @@ class Deferred:
         return contract(self.x, self.kernel, len(self.in_axes), dtype)
 
 
-# Arrays the kernels after a norm read next (the next projections' weights), each with its
-# logical axes: a hook may start fetching them early (an L2 prefetch during the all-reduce).
-Prefetch = tuple[tuple[jax.Array, tuple[str | None, ...]], ...]
-
-
 class AddRMSNormFn(Protocol):
     """residual [T, D] + x . kernel (a bias-free projection into D, in the model dtype), then
     rms_norm of that sum: returns (the sum, the normed sum). `in_axes` / `out_axes` are the
-    kernel's logical axis names. `prefetch` names what is read next (a hint; it never changes
-    the result). The sharding code's row-parallel hook implements it."""
+    kernel's logical axis names. The sharding code's row-parallel hook implements it."""
 
     def __call__(self, residual: jax.Array, x: jax.Array, kernel: jax.Array,
                  in_axes: tuple[str | None, ...], out_axes: tuple[str | None, ...],
-                 scale: jax.Array, eps: float, prefetch: Prefetch = ()
-                 ) -> tuple[jax.Array, jax.Array]: ...
+                 scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]: ...
 
 
 class ResidualRMSNorm(nn.Module):
     """The pre-norm block's join: x = residual + delta, then (x, rms_norm(x) * scale).
 
     `delta` is the previous block's output (an array, a `Deferred` projection, or None before
-    the first block: then only the norm). With `add_norm_fn` a Deferred delta goes to it whole,
-    with `prefetch` (the weights read next). Its parameter is "scale", as RMSNorm's.
+    the first block: then only the norm). With `add_norm_fn` a Deferred delta goes to it whole.
+    Its parameter is "scale", as RMSNorm's.
     """
 
     dim: int
@@ -117,14 +110,14 @@ class ResidualRMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, residual: jax.Array, delta: jax.Array | Deferred | None,
-                 prefetch: Prefetch = ()) -> tuple[jax.Array, jax.Array]:
+                 ) -> tuple[jax.Array, jax.Array]:
         scale = _param(self, "scale", nn.initializers.ones, (self.dim,), ("norm",), self.dtype)
         if delta is None:
             return residual, rms_norm(residual, scale, self.eps)
         if isinstance(delta, Deferred):
             if self.add_norm_fn is not None:
                 return self.add_norm_fn(residual, delta.x, delta.kernel, delta.in_axes,
-                                        delta.out_axes, scale, self.eps, prefetch)
+                                        delta.out_axes, scale, self.eps)
             delta = delta.compute(self.dtype)
         return add_rms_norm(residual, delta, scale, self.eps)
 

@@ -36,7 +36,6 @@ from xlaserve.runtime.models.layers import (
     AddRMSNormFn,
     Deferred,
     Embed,
-    Prefetch,
     Projection,
     ResidualRMSNorm,
     RMSNorm,
@@ -64,15 +63,6 @@ class AttentionFn(Protocol):
 # residual + o_proj / down_proj, then the next RMSNorm (layers.AddRMSNormFn): the hook the
 # sharding code implements for tensor parallelism (its explicit all-reduce, fused where it can).
 RowParallelFn = AddRMSNormFn
-
-# The projections whose GEMM follows each norm of a layer (names under the block, the kernel's
-# logical axes): what the hook may prefetch.
-NEXT_WEIGHTS: dict[str, tuple[tuple[str, tuple[str | None, ...]], ...]] = {
-    "attn": (("q_proj", ("embed", "q_heads", "head_dim")),
-             ("k_proj", ("embed", "kv_heads", "head_dim")),
-             ("v_proj", ("embed", "kv_heads", "head_dim"))),
-    "mlp": (("gate_proj", ("embed", "mlp")), ("up_proj", ("embed", "mlp"))),
-}
 
 
 def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
@@ -152,25 +142,14 @@ class DecoderLayer(nn.Module):
         cfg, dt = self.cfg, _dtype(self.cfg)
         d, eps, add_norm = cfg.hidden_size, cfg.rms_norm_eps, self.row_parallel_fn
         with jax.named_scope("attention"):
-            x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="input_norm")(
-                x, delta, self._next_weights("attn"))
+            x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="input_norm")(x, delta)
             a, k_pages, v_pages = Attention(cfg, self.attention_fn, name="attn")(
                 h, inputs, k_pages, v_pages)
         with jax.named_scope("mlp"):
-            x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="post_attn_norm")(
-                x, a, self._next_weights("mlp"))
+            x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="post_attn_norm")(x, a)
             m = SwiGLU(d, cfg.intermediate_size, dt, cfg.mlp_bias, defer_down=True,
                        name="mlp")(h)
         return x, m, k_pages, v_pages
-
-    def _next_weights(self, block: str) -> Prefetch:
-        """The weights the GEMM after a norm reads (q/k/v, or gate/up), with their logical
-        axes, for the row-parallel hook's prefetch; () while initializing or without a hook."""
-        if self.row_parallel_fn is None or self.is_initializing():
-            return ()
-        params = self.variables["params"][block]
-        names = NEXT_WEIGHTS[block]
-        return tuple((params[n]["kernel"], axes) for n, axes in names)
 
 
 class Llama(nn.Module):
@@ -206,17 +185,8 @@ class Llama(nn.Module):
                 x, delta, k_pages, v_pages = layer(x, delta, inputs, k_pages, v_pages)
                 new_cache.append((k_pages, v_pages))
         with jax.named_scope("final_norm"):
-            _, x = self.final_norm(x, delta, self._lm_head_weight())
+            _, x = self.final_norm(x, delta)
         return x, tuple(new_cache)
-
-    def _lm_head_weight(self) -> Prefetch:
-        """The LM head's weight (the tied embedding table) for the final norm's prefetch."""
-        if self.row_parallel_fn is None or self.is_initializing():
-            return ()
-        params = self.variables["params"]
-        if self.cfg.tie_word_embeddings:
-            return ((params["embed"]["embedding"], ("vocab", "embed")),)
-        return ((params["lm_head"]["kernel"], ("embed", "vocab")),)
 
     def logits(self, hidden: jax.Array) -> jax.Array:  # [..., D] -> f32[..., V]
         with jax.named_scope("lm_head"):

@@ -140,19 +140,13 @@ class _FakeKernel:
         _FAKE_CALLS.append("all_reduce")
         return jax.lax.psum(x, "model")
 
-    can_prefetch = True
-
-    def add_rms_norm(self, x, residual, scale, eps, prefetch=(), prefetch_bytes=0):
+    def add_rms_norm(self, x, residual, scale, eps):
         _FAKE_CALLS.append("add_rms_norm")
-        _FAKE_PREFETCH.append((tuple(a.shape for a in prefetch), prefetch_bytes))
         if x.ndim == 3:  # split-K partials
             _FAKE_CALLS.append(f"partials{x.shape[0]}")
             x = x.sum(axis=0).astype(residual.dtype)
         new = residual + jax.lax.psum(x, "model")
         return new, rms_norm(new, scale, eps)
-
-
-_FAKE_PREFETCH: list[tuple[tuple[tuple[int, ...], ...], int]] = []
 
 
 def _row_parallel_case(tokens: int):
@@ -246,50 +240,6 @@ def test_model_through_the_fused_path() -> None:
 
 
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
-@pytest.mark.parametrize("tie", [False, True])
-def test_model_prefetches_the_next_weights(tie: bool) -> None:
-    """With prefetch_bytes > 0 every fused call gets the local shards of the weights its norm's
-    GEMM reads next: q/k/v after an input_norm, gate/up after a post_attn_norm, the LM head (or
-    the tied embedding) after final_norm; the hidden states are those of psum mode."""
-    import dataclasses
-    import functools
-
-    from xlaserve.runtime.config import ParallelConfig
-    from xlaserve.runtime.models import llama
-    from xlaserve.sharding.specs import ShardedRowParallel, ShardingPlan
-
-    cfg = _tiny_cfg(tie_word_embeddings=tie)
-    plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=2),
-                               devices=jax.devices()[:2], attention_impl="reference")
-    params = jax.jit(functools.partial(llama.init_params, cfg),
-                     out_shardings=plan.param_shardings)(jax.random.key(0))
-    inputs = llama._dummy_step(cfg)[0]
-    cache = plan.init_kv_cache(4, 4)
-    rp = dataclasses.replace(ShardedRowParallel(plan.mesh, cfg, _FakeKernel()),
-                             prefetch_bytes=1 << 20)
-    _FAKE_PREFETCH.clear()
-    got = jax.jit(functools.partial(llama.forward_hidden, cfg=cfg, attention_fn=plan.attention_fn,
-                                    row_parallel_fn=rp))(params, inputs, cache)[0]
-    want = jax.jit(functools.partial(
-        llama.forward_hidden, cfg=cfg, attention_fn=plan.attention_fn,
-        row_parallel_fn=plan.with_all_reduce("psum").row_parallel_fn))(params, inputs, cache)[0]
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
-    d, h = cfg.hidden_size, cfg.head_dim
-    qkv = ((d, cfg.num_heads // 2, h), (d, cfg.num_kv_heads // 2, h),
-           (d, cfg.num_kv_heads // 2, h))
-    gate_up = ((d, cfg.intermediate_size // 2),) * 2
-    head = ((cfg.vocab_size // 2, d),) if tie else ((d, cfg.vocab_size // 2),)
-    want_calls = [gate_up] + [qkv, gate_up] * (cfg.num_layers - 1) + [head]
-    assert _FAKE_PREFETCH == [(c, 1 << 20) for c in want_calls]
-    # prefetch_bytes 0 (the default): nothing is passed
-    _FAKE_PREFETCH.clear()
-    jax.jit(functools.partial(llama.forward_hidden, cfg=cfg, attention_fn=plan.attention_fn,
-                              row_parallel_fn=ShardedRowParallel(plan.mesh, cfg, _FakeKernel()))
-            )(params, inputs, cache)
-    assert _FAKE_PREFETCH == [((), 0)] * (2 * cfg.num_layers)
-
-
-@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
 def test_model_with_split_k_partials() -> None:
     """split_k 4: o_proj and down_proj reach the fused kernel as float32 partials [4, T, D] (one
     per quarter of the local contraction) and the hidden states equal psum mode's."""
@@ -324,32 +274,20 @@ def test_model_with_split_k_partials() -> None:
                                np.asarray(jnp.einsum("tab,abn->tn", x, w)))
 
 
-def test_prefetch_ptx(tmp_path) -> None:
-    """The fused kernel with an L2 prefetch: its parameters (the regions between scale and the
-    outputs), PTX 8.0, one bulk-prefetch loop per region (plus a tail for a partial chunk), the
-    stride in the name; the PTX without prefetch is unchanged; sm_80 refuses it."""
-    regions = (16 << 20, 4 << 20, 1000)
-    ptx = ar.add_rms_norm_ptx(2, "bfloat16", 90, 4096, 1e-5, regions, 3)
-    plain = ar.add_rms_norm_ptx(2, "bfloat16", 90, 4096, 1e-5)
-    assert ".version 8.0" in ptx and ".version 7.8" in plain and "prefetch" not in plain
-    params = re.findall(r"\.param \.u64 (p_\w+)", ptx)
-    assert params == ["p_x", "p_rank", "p_res", "p_scale", "p_pf0", "p_pf1", "p_pf2", "p_out",
-                      "p_outh", "p_ws0", "p_ws1"]
-    assert ptx.count("cp.async.bulk.prefetch.L2.global [%a], 4096;") == 3
-    # 1000 bytes: no full chunk; chunk 0 (a multiple of the stride 3) is the 992-byte tail
-    assert "cp.async.bulk.prefetch.L2.global [%a], 992;" in ptx
-    assert ar.add_rms_norm_kernel_name(2, "bfloat16", 4096, 1e-5, regions, 3) in ptx
-    assert ar.prefetch_stride((16 << 20, 4 << 20, 4 << 20), 32 << 20) == 1
-    assert ar.prefetch_stride((112 << 20, 112 << 20), 24 << 20) == 10
-    with pytest.raises(ValueError, match="compute capability 90"):
-        ar.add_rms_norm_ptx(2, "bfloat16", 80, 4096, 1e-5, regions, 1)
-    # split-K partials: float32 [4, 16, 4096] loads at each partial's offset, the name says so
+def test_split_k_partials_ptx(tmp_path) -> None:
+    """The fused kernel fed float32 split-K partials [4, 16, 4096]: one 16-byte float32 load per
+    partial and half vector at that partial's offset, the shape in the name; the PTX without
+    partials is unchanged by the option; it assembles."""
     part = ar.add_rms_norm_ptx(2, "bfloat16", 90, 4096, 1e-5, partials=(4, 16))
+    plain = ar.add_rms_norm_ptx(2, "bfloat16", 90, 4096, 1e-5)
     assert ar.add_rms_norm_kernel_name(2, "bfloat16", 4096, 1e-5, partials=(4, 16)) in part
-    assert f"[%b+{3 * 16 * 4096 * 4 + 16}]" in part and "ld.global.v4.f32" in part
+    assert part.count("ld.global.v4.f32") == 4 * 2 * 2  # 4 partials, 2 halves, 2 vectors/thread
+    assert f"[%b+{3 * 16 * 4096 * 4 + 16}]" in part and "ld.global.v4.f32" not in plain
+    with pytest.raises(ValueError, match="partials"):
+        ar.add_rms_norm_ptx(2, "bfloat16", 90, 4096, 1e-5, partials=(4, 129))
     if shutil.which("ptxas"):
         path = tmp_path / "k.ptx"
-        path.write_text(ptx)
+        path.write_text(part)
         subprocess.run(["ptxas", "-arch=sm_90", str(path), "-o", str(tmp_path / "k.o")],
                        check=True)
 
@@ -550,41 +488,6 @@ def test_chain_of_fused_and_plain_all_reduces() -> None:
                                    rtol=0.05, atol=0.05)
         np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(want_h, np.float32),
                                    rtol=0.05, atol=0.05)
-
-
-@needs_gpus
-@pytest.mark.gpu
-@pytest.mark.parametrize("budget", [1 << 20, 64 << 20])
-def test_add_rms_norm_with_prefetch_is_unchanged(budget: int) -> None:
-    """The L2 prefetch of other arrays (a strided part of them, or all, with a partial last
-    chunk) changes no bit of the fused kernel's outputs, in a chain of 8 calls."""
-    tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp)
-    if not kernel.can_prefetch:
-        pytest.skip("compute capability < 9.0: no L2 prefetch")
-    split, rep = PartitionSpec("model"), PartitionSpec()
-
-    def make(prefetch_bytes):
-        def body(x, residual, scale, w1, w2):
-            h = x[0]
-            for _ in range(8):
-                residual, h = kernel.add_rms_norm(h * 0.5 + x[0], residual, scale, 1e-5,
-                                                  (w1, w2), prefetch_bytes)
-            return residual, h
-        return jax.jit(_shard_map(body, mesh, in_specs=(split, rep, rep, split, split),
-                                  out_specs=(rep, rep)))
-
-    rng = np.random.default_rng(4)
-    x = jax.device_put(rng.standard_normal((tp, 16, 4096)).astype(jnp.bfloat16),
-                       NamedSharding(mesh, split))
-    residual = jnp.asarray(rng.standard_normal((16, 4096)), jnp.bfloat16)
-    scale = jnp.asarray(rng.uniform(0.5, 1.5, 4096), jnp.bfloat16)
-    w1 = jax.device_put(jnp.ones((tp * 4096, 1024), jnp.bfloat16), NamedSharding(mesh, split))
-    w2 = jax.device_put(jnp.ones((tp * 3, 1000), jnp.bfloat16), NamedSharding(mesh, split))
-    got = make(budget)(x, residual, scale, w1, w2)
-    want = make(0)(x, residual, scale, w1, w2)
-    for a, b in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 @needs_gpus
