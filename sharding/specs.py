@@ -227,8 +227,11 @@ class ShardedRowParallel:
     all_reduce: custom_all_reduce.AllReduce | None = None
     # > 1: the fused kernel's product runs as an explicit split-K GEMM into float32 partials
     # [S, T, D] that the kernel sums (no separate reduce kernel before it); S is the largest
-    # divisor of the local contraction size up to this. 0 or 1: one product in the model dtype.
-    split_k: int = 0
+    # divisor of the local contraction size up to this. 0 or 1: one product in the model dtype
+    # (XLA then splits the GEMM itself and reduces its partials in a kernel of its own). 4
+    # measured on 2 x H200, 8B decode B=1 at tp 2: 3.201 ms against 3.314 with 1 and 3.232
+    # with 8 (bench/results/session11_h200x2/call2_split_k).
+    split_k: int = 4
 
     def uses_kernel(self, out_shape: tuple[int, ...], dtype: Any) -> bool:
         """True when a product of this output shape runs through the kernel."""
@@ -343,6 +346,9 @@ def describe_all_reduce(mesh: Mesh | None, row_parallel_fn: ShardedRowParallel |
         fused = (f"then the residual add and RMSNorm (hidden {hidden} {cfg.dtype} does not fit "
                  f"the fused kernel: rows of at most {custom_all_reduce.CHUNK_BYTES} bytes, a "
                  f"multiple of 16), ")
+    if row_parallel_fn.split_k > 1 and "fused with" in fused:
+        fused += (f"summing the product's split-K partials itself (up to "
+                  f"{row_parallel_fn.split_k}), ")
     return (f"xlaserve's kernel for messages up to "
             f"{custom_all_reduce.MAX_MESSAGE_BYTES >> 10} KiB per device (decode-sized steps), "
             + fused + "XLA's collective above"
