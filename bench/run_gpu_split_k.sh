@@ -6,6 +6,7 @@
 #   2. bench/tp_scaling.py tp 1 2, decode B=1, the default plan: the baseline
 #   3. tp 2 with --split-k for each of $SPLITS (the first one traced)
 #   4. (FORCE_TILE set) tp 2 with one forced Triton GEMM tile for every dot, traced
+#   5. (CLI set) the builtin model through `xlaserve generate` at tp 1 and 2: same greedy tokens?
 #   OUT=/tmp/out bash bench/run_gpu_split_k.sh     (SPLITS="4 8"; BUDGET_S=480 stops early)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,23 @@ if [ -n "${FORCE_TILE:-}" ] && left; then
     --xla-flags="--xla_gpu_override_gemm_autotuner=$FORCE_TILE" --compilation-cache-dir none \
     --trace-dir /tmp/tr_tile --trace-steps 3 --out "$R/tp2_tile.json" > "$R/tp2_tile.log" 2>&1
   echo "=== forced tile rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/tp2_tile.log" | head -2
+fi
+if [ -n "${CLI:-}" ] && left; then  # the builtin model through the CLI: tp 2 == tp 1 greedy?
+  $PY - > /tmp/in.jsonl <<'PY'
+import json
+for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", "Once upon a time"]):
+    print(json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": 24, "temperature": 0}))
+PY
+  for tp in 1 2; do
+    timeout -s ABRT -k 5 120 $PY -m xlaserve generate --model builtin:tiny --dtype float32 \
+      --tensor-parallel-size $tp --input /tmp/in.jsonl --output "/tmp/cli_tp$tp.jsonl" > "$R/cli_tp$tp.log" 2>&1
+    echo "=== cli tp$tp rc=$?"
+  done
+  $PY - <<'PY' | tee "$R/cli.txt"
+import json
+t = {tp: {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in open(f"/tmp/cli_tp{tp}.jsonl")} for tp in (1, 2)}
+print("CLI greedy token ids tp2 == tp1:", t[1] == t[2], "prompts", len(t[1]))
+PY
 fi
 $PY - "$R" <<'PY' | tee "$R/summary.txt"
 import glob, json, os, sys
