@@ -77,20 +77,6 @@ def chain(num: int):
     return fn
 
 
-def time_compiled(compiled, args, iters: int = 10, repeats: int = 5) -> float:
-    jax.block_until_ready(compiled(*args))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(iters):
-            out = compiled(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / iters)
-    samples.sort()
-    return samples[len(samples) // 2]
-
-
 # XLA's tile in the optimized HLO: "triton_gemm_config" (legacy GEMM fusions) or, for the
 # nested GEMM fusions of newer XLA, "block_level_fusion_config" (output tile, warps, stages).
 _XLA_TILE = re.compile(r'"(triton_gemm_config|block_level_fusion_config)":'
@@ -166,7 +152,7 @@ def run_shape(s: dict[str, Any], args) -> dict[str, Any]:
     ref = jnp.dot(xs[0], ws[0], preferred_element_type=jnp.float32)
 
     def per_gemm(compiled, w_args):
-        return time_compiled(compiled, (xs, w_args)) / num * 1e6
+        return common.time_fn(compiled, xs, w_args, iters=10, repeats=5, warmup=1) / num * 1e6
 
     comp = fn.lower(xs, ws).compile()
     res["xla_tile"] = xla_choice(comp.as_text())

@@ -19,3 +19,24 @@ gpu_install() {
   fi
   $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 }
+# gpu_cli_tp_check DIR: the builtin model through `xlaserve generate` at tp 1 and 2 (4 greedy
+# prompts); logs in DIR, and one line "CLI greedy token ids tp2 == tp1: True|False ..." printed
+# and written to DIR/cli.txt.
+gpu_cli_tp_check() {
+  $PY - > /tmp/in.jsonl <<'PY'
+import json
+for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", "Once upon a time"]):
+    print(json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": 24, "temperature": 0}))
+PY
+  for tp in 1 2; do
+    timeout -s ABRT -k 5 120 $PY -m xlaserve generate --model builtin:tiny --dtype float32 \
+      --tensor-parallel-size $tp --input /tmp/in.jsonl --output "/tmp/cli_tp$tp.jsonl" \
+      > "$1/cli_tp$tp.log" 2>&1
+    echo "=== cli tp$tp rc=$?"
+  done
+  $PY - <<'PY' | tee "$1/cli.txt"
+import json
+t = {tp: {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in open(f"/tmp/cli_tp{tp}.jsonl")} for tp in (1, 2)}
+print("CLI greedy token ids tp2 == tp1:", t[1] == t[2], "prompts", len(t[1]))
+PY
+}

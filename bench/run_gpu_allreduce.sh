@@ -59,20 +59,9 @@ timeout -s ABRT -k 5 200 $PY bench/tp_scaling.py --tp 2 --decode-batches 1 --all
   --no-prefill --child-timeout 180 --out "$R/tp_xla.json" > "$R/tp_xla.log" 2>&1
 echo "=== tp_scaling xla rc=$? at $((SECONDS - T0))s"; grep "decode B=1" "$R/tp_xla.log"
 fi
-$PY - > /tmp/in.jsonl <<'PY'
-import json
-for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", "Once upon a time"]):
-    print(json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": 24, "temperature": 0}))
-PY
-for tp in 1 2; do
-  timeout -s ABRT -k 5 120 $PY -m xlaserve generate --model builtin:tiny --dtype float32 \
-    --tensor-parallel-size $tp --input /tmp/in.jsonl --output "/tmp/cli_tp$tp.jsonl" > /tmp/cli_tp$tp.log 2>&1
-  echo "=== cli tp$tp rc=$?"
-done
+gpu_cli_tp_check "$R"
 $PY - "$R" <<'PY' | tee "$R/summary.txt"
 import json, sys
-t = {tp: {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in open(f"/tmp/cli_tp{tp}.jsonl")} for tp in (1, 2)}
-print("CLI greedy token ids tp2 (kernel) == tp1:", t[1] == t[2], "prompts", len(t[1]))
 for n in ("tp_custom", "tp_unfused", "tp_xla"):
     try:
         rep = json.load(open(f"{sys.argv[1]}/{n}.json"))

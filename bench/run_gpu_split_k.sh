@@ -41,21 +41,7 @@ if [ -n "${FORCE_TILE:-}" ] && left; then
   echo "=== forced tile rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/tp2_tile.log" | head -2
 fi
 if [ -n "${CLI:-}" ] && left; then  # the builtin model through the CLI: tp 2 == tp 1 greedy?
-  $PY - > /tmp/in.jsonl <<'PY'
-import json
-for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", "Once upon a time"]):
-    print(json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": 24, "temperature": 0}))
-PY
-  for tp in 1 2; do
-    timeout -s ABRT -k 5 120 $PY -m xlaserve generate --model builtin:tiny --dtype float32 \
-      --tensor-parallel-size $tp --input /tmp/in.jsonl --output "/tmp/cli_tp$tp.jsonl" > "$R/cli_tp$tp.log" 2>&1
-    echo "=== cli tp$tp rc=$?"
-  done
-  $PY - <<'PY' | tee "$R/cli.txt"
-import json
-t = {tp: {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in open(f"/tmp/cli_tp{tp}.jsonl")} for tp in (1, 2)}
-print("CLI greedy token ids tp2 == tp1:", t[1] == t[2], "prompts", len(t[1]))
-PY
+  gpu_cli_tp_check "$R"
 fi
 $PY - "$R" <<'PY' | tee "$R/summary.txt"
 import glob, json, os, sys

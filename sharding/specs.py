@@ -258,14 +258,13 @@ class ShardedRowParallel:
         fused = self.uses_fused_kernel(out_shape, dt)
         reduce = (self.all_reduce if self.all_reduce is not None
                   else functools.partial(jax.lax.psum, axis_name=MODEL_AXIS))
+
         def body(residual, x, kernel, scale):
-            if fused and self.split_k > 1:  # f32 [S, T, D]: summed inside the kernel
-                part = split_k_contract(x, kernel, n_in, self.split_k)
+            if fused:  # this device's partial sum, as f32 split-K partials [S, T, D] or [T, D]
+                part = (split_k_contract(x, kernel, n_in, self.split_k) if self.split_k > 1
+                        else contract(x, kernel, n_in, dt))
                 return self.all_reduce.add_rms_norm(part, residual, scale, eps)
-            part = contract(x, kernel, n_in, dt)  # [T, D] this device's partial sum
-            if fused:
-                return self.all_reduce.add_rms_norm(part, residual, scale, eps)
-            return add_rms_norm(residual, reduce(part), scale, eps)
+            return add_rms_norm(residual, reduce(contract(x, kernel, n_in, dt)), scale, eps)
 
         fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep),
                         out_specs=(rep, rep))
@@ -342,13 +341,13 @@ def describe_all_reduce(mesh: Mesh | None, row_parallel_fn: ShardedRowParallel |
     if custom_all_reduce.fits_add_rms_norm((1, hidden), cfg.dtype):
         fused = (f"fused with the residual add and RMSNorm for steps of up to "
                  f"{custom_all_reduce.MAX_CTAS} tokens, ")
+        if row_parallel_fn.split_k > 1:
+            fused += (f"summing the product's split-K partials itself (up to "
+                      f"{row_parallel_fn.split_k}), ")
     else:
         fused = (f"then the residual add and RMSNorm (hidden {hidden} {cfg.dtype} does not fit "
                  f"the fused kernel: rows of at most {custom_all_reduce.CHUNK_BYTES} bytes, a "
                  f"multiple of 16), ")
-    if row_parallel_fn.split_k > 1 and "fused with" in fused:
-        fused += (f"summing the product's split-K partials itself (up to "
-                  f"{row_parallel_fn.split_k}), ")
     return (f"xlaserve's kernel for messages up to "
             f"{custom_all_reduce.MAX_MESSAGE_BYTES >> 10} KiB per device (decode-sized steps), "
             + fused + "XLA's collective above"

@@ -208,16 +208,12 @@ def _tiny_cfg(**overrides):
     return ModelConfig(**{**fields, **overrides})
 
 
-@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
-def test_model_through_the_fused_path() -> None:
-    """The whole decoder with the fused hook (fake kernel = psum) equals psum mode: every norm
-    after a row-parallel projection takes the fused path (2 per layer: each layer's
-    post_attn_norm and the next input_norm, the last one final_norm), the first input_norm none."""
-    import functools
-
+def _tp2_model():
+    """The tiny decoder on a 2-device plan: (cfg, plan, run), run(rp) -> (hidden states through
+    forward_hidden with row-parallel hook rp, the fake kernel's calls)."""
     from xlaserve.runtime.config import ParallelConfig
     from xlaserve.runtime.models import llama
-    from xlaserve.sharding.specs import ShardedRowParallel, ShardingPlan
+    from xlaserve.sharding.specs import ShardingPlan
 
     cfg = _tiny_cfg()
     plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=2),
@@ -226,14 +222,28 @@ def test_model_through_the_fused_path() -> None:
                      out_shardings=plan.param_shardings)(jax.random.key(0))
     inputs = llama._dummy_step(cfg)[0]
     cache = plan.init_kv_cache(4, 4)
+
+    def run(rp):
+        _FAKE_CALLS.clear()
+        hidden = jax.jit(functools.partial(
+            llama.forward_hidden, cfg=cfg, attention_fn=plan.attention_fn,
+            row_parallel_fn=rp))(params, inputs, cache)[0]
+        return hidden, list(_FAKE_CALLS)
+    return cfg, plan, run
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
+def test_model_through_the_fused_path() -> None:
+    """The whole decoder with the fused hook (fake kernel = psum) equals psum mode: every norm
+    after a row-parallel projection takes the fused path (2 per layer: each layer's
+    post_attn_norm and the next input_norm, the last one final_norm), the first input_norm none."""
+    from xlaserve.sharding.specs import ShardedRowParallel
+
+    cfg, plan, run = _tp2_model()
     outs = {}
     for name, rp in (("fake", ShardedRowParallel(plan.mesh, cfg, _FakeKernel())),
                      ("psum", plan.with_all_reduce("psum").row_parallel_fn)):
-        _FAKE_CALLS.clear()
-        outs[name] = jax.jit(functools.partial(
-            llama.forward_hidden, cfg=cfg, attention_fn=plan.attention_fn,
-            row_parallel_fn=rp))(params, inputs, cache)[0]
-        outs[name + "_calls"] = list(_FAKE_CALLS)
+        outs[name], outs[name + "_calls"] = run(rp)
     assert outs["fake_calls"] == ["add_rms_norm", "partials4"] * (2 * cfg.num_layers)
     assert outs["psum_calls"] == []
     np.testing.assert_allclose(np.asarray(outs["fake"]), np.asarray(outs["psum"]), rtol=1e-6,
@@ -244,28 +254,13 @@ def test_model_through_the_fused_path() -> None:
 def test_model_with_split_k_partials() -> None:
     """split_k 4: o_proj and down_proj reach the fused kernel as float32 partials [4, T, D] (one
     per quarter of the local contraction) and the hidden states equal psum mode's."""
-    import dataclasses
-    import functools
+    from xlaserve.sharding.specs import ShardedRowParallel, split_k_contract
 
-    from xlaserve.runtime.config import ParallelConfig
-    from xlaserve.runtime.models import llama
-    from xlaserve.sharding.specs import ShardedRowParallel, ShardingPlan, split_k_contract
-
-    cfg = _tiny_cfg()
-    plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=2),
-                               devices=jax.devices()[:2], attention_impl="reference")
-    params = jax.jit(functools.partial(llama.init_params, cfg),
-                     out_shardings=plan.param_shardings)(jax.random.key(0))
-    inputs = llama._dummy_step(cfg)[0]
-    cache = plan.init_kv_cache(4, 4)
+    cfg, plan, run = _tp2_model()
     rp = dataclasses.replace(ShardedRowParallel(plan.mesh, cfg, _FakeKernel()), split_k=4)
-    _FAKE_CALLS.clear()
-    got = jax.jit(functools.partial(llama.forward_hidden, cfg=cfg, attention_fn=plan.attention_fn,
-                                    row_parallel_fn=rp))(params, inputs, cache)[0]
-    assert _FAKE_CALLS == ["add_rms_norm", "partials4"] * (2 * cfg.num_layers)
-    want = jax.jit(functools.partial(
-        llama.forward_hidden, cfg=cfg, attention_fn=plan.attention_fn,
-        row_parallel_fn=plan.with_all_reduce("psum").row_parallel_fn))(params, inputs, cache)[0]
+    got, calls = run(rp)
+    assert calls == ["add_rms_norm", "partials4"] * (2 * cfg.num_layers)
+    want, _ = run(plan.with_all_reduce("psum").row_parallel_fn)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     # S is the largest divisor of the contraction up to split_k; the partials sum to the product
     x, w = jnp.ones((3, 2, 5), jnp.float32), jnp.arange(10 * 4, dtype=jnp.float32).reshape(2, 5, 4)
