@@ -33,8 +33,7 @@ from typing import Any
 import common  # noqa: F401  (first: xlaserve's XLA flags)
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+from xlaserve.pallas_kernels.skinny_gemm import SkinnyGemmConfig, skinny_gemm
 
 H, NQ, NKV, HD, INTER, VOCAB = 4096, 32, 8, 128, 14336, 128256  # Llama 3.1 8B
 
@@ -42,13 +41,14 @@ H, NQ, NKV, HD, INTER, VOCAB = 4096, 32, 8, 128, 14336, 128256  # Llama 3.1 8B
 def shapes(tps: list[int]) -> list[dict[str, Any]]:
     out = []
     for tp in tps:
-        for name, k, n, m in (("qkv", H, (NQ + 2 * NKV) * HD // tp, 16),
-                              ("o", NQ * HD // tp, H, 16),
-                              ("gate_up", H, 2 * INTER // tp, 16),
-                              ("down", INTER // tp, H, 16),
-                              ("lm_head", H, VOCAB // tp, 8)):
-            out.append({"name": f"{name}_tp{tp}", "tp": tp, "m": m, "k": k, "n": n,
-                        "layer": name != "lm_head"})
+        for name, k, ns, m in (("qkv", H, (NQ * HD // tp, NKV * HD // tp, NKV * HD // tp), 16),
+                               ("o", NQ * HD // tp, (H,), 16),
+                               ("gate_up", H, (2 * INTER // tp,), 16),
+                               ("down", INTER // tp, (H,), 16),
+                               ("lm_head", H, (VOCAB // tp,), 8)):
+            # ns: the widths of the weights one launch reads (q, k, v: three, side by side)
+            out.append({"name": f"{name}_tp{tp}", "tp": tp, "m": m, "k": k, "n": sum(ns),
+                        "ns": list(ns), "layer": name != "lm_head"})
     return out
 
 
@@ -87,50 +87,27 @@ def xla_choice(text: str) -> list[str]:
     return sorted(set(f"{m.group(1)}={m.group(2)}" for m in _XLA_TILE.finditer(text)))
 
 
-# ------------------------------------------------------------------ Pallas skinny GEMM (prototype)
+# ------------------------------------------------------------------ Pallas skinny GEMM
 
-def _params(num_warps: int, num_stages: int):
-    cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-    return cls(num_warps=num_warps, num_stages=num_stages)
-
-
-def pallas_skinny(x: jax.Array, w: jax.Array, *, bn: int, bk: int, split: int, warps: int,
-                  stages: int) -> jax.Array:
-    """x [M, K] @ w [K, N] -> [M, N] in x's dtype: grid (N / bn, split); each program walks its
-    K / split rows of w in bk steps; f32 partials [split, M, N] summed by XLA."""
-    m, k = x.shape
-    n = w.shape[1]
-    ks = k // split
-    steps = ks // bk
-
-    def kernel(x_ref, w_ref, o_ref):
-        def body(i, acc):
-            xs = x_ref[:, pl.ds(i * bk, bk)]
-            ws = w_ref[pl.ds(i * bk, bk), :]
-            return acc + jax.lax.dot_general(xs, ws, (((1,), (0,)), ((), ())),
-                                             preferred_element_type=jnp.float32)
-        o_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros((m, bn), jnp.float32))
-
-    part = pl.pallas_call(
-        kernel, grid=(n // bn, split),
-        in_specs=[pl.BlockSpec((m, ks), lambda j, s: (0, s)),
-                  pl.BlockSpec((ks, bn), lambda j, s: (s, j))],
-        out_specs=pl.BlockSpec((None, m, bn), lambda j, s: (s, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((split, m, n), jnp.float32),
-        compiler_params=_params(warps, stages))(x, w)
-    return part.sum(axis=0).astype(x.dtype)
+def pallas_gemm(x: jax.Array, ws: tuple[jax.Array, ...], cfg: SkinnyGemmConfig) -> jax.Array:
+    """x [M, K] @ the weights side by side, as the model runs it: the kernel's f32 partials
+    summed by XLA, in x's dtype."""
+    return skinny_gemm(x, ws, config=cfg).sum(axis=0).astype(x.dtype)
 
 
-def pallas_tiles(m: int, k: int, n: int, quick: bool) -> list[dict[str, int]]:
+def pallas_tiles(m: int, k: int, ns: tuple[int, ...], quick: bool) -> list[SkinnyGemmConfig]:
     out = []
+    n = sum(ns)
     for bn, bk, split, stages in itertools.product((32, 64, 128), (64, 128, 256), (1, 2, 4, 8),
-                                                   (3, 4)):
+                                                   (3, 4, 5)):
         ctas = (n // bn) * split
-        if n % bn or k % (split * bk) or not 120 <= ctas <= 1100 or k // split // bk < 2:
+        if any(x % bn for x in ns) or k % (split * bk) or not 96 <= ctas <= 1100 \
+                or k // split // bk < 2:
             continue
-        if quick and (bk == 64 or stages == 3):
+        if quick and (bk == 64 or stages != 4):
             continue
-        out.append({"bn": bn, "bk": bk, "split": split, "warps": 4, "stages": stages})
+        out.append(SkinnyGemmConfig(block_n=bn, block_k=bk, num_splits=split, num_warps=4,
+                                    num_stages=stages))
     return out
 
 
@@ -161,7 +138,7 @@ def run_shape(s: dict[str, Any], args) -> dict[str, Any]:
         compiler_options={"xla_gpu_dot_merger_threshold_mb": "0"})
     res["xla_hot_us"] = per_gemm(hot, hot_ws)
     res["xla_hot_tile"] = xla_choice(hot.as_text())
-    for tile in candidate_tiles(m, k, n, args.quick):
+    for tile in ([] if args.no_forced else candidate_tiles(m, k, n, args.quick)):
         text = tile_text(*tile)
         try:
             c = fn.lower(xs, ws).compile(
@@ -172,19 +149,23 @@ def run_shape(s: dict[str, Any], args) -> dict[str, Any]:
             continue
         res["forced"].append({"tile": text, "us": us})
     if not args.no_pallas:
-        for t in pallas_tiles(m, k, n, args.quick):
-            pf = jax.jit(lambda xs, ws, t=t: tuple(pallas_skinny(x, w, **t)
-                                                   for x, w in zip(xs, ws)))
+        ns = tuple(s["ns"])
+        bounds = [0, *itertools.accumulate(ns)]
+        parts = tuple(tuple(w[:, a:b] for a, b in zip(bounds, bounds[1:])) for w in ws)
+        for t in pallas_tiles(m, k, ns, args.quick):
+            pf = jax.jit(lambda xs, ps, t=t: tuple(pallas_gemm(x, p, t) for x, p in zip(xs, ps)))
+            tile = {f: getattr(t, f) for f in ("block_n", "block_k", "num_splits", "num_warps",
+                                                "num_stages")}
             try:
-                c = pf.lower(xs, ws).compile()
-                out0 = c(xs, ws)[0]
+                c = pf.lower(xs, parts).compile()
+                out0 = c(xs, parts)[0]
                 err = float(jnp.max(jnp.abs(out0.astype(jnp.float32) - ref))
                             / jnp.max(jnp.abs(ref)))
-                us = per_gemm(c, ws)
+                us = per_gemm(c, parts)
             except Exception as e:  # noqa: BLE001
-                res["pallas"].append({**t, "error": str(e)[:200]})
+                res["pallas"].append({**tile, "error": str(e)[:200]})
                 continue
-            res["pallas"].append({**t, "us": us, "max_rel_err": err})
+            res["pallas"].append({**tile, "us": us, "max_rel_err": err})
     ok = [f for f in res["forced"] if "us" in f]
     res["best_forced"] = min(ok, key=lambda f: f["us"]) if ok else None
     okp = [f for f in res["pallas"] if "us" in f]
@@ -203,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated shape names")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-pallas", action="store_true")
+    p.add_argument("--no-forced", action="store_true", help="skip the forced XLA tiles")
+    p.add_argument("--write-table", default=None,
+                   help="write the skinny GEMM tuning table (pallas_kernels/"
+                        "skinny_gemm_tuning.json format): shapes where the kernel beat XLA by "
+                        ">= --min-gain")
+    p.add_argument("--min-gain", type=float, default=0.03)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     report: dict[str, Any] = {**common.device_info(), "shapes": []}
@@ -219,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({gbps(r['weight_mb'], r['xla_cold_us']):.2f} TB/s)  hot {r['xla_hot_us']:7.2f}  "
               f"forced best {bf.get('us', float('nan')):7.2f} [{bf.get('tile')}]  "
               f"pallas best {bp.get('us', float('nan')):7.2f} "
-              f"[{ {k: bp.get(k) for k in ('bn', 'bk', 'split', 'stages')} }]  "
+              f"[{ {k: bp.get(k) for k in ('block_n', 'block_k', 'num_splits', 'num_stages')} }]  "
               f"xla tile {r['xla_tile']}  ({r['seconds']:.0f} s)", flush=True)
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
@@ -244,7 +231,32 @@ def main(argv: list[str] | None = None) -> int:
                   f"{xla:.2f} [{best}]")
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
+    if args.write_table:
+        write_table(report, args)
     return 0
+
+
+def write_table(report: dict[str, Any], args) -> None:
+    """The tuning table: each shape's fastest tile where it beat XLA's GEMM by >= min_gain."""
+    entries = []
+    for r in report["shapes"]:
+        bp = r.get("best_pallas")
+        if not bp or bp["us"] > (1 - args.min_gain) * r["xla_cold_us"]:
+            continue
+        entries.append({"name": r["name"], "k": r["k"], "n": r["n"], "dtype": "bfloat16",
+                        **{f: bp[f] for f in ("block_n", "block_k", "num_splits", "num_warps",
+                                              "num_stages")},
+                        "us": round(bp["us"], 2), "xla_us": round(r["xla_cold_us"], 2)})
+    table = {
+        "what": ("Tiles of pallas_kernels/skinny_gemm.py for decode-sized GEMMs, keyed by (K, N "
+                 "= the weights' total width); only shapes where the kernel beat XLA's GEMM by "
+                 f">= {args.min_gain:.0%} (per GEMM, cold weights, each with its split-K sum)."),
+        "device": report.get("device_kind") or report.get("device"), "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
+        "max_rows": 16, "entries": entries}
+    with open(args.write_table, "w") as f:
+        json.dump(table, f, indent=1)
+    print(f"wrote {args.write_table}: {[e['name'] for e in entries]}")
 
 
 if __name__ == "__main__":

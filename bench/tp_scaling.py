@@ -110,7 +110,8 @@ def make_step_fn(cfg: ModelConfig, plan: ShardingPlan):
     """The jitted step: forward + greedy on device -> (tokens i32[S], top2 f32[S, 2], cache)."""
     def step(params: Any, inputs: StepInputs, cache: llama.KVCache):
         logits, cache = llama.forward(params, inputs, cache, cfg, attention_fn=plan.attention_fn,
-                                      row_parallel_fn=plan.row_parallel_fn)
+                                      row_parallel_fn=plan.row_parallel_fn,
+                                      project_fn=plan.project_fn)
         top2 = jax.lax.top_k(logits, 2)[0]  # [S, 2]
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), top2, cache
 
@@ -125,13 +126,14 @@ class Runner:
 
     def __init__(self, cfg: ModelConfig, tp: int, num_pages: int, page_size: int,
                  impl: str, copies: int = 1, all_reduce: str = "auto",
-                 split_k: int | None = None) -> None:
+                 split_k: int | None = None, decode_gemm: str = "auto") -> None:
         self.plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
                                         attention_impl=impl).with_all_reduce(all_reduce)
         rp = self.plan.row_parallel_fn
         if rp is not None and split_k is not None:  # A/B: split-K partials summed in the kernel
             self.plan = dataclasses.replace(
                 self.plan, row_parallel_fn=dataclasses.replace(rp, split_k=split_k))
+        self.plan = self.plan.with_decode_gemm(decode_gemm)
         # The key is made inside the program: no array crosses devices before the step (a
         # single-device key put onto the mesh stalled on one 2 x H200 host, BENCHMARKS.md).
         self.params = jax.jit(lambda: llama.init_params(cfg, jax.random.key(0)),
@@ -229,7 +231,7 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
     pages_per_seq = math.ceil(longest / page_size)
     num_pages = 1 + max(max(args.decode_batches), 1) * pages_per_seq
     r = Runner(cfg, tp, num_pages, page_size, args.attention_impl, args.program_copies,
-               args.all_reduce, args.split_k)
+               args.all_reduce, args.split_k, args.decode_gemm)
     q = r.params["layers_0"]["attn"]["q_proj"]["kernel"]
     rng = np.random.default_rng(1)
     kw = dict(page_size=page_size, pages_per_seq=pages_per_seq, rng=rng, vocab=cfg.vocab_size)
@@ -240,6 +242,8 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         "kv_cache_spec": str(r.plan.kv_sharding.spec),
         "all_reduce": args.all_reduce, "fused_norm": not args.no_fused_norm,
         "split_k": getattr(r.plan.row_parallel_fn, "split_k", None),
+        "decode_gemm": args.decode_gemm,
+        "skinny_gemm_table": os.environ.get("XLASERVE_SKINNY_GEMM_TABLE") or "default",
         "row_parallel": ("xla collective" if r.plan.row_parallel_fn is None else
                          "psum under shard_map" if r.plan.row_parallel_fn.all_reduce is None
                          else "xlaserve kernel (decode-sized" + (
@@ -423,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-k", type=int, default=None,
                    help="o_proj / down_proj as explicit split-K partials summed in the fused "
                         "all-reduce (default: the plan's)")
+    p.add_argument("--decode-gemm", default="auto",
+                   choices=["auto", "xla", "pallas", "pallas_interpret"],
+                   help="q/k/v, o and down products of decode-sized steps: the Pallas skinny "
+                        "GEMM (auto: for the measured table's shapes) or XLA's")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--spread-steps", type=int, default=20)

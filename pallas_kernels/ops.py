@@ -11,16 +11,29 @@ available raises RuntimeError: the dispatcher never falls back silently.
 `write_kv_pages` has two implementations: "xla" (an XLA scatter, in place under donation) and
 "pallas" (a Pallas kernel with input_output_aliases). "auto" takes the one measured faster on the
 GPU for the step's token count (`write_impl_for`; bench/NOTES_attention.md).
+
+`skinny_gemm_config` picks, for a decode-sized projection, the Pallas skinny GEMM's tiles or None
+(XLA's GEMM): mode "auto" takes the kernel on GPU for shapes of the measured table
+(skinny_gemm_tuning.json) only, "pallas" / "pallas_interpret" for any shape the tiles divide,
+"xla" never. Each choice is logged once per shape. XLASERVE_SKINNY_GEMM_TABLE names another
+table file (a sweep's output).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from xlaserve.pallas_kernels import ragged_paged_attention as rpa
+from xlaserve.pallas_kernels.skinny_gemm import SkinnyGemmConfig
 
 log = logging.getLogger(__name__)
 
@@ -141,3 +154,75 @@ def write_kv_pages(k_pages: jax.Array, v_pages: jax.Array, k_new: jax.Array, v_n
         return rpa.write_kv_pages_reference(k_pages, v_pages, k_new, v_new, slot_mapping)
     return rpa.write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping,
                               interpret=chosen == "pallas_interpret")
+
+
+# ------------------------------------------------------------------------------- skinny GEMM
+
+SKINNY_GEMM_MODES = ("auto", "xla", "pallas", "pallas_interpret")
+SKINNY_GEMM_TABLE = Path(__file__).with_name("skinny_gemm_tuning.json")
+
+
+@functools.lru_cache(maxsize=None)
+def skinny_gemm_table(path: str | None = None,
+                      ) -> tuple[int, dict[tuple[int, int, str], SkinnyGemmConfig]]:
+    """(max_rows, {(K, N, dtype): SkinnyGemmConfig}) from the measured table."""
+    data = json.loads(Path(path or SKINNY_GEMM_TABLE).read_text())
+    table = {(e["k"], e["n"], e["dtype"]): SkinnyGemmConfig(
+        block_n=e["block_n"], block_k=e["block_k"], num_splits=e["num_splits"],
+        num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in data["entries"]}
+    return int(data["max_rows"]), table
+
+
+def default_skinny_gemm_config(k: int, ns: Sequence[int]) -> SkinnyGemmConfig | None:
+    """Tiles for a shape missing from the table (modes "pallas" / "pallas_interpret"): the
+    widest block_n (<= 64) dividing every N, block_k 128 (or less), and splits until the grid
+    has >= 128 programs; None when no power-of-two tile >= 16 divides the shape."""
+    bn = next((b for b in (64, 32, 16) if all(n % b == 0 for n in ns)), None)
+    bk = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
+    if bn is None or bk is None:
+        return None
+    split = 1
+    while sum(ns) // bn * split < 128 and k % (2 * split * bk) == 0:
+        split *= 2
+    return SkinnyGemmConfig(block_n=bn, block_k=bk, num_splits=split)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_gemm_choice(mode: str, shape: str, choice: str) -> None:
+    log.info("skinny_gemm (mode %r) for %s: %s", mode, shape, choice)
+
+
+def skinny_gemm_config(m: int, k: int, ns: Sequence[int], dtype: Any, mode: str = "auto",
+                       platform: str | None = None) -> SkinnyGemmConfig | None:
+    """The kernel's tiles for x [m, k] times weights [k, n] (n in `ns`), or None: XLA's GEMM.
+
+    Raises:
+      ValueError: an unknown mode. RuntimeError: mode "pallas" off GPU.
+    """
+    if mode not in SKINNY_GEMM_MODES:
+        raise ValueError(f"skinny_gemm mode={mode!r}: must be one of {SKINNY_GEMM_MODES}")
+    platform = _platform(platform)
+    if mode == "pallas" and platform != "gpu":
+        raise RuntimeError(f"skinny_gemm mode='pallas' needs an NVIDIA GPU (platform is "
+                           f"{platform!r}); 'pallas_interpret' runs anywhere")
+    ns = tuple(int(n) for n in ns)
+    shape = f"[{m}, {k}] x [{k}, {'+'.join(map(str, ns))}] {jnp.dtype(dtype).name}"
+    if mode == "xla" or (mode == "auto" and platform != "gpu"):
+        return None
+    # XLASERVE_SKINNY_GEMM_TABLE: another table (a sweep's output, bench/gemm_decode.py)
+    max_rows, table = skinny_gemm_table(os.environ.get("XLASERVE_SKINNY_GEMM_TABLE") or None)
+    cfg = table.get((k, sum(ns), jnp.dtype(dtype).name))
+    if cfg is not None and cfg.fits(k, ns) is not None:
+        cfg = None  # the weights split at other widths than the table's entry
+    if mode == "auto":
+        if m > max_rows or cfg is None:
+            why = (f"{m} rows > {max_rows}" if m > max_rows
+                   else "no measured entry in skinny_gemm_tuning.json")
+            _log_gemm_choice(mode, shape, f"XLA's GEMM ({why})")
+            return None
+    elif cfg is None:
+        cfg = default_skinny_gemm_config(k, ns)
+        if cfg is None:
+            raise ValueError(f"skinny_gemm mode={mode!r}: no tile divides {shape}")
+    _log_gemm_choice(mode, shape, f"Pallas kernel {cfg}")
+    return cfg

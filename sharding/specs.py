@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -33,10 +33,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xlaserve.pallas_kernels import ops
+from xlaserve.pallas_kernels.skinny_gemm import skinny_gemm
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
-from xlaserve.runtime.models.layers import add_rms_norm, contract
+from xlaserve.runtime.models.layers import Deferred, add_rms_norm, contract
 from xlaserve.sharding import all_reduce as custom_all_reduce
 from xlaserve.sharding.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, validate_model
 from xlaserve.sharding.rules import (
@@ -232,6 +233,10 @@ class ShardedRowParallel:
     # measured on 2 x H200, 8B decode B=1 at tp 2: 3.201 ms against 3.314 with 1 and 3.232
     # with 8 (bench/results/session11_h200x2/call2_split_k).
     split_k: int = 4
+    # ops.skinny_gemm_config's mode for the product of decode-sized steps: "auto" runs the
+    # Pallas skinny GEMM (its split-K partials go to the fused kernel as they are) for shapes of
+    # its measured table, XLA's GEMM otherwise.
+    gemm_mode: str = "auto"
 
     def uses_kernel(self, out_shape: tuple[int, ...], dtype: Any) -> bool:
         """True when a product of this output shape runs through the kernel."""
@@ -258,17 +263,97 @@ class ShardedRowParallel:
         fused = self.uses_fused_kernel(out_shape, dt)
         reduce = (self.all_reduce if self.all_reduce is not None
                   else functools.partial(jax.lax.psum, axis_name=MODEL_AXIS))
+        local = local_shape(kernel.shape, kernel_spec, self.mesh)
+        k_local, d = int(np.prod(local[:n_in])), int(np.prod(local[n_in:]))
+        gemm = ops.skinny_gemm_config(out_shape[0], k_local, (d,), dt, self.gemm_mode)
+        interpret = self.gemm_mode == "pallas_interpret"
+
+        def partials(x, kernel):  # f32 [S, T, *out] (the Pallas skinny GEMM)
+            parts = skinny_gemm(x.reshape(x.shape[0], k_local), (kernel.reshape(k_local, d),),
+                                config=gemm, interpret=interpret)
+            return parts.reshape(parts.shape[:2] + kernel.shape[n_in:])
 
         def body(residual, x, kernel, scale):
             if fused:  # this device's partial sum, as f32 split-K partials [S, T, D] or [T, D]
-                part = (split_k_contract(x, kernel, n_in, self.split_k) if self.split_k > 1
-                        else contract(x, kernel, n_in, dt))
+                if gemm is not None:
+                    part = partials(x, kernel)
+                elif self.split_k > 1:
+                    part = split_k_contract(x, kernel, n_in, self.split_k)
+                else:
+                    part = contract(x, kernel, n_in, dt)
                 return self.all_reduce.add_rms_norm(part, residual, scale, eps)
-            return add_rms_norm(residual, reduce(contract(x, kernel, n_in, dt)), scale, eps)
+            product = (partials(x, kernel).sum(axis=0).astype(dt) if gemm is not None
+                       else contract(x, kernel, n_in, dt))
+            return add_rms_norm(residual, reduce(product), scale, eps)
 
         fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep),
                         out_specs=(rep, rep))
         return fn(residual, x, kernel, scale)
+
+
+def local_shape(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> tuple[int, ...]:
+    """The shape of one device's block of an array of `shape` laid out as `spec` on `mesh`."""
+    out = list(shape)
+    for i, axes in enumerate(spec):
+        for axis in (axes if isinstance(axes, tuple) else (axes,)):
+            if axis is not None:
+                out[i] //= mesh.shape[axis]
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeProjection:
+    """A `layers.ProjectFn`: q_proj, k_proj and v_proj of a decode-sized step as one launch of
+    the Pallas skinny GEMM on each device's slices of the three kernels (under shard_map on a
+    mesh; the column-parallel kernels need no collective), where `ops.skinny_gemm_config` picks
+    it for the local shapes (mode "auto": the measured table). Otherwise each product is the
+    plain contraction (the partitioner splits it as before).
+
+    The kernel's float32 split-K partials are summed and rounded to the model dtype here; XLA
+    fuses that sum into the consumers (RoPE, the K/V write). `mesh` None: one device, no
+    shard_map. Frozen and hashable: a static part of the jitted step.
+    """
+
+    mesh: Mesh | None
+    model_cfg: ModelConfig
+    mode: str = "auto"
+
+    def __call__(self, products: Sequence[Deferred], dtype: Any) -> tuple[jax.Array, ...]:
+        x = products[0].x
+        n_in = len(products[0].in_axes)
+        if any(p.x is not x or len(p.in_axes) != n_in for p in products):
+            raise ValueError("DecodeProjection: the products must share one input x")
+        rules = None if self.mesh is None else mesh_rules(self.model_cfg, self.mesh)
+        specs = [PartitionSpec() if rules is None
+                 else logical_to_spec((*p.in_axes, *p.out_axes), rules) for p in products]
+        locals_ = [p.kernel.shape if self.mesh is None
+                   else local_shape(p.kernel.shape, spec, self.mesh)
+                   for p, spec in zip(products, specs)]
+        k = int(np.prod(x.shape[x.ndim - n_in:]))
+        ns = [int(np.prod(shape[n_in:])) for shape in locals_]
+        gemm = ops.skinny_gemm_config(x.shape[0], k, ns, x.dtype, self.mode)
+        if gemm is None:
+            return tuple(p.compute(dtype) for p in products)
+        interpret = self.mode == "pallas_interpret"
+
+        def body(x, *kernels):
+            t = x.shape[0]
+            parts = skinny_gemm(x.reshape(t, k), tuple(w.reshape(k, -1) for w in kernels),
+                                config=gemm, interpret=interpret)
+            y = parts.sum(axis=0).astype(dtype)  # [T, sum N]
+            outs, start = [], 0
+            for w, n in zip(kernels, ns):
+                outs.append(y[:, start:start + n].reshape(t, *w.shape[n_in:]))
+                start += n
+            return tuple(outs)
+
+        kernels = [p.kernel for p in products]
+        if self.mesh is None:
+            return body(x, *kernels)
+        x_spec = logical_to_spec(("tokens", *products[0].in_axes), rules)
+        out_specs = tuple(logical_to_spec(("tokens", *p.out_axes), rules) for p in products)
+        fn = _shard_map(body, self.mesh, in_specs=(x_spec, *specs), out_specs=out_specs)
+        return fn(x, *kernels)
 
 
 def split_k_contract(x: jax.Array, kernel: jax.Array, n_in: int, splits: int) -> jax.Array:
@@ -354,6 +439,13 @@ def describe_all_reduce(mesh: Mesh | None, row_parallel_fn: ShardedRowParallel |
             + (f"; {' and '.join(biased)} (with a bias) use XLA's collective" if biased else ""))
 
 
+def uses_decode_gemm(mode: str, platform: str | None = None) -> bool:
+    """False where `mode` never picks the Pallas skinny GEMM ("xla"; "auto" off GPU)."""
+    if mode == "xla":
+        return False
+    return mode != "auto" or ops._platform(platform) == "gpu"
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ShardingPlan:
     """Everything the engine needs to run one model on one mesh.
@@ -367,7 +459,8 @@ class ShardingPlan:
       input_sharding: sharding of StepInputs arrays and of sampled outputs (replicated).
       attention_fn: pass as ``llama.forward(..., attention_fn=plan.attention_fn)``.
       row_parallel_fn: pass as ``llama.forward(..., row_parallel_fn=...)``; None (XLA's
-        collectives) unless set by `with_all_reduce`.
+        collectives) unless set by `with_all_reduce` (or `with_decode_gemm` at tp=1).
+      project_fn: pass as ``llama.forward(..., project_fn=...)``; set by `with_decode_gemm`.
     """
 
     mesh: Mesh
@@ -378,6 +471,23 @@ class ShardingPlan:
     input_sharding: NamedSharding
     attention_fn: ShardedAttention
     row_parallel_fn: ShardedRowParallel | None = None
+    project_fn: DecodeProjection | None = None
+
+    def with_decode_gemm(self, mode: str) -> ShardingPlan:
+        """This plan with decode-sized q/k/v products, and o_proj / down_proj, through the
+        Pallas skinny GEMM where `mode` picks it (`ops.skinny_gemm_config`: "auto" the measured
+        table on GPU; "xla" XLA's GEMMs). Call after `with_all_reduce`. At tp=1 o_proj /
+        down_proj get a row-parallel hook without collective (psum over one device)."""
+        if mode not in ops.SKINNY_GEMM_MODES:
+            raise ValueError(f"decode_gemm={mode!r}: must be one of {ops.SKINNY_GEMM_MODES}")
+        row = self.row_parallel_fn
+        if row is not None:
+            row = dataclasses.replace(row, gemm_mode=mode)
+        elif self.mesh.shape[MODEL_AXIS] == 1 and uses_decode_gemm(mode):
+            row = ShardedRowParallel(self.mesh, self.model_cfg, None, gemm_mode=mode)
+        project = DecodeProjection(self.mesh, self.model_cfg, mode) if uses_decode_gemm(mode) \
+            else None
+        return dataclasses.replace(self, row_parallel_fn=row, project_fn=project)
 
     def with_all_reduce(self, mode: str) -> ShardingPlan:
         """This plan with the row-parallel all-reduce `mode` picks (`choose_row_parallel`);

@@ -95,6 +95,15 @@ class AddRMSNormFn(Protocol):
                  scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]: ...
 
 
+class ProjectFn(Protocol):
+    """Several bias-free projections of the same x ([T, *in], the `Deferred` products of q_proj,
+    k_proj and v_proj), each returned in `dtype`: one launch where the sharding code can (a
+    decode-sized step's skinny GEMM, sharding.specs.DecodeProjection)."""
+
+    def __call__(self, products: Sequence[Deferred], dtype: jnp.dtype,
+                 ) -> tuple[jax.Array, ...]: ...
+
+
 class ResidualRMSNorm(nn.Module):
     """The pre-norm block's join: x = residual + delta, then (x, rms_norm(x) * scale).
 

@@ -37,6 +37,7 @@ from xlaserve.runtime.models.layers import (
     Deferred,
     Embed,
     Projection,
+    ProjectFn,
     ResidualRMSNorm,
     RMSNorm,
     SwiGLU,
@@ -96,6 +97,7 @@ class Attention(nn.Module):
 
     cfg: ModelConfig
     attention_fn: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+    project_fn: ProjectFn | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, inputs: StepInputs, k_pages: jax.Array, v_pages: jax.Array,
@@ -103,12 +105,15 @@ class Attention(nn.Module):
         cfg, dt = self.cfg, _dtype(self.cfg)
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
-        q = Projection((d,), (n, h), ("embed",), ("q_heads", "head_dim"), dt, bias,
+        defer = self.project_fn is not None and not bias  # one hook call for q, k and v
+        q = Projection((d,), (n, h), ("embed",), ("q_heads", "head_dim"), dt, bias, defer,
                        name="q_proj")(x)  # [T, N, H]
-        k_new = Projection((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), dt, bias,
+        k_new = Projection((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), dt, bias, defer,
                            name="k_proj")(x)  # [T, K, H]
-        v_new = Projection((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), dt, bias,
+        v_new = Projection((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), dt, bias, defer,
                            name="v_proj")(x)  # [T, K, H]
+        if defer:
+            q, k_new, v_new = self.project_fn((q, k_new, v_new), dt)
         if cfg.qk_norm:
             q = RMSNorm(h, cfg.rms_norm_eps, dt, name="q_norm")(q)
             k_new = RMSNorm(h, cfg.rms_norm_eps, dt, name="k_norm")(k_new)
@@ -134,6 +139,7 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
     attention_fn: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
     row_parallel_fn: RowParallelFn | None = None
+    project_fn: ProjectFn | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, delta: jax.Array | Deferred | None, inputs: StepInputs,
@@ -143,7 +149,8 @@ class DecoderLayer(nn.Module):
         d, eps, add_norm = cfg.hidden_size, cfg.rms_norm_eps, self.row_parallel_fn
         with jax.named_scope("attention"):
             x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="input_norm")(x, delta)
-            a, k_pages, v_pages = Attention(cfg, self.attention_fn, name="attn")(
+            a, k_pages, v_pages = Attention(cfg, self.attention_fn, self.project_fn,
+                                            name="attn")(
                 h, inputs, k_pages, v_pages)
         with jax.named_scope("mlp"):
             x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="post_attn_norm")(x, a)
@@ -158,12 +165,13 @@ class Llama(nn.Module):
     cfg: ModelConfig
     attention_fn: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
     row_parallel_fn: RowParallelFn | None = None
+    project_fn: ProjectFn | None = None
 
     def setup(self) -> None:
         cfg, dt = self.cfg, _dtype(self.cfg)
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dt)
         self.layers = [DecoderLayer(cfg, self.attention_fn, self.row_parallel_fn,
-                                    name=f"layers_{i}")
+                                    self.project_fn, name=f"layers_{i}")
                        for i in range(cfg.num_layers)]
         self.final_norm = ResidualRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt,
                                           self.row_parallel_fn)
@@ -201,27 +209,29 @@ class Llama(nn.Module):
 
 
 def _model(cfg: ModelConfig, attention_impl: str, attention_fn: AttentionFn | None,
-           row_parallel_fn: RowParallelFn | None = None) -> Llama:
+           row_parallel_fn: RowParallelFn | None = None,
+           project_fn: ProjectFn | None = None) -> Llama:
     if attention_fn is None:
         attention_fn = functools.partial(paged_attention, impl=attention_impl)
-    return Llama(cfg, attention_fn, row_parallel_fn)
+    return Llama(cfg, attention_fn, row_parallel_fn, project_fn)
 
 
 def forward_hidden(params: Params, inputs: StepInputs, kv_cache: KVCache, cfg: ModelConfig, *,
                    attention_impl: str = "auto", attention_fn: AttentionFn | None = None,
                    row_parallel_fn: RowParallelFn | None = None,
-                   ) -> tuple[jax.Array, KVCache]:
+                   project_fn: ProjectFn | None = None) -> tuple[jax.Array, KVCache]:
     """Runs the decoder over all scheduled tokens; returns (final-normed hidden [T, D], cache).
 
     `attention_fn` replaces the default write-pages-then-attend step (for sharding wrappers and
     tests); `attention_impl` picks the ops.ragged_paged_attention implementation otherwise.
     `row_parallel_fn` computes o_proj and down_proj with the residual add and norm after each
-    (the sharding plan's explicit all-reduce, fused where it can).
+    (the sharding plan's explicit all-reduce, fused where it can); `project_fn` computes q_proj,
+    k_proj and v_proj together (bias-free models; the plan's decode GEMM).
     """
     if len(kv_cache) != cfg.num_layers:
         raise ValueError(f"kv_cache has {len(kv_cache)} layers, config has "
                          f"num_layers={cfg.num_layers}")
-    model = _model(cfg, attention_impl, attention_fn, row_parallel_fn)
+    model = _model(cfg, attention_impl, attention_fn, row_parallel_fn, project_fn)
     return model.apply({"params": params}, inputs, kv_cache)
 
 
@@ -233,7 +243,8 @@ def compute_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.A
 
 def forward(params: Params, inputs: StepInputs, kv_cache: KVCache, cfg: ModelConfig, *,
             attention_impl: str = "auto", attention_fn: AttentionFn | None = None,
-            row_parallel_fn: RowParallelFn | None = None) -> tuple[jax.Array, KVCache]:
+            row_parallel_fn: RowParallelFn | None = None,
+            project_fn: ProjectFn | None = None) -> tuple[jax.Array, KVCache]:
     """One step: returns (f32 logits [S, V] at inputs.logits_indices, updated KV cache).
 
     Pure and jittable with `cfg`, `attention_impl` and `attention_fn` static. Donate `kv_cache`
@@ -241,7 +252,8 @@ def forward(params: Params, inputs: StepInputs, kv_cache: KVCache, cfg: ModelCon
     """
     hidden, kv_cache = forward_hidden(params, inputs, kv_cache, cfg,
                                       attention_impl=attention_impl, attention_fn=attention_fn,
-                                      row_parallel_fn=row_parallel_fn)
+                                      row_parallel_fn=row_parallel_fn,
+                                      project_fn=project_fn)
     selected = jnp.take(hidden, inputs.logits_indices, axis=0)  # [S, D]
     return compute_logits(params, selected, cfg), kv_cache
 

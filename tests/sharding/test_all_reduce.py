@@ -270,6 +270,25 @@ def test_model_with_split_k_partials() -> None:
                                np.asarray(jnp.einsum("tab,abn->tn", x, w)))
 
 
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
+def test_model_with_skinny_gemm_partials() -> None:
+    """gemm_mode pallas_interpret: o_proj and down_proj reach the fused kernel as the Pallas
+    skinny GEMM's float32 partials (its tiles' split count, not split_k) and the hidden states
+    equal psum mode's."""
+    from xlaserve.pallas_kernels import ops
+    from xlaserve.sharding.specs import ShardedRowParallel
+
+    cfg, plan, run = _tp2_model()
+    rp = ShardedRowParallel(plan.mesh, cfg, _FakeKernel(), gemm_mode="pallas_interpret")
+    got, calls = run(rp)
+    # local contractions: o 32 (8 heads x 8 / 2), down 64 (128 / 2); N = hidden 64
+    splits = [ops.skinny_gemm_config(16, k, (64,), "float32", "pallas_interpret").num_splits
+              for k in (32, 64)]
+    assert calls == [c for s in splits for c in ("add_rms_norm", f"partials{s}")] * cfg.num_layers
+    want, _ = run(plan.with_all_reduce("psum").row_parallel_fn)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_split_k_partials_ptx(tmp_path) -> None:
     """The fused kernel fed float32 split-K partials [4, 16, 4096]: one 16-byte float32 load per
     partial and half vector at that partial's offset, the shape in the name; the PTX without

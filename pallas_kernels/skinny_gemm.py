@@ -1,0 +1,166 @@
+"""Skinny GEMM: a few token rows against one or more weight matrices, as split-K partials.
+
+Computes, for x [M, K] and weights w_i [K, N_i] (i = 0..W-1, the same K), the float32 partial
+products of S equal slices of the contraction::
+
+    out[s, m, off_i + n] = sum over k in slice s of x[m, k] * w_i[k, n]
+
+with ``off_i = N_0 + ... + N_{i-1}``: the outputs of all weights side by side, so the sum over s
+is ``concatenate([x @ w_0, x @ w_1, ...], axis=1)`` accumulated in float32.
+
+Why: in a decode step (M = the token bucket, 16 at batch 1) every projection is a matrix-vector
+product bound by reading its weight once from HBM. XLA's autotuner times each GEMM alone on
+weights that stay in L2, and for the half-width projections of tensor parallelism (the 8B
+model's q/k/v at tp=2: [4096, 3072], 25 MB) its choice reached 2.3-2.5 TB/s against 3.9-4.2
+for the large GEMMs (bench/results/session10_h200x2/call1_profile). This kernel streams each
+weight tile exactly once with a pipelined K loop and enough programs to fill the GPU, and its
+callers consume the partials directly: the fused all-reduce sums them (o_proj, down_proj under
+tp), XLA fuses the sum into the consumer otherwise (q/k/v: RoPE, the KV write).
+
+Layouts:
+  x        [M, K]            token rows (model dtype); M is padded to a multiple of 16 inside
+  weights  W x [K, N_i]      same dtype as x; several weights are read by one launch
+  out      f32[S, M, sum N]  split-K partials; their sum over S is the product
+
+Algorithm: grid (sum N / block_n, S). Program (j, s) owns output columns
+``j * block_n : (j + 1) * block_n`` (all in one weight: every N_i is a multiple of block_n) and
+contraction rows ``s * K / S : (s + 1) * K / S``, which it walks in ``block_k`` steps with one
+[M, block_k] x [block_k, block_n] dot each (float32 accumulator; Triton pipelines the loads over
+``num_stages``). Several weights: the program picks its weight with one branch per weight.
+
+Constraints: N_i % block_n == 0 and K % (S * block_k) == 0 (checked); block_n, block_k powers of
+two >= 16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+ROW_ALIGN = 16  # Triton dots need 16 rows: x is zero-padded to a multiple of this
+
+
+@dataclasses.dataclass(frozen=True)
+class SkinnyGemmConfig:
+    """Tiles of one skinny GEMM launch (measured: pallas_kernels/skinny_gemm_tuning.json)."""
+
+    block_n: int = 64
+    block_k: int = 128
+    num_splits: int = 4
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"SkinnyGemmConfig.{name}={v}: must be a power of two >= 16")
+        for name in ("num_splits", "num_warps", "num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SkinnyGemmConfig.{name}={getattr(self, name)}: must be >= 1")
+
+    def fits(self, k: int, ns: Sequence[int]) -> str | None:
+        """None when these tiles divide the shape, else the reason they do not."""
+        if k % (self.num_splits * self.block_k):
+            return (f"K={k} is not a multiple of num_splits * block_k = "
+                    f"{self.num_splits} * {self.block_k}")
+        bad = [n for n in ns if n % self.block_n]
+        if bad:
+            return f"N={bad} not a multiple of block_n={self.block_n}"
+        return None
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+    """Triton compiler params; the class name differs between jax releases, so look it up."""
+    cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _skinny_gemm_kernel(x_ref,  # [M, K / S]: this split's slice of the token rows
+                        *refs,  # W weights [K, N_i] (whole), then out [M, block_n]
+                        block_n: int, block_k: int, steps: int, block_bounds: tuple[int, ...]):
+    *w_refs, o_ref = refs
+    j, s = pl.program_id(0), pl.program_id(1)
+    k_first = s * (steps * block_k)
+    m = x_ref.shape[0]
+
+    def product(w_ref, n_first):
+        def body(t, acc):
+            xs = x_ref[:, pl.ds(t * block_k, block_k)]
+            ws = w_ref[pl.ds(k_first + t * block_k, block_k), pl.ds(n_first, block_n)]
+            return acc + lax.dot_general(xs, ws, (((1,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+        o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros((m, block_n), jnp.float32))
+
+    if len(w_refs) == 1:
+        product(w_refs[0], j * block_n)
+        return
+    for i, w_ref in enumerate(w_refs):
+        lo, hi = block_bounds[i], block_bounds[i + 1]
+
+        @pl.when((j >= lo) & (j < hi))
+        def _(w_ref=w_ref, lo=lo):
+            product(w_ref, (j - lo) * block_n)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
+                config: SkinnyGemmConfig = SkinnyGemmConfig(),
+                interpret: bool = False) -> jax.Array:
+    """f32[S, M, sum N_i] split-K partials of x [M, K] times each of `weights` [K, N_i].
+
+    Raises:
+      ValueError: shapes or dtypes that do not match, or tiles that do not divide them.
+    """
+    weights = tuple(weights)
+    if x.ndim != 2 or not weights:
+        raise ValueError(f"skinny_gemm: x must be [M, K] with at least one weight; got x "
+                         f"{x.shape} and {len(weights)} weights")
+    m, k = x.shape
+    for i, w in enumerate(weights):
+        if w.ndim != 2 or w.shape[0] != k or w.dtype != x.dtype:
+            raise ValueError(f"skinny_gemm: weights[{i}] {w.shape} {w.dtype} must be [K={k}, N] "
+                             f"of x's dtype {x.dtype}")
+    ns = [w.shape[1] for w in weights]
+    why = config.fits(k, ns)
+    if why:
+        raise ValueError(f"skinny_gemm: x {x.shape}, weights N={ns}: {why}")
+    s = config.num_splits
+    k_split = k // s
+    m_pad = -(-m // ROW_ALIGN) * ROW_ALIGN
+    if m_pad != m:
+        x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
+    bounds = [0]
+    for n in ns:
+        bounds.append(bounds[-1] + n // config.block_n)
+    kernel = functools.partial(_skinny_gemm_kernel, block_n=config.block_n,
+                               block_k=config.block_k, steps=k_split // config.block_k,
+                               block_bounds=tuple(bounds))
+    out = pl.pallas_call(
+        kernel,
+        grid=(bounds[-1], s),
+        in_specs=[pl.BlockSpec((m_pad, k_split), lambda j, s_: (0, s_))]  # x: split s_'s slice
+        + [pl.BlockSpec(w.shape, lambda j, s_: (0, 0)) for w in weights],  # weights: whole
+        out_specs=pl.BlockSpec((None, m_pad, config.block_n), lambda j, s_: (s_, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((s, m_pad, sum(ns)), jnp.float32),
+        compiler_params=_compiler_params(config.num_warps, config.num_stages),
+        interpret=interpret, name="skinny_gemm")(x, *weights)
+    return out[:, :m] if m_pad != m else out
+
+
+def skinny_gemm_reference(x: jax.Array, weights: Sequence[jax.Array], *,
+                          num_splits: int) -> jax.Array:
+    """Pure jnp: the same partials, each slice's product in float32."""
+    k = x.shape[1]
+    ks = k // num_splits
+    w = jnp.concatenate([jnp.asarray(w, jnp.float32) for w in weights], axis=1)
+    x32 = x.astype(jnp.float32)
+    return jnp.stack([x32[:, i * ks:(i + 1) * ks] @ w[i * ks:(i + 1) * ks]
+                      for i in range(num_splits)])

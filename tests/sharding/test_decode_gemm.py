@@ -1,0 +1,79 @@
+"""The decode GEMM hooks: q/k/v (`DecodeProjection`) and o_proj / down_proj
+(`ShardedRowParallel.gemm_mode`) through the Pallas skinny GEMM (interpreted on CPU) give the
+hidden states of the plain path, at tp 2 (fake CPU devices), tp 1 on a one-device mesh and
+without a mesh; and the kernel really runs (its pallas_call is in the program)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from xlaserve.runtime.config import ModelConfig, ParallelConfig
+from xlaserve.runtime.models import llama
+from xlaserve.sharding.specs import DecodeProjection, ShardingPlan
+
+
+def _cfg(**kw) -> ModelConfig:
+    base = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8,
+                max_position_embeddings=128, dtype="float32")
+    return ModelConfig(**{**base, **kw})
+
+
+def _run(cfg, plan, *, project_fn, row_parallel_fn):
+    params = jax.jit(functools.partial(llama.init_params, cfg),
+                     out_shardings=None if plan is None else plan.param_shardings)(
+        jax.random.key(0))
+    inputs = llama._dummy_step(cfg)[0]
+    cache = (plan.init_kv_cache(4, 4) if plan is not None
+             else llama.init_kv_cache(cfg, 4, 4))
+    fn = jax.jit(functools.partial(
+        llama.forward_hidden, cfg=cfg, attention_impl="reference",
+        attention_fn=None if plan is None else plan.attention_fn,
+        row_parallel_fn=row_parallel_fn, project_fn=project_fn))
+    text = fn.lower(params, inputs, cache).as_text()
+    return np.asarray(fn(params, inputs, cache)[0]), text.count("skinny_gemm")
+
+
+@pytest.mark.parametrize("tp,kv_heads", [(2, 4), (1, 4), (4, 2)], ids=["tp2", "tp1", "tp4-kvrep"])
+def test_decode_gemm_equals_plain(tp, kv_heads):
+    if len(jax.devices()) < tp:
+        pytest.skip(f"needs {tp} devices")
+    cfg = _cfg(num_kv_heads=kv_heads)
+    plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
+                               devices=jax.devices()[:tp], attention_impl="reference")
+    plain = plan.with_all_reduce("psum")
+    want, n_plain = _run(cfg, plain, project_fn=None,
+                         row_parallel_fn=plain.row_parallel_fn)
+    fast = plain.with_decode_gemm("pallas_interpret")
+    assert fast.project_fn is not None and fast.row_parallel_fn.gemm_mode == "pallas_interpret"
+    got, n_fast = _run(cfg, fast, project_fn=fast.project_fn,
+                       row_parallel_fn=fast.row_parallel_fn)
+    assert n_plain == 0 and n_fast > 0, (n_plain, n_fast)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_without_mesh():
+    """One device, no mesh (the engine at tp=1): q/k/v through the kernel, same hidden states."""
+    cfg = _cfg()
+    want, _ = _run(cfg, None, project_fn=None, row_parallel_fn=None)
+    got, n = _run(cfg, None, project_fn=DecodeProjection(None, cfg, "pallas_interpret"),
+                  row_parallel_fn=None)
+    assert n > 0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_modes_on_cpu():
+    """'xla' adds nothing; 'auto' on CPU adds nothing (the kernel is GPU-only); a bad mode is
+    an error naming the field."""
+    cfg = _cfg()
+    plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=1),
+                               devices=jax.devices()[:1], attention_impl="reference")
+    for mode in ("xla", "auto"):
+        p = plan.with_decode_gemm(mode)
+        assert p.project_fn is None and p.row_parallel_fn is None, mode
+    with pytest.raises(ValueError, match="decode_gemm"):
+        plan.with_decode_gemm("cublas")
