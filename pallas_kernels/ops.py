@@ -173,6 +173,23 @@ def skinny_gemm_table(path: str | None = None,
     return int(data["max_rows"]), table
 
 
+def describe_skinny_gemm(mode: str, platform: str | None = None) -> str:
+    """One line on what decode-sized projections run on (for `xlaserve profile` and logs)."""
+    if mode == "xla":
+        return "XLA's GEMMs (decode_gemm='xla')"
+    if mode == "auto" and _platform(platform) != "gpu":
+        return (f"XLA's GEMMs (decode_gemm='auto': the Pallas skinny GEMM needs an NVIDIA GPU; "
+                f"platform is {_platform(platform)!r})")
+    if mode != "auto":
+        return f"the Pallas skinny GEMM for every shape its tiles divide (decode_gemm={mode!r})"
+    path = os.environ.get("XLASERVE_SKINNY_GEMM_TABLE") or str(SKINNY_GEMM_TABLE)
+    data = json.loads(Path(path).read_text())
+    names = ", ".join(e.get("name", f"{e['k']}x{e['n']}") for e in data["entries"])
+    return (f"the Pallas skinny GEMM for steps of up to {data['max_rows']} tokens whose q/k/v, "
+            f"o_proj or down_proj shape is in {Path(path).name} (measured on {data['device']}, "
+            f"jax {data['jax']}: {names or 'none'}); XLA's GEMM for the others")
+
+
 def default_skinny_gemm_config(k: int, ns: Sequence[int]) -> SkinnyGemmConfig | None:
     """Tiles for a shape missing from the table (modes "pallas" / "pallas_interpret"): the
     widest block_n (<= 64) dividing every N, block_k 128 (or less), and splits until the grid

@@ -239,6 +239,10 @@ def pages_needed(num_tokens: int, page_size: int) -> int:
     return math.ceil(num_tokens / page_size)
 
 
+# pallas_kernels.ops.SKINNY_GEMM_MODES (a test keeps the two equal)
+DECODE_GEMM_MODES = ("auto", "xla", "pallas", "pallas_interpret")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine needs; composes the narrow configs. Built by the CLI or `xlaserve.LLM`.
@@ -253,6 +257,10 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
     attention_impl: str = "auto"  # see pallas_kernels/ops.py
+    # Decode-sized q/k/v, o_proj and down_proj products: "auto" the Pallas skinny GEMM for the
+    # shapes of its measured table on GPU (pallas_kernels/skinny_gemm_tuning.json), "xla"
+    # XLA's GEMMs, "pallas" the kernel for every shape it tiles (GPU), "pallas_interpret" (tests)
+    decode_gemm: str = "auto"
     compilation_cache_dir: str | None = None  # None: the default under the user's cache dir
     seed: int = 0  # base seed for requests that give none
 
@@ -261,3 +269,5 @@ class EngineConfig:
                  self.load_format, "must be auto, safetensors, orbax or dummy")
         _require(self.dtype in ("bfloat16", "float32", "float16"), "dtype", self.dtype,
                  "must be bfloat16, float16 or float32")
+        _require(self.decode_gemm in DECODE_GEMM_MODES, "decode_gemm", self.decode_gemm,
+                 f"must be one of {', '.join(DECODE_GEMM_MODES)}")

@@ -54,7 +54,7 @@ def build_runners(config: EngineConfig, *, num_replicas: int | None = None,
     from xlaserve.runtime.model_runner import ModelRunner
     from xlaserve.sharding.mesh import validate_devices
     from xlaserve.sharding.replicas import replica_meshes, take_replica
-    from xlaserve.sharding.specs import ShardingPlan
+    from xlaserve.sharding.specs import ShardingPlan, decode_gemm_hooks
 
     par = config.parallel
     count = par.data_parallel_size if num_replicas is None else num_replicas
@@ -62,12 +62,15 @@ def build_runners(config: EngineConfig, *, num_replicas: int | None = None,
         raise ValueError(f"num_replicas={num_replicas}: must be in [1, {par.data_parallel_size}]")
 
     def runner(cfg: Any, params: Any, plan: ShardingPlan | None) -> ModelRunner:
-        kw: dict[str, Any] = {}
         if plan is not None:
-            plan = plan.with_all_reduce(par.all_reduce)
-            kw = dict(mesh=plan.mesh, param_shardings=plan.param_shardings,
-                      kv_sharding=plan.kv_sharding, attention_fn=plan.attention_fn,
-                      row_parallel_fn=plan.row_parallel_fn)
+            plan = plan.with_all_reduce(par.all_reduce).with_decode_gemm(config.decode_gemm)
+            kw: dict[str, Any] = dict(
+                mesh=plan.mesh, param_shardings=plan.param_shardings,
+                kv_sharding=plan.kv_sharding, attention_fn=plan.attention_fn,
+                row_parallel_fn=plan.row_parallel_fn, project_fn=plan.project_fn)
+        else:  # one device, no mesh
+            kw = dict(zip(("row_parallel_fn", "project_fn"),
+                          decode_gemm_hooks(None, cfg, config.decode_gemm)))
         return ModelRunner(cfg, params, config.cache, config.scheduler,
                            attention_impl=config.attention_impl,
                            compilation_cache_dir=config.compilation_cache_dir,

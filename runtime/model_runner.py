@@ -178,6 +178,8 @@ class ModelRunner:
       attention_fn: replaces the model's attention step (e.g. the sharding plan's shard_map).
       row_parallel_fn: computes o_proj and down_proj with the residual add and the RMSNorm
         after each (`llama.RowParallelFn`: the sharding plan's explicit all-reduce, fused).
+      project_fn: computes q_proj, k_proj and v_proj in one launch (`llama.ProjectFn`: the
+        decode GEMM, sharding.specs.DecodeProjection).
       enable_penalties: also compile the penalty-history variant of every bucket.
       token_buckets, seq_buckets: explicit bucket lists (default: powers of two from 16 / 8);
         ascending, the last at least max_num_batched_tokens / max_num_seqs.
@@ -189,7 +191,8 @@ class ModelRunner:
                  param_shardings: Any = None, kv_sharding: Any = None,
                  kv_cache_heads: int | None = None,
                  attention_fn: llama.AttentionFn | None = None,
-                 row_parallel_fn: llama.RowParallelFn | None = None, enable_penalties: bool = True,
+                 row_parallel_fn: llama.RowParallelFn | None = None,
+                 project_fn: llama.ProjectFn | None = None, enable_penalties: bool = True,
                  token_buckets: Sequence[int] | None = None,
                  seq_buckets: Sequence[int] | None = None) -> None:
         xla_flags.log_applied()
@@ -199,6 +202,7 @@ class ModelRunner:
         self.attention_impl = attention_impl
         self.attention_fn = attention_fn
         self.row_parallel_fn = row_parallel_fn
+        self.project_fn = project_fn
         self.mesh = mesh
         wanted = getattr(attention_fn, "kv_cache_heads", None)
         if kv_cache_heads is not None and wanted is not None and kv_cache_heads != wanted:
@@ -253,7 +257,8 @@ class ModelRunner:
         # The step on a StepInputs (eval_shape, tests). Execution runs the packed form: the
         # same step behind packing.unpack, so each step makes one host->device copy.
         self._model_spec = step_programs.ModelSpec(model_cfg, attention_impl, attention_fn,
-                                                   self.seq_buckets[-1], row_parallel_fn)
+                                                   self.seq_buckets[-1], row_parallel_fn,
+                                                   project_fn)
         self.jitted_step = jax.jit(functools.partial(step_programs.full_step, self._model_spec),
                                    **jit_kwargs)
         self._packed_kwargs = packed_kwargs

@@ -36,6 +36,7 @@ class ModelSpec:
     attention_fn: llama.AttentionFn | None
     max_seqs: int  # S_max: the padded length of the sampled ids
     row_parallel_fn: llama.RowParallelFn | None = None  # o_proj / down_proj (tp's all-reduce)
+    project_fn: llama.ProjectFn | None = None  # q/k/v in one launch (the decode GEMM)
 
 
 def resolve_placeholders(inputs: StepInputs, prev_tokens: jax.Array | None) -> StepInputs:
@@ -59,7 +60,8 @@ def _logits(spec: ModelSpec, params: Any, kv_cache: llama.KVCache, inputs: StepI
     logits, kv_cache = llama.forward(params, inputs, kv_cache, spec.cfg,
                                      attention_impl=spec.attention_impl,
                                      attention_fn=spec.attention_fn,
-                                     row_parallel_fn=spec.row_parallel_fn)  # f32[S, V]
+                                     row_parallel_fn=spec.row_parallel_fn,
+                                     project_fn=spec.project_fn)  # f32[S, V]
     return inputs, logits, kv_cache
 
 

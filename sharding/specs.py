@@ -220,10 +220,13 @@ class ShardedRowParallel:
     CPU path of the tests). A product over the kernel's message limit (prefill-sized steps)
     keeps the partitioner's collective.
 
+    `mesh` None (one device, no mesh; `all_reduce` must be None): no shard_map and no reduction;
+    the decode GEMM is then the only reason for the hook.
+
     Frozen and hashable: a static part of the jitted step.
     """
 
-    mesh: Mesh
+    mesh: Mesh | None
     model_cfg: ModelConfig
     all_reduce: custom_all_reduce.AllReduce | None = None
     # > 1: the fused kernel's product runs as an explicit split-K GEMM into float32 partials
@@ -256,14 +259,18 @@ class ShardedRowParallel:
         if self.all_reduce is not None and not self.uses_kernel(out_shape, dt):
             # the partitioner all-reduces the product
             return add_rms_norm(residual, contract(x, kernel, n_in, dt), scale, eps)
-        rules = mesh_rules(self.model_cfg, self.mesh)
-        x_spec = logical_to_spec(("tokens", *in_axes), rules)  # [T, *in], in split
-        kernel_spec = logical_to_spec((*in_axes, *out_axes), rules)
-        rep = PartitionSpec()
+        if self.mesh is None and self.all_reduce is not None:
+            raise ValueError("ShardedRowParallel: an all-reduce kernel needs a mesh")
         fused = self.uses_fused_kernel(out_shape, dt)
-        reduce = (self.all_reduce if self.all_reduce is not None
-                  else functools.partial(jax.lax.psum, axis_name=MODEL_AXIS))
-        local = local_shape(kernel.shape, kernel_spec, self.mesh)
+        if self.mesh is None:
+            local = kernel.shape
+            reduce: Callable[[jax.Array], jax.Array] = lambda a: a  # noqa: E731
+        else:
+            rules = mesh_rules(self.model_cfg, self.mesh)
+            kernel_spec = logical_to_spec((*in_axes, *out_axes), rules)
+            local = local_shape(kernel.shape, kernel_spec, self.mesh)
+            reduce = (self.all_reduce if self.all_reduce is not None
+                      else functools.partial(jax.lax.psum, axis_name=MODEL_AXIS))
         k_local, d = int(np.prod(local[:n_in])), int(np.prod(local[n_in:]))
         gemm = ops.skinny_gemm_config(out_shape[0], k_local, (d,), dt, self.gemm_mode)
         interpret = self.gemm_mode == "pallas_interpret"
@@ -286,6 +293,10 @@ class ShardedRowParallel:
                        else contract(x, kernel, n_in, dt))
             return add_rms_norm(residual, reduce(product), scale, eps)
 
+        if self.mesh is None:
+            return body(residual, x, kernel, scale)
+        x_spec = logical_to_spec(("tokens", *in_axes), rules)  # [T, *in], in split
+        rep = PartitionSpec()
         fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep),
                         out_specs=(rep, rep))
         return fn(residual, x, kernel, scale)
@@ -439,6 +450,25 @@ def describe_all_reduce(mesh: Mesh | None, row_parallel_fn: ShardedRowParallel |
             + (f"; {' and '.join(biased)} (with a bias) use XLA's collective" if biased else ""))
 
 
+def decode_gemm_hooks(mesh: Mesh | None, model_cfg: ModelConfig, mode: str,
+                      row: ShardedRowParallel | None = None,
+                      ) -> tuple[ShardedRowParallel | None, DecodeProjection | None]:
+    """(row_parallel_fn, project_fn) with the decode GEMM `mode` (ops.skinny_gemm_config):
+    `row` (the all-reduce's hook, if any) takes the mode; without one, on a single device (no
+    mesh, or tp 1), o_proj / down_proj get a hook without collective. "xla" (or "auto" off
+    GPU) adds nothing."""
+    if mode not in ops.SKINNY_GEMM_MODES:
+        raise ValueError(f"decode_gemm={mode!r}: must be one of {ops.SKINNY_GEMM_MODES}")
+    if row is not None:
+        row = dataclasses.replace(row, gemm_mode=mode)
+    single = mesh is None or mesh.shape[MODEL_AXIS] == 1
+    if not uses_decode_gemm(mode):
+        return row, None
+    if row is None and single:
+        row = ShardedRowParallel(mesh, model_cfg, None, gemm_mode=mode)
+    return row, DecodeProjection(mesh, model_cfg, mode)
+
+
 def uses_decode_gemm(mode: str, platform: str | None = None) -> bool:
     """False where `mode` never picks the Pallas skinny GEMM ("xla"; "auto" off GPU)."""
     if mode == "xla":
@@ -478,15 +508,7 @@ class ShardingPlan:
         Pallas skinny GEMM where `mode` picks it (`ops.skinny_gemm_config`: "auto" the measured
         table on GPU; "xla" XLA's GEMMs). Call after `with_all_reduce`. At tp=1 o_proj /
         down_proj get a row-parallel hook without collective (psum over one device)."""
-        if mode not in ops.SKINNY_GEMM_MODES:
-            raise ValueError(f"decode_gemm={mode!r}: must be one of {ops.SKINNY_GEMM_MODES}")
-        row = self.row_parallel_fn
-        if row is not None:
-            row = dataclasses.replace(row, gemm_mode=mode)
-        elif self.mesh.shape[MODEL_AXIS] == 1 and uses_decode_gemm(mode):
-            row = ShardedRowParallel(self.mesh, self.model_cfg, None, gemm_mode=mode)
-        project = DecodeProjection(self.mesh, self.model_cfg, mode) if uses_decode_gemm(mode) \
-            else None
+        row, project = decode_gemm_hooks(self.mesh, self.model_cfg, mode, self.row_parallel_fn)
         return dataclasses.replace(self, row_parallel_fn=row, project_fn=project)
 
     def with_all_reduce(self, mode: str) -> ShardingPlan:

@@ -22,7 +22,7 @@ from xlaserve.runtime.config import CacheConfig, EngineConfig, ParallelConfig, S
 _CACHE = ("page_size", "num_pages", "gpu_memory_utilization", "enable_prefix_caching")
 _SCHED = ("max_num_batched_tokens", "max_num_seqs", "max_model_len")
 _PARALLEL = ("tensor_parallel_size", "data_parallel_size", "all_reduce")
-_TOP = ("load_format", "dtype", "attention_impl", "compilation_cache_dir", "seed")
+_TOP = ("load_format", "dtype", "attention_impl", "decode_gemm", "compilation_cache_dir", "seed")
 OPTION_NAMES = _CACHE + _SCHED + _PARALLEL + _TOP
 
 
@@ -48,6 +48,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="tp > 1: all-reduce of the row-parallel projections (auto: xlaserve's "
                         "kernel for decode-sized steps on GPUs, XLA's collective otherwise)")
     g.add_argument("--attention-impl", help="ragged paged attention implementation (auto)")
+    g.add_argument("--decode-gemm", choices=["auto", "xla", "pallas", "pallas_interpret"],
+                   help="q/k/v, o and down projections of decode-sized steps (auto: the Pallas "
+                        "skinny GEMM for shapes of its measured table on GPUs, XLA's otherwise)")
     g.add_argument("--compilation-cache-dir", help="persistent XLA compilation cache directory")
     g.add_argument("--seed", type=int, help="base seed for requests that give none")
 
@@ -116,6 +119,9 @@ def check_engine_config(cfg: EngineConfig) -> pathlib.Path:
     reason = "available" if impl == "auto" else ops.available_implementations()[impl]
     if not reason.startswith("available"):
         raise UsageError(f"--attention-impl={impl!r}: not available here: {reason}")
+    if cfg.decode_gemm == "pallas" and jax.default_backend() != "gpu":
+        raise UsageError(f"--decode-gemm='pallas': needs an NVIDIA GPU (platform is "
+                         f"{jax.default_backend()!r}); 'auto' uses XLA's GEMMs here")
     if cfg.compilation_cache_dir is not None:
         if not cfg.compilation_cache_dir.strip():
             raise UsageError("--compilation-cache-dir='': must be a directory path")

@@ -228,6 +228,9 @@ def test_kv_figures_are_the_models_at_tp_above_kv_heads(tmp_path):
     assert main(args) == 0
     report = json.loads(out.read_text())
     assert report["all_reduce"].startswith("jax.lax.psum")  # the explicit row-parallel path
+    assert report["decode_gemm"].startswith("XLA's GEMMs (decode_gemm='auto': the Pallas skinny "
+                                            "GEMM needs an NVIDIA GPU")  # CPU: said, not silent
+    assert any(n.startswith("decode GEMMs: XLA's GEMMs") for n in report["not_available"])
     summary = report["summary"]
     per_token = 2 * 2 * 2 * 16 * 4  # K+V, layers, kv heads, H = 64 / 4, f32 (as at tp 1)
     assert summary["kv_bytes_per_token"] == per_token
@@ -397,3 +400,13 @@ def test_profile_notes_the_triton_deprecation_on_gpu(monkeypatch, version, noted
          "the Pallas Triton backend; no removal version named yet, bench/NOTES_mosaic_gpu.md)"]
         if noted else [])
     assert len(notes) == int(noted)
+
+
+def test_describe_decode_gemm_on_gpu():
+    """On a GPU, 'auto' names the measured table, its device and the shapes it covers."""
+    from xlaserve.pallas_kernels import ops
+
+    text = ops.describe_skinny_gemm("auto", "gpu")
+    assert "skinny_gemm_tuning.json" in text and "qkv_tp2" in text and "up to 16 tokens" in text
+    assert ops.describe_skinny_gemm("xla", "gpu") == "XLA's GEMMs (decode_gemm='xla')"
+    assert "every shape" in ops.describe_skinny_gemm("pallas", "gpu")

@@ -74,6 +74,16 @@ def test_attention_impl_unavailable_here_exits_2(fast_engine, capsys):
     assert fast_engine == []
 
 
+def test_decode_gemm_pallas_off_gpu_exits_2(fast_engine, capsys):
+    assert main(["generate", *FLAGS, "--prompt", "x", "--decode-gemm", "pallas"]) == 2
+    err = capsys.readouterr().err
+    assert "--decode-gemm='pallas'" in err and "GPU" in err
+    with pytest.raises(SystemExit) as e:  # not one of the choices: argparse's usage error
+        main(["generate", *FLAGS, "--prompt", "x", "--decode-gemm", "cublas"])
+    assert e.value.code == 2 and "--decode-gemm" in capsys.readouterr().err
+    assert fast_engine == []
+
+
 def test_unusable_compilation_cache_dir_exits_2(fast_engine, capsys, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

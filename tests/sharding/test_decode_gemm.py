@@ -13,7 +13,7 @@ import pytest
 
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
-from xlaserve.sharding.specs import DecodeProjection, ShardingPlan
+from xlaserve.sharding.specs import DecodeProjection, ShardingPlan, decode_gemm_hooks
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -57,13 +57,27 @@ def test_decode_gemm_equals_plain(tp, kv_heads):
 
 
 def test_without_mesh():
-    """One device, no mesh (the engine at tp=1): q/k/v through the kernel, same hidden states."""
+    """One device, no mesh (the engine at tp=1): q/k/v, then also o / down, through the kernel;
+    same hidden states."""
     cfg = _cfg()
     want, _ = _run(cfg, None, project_fn=None, row_parallel_fn=None)
     got, n = _run(cfg, None, project_fn=DecodeProjection(None, cfg, "pallas_interpret"),
                   row_parallel_fn=None)
     assert n > 0
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    row, project = decode_gemm_hooks(None, cfg, "pallas_interpret")
+    assert row is not None and row.mesh is None and row.all_reduce is None
+    got2, n2 = _run(cfg, None, project_fn=project, row_parallel_fn=row)
+    assert n2 > n
+    np.testing.assert_allclose(got2, want, rtol=1e-5, atol=1e-5)
+    assert decode_gemm_hooks(None, cfg, "xla") == (None, None)
+
+
+def test_mode_lists_agree():
+    from xlaserve.pallas_kernels import ops
+    from xlaserve.runtime.config import DECODE_GEMM_MODES
+
+    assert DECODE_GEMM_MODES == ops.SKINNY_GEMM_MODES
 
 
 def test_modes_on_cpu():

@@ -21,17 +21,18 @@ from xlaserve.sharding.specs import ShardedAttention
 PROMPTS = ([5, 9, 200, 31, 7], [100, 3, 3, 450, 12, 77, 600, 21, 8, 19, 40, 2, 300], [42])
 
 
-def _config(tp: int, dp: int) -> EngineConfig:
+def _config(tp: int, dp: int, decode_gemm: str = "auto") -> EngineConfig:
     return EngineConfig(
-        model="builtin:tiny", dtype="float32", attention_impl="reference",
+        model="builtin:tiny", dtype="float32", attention_impl="reference", decode_gemm=decode_gemm,
         cache=CacheConfig(page_size=8, num_pages=48),
         scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8, max_model_len=64),
         parallel=ParallelConfig(tensor_parallel_size=tp, data_parallel_size=dp))
 
 
 @functools.lru_cache(maxsize=None)
-def _generate(tp: int, dp: int) -> tuple[dict[str, list[int]], object]:
-    engine = Engine.from_config(_config(tp, dp))
+def _generate(tp: int, dp: int, decode_gemm: str = "auto",
+              ) -> tuple[dict[str, list[int]], object]:
+    engine = Engine.from_config(_config(tp, dp, decode_gemm))
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(f"r{i}", list(prompt),
                            SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
@@ -149,3 +150,17 @@ def test_server_on_tp2_engine_equals_one_device() -> None:
             out = client.generate(token_ids=list(prompt), max_tokens=12, temperature=0.0,
                                   ignore_eos=True)
             assert list(out.token_ids) == want[f"r{i}"]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_engine_with_decode_gemm_equals_plain(tp: int) -> None:
+    """decode_gemm pallas_interpret (the Pallas skinny GEMM for q/k/v, o and down, interpreted):
+    the same tokens as the default path on one device. The runner carries the q/k/v hook; o and
+    down take the kernel through the row-parallel hook, which on CPU exists at tp 1 only (at tp 2
+    the all-reduce is XLA's collective here: xlaserve's kernel needs GPUs)."""
+    want, _ = _generate(1, 1)
+    got, engine = _generate(tp, 1, "pallas_interpret")
+    assert engine.runner.project_fn is not None
+    row = engine.runner.row_parallel_fn
+    assert (row.gemm_mode == "pallas_interpret") if tp == 1 else row is None
+    assert got == want

@@ -38,6 +38,7 @@ from xlaserve.runtime import profile as prof
 from xlaserve.runtime import xla_flags
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import EngineConfig
+from xlaserve.pallas_kernels import ops
 from xlaserve.runtime.hardware import DevicePeaks
 from xlaserve.sharding.specs import describe_all_reduce
 
@@ -220,6 +221,8 @@ def not_available(cfg: EngineConfig, peaks: DevicePeaks, report: dict[str, Any])
     elif "deprecates" in ops.available_implementations(platform)["pallas_triton"]:
         notes.append("attention: the Pallas kernel (pallas_triton) is "
                      + ops.available_implementations(platform)["pallas_triton"])
+    if cfg.decode_gemm == "auto" and ops._platform(platform) != "gpu":
+        notes.append("decode GEMMs: " + ops.describe_skinny_gemm("auto", platform))
     if peaks.source == "nominal":
         notes.append(f"peaks: {peaks.name} holds nominal round numbers, not this machine's: "
                      "roofline times and measured/roofline ratios are placeholders "
@@ -322,6 +325,7 @@ def profile(cfg: EngineConfig, peaks: DevicePeaks, args: argparse.Namespace,
         "xla_flags": xla_flags.report(),
         "all_reduce": describe_all_reduce(runner.mesh, runner.row_parallel_fn,
                                           cfg.parallel.all_reduce),
+        "decode_gemm": ops.describe_skinny_gemm(cfg.decode_gemm),
     }
     report["not_available"] = not_available(cfg, peaks, report)
     if args.check_recompiles:
