@@ -286,7 +286,9 @@ def test_model_with_skinny_gemm_partials() -> None:
               for k in (32, 64)]
     assert calls == [c for s in splits for c in ("add_rms_norm", f"partials{s}")] * cfg.num_layers
     want, _ = run(plan.with_all_reduce("psum").row_parallel_fn)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # float32 on GPUs: the interpreted kernel's dots and XLA's may round to TF32 differently
+    tol = 5e-3 if jax.default_backend() == "gpu" else 1e-5
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol)
 
 
 def test_split_k_partials_ptx(tmp_path) -> None:
