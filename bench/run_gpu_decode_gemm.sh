@@ -6,6 +6,8 @@
 #           2 GPUs; bench/tp_scaling.py --tp 1 2 with --decode-gemm xla, then auto
 #   PART=2: tp 2 auto then xla again (the other order), auto traced; then bench/gemm_decode.py
 #           sweeping the kernel's tiles (new table in $R/skinny_gemm_tuning.json)
+#   PART=3: the sweep's table (NEW=path) against the committed one and XLA's GEMMs, tp 1 and 2,
+#           in both orders; the new table's tp 2 traced
 #   OUT=/tmp/out PART=1 bash bench/run_gpu_decode_gemm.sh   (TABLE=path: XLASERVE_SKINNY_GEMM_TABLE)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +23,8 @@ T0=$SECONDS
 TPS=(--decode-batches 1 --all-reduce custom --no-prefill --greedy-steps 4 --child-timeout 200)
 run_tp() {  # name tps mode [extra...]
   local name=$1 tps=$2 mode=$3; shift 3
-  timeout -s ABRT -k 5 420 $PY bench/tp_scaling.py --tp $tps "${TPS[@]}" --decode-gemm "$mode" \
+  timeout -s ABRT -k 5 420 env ${TBL:+XLASERVE_SKINNY_GEMM_TABLE=$TBL} \
+    $PY bench/tp_scaling.py --tp $tps "${TPS[@]}" --decode-gemm "$mode" \
     "$@" --out "$R/$name.json" > "$R/$name.log" 2>&1
   echo "=== $name rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1|skinny_gemm" "$R/$name.log" | head -8
 }
@@ -34,6 +37,14 @@ if [ "$PART" = 1 ]; then
   echo "=== pytest all_reduce rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_all_reduce.txt"
   run_tp ab1_xla "1 2" xla
   run_tp ab1_auto "1 2" auto
+elif [ "$PART" = 3 ]; then
+  NEW=${NEW:?set NEW to the sweep table}
+  run_tp ab3_xla_a "1 2" xla
+  TBL=$NEW run_tp ab3_new_a "1 2" auto --trace-dir /tmp/tr_new --trace-steps 3
+  run_tp ab3_old_tp2 2 auto
+  TBL=$NEW run_tp ab3_new_b "1 2" auto
+  run_tp ab3_xla_b "1 2" xla
+  [ -d /tmp/tr_new ] && tar czf "$R/trace_new.tgz" -C /tmp tr_new
 else
   run_tp ab2_auto_tp2 2 auto --trace-dir /tmp/tr_auto --trace-steps 3
   run_tp ab2_xla_tp2 2 xla
@@ -48,7 +59,8 @@ import glob, json, os, sys
 for f in sorted(glob.glob(f"{sys.argv[1]}/ab*.json")):
     d = json.load(open(f))
     for x in d["results"]:
-        print(f"{os.path.basename(f)} tp{x['tp']} decode_gemm {x.get('decode_gemm')}: "
+        print(f"{os.path.basename(f)} tp{x['tp']} decode_gemm {x.get('decode_gemm')} "
+              f"table {x.get('skinny_gemm_table')}: "
               f"{x['decode']['1']['step_ms']} ms, greedy {x['greedy_tokens']}")
     print("   scaling", d.get("scaling"), "checks", d.get("checks"))
 PY

@@ -151,7 +151,8 @@ def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
         out_specs=pl.BlockSpec((None, m_pad, config.block_n), lambda j, s_: (s_, 0, j)),
         out_shape=jax.ShapeDtypeStruct((s, m_pad, sum(ns)), jnp.float32),
         compiler_params=_compiler_params(config.num_warps, config.num_stages),
-        interpret=interpret, name="skinny_gemm")(x, *weights)
+        interpret=interpret,  # the shape in the name: traces tell q/k/v, o and down apart
+        name=f"skinny_gemm_k{k}_n{'_'.join(map(str, ns))}")(x, *weights)
     return out[:, :m] if m_pad != m else out
 
 
