@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -456,7 +457,8 @@ def decode_gemm_hooks(mesh: Mesh | None, model_cfg: ModelConfig, mode: str,
     """(row_parallel_fn, project_fn) with the decode GEMM `mode` (ops.skinny_gemm_config):
     `row` (the all-reduce's hook, if any) takes the mode; without one, on a single device (no
     mesh, or tp 1), o_proj / down_proj get a hook without collective. "xla" (or "auto" off
-    GPU) adds nothing."""
+    GPU) adds nothing, and "auto" adds a hook only where the measured table has the model's
+    local shape (so a model the table does not cover keeps exactly XLA's program)."""
     if mode not in ops.SKINNY_GEMM_MODES:
         raise ValueError(f"decode_gemm={mode!r}: must be one of {ops.SKINNY_GEMM_MODES}")
     if row is not None:
@@ -464,9 +466,27 @@ def decode_gemm_hooks(mesh: Mesh | None, model_cfg: ModelConfig, mode: str,
     single = mesh is None or mesh.shape[MODEL_AXIS] == 1
     if not uses_decode_gemm(mode):
         return row, None
-    if row is None and single:
+    qkv, o_down = (True, True) if mode != "auto" else _table_covers(model_cfg, mesh)
+    if row is None and single and o_down:
         row = ShardedRowParallel(mesh, model_cfg, None, gemm_mode=mode)
-    return row, DecodeProjection(mesh, model_cfg, mode)
+    return row, DecodeProjection(mesh, model_cfg, mode) if qkv else None
+
+
+def _table_covers(model_cfg: ModelConfig, mesh: Mesh | None) -> tuple[bool, bool]:
+    """(q/k/v, o_proj or down_proj): does the measured table hold this model's local shape on
+    this mesh, for a decode step of its largest row count?"""
+    tp = 1 if mesh is None else mesh.shape[MODEL_AXIS]
+    c, h = model_cfg, model_cfg.head_dim
+    kv = c.num_kv_heads * h // (tp if kv_heads_sharded(c, tp) else 1)
+    rows = ops.skinny_gemm_table(os.environ.get("XLASERVE_SKINNY_GEMM_TABLE") or None)[0]
+
+    def covered(k: int, ns: tuple[int, ...]) -> bool:
+        return ops.skinny_gemm_config(rows, k, ns, c.dtype, "auto") is not None
+
+    qkv = covered(c.hidden_size, (c.num_heads * h // tp, kv, kv))
+    o_down = (covered(c.num_heads * h // tp, (c.hidden_size,))
+              or covered(c.intermediate_size // tp, (c.hidden_size,)))
+    return qkv, o_down
 
 
 def uses_decode_gemm(mode: str, platform: str | None = None) -> bool:

@@ -6,6 +6,7 @@ without a mesh; and the kernel really runs (its pallas_call is in the program)."
 from __future__ import annotations
 
 import functools
+import pathlib
 
 import jax
 import numpy as np
@@ -91,3 +92,24 @@ def test_modes_on_cpu():
         assert p.project_fn is None and p.row_parallel_fn is None, mode
     with pytest.raises(ValueError, match="decode_gemm"):
         plan.with_decode_gemm("cublas")
+
+
+def test_auto_adds_hooks_only_for_measured_shapes(monkeypatch):
+    """'auto' on a GPU: the 8B model at tp 2 gets both hooks (its local q/k/v, o and down shapes
+    are in the table); at tp 1 none (the table's tp-1 shapes lost in the model: the program
+    stays XLA's)."""
+    from jax.sharding import Mesh
+
+    from xlaserve.checkpoints import hf
+    from xlaserve.pallas_kernels import ops
+    from xlaserve.sharding.specs import ShardedRowParallel
+
+    monkeypatch.setattr(ops, "_platform", lambda platform=None: "gpu")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    cfg = hf.load_config(root / "bench/configs/llama3.1-8b", dtype="bfloat16")
+    assert decode_gemm_hooks(None, cfg, "auto") == (None, None)
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices")
+    mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "model"))
+    row, project = decode_gemm_hooks(mesh, cfg, "auto", ShardedRowParallel(mesh, cfg, None))
+    assert project is not None and row.gemm_mode == "auto"
