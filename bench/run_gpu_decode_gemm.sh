@@ -6,6 +6,7 @@
 #           2 GPUs; bench/tp_scaling.py --tp 1 2 with --decode-gemm xla, then auto
 #   PART=2: tp 2 auto then xla again (the other order), auto traced; then bench/gemm_decode.py
 #           sweeping the kernel's tiles (new table in $R/skinny_gemm_tuning.json)
+#   PART=4: the GPU tests and --decode-gemm auto at tp 1 and 2 (the final table)
 #   PART=3: the sweep's table (NEW=path) against the committed one and XLA's GEMMs, tp 1 and 2,
 #           in both orders; the new table's tp 2 traced
 #   OUT=/tmp/out PART=1 bash bench/run_gpu_decode_gemm.sh   (TABLE=path: XLASERVE_SKINNY_GEMM_TABLE)
@@ -37,6 +38,12 @@ if [ "$PART" = 1 ]; then
   echo "=== pytest all_reduce rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_all_reduce.txt"
   run_tp ab1_xla "1 2" xla
   run_tp ab1_auto "1 2" auto
+elif [ "$PART" = 4 ]; then  # the final commit: its GPU tests and the default plan at tp 1 and 2
+  JAX_PLATFORMS=cuda timeout -k 5 120 $PY -m pytest -q -rfs --tb=short -p no:cacheprovider \
+    tests/kernels/test_skinny_gemm.py tests/sharding/test_all_reduce.py \
+    > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
+  run_tp ab4_auto "1 2" auto
 elif [ "$PART" = 3 ]; then
   NEW=${NEW:?set NEW to the sweep table}
   run_tp ab3_xla_a "1 2" xla
