@@ -62,6 +62,7 @@ import numpy as np
 import trace_summary  # bench/
 
 from xlaserve.checkpoints import hf
+from xlaserve.pallas_kernels import ops
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.compile_cache import setup_compilation_cache
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
@@ -243,7 +244,7 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         "all_reduce": args.all_reduce, "fused_norm": not args.no_fused_norm,
         "split_k": getattr(r.plan.row_parallel_fn, "split_k", None),
         "decode_gemm": args.decode_gemm,
-        "skinny_gemm_table": os.environ.get("XLASERVE_SKINNY_GEMM_TABLE") or "default",
+        "skinny_gemm_table": str(ops.skinny_gemm_table_path()),
         "row_parallel": ("xla collective" if r.plan.row_parallel_fn is None else
                          "psum under shard_map" if r.plan.row_parallel_fn.all_reduce is None
                          else "xlaserve kernel (decode-sized" + (
@@ -427,8 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-k", type=int, default=None,
                    help="o_proj / down_proj as explicit split-K partials summed in the fused "
                         "all-reduce (default: the plan's)")
-    p.add_argument("--decode-gemm", default="auto",
-                   choices=["auto", "xla", "pallas", "pallas_interpret"],
+    p.add_argument("--decode-gemm", default="auto", choices=ops.SKINNY_GEMM_MODES,
                    help="q/k/v, o and down products of decode-sized steps: the Pallas skinny "
                         "GEMM (auto: for the measured table's shapes) or XLA's")
     p.add_argument("--iters", type=int, default=20)

@@ -162,14 +162,24 @@ SKINNY_GEMM_MODES = ("auto", "xla", "pallas", "pallas_interpret")
 SKINNY_GEMM_TABLE = Path(__file__).with_name("skinny_gemm_tuning.json")
 
 
+def skinny_gemm_table_path() -> Path:
+    """The table in force: XLASERVE_SKINNY_GEMM_TABLE (a sweep's output, bench/gemm_decode.py)
+    or the one beside this file."""
+    return Path(os.environ.get("XLASERVE_SKINNY_GEMM_TABLE") or SKINNY_GEMM_TABLE)
+
+
 @functools.lru_cache(maxsize=None)
-def skinny_gemm_table(path: str | None = None,
-                      ) -> tuple[int, dict[tuple[int, int, str], SkinnyGemmConfig]]:
-    """(max_rows, {(K, N, dtype): SkinnyGemmConfig}) from the measured table."""
-    data = json.loads(Path(path or SKINNY_GEMM_TABLE).read_text())
+def _read_table(path: Path) -> tuple[dict[str, Any], dict[tuple[int, int, str], SkinnyGemmConfig]]:
+    data = json.loads(path.read_text())
     table = {(e["k"], e["n"], e["dtype"]): SkinnyGemmConfig(
         block_n=e["block_n"], block_k=e["block_k"], num_splits=e["num_splits"],
         num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in data["entries"]}
+    return data, table
+
+
+def skinny_gemm_table() -> tuple[int, dict[tuple[int, int, str], SkinnyGemmConfig]]:
+    """(max_rows, {(K, N, dtype): SkinnyGemmConfig}) from the table in force."""
+    data, table = _read_table(skinny_gemm_table_path())
     return int(data["max_rows"]), table
 
 
@@ -182,11 +192,11 @@ def describe_skinny_gemm(mode: str, platform: str | None = None) -> str:
                 f"platform is {_platform(platform)!r})")
     if mode != "auto":
         return f"the Pallas skinny GEMM for every shape its tiles divide (decode_gemm={mode!r})"
-    path = os.environ.get("XLASERVE_SKINNY_GEMM_TABLE") or str(SKINNY_GEMM_TABLE)
-    data = json.loads(Path(path).read_text())
+    path = skinny_gemm_table_path()
+    data, _ = _read_table(path)
     names = ", ".join(e.get("name", f"{e['k']}x{e['n']}") for e in data["entries"])
     return (f"the Pallas skinny GEMM for steps of up to {data['max_rows']} tokens whose q/k/v, "
-            f"o_proj or down_proj shape is in {Path(path).name} (measured on {data['device']}, "
+            f"o_proj or down_proj shape is in {path.name} (measured on {data['device']}, "
             f"jax {data['jax']}: {names or 'none'}); XLA's GEMM for the others")
 
 
@@ -226,8 +236,7 @@ def skinny_gemm_config(m: int, k: int, ns: Sequence[int], dtype: Any, mode: str 
     shape = f"[{m}, {k}] x [{k}, {'+'.join(map(str, ns))}] {jnp.dtype(dtype).name}"
     if mode == "xla" or (mode == "auto" and platform != "gpu"):
         return None
-    # XLASERVE_SKINNY_GEMM_TABLE: another table (a sweep's output, bench/gemm_decode.py)
-    max_rows, table = skinny_gemm_table(os.environ.get("XLASERVE_SKINNY_GEMM_TABLE") or None)
+    max_rows, table = skinny_gemm_table()
     cfg = table.get((k, sum(ns), jnp.dtype(dtype).name))
     if cfg is not None and cfg.fits(k, ns) is not None:
         cfg = None  # the weights split at other widths than the table's entry

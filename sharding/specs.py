@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -463,9 +462,10 @@ def decode_gemm_hooks(mesh: Mesh | None, model_cfg: ModelConfig, mode: str,
         raise ValueError(f"decode_gemm={mode!r}: must be one of {ops.SKINNY_GEMM_MODES}")
     if row is not None:
         row = dataclasses.replace(row, gemm_mode=mode)
-    single = mesh is None or mesh.shape[MODEL_AXIS] == 1
-    if not uses_decode_gemm(mode):
+    if mode == "xla":
         return row, None
+    single = mesh is None or mesh.shape[MODEL_AXIS] == 1
+    # "auto" off GPU covers nothing (ops.skinny_gemm_config picks XLA's GEMM there)
     qkv, o_down = (True, True) if mode != "auto" else _table_covers(model_cfg, mesh)
     if row is None and single and o_down:
         row = ShardedRowParallel(mesh, model_cfg, None, gemm_mode=mode)
@@ -478,7 +478,7 @@ def _table_covers(model_cfg: ModelConfig, mesh: Mesh | None) -> tuple[bool, bool
     tp = 1 if mesh is None else mesh.shape[MODEL_AXIS]
     c, h = model_cfg, model_cfg.head_dim
     kv = c.num_kv_heads * h // (tp if kv_heads_sharded(c, tp) else 1)
-    rows = ops.skinny_gemm_table(os.environ.get("XLASERVE_SKINNY_GEMM_TABLE") or None)[0]
+    rows = ops.skinny_gemm_table()[0]
 
     def covered(k: int, ns: tuple[int, ...]) -> bool:
         return ops.skinny_gemm_config(rows, k, ns, c.dtype, "auto") is not None
@@ -487,13 +487,6 @@ def _table_covers(model_cfg: ModelConfig, mesh: Mesh | None) -> tuple[bool, bool
     o_down = (covered(c.num_heads * h // tp, (c.hidden_size,))
               or covered(c.intermediate_size // tp, (c.hidden_size,)))
     return qkv, o_down
-
-
-def uses_decode_gemm(mode: str, platform: str | None = None) -> bool:
-    """False where `mode` never picks the Pallas skinny GEMM ("xla"; "auto" off GPU)."""
-    if mode == "xla":
-        return False
-    return mode != "auto" or ops._platform(platform) == "gpu"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -17,7 +17,13 @@ import os
 import pathlib
 from typing import Any
 
-from xlaserve.runtime.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from xlaserve.runtime.config import (
+    DECODE_GEMM_MODES,
+    CacheConfig,
+    EngineConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 
 _CACHE = ("page_size", "num_pages", "gpu_memory_utilization", "enable_prefix_caching")
 _SCHED = ("max_num_batched_tokens", "max_num_seqs", "max_model_len")
@@ -48,7 +54,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="tp > 1: all-reduce of the row-parallel projections (auto: xlaserve's "
                         "kernel for decode-sized steps on GPUs, XLA's collective otherwise)")
     g.add_argument("--attention-impl", help="ragged paged attention implementation (auto)")
-    g.add_argument("--decode-gemm", choices=["auto", "xla", "pallas", "pallas_interpret"],
+    g.add_argument("--decode-gemm", choices=DECODE_GEMM_MODES,
                    help="q/k/v, o and down projections of decode-sized steps (auto: the Pallas "
                         "skinny GEMM for shapes of its measured table on GPUs, XLA's otherwise)")
     g.add_argument("--compilation-cache-dir", help="persistent XLA compilation cache directory")
