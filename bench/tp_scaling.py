@@ -127,7 +127,8 @@ class Runner:
 
     def __init__(self, cfg: ModelConfig, tp: int, num_pages: int, page_size: int,
                  impl: str, copies: int = 1, all_reduce: str = "auto",
-                 split_k: int | None = None, decode_gemm: str = "auto") -> None:
+                 split_k: int | None = None, decode_gemm: str = "auto",
+                 rope_write: bool = True, skip_padding: bool = True) -> None:
         self.plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
                                         attention_impl=impl).with_all_reduce(all_reduce)
         rp = self.plan.row_parallel_fn
@@ -135,6 +136,14 @@ class Runner:
             self.plan = dataclasses.replace(
                 self.plan, row_parallel_fn=dataclasses.replace(rp, split_k=split_k))
         self.plan = self.plan.with_decode_gemm(decode_gemm)
+        # A/B switches of session 13: the q/k/v epilogue kernel (rope + K/V write) and the fused
+        # all-reduce skipping the padding rows
+        if self.plan.project_fn is not None and not rope_write:
+            self.plan = dataclasses.replace(self.plan, project_fn=dataclasses.replace(
+                self.plan.project_fn, fuse_rope_write=False))
+        if self.plan.row_parallel_fn is not None and not skip_padding:
+            self.plan = dataclasses.replace(self.plan, row_parallel_fn=dataclasses.replace(
+                self.plan.row_parallel_fn, skip_padding=False))
         # The key is made inside the program: no array crosses devices before the step (a
         # single-device key put onto the mesh stalled on one 2 x H200 host, BENCHMARKS.md).
         self.params = jax.jit(lambda: llama.init_params(cfg, jax.random.key(0)),
@@ -232,7 +241,8 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
     pages_per_seq = math.ceil(longest / page_size)
     num_pages = 1 + max(max(args.decode_batches), 1) * pages_per_seq
     r = Runner(cfg, tp, num_pages, page_size, args.attention_impl, args.program_copies,
-               args.all_reduce, args.split_k, args.decode_gemm)
+               args.all_reduce, args.split_k, args.decode_gemm, not args.no_rope_write,
+               not args.no_skip_padding)
     q = r.params["layers_0"]["attn"]["q_proj"]["kernel"]
     rng = np.random.default_rng(1)
     kw = dict(page_size=page_size, pages_per_seq=pages_per_seq, rng=rng, vocab=cfg.vocab_size)
@@ -244,6 +254,8 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         "all_reduce": args.all_reduce, "fused_norm": not args.no_fused_norm,
         "split_k": getattr(r.plan.row_parallel_fn, "split_k", None),
         "decode_gemm": args.decode_gemm,
+        "rope_write_kv": bool(getattr(r.plan.project_fn, "fuse_rope_write", False)),
+        "skip_padding_rows": bool(getattr(r.plan.row_parallel_fn, "skip_padding", False)),
         "skinny_gemm_table": str(ops.skinny_gemm_table_path()),
         "row_parallel": ("xla collective" if r.plan.row_parallel_fn is None else
                          "psum under shard_map" if r.plan.row_parallel_fn.all_reduce is None
@@ -431,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-gemm", default="auto", choices=ops.SKINNY_GEMM_MODES,
                    help="q/k/v, o and down products of decode-sized steps: the Pallas skinny "
                         "GEMM (auto: for the measured table's shapes) or XLA's")
+    p.add_argument("--no-rope-write", action="store_true",
+                   help="A/B: q/k/v's rope and K/V write as XLA fusions + write_kv_pages, not "
+                        "the rope_write_kv kernel after the skinny GEMM")
+    p.add_argument("--no-skip-padding", action="store_true",
+                   help="A/B: the fused all-reduce exchanges the step's padding rows too")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--spread-steps", type=int, default=20)

@@ -190,14 +190,17 @@ def describe_skinny_gemm(mode: str, platform: str | None = None) -> str:
     if mode == "auto" and _platform(platform) != "gpu":
         return (f"XLA's GEMMs (decode_gemm='auto': the Pallas skinny GEMM needs an NVIDIA GPU; "
                 f"platform is {_platform(platform)!r})")
+    epilogue = ("; after q/k/v's, rope and the K/V write run as one kernel (rope_write_kv) "
+                "where each device holds its KV heads and the model has no q/k norm")
     if mode != "auto":
-        return f"the Pallas skinny GEMM for every shape its tiles divide (decode_gemm={mode!r})"
+        return (f"the Pallas skinny GEMM for every shape its tiles divide (decode_gemm={mode!r})"
+                + epilogue)
     path = skinny_gemm_table_path()
     data, _ = _read_table(path)
     names = ", ".join(e.get("name", f"{e['k']}x{e['n']}") for e in data["entries"])
     return (f"the Pallas skinny GEMM for steps of up to {data['max_rows']} tokens whose q/k/v, "
             f"o_proj or down_proj shape is in {path.name} (measured on {data['device']}, "
-            f"jax {data['jax']}: {names or 'none'}); XLA's GEMM for the others")
+            f"jax {data['jax']}: {names or 'none'}); XLA's GEMM for the others" + epilogue)
 
 
 def default_skinny_gemm_config(k: int, ns: Sequence[int]) -> SkinnyGemmConfig | None:
@@ -217,6 +220,12 @@ def default_skinny_gemm_config(k: int, ns: Sequence[int]) -> SkinnyGemmConfig | 
 @functools.lru_cache(maxsize=None)
 def _log_gemm_choice(mode: str, shape: str, choice: str) -> None:
     log.info("skinny_gemm (mode %r) for %s: %s", mode, shape, choice)
+
+
+@functools.lru_cache(maxsize=None)
+def log_rope_write_choice(shape: str, choice: str) -> None:
+    """Logs once per shape whether q/k/v's epilogue runs as `rope_write_kv`."""
+    log.info("q/k/v epilogue for %s: %s", shape, choice)
 
 
 def skinny_gemm_config(m: int, k: int, ns: Sequence[int], dtype: Any, mode: str = "auto",

@@ -276,7 +276,7 @@ class AllReduce:
         return call(x, self._rank(), name=name, opaque=opaque)
 
     def add_rms_norm(self, x: jax.Array, residual: jax.Array, scale: jax.Array,
-                     eps: float) -> tuple[jax.Array, jax.Array]:
+                     eps: float, rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """(residual + sum of x over ``model``, its RMSNorm times `scale`), in one kernel; call
         inside shard_map (x [T, D] is this rank's partial sum; residual [T, D] and scale [D]
         are the same on every rank). Equals `layers.rms_norm(residual + psum(x))` up to the
@@ -286,6 +286,9 @@ class AllReduce:
         x may also be float32 [S, T, D]: S split-K partial products whose sum is this rank's
         part (the kernel sums them in order and rounds to residual's dtype before the exchange;
         `ShardedRowParallel.split_k`).
+
+        rows: i32[1], how many leading rows carry tokens (the same on every rank; default all
+        T). The others are padding: both outputs are zero there and they are not exchanged.
 
         Raises:
           ValueError: x does not `fits_add_rms_norm`, or the shapes / dtypes disagree.
@@ -306,7 +309,12 @@ class AllReduce:
         dt = residual.dtype
         name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials)
         ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials)
-        opaque = self._opaque(name, ptx, (16, 4, 16, 16, 16, 16), t)
+        if rows is None:
+            rows = jnp.full((1,), t, jnp.int32)
+        if rows.shape != (1,) or rows.dtype != jnp.int32:
+            raise ValueError(f"custom all-reduce + RMSNorm: rows {rows.shape} {rows.dtype} "
+                             f"must be i32[1]")
+        opaque = self._opaque(name, ptx, (16, 4, 4, 16, 16, 16, 16), t)
         out = jax.ShapeDtypeStruct(residual.shape, dt)
         call = jax.ffi.ffi_call(FFI_TARGET, (out, out))
-        return call(x, self._rank(), residual, scale, name=name, opaque=opaque)
+        return call(x, self._rank(), rows, residual, scale, name=name, opaque=opaque)

@@ -293,9 +293,14 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     slice (an explicit split-K GEMM); the kernel sums them (float32, in order) and rounds the
     sum to the dtype before the exchange, so no separate reduce kernel runs before it.
 
-    Parameters, in order: x, rank (i32[1]), residual, scale [dim], out_x, out_h (buffers); the
-    tp workspace addresses (u64). The grid is one CTA per row (at most MAX_CTAS). `dim`, `eps`
-    and `partials` are constants of the code (they are in the kernel's name).
+    Only the first `rows` rows carry tokens (rows: i32[1], the step's real token count, the
+    same on every rank): the CTAs of the others store zeros to both outputs and exchange
+    nothing (a batch-1 decode step pads 1 token to 16 rows).
+
+    Parameters, in order: x, rank (i32[1]), rows (i32[1]), residual, scale [dim], out_x, out_h
+    (buffers); the tp workspace addresses (u64). The grid is one CTA per row (at most
+    MAX_CTAS). `dim`, `eps` and `partials` are constants of the code (they are in the kernel's
+    name).
     """
     _check_tp(tp)
     if not add_rms_norm_row_ok(dim, dtype):
@@ -314,21 +319,20 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     vec = "{%w0, %w1, %w2, %w3}"
     body: list[str] = list(_COMMON_REGS)
     emit = body.append
-    emit(f".reg .b64 %ws<{tp}>, %resp, %scp, %outhp;")
+    emit(f".reg .b64 %ws<{tp}>, %resp, %scp, %outhp, %rowsp;")
+    emit(".reg .b32 %nrows;")
     emit(f".reg .pred %pv<{per_thread}>;")
     emit(f".reg .f32 %fv, %fr, %ss, %rstd, %acc<{n}>, %s<{n}>, %xn<{per_thread * n}>;")
     emit(f".reg .b32 %lane, %warp, %r<{4 * per_thread}>, %c<{4 * per_thread}>;")
     if partials:
         emit(f".reg .b32 %o<{4 * per_thread}>;")
         emit(f".reg .f32 %pp<{n}>;")
-    _load_params(emit, tp, (("p_x", "%xp"), ("p_rank", "%rankp"), ("p_res", "%resp"),
-                            ("p_scale", "%scp"), ("p_out", "%outp"), ("p_outh", "%outhp")))
+    _load_params(emit, tp, (("p_x", "%xp"), ("p_rank", "%rankp"), ("p_rows", "%rowsp"),
+                            ("p_res", "%resp"), ("p_scale", "%scp"), ("p_out", "%outp"),
+                            ("p_outh", "%outhp")))
     emit("mov.u32 %th, %tid.x;")
     emit("mov.u32 %cta, %ctaid.x;")
-    _rank_and_sequence(emit, tp, name)
     emit(f"mul.lo.u32 %vbeg, %cta, {row_vec};")
-    emit("mad.lo.u32 %t, %cta, 2, %slot;")
-    emit(f"mul.lo.u32 %blk, %t, {tp};")  # LL block of (cta, slot, source 0)
     for j in range(per_thread):  # thread th owns vectors th, th + THREADS, ... of the row
         emit(f"setp.lt.u32 %pv{j}, %th, {row_vec - j * THREADS};")
 
@@ -337,6 +341,24 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
         emit("mul.wide.u32 %loc, %t, 32;")
         emit("add.u32 %v, %vbeg, %t;")
         emit("mul.wide.u32 %off, %v, 16;")
+
+    # 0. a padding row (cta >= rows, the same on every rank): zeros out, no exchange
+    emit("ld.global.nc.u32 %nrows, [%rowsp];")
+    emit("setp.lt.u32 %p, %cta, %nrows;")
+    emit("@%p bra LIVE;")
+    emit("mov.b32 %u, 0;")
+    for j in range(per_thread):
+        emit(f"@!%pv{j} bra ZEROED{j};")
+        locate(j)
+        for ptr in ("%outp", "%outhp"):
+            emit(f"add.u64 %a, {ptr}, %off;")
+            emit("st.global.v4.b32 [%a], {%u, %u, %u, %u};")
+        emit(f"ZEROED{j}:")
+    emit("ret;")
+    emit("LIVE:")
+    _rank_and_sequence(emit, tp, name)
+    emit("mad.lo.u32 %t, %cta, 2, %slot;")
+    emit(f"mul.lo.u32 %blk, %t, {tp};")  # LL block of (cta, slot, source 0)
 
     # 1. push this rank's row to every peer; load this thread's residual and scale vectors
     #    now, so their latency hides behind the wait for the peers' data
@@ -422,7 +444,8 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
               f".shared .align 4 .f32 {name}_red[{THREADS // 32}];",
               f".shared .align 4 .f32 {name}_rstd;"]
     return _entry(name, arch, dt, tp, "all-reduce + residual add + RMSNorm", shared,
-                  ["p_x", "p_rank", "p_res", "p_scale", "p_out", "p_outh"], [], body)
+                  ["p_x", "p_rank", "p_rows", "p_res", "p_scale", "p_out", "p_outh"], [],
+                  body)
 
 
 def _sum_partials(emit: Any, body: list[str], dt: str, partials: tuple[int, int], dim: int,

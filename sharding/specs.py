@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xlaserve.pallas_kernels import ops
+from xlaserve.pallas_kernels.rope_write_kv import rope_write_kv
 from xlaserve.pallas_kernels.skinny_gemm import skinny_gemm
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
@@ -153,8 +154,8 @@ class ShardedAttention:
         """C, the head count of the KV cache arrays this attention reads and writes."""
         return kv_cache_heads(self.model_cfg, self.mesh.shape[MODEL_AXIS])
 
-    def __call__(self, q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
-                 v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
+    def __call__(self, q: jax.Array, k_new: jax.Array | None, v_new: jax.Array | None,
+                 k_pages: jax.Array, v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
                  sliding_window: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         rules = mesh_rules(self.model_cfg, self.mesh)
         tp = self.mesh.shape[MODEL_AXIS]
@@ -172,8 +173,13 @@ class ShardedAttention:
         rep = PartitionSpec()
         impl = self.impl
 
-        def body(q, k_new, v_new, k_pages, v_pages, slot_mapping, kv_lens, page_table,
-                 cu_q_lens, num_seqs):
+        def attend(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs):
+            o = ops.ragged_paged_attention(
+                q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
+                sm_scale=sm_scale, sliding_window=sliding_window, impl=impl)
+            return o, k_pages, v_pages
+
+        def body(q, k_new, v_new, k_pages, v_pages, slot_mapping, *meta):
             # Local shapes: q [T, N/tp, H]; pages [C/tp, P, L, H]; k_new, v_new [T, K/tp, H]
             # (split) or [T, K, H] (replicated projections; C/tp = 1).
             if not split_kv:
@@ -181,18 +187,20 @@ class ShardedAttention:
                 k_new = jax.lax.dynamic_slice_in_dim(k_new, head, 1, axis=1)  # [T, 1, H]
                 v_new = jax.lax.dynamic_slice_in_dim(v_new, head, 1, axis=1)
             k_pages, v_pages = ops.write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping)
-            o = ops.ragged_paged_attention(
-                q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                sm_scale=sm_scale, sliding_window=sliding_window, impl=impl)
-            return o, k_pages, v_pages
+            return attend(q, k_pages, v_pages, *meta)
 
+        meta = (inputs.kv_lens, inputs.page_table, inputs.cu_q_lens, inputs.num_seqs)
+        if k_new is None:  # already written (llama.RopeWriteFn)
+            fn = _shard_map(attend, self.mesh,
+                            in_specs=(q_spec, pages_spec, pages_spec, rep, rep, rep, rep),
+                            out_specs=(q_spec, pages_spec, pages_spec))
+            return fn(q, k_pages, v_pages, *meta)
         fn = _shard_map(
             body, self.mesh,
             in_specs=(q_spec, kv_new_spec, kv_new_spec, pages_spec, pages_spec,
                       rep, rep, rep, rep, rep),
             out_specs=(q_spec, pages_spec, pages_spec))
-        return fn(q, k_new, v_new, k_pages, v_pages, inputs.slot_mapping, inputs.kv_lens,
-                  inputs.page_table, inputs.cu_q_lens, inputs.num_seqs)
+        return fn(q, k_new, v_new, k_pages, v_pages, inputs.slot_mapping, *meta)
 
 
 def shard_attention(mesh: Mesh, model_cfg: ModelConfig, *, impl: str = "auto",
@@ -240,6 +248,10 @@ class ShardedRowParallel:
     # Pallas skinny GEMM (its split-K partials go to the fused kernel as they are) for shapes of
     # its measured table, XLA's GEMM otherwise.
     gemm_mode: str = "auto"
+    # The fused kernel leaves the padding rows after the step's real token count alone (zeros,
+    # no exchange): a batch-1 decode step pads 1 token to 16 rows. False exchanges all rows
+    # (the A/B of bench/tp_scaling.py --no-skip-padding).
+    skip_padding: bool = True
 
     def uses_kernel(self, out_shape: tuple[int, ...], dtype: Any) -> bool:
         """True when a product of this output shape runs through the kernel."""
@@ -252,7 +264,8 @@ class ShardedRowParallel:
 
     def __call__(self, residual: jax.Array, x: jax.Array, kernel: jax.Array,
                  in_axes: tuple[str | None, ...], out_axes: tuple[str | None, ...],
-                 scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+                 scale: jax.Array, eps: float, rows: jax.Array | None = None,
+                 ) -> tuple[jax.Array, jax.Array]:
         n_in = len(in_axes)
         out_shape = x.shape[:x.ndim - n_in] + kernel.shape[n_in:]  # [T, D]
         dt = residual.dtype  # the model dtype (the residual stream's)
@@ -280,7 +293,10 @@ class ShardedRowParallel:
                                 config=gemm, interpret=interpret)
             return parts.reshape(parts.shape[:2] + kernel.shape[n_in:])
 
-        def body(residual, x, kernel, scale):
+        if rows is None or not self.skip_padding:
+            rows = jnp.full((1,), out_shape[0], jnp.int32)
+
+        def body(residual, x, kernel, scale, rows):
             if fused:  # this device's partial sum, as f32 split-K partials [S, T, D] or [T, D]
                 if gemm is not None:
                     part = partials(x, kernel)
@@ -288,18 +304,19 @@ class ShardedRowParallel:
                     part = split_k_contract(x, kernel, n_in, self.split_k)
                 else:
                     part = contract(x, kernel, n_in, dt)
-                return self.all_reduce.add_rms_norm(part, residual, scale, eps)
+                # the padding rows after `rows` are neither exchanged nor normed
+                return self.all_reduce.add_rms_norm(part, residual, scale, eps, rows)
             product = (partials(x, kernel).sum(axis=0).astype(dt) if gemm is not None
                        else contract(x, kernel, n_in, dt))
             return add_rms_norm(residual, reduce(product), scale, eps)
 
         if self.mesh is None:
-            return body(residual, x, kernel, scale)
+            return body(residual, x, kernel, scale, rows)
         x_spec = logical_to_spec(("tokens", *in_axes), rules)  # [T, *in], in split
         rep = PartitionSpec()
-        fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep),
+        fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep, rep),
                         out_specs=(rep, rep))
-        return fn(residual, x, kernel, scale)
+        return fn(residual, x, kernel, scale, rows)
 
 
 def local_shape(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> tuple[int, ...]:
@@ -320,16 +337,21 @@ class DecodeProjection:
     it for the local shapes (mode "auto": the measured table). Otherwise each product is the
     plain contraction (the partitioner splits it as before).
 
-    The kernel's float32 split-K partials are summed and rounded to the model dtype here; XLA
-    fuses that sum into the consumers (RoPE, the K/V write). `mesh` None: one device, no
-    shard_map. Frozen and hashable: a static part of the jitted step.
+    As a `llama.RopeWriteFn` (`rope_write`, on by default) it also finishes q/k/v in one more
+    launch: the kernel's float32 split-K partials go straight to `rope_write_kv`, which sums
+    them, applies rope to q and k and stores k and v into the pages (four kernels fewer per
+    layer). Called as a plain ProjectFn, the partials are summed and rounded here and XLA fuses
+    that sum into the consumers (RoPE, the K/V write). `mesh` None: one device, no shard_map.
+    Frozen and hashable: a static part of the jitted step.
     """
 
     mesh: Mesh | None
     model_cfg: ModelConfig
     mode: str = "auto"
+    fuse_rope_write: bool = True
 
-    def __call__(self, products: Sequence[Deferred], dtype: Any) -> tuple[jax.Array, ...]:
+    def _plan(self, products: Sequence[Deferred]) -> tuple[Any, ...]:
+        """(rules, kernel specs, local widths N_i, K, the GEMM's tiles or None) of q/k/v."""
         x = products[0].x
         n_in = len(products[0].in_axes)
         if any(p.x is not x or len(p.in_axes) != n_in for p in products):
@@ -343,15 +365,22 @@ class DecodeProjection:
         k = int(np.prod(x.shape[x.ndim - n_in:]))
         ns = [int(np.prod(shape[n_in:])) for shape in locals_]
         gemm = ops.skinny_gemm_config(x.shape[0], k, ns, x.dtype, self.mode)
+        return rules, specs, ns, k, gemm
+
+    def _partials(self, x: jax.Array, kernels: Sequence[jax.Array], k: int, gemm: Any,
+                  ) -> jax.Array:  # f32 [S, T, sum N]: this device's q/k/v partials
+        return skinny_gemm(x.reshape(x.shape[0], k), tuple(w.reshape(k, -1) for w in kernels),
+                           config=gemm, interpret=self.mode == "pallas_interpret")
+
+    def __call__(self, products: Sequence[Deferred], dtype: Any) -> tuple[jax.Array, ...]:
+        rules, specs, ns, k, gemm = self._plan(products)
         if gemm is None:
             return tuple(p.compute(dtype) for p in products)
-        interpret = self.mode == "pallas_interpret"
+        n_in = len(products[0].in_axes)
 
         def body(x, *kernels):
             t = x.shape[0]
-            parts = skinny_gemm(x.reshape(t, k), tuple(w.reshape(k, -1) for w in kernels),
-                                config=gemm, interpret=interpret)
-            y = parts.sum(axis=0).astype(dtype)  # [T, sum N]
+            y = self._partials(x, kernels, k, gemm).sum(axis=0).astype(dtype)  # [T, sum N]
             outs, start = [], 0
             for w, n in zip(kernels, ns):
                 outs.append(y[:, start:start + n].reshape(t, *w.shape[n_in:]))
@@ -360,11 +389,52 @@ class DecodeProjection:
 
         kernels = [p.kernel for p in products]
         if self.mesh is None:
-            return body(x, *kernels)
+            return body(products[0].x, *kernels)
         x_spec = logical_to_spec(("tokens", *products[0].in_axes), rules)
         out_specs = tuple(logical_to_spec(("tokens", *p.out_axes), rules) for p in products)
         fn = _shard_map(body, self.mesh, in_specs=(x_spec, *specs), out_specs=out_specs)
-        return fn(x, *kernels)
+        return fn(products[0].x, *kernels)
+
+    def rope_write(self, products: Sequence[Deferred], dtype: Any, cos: jax.Array,
+                   sin: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                   slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+        """(q with rope [T, N, H], k_pages, v_pages) through the skinny GEMM and
+        `rope_write_kv`, or None where the GEMM is XLA's, `fuse_rope_write` is off or the KV
+        heads are not split over the mesh (tp > K: each device then picks its head out of
+        replicated K/V, which the attention hook does)."""
+        if not self.fuse_rope_write or len(products) != 3:
+            return None
+        tp = 1 if self.mesh is None else self.mesh.shape[MODEL_AXIS]
+        rules, specs, ns, k, gemm = self._plan(products)
+        if gemm is None:
+            return None
+        shape = f"{products[0].x.shape[0]} tokens, q/k/v widths {ns} per device"
+        if not kv_heads_sharded(self.model_cfg, tp):
+            ops.log_rope_write_choice(shape, f"XLA's rope + write_kv_pages (tp={tp} > KV heads "
+                                             f"{self.model_cfg.num_kv_heads}: replicated K/V)")
+            return None
+        ops.log_rope_write_choice(shape, "rope_write_kv kernel")
+        n_q = self.model_cfg.num_heads // tp
+
+        def body(x, wq, wk, wv, cos, sin, slot_mapping, k_pages, v_pages):
+            parts = self._partials(x, (wq, wk, wv), k, gemm)
+            return rope_write_kv(parts, cos, sin, slot_mapping, k_pages, v_pages,
+                                 num_q_heads=n_q, dtype=jnp.dtype(dtype),
+                                 interpret=self.mode == "pallas_interpret")
+
+        args = (products[0].x, *(p.kernel for p in products), cos, sin, slot_mapping, k_pages,
+                v_pages)
+        if self.mesh is None:
+            return body(*args)
+        rep = PartitionSpec()
+        pages_spec = logical_to_spec(KV_CACHE_AXES, rules)
+        fn = _shard_map(
+            body, self.mesh,
+            in_specs=(logical_to_spec(("tokens", *products[0].in_axes), rules), *specs,
+                      rep, rep, rep, pages_spec, pages_spec),
+            out_specs=(logical_to_spec(("tokens", *products[0].out_axes), rules), pages_spec,
+                       pages_spec))
+        return fn(*args)
 
 
 def split_k_contract(x: jax.Array, kernel: jax.Array, n_in: int, splits: int) -> jax.Array:

@@ -88,11 +88,14 @@ class Deferred:
 class AddRMSNormFn(Protocol):
     """residual [T, D] + x . kernel (a bias-free projection into D, in the model dtype), then
     rms_norm of that sum: returns (the sum, the normed sum). `in_axes` / `out_axes` are the
-    kernel's logical axis names. The sharding code's row-parallel hook implements it."""
+    kernel's logical axis names. `rows` (i32[1] or None): how many leading rows carry tokens;
+    the outputs of the others (padding) are unspecified, so a hook may skip them. The sharding
+    code's row-parallel hook implements it."""
 
     def __call__(self, residual: jax.Array, x: jax.Array, kernel: jax.Array,
                  in_axes: tuple[str | None, ...], out_axes: tuple[str | None, ...],
-                 scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]: ...
+                 scale: jax.Array, eps: float, rows: jax.Array | None = None,
+                 ) -> tuple[jax.Array, jax.Array]: ...
 
 
 class ProjectFn(Protocol):
@@ -119,14 +122,16 @@ class ResidualRMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, residual: jax.Array, delta: jax.Array | Deferred | None,
-                 ) -> tuple[jax.Array, jax.Array]:
+                 rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """`rows`: i32[1], the leading rows that carry tokens (for `add_norm_fn`, which may
+        leave the padding rows after them unspecified)."""
         scale = _param(self, "scale", nn.initializers.ones, (self.dim,), ("norm",), self.dtype)
         if delta is None:
             return residual, rms_norm(residual, scale, self.eps)
         if isinstance(delta, Deferred):
             if self.add_norm_fn is not None:
                 return self.add_norm_fn(residual, delta.x, delta.kernel, delta.in_axes,
-                                        delta.out_axes, scale, self.eps)
+                                        delta.out_axes, scale, self.eps, rows=rows)
             delta = delta.compute(self.dtype)
         return add_rms_norm(residual, delta, scale, self.eps)
 
@@ -229,11 +234,16 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Arra
     return inv
 
 
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) f32[T, H/2] of the rotation angles of positions i32[T]."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """Rotates x [T, heads, H] by its positions i32[T] (the half-split layout HF Llama uses)."""
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
-    cos = jnp.cos(angles)[:, None, :]  # [T, 1, H/2]
-    sin = jnp.sin(angles)[:, None, :]
+    cos, sin = rope_tables(positions, inv_freq)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, H/2]
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

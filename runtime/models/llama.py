@@ -21,8 +21,8 @@ itself.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import flax.linen as nn
 import jax
@@ -43,6 +43,7 @@ from xlaserve.runtime.models.layers import (
     SwiGLU,
     apply_rope,
     rope_inv_freq,
+    rope_tables,
 )
 
 # Per layer (k_pages, v_pages), each [K, P, L, H]: KV head, page, slot in page, head dim.
@@ -53,12 +54,30 @@ Params = dict[str, Any]  # nested dict of arrays (unboxed), as built by init_par
 class AttentionFn(Protocol):
     """Writes this step's K/V into the pages, then attends.
 
-    Returns (o [T, N, H], k_pages, v_pages).
+    k_new and v_new None: they are already in the pages (a `RopeWriteFn` stored them); only
+    attend. Returns (o [T, N, H], k_pages, v_pages).
     """
 
     def __call__(self, q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
                  v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
                  sliding_window: int | None) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+
+
+@runtime_checkable
+class RopeWriteFn(Protocol):
+    """A `layers.ProjectFn` that can also finish q/k/v in one launch after their GEMM: rope on
+    q and k (cos, sin f32[T, H/2]) and this step's K/V stored into the layer's pages at
+    `slot_mapping` (sharding.specs.DecodeProjection, ops.rope_write_kv).
+
+    Returns (q [T, N, H] with rope, k_pages, v_pages), or None where it does not apply (the
+    model then calls it as a plain ProjectFn, applies rope and lets attention_fn write)."""
+
+    def __call__(self, products: Sequence[Deferred], dtype: jnp.dtype,
+                 ) -> tuple[jax.Array, ...]: ...
+
+    def rope_write(self, products: Sequence[Deferred], dtype: jnp.dtype, cos: jax.Array,
+                   sin: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                   slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array] | None: ...
 
 
 # residual + o_proj / down_proj, then the next RMSNorm (layers.AddRMSNormFn): the hook the
@@ -73,17 +92,25 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: j
     """The default AttentionFn: ops.write_kv_pages then ops.ragged_paged_attention.
 
     Args:
-      q: [T, N, H] queries (rope applied). k_new, v_new: [T, K, H] this step's keys and values.
+      q: [T, N, H] queries (rope applied). k_new, v_new: [T, K, H] this step's keys and values
+        (None: already in the pages).
       k_pages, v_pages: [K, P, L, H] the layer's page pools.
       inputs: the step's ragged metadata (slot_mapping, kv_lens, page_table, cu_q_lens, num_seqs).
     Returns:
       (o [T, N, H], updated k_pages, updated v_pages).
     """
-    k_pages, v_pages = ops.write_kv_pages(k_pages, v_pages, k_new, v_new, inputs.slot_mapping)
+    if k_new is not None:
+        k_pages, v_pages = ops.write_kv_pages(k_pages, v_pages, k_new, v_new,
+                                              inputs.slot_mapping)
     o = ops.ragged_paged_attention(
         q, k_pages, v_pages, inputs.kv_lens, inputs.page_table, inputs.cu_q_lens,
         inputs.num_seqs, sm_scale=sm_scale, sliding_window=sliding_window, impl=impl)
     return o, k_pages, v_pages
+
+
+def real_rows(inputs: StepInputs) -> jax.Array:
+    """i32[1]: the step's token rows before the padding (cu_q_lens[num_seqs])."""
+    return jax.lax.dynamic_slice(inputs.cu_q_lens, inputs.num_seqs, (1,))
 
 
 def _dtype(cfg: ModelConfig) -> jnp.dtype:
@@ -112,14 +139,23 @@ class Attention(nn.Module):
                            name="k_proj")(x)  # [T, K, H]
         v_new = Projection((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), dt, bias, defer,
                            name="v_proj")(x)  # [T, K, H]
-        if defer:
-            q, k_new, v_new = self.project_fn((q, k_new, v_new), dt)
-        if cfg.qk_norm:
-            q = RMSNorm(h, cfg.rms_norm_eps, dt, name="q_norm")(q)
-            k_new = RMSNorm(h, cfg.rms_norm_eps, dt, name="k_norm")(k_new)
         inv_freq = rope_inv_freq(h, cfg.rope_theta, cfg.rope_scaling)
-        q = apply_rope(q, inputs.positions, inv_freq)
-        k_new = apply_rope(k_new, inputs.positions, inv_freq)
+        written = None  # (q with rope, k_pages, v_pages) when the hook stored this step's K/V
+        if defer and not cfg.qk_norm and isinstance(self.project_fn, RopeWriteFn):
+            cos, sin = rope_tables(inputs.positions, inv_freq)
+            written = self.project_fn.rope_write((q, k_new, v_new), dt, cos, sin, k_pages,
+                                                 v_pages, inputs.slot_mapping)
+        if written is not None:
+            q, k_pages, v_pages = written
+            k_new = v_new = None
+        else:
+            if defer:
+                q, k_new, v_new = self.project_fn((q, k_new, v_new), dt)
+            if cfg.qk_norm:
+                q = RMSNorm(h, cfg.rms_norm_eps, dt, name="q_norm")(q)
+                k_new = RMSNorm(h, cfg.rms_norm_eps, dt, name="k_norm")(k_new)
+            q = apply_rope(q, inputs.positions, inv_freq)
+            k_new = apply_rope(k_new, inputs.positions, inv_freq)
         with jax.named_scope("paged_attention"):
             o, k_pages, v_pages = self.attention_fn(
                 q, k_new, v_new, k_pages, v_pages, inputs, sm_scale=h ** -0.5,
@@ -147,13 +183,14 @@ class DecoderLayer(nn.Module):
                  ) -> tuple[jax.Array, jax.Array | Deferred, jax.Array, jax.Array]:
         cfg, dt = self.cfg, _dtype(self.cfg)
         d, eps, add_norm = cfg.hidden_size, cfg.rms_norm_eps, self.row_parallel_fn
+        rows = real_rows(inputs)
         with jax.named_scope("attention"):
-            x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="input_norm")(x, delta)
+            x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="input_norm")(x, delta, rows)
             a, k_pages, v_pages = Attention(cfg, self.attention_fn, self.project_fn,
                                             name="attn")(
                 h, inputs, k_pages, v_pages)
         with jax.named_scope("mlp"):
-            x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="post_attn_norm")(x, a)
+            x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="post_attn_norm")(x, a, rows)
             m = SwiGLU(d, cfg.intermediate_size, dt, cfg.mlp_bias, defer_down=True,
                        name="mlp")(h)
         return x, m, k_pages, v_pages
@@ -193,7 +230,7 @@ class Llama(nn.Module):
                 x, delta, k_pages, v_pages = layer(x, delta, inputs, k_pages, v_pages)
                 new_cache.append((k_pages, v_pages))
         with jax.named_scope("final_norm"):
-            _, x = self.final_norm(x, delta)
+            _, x = self.final_norm(x, delta, real_rows(inputs))
         return x, tuple(new_cache)
 
     def logits(self, hidden: jax.Array) -> jax.Array:  # [..., D] -> f32[..., V]

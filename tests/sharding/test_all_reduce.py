@@ -64,12 +64,14 @@ def test_add_rms_norm_ptx(tp: int, dtype: str, dim: int, tmp_path) -> None:
     per peer and vector slot, the constants in the name; ptxas accepts it where installed."""
     ptx = ar.add_rms_norm_ptx(tp, dtype, 90, dim, 1e-5)
     names = re.findall(r"\.param \.(?:u64|u32) (\w+)", ptx)
-    assert names == (["p_x", "p_rank", "p_res", "p_scale", "p_out", "p_outh"]
+    assert names == (["p_x", "p_rank", "p_rows", "p_res", "p_scale", "p_out", "p_outh"]
                      + [f"p_ws{r}" for r in range(tp)])
     assert f".entry {ar.add_rms_norm_kernel_name(tp, dtype, dim, 1e-5)}(" in ptx
     labels = re.findall(r"^(\w+):$", ptx, re.M)
     per_thread = -(-dim * np.dtype(jnp.dtype(dtype)).itemsize // 16 // ar.THREADS)
-    assert len(labels) == len(set(labels)) == 2 + per_thread * (3 + 3 * tp)
+    # SEQ_DONE, RSTD_DONE, LIVE; per vector slot ZEROED, PUSHED, SUMMED, NORMED and per peer
+    # SPIN, OWN, GOT
+    assert len(labels) == len(set(labels)) == 3 + per_thread * (4 + 3 * tp)
     assert ptx.count("ld.volatile.global.v4.b32") == 2 * tp * per_thread
     assert ptx.count("shfl.sync.bfly.b32") == 5 and ptx.count("bar.sync 0;") == 3
     assert "0f3727C5AC" in ptx  # eps 1e-5 as float32 bits
@@ -140,13 +142,17 @@ class _FakeKernel:
         _FAKE_CALLS.append("all_reduce")
         return jax.lax.psum(x, "model")
 
-    def add_rms_norm(self, x, residual, scale, eps):
+    def add_rms_norm(self, x, residual, scale, eps, rows=None):
         _FAKE_CALLS.append("add_rms_norm")
         if x.ndim == 3:  # split-K partials
             _FAKE_CALLS.append(f"partials{x.shape[0]}")
             x = x.sum(axis=0).astype(residual.dtype)
         new = residual + jax.lax.psum(x, "model")
-        return new, rms_norm(new, scale, eps)
+        h = rms_norm(new, scale, eps)
+        if rows is not None:  # the kernel's padding rows: zeros
+            live = (jnp.arange(new.shape[0]) < rows[0])[:, None]
+            new, h = jnp.where(live, new, 0), jnp.where(live, h, 0)
+        return new, h
 
 
 def _row_parallel_case(tokens: int):
@@ -248,6 +254,35 @@ def test_model_through_the_fused_path() -> None:
     assert outs["psum_calls"] == []
     np.testing.assert_allclose(np.asarray(outs["fake"]), np.asarray(outs["psum"]), rtol=1e-6,
                                atol=1e-6)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
+def test_model_passes_the_real_row_count() -> None:
+    """A step of 3 tokens padded to 8 rows: every fused call gets rows = cu_q_lens[num_seqs] =
+    3 (the fake kernel zeroes the rows after it, as the kernel does); the real rows' hidden
+    states equal psum mode's."""
+    from xlaserve.runtime.batch import StepInputs
+    from xlaserve.runtime.models import llama
+    from xlaserve.sharding.specs import ShardedRowParallel
+
+    cfg, plan, _ = _tp2_model()
+    params = jax.jit(functools.partial(llama.init_params, cfg),
+                     out_shardings=plan.param_shardings)(jax.random.key(0))
+    i32 = functools.partial(np.array, dtype=np.int32)
+    inputs = StepInputs(token_ids=i32([5, 7, 9, 0, 0, 0, 0, 0]),
+                        positions=i32([0, 1, 0, 0, 0, 0, 0, 0]),
+                        slot_mapping=i32([4, 5, 8, 0, 0, 0, 0, 0]),
+                        cu_q_lens=i32([0, 2, 3, 3, 3]), kv_lens=i32([2, 1, 0, 0]),
+                        page_table=i32([[1, 0], [2, 0], [0, 0], [0, 0]]), num_seqs=i32([2]),
+                        logits_indices=i32([1, 2, 2, 2]))
+    outs = {}
+    for name, rp in (("fake", ShardedRowParallel(plan.mesh, cfg, _FakeKernel())),
+                     ("psum", plan.with_all_reduce("psum").row_parallel_fn)):
+        outs[name] = np.asarray(jax.jit(functools.partial(
+            llama.forward_hidden, cfg=cfg, attention_fn=plan.attention_fn,
+            row_parallel_fn=rp))(params, inputs, plan.init_kv_cache(4, 4))[0])
+    np.testing.assert_allclose(outs["fake"][:3], outs["psum"][:3], rtol=1e-6, atol=1e-6)
+    assert (outs["fake"][3:] == 0).all() and (outs["psum"][3:] != 0).any()
 
 
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
@@ -545,3 +580,39 @@ def test_add_rms_norm_sums_split_k_partials(dtype: str, splits: int, rows: int) 
         ulps = _ulps(got, want, bits)
         assert ulps.max() <= most and (got != want).mean() < 0.01, (ulps.max(),
                                                                     (got != want).mean())
+
+
+@needs_gpus
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_add_rms_norm_skips_padding_rows(rows: int) -> None:
+    """rows < T: the first `rows` rows equal residual + psum and its norm (as without rows),
+    the padding rows after them are zeros in both outputs; then a call with every row live on
+    the same workspace still agrees (the skipped CTAs' counters stayed in step on all ranks)."""
+    tp = min(len(_gpus()), 8)
+    mesh, kernel = _setup(tp)
+    d, t = 4096, 16
+    split, rep = PartitionSpec("model"), PartitionSpec()
+
+    def body(x, residual, scale, n):
+        return kernel.add_rms_norm(x[0], residual, scale, 1e-5, n)
+
+    def ref_body(x, residual, scale):
+        new = residual + jax.lax.psum(x[0].sum(axis=0).astype(residual.dtype), "model")
+        return new, rms_norm(new, scale, 1e-5)
+
+    fn = jax.jit(_shard_map(body, mesh, in_specs=(split, rep, rep, rep), out_specs=(rep, rep)))
+    ref = jax.jit(_shard_map(ref_body, mesh, in_specs=(split, rep, rep), out_specs=(rep, rep)))
+    rng = np.random.default_rng(7)
+    for n in (rows, t):
+        x = jax.device_put(rng.standard_normal((tp, 2, t, d)).astype(np.float32),
+                           NamedSharding(mesh, split))
+        residual = jnp.asarray(rng.standard_normal((t, d)), jnp.bfloat16)
+        scale = jnp.asarray(rng.uniform(0.5, 1.5, d), jnp.bfloat16)
+        got = fn(x, residual, scale, jnp.array([n], jnp.int32))
+        want = ref(x, residual, scale)
+        for g, w in zip(got, want):
+            g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+            np.testing.assert_allclose(g[:n], w[:n], rtol=2e-2, atol=2e-2)
+            assert (g[n:] == 0).all()
+
