@@ -5,9 +5,11 @@
 #   PART=1: GPU tests (rope_write_kv compiled; the all-reduce tests on 2 GPUs, padding rows
 #           included); tp_scaling: base (both off) tp 1+2, new (both on) tp 2 traced,
 #           rope only, padding only, new again tp 1+2
-#   PART=2: the other order (new first), base again, tp=1 with a q/k/v table entry (so the
-#           epilogue kernel runs at tp=1 too), and the engine at tp 2 (builtin model,
-#           --decode-gemm pallas vs xla: same greedy tokens)
+#   PART=2: (commit after call 1: rope_write_kv one program per head, padding rows skipped;
+#           the all-reduce's row-count load overlapped) the other order (new first), base
+#           again, tp=1 with a q/k/v table entry (so the epilogue kernel runs at tp=1 too),
+#           both tps with XLA's SKIP_TEMP command-buffer update mode, and the engine at tp 2
+#           (builtin model, --decode-gemm pallas vs xla: same greedy tokens)
 #   OUT=/tmp/out PART=1 bash bench/run_gpu_s13.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,11 +50,15 @@ d["entries"].append({"name": "qkv_tp1", "k": 4096, "n": 6144, "dtype": "bfloat16
                      "block_k": 128, "num_splits": 4, "num_warps": 4, "num_stages": 4})
 open("/tmp/tbl_qkv1.json", "w").write(json.dumps(d))
 PY
-  run_tp new_c 2
+  JAX_PLATFORMS=cuda timeout -k 5 120 $PY -m pytest -q -rfs --tb=short -p no:cacheprovider \
+    tests/kernels/test_rope_write_kv.py > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu.txt"
+  run_tp new_c 2 --trace-dir /tmp/tr_new --trace-steps 3
   run_tp base_c "1 2" "${BASE[@]}"
-  TBL=/tmp/tbl_qkv1.json run_tp qkv1_c 1 --trace-dir /tmp/tr_qkv1 --trace-steps 3
-  run_tp new_d 2
-  [ -d /tmp/tr_qkv1 ] && tar czf "$R/trace_qkv1.tgz" -C /tmp tr_qkv1
+  TBL=/tmp/tbl_qkv1.json run_tp qkv1_c 1
+  run_tp skiptemp_c "1 2" --xla-flags=--xla_gpu_command_buffer_update_mode=SKIP_TEMP
+  run_tp new_d "1 2"
+  [ -d /tmp/tr_new ] && tar czf "$R/trace_new.tgz" -C /tmp tr_new
   $PY - > /tmp/in.jsonl <<'PY'
 import json
 for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", "Once upon a time"]):

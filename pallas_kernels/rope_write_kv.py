@@ -26,9 +26,10 @@ Layouts:
 Rope is the half-split layout of HF Llama: x1 = x[..., :H/2], x2 = x[..., H/2:],
 out = [x1 cos - x2 sin, x2 cos + x1 sin] in float32, rounded to the dtype.
 
-Algorithm: grid (T, K); program (t, kh) owns token t's q heads kh * G .. (kh + 1) * G - 1
-(G = N / K), its k head kh and v head kh. Every head is loaded as two [H/2] halves from each
-of the S partials, summed, rounded, rotated and stored (q to out, k and v to the slot).
+Algorithm: grid (T, N + K); program (t, j) owns token t's q head j (j < N), or its k and v
+head j - N. Every head is loaded as two [H/2] halves from each of the S partials, summed,
+rounded, rotated and stored (q to out, k and v to the slot). Rows from `rows` (the step's real
+token count) on are padding: their programs store zeros to q and nothing to the pages.
 
 Constraints: N % K == 0; H / 2 a power of two (Triton's vector shapes).
 """
@@ -50,6 +51,7 @@ def _compiler_params(num_warps: int, num_stages: int):
 
 
 def _rope_write_kv_kernel(
+    rows_ref,  # i32[1]: the leading token rows that are real (the others are padding)
     slot_ref,  # i32[T]
     parts_ref,  # f32[S, T, N + 2K, H]
     cos_ref,  # f32[T, H/2]
@@ -61,17 +63,18 @@ def _rope_write_kv_kernel(
     v_out_ref,  # [K, P, L, H]
     *,
     num_splits: int,
-    group: int,
     num_q_heads: int,
     num_kv_heads: int,
     half: int,
     page_size: int,
 ):
-    """One program: token t's G q heads and its k and v head of KV head kh."""
+    """One program: token t's q head j (j < N), or its k and v head j - N (stored to the slot).
+    Padding rows (t >= rows) store zeros to q and nothing to the pages."""
     del k_in_ref, v_in_ref
-    t, kh = pl.program_id(0), pl.program_id(1)
+    t, j = pl.program_id(0), pl.program_id(1)
     dtype = q_ref.dtype
     lo, hi = pl.ds(0, half), pl.ds(half, half)
+    real = t < rows_ref[0]
 
     def head(col, part):  # the head's half `part`, summed over the splits and rounded
         acc = parts_ref[0, t, col, part]
@@ -79,25 +82,36 @@ def _rope_write_kv_kernel(
             acc = acc + parts_ref[s, t, col, part]
         return acc.astype(dtype).astype(jnp.float32)
 
-    cos, sin = cos_ref[t, :], sin_ref[t, :]
-
     def rotated(col):
+        cos, sin = cos_ref[t, :], sin_ref[t, :]
         x1, x2 = head(col, lo), head(col, hi)
         return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
-    for g in range(group):
-        n = kh * group + g
-        r1, r2 = rotated(n)
-        q_ref[t, n, lo] = r1.astype(dtype)
-        q_ref[t, n, hi] = r2.astype(dtype)
-    slot = slot_ref[t]
-    page, offset = slot // page_size, slot % page_size
-    k1, k2 = rotated(num_q_heads + kh)
-    k_out_ref[kh, page, offset, lo] = k1.astype(dtype).astype(k_out_ref.dtype)
-    k_out_ref[kh, page, offset, hi] = k2.astype(dtype).astype(k_out_ref.dtype)
-    v = num_q_heads + num_kv_heads + kh
-    v_out_ref[kh, page, offset, lo] = head(v, lo).astype(v_out_ref.dtype)
-    v_out_ref[kh, page, offset, hi] = head(v, hi).astype(v_out_ref.dtype)
+    @pl.when(j < num_q_heads)
+    def _():
+        @pl.when(real)
+        def _():
+            r1, r2 = rotated(j)
+            q_ref[t, j, lo] = r1.astype(dtype)
+            q_ref[t, j, hi] = r2.astype(dtype)
+
+        @pl.when(jnp.logical_not(real))
+        def _():
+            zeros = jnp.zeros((half,), dtype)
+            q_ref[t, j, lo] = zeros
+            q_ref[t, j, hi] = zeros
+
+    @pl.when((j >= num_q_heads) & real)
+    def _():
+        kh = j - num_q_heads
+        slot = slot_ref[t]
+        page, offset = slot // page_size, slot % page_size
+        k1, k2 = rotated(j)
+        k_out_ref[kh, page, offset, lo] = k1.astype(dtype).astype(k_out_ref.dtype)
+        k_out_ref[kh, page, offset, hi] = k2.astype(dtype).astype(k_out_ref.dtype)
+        v = j + num_kv_heads
+        v_out_ref[kh, page, offset, lo] = head(v, lo).astype(v_out_ref.dtype)
+        v_out_ref[kh, page, offset, hi] = head(v, hi).astype(v_out_ref.dtype)
 
 
 def check_shapes(parts: jax.Array, cos: jax.Array, sin: jax.Array, slot_mapping: jax.Array,
@@ -133,6 +147,7 @@ def rope_write_kv(
     slot_mapping: jax.Array,  # i32[T]
     k_pages: jax.Array,  # [K, P, L, H]
     v_pages: jax.Array,  # [K, P, L, H]
+    rows: jax.Array | None = None,  # i32[1]: real token rows (default all T)
     *,
     num_q_heads: int,
     dtype: jnp.dtype,
@@ -140,6 +155,7 @@ def rope_write_kv(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(q [T, N, H] with rope, k_pages, v_pages with this step's K/V stored): see the module
     docstring. The pools are aliased to the outputs (donate them, or XLA copies the pools).
+    Rows from `rows` on are padding: q is zero there and their K/V are not stored.
 
     Raises:
       ValueError: shapes or dtypes that do not fit (named).
@@ -149,15 +165,18 @@ def rope_write_kv(
     s, t = parts.shape[:2]
     heads = num_q_heads + 2 * k_heads
     slots = jnp.clip(slot_mapping, 0, num_pages * page_size - 1)  # never write out of the pool
-    pool_spec = pl.BlockSpec(k_pages.shape, lambda i, kh: (0, 0, 0, 0))
-    whole = lambda *shape: pl.BlockSpec(shape, lambda i, kh: (0,) * len(shape))  # noqa: E731
+    if rows is None:
+        rows = jnp.full((1,), t, jnp.int32)
+    pool_spec = pl.BlockSpec(k_pages.shape, lambda i, j: (0, 0, 0, 0))
+    whole = lambda *shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))  # noqa: E731
     kernel = functools.partial(
-        _rope_write_kv_kernel, num_splits=s, group=num_q_heads // k_heads,
-        num_q_heads=num_q_heads, num_kv_heads=k_heads, half=h // 2, page_size=page_size)
+        _rope_write_kv_kernel, num_splits=s, num_q_heads=num_q_heads, num_kv_heads=k_heads,
+        half=h // 2, page_size=page_size)
     return pl.pallas_call(
         kernel,
-        grid=(t, k_heads),
+        grid=(t, num_q_heads + k_heads),
         in_specs=[
+            whole(1),  # rows
             whole(t),  # slot_mapping
             whole(s, t, heads, h),  # parts, heads split out of the columns
             whole(t, h // 2),  # cos
@@ -169,18 +188,19 @@ def rope_write_kv(
         out_shape=(jax.ShapeDtypeStruct((t, num_q_heads, h), dtype),
                    jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
-        input_output_aliases={4: 1, 5: 2},
+        input_output_aliases={5: 1, 6: 2},
         compiler_params=_compiler_params(1, 1),
         interpret=interpret,
         name=f"rope_write_kv_n{num_q_heads}_k{k_heads}_s{s}",
-    )(slots, parts.reshape(s, t, heads, h), cos, sin, k_pages, v_pages)
+    )(rows, slots, parts.reshape(s, t, heads, h), cos, sin, k_pages, v_pages)
 
 
 def rope_write_kv_reference(parts: jax.Array, cos: jax.Array, sin: jax.Array,
-                            slot_mapping: jax.Array, k_pages: jax.Array, v_pages: jax.Array, *,
-                            num_q_heads: int, dtype: jnp.dtype,
-                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Pure jnp: the sum, the slices, rope in float32 and the scatter, one after the other."""
+                            slot_mapping: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                            rows: jax.Array | None = None, *, num_q_heads: int,
+                            dtype: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pure jnp: the sum, the slices, rope in float32 and the scatter, one after the other
+    (padding rows: q zero, nothing stored)."""
     check_shapes(parts, cos, sin, slot_mapping, k_pages, v_pages, num_q_heads)
     k_heads, num_pages, page_size, h = k_pages.shape
     t = parts.shape[1]
@@ -198,9 +218,13 @@ def rope_write_kv_reference(parts: jax.Array, cos: jax.Array, sin: jax.Array,
         return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(dtype)
 
     q, k = rope(q), rope(k)
-    slots = jnp.clip(slot_mapping, 0, num_pages * page_size - 1)
+    real = jnp.arange(t) < (t if rows is None else rows[0])
+    q = jnp.where(real[:, None, None], q, jnp.zeros_like(q))
+    # padding rows go to a slot past the pool, which the scatter drops
+    slots = jnp.where(real, jnp.clip(slot_mapping, 0, num_pages * page_size - 1),
+                      num_pages * page_size)
     flat_k = k_pages.reshape(k_heads, num_pages * page_size, h)
     flat_v = v_pages.reshape(k_heads, num_pages * page_size, h)
-    flat_k = flat_k.at[:, slots].set(k.swapaxes(0, 1).astype(k_pages.dtype))
-    flat_v = flat_v.at[:, slots].set(v.swapaxes(0, 1).astype(v_pages.dtype))
+    flat_k = flat_k.at[:, slots].set(k.swapaxes(0, 1).astype(k_pages.dtype), mode="drop")
+    flat_v = flat_v.at[:, slots].set(v.swapaxes(0, 1).astype(v_pages.dtype), mode="drop")
     return q, flat_k.reshape(k_pages.shape), flat_v.reshape(v_pages.shape)

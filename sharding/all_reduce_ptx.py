@@ -342,8 +342,11 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
         emit("add.u32 %v, %vbeg, %t;")
         emit("mul.wide.u32 %off, %v, 16;")
 
-    # 0. a padding row (cta >= rows, the same on every rank): zeros out, no exchange
+    # 0. a padding row (cta >= rows, the same on every rank): zeros out, no exchange. The
+    #    rows load is issued first and checked after the sequence number's loads (a padding
+    #    CTA reads its counter but never writes it), so the three latencies overlap.
     emit("ld.global.nc.u32 %nrows, [%rowsp];")
+    _rank_and_sequence(emit, tp, name)
     emit("setp.lt.u32 %p, %cta, %nrows;")
     emit("@%p bra LIVE;")
     emit("mov.b32 %u, 0;")
@@ -356,7 +359,6 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
         emit(f"ZEROED{j}:")
     emit("ret;")
     emit("LIVE:")
-    _rank_and_sequence(emit, tp, name)
     emit("mad.lo.u32 %t, %cta, 2, %slot;")
     emit(f"mul.lo.u32 %blk, %t, {tp};")  # LL block of (cta, slot, source 0)
 

@@ -397,7 +397,8 @@ class DecodeProjection:
 
     def rope_write(self, products: Sequence[Deferred], dtype: Any, cos: jax.Array,
                    sin: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                   slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+                   slot_mapping: jax.Array, rows: jax.Array,
+                   ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
         """(q with rope [T, N, H], k_pages, v_pages) through the skinny GEMM and
         `rope_write_kv`, or None where the GEMM is XLA's, `fuse_rope_write` is off or the KV
         heads are not split over the mesh (tp > K: each device then picks its head out of
@@ -416,14 +417,14 @@ class DecodeProjection:
         ops.log_rope_write_choice(shape, "rope_write_kv kernel")
         n_q = self.model_cfg.num_heads // tp
 
-        def body(x, wq, wk, wv, cos, sin, slot_mapping, k_pages, v_pages):
+        def body(x, wq, wk, wv, cos, sin, slot_mapping, k_pages, v_pages, rows):
             parts = self._partials(x, (wq, wk, wv), k, gemm)
-            return rope_write_kv(parts, cos, sin, slot_mapping, k_pages, v_pages,
+            return rope_write_kv(parts, cos, sin, slot_mapping, k_pages, v_pages, rows,
                                  num_q_heads=n_q, dtype=jnp.dtype(dtype),
                                  interpret=self.mode == "pallas_interpret")
 
         args = (products[0].x, *(p.kernel for p in products), cos, sin, slot_mapping, k_pages,
-                v_pages)
+                v_pages, rows)
         if self.mesh is None:
             return body(*args)
         rep = PartitionSpec()
@@ -431,7 +432,7 @@ class DecodeProjection:
         fn = _shard_map(
             body, self.mesh,
             in_specs=(logical_to_spec(("tokens", *products[0].in_axes), rules), *specs,
-                      rep, rep, rep, pages_spec, pages_spec),
+                      rep, rep, rep, pages_spec, pages_spec, rep),
             out_specs=(logical_to_spec(("tokens", *products[0].out_axes), rules), pages_spec,
                        pages_spec))
         return fn(*args)

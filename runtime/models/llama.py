@@ -67,7 +67,9 @@ class AttentionFn(Protocol):
 class RopeWriteFn(Protocol):
     """A `layers.ProjectFn` that can also finish q/k/v in one launch after their GEMM: rope on
     q and k (cos, sin f32[T, H/2]) and this step's K/V stored into the layer's pages at
-    `slot_mapping` (sharding.specs.DecodeProjection, ops.rope_write_kv).
+    `slot_mapping` (sharding.specs.DecodeProjection, pallas_kernels/rope_write_kv.py). `rows`
+    (i32[1], `real_rows`): the rows after it are padding, whose q may be zeros and whose K/V
+    need not be stored (page 0 is the padding page).
 
     Returns (q [T, N, H] with rope, k_pages, v_pages), or None where it does not apply (the
     model then calls it as a plain ProjectFn, applies rope and lets attention_fn write)."""
@@ -77,7 +79,8 @@ class RopeWriteFn(Protocol):
 
     def rope_write(self, products: Sequence[Deferred], dtype: jnp.dtype, cos: jax.Array,
                    sin: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                   slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array] | None: ...
+                   slot_mapping: jax.Array, rows: jax.Array,
+                   ) -> tuple[jax.Array, jax.Array, jax.Array] | None: ...
 
 
 # residual + o_proj / down_proj, then the next RMSNorm (layers.AddRMSNormFn): the hook the
@@ -144,7 +147,8 @@ class Attention(nn.Module):
         if defer and not cfg.qk_norm and isinstance(self.project_fn, RopeWriteFn):
             cos, sin = rope_tables(inputs.positions, inv_freq)
             written = self.project_fn.rope_write((q, k_new, v_new), dt, cos, sin, k_pages,
-                                                 v_pages, inputs.slot_mapping)
+                                                 v_pages, inputs.slot_mapping,
+                                                 real_rows(inputs))
         if written is not None:
             q, k_pages, v_pages = written
             k_new = v_new = None

@@ -82,6 +82,35 @@ class TestRopeWriteKv:
                 _f32(g).reshape(kh, p * page, h)[:, untouched],
                 _f32(before).reshape(kh, p * page, h)[:, untouched])
 
+    @pytest.mark.parametrize("rows", [1, 3])
+    def test_padding_rows(self, rows):
+        """Rows from `rows` on: q zeros, nothing stored (their slots keep their contents); the
+        real rows as without padding."""
+        case = CASES[0]
+        parts, _, cos, sin, slots, k_pages, v_pages = _inputs(case, jnp.bfloat16, seed=5)
+        n = case[2]
+        r = jnp.array([rows], jnp.int32)
+        want = rope_write_kv_reference(parts, cos, sin, slots, k_pages, v_pages, r,
+                                       num_q_heads=n, dtype=jnp.bfloat16)
+        got = rope_write_kv(parts, cos, sin, slots, k_pages, v_pages, r, num_q_heads=n,
+                            dtype=jnp.bfloat16, interpret=self.INTERPRET)
+        full = rope_write_kv_reference(parts, cos, sin, slots, k_pages, v_pages,
+                                       num_q_heads=n, dtype=jnp.bfloat16)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(_f32(g), _f32(w), **_tol(jnp.bfloat16))
+        q = _f32(got[0])
+        assert (q[rows:] == 0).all()
+        np.testing.assert_allclose(q[:rows], _f32(full[0])[:rows], **_tol(jnp.bfloat16))
+        kh, p, page, h = k_pages.shape
+        flat = _f32(got[1]).reshape(kh, p * page, h)
+        before = _f32(k_pages).reshape(kh, p * page, h)
+        pad_slots = np.asarray(slots)[rows:]
+        np.testing.assert_array_equal(flat[:, pad_slots], before[:, pad_slots])
+        real_slots = np.asarray(slots)[:rows]
+        np.testing.assert_allclose(flat[:, real_slots],
+                                   _f32(full[1]).reshape(kh, p * page, h)[:, real_slots],
+                                   **_tol(jnp.bfloat16))
+
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
     def test_matches_the_unfused_model_path(self, dtype):
         """Against what the model computes without the kernel: the partials summed and rounded,
