@@ -10,6 +10,10 @@
 #           again, tp=1 with a q/k/v table entry (so the epilogue kernel runs at tp=1 too),
 #           both tps with XLA's SKIP_TEMP command-buffer update mode, and the engine at tp 2
 #           (builtin model, --decode-gemm pallas vs xla: same greedy tokens)
+#   PART=3: the final commit (table with the tp=1 q/k/v entry: the epilogue kernel at tp=1
+#           too; the embedding summed by the all-reduce kernel): tp 1+2 default, tp 2 without
+#           the embedding change and again with it, the engine at tp 2 (pallas vs xla), then
+#           the GPU tests while time is left
 #   OUT=/tmp/out PART=1 bash bench/run_gpu_s13.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +34,27 @@ run_tp() {  # name tps [extra...]
     > "$R/$name.log" 2>&1
   echo "=== $name rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/$name.log" | head -4
 }
+cli_check() {  # the builtin model through the engine at tp 2: --decode-gemm pallas vs xla
+  $PY - > /tmp/in.jsonl <<'PY'
+import json
+for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", "Once upon a time"]):
+    print(json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": 24, "temperature": 0}))
+PY
+  for mode in xla pallas; do
+    timeout -s ABRT -k 5 150 $PY -m xlaserve --log-level INFO generate --model builtin:tiny \
+      --dtype float32 --tensor-parallel-size 2 --decode-gemm $mode --input /tmp/in.jsonl \
+      --output "/tmp/cli_$mode.jsonl" > "$R/cli_$mode.log" 2>&1
+    echo "=== cli $mode rc=$? at $((SECONDS - T0))s"
+  done
+  echo "rope_write_kv log lines: $(grep -c 'rope_write_kv kernel' "$R/cli_pallas.log")"
+  $PY - <<'PY' | tee "$R/cli.txt"
+import json
+t = {m: {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in open(f"/tmp/cli_{m}.jsonl")}
+     for m in ("xla", "pallas")}
+print("CLI tp2 greedy token ids, decode_gemm pallas == xla:", t["xla"] == t["pallas"],
+      "prompts", len(t["xla"]))
+PY
+}
 if [ "$PART" = 1 ]; then
   JAX_PLATFORMS=cuda timeout -k 5 200 $PY -m pytest -q -rfs --tb=short -p no:cacheprovider \
     tests/kernels/test_rope_write_kv.py tests/sharding/test_all_reduce.py \
@@ -41,6 +66,18 @@ if [ "$PART" = 1 ]; then
   run_tp pad_a 2 --no-rope-write
   run_tp new_b "1 2"
   [ -d /tmp/tr_new ] && tar czf "$R/trace_new.tgz" -C /tmp tr_new
+elif [ "$PART" = 3 ]; then
+  run_tp final_a "1 2"
+  run_tp noembed_a 2 --no-embed-all-reduce
+  run_tp final_b 2
+  cli_check
+  left=$((540 - (SECONDS - T0)))
+  if [ $left -gt 60 ]; then
+    JAX_PLATFORMS=cuda timeout -k 5 $left $PY -m pytest -q -rfs --tb=short \
+      -p no:cacheprovider tests/sharding/test_all_reduce.py tests/kernels/test_rope_write_kv.py \
+      > "$R/pytest_gpu.txt" 2>&1
+    echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -4 "$R/pytest_gpu.txt"
+  fi
 else
   $PY - <<'PY'
 import json
@@ -59,25 +96,7 @@ PY
   run_tp skiptemp_c "1 2" --xla-flags=--xla_gpu_command_buffer_update_mode=SKIP_TEMP
   run_tp new_d "1 2"
   [ -d /tmp/tr_new ] && tar czf "$R/trace_new.tgz" -C /tmp tr_new
-  $PY - > /tmp/in.jsonl <<'PY'
-import json
-for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", "Once upon a time"]):
-    print(json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": 24, "temperature": 0}))
-PY
-  for mode in xla pallas; do
-    timeout -s ABRT -k 5 150 $PY -m xlaserve --log-level INFO generate --model builtin:tiny \
-      --dtype float32 --tensor-parallel-size 2 --decode-gemm $mode --input /tmp/in.jsonl \
-      --output "/tmp/cli_$mode.jsonl" > "$R/cli_$mode.log" 2>&1
-    echo "=== cli $mode rc=$? at $((SECONDS - T0))s"
-  done
-  grep -c "rope_write_kv kernel" "$R/cli_pallas.log"
-  $PY - <<'PY' | tee "$R/cli.txt"
-import json
-t = {m: {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in open(f"/tmp/cli_{m}.jsonl")}
-     for m in ("xla", "pallas")}
-print("CLI tp2 greedy token ids, decode_gemm pallas == xla:", t["xla"] == t["pallas"],
-      "prompts", len(t["xla"]))
-PY
+  cli_check
 fi
 $PY - "$R" <<'PY' | tee "$R/summary.txt"
 import glob, json, os, sys
@@ -85,7 +104,8 @@ for f in sorted(glob.glob(f"{sys.argv[1]}/*.json")):
     d = json.load(open(f))
     for x in d.get("results", []):
         print(f"{os.path.basename(f)} tp{x['tp']} rope_write_kv {x.get('rope_write_kv')} "
-              f"skip_padding {x.get('skip_padding_rows')}: {x['decode']['1']['step_ms']} ms, "
+              f"skip_padding {x.get('skip_padding_rows')} embed {x.get('embed_all_reduce')}: "
+              f"{x['decode']['1']['step_ms']} ms, "
               f"greedy {x['greedy_tokens']}")
     print("   scaling", d.get("scaling"), "checks", d.get("checks"))
 PY

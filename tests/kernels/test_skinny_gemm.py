@@ -115,7 +115,7 @@ def test_dispatcher_modes():
     assert ops.skinny_gemm_config(*qkv, "auto", "cpu") is None
     assert ops.skinny_gemm_config(*qkv, "xla", "gpu") is None
     assert ops.skinny_gemm_config(64, *qkv[1:], "auto", "gpu") is None  # past max_rows
-    assert ops.skinny_gemm_config(16, 4096, (6144,), jnp.bfloat16, "auto", "gpu") is None
+    assert ops.skinny_gemm_config(16, 4096, (4096,), jnp.bfloat16, "auto", "gpu") is None
     # a table entry whose block_n does not divide these widths is not used
     assert ops.skinny_gemm_config(16, 4096, (3056, 16), jnp.bfloat16, "auto", "gpu") is None
     cfg = ops.skinny_gemm_config(16, 64, (32, 16), jnp.float32, "pallas_interpret", "cpu")

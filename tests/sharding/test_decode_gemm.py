@@ -133,8 +133,9 @@ def test_modes_on_cpu():
 
 def test_auto_adds_hooks_only_for_measured_shapes(monkeypatch):
     """'auto' on a GPU: the 8B model at tp 2 gets both hooks (its local q/k/v, o and down shapes
-    are in the table); at tp 1 none (the table's tp-1 shapes lost in the model: the program
-    stays XLA's)."""
+    are in the table); at tp 1 only the q/k/v hook (the table's tp-1 o and down entries lost in
+    the model and were dropped; its q/k/v entry won with the rope + K/V write kernel after it),
+    and a model the table does not cover none (the program stays XLA's)."""
     from jax.sharding import Mesh
 
     from xlaserve.checkpoints import hf
@@ -144,7 +145,11 @@ def test_auto_adds_hooks_only_for_measured_shapes(monkeypatch):
     monkeypatch.setattr(ops, "_platform", lambda platform=None: "gpu")
     root = pathlib.Path(__file__).resolve().parents[2]
     cfg = hf.load_config(root / "bench/configs/llama3.1-8b", dtype="bfloat16")
-    assert decode_gemm_hooks(None, cfg, "auto") == (None, None)
+    row1, project1 = decode_gemm_hooks(None, cfg, "auto")
+    assert row1 is None and isinstance(project1, DecodeProjection)
+    other = dataclasses.replace(cfg, intermediate_size=cfg.intermediate_size * 2,
+                                hidden_size=cfg.hidden_size * 2)
+    assert decode_gemm_hooks(None, other, "auto") == (None, None)
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 devices")
     mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "model"))
