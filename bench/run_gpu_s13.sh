@@ -71,7 +71,7 @@ elif [ "$PART" = 3 ]; then
   run_tp noembed_a 2 --no-embed-all-reduce
   run_tp final_b 2
   cli_check
-  left=$((540 - (SECONDS - T0)))
+  left=$((510 - (SECONDS - T0)))
   if [ $left -gt 60 ]; then
     JAX_PLATFORMS=cuda timeout -k 5 $left $PY -m pytest -q -rfs --tb=short \
       -p no:cacheprovider tests/sharding/test_all_reduce.py tests/kernels/test_rope_write_kv.py \
