@@ -15,7 +15,9 @@ GPU for the step's token count (`write_impl_for`; bench/NOTES_attention.md).
 `skinny_gemm_config` picks, for a decode-sized projection, the Pallas skinny GEMM's tiles or None
 (XLA's GEMM): mode "auto" takes the kernel on GPU for shapes of the measured table
 (skinny_gemm_tuning.json) only, "pallas" / "pallas_interpret" for any shape the tiles divide,
-"xla" never. Each choice is logged once per shape. XLASERVE_SKINNY_GEMM_TABLE names another
+"xla" never; steps of more rows than the table's max_rows (16) always take XLA's GEMM (one tile
+holds every row: on an H200 a 1024-row step's tile overflowed shared memory, session 13).
+Each choice is logged once per shape. XLASERVE_SKINNY_GEMM_TABLE names another
 table file (a sweep's output).
 """
 
@@ -193,8 +195,9 @@ def describe_skinny_gemm(mode: str, platform: str | None = None) -> str:
     epilogue = ("; after q/k/v's, rope and the K/V write run as one kernel (rope_write_kv) "
                 "where each device holds its KV heads and the model has no q/k norm")
     if mode != "auto":
-        return (f"the Pallas skinny GEMM for every shape its tiles divide (decode_gemm={mode!r})"
-                + epilogue)
+        return (f"the Pallas skinny GEMM for every shape its tiles divide in steps of up to "
+                f"{_read_table(skinny_gemm_table_path())[0]['max_rows']} tokens "
+                f"(decode_gemm={mode!r})" + epilogue)
     path = skinny_gemm_table_path()
     data, _ = _read_table(path)
     names = ", ".join(e.get("name", f"{e['k']}x{e['n']}") for e in data["entries"])
@@ -246,14 +249,16 @@ def skinny_gemm_config(m: int, k: int, ns: Sequence[int], dtype: Any, mode: str 
     if mode == "xla" or (mode == "auto" and platform != "gpu"):
         return None
     max_rows, table = skinny_gemm_table()
+    if m > max_rows:  # every mode: the kernel holds all rows in one tile (decode-sized steps)
+        _log_gemm_choice(mode, shape, f"XLA's GEMM ({m} rows > {max_rows})")
+        return None
     cfg = table.get((k, sum(ns), jnp.dtype(dtype).name))
     if cfg is not None and cfg.fits(k, ns) is not None:
         cfg = None  # the weights split at other widths than the table's entry
     if mode == "auto":
-        if m > max_rows or cfg is None:
-            why = (f"{m} rows > {max_rows}" if m > max_rows
-                   else "no measured entry in skinny_gemm_tuning.json")
-            _log_gemm_choice(mode, shape, f"XLA's GEMM ({why})")
+        if cfg is None:
+            _log_gemm_choice(mode, shape,
+                             "XLA's GEMM (no measured entry in skinny_gemm_tuning.json)")
             return None
     elif cfg is None:
         cfg = default_skinny_gemm_config(k, ns)

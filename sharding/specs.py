@@ -252,10 +252,6 @@ class ShardedRowParallel:
     # no exchange): a batch-1 decode step pads 1 token to 16 rows. False exchanges all rows
     # (the A/B of bench/tp_scaling.py --no-skip-padding).
     skip_padding: bool = True
-    # The token embedding's lookup in the vocab-split table is summed by the all-reduce kernel
-    # too (`embed`), so no XLA collective runs before the layers. False: the partitioner's
-    # (NCCL) all-reduce (the A/B of bench/tp_scaling.py --no-embed-all-reduce).
-    embed_all_reduce: bool = True
 
     def uses_kernel(self, out_shape: tuple[int, ...], dtype: Any) -> bool:
         """True when a product of this output shape runs through the kernel."""
@@ -321,32 +317,6 @@ class ShardedRowParallel:
         fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep, rep),
                         out_specs=(rep, rep))
         return fn(residual, x, kernel, scale, rows)
-
-
-    def embed(self, table: jax.Array, token_ids: jax.Array) -> jax.Array | None:
-        """x [T, D] = table[token_ids] from the vocab-split table: each device gathers the
-        tokens of its vocab rows (zeros for the others) and the all-reduce kernel sums them
-        (exact: one nonzero term per element), inside the step's CUDA graph instead of XLA's
-        collective. None (the partitioner's gather) without the kernel, without a mesh, when
-        the vocab is not split, or over the kernel's message limit."""
-        if self.all_reduce is None or self.mesh is None or not self.embed_all_reduce:
-            return None
-        rules = mesh_rules(self.model_cfg, self.mesh)
-        table_spec = logical_to_spec(("vocab", "embed"), rules)
-        if table_spec[0] is None or not custom_all_reduce.fits(
-                (token_ids.shape[0], table.shape[1]), table.dtype):
-            return None
-
-        def body(table, ids):
-            v_local = table.shape[0]
-            local = ids - jax.lax.axis_index(MODEL_AXIS) * v_local
-            mine = (local >= 0) & (local < v_local)
-            rows = jnp.take(table, jnp.clip(local, 0, v_local - 1), axis=0)
-            return self.all_reduce(jnp.where(mine[:, None], rows, jnp.zeros_like(rows)))
-
-        rep = PartitionSpec()
-        return _shard_map(body, self.mesh, in_specs=(table_spec, rep), out_specs=rep)(
-            table, token_ids)
 
 
 def local_shape(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> tuple[int, ...]:

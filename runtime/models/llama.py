@@ -83,16 +83,6 @@ class RopeWriteFn(Protocol):
                    ) -> tuple[jax.Array, jax.Array, jax.Array] | None: ...
 
 
-@runtime_checkable
-class EmbedFn(Protocol):
-    """A `RowParallelFn` that can also look the step's tokens up in a vocab-split embedding
-    table (sharding.specs.ShardedRowParallel: each device's rows, summed by the same all-reduce
-    kernel). Returns x [T, D], or None where it does not apply (the model then gathers from
-    the table and the partitioner inserts the collective)."""
-
-    def embed(self, table: jax.Array, token_ids: jax.Array) -> jax.Array | None: ...
-
-
 # residual + o_proj / down_proj, then the next RMSNorm (layers.AddRMSNormFn): the hook the
 # sharding code implements for tensor parallelism (its explicit all-reduce, fused where it can).
 RowParallelFn = AddRMSNormFn
@@ -233,11 +223,7 @@ class Llama(nn.Module):
     def __call__(self, inputs: StepInputs, kv_cache: KVCache) -> tuple[jax.Array, KVCache]:
         inputs = jax.tree.map(jnp.asarray, inputs)  # numpy inputs work eagerly too
         with jax.named_scope("embed"):
-            x = None
-            if isinstance(self.row_parallel_fn, EmbedFn):
-                x = self.row_parallel_fn.embed(self.embed.embedding, inputs.token_ids)
-            if x is None:
-                x = self.embed(inputs.token_ids)  # [T, D]
+            x = self.embed(inputs.token_ids)  # [T, D]
         new_cache = []
         # The last block's output, added to x by the next norm. So in traces o_proj's product
         # sits under layer_i/mlp and down_proj's under layer_{i+1}/attention (or final_norm).

@@ -126,6 +126,10 @@ def test_dispatcher_modes():
         ops.skinny_gemm_config(*qkv, "triton", "gpu")
     with pytest.raises(ValueError, match="no tile"):
         ops.skinny_gemm_config(16, 64, (24,), jnp.float32, "pallas_interpret", "cpu")
+    # more rows than the table's max_rows: XLA's GEMM in every mode (a 1024-row tile overflowed
+    # an H200's shared memory through the CLI's --decode-gemm pallas)
+    for mode in ("pallas", "pallas_interpret"):
+        assert ops.skinny_gemm_config(1024, *qkv[1:], mode, "gpu") is None
 
 
 def test_table_entries_fit_their_shapes():

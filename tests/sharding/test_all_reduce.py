@@ -250,34 +250,10 @@ def test_model_through_the_fused_path() -> None:
     for name, rp in (("fake", ShardedRowParallel(plan.mesh, cfg, _FakeKernel())),
                      ("psum", plan.with_all_reduce("psum").row_parallel_fn)):
         outs[name], outs[name + "_calls"] = run(rp)
-    assert outs["fake_calls"] == (["all_reduce"]  # the embedding
-                                  + ["add_rms_norm", "partials4"] * (2 * cfg.num_layers))
+    assert outs["fake_calls"] == ["add_rms_norm", "partials4"] * (2 * cfg.num_layers)
     assert outs["psum_calls"] == []
     np.testing.assert_allclose(np.asarray(outs["fake"]), np.asarray(outs["psum"]), rtol=1e-6,
                                atol=1e-6)
-
-
-@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
-def test_model_embeds_through_the_kernel() -> None:
-    """The vocab-split embedding: each device gathers its rows and the kernel (fake = psum)
-    sums them, one call before the layers; the hidden states equal psum mode's (the
-    partitioner's collective), and with embed_all_reduce off the kernel is not called for it."""
-    from xlaserve.sharding.specs import ShardedRowParallel
-
-    cfg, plan, run = _tp2_model()
-    rp = ShardedRowParallel(plan.mesh, cfg, _FakeKernel())
-    got, calls = run(rp)
-    assert calls == ["all_reduce"] + ["add_rms_norm", "partials4"] * (2 * cfg.num_layers)
-    want, _ = run(plan.with_all_reduce("psum").row_parallel_fn)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
-    _, calls = run(dataclasses.replace(rp, embed_all_reduce=False))
-    assert calls == ["add_rms_norm", "partials4"] * (2 * cfg.num_layers)
-    # the table's lookup itself, tokens spread over both halves of the vocab
-    ids = jnp.array([0, 127, 128, 255, 3, 200], jnp.int32)
-    table = jax.random.normal(jax.random.key(1), (cfg.vocab_size, cfg.hidden_size))
-    table = jax.device_put(table, plan.param_shardings["embed"]["embedding"])
-    np.testing.assert_array_equal(np.asarray(jax.jit(rp.embed)(table, ids)),
-                                  np.asarray(table)[np.asarray(ids)])
 
 
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
@@ -318,7 +294,7 @@ def test_model_with_split_k_partials() -> None:
     cfg, plan, run = _tp2_model()
     rp = dataclasses.replace(ShardedRowParallel(plan.mesh, cfg, _FakeKernel()), split_k=4)
     got, calls = run(rp)
-    assert calls == ["all_reduce"] + ["add_rms_norm", "partials4"] * (2 * cfg.num_layers)
+    assert calls == ["add_rms_norm", "partials4"] * (2 * cfg.num_layers)
     want, _ = run(plan.with_all_reduce("psum").row_parallel_fn)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     # S is the largest divisor of the contraction up to split_k; the partials sum to the product
@@ -343,8 +319,7 @@ def test_model_with_skinny_gemm_partials() -> None:
     # local contractions: o 32 (8 heads x 8 / 2), down 64 (128 / 2); N = hidden 64
     splits = [ops.skinny_gemm_config(16, k, (64,), "float32", "pallas_interpret").num_splits
               for k in (32, 64)]
-    assert calls == ["all_reduce"] + [c for s in splits for c in ("add_rms_norm", f"partials{s}")
-                                      ] * cfg.num_layers
+    assert calls == [c for s in splits for c in ("add_rms_norm", f"partials{s}")] * cfg.num_layers
     want, _ = run(plan.with_all_reduce("psum").row_parallel_fn)
     # float32 on GPUs: the interpreted kernel's dots and XLA's may round to TF32 differently
     tol = 5e-3 if jax.default_backend() == "gpu" else 1e-5
@@ -641,24 +616,3 @@ def test_add_rms_norm_skips_padding_rows(rows: int) -> None:
             np.testing.assert_allclose(g[:n], w[:n], rtol=2e-2, atol=2e-2)
             assert (g[n:] == 0).all()
 
-
-
-@needs_gpus
-@pytest.mark.gpu
-def test_embedding_through_the_kernel() -> None:
-    """ShardedRowParallel.embed with the real kernel: the vocab-split table's lookup equals
-    table[ids] bit for bit (one nonzero term per element), tokens in every device's rows."""
-    from xlaserve.sharding.specs import ShardedRowParallel
-
-    tp = 2
-    mesh, kernel = _setup(tp)
-    cfg = _tiny_cfg(vocab_size=1024, hidden_size=4096, dtype="bfloat16")
-    rp = ShardedRowParallel(mesh, cfg, kernel)
-    table = jax.device_put(
-        jax.random.normal(jax.random.key(2), (1024, 4096), jnp.float32).astype(jnp.bfloat16),
-        NamedSharding(mesh, PartitionSpec("model", None)))
-    ids = jnp.array([0, 511, 512, 1023, 7, 600, 9, 9, 1000, 3, 4, 5, 6, 700, 800, 900],
-                    jnp.int32)
-    got = jax.jit(rp.embed)(table, ids)
-    np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                  np.asarray(table, np.float32)[np.asarray(ids)])
