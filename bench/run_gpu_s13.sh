@@ -10,10 +10,10 @@
 #           again, tp=1 with a q/k/v table entry (so the epilogue kernel runs at tp=1 too),
 #           both tps with XLA's SKIP_TEMP command-buffer update mode, and the engine at tp 2
 #           (builtin model, --decode-gemm pallas vs xla: same greedy tokens)
-#   PART=3: the final commit (table with the tp=1 q/k/v entry: the epilogue kernel at tp=1
-#           too; the embedding summed by the all-reduce kernel): tp 1+2 default, tp 2 without
-#           the embedding change and again with it, the engine at tp 2 (pallas vs xla), then
-#           the GPU tests while time is left
+#   PART=3: the final plan (table with the tp=1 q/k/v entry: the epilogue kernel at tp=1 too):
+#           tp 1+2, tp 2 again, the engine at tp 2 (pallas vs xla), then the GPU tests while
+#           time is left. (Call 3 ran it at commit 024bb84 with an embedding change A/B'd by
+#           --no-embed-all-reduce; the change lost and was removed with the flag.)
 #   OUT=/tmp/out PART=1 bash bench/run_gpu_s13.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,7 +68,6 @@ if [ "$PART" = 1 ]; then
   [ -d /tmp/tr_new ] && tar czf "$R/trace_new.tgz" -C /tmp tr_new
 elif [ "$PART" = 3 ]; then
   run_tp final_a "1 2"
-  run_tp noembed_a 2 --no-embed-all-reduce
   run_tp final_b 2
   cli_check
   left=$((510 - (SECONDS - T0)))
