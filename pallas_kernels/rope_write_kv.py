@@ -17,8 +17,9 @@ Layouts:
   parts         f32[S, T, (N + 2K) * H]  the partials of [q | k | v] side by side (heads, then
                                          head dim), as the skinny GEMM writes them
   cos, sin      f32[T, H / 2]            rope's tables for the tokens' positions
-  slot_mapping  i32[T]                   page * L + offset of each token (padding rows point
-                                         into page 0, as for write_kv_pages)
+  slot_mapping  i32[T]                   page * L + offset of each token (unused for padding
+                                         rows: their K/V are not stored)
+  rows          i32[1]                   the real token rows (the rows after them are padding)
   k/v_pages     [K, P, L, H]             the layer's pools, updated in place (aliased: the
                                          caller's jit must donate them)
   out           [T, N, H]                q with rope applied, in `dtype`
