@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppb", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    p.add_argument("--heads", type=int, default=32, help="q heads per device (tp=2: 16)")
+    p.add_argument("--kv-heads", type=int, default=8, help="KV heads per device (tp=2: 4)")
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--out", default=None)
     p.add_argument("--interpret", action="store_true", help="CPU dry run of the script's logic")
@@ -113,19 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for b, ctx in itertools.product(a.batch, a.contexts):
         width = a.table_width or ctx + 64
-        args = decode_args(b, ctx, width)
+        args = decode_args(b, ctx, width, heads=a.heads, kv_heads=a.kv_heads)
         ref = rpa.ragged_paged_attention_reference(*args, sm_scale=128 ** -0.5)[:b]
         ref = ref.astype(jnp.float32)
-        table = lookup_config(head_dim=128, page_size=16, group=4, num_tokens=args[0].shape[0],
-                              num_seqs=args[4].shape[0], max_kv_len=args[4].shape[1] * 16,
-                              num_kv_heads=8)
+        table = lookup_config(head_dim=128, page_size=16, group=a.heads // a.kv_heads,
+                              num_tokens=args[0].shape[0], num_seqs=args[4].shape[0],
+                              max_kv_len=args[4].shape[1] * 16, num_kv_heads=a.kv_heads)
         cands = [("table", table)] + [
             (f"ppb{ppb}_sp{sp}_st{st}", Cfg(block_q=4, pages_per_block=ppb, num_splits=sp,
                                              num_warps=4, num_stages=st, key_gather=True))
             for ppb, sp, st in itertools.product(a.ppb, a.splits, a.stages)]
         best = None
         for name, cfg in cands:
-            row = {"batch": b, "context": ctx, "table_width": width, "name": name,
+            row = {"batch": b, "context": ctx, "table_width": width, "heads": a.heads,
+                   "kv_heads": a.kv_heads, "name": name,
                    "config": str(cfg), **time_config(args, cfg, ref, a.calls, a.interpret)}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              or row["total"] < best["total"]):
                 best = row
         if best:
-            print(f"== B={b} ctx={ctx}: table {rows[-len(cands)].get('total')} us, best "
+            print(f"== B={b} ctx={ctx} heads {a.heads}/{a.kv_heads}: table {rows[-len(cands)].get('total')} us, best "
                   f"{best['name']} {best['total']} us", flush=True)
     rep = {"bench": "attention_decode_small", "device": jax.devices()[0].device_kind,
            "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc)
