@@ -19,6 +19,9 @@ one page alone passes it (float32 at L 128), the q tile gets half of ``Q_TILE_BY
 most two pipeline stages. The float32 prefill tiles of the L 64 entry and of L 128 failed on an
 H100 without this (session 8).
 
+XLASERVE_ATTENTION_TABLE names another table file (read once per process): how bench/ A/Bs a
+sweep's output or a split rule inside the model.
+
 This module reads shapes only (all static under jit); it never touches device arrays.
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +78,18 @@ def q_len_class(num_tokens: int, num_seqs: int) -> str:
     return "mixed"
 
 
+def table_path() -> Path:
+    """The table in force: XLASERVE_ATTENTION_TABLE (a sweep's output, or an A/B variant of
+    the split rule) when set, else the measured table beside this file."""
+    return Path(os.environ.get("XLASERVE_ATTENTION_TABLE") or TABLE_PATH)
+
+
 @functools.lru_cache(maxsize=1)
 def _table() -> dict[str, Any]:
-    with open(TABLE_PATH) as f:
+    path = table_path()
+    if path != TABLE_PATH:
+        log.info("attention tiles from %s (XLASERVE_ATTENTION_TABLE)", path)
+    with open(path) as f:
         return json.load(f)
 
 
@@ -88,7 +101,7 @@ def table_key(head_dim: int, page_size: int, group: int, q_class: str) -> str:
 def _warn_missing_entry(key: str, q_class: str, entry: str) -> None:
     """Warns once per missing table key (not once per bucket shape)."""
     log.warning("ragged_paged_attention tuning: no entry %s in %s; using the default %s entry "
-                "scaled to its rows and keys per block: %s", key, TABLE_PATH.name, q_class, entry)
+                "scaled to its rows and keys per block: %s", key, table_path().name, q_class, entry)
 
 
 @functools.lru_cache(maxsize=None)

@@ -144,3 +144,27 @@ def test_missing_page_size_keeps_the_default_keys_per_block(page_size: int) -> N
         keys = default[q_class]["pages_per_block"] * tuning.DEFAULT_PAGE_SIZE
         assert cfg.pages_per_block * page_size == max(keys, page_size)
         assert cfg.block_q == default[q_class]["block_q"]  # G 4: the default's own rows
+
+
+def test_attention_table_env_override(tmp_path, monkeypatch) -> None:
+    """XLASERVE_ATTENTION_TABLE replaces the table (how bench/ A/Bs a split rule in the model)."""
+    import json
+
+    kw = dict(head_dim=128, page_size=16, group=4, num_tokens=16, num_seqs=1, max_kv_len=2064,
+              num_kv_heads=4)
+    data = json.loads(tuning.TABLE_PATH.read_text())
+    base = tuning.lookup_config(**kw).num_splits
+    data["split"]["min_blocks_per_split"] = 1
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setenv("XLASERVE_ATTENTION_TABLE", str(path))
+    tuning._table.cache_clear()
+    tuning.lookup_config.cache_clear()
+    try:
+        assert tuning.table_path() == path
+        assert tuning.lookup_config(**kw).num_splits > base
+    finally:
+        monkeypatch.delenv("XLASERVE_ATTENTION_TABLE")
+        tuning._table.cache_clear()
+        tuning.lookup_config.cache_clear()
+    assert tuning.lookup_config(**kw).num_splits == base
