@@ -324,9 +324,9 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     emit(f".reg .pred %pv<{per_thread}>;")
     emit(f".reg .f32 %fv, %fr, %ss, %rstd, %acc<{n}>, %s<{n}>, %xn<{per_thread * n}>;")
     emit(f".reg .b32 %lane, %warp, %r<{4 * per_thread}>, %c<{4 * per_thread}>;")
+    emit(f".reg .b32 %o<{4 * per_thread}>;")  # this rank's row (rounded), per vector
     if partials:
-        emit(f".reg .b32 %o<{4 * per_thread}>;")
-        emit(f".reg .f32 %pp<{n}>;")
+        emit(f".reg .f32 %pp<{partials[0] * n * per_thread}>;")
     _load_params(emit, tp, (("p_x", "%xp"), ("p_rank", "%rankp"), ("p_rows", "%rowsp"),
                             ("p_res", "%resp"), ("p_scale", "%scp"), ("p_out", "%outp"),
                             ("p_outh", "%outhp")))
@@ -342,10 +342,28 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
         emit("add.u32 %v, %vbeg, %t;")
         emit("mul.wide.u32 %off, %v, 16;")
 
-    # 0. a padding row (cta >= rows, the same on every rank): zeros out, no exchange. The
-    #    rows load is issued first and checked after the sequence number's loads (a padding
-    #    CTA reads its counter but never writes it), so the three latencies overlap.
+    # 0. every load that does not need the sequence number goes first: the rows count, this
+    #    thread's residual and scale vectors and its share of x (or of the partials), so their
+    #    latencies overlap the counter's (thread 0, then a barrier) instead of following it.
+    #    A padding row (cta >= rows, the same on every rank) then stores zeros and exchanges
+    #    nothing; it reads its counter but never writes it.
     emit("ld.global.nc.u32 %nrows, [%rowsp];")
+    for j in range(per_thread):
+        res, sc = [f"%r{4 * j + k}" for k in range(4)], [f"%c{4 * j + k}" for k in range(4)]
+        emit(f"@!%pv{j} bra LOADED{j};")
+        locate(j)
+        emit("add.u64 %a, %resp, %off;")
+        emit(f"ld.global.v4.b32 {{{', '.join(res)}}}, [%a];")
+        emit(f"add.u32 %t, %th, {j * THREADS};")
+        emit("mul.wide.u32 %a, %t, 16;")
+        emit("add.u64 %a, %scp, %a;")
+        emit(f"ld.global.nc.v4.b32 {{{', '.join(sc)}}}, [%a];")
+        if partials:
+            _load_partials(emit, partials, dim, n, j)
+        else:
+            emit("add.u64 %a, %xp, %off;")
+            emit(f"ld.global.v4.b32 {{{', '.join(f'%o{4 * j + k}' for k in range(4))}}}, [%a];")
+        emit(f"LOADED{j}:")
     _rank_and_sequence(emit, tp, name)
     emit("setp.lt.u32 %p, %cta, %nrows;")
     emit("@%p bra LIVE;")
@@ -362,24 +380,15 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     emit("mad.lo.u32 %t, %cta, 2, %slot;")
     emit(f"mul.lo.u32 %blk, %t, {tp};")  # LL block of (cta, slot, source 0)
 
-    # 1. push this rank's row to every peer; load this thread's residual and scale vectors
-    #    now, so their latency hides behind the wait for the peers' data
+    # 1. push this rank's row (the partials' rounded sum) to every peer
     for j in range(per_thread):
-        res, sc = [f"%r{4 * j + k}" for k in range(4)], [f"%c{4 * j + k}" for k in range(4)]
         emit(f"@!%pv{j} bra PUSHED{j};")
         locate(j)
-        emit("add.u64 %a, %resp, %off;")
-        emit(f"ld.global.v4.b32 {{{', '.join(res)}}}, [%a];")
-        emit(f"add.u32 %t, %th, {j * THREADS};")
-        emit("mul.wide.u32 %a, %t, 16;")
-        emit("add.u64 %a, %scp, %a;")
-        emit(f"ld.global.nc.v4.b32 {{{', '.join(sc)}}}, [%a];")
         if partials:
-            _sum_partials(emit, body, dt, partials, dim, n)
+            _add_partials(emit, body, dt, partials, n, j)
             body.extend(f"mov.b32 %o{4 * j + k}, %w{k};" for k in range(4))
         else:
-            emit("add.u64 %a, %xp, %off;")
-            emit(f"ld.global.v4.b32 {vec}, [%a];")
+            body.extend(f"mov.b32 %w{k}, %o{4 * j + k};" for k in range(4))
         _push(emit, tp)
         emit(f"PUSHED{j}:")
     # 2. s = the sum (rounded); x_new = residual + s (rounded), stored; sum of squares of x_new
@@ -388,11 +397,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
         xn = [f"%xn{j * n + k}" for k in range(n)]
         emit(f"@!%pv{j} bra SUMMED{j};")
         locate(j)
-        if partials:  # this rank's rounded sum, kept from step 1
-            body.extend(f"mov.b32 %w{k}, %o{4 * j + k};" for k in range(4))
-        else:
-            emit("add.u64 %a, %xp, %off;")
-            emit(f"ld.global.v4.b32 {vec}, [%a];")
+        body.extend(f"mov.b32 %w{k}, %o{4 * j + k};" for k in range(4))  # this rank's row
         _poll_sum(emit, body, tp, dt, tag=f"_{j}")
         body.extend(_round_regs(dt, acc, w, s))  # the sum, rounded as the plain kernel's
         body.extend(_unpack_regs(dt, [f"%r{4 * j + k}" for k in range(4)], acc))
@@ -450,17 +455,25 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
                   body)
 
 
-def _sum_partials(emit: Any, body: list[str], dt: str, partials: tuple[int, int], dim: int,
-                  n: int) -> None:
-    """Into %w0..3: the vector at byte %off of a [T, dim] array of the dtype, as the float32
-    sum over s of x[s] (x float32 [S, T, dim] at %xp), rounded to the dtype."""
+def _load_partials(emit: Any, partials: tuple[int, int], dim: int, n: int, j: int) -> None:
+    """Issues the loads of the vector at byte %off of a [T, dim] array of the dtype from each of
+    the S float32 partials (x float32 [S, T, dim] at %xp) into %pp registers of vector j."""
     num, rows = partials
     emit(f"mul.lo.u64 %b, %off, {4 * n // 16};")  # the same elements' bytes in float32
     emit("add.u64 %b, %b, %xp;")
     for s_ in range(num):
         for half in range(n // 4):  # 16-byte float32 loads
-            regs = ", ".join(f"%pp{4 * half + k}" for k in range(4))
+            base = (j * num + s_) * n + 4 * half
+            regs = ", ".join(f"%pp{base + k}" for k in range(4))
             emit(f"ld.global.v4.f32 {{{regs}}}, [%b+{s_ * rows * dim * 4 + 16 * half}];")
+
+
+def _add_partials(emit: Any, body: list[str], dt: str, partials: tuple[int, int], n: int,
+                  j: int) -> None:
+    """Into %w0..3: the float32 sum over s of vector j's partials (`_load_partials`), in order,
+    rounded to the dtype."""
+    for s_ in range(partials[0]):
         op = "mov.f32 {a}, {p};" if s_ == 0 else "add.f32 {a}, {a}, {p};"
-        body.extend(op.format(a=f"%acc{k}", p=f"%pp{k}") for k in range(n))
+        body.extend(op.format(a=f"%acc{k}", p=f"%pp{(j * partials[0] + s_) * n + k}")
+                    for k in range(n))
     body.extend(_pack(dt))

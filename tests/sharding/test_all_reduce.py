@@ -69,9 +69,12 @@ def test_add_rms_norm_ptx(tp: int, dtype: str, dim: int, tmp_path) -> None:
     assert f".entry {ar.add_rms_norm_kernel_name(tp, dtype, dim, 1e-5)}(" in ptx
     labels = re.findall(r"^(\w+):$", ptx, re.M)
     per_thread = -(-dim * np.dtype(jnp.dtype(dtype)).itemsize // 16 // ar.THREADS)
-    # SEQ_DONE, RSTD_DONE, LIVE; per vector slot ZEROED, PUSHED, SUMMED, NORMED and per peer
-    # SPIN, OWN, GOT
-    assert len(labels) == len(set(labels)) == 3 + per_thread * (4 + 3 * tp)
+    # SEQ_DONE, RSTD_DONE, LIVE; per vector slot LOADED, ZEROED, PUSHED, SUMMED, NORMED and
+    # per peer SPIN, OWN, GOT
+    assert len(labels) == len(set(labels)) == 3 + per_thread * (5 + 3 * tp)
+    # every data load is issued before the sequence counter's barrier
+    first_bar = ptx.index("bar.sync 0;")
+    assert ptx.count("ld.global.v4.b32", 0, first_bar) == 2 * per_thread  # residual and x
     assert ptx.count("ld.volatile.global.v4.b32") == 2 * tp * per_thread
     assert ptx.count("shfl.sync.bfly.b32") == 5 and ptx.count("bar.sync 0;") == 3
     assert "0f3727C5AC" in ptx  # eps 1e-5 as float32 bits
