@@ -139,15 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, cfg in cands:
             row = {"batch": b, "context": ctx, "table_width": width, "heads": a.heads,
                    "kv_heads": a.kv_heads, "name": name,
-                   "config": str(cfg), **time_config(args, cfg, ref, a.calls, a.interpret, pools), "cold": a.cold}
+                   "config": str(cfg), "cold": a.cold,
+                   **time_config(args, cfg, ref, a.calls, a.interpret, pools)}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if "total" in row and row["rel_err"] < 1e-2 and (best is None
                                                              or row["total"] < best["total"]):
                 best = row
         if best:
-            print(f"== B={b} ctx={ctx} heads {a.heads}/{a.kv_heads}: table {rows[-len(cands)].get('total')} us, best "
-                  f"{best['name']} {best['total']} us", flush=True)
+            print(f"== B={b} ctx={ctx} heads {a.heads}/{a.kv_heads}: table "
+                  f"{rows[-len(cands)].get('total')} us, best {best['name']} {best['total']} us",
+                  flush=True)
     rep = {"bench": "attention_decode_small", "device": jax.devices()[0].device_kind,
            "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc)
            .isoformat(timespec="seconds"), "command": " ".join(["python", *sys.argv]),

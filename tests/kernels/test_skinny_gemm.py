@@ -16,6 +16,7 @@ from xlaserve.pallas_kernels.skinny_gemm import (
     SkinnyGemmConfig,
     skinny_gemm,
     skinny_gemm_reference,
+    swiglu,
 )
 
 Cfg = SkinnyGemmConfig
@@ -72,6 +73,30 @@ class TestSkinnyGemm:
         np.testing.assert_allclose(np.asarray(out.sum(0)), np.asarray(full), rtol=tol,
                                    atol=tol * scale)
 
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+    @pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=_case_id)
+    def test_gated_input_matches_reference(self, case, dtype):
+        """gated: x = [gate | up] and the input is silu(gate) * up, rounded (SwiGLU's down_proj):
+        the same partials as the plain kernel on swiglu(gate, up)."""
+        m, k, ns, cfg = case
+        gu, ws = _inputs(m, 2 * k, ns, dtype, seed=3)
+        ws = tuple(w[:k] for w in ws)
+        out = skinny_gemm(gu * 2, ws, config=cfg, gated=True, interpret=self.INTERPRET)
+        ref = skinny_gemm_reference(gu * 2, ws, num_splits=cfg.num_splits, gated=True)
+        plain = skinny_gemm(swiglu(gu[:, :k] * 2, gu[:, k:] * 2), ws, config=cfg,
+                            interpret=self.INTERPRET)
+        assert out.shape == (cfg.num_splits, m, sum(ns)) and out.dtype == jnp.float32
+        tol = 2e-2 if (dtype == jnp.float32 and jax.default_backend() == "gpu") else 1e-4
+        scale = float(jnp.max(jnp.abs(ref)))
+        assert scale > 0
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=tol, atol=tol * scale)
+        # in bf16 the rounded activation may differ by an ulp from XLA's exp: a few elements
+        np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=tol,
+                                   atol=(tol if dtype == jnp.float32 else 2e-2) * scale)
+        # and it is not the ungated product of the gate half
+        assert float(jnp.max(jnp.abs(out - skinny_gemm_reference(
+            gu[:, :k] * 2, ws, num_splits=cfg.num_splits)))) > 10 * tol * scale
+
     def test_model_shapes_bf16(self):
         """The 8B model's q/k/v at tp=2 ([16, 4096] x [4096, 2048 + 512 + 512]) with the
         table's tiles: relative error of the summed product below 1e-2."""
@@ -100,6 +125,8 @@ def test_rejects_bad_shapes_and_tiles():
         skinny_gemm(x, ws, config=Cfg(block_k=128, num_splits=4), interpret=True)
     with pytest.raises(ValueError, match=r"weights\[0\]"):
         skinny_gemm(x, (ws[0].astype(jnp.bfloat16),), interpret=True)
+    with pytest.raises(ValueError, match="gated"):
+        skinny_gemm(x[:, :255], ws, gated=True, interpret=True)
     with pytest.raises(ValueError, match="power of two"):
         Cfg(block_n=48)
     with pytest.raises(ValueError, match="num_warps"):
