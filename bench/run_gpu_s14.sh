@@ -7,6 +7,11 @@
 #           COLD=N: the timed calls rotate over N K/V copies, so each reads K/V from HBM as
 #           in the model (without it, 20 calls on 2 MB of K/V hit in L2: 5.9 us against the
 #           model's 9.0 us per layer at tp=2, call 1).
+#   PART=fold1 (one GPU): the skinny GEMM tests compiled (SwiGLU's activation in down_proj's
+#           loads included); tp=1 steps: the default, then with a down_proj table entry (so
+#           tp=1's down runs the skinny GEMM, with the activation folded in: traced, to see
+#           whether XLA copies gate and up out of its merged gate/up GEMM for the kernel), and
+#           the same without the fold.
 #   OUT=/tmp/out PART=attn [COLD=48] bash bench/run_gpu_s14.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +23,37 @@ source bench/gpu_install.sh && gpu_session "$R" session.log "session 14 part $PA
   && gpu_install || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 T0=$SECONDS
-if [ "$PART" = attn ]; then
+TPS=(--decode-batches 1 --all-reduce custom --no-prefill --greedy-steps 4 --child-timeout 200)
+run_tp() {  # name tps [extra...]
+  local name=$1 tps=$2; shift 2
+  timeout -s ABRT -k 5 420 env ${TBL:+XLASERVE_SKINNY_GEMM_TABLE=$TBL} \
+    $PY bench/tp_scaling.py --tp $tps "${TPS[@]}" "$@" --out "$R/$name.json" \
+    > "$R/$name.log" 2>&1
+  echo "=== $name rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/$name.log" | head -4
+}
+table_with() {  # out.json name k n block_n block_k splits: the table plus one entry
+  $PY - "$@" <<'PY'
+import json, sys
+from xlaserve.pallas_kernels import ops
+out, name, k, n, bn, bk, sp = sys.argv[1:]
+d = json.loads(ops.SKINNY_GEMM_TABLE.read_text())
+d["entries"].append({"name": name, "k": int(k), "n": int(n), "dtype": "bfloat16",
+                     "block_n": int(bn), "block_k": int(bk), "num_splits": int(sp),
+                     "num_warps": 4, "num_stages": 4})
+open(out, "w").write(json.dumps(d))
+PY
+}
+if [ "$PART" = fold1 ]; then
+  JAX_PLATFORMS=cuda timeout -k 5 150 $PY -m pytest -q -rfs --tb=short -p no:cacheprovider \
+    tests/kernels/test_skinny_gemm.py > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu.txt"
+  table_with /tmp/tbl_down1.json down_tp1 14336 4096 64 256 2
+  run_tp base1 1
+  TBL=/tmp/tbl_down1.json run_tp fold1 1 --trace-dir /tmp/tr_fold1 --trace-steps 3
+  TBL=/tmp/tbl_down1.json run_tp nofold1 1 --no-fold-swiglu
+  run_tp base1b 1
+  grep -E "us x" "$R/fold1.log" | head -30
+elif [ "$PART" = attn ]; then
   COLD=${COLD:-0}
   SW=(--ppb 2 4 8 --splits 1 2 4 8 16 32 --stages 2 3 --table-width 2064
       --calls $((COLD > 20 ? COLD : 20)) --cold $COLD)
