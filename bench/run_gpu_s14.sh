@@ -53,6 +53,7 @@ if [ "$PART" = fold1 ]; then
   TBL=/tmp/tbl_down1.json run_tp nofold1 1 --no-fold-swiglu
   run_tp base1b 1
   grep -E "us x" "$R/fold1.log" | head -30
+  [ -d /tmp/tr_fold1 ] && tar czf "$R/trace_fold1.tgz" -C /tmp tr_fold1
 elif [ "$PART" = attn ]; then
   COLD=${COLD:-0}
   SW=(--ppb 2 4 8 --splits 1 2 4 8 16 32 --stages 2 3 --table-width 2064
