@@ -12,6 +12,10 @@
 #           tp=1's down runs the skinny GEMM, with the activation folded in: traced, to see
 #           whether XLA copies gate and up out of its merged gate/up GEMM for the kernel), and
 #           the same without the fold.
+#   PART=swiglu (one GPU): the skinny GEMM tests compiled; bench/skinny_swiglu.py (down_proj
+#           with SwiGLU's activation: XLA, split, gated exact / tanh.approx, over tiles)
+#           (call 3 found the gated kernel with exp + division 147 us against ~31 per call at
+#           tp=1's down_proj shape)
 #   OUT=/tmp/out PART=attn [COLD=48] bash bench/run_gpu_s14.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +47,18 @@ d["entries"].append({"name": name, "k": int(k), "n": int(n), "dtype": "bfloat16"
 open(out, "w").write(json.dumps(d))
 PY
 }
-if [ "$PART" = fold1 ]; then
+if [ "$PART" = swiglu ]; then
+  JAX_PLATFORMS=cuda timeout -k 5 150 $PY -m pytest -q -rfs --tb=short -p no:cacheprovider \
+    tests/kernels/test_skinny_gemm.py > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu.txt"
+  timeout -k 5 300 $PY bench/skinny_swiglu.py --out "$R/swiglu.json" > "$R/swiglu.log" 2>&1
+  echo "=== swiglu rc=$? at $((SECONDS - T0))s"
+  $PY - "$R/swiglu.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    print(r["k"], r["variant"], r.get("tile"), r.get("us"), r.get("rel_err"), r.get("error", "")[:60])
+PY
+elif [ "$PART" = fold1 ]; then
   JAX_PLATFORMS=cuda timeout -k 5 150 $PY -m pytest -q -rfs --tb=short -p no:cacheprovider \
     tests/kernels/test_skinny_gemm.py > "$R/pytest_gpu.txt" 2>&1
   echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu.txt"

@@ -92,7 +92,7 @@ def _compiler_params(num_warps: int, num_stages: int):
 def _skinny_gemm_kernel(x_ref,  # [M, K / S]: this split's slice of the token rows
                         *refs,  # (gated: up [M, K / S]), W weights [K, N_i] (whole), out
                         block_n: int, block_k: int, steps: int, block_bounds: tuple[int, ...],
-                        gated: bool):
+                        gated: bool, approx: bool):
     if gated:
         up_ref, *refs = refs
     *w_refs, o_ref = refs
@@ -106,6 +106,9 @@ def _skinny_gemm_kernel(x_ref,  # [M, K / S]: this split's slice of the token ro
             return xs
         g = xs.astype(jnp.float32)  # x_ref holds the gate: silu(gate) * up, rounded
         u = up_ref[:, pl.ds(t * block_k, block_k)].astype(jnp.float32)
+        if approx:  # silu(g) = g/2 (1 + tanh(g/2)): one tanh.approx, no exp, no division
+            half = 0.5 * g
+            return ((half + half * plgpu.approx_tanh(half)) * u).astype(xs.dtype)
         return (g / (1.0 + jnp.exp(-g)) * u).astype(xs.dtype)
 
     def product(w_ref, n_first):
@@ -127,13 +130,15 @@ def _skinny_gemm_kernel(x_ref,  # [M, K / S]: this split's slice of the token ro
             product(w_ref, (j - lo) * block_n)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "gated", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "gated", "approx", "interpret"))
 def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
                 config: SkinnyGemmConfig = SkinnyGemmConfig(), gated: bool = False,
-                interpret: bool = False) -> jax.Array:
+                approx: bool = False, interpret: bool = False) -> jax.Array:
     """f32[S, M, sum N_i] split-K partials of x [M, K] times each of `weights` [K, N_i].
 
     gated: x is [M, 2K] (gate, then up) and the input is silu(gate) * up, rounded to x's dtype.
+    approx: (gated, compiled only) silu through the GPU's tanh.approx (relative error ~2^-11,
+      below bf16's rounding) instead of an exp and a division.
 
     Raises:
       ValueError: shapes or dtypes that do not match, or tiles that do not divide them.
@@ -165,7 +170,8 @@ def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
         bounds.append(bounds[-1] + n // config.block_n)
     kernel = functools.partial(_skinny_gemm_kernel, block_n=config.block_n,
                                block_k=config.block_k, steps=k_split // config.block_k,
-                               block_bounds=tuple(bounds), gated=gated)
+                               block_bounds=tuple(bounds), gated=gated,
+                               approx=approx and not interpret)
     x_specs = [pl.BlockSpec((m_pad, k_split), lambda j, s_: (0, s_))]  # x: split s_'s slice
     if gated:  # the same array again: up, S blocks of K / S further on
         x_specs.append(pl.BlockSpec((m_pad, k_split), lambda j, s_: (0, s + s_)))

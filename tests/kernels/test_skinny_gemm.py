@@ -97,6 +97,18 @@ class TestSkinnyGemm:
         assert float(jnp.max(jnp.abs(out - skinny_gemm_reference(
             gu[:, :k] * 2, ws, num_splits=cfg.num_splits)))) > 10 * tol * scale
 
+    def test_gated_approx_silu_bf16(self):
+        """tanh.approx silu (compiled only): within bf16 rounding of the exact gated kernel."""
+        if self.INTERPRET:
+            pytest.skip("approx is a GPU instruction; interpreted kernels compute silu exactly")
+        m, k, ns, cfg = CASES[2]
+        gu, ws = _inputs(m, 2 * k, ns, jnp.bfloat16, seed=5)
+        ws = tuple(w[:k] for w in ws)
+        exact = skinny_gemm(gu, ws, config=cfg, gated=True).sum(0)
+        approx = skinny_gemm(gu, ws, config=cfg, gated=True, approx=True).sum(0)
+        err = float(jnp.max(jnp.abs(approx - exact)) / jnp.max(jnp.abs(exact)))
+        assert 0 <= err < 1e-2, err
+
     def test_model_shapes_bf16(self):
         """The 8B model's q/k/v at tp=2 ([16, 4096] x [4096, 2048 + 512 + 512]) with the
         table's tiles: relative error of the summed product below 1e-2."""
