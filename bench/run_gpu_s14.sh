@@ -16,6 +16,10 @@
 #           with SwiGLU's activation: XLA, split, gated exact / tanh.approx, over tiles)
 #           (call 3 found the gated kernel with exp + division 147 us against ~31 per call at
 #           tp=1's down_proj shape)
+#   PART=tp2 (two GPUs): the all-reduce tests (its loads now issued before the sequence
+#           counter's round trip); tp_scaling with the fold (down_proj's gated table entry) and
+#           without (--no-fold-swiglu), both orders, one traced; then the engine at tp 2
+#           (builtin model through the CLI, --decode-gemm pallas vs xla: same greedy tokens).
 #   OUT=/tmp/out PART=attn [COLD=48] bash bench/run_gpu_s14.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +51,41 @@ d["entries"].append({"name": name, "k": int(k), "n": int(n), "dtype": "bfloat16"
 open(out, "w").write(json.dumps(d))
 PY
 }
-if [ "$PART" = swiglu ]; then
+cli_check() {  # the builtin model through the engine at tp 2: --decode-gemm pallas vs xla
+  $PY - > /tmp/in.jsonl <<'PY'
+import json
+for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", "Once upon a time"]):
+    print(json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": 24, "temperature": 0}))
+PY
+  for mode in xla pallas; do
+    timeout -s ABRT -k 5 150 $PY -m xlaserve --log-level INFO generate --model builtin:tiny \
+      --dtype float32 --tensor-parallel-size 2 --decode-gemm $mode --input /tmp/in.jsonl \
+      --output "/tmp/cli_$mode.jsonl" > "$R/cli_$mode.log" 2>&1
+    echo "=== cli $mode rc=$? at $((SECONDS - T0))s"
+  done
+  $PY - <<'PY' | tee "$R/cli.txt"
+import json
+t = {m: {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in open(f"/tmp/cli_{m}.jsonl")}
+     for m in ("xla", "pallas")}
+print("CLI tp2 greedy token ids, decode_gemm pallas == xla:", t["xla"] == t["pallas"],
+      "prompts", len(t["xla"]))
+PY
+}
+if [ "$PART" = tp2 ]; then
+  JAX_PLATFORMS=cuda timeout -k 5 150 $PY -m pytest -q -rfs --tb=short -p no:cacheprovider \
+    tests/sharding/test_all_reduce.py > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu.txt"
+  run_tp new_a "1 2"
+  run_tp nofold_a 2 --no-fold-swiglu
+  run_tp nofold_b 2 --no-fold-swiglu --trace-dir /tmp/tr_nofold --trace-steps 3
+  run_tp new_b 2 --trace-dir /tmp/tr_new --trace-steps 3
+  for t in new nofold; do
+    [ -d /tmp/tr_$t ] && tar czf "$R/trace_$t.tgz" -C /tmp tr_$t
+  done
+  grep -E "us x" "$R/new_b.log" | head -14
+  left=$((540 - (SECONDS - T0)))
+  [ $left -gt 200 ] && cli_check
+elif [ "$PART" = swiglu ]; then
   JAX_PLATFORMS=cuda timeout -k 5 150 $PY -m pytest -q -rfs --tb=short -p no:cacheprovider \
     tests/kernels/test_skinny_gemm.py > "$R/pytest_gpu.txt" 2>&1
   echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu.txt"

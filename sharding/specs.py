@@ -253,8 +253,9 @@ class ShardedRowParallel:
     # (the A/B of bench/tp_scaling.py --no-skip-padding).
     skip_padding: bool = True
     # SwiGLU's down_proj (`gate` given) on the skinny GEMM: the kernel computes silu(gate) * up
-    # as it loads its input, so the activation runs no kernel of its own. False: an XLA fusion
-    # computes it first (the A/B of bench/tp_scaling.py --no-fold-swiglu).
+    # as it loads its input, so the activation runs no kernel of its own, where the table has a
+    # gated entry for the shape ("auto"; any dividing tile in the other modes). False: an XLA
+    # fusion computes it first (the A/B of bench/tp_scaling.py --no-fold-swiglu).
     fold_swiglu: bool = True
 
     def uses_kernel(self, out_shape: tuple[int, ...], dtype: Any) -> bool:
@@ -292,15 +293,22 @@ class ShardedRowParallel:
         k_local, d = int(np.prod(local[:n_in])), int(np.prod(local[n_in:]))
         gemm = ops.skinny_gemm_config(out_shape[0], k_local, (d,), dt, self.gemm_mode)
         interpret = self.gemm_mode == "pallas_interpret"
-        if gate is not None and (gemm is None or not self.fold_swiglu):
-            x, gate = swiglu(gate, x), None  # the activation as its own XLA fusion
+        if gate is not None:  # SwiGLU's down_proj: fold the activation where a tile is measured
+            gated = (ops.skinny_gemm_config(out_shape[0], k_local, (d,), dt, self.gemm_mode,
+                                            gated=True) if self.fold_swiglu else None)
+            if gated is None:
+                x, gate = swiglu(gate, x), None  # the activation as its own XLA fusion
+            else:
+                gemm = gated
+        # tanh.approx silu in 16-bit dtypes (its error is below their rounding); exact in f32
+        approx = jnp.dtype(dt).itemsize < 4
 
         def partials(x, kernel, gate):  # f32 [S, T, *out] (the Pallas skinny GEMM)
             rows_in = x.reshape(x.shape[0], k_local)
             if gate is not None:  # gate | up side by side: the kernel applies swiglu
                 rows_in = jnp.concatenate([gate.reshape(rows_in.shape), rows_in], axis=1)
             parts = skinny_gemm(rows_in, (kernel.reshape(k_local, d),), config=gemm,
-                                gated=gate is not None, interpret=interpret)
+                                gated=gate is not None, approx=approx, interpret=interpret)
             return parts.reshape(parts.shape[:2] + kernel.shape[n_in:])
 
         if rows is None or not self.skip_padding:
@@ -567,7 +575,9 @@ def _table_covers(model_cfg: ModelConfig, mesh: Mesh | None) -> tuple[bool, bool
 
     qkv = covered(c.hidden_size, (c.num_heads * h // tp, kv, kv))
     o_down = (covered(c.num_heads * h // tp, (c.hidden_size,))
-              or covered(c.intermediate_size // tp, (c.hidden_size,)))
+              or covered(c.intermediate_size // tp, (c.hidden_size,))
+              or ops.skinny_gemm_config(rows, c.intermediate_size // tp, (c.hidden_size,),
+                                        c.dtype, "auto", gated=True) is not None)
     return qkv, o_down
 
 

@@ -169,11 +169,20 @@ def test_dispatcher_modes():
     # an H200's shared memory through the CLI's --decode-gemm pallas)
     for mode in ("pallas", "pallas_interpret"):
         assert ops.skinny_gemm_config(1024, *qkv[1:], mode, "gpu") is None
+    # gated (down_proj with SwiGLU's activation in the loads): its own entries; tp=1's down
+    # shape has none (XLA was faster there), so "auto" leaves the activation to XLA
+    down2, down1 = (16, 7168, (4096,), jnp.bfloat16), (16, 14336, (4096,), jnp.bfloat16)
+    assert ops.skinny_gemm_config(*down2, "auto", "gpu", gated=True) == Cfg(
+        block_n=256, block_k=64, num_splits=8, num_stages=3)
+    assert ops.skinny_gemm_config(*down2, "auto", "gpu") == Cfg(block_n=64, block_k=256,
+                                                                num_splits=2)
+    assert ops.skinny_gemm_config(*down1, "auto", "gpu", gated=True) is None
+    assert ops.skinny_gemm_config(*down1, "pallas_interpret", "cpu", gated=True) is not None
 
 
 def test_table_entries_fit_their_shapes():
     """Every entry of the measured table divides its own shape (a typo would never be used)."""
     max_rows, table = ops.skinny_gemm_table()
     assert max_rows >= 1 and table
-    for (k, n, _), cfg in table.items():
+    for (k, n, _, _), cfg in table.items():
         assert cfg.fits(k, (n,)) is None, (k, n, cfg)
