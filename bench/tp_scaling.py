@@ -128,8 +128,7 @@ class Runner:
     def __init__(self, cfg: ModelConfig, tp: int, num_pages: int, page_size: int,
                  impl: str, copies: int = 1, all_reduce: str = "auto",
                  split_k: int | None = None, decode_gemm: str = "auto",
-                 rope_write: bool = True, skip_padding: bool = True,
-                 fold_swiglu: bool = True) -> None:
+                 rope_write: bool = True, skip_padding: bool = True) -> None:
         self.plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
                                         attention_impl=impl).with_all_reduce(all_reduce)
         rp = self.plan.row_parallel_fn
@@ -145,10 +144,6 @@ class Runner:
         if self.plan.row_parallel_fn is not None and not skip_padding:
             self.plan = dataclasses.replace(self.plan, row_parallel_fn=dataclasses.replace(
                 self.plan.row_parallel_fn, skip_padding=False))
-        # session 14: SwiGLU's activation inside down_proj's skinny GEMM
-        if self.plan.row_parallel_fn is not None and not fold_swiglu:
-            self.plan = dataclasses.replace(self.plan, row_parallel_fn=dataclasses.replace(
-                self.plan.row_parallel_fn, fold_swiglu=False))
         # The key is made inside the program: no array crosses devices before the step (a
         # single-device key put onto the mesh stalled on one 2 x H200 host, BENCHMARKS.md).
         self.params = jax.jit(lambda: llama.init_params(cfg, jax.random.key(0)),
@@ -247,7 +242,7 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
     num_pages = 1 + max(max(args.decode_batches), 1) * pages_per_seq
     r = Runner(cfg, tp, num_pages, page_size, args.attention_impl, args.program_copies,
                args.all_reduce, args.split_k, args.decode_gemm, not args.no_rope_write,
-               not args.no_skip_padding, not args.no_fold_swiglu)
+               not args.no_skip_padding)
     q = r.params["layers_0"]["attn"]["q_proj"]["kernel"]
     rng = np.random.default_rng(1)
     kw = dict(page_size=page_size, pages_per_seq=pages_per_seq, rng=rng, vocab=cfg.vocab_size)
@@ -261,7 +256,6 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         "decode_gemm": args.decode_gemm,
         "rope_write_kv": bool(getattr(r.plan.project_fn, "fuse_rope_write", False)),
         "skip_padding_rows": bool(getattr(r.plan.row_parallel_fn, "skip_padding", False)),
-        "fold_swiglu": bool(getattr(r.plan.row_parallel_fn, "fold_swiglu", False)),
         "skinny_gemm_table": str(ops.skinny_gemm_table_path()),
         "row_parallel": ("xla collective" if r.plan.row_parallel_fn is None else
                          "psum under shard_map" if r.plan.row_parallel_fn.all_reduce is None
@@ -454,9 +448,6 @@ def main(argv: list[str] | None = None) -> int:
                         "the rope_write_kv kernel after the skinny GEMM")
     p.add_argument("--no-skip-padding", action="store_true",
                    help="A/B: the fused all-reduce exchanges the step's padding rows too")
-    p.add_argument("--no-fold-swiglu", action="store_true",
-                   help="A/B: SwiGLU's activation as an XLA fusion before down_proj's skinny "
-                        "GEMM, not computed in its loads")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--spread-steps", type=int, default=20)

@@ -170,22 +170,17 @@ def skinny_gemm_table_path() -> Path:
     return Path(os.environ.get("XLASERVE_SKINNY_GEMM_TABLE") or SKINNY_GEMM_TABLE)
 
 
-TableKey = tuple[int, int, str, bool]  # K, N, dtype, gated (SwiGLU's activation in the loads)
-
-
 @functools.lru_cache(maxsize=None)
-def _read_table(path: Path) -> tuple[dict[str, Any], dict[TableKey, SkinnyGemmConfig]]:
+def _read_table(path: Path) -> tuple[dict[str, Any], dict[tuple[int, int, str], SkinnyGemmConfig]]:
     data = json.loads(path.read_text())
-    table = {(e["k"], e["n"], e["dtype"], bool(e.get("gated", False))): SkinnyGemmConfig(
+    table = {(e["k"], e["n"], e["dtype"]): SkinnyGemmConfig(
         block_n=e["block_n"], block_k=e["block_k"], num_splits=e["num_splits"],
         num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in data["entries"]}
     return data, table
 
 
-def skinny_gemm_table() -> tuple[int, dict[TableKey, SkinnyGemmConfig]]:
-    """(max_rows, {(K, N, dtype, gated): SkinnyGemmConfig}) from the table in force. A gated
-    entry holds the tiles of `skinny_gemm(gated=True)` (down_proj computing SwiGLU's
-    activation in its loads), measured apart: its best tiles differ from the plain GEMM's."""
+def skinny_gemm_table() -> tuple[int, dict[tuple[int, int, str], SkinnyGemmConfig]]:
+    """(max_rows, {(K, N, dtype): SkinnyGemmConfig}) from the table in force."""
     data, table = _read_table(skinny_gemm_table_path())
     return int(data["max_rows"]), table
 
@@ -237,12 +232,8 @@ def log_rope_write_choice(shape: str, choice: str) -> None:
 
 
 def skinny_gemm_config(m: int, k: int, ns: Sequence[int], dtype: Any, mode: str = "auto",
-                       platform: str | None = None, *, gated: bool = False,
-                       ) -> SkinnyGemmConfig | None:
+                       platform: str | None = None) -> SkinnyGemmConfig | None:
     """The kernel's tiles for x [m, k] times weights [k, n] (n in `ns`), or None: XLA's GEMM.
-
-    gated: tiles of the gated kernel (x = [gate | up], `skinny_gemm(gated=True)`); None in
-    "auto" mode means "no measured gated entry": the caller runs the activation apart.
 
     Raises:
       ValueError: an unknown mode. RuntimeError: mode "pallas" off GPU.
@@ -254,15 +245,14 @@ def skinny_gemm_config(m: int, k: int, ns: Sequence[int], dtype: Any, mode: str 
         raise RuntimeError(f"skinny_gemm mode='pallas' needs an NVIDIA GPU (platform is "
                            f"{platform!r}); 'pallas_interpret' runs anywhere")
     ns = tuple(int(n) for n in ns)
-    shape = (f"[{m}, {k}] x [{k}, {'+'.join(map(str, ns))}] {jnp.dtype(dtype).name}"
-             + (" (SwiGLU in the loads)" if gated else ""))
+    shape = f"[{m}, {k}] x [{k}, {'+'.join(map(str, ns))}] {jnp.dtype(dtype).name}"
     if mode == "xla" or (mode == "auto" and platform != "gpu"):
         return None
     max_rows, table = skinny_gemm_table()
     if m > max_rows:  # every mode: the kernel holds all rows in one tile (decode-sized steps)
         _log_gemm_choice(mode, shape, f"XLA's GEMM ({m} rows > {max_rows})")
         return None
-    cfg = table.get((k, sum(ns), jnp.dtype(dtype).name, gated))
+    cfg = table.get((k, sum(ns), jnp.dtype(dtype).name))
     if cfg is not None and cfg.fits(k, ns) is not None:
         cfg = None  # the weights split at other widths than the table's entry
     if mode == "auto":

@@ -28,12 +28,6 @@ contraction rows ``s * K / S : (s + 1) * K / S``, which it walks in ``block_k`` 
 [M, block_k] x [block_k, block_n] dot each (float32 accumulator; Triton pipelines the loads over
 ``num_stages``). Several weights: the program picks its weight with one branch per weight.
 
-Gated input (``gated=True``, SwiGLU's down_proj): x is [M, 2K], gate then up side by side, and
-the product's input is ``silu(gate) * up`` (float32, rounded to x's dtype, as
-`layers.SwiGLU` computes it). Each program computes it for its own K slice as it loads x, so the
-activation needs no kernel of its own before the GEMM (at tp=2 of the 8B shape that kernel took
-2.1 us of a 87 us layer).
-
 Constraints: N_i % block_n == 0 and K % (S * block_k) == 0 (checked); block_n, block_k powers of
 two >= 16.
 """
@@ -90,30 +84,16 @@ def _compiler_params(num_warps: int, num_stages: int):
 
 
 def _skinny_gemm_kernel(x_ref,  # [M, K / S]: this split's slice of the token rows
-                        *refs,  # (gated: up [M, K / S]), W weights [K, N_i] (whole), out
-                        block_n: int, block_k: int, steps: int, block_bounds: tuple[int, ...],
-                        gated: bool, approx: bool):
-    if gated:
-        up_ref, *refs = refs
+                        *refs,  # W weights [K, N_i] (whole), then out [M, block_n]
+                        block_n: int, block_k: int, steps: int, block_bounds: tuple[int, ...]):
     *w_refs, o_ref = refs
     j, s = pl.program_id(0), pl.program_id(1)
     k_first = s * (steps * block_k)
     m = x_ref.shape[0]
 
-    def load_x(t):
-        xs = x_ref[:, pl.ds(t * block_k, block_k)]
-        if not gated:
-            return xs
-        g = xs.astype(jnp.float32)  # x_ref holds the gate: silu(gate) * up, rounded
-        u = up_ref[:, pl.ds(t * block_k, block_k)].astype(jnp.float32)
-        if approx:  # silu(g) = g/2 (1 + tanh(g/2)): one tanh.approx, no exp, no division
-            half = 0.5 * g
-            return ((half + half * plgpu.approx_tanh(half)) * u).astype(xs.dtype)
-        return (g / (1.0 + jnp.exp(-g)) * u).astype(xs.dtype)
-
     def product(w_ref, n_first):
         def body(t, acc):
-            xs = load_x(t)
+            xs = x_ref[:, pl.ds(t * block_k, block_k)]
             ws = w_ref[pl.ds(k_first + t * block_k, block_k), pl.ds(n_first, block_n)]
             return acc + lax.dot_general(xs, ws, (((1,), (0,)), ((), ())),
                                          preferred_element_type=jnp.float32)
@@ -130,15 +110,11 @@ def _skinny_gemm_kernel(x_ref,  # [M, K / S]: this split's slice of the token ro
             product(w_ref, (j - lo) * block_n)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "gated", "approx", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
-                config: SkinnyGemmConfig = SkinnyGemmConfig(), gated: bool = False,
-                approx: bool = False, interpret: bool = False) -> jax.Array:
+                config: SkinnyGemmConfig = SkinnyGemmConfig(),
+                interpret: bool = False) -> jax.Array:
     """f32[S, M, sum N_i] split-K partials of x [M, K] times each of `weights` [K, N_i].
-
-    gated: x is [M, 2K] (gate, then up) and the input is silu(gate) * up, rounded to x's dtype.
-    approx: (gated, compiled only) silu through the GPU's tanh.approx (relative error ~2^-11,
-      below bf16's rounding) instead of an exp and a division.
 
     Raises:
       ValueError: shapes or dtypes that do not match, or tiles that do not divide them.
@@ -148,10 +124,6 @@ def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
         raise ValueError(f"skinny_gemm: x must be [M, K] with at least one weight; got x "
                          f"{x.shape} and {len(weights)} weights")
     m, k = x.shape
-    if gated:
-        if k % 2:
-            raise ValueError(f"skinny_gemm: gated x {x.shape} must be [M, 2K] (gate, up)")
-        k //= 2
     for i, w in enumerate(weights):
         if w.ndim != 2 or w.shape[0] != k or w.dtype != x.dtype:
             raise ValueError(f"skinny_gemm: weights[{i}] {w.shape} {w.dtype} must be [K={k}, N] "
@@ -170,36 +142,23 @@ def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
         bounds.append(bounds[-1] + n // config.block_n)
     kernel = functools.partial(_skinny_gemm_kernel, block_n=config.block_n,
                                block_k=config.block_k, steps=k_split // config.block_k,
-                               block_bounds=tuple(bounds), gated=gated,
-                               approx=approx and not interpret)
-    x_specs = [pl.BlockSpec((m_pad, k_split), lambda j, s_: (0, s_))]  # x: split s_'s slice
-    if gated:  # the same array again: up, S blocks of K / S further on
-        x_specs.append(pl.BlockSpec((m_pad, k_split), lambda j, s_: (0, s + s_)))
+                               block_bounds=tuple(bounds))
     out = pl.pallas_call(
         kernel,
         grid=(bounds[-1], s),
-        in_specs=x_specs
+        in_specs=[pl.BlockSpec((m_pad, k_split), lambda j, s_: (0, s_))]  # x: split s_'s slice
         + [pl.BlockSpec(w.shape, lambda j, s_: (0, 0)) for w in weights],  # weights: whole
         out_specs=pl.BlockSpec((None, m_pad, config.block_n), lambda j, s_: (s_, 0, j)),
         out_shape=jax.ShapeDtypeStruct((s, m_pad, sum(ns)), jnp.float32),
         compiler_params=_compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,  # the shape in the name: traces tell q/k/v, o and down apart
-        name=f"skinny_gemm_k{k}_n{'_'.join(map(str, ns))}{'_swiglu' if gated else ''}",
-    )(x, *([x] if gated else []), *weights)
+        name=f"skinny_gemm_k{k}_n{'_'.join(map(str, ns))}")(x, *weights)
     return out[:, :m] if m_pad != m else out
 
 
-def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """silu(gate) * up in float32, rounded to up's dtype (`layers.SwiGLU`'s activation)."""
-    return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(up.dtype)
-
-
 def skinny_gemm_reference(x: jax.Array, weights: Sequence[jax.Array], *,
-                          num_splits: int, gated: bool = False) -> jax.Array:
+                          num_splits: int) -> jax.Array:
     """Pure jnp: the same partials, each slice's product in float32."""
-    if gated:
-        half = x.shape[1] // 2
-        x = swiglu(x[:, :half], x[:, half:])
     k = x.shape[1]
     ks = k // num_splits
     w = jnp.concatenate([jnp.asarray(w, jnp.float32) for w in weights], axis=1)

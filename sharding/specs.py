@@ -38,7 +38,7 @@ from xlaserve.pallas_kernels.skinny_gemm import skinny_gemm
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
-from xlaserve.runtime.models.layers import Deferred, add_rms_norm, contract, swiglu
+from xlaserve.runtime.models.layers import Deferred, add_rms_norm, contract
 from xlaserve.sharding import all_reduce as custom_all_reduce
 from xlaserve.sharding.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, validate_model
 from xlaserve.sharding.rules import (
@@ -252,11 +252,6 @@ class ShardedRowParallel:
     # no exchange): a batch-1 decode step pads 1 token to 16 rows. False exchanges all rows
     # (the A/B of bench/tp_scaling.py --no-skip-padding).
     skip_padding: bool = True
-    # SwiGLU's down_proj (`gate` given) on the skinny GEMM: the kernel computes silu(gate) * up
-    # as it loads its input, so the activation runs no kernel of its own, where the table has a
-    # gated entry for the shape ("auto"; any dividing tile in the other modes). False: an XLA
-    # fusion computes it first (the A/B of bench/tp_scaling.py --no-fold-swiglu).
-    fold_swiglu: bool = True
 
     def uses_kernel(self, out_shape: tuple[int, ...], dtype: Any) -> bool:
         """True when a product of this output shape runs through the kernel."""
@@ -270,13 +265,12 @@ class ShardedRowParallel:
     def __call__(self, residual: jax.Array, x: jax.Array, kernel: jax.Array,
                  in_axes: tuple[str | None, ...], out_axes: tuple[str | None, ...],
                  scale: jax.Array, eps: float, rows: jax.Array | None = None,
-                 gate: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                 ) -> tuple[jax.Array, jax.Array]:
         n_in = len(in_axes)
         out_shape = x.shape[:x.ndim - n_in] + kernel.shape[n_in:]  # [T, D]
         dt = residual.dtype  # the model dtype (the residual stream's)
         if self.all_reduce is not None and not self.uses_kernel(out_shape, dt):
             # the partitioner all-reduces the product
-            x = x if gate is None else swiglu(gate, x)
             return add_rms_norm(residual, contract(x, kernel, n_in, dt), scale, eps)
         if self.mesh is None and self.all_reduce is not None:
             raise ValueError("ShardedRowParallel: an all-reduce kernel needs a mesh")
@@ -293,49 +287,36 @@ class ShardedRowParallel:
         k_local, d = int(np.prod(local[:n_in])), int(np.prod(local[n_in:]))
         gemm = ops.skinny_gemm_config(out_shape[0], k_local, (d,), dt, self.gemm_mode)
         interpret = self.gemm_mode == "pallas_interpret"
-        if gate is not None:  # SwiGLU's down_proj: fold the activation where a tile is measured
-            gated = (ops.skinny_gemm_config(out_shape[0], k_local, (d,), dt, self.gemm_mode,
-                                            gated=True) if self.fold_swiglu else None)
-            if gated is None:
-                x, gate = swiglu(gate, x), None  # the activation as its own XLA fusion
-            else:
-                gemm = gated
-        # tanh.approx silu in 16-bit dtypes (its error is below their rounding); exact in f32
-        approx = jnp.dtype(dt).itemsize < 4
 
-        def partials(x, kernel, gate):  # f32 [S, T, *out] (the Pallas skinny GEMM)
-            rows_in = x.reshape(x.shape[0], k_local)
-            if gate is not None:  # gate | up side by side: the kernel applies swiglu
-                rows_in = jnp.concatenate([gate.reshape(rows_in.shape), rows_in], axis=1)
-            parts = skinny_gemm(rows_in, (kernel.reshape(k_local, d),), config=gemm,
-                                gated=gate is not None, approx=approx, interpret=interpret)
+        def partials(x, kernel):  # f32 [S, T, *out] (the Pallas skinny GEMM)
+            parts = skinny_gemm(x.reshape(x.shape[0], k_local), (kernel.reshape(k_local, d),),
+                                config=gemm, interpret=interpret)
             return parts.reshape(parts.shape[:2] + kernel.shape[n_in:])
 
         if rows is None or not self.skip_padding:
             rows = jnp.full((1,), out_shape[0], jnp.int32)
 
-        def body(residual, x, kernel, scale, rows, gate=None):
+        def body(residual, x, kernel, scale, rows):
             if fused:  # this device's partial sum, as f32 split-K partials [S, T, D] or [T, D]
                 if gemm is not None:
-                    part = partials(x, kernel, gate)
+                    part = partials(x, kernel)
                 elif self.split_k > 1:
                     part = split_k_contract(x, kernel, n_in, self.split_k)
                 else:
                     part = contract(x, kernel, n_in, dt)
                 # the padding rows after `rows` are neither exchanged nor normed
                 return self.all_reduce.add_rms_norm(part, residual, scale, eps, rows)
-            product = (partials(x, kernel, gate).sum(axis=0).astype(dt) if gemm is not None
+            product = (partials(x, kernel).sum(axis=0).astype(dt) if gemm is not None
                        else contract(x, kernel, n_in, dt))
             return add_rms_norm(residual, reduce(product), scale, eps)
 
-        args = (residual, x, kernel, scale, rows) + (() if gate is None else (gate,))
         if self.mesh is None:
-            return body(*args)
+            return body(residual, x, kernel, scale, rows)
         x_spec = logical_to_spec(("tokens", *in_axes), rules)  # [T, *in], in split
         rep = PartitionSpec()
-        specs = (rep, x_spec, kernel_spec, rep, rep) + (() if gate is None else (x_spec,))
-        fn = _shard_map(body, self.mesh, in_specs=specs, out_specs=(rep, rep))
-        return fn(*args)
+        fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep, rep),
+                        out_specs=(rep, rep))
+        return fn(residual, x, kernel, scale, rows)
 
 
 def local_shape(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> tuple[int, ...]:
@@ -575,9 +556,7 @@ def _table_covers(model_cfg: ModelConfig, mesh: Mesh | None) -> tuple[bool, bool
 
     qkv = covered(c.hidden_size, (c.num_heads * h // tp, kv, kv))
     o_down = (covered(c.num_heads * h // tp, (c.hidden_size,))
-              or covered(c.intermediate_size // tp, (c.hidden_size,))
-              or ops.skinny_gemm_config(rows, c.intermediate_size // tp, (c.hidden_size,),
-                                        c.dtype, "auto", gated=True) is not None)
+              or covered(c.intermediate_size // tp, (c.hidden_size,)))
     return qkv, o_down
 
 

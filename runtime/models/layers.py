@@ -70,46 +70,32 @@ def contract(x: jax.Array, kernel: jax.Array, n_in: int, out_dtype: jnp.dtype) -
         preferred_element_type=out_dtype)
 
 
-def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """SwiGLU's activation: silu(gate) * up in float32, rounded to up's dtype."""
-    return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(up.dtype)
-
-
 @dataclasses.dataclass(frozen=True)
 class Deferred:
     """A bias-free projection x [T, *in] . kernel [*in, *out] not computed yet: the next
     ResidualRMSNorm adds it to the residual stream, so that a sharding hook (`AddRMSNormFn`) can
-    run the product, its all-reduce, the add and the norm as one step (o_proj, down_proj).
-
-    `gate` (down_proj of SwiGLU): the product's input is swiglu(gate, x), not x, so that a hook
-    may compute the activation inside its GEMM's loads."""
+    run the product, its all-reduce, the add and the norm as one step (o_proj, down_proj)."""
 
     x: jax.Array
     kernel: jax.Array
     in_axes: tuple[str | None, ...]
     out_axes: tuple[str | None, ...]
-    gate: jax.Array | None = None
-
-    def input(self) -> jax.Array:
-        """The product's input: x, or swiglu(gate, x)."""
-        return self.x if self.gate is None else swiglu(self.gate, self.x)
 
     def compute(self, dtype: jnp.dtype) -> jax.Array:
-        return contract(self.input(), self.kernel, len(self.in_axes), dtype)
+        return contract(self.x, self.kernel, len(self.in_axes), dtype)
 
 
 class AddRMSNormFn(Protocol):
     """residual [T, D] + x . kernel (a bias-free projection into D, in the model dtype), then
     rms_norm of that sum: returns (the sum, the normed sum). `in_axes` / `out_axes` are the
     kernel's logical axis names. `rows` (i32[1] or None): how many leading rows carry tokens;
-    the outputs of the others (padding) are unspecified, so a hook may skip them. `gate` (the
-    same shape as x, or None): the product's input is swiglu(gate, x) (`Deferred.gate`). The
-    sharding code's row-parallel hook implements it."""
+    the outputs of the others (padding) are unspecified, so a hook may skip them. The sharding
+    code's row-parallel hook implements it."""
 
     def __call__(self, residual: jax.Array, x: jax.Array, kernel: jax.Array,
                  in_axes: tuple[str | None, ...], out_axes: tuple[str | None, ...],
                  scale: jax.Array, eps: float, rows: jax.Array | None = None,
-                 gate: jax.Array | None = None) -> tuple[jax.Array, jax.Array]: ...
+                 ) -> tuple[jax.Array, jax.Array]: ...
 
 
 class ProjectFn(Protocol):
@@ -145,8 +131,7 @@ class ResidualRMSNorm(nn.Module):
         if isinstance(delta, Deferred):
             if self.add_norm_fn is not None:
                 return self.add_norm_fn(residual, delta.x, delta.kernel, delta.in_axes,
-                                        delta.out_axes, scale, self.eps, rows=rows,
-                                        gate=delta.gate)
+                                        delta.out_axes, scale, self.eps, rows=rows)
             delta = delta.compute(self.dtype)
         return add_rms_norm(residual, delta, scale, self.eps)
 
@@ -222,11 +207,9 @@ class SwiGLU(nn.Module):
                           self.use_bias, name="gate_proj")(x)
         up = Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",), self.dtype,
                         self.use_bias, name="up_proj")(x)
-        down = Projection((self.hidden,), (self.dim,), ("mlp",), ("embed",), self.dtype,
-                          self.use_bias, self.defer_down, name="down_proj")
-        if self.defer_down and not self.use_bias:  # the activation goes with the product
-            return dataclasses.replace(down(up), gate=gate)
-        return down(swiglu(gate, up))
+        h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
+        return Projection((self.hidden,), (self.dim,), ("mlp",), ("embed",), self.dtype,
+                          self.use_bias, self.defer_down, name="down_proj")(h)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:

@@ -16,7 +16,6 @@ from xlaserve.pallas_kernels.skinny_gemm import (
     SkinnyGemmConfig,
     skinny_gemm,
     skinny_gemm_reference,
-    swiglu,
 )
 
 Cfg = SkinnyGemmConfig
@@ -73,42 +72,6 @@ class TestSkinnyGemm:
         np.testing.assert_allclose(np.asarray(out.sum(0)), np.asarray(full), rtol=tol,
                                    atol=tol * scale)
 
-    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-    @pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=_case_id)
-    def test_gated_input_matches_reference(self, case, dtype):
-        """gated: x = [gate | up] and the input is silu(gate) * up, rounded (SwiGLU's down_proj):
-        the same partials as the plain kernel on swiglu(gate, up)."""
-        m, k, ns, cfg = case
-        gu, ws = _inputs(m, 2 * k, ns, dtype, seed=3)
-        ws = tuple(w[:k] for w in ws)
-        out = skinny_gemm(gu * 2, ws, config=cfg, gated=True, interpret=self.INTERPRET)
-        ref = skinny_gemm_reference(gu * 2, ws, num_splits=cfg.num_splits, gated=True)
-        plain = skinny_gemm(swiglu(gu[:, :k] * 2, gu[:, k:] * 2), ws, config=cfg,
-                            interpret=self.INTERPRET)
-        assert out.shape == (cfg.num_splits, m, sum(ns)) and out.dtype == jnp.float32
-        tol = 2e-2 if (dtype == jnp.float32 and jax.default_backend() == "gpu") else 1e-4
-        scale = float(jnp.max(jnp.abs(ref)))
-        assert scale > 0
-        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=tol, atol=tol * scale)
-        # in bf16 the rounded activation may differ by an ulp from XLA's exp: a few elements
-        np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=tol,
-                                   atol=(tol if dtype == jnp.float32 else 2e-2) * scale)
-        # and it is not the ungated product of the gate half
-        assert float(jnp.max(jnp.abs(out - skinny_gemm_reference(
-            gu[:, :k] * 2, ws, num_splits=cfg.num_splits)))) > 10 * tol * scale
-
-    def test_gated_approx_silu_bf16(self):
-        """tanh.approx silu (compiled only): within bf16 rounding of the exact gated kernel."""
-        if self.INTERPRET:
-            pytest.skip("approx is a GPU instruction; interpreted kernels compute silu exactly")
-        m, k, ns, cfg = CASES[2]
-        gu, ws = _inputs(m, 2 * k, ns, jnp.bfloat16, seed=5)
-        ws = tuple(w[:k] for w in ws)
-        exact = skinny_gemm(gu, ws, config=cfg, gated=True).sum(0)
-        approx = skinny_gemm(gu, ws, config=cfg, gated=True, approx=True).sum(0)
-        err = float(jnp.max(jnp.abs(approx - exact)) / jnp.max(jnp.abs(exact)))
-        assert 0 <= err < 1e-2, err
-
     def test_model_shapes_bf16(self):
         """The 8B model's q/k/v at tp=2 ([16, 4096] x [4096, 2048 + 512 + 512]) with the
         table's tiles: relative error of the summed product below 1e-2."""
@@ -137,8 +100,6 @@ def test_rejects_bad_shapes_and_tiles():
         skinny_gemm(x, ws, config=Cfg(block_k=128, num_splits=4), interpret=True)
     with pytest.raises(ValueError, match=r"weights\[0\]"):
         skinny_gemm(x, (ws[0].astype(jnp.bfloat16),), interpret=True)
-    with pytest.raises(ValueError, match="gated"):
-        skinny_gemm(x[:, :255], ws, gated=True, interpret=True)
     with pytest.raises(ValueError, match="power of two"):
         Cfg(block_n=48)
     with pytest.raises(ValueError, match="num_warps"):
@@ -169,20 +130,11 @@ def test_dispatcher_modes():
     # an H200's shared memory through the CLI's --decode-gemm pallas)
     for mode in ("pallas", "pallas_interpret"):
         assert ops.skinny_gemm_config(1024, *qkv[1:], mode, "gpu") is None
-    # gated (down_proj with SwiGLU's activation in the loads): its own entries; tp=1's down
-    # shape has none (XLA was faster there), so "auto" leaves the activation to XLA
-    down2, down1 = (16, 7168, (4096,), jnp.bfloat16), (16, 14336, (4096,), jnp.bfloat16)
-    assert ops.skinny_gemm_config(*down2, "auto", "gpu", gated=True) == Cfg(
-        block_n=256, block_k=64, num_splits=8, num_stages=3)
-    assert ops.skinny_gemm_config(*down2, "auto", "gpu") == Cfg(block_n=64, block_k=256,
-                                                                num_splits=2)
-    assert ops.skinny_gemm_config(*down1, "auto", "gpu", gated=True) is None
-    assert ops.skinny_gemm_config(*down1, "pallas_interpret", "cpu", gated=True) is not None
 
 
 def test_table_entries_fit_their_shapes():
     """Every entry of the measured table divides its own shape (a typo would never be used)."""
     max_rows, table = ops.skinny_gemm_table()
     assert max_rows >= 1 and table
-    for (k, n, _, _), cfg in table.items():
+    for (k, n, _), cfg in table.items():
         assert cfg.fits(k, (n,)) is None, (k, n, cfg)
