@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Session 14.
+# Session 14. PART=fold1, swiglu and tp2 ran with the SwiGLU fold into down_proj's skinny GEMM
+# (commits b95ec1c, e415c58, 573ef47); the fold lost in the model and its code, its
+# --no-fold-swiglu flag and bench/skinny_swiglu.py were removed after, so those parts run only
+# at those commits (bench/results/session14_h200{,x2}/README.md).
 #   PART=attn (one GPU): batch-1 decode attention as the runner calls it, per-device heads of
 #           tp=2 (16 q / 4 KV) and tp=1 (32 / 8) at context 1024 (and 4096 for tp=2): the
 #           table's tiles against KV splits 1-32 x pages per block 2/4/8 x stages 2/3
