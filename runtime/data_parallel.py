@@ -52,9 +52,10 @@ def build_runners(config: EngineConfig, *, num_replicas: int | None = None,
 
     from xlaserve.checkpoints.loader import load_model
     from xlaserve.runtime.model_runner import ModelRunner
+    from xlaserve.sharding.decode_gemm import decode_gemm_hooks
     from xlaserve.sharding.mesh import validate_devices
     from xlaserve.sharding.replicas import replica_meshes, take_replica
-    from xlaserve.sharding.specs import ShardingPlan, decode_gemm_hooks
+    from xlaserve.sharding.specs import ShardingPlan
 
     par = config.parallel
     count = par.data_parallel_size if num_replicas is None else num_replicas

@@ -179,7 +179,7 @@ class ModelRunner:
       row_parallel_fn: computes o_proj and down_proj with the residual add and the RMSNorm
         after each (`llama.RowParallelFn`: the sharding plan's explicit all-reduce, fused).
       project_fn: computes q_proj, k_proj and v_proj in one launch (`llama.ProjectFn`: the
-        decode GEMM, sharding.specs.DecodeProjection).
+        decode GEMM, sharding.decode_gemm.DecodeProjection).
       enable_penalties: also compile the penalty-history variant of every bucket.
       token_buckets, seq_buckets: explicit bucket lists (default: powers of two from 16 / 8);
         ascending, the last at least max_num_batched_tokens / max_num_seqs.

@@ -101,7 +101,7 @@ class AddRMSNormFn(Protocol):
 class ProjectFn(Protocol):
     """Several bias-free projections of the same x ([T, *in], the `Deferred` products of q_proj,
     k_proj and v_proj), each returned in `dtype`: one launch where the sharding code can (a
-    decode-sized step's skinny GEMM, sharding.specs.DecodeProjection)."""
+    decode-sized step's skinny GEMM, sharding.decode_gemm.DecodeProjection)."""
 
     def __call__(self, products: Sequence[Deferred], dtype: jnp.dtype,
                  ) -> tuple[jax.Array, ...]: ...

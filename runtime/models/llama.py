@@ -67,7 +67,7 @@ class AttentionFn(Protocol):
 class RopeWriteFn(Protocol):
     """A `layers.ProjectFn` that can also finish q/k/v in one launch after their GEMM: rope on
     q and k (cos, sin f32[T, H/2]) and this step's K/V stored into the layer's pages at
-    `slot_mapping` (sharding.specs.DecodeProjection, pallas_kernels/rope_write_kv.py). `rows`
+    `slot_mapping` (sharding.decode_gemm.DecodeProjection, pallas_kernels/rope_write_kv.py). `rows`
     (i32[1], `real_rows`): the rows after it are padding, whose q may be zeros and whose K/V
     need not be stored (page 0 is the padding page).
 

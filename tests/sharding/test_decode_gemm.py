@@ -16,7 +16,8 @@ import pytest
 
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
-from xlaserve.sharding.specs import DecodeProjection, ShardingPlan, decode_gemm_hooks
+from xlaserve.sharding.decode_gemm import DecodeProjection, decode_gemm_hooks
+from xlaserve.sharding.specs import ShardingPlan
 
 
 def _cfg(**kw) -> ModelConfig:
