@@ -40,3 +40,26 @@ t = {tp: {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in open(f"/tmp/c
 print("CLI greedy token ids tp2 == tp1:", t[1] == t[2], "prompts", len(t[1]))
 PY
 }
+# gpu_cli_gemm_check DIR: the builtin model through the engine at tp 2 with --decode-gemm xla
+# and pallas (4 greedy prompts); logs in DIR, and one line "CLI tp2 greedy token ids,
+# decode_gemm pallas == xla: True|False ..." printed and written to DIR/cli.txt.
+gpu_cli_gemm_check() {
+  $PY - > /tmp/in.jsonl <<'PY'
+import json
+for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", "Once upon a time"]):
+    print(json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": 24, "temperature": 0}))
+PY
+  for mode in xla pallas; do
+    timeout -s ABRT -k 5 150 $PY -m xlaserve --log-level INFO generate --model builtin:tiny \
+      --dtype float32 --tensor-parallel-size 2 --decode-gemm $mode --input /tmp/in.jsonl \
+      --output "/tmp/cli_$mode.jsonl" > "$1/cli_$mode.log" 2>&1
+    echo "=== cli $mode rc=$?"
+  done
+  $PY - <<'PY' | tee "$1/cli.txt"
+import json
+t = {m: {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in open(f"/tmp/cli_{m}.jsonl")}
+     for m in ("xla", "pallas")}
+print("CLI tp2 greedy token ids, decode_gemm pallas == xla:", t["xla"] == t["pallas"],
+      "prompts", len(t["xla"]))
+PY
+}

@@ -34,27 +34,6 @@ run_tp() {  # name tps [extra...]
     > "$R/$name.log" 2>&1
   echo "=== $name rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/$name.log" | head -4
 }
-cli_check() {  # the builtin model through the engine at tp 2: --decode-gemm pallas vs xla
-  $PY - > /tmp/in.jsonl <<'PY'
-import json
-for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", "Once upon a time"]):
-    print(json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": 24, "temperature": 0}))
-PY
-  for mode in xla pallas; do
-    timeout -s ABRT -k 5 150 $PY -m xlaserve --log-level INFO generate --model builtin:tiny \
-      --dtype float32 --tensor-parallel-size 2 --decode-gemm $mode --input /tmp/in.jsonl \
-      --output "/tmp/cli_$mode.jsonl" > "$R/cli_$mode.log" 2>&1
-    echo "=== cli $mode rc=$? at $((SECONDS - T0))s"
-  done
-  echo "rope_write_kv log lines: $(grep -c 'rope_write_kv kernel' "$R/cli_pallas.log")"
-  $PY - <<'PY' | tee "$R/cli.txt"
-import json
-t = {m: {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in open(f"/tmp/cli_{m}.jsonl")}
-     for m in ("xla", "pallas")}
-print("CLI tp2 greedy token ids, decode_gemm pallas == xla:", t["xla"] == t["pallas"],
-      "prompts", len(t["xla"]))
-PY
-}
 if [ "$PART" = 1 ]; then
   JAX_PLATFORMS=cuda timeout -k 5 200 $PY -m pytest -q -rfs --tb=short -p no:cacheprovider \
     tests/kernels/test_rope_write_kv.py tests/sharding/test_all_reduce.py \
@@ -69,7 +48,8 @@ if [ "$PART" = 1 ]; then
 elif [ "$PART" = 3 ]; then
   run_tp final_a "1 2"
   run_tp final_b 2
-  cli_check
+  gpu_cli_gemm_check "$R"
+  echo "rope_write_kv log lines: $(grep -c 'rope_write_kv kernel' "$R/cli_pallas.log")"
   left=$((510 - (SECONDS - T0)))
   if [ $left -gt 60 ]; then
     JAX_PLATFORMS=cuda timeout -k 5 $left $PY -m pytest -q -rfs --tb=short \
@@ -95,7 +75,8 @@ PY
   run_tp skiptemp_c "1 2" --xla-flags=--xla_gpu_command_buffer_update_mode=SKIP_TEMP
   run_tp new_d "1 2"
   [ -d /tmp/tr_new ] && tar czf "$R/trace_new.tgz" -C /tmp tr_new
-  cli_check
+  gpu_cli_gemm_check "$R"
+  echo "rope_write_kv log lines: $(grep -c 'rope_write_kv kernel' "$R/cli_pallas.log")"
 fi
 $PY - "$R" <<'PY' | tee "$R/summary.txt"
 import glob, json, os, sys

@@ -54,26 +54,6 @@ d["entries"].append({"name": name, "k": int(k), "n": int(n), "dtype": "bfloat16"
 open(out, "w").write(json.dumps(d))
 PY
 }
-cli_check() {  # the builtin model through the engine at tp 2: --decode-gemm pallas vs xla
-  $PY - > /tmp/in.jsonl <<'PY'
-import json
-for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", "Once upon a time"]):
-    print(json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": 24, "temperature": 0}))
-PY
-  for mode in xla pallas; do
-    timeout -s ABRT -k 5 150 $PY -m xlaserve --log-level INFO generate --model builtin:tiny \
-      --dtype float32 --tensor-parallel-size 2 --decode-gemm $mode --input /tmp/in.jsonl \
-      --output "/tmp/cli_$mode.jsonl" > "$R/cli_$mode.log" 2>&1
-    echo "=== cli $mode rc=$? at $((SECONDS - T0))s"
-  done
-  $PY - <<'PY' | tee "$R/cli.txt"
-import json
-t = {m: {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in open(f"/tmp/cli_{m}.jsonl")}
-     for m in ("xla", "pallas")}
-print("CLI tp2 greedy token ids, decode_gemm pallas == xla:", t["xla"] == t["pallas"],
-      "prompts", len(t["xla"]))
-PY
-}
 if [ "$PART" = tp2 ]; then
   JAX_PLATFORMS=cuda timeout -k 5 150 $PY -m pytest -q -rfs --tb=short -p no:cacheprovider \
     tests/sharding/test_all_reduce.py > "$R/pytest_gpu.txt" 2>&1
@@ -87,7 +67,7 @@ if [ "$PART" = tp2 ]; then
   done
   grep -E "us x" "$R/new_b.log" | head -14
   left=$((540 - (SECONDS - T0)))
-  [ $left -gt 200 ] && cli_check
+  [ $left -gt 200 ] && gpu_cli_gemm_check "$R"
 elif [ "$PART" = swiglu ]; then
   JAX_PLATFORMS=cuda timeout -k 5 150 $PY -m pytest -q -rfs --tb=short -p no:cacheprovider \
     tests/kernels/test_skinny_gemm.py > "$R/pytest_gpu.txt" 2>&1
