@@ -23,6 +23,8 @@
 #           counter's round trip); tp_scaling with the fold (down_proj's gated table entry) and
 #           without (--no-fold-swiglu), both orders, one traced; then the engine at tp 2
 #           (builtin model through the CLI, --decode-gemm pallas vs xla: same greedy tokens).
+#   PART=cli (two GPUs): the final code: the engine at tp 2 (builtin model through the CLI,
+#           --decode-gemm pallas vs xla) and the skinny GEMM tests compiled.
 #   OUT=/tmp/out PART=attn [COLD=48] bash bench/run_gpu_s14.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +56,12 @@ d["entries"].append({"name": name, "k": int(k), "n": int(n), "dtype": "bfloat16"
 open(out, "w").write(json.dumps(d))
 PY
 }
-if [ "$PART" = tp2 ]; then
+if [ "$PART" = cli ]; then
+  gpu_cli_gemm_check "$R"
+  JAX_PLATFORMS=cuda timeout -k 5 150 $PY -m pytest -q -rfs --tb=short -p no:cacheprovider \
+    tests/kernels/test_skinny_gemm.py > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu.txt"
+elif [ "$PART" = tp2 ]; then
   JAX_PLATFORMS=cuda timeout -k 5 150 $PY -m pytest -q -rfs --tb=short -p no:cacheprovider \
     tests/sharding/test_all_reduce.py > "$R/pytest_gpu.txt" 2>&1
   echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu.txt"
