@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_modes import CompiledOrInterpreted
 from xlaserve.pallas_kernels import ops
 from xlaserve.pallas_kernels.ragged_paged_attention import (
     RaggedPagedAttentionConfig,
@@ -138,15 +139,8 @@ def _case_id(case) -> str:
             f"{'-qt' if cfg.q_transposed else ''}")
 
 
-class TestRaggedPagedAttention:
+class TestRaggedPagedAttention(CompiledOrInterpreted):
     """Compiled kernel vs reference; skips without a GPU. The subclass interprets on CPU."""
-
-    INTERPRET = False
-
-    @pytest.fixture(autouse=True)
-    def _need_backend(self):
-        if not self.INTERPRET and jax.default_backend() != "gpu":
-            pytest.skip("compiled Pallas Triton kernel needs an NVIDIA GPU")
 
     def run_kernel(self, batch: RaggedBatch, cfg: Cfg, **kwargs) -> jax.Array:
         return ragged_paged_attention(*batch.args, config=cfg, interpret=self.INTERPRET, **kwargs)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_modes import CompiledOrInterpreted
 from xlaserve.pallas_kernels.ragged_paged_attention import write_kv_pages_reference
 from xlaserve.pallas_kernels.rope_write_kv import rope_write_kv, rope_write_kv_reference
 from xlaserve.runtime.config import RopeScaling
@@ -52,15 +53,8 @@ def _f32(a):
     return np.asarray(jnp.asarray(a, jnp.float32))
 
 
-class TestRopeWriteKv:
+class TestRopeWriteKv(CompiledOrInterpreted):
     """Compiled kernel vs reference; skips without a GPU. The subclass interprets on CPU."""
-
-    INTERPRET = False
-
-    @pytest.fixture(autouse=True)
-    def _need_backend(self):
-        if not self.INTERPRET and jax.default_backend() != "gpu":
-            pytest.skip("compiled Pallas Triton kernel needs an NVIDIA GPU")
 
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
     @pytest.mark.parametrize("case", CASES, ids=_case_id)

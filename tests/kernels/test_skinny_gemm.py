@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_modes import CompiledOrInterpreted
 from xlaserve.pallas_kernels import ops
 from xlaserve.pallas_kernels.skinny_gemm import (
     SkinnyGemmConfig,
@@ -44,15 +45,8 @@ def _inputs(m, k, ns, dtype, seed=0):
     return x, ws
 
 
-class TestSkinnyGemm:
+class TestSkinnyGemm(CompiledOrInterpreted):
     """Compiled kernel vs reference; skips without a GPU. The subclass interprets on CPU."""
-
-    INTERPRET = False
-
-    @pytest.fixture(autouse=True)
-    def _need_backend(self):
-        if not self.INTERPRET and jax.default_backend() != "gpu":
-            pytest.skip("compiled Pallas Triton kernel needs an NVIDIA GPU")
 
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
     @pytest.mark.parametrize("case", CASES, ids=_case_id)
