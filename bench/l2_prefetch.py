@@ -6,12 +6,14 @@ are bound by reading their weights from HBM. This measures, per layer of a chain
 with distinct weights (so nothing stays in L2 from the previous layer):
 
   spin(S)                    -> GEMM(W)   a kernel of S ns standing in for the latency-bound one
-  spin(S) + prefetch(W, P)   -> GEMM(W)   the same kernel first issues L2 prefetches of W's
-                                          first P bytes (cp.async.bulk.prefetch.L2 chunks, or
-                                          one prefetch.global.L2 per 128-byte line)
+  spin(S) + prefetch(W, P)   -> GEMM(W)   the same kernel first reads W's first P bytes
+                                          (ld.global.cg, 8 vectors in flight per thread), or
+                                          issues L2 prefetches (one prefetch.global.L2 per
+                                          128-byte line, or cp.async.bulk.prefetch.L2 chunks)
   prefetch(W, P); spin(S)    -> GEMM(W)   the prefetch as its own launch before the spin
 
-for the 8B shape's decode GEMMs (tp=2: q/k/v, o, gate/up, down; tp=1: o), through XLA's dot or
+and `hot`: the GEMM alone with the same weight in every layer (the most L2 can give), for
+the 8B shape's decode GEMMs (tp=2: q/k/v, o, gate/up, down; tp=1: o), through XLA's dot or
 pallas_kernels/skinny_gemm.py as the model runs them. The win is spin + GEMM without the
 prefetch minus with it.
 
@@ -43,13 +45,19 @@ def spin_prefetch_ptx(name: str, arch: int, mode: str, chunk: int) -> str:
     Parameters: x, w, out (pointers); spin (u64 ns), nchunks (u64)."""
     if mode == "bulk":
         pf = f"cp.async.bulk.prefetch.L2.global [%a], {chunk};"
-    else:
+    elif mode == "lines":
         pf = "prefetch.global.L2::evict_normal [%a];"
+    else:  # "load": real loads of 8 16-byte vectors per thread and pass (chunk = 8 x 16 bytes,
+        # the vectors `stride` chunks apart), xor-folded so they are not dead code
+        pf = "\n    ".join(
+            [f"ld.global.cg.v4.b32 {{%v{4 * j}, %v{4 * j + 1}, %v{4 * j + 2}, %v{4 * j + 3}}}, "
+             f"[%a+{16 * j}];" for j in range(8)]
+            + [f"xor.b32 %acc, %acc, %v{i};" for i in range(32)])
     nvec = ROWS * DIM * 2 // 16
     body = f"""
     .reg .pred %p;
     .reg .b32 %th, %cta, %ncta, %t;
-    .reg .b32 %w0, %w1, %w2, %w3;
+    .reg .b32 %w0, %w1, %w2, %w3, %acc, %v<32>;
     .reg .b64 %xp, %wp, %outp, %a, %off, %start, %now, %spin, %nch, %ci, %stride;
     ld.param.u64 %xp, [p_x];
     cvta.to.global.u64 %xp, %xp;
@@ -60,6 +68,7 @@ def spin_prefetch_ptx(name: str, arch: int, mode: str, chunk: int) -> str:
     ld.param.u64 %spin, [p_spin];
     ld.param.u64 %nch, [p_nchunks];
     mov.u64 %start, %globaltimer;
+    mov.u32 %acc, 0;
     mov.u32 %th, %tid.x;
     mov.u32 %cta, %ctaid.x;
     mov.u32 %ncta, %nctaid.x;
@@ -76,6 +85,8 @@ PF_LOOP:
     add.u64 %ci, %ci, %stride;
     bra PF_LOOP;
 PF_DONE:
+    setp.eq.u32 %p, %acc, 0x9E3779B9;  // never in practice: keeps the loads live
+    @%p st.global.u32 [%outp], %acc;
     mad.lo.u32 %t, %cta, {THREADS}, %th;
     cvt.u64.u32 %ci, %t;
 CP_LOOP:
@@ -105,7 +116,7 @@ SPIN:
 def spin_prefetch(x: jax.Array, w: jax.Array, spin_ns: int, nbytes: int, *, ctas: int,
                   mode: str, arch: int) -> jax.Array:
     """x copied through the kernel (the chain's dependence), prefetching w's first nbytes."""
-    chunk = 65536 if mode == "bulk" else 128
+    chunk = {"bulk": 65536, "lines": 128, "load": 128}[mode]
     nchunks = nbytes // chunk
     name = f"spin_prefetch_{mode}"
     gt = _gpu_triton()
@@ -186,18 +197,19 @@ def main() -> None:
         ws = [jax.random.normal(jax.random.PRNGKey(i), (k, n), jnp.bfloat16) * 0.02
               for i in range(args.layers)]
         sizes = sorted({min(s * mib, wbytes // 65536 * 65536) for s in (4, 8, 16, 24, 32, 48)})
-        variants = [("gemm_only", 0, 16, "bulk"), ("spin_only", 0, 16, "bulk"),
-                    ("spin", 0, 16, "bulk")]
-        variants += [("fused", s, 16, "bulk") for s in sizes]
-        variants += [("fused", sizes[len(sizes) // 2], 132, "bulk"),
-                     ("fused", sizes[len(sizes) // 2], 16, "lines"),
-                     ("fused", sizes[len(sizes) // 2], 132, "lines"),
-                     ("separate", sizes[len(sizes) // 2], 16, "bulk")]
+        mid = sizes[len(sizes) // 2]
+        variants = [("gemm_only", 0, 16, "load"), ("hot", 0, 16, "load"),
+                    ("spin_only", 0, 16, "load"), ("spin", 0, 16, "load")]
+        variants += [("fused", s, 132, "load") for s in sizes]
+        variants += [("fused", mid, 16, "load"), ("fused", mid, 64, "load"),
+                     ("separate", mid, 132, "load"), ("fused", mid, 132, "lines")]
         base = None
         for variant, nbytes, ctas, mode in variants:
-            fn = chain(shape, args.layers, spin_ns, nbytes, variant, ctas, mode, arch)
-            try:
-                us = time_chain(fn, x, ws, args.runs) / args.layers
+            fn = chain(shape, args.layers, spin_ns, nbytes,
+                       "gemm_only" if variant == "hot" else variant, ctas, mode, arch)
+            try:  # hot: the same weight in every layer (L2-resident when it fits)
+                us = time_chain(fn, x, [ws[0]] * len(ws) if variant == "hot" else ws,
+                                args.runs) / args.layers
             except Exception as e:  # noqa: BLE001 -- report and go on with the other variants
                 print(f"{shape} {variant} {nbytes} {ctas} {mode}: FAILED {type(e).__name__}: "
                       f"{str(e)[:300]}", flush=True)
