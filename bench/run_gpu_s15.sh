@@ -2,6 +2,10 @@
 # Session 15: L2 prefetch of decode GEMM weights during latency-bound kernels.
 #   PART=l2 (one GPU): bench/l2_prefetch.py (spin kernel +- prefetch, then the GEMM, per layer
 #           of a 12-layer chain with distinct weights; the 8B shape's decode GEMMs).
+#   PART=host (two GPUs): is the tp=2 batch-1 step host-bound? tp_scaling with the host's time
+#           per step call (dispatch_ms), with a known extra device time per step
+#           (--gpu-pad-mib 400: one reduce over 400 MiB on every device, measured at tp=1 too),
+#           and with the input embedding replicated (no NCCL all-reduce before the layers).
 #   OUT=/tmp/out PART=l2 bash bench/run_gpu_s15.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +17,22 @@ source bench/gpu_install.sh && gpu_session "$R" session.log "session 15 part $PA
   && gpu_install || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 T0=$SECONDS
+TPS=(--decode-batches 1 --all-reduce custom --no-prefill --greedy-steps 4 --child-timeout 200)
+run_tp() {  # name tps [extra...]
+  local name=$1 tps=$2; shift 2
+  timeout -s ABRT -k 5 420 $PY bench/tp_scaling.py --tp $tps "${TPS[@]}" "$@" \
+    --out "$R/$name.json" > "$R/$name.log" 2>&1
+  echo "=== $name rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/$name.log" | head -4
+}
+if [ "$PART" = host ]; then
+  run_tp base_a "1 2"
+  run_tp pad_tp2 2 --gpu-pad-mib 400
+  run_tp pad_tp1 1 --gpu-pad-mib 400
+  run_tp repemb_a 2 --replicate-embedding
+  run_tp base_b 2
+  run_tp repemb_b 2 --replicate-embedding
+  run_tp pad_tp2_b 2 --gpu-pad-mib 400
+fi
 if [ "$PART" = l2 ]; then
   timeout -s ABRT -k 5 400 $PY bench/l2_prefetch.py ${SHAPES:+--shapes $SHAPES} \
     --out "$R/l2_prefetch.json" > "$R/l2_prefetch.log" 2>&1

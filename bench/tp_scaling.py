@@ -107,17 +107,24 @@ def step_inputs(q_lens: list[int], kv_lens: list[int], *, page_size: int, pages_
         logits_indices=np.maximum(cu_arr[1:] - 1, 0).astype(np.int32))
 
 
-def make_step_fn(cfg: ModelConfig, plan: ShardingPlan):
-    """The jitted step: forward + greedy on device -> (tokens i32[S], top2 f32[S, 2], cache)."""
-    def step(params: Any, inputs: StepInputs, cache: llama.KVCache):
+def make_step_fn(cfg: ModelConfig, plan: ShardingPlan, pad: bool = False):
+    """The jitted step: forward + greedy on device -> (tokens i32[S], top2 f32[S, 2], cache).
+
+    pad: the step takes a 4th argument, a replicated bf16 array it sums (one reduce kernel
+    reading it from HBM on every device) into top2 times 0: known extra device time per step,
+    to see how much of it shows in the step time (none where the step is host-bound)."""
+    def step(params: Any, inputs: StepInputs, cache: llama.KVCache, *extra: jax.Array):
         logits, cache = llama.forward(params, inputs, cache, cfg, attention_fn=plan.attention_fn,
                                       row_parallel_fn=plan.row_parallel_fn,
                                       project_fn=plan.project_fn)
         top2 = jax.lax.top_k(logits, 2)[0]  # [S, 2]
+        for x in extra:
+            top2 = top2 + jnp.sum(x.astype(jnp.float32)) * 0.0
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), top2, cache
 
     kv = plan.kv_cache_shardings()
-    return jax.jit(step, in_shardings=(plan.param_shardings, plan.input_sharding, kv),
+    ins = (plan.param_shardings, plan.input_sharding, kv) + ((plan.input_sharding,) if pad else ())
+    return jax.jit(step, in_shardings=ins,
                    out_shardings=(plan.input_sharding, plan.input_sharding, kv),
                    donate_argnums=(2,))
 
@@ -128,9 +135,16 @@ class Runner:
     def __init__(self, cfg: ModelConfig, tp: int, num_pages: int, page_size: int,
                  impl: str, copies: int = 1, all_reduce: str = "auto",
                  split_k: int | None = None, decode_gemm: str = "auto",
-                 rope_write: bool = True, skip_padding: bool = True) -> None:
+                 rope_write: bool = True, skip_padding: bool = True, pad_mib: int = 0,
+                 replicate_embedding: bool = False) -> None:
         self.plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
                                         attention_impl=impl).with_all_reduce(all_reduce)
+        if replicate_embedding:  # A/B: the input embedding whole on every device (no psum)
+            shardings = dict(self.plan.param_shardings)
+            shardings["embed"] = jax.tree.map(
+                lambda s: jax.sharding.NamedSharding(self.plan.mesh, jax.sharding.PartitionSpec()),
+                shardings["embed"])
+            self.plan = dataclasses.replace(self.plan, param_shardings=shardings)
         rp = self.plan.row_parallel_fn
         if rp is not None and split_k is not None:  # A/B: split-K partials summed in the kernel
             self.plan = dataclasses.replace(
@@ -154,7 +168,10 @@ class Runner:
         # two steps in flight the temp buffer alternates between two addresses, so one executable
         # updates its graphs every step while two alternating ones may each keep theirs.
         self.copies = copies
-        self.jitted = [make_step_fn(cfg, self.plan) for _ in range(copies)]
+        self.pad = (jax.jit(lambda: jnp.ones((pad_mib << 19,), jnp.bfloat16),
+                            out_shardings=self.plan.input_sharding)(),) if pad_mib else ()
+        self.jitted = [make_step_fn(cfg, self.plan, bool(pad_mib)) for _ in range(copies)]
+        self.dispatch_s: list[float] = []  # host time inside each timed run() call
         self.compiled: dict[tuple[int, int, int], Any] = {}
         self.compile_s: dict[str, float] = {}
         self.calls = 0
@@ -166,7 +183,8 @@ class Runner:
         key = (inputs.num_tokens_bucket, inputs.num_seqs_bucket, copy)
         if key not in self.compiled:
             start = time.perf_counter()
-            self.compiled[key] = self.jitted[copy].lower(self.params, inputs, self.cache).compile()
+            self.compiled[key] = self.jitted[copy].lower(self.params, inputs, self.cache,
+                                                         *self.pad).compile()
             name = f"T{key[0]}_S{key[1]}" + (f"_copy{copy}" if copy else "")
             self.compile_s[name] = round(time.perf_counter() - start, 2)
         return self.compiled[key]
@@ -174,7 +192,7 @@ class Runner:
     def run(self, inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
         program = self.program(inputs, self.calls % self.copies)
         self.calls += 1
-        tokens, top2, self.cache = program(self.params, inputs, self.cache)
+        tokens, top2, self.cache = program(self.params, inputs, self.cache, *self.pad)
         return tokens, top2
 
     def time_steps(self, inputs: StepInputs, iters: int, repeats: int) -> list[float]:
@@ -183,11 +201,14 @@ class Runner:
         for _ in range(2):
             jax.block_until_ready(self.run(inputs))
         out = []
+        self.dispatch_s = []
         for _ in range(repeats):
             start = time.perf_counter()
             res = None
             for _ in range(iters):
+                t = time.perf_counter()
                 res = self.run(inputs)
+                self.dispatch_s.append(time.perf_counter() - t)
             jax.block_until_ready(res)
             out.append((time.perf_counter() - start) / iters * 1e3)
         return out
@@ -242,7 +263,7 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
     num_pages = 1 + max(max(args.decode_batches), 1) * pages_per_seq
     r = Runner(cfg, tp, num_pages, page_size, args.attention_impl, args.program_copies,
                args.all_reduce, args.split_k, args.decode_gemm, not args.no_rope_write,
-               not args.no_skip_padding)
+               not args.no_skip_padding, args.gpu_pad_mib, args.replicate_embedding)
     q = r.params["layers_0"]["attn"]["q_proj"]["kernel"]
     rng = np.random.default_rng(1)
     kw = dict(page_size=page_size, pages_per_seq=pages_per_seq, rng=rng, vocab=cfg.vocab_size)
@@ -271,8 +292,12 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
     for b in args.decode_batches:
         inputs = step_inputs([1] * b, [args.context + 1] * b, **kw)
         ms = r.time_steps(inputs, args.iters, args.repeats)
+        dispatch = statistics.median(r.dispatch_s) * 1e3
         dev = r.per_device_ms(inputs, args.spread_steps)
         res["decode"][str(b)] = summarize(ms, dev, tokens=b)
+        # the host's time inside each back-to-back step call (the launches on every device):
+        # close to step_ms means the loop is host-bound
+        res["decode"][str(b)]["dispatch_ms"] = round(dispatch, 4)
         if args.trace_dir:
             on_mesh = r.put(inputs)
             res["decode"][str(b)]["trace"] = trace_summary.trace_calls(
@@ -448,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
                         "the rope_write_kv kernel after the skinny GEMM")
     p.add_argument("--no-skip-padding", action="store_true",
                    help="A/B: the fused all-reduce exchanges the step's padding rows too")
+    p.add_argument("--gpu-pad-mib", type=int, default=0,
+                   help="A/B: the step also sums a replicated bf16 array of this many MiB (known "
+                        "extra device time; host-bound steps do not slow by all of it)")
+    p.add_argument("--replicate-embedding", action="store_true",
+                   help="A/B: the input embedding table whole on every device (no all-reduce of "
+                        "the looked-up rows; lm_head stays split)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--spread-steps", type=int, default=20)
@@ -498,14 +529,15 @@ def main(argv: list[str] | None = None) -> int:
         "params": llama.count_params(cfg),
         "settings": {k: getattr(args, k) for k in (
             "decode_batches", "context", "prefill_tokens", "page_size", "attention_impl",
-            "iters", "repeats", "spread_steps", "greedy_steps", "program_copies")},
+            "iters", "repeats", "spread_steps", "greedy_steps", "program_copies", "gpu_pad_mib",
+            "replicate_embedding")},
         "results": []}
     for tp in tps:
         print(f"tp={tp}: building and compiling ...", flush=True)
         res = bench_tp(cfg, tp, args)
         report["results"].append(res)
-        dec = ", ".join(f"B={b} {v['step_ms']:.3f} ms (spread {v['per_device_spread_ms']:.3f})"
-                        for b, v in res["decode"].items())
+        dec = ", ".join(f"B={b} {v['step_ms']:.3f} ms (spread {v['per_device_spread_ms']:.3f}, "
+                        f"dispatch {v['dispatch_ms']:.3f})" for b, v in res["decode"].items())
         pre = f"{res['prefill']['step_ms']:.2f} ms" if "prefill" in res else "-"
         print(f"tp={tp}: decode {dec}; prefill {pre}; "
               f"compile {res['compile_s']}", flush=True)
