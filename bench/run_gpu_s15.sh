@@ -6,6 +6,9 @@
 #           per step call (dispatch_ms), with a known extra device time per step
 #           (--gpu-pad-mib 400: one reduce over 400 MiB on every device, measured at tp=1 too),
 #           and with the input embedding replicated (no NCCL all-reduce before the layers).
+#   PART=warm (two GPUs): the fused all-reduce's warming CTAs (ShardedRowParallel.warm_bytes):
+#           its GPU tests, then tp=2 steps with --warm-mib 4/8/16 against none, both orders,
+#           and with SKIP_TEMP (host dispatch).
 #   OUT=/tmp/out PART=l2 bash bench/run_gpu_s15.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +27,19 @@ run_tp() {  # name tps [extra...]
     --out "$R/$name.json" > "$R/$name.log" 2>&1
   echo "=== $name rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/$name.log" | head -4
 }
+if [ "$PART" = warm ]; then
+  timeout -s ABRT -k 5 200 $PY -m pytest -q -x tests/sharding/test_all_reduce.py -k "warm or equals_psum or skips_padding" \
+    -p no:cacheprovider > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu.txt"
+  run_tp base_a "1 2"
+  run_tp warm8_a 2 --warm-mib 8
+  run_tp warm4 2 --warm-mib 4
+  run_tp base_b 2
+  run_tp warm16 2 --warm-mib 16
+  run_tp warm8_b 2 --warm-mib 8
+  run_tp skiptemp_warm8 2 --warm-mib 8 --xla-flags=--xla_gpu_command_buffer_update_mode=SKIP_TEMP
+  run_tp base_c 2
+fi
 if [ "$PART" = host ]; then
   run_tp base_a "1 2"
   run_tp pad_tp2 2 --gpu-pad-mib 400
@@ -39,3 +55,4 @@ if [ "$PART" = l2 ]; then
   echo "=== l2_prefetch rc=$? at $((SECONDS - T0))s"
   tail -5 "$R/l2_prefetch.log"
 fi
+tar czf "$OUT/s15_$PART.tgz" -C "$OUT" "s15_$PART" && rm -rf "$R"
