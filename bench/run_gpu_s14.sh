@@ -36,14 +36,6 @@ source bench/gpu_install.sh && gpu_session "$R" session.log "session 14 part $PA
   && gpu_install || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 T0=$SECONDS
-TPS=(--decode-batches 1 --all-reduce custom --no-prefill --greedy-steps 4 --child-timeout 200)
-run_tp() {  # name tps [extra...]
-  local name=$1 tps=$2; shift 2
-  timeout -s ABRT -k 5 420 env ${TBL:+XLASERVE_SKINNY_GEMM_TABLE=$TBL} \
-    $PY bench/tp_scaling.py --tp $tps "${TPS[@]}" "$@" --out "$R/$name.json" \
-    > "$R/$name.log" 2>&1
-  echo "=== $name rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/$name.log" | head -4
-}
 table_with() {  # out.json name k n block_n block_k splits: the table plus one entry
   $PY - "$@" <<'PY'
 import json, sys

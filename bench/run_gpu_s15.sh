@@ -20,13 +20,6 @@ source bench/gpu_install.sh && gpu_session "$R" session.log "session 15 part $PA
   && gpu_install || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 T0=$SECONDS
-TPS=(--decode-batches 1 --all-reduce custom --no-prefill --greedy-steps 4 --child-timeout 200)
-run_tp() {  # name tps [extra...]
-  local name=$1 tps=$2; shift 2
-  timeout -s ABRT -k 5 420 $PY bench/tp_scaling.py --tp $tps "${TPS[@]}" "$@" \
-    --out "$R/$name.json" > "$R/$name.log" 2>&1
-  echo "=== $name rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/$name.log" | head -4
-}
 if [ "$PART" = warm ]; then
   timeout -s ABRT -k 5 200 $PY -m pytest -q -x tests/sharding/test_all_reduce.py -k "warm or equals_psum or skips_padding" \
     -p no:cacheprovider > "$R/pytest_gpu.txt" 2>&1
