@@ -9,6 +9,7 @@
 #   PART=warm (two GPUs): the fused all-reduce's warming CTAs (ShardedRowParallel.warm_bytes):
 #           its GPU tests, then tp=2 steps with --warm-mib 4/8/16 against none, both orders,
 #           and with SKIP_TEMP (host dispatch).
+#   PART=warmtrace (two GPUs): the warming CTAs' GPU test, and tp=2 with and without them traced.
 #   OUT=/tmp/out PART=l2 bash bench/run_gpu_s15.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ source bench/gpu_install.sh && gpu_session "$R" session.log "session 15 part $PA
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 T0=$SECONDS
 if [ "$PART" = warm ]; then
-  timeout -s ABRT -k 5 200 $PY -m pytest -q -x tests/sharding/test_all_reduce.py -k "warm or equals_psum or skips_padding" \
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 200 $PY -m pytest -q -x tests/sharding/test_all_reduce.py -k "warm or equals_psum or skips_padding" \
     -p no:cacheprovider > "$R/pytest_gpu.txt" 2>&1
   echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu.txt"
   run_tp base_a "1 2"
@@ -32,6 +33,13 @@ if [ "$PART" = warm ]; then
   run_tp warm8_b 2 --warm-mib 8
   run_tp skiptemp_warm8 2 --warm-mib 8 --xla-flags=--xla_gpu_command_buffer_update_mode=SKIP_TEMP
   run_tp base_c 2
+fi
+if [ "$PART" = warmtrace ]; then  # why warming did not pay: both traced (summaries in the logs)
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 200 $PY -m pytest -q -rfs tests/sharding/test_all_reduce.py \
+    -k "warm" -p no:cacheprovider > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu.txt"
+  run_tp base_t 2 --trace-dir /tmp/tr_base --trace-steps 3
+  run_tp warm8_t 2 --warm-mib 8 --trace-dir /tmp/tr_warm --trace-steps 3
 fi
 if [ "$PART" = host ]; then
   run_tp base_a "1 2"
