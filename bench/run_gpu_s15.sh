@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Session 15: L2 prefetch of decode GEMM weights during latency-bound kernels.
+# PART=warm and warmtrace ran at commits 5f3f2ee / 7bba2a6: the fused all-reduce's warming CTAs
+# and tp_scaling's --warm-mib were removed after them (no gain in the model,
+# bench/results/session15_h200x2/README.md), so those parts run only at those commits.
 #   PART=l2 (one GPU): bench/l2_prefetch.py (spin kernel +- prefetch, then the GEMM, per layer
 #           of a 12-layer chain with distinct weights; the 8B shape's decode GEMMs).
 #   PART=host (two GPUs): is the tp=2 batch-1 step host-bound? tp_scaling with the host's time

@@ -73,8 +73,6 @@ from xlaserve.sharding.all_reduce_ptx import (
     MAX_CTAS,
     MAX_RANKS,
     THREADS,
-    WARM_BLOCK,
-    Warm,
     add_rms_norm_kernel_name,
     add_rms_norm_ptx,
     add_rms_norm_row_ok,
@@ -87,20 +85,6 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = MAX_CTAS * CHUNK_BYTES  # 1 MiB
 FFI_TARGET = "triton_kernel_call_ffi"
 MIN_JAX = (0, 11)  # measured on 0.11.2 (2 x H200); 0.10.2's launcher was not tried
-
-
-WARM_CTAS = 128  # warming CTAs of the fused kernel (with up to 16 row CTAs: one per SM)
-
-
-def warm_plan(rows: int, weight_bytes: int, warm_bytes: int) -> Warm | None:
-    """The fused kernel's warming CTAs for reading the first `warm_bytes` (at most the weight's
-    `weight_bytes`) of the next GEMM's weight: whole WARM_BLOCK passes of up to WARM_CTAS CTAs,
-    rounded down; None when that is nothing."""
-    nbytes = min(warm_bytes, weight_bytes)
-    ctas = min(WARM_CTAS, nbytes // WARM_BLOCK)
-    if ctas < 1:
-        return None
-    return Warm(rows, ctas, nbytes // (ctas * WARM_BLOCK))
 
 
 def workspace_bytes(tp: int) -> int:
@@ -292,8 +276,7 @@ class AllReduce:
         return call(x, self._rank(), name=name, opaque=opaque)
 
     def add_rms_norm(self, x: jax.Array, residual: jax.Array, scale: jax.Array,
-                     eps: float, rows: jax.Array | None = None, warm: jax.Array | None = None,
-                     warm_bytes: int = 0) -> tuple[jax.Array, jax.Array]:
+                     eps: float, rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """(residual + sum of x over ``model``, its RMSNorm times `scale`), in one kernel; call
         inside shard_map (x [T, D] is this rank's partial sum; residual [T, D] and scale [D]
         are the same on every rank). Equals `layers.rms_norm(residual + psum(x))` up to the
@@ -306,10 +289,6 @@ class AllReduce:
 
         rows: i32[1], how many leading rows carry tokens (the same on every rank; default all
         T). The others are padding: both outputs are zero there and they are not exchanged.
-
-        warm, warm_bytes: the next GEMM's weight (this rank's shard) and how many of its first
-        bytes extra CTAs read into L2 while the row CTAs wait on NVLink (`warm_plan`; nothing
-        when it gives None). The outputs do not change.
 
         Raises:
           ValueError: x does not `fits_add_rms_norm`, or the shapes / dtypes disagree.
@@ -328,18 +307,14 @@ class AllReduce:
                              f"at most {CHUNK_BYTES} bytes, x like residual (or float32 split-K "
                              f"partials [S, T, D]), scale [D], one dtype of {sorted(DTYPES)}")
         dt = residual.dtype
-        plan = warm_plan(t, warm.size * warm.dtype.itemsize if warm is not None else 0,
-                         warm_bytes)
-        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials, plan)
-        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials, plan)
+        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials)
+        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials)
         if rows is None:
             rows = jnp.full((1,), t, jnp.int32)
         if rows.shape != (1,) or rows.dtype != jnp.int32:
             raise ValueError(f"custom all-reduce + RMSNorm: rows {rows.shape} {rows.dtype} "
                              f"must be i32[1]")
-        extra = (warm,) if plan else ()
-        opaque = self._opaque(name, ptx, (16, 4, 4, 16, 16) + (16,) * len(extra) + (16, 16),
-                              t + (plan.ctas if plan else 0))
+        opaque = self._opaque(name, ptx, (16, 4, 4, 16, 16, 16, 16), t)
         out = jax.ShapeDtypeStruct(residual.shape, dt)
         call = jax.ffi.ffi_call(FFI_TARGET, (out, out))
-        return call(x, self._rank(), rows, residual, scale, *extra, name=name, opaque=opaque)
+        return call(x, self._rank(), rows, residual, scale, name=name, opaque=opaque)

@@ -14,7 +14,6 @@ ptxas where it is installed.
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from typing import Any
 
@@ -95,34 +94,11 @@ def kernel_name(tp: int, dtype: Any) -> str:
     return f"xlaserve_all_reduce_tp{tp}_{DTYPES[jnp.dtype(dtype).name]}"
 
 
-WARM_BLOCK = 8 * 16 * THREADS  # bytes one warming CTA reads per pass: 8 vectors per thread
-
-
 def add_rms_norm_kernel_name(tp: int, dtype: Any, dim: int, eps: float,
-                             partials: tuple[int, int] | None = None,
-                             warm: Warm | None = None) -> str:
+                             partials: tuple[int, int] | None = None) -> str:
     k = f"_k{partials[0]}x{partials[1]}" if partials else ""
-    w = f"_w{warm.rows}r{warm.ctas}x{warm.passes}" if warm else ""
     return (f"xlaserve_all_reduce_add_rms_norm_tp{tp}_{DTYPES[jnp.dtype(dtype).name]}"
-            f"_d{dim}_e{_f32(eps)[2:]}{k}{w}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Warm:
-    """The fused kernel's extra CTAs that read the start of the next GEMM's weight while the
-    row CTAs wait on NVLink, so that part of it is in L2 when the GEMM runs.
-
-    rows: the row CTAs (T; CTA ids from rows up warm); ctas: warming CTAs; passes: WARM_BLOCK
-    bytes each warming CTA reads per pass. The weight's first ctas * passes * WARM_BLOCK bytes
-    are read (CTA c reads its own contiguous span), each 16-byte vector once."""
-
-    rows: int
-    ctas: int
-    passes: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.ctas * self.passes * WARM_BLOCK
+            f"_d{dim}_e{_f32(eps)[2:]}{k}")
 
 
 def _check_tp(tp: int) -> None:
@@ -306,7 +282,7 @@ def add_rms_norm_row_ok(dim: int, dtype: Any) -> bool:
 
 
 def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
-                     partials: tuple[int, int] | None = None, warm: Warm | None = None) -> str:
+                     partials: tuple[int, int] | None = None) -> str:
     """The PTX of the all-reduce fused with the residual add and RMSNorm that follow it.
 
     For each row (token) t, one CTA: s = sum over ranks of x[t] (float32, rank order, rounded to
@@ -321,17 +297,10 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     same on every rank): the CTAs of the others store zeros to both outputs and exchange
     nothing (a batch-1 decode step pads 1 token to 16 rows).
 
-    `warm` (`Warm`): the grid has warm.ctas more CTAs after the row CTAs; they read the first
-    warm.nbytes of one more buffer parameter (the next GEMM's weight, `p_warm`, after scale)
-    with plain loads and exit, touching neither the counters nor the outputs (the loads are
-    kept live by a store that only a row count above 2^31 would make). The HBM is otherwise
-    idle while the row CTAs wait on NVLink; the GEMM after the kernel then finds that part of
-    its weight in L2.
-
-    Parameters, in order: x, rank (i32[1]), rows (i32[1]), residual, scale [dim], [warm],
-    out_x, out_h (buffers); the tp workspace addresses (u64). The grid is one CTA per row (at
-    most MAX_CTAS), then the warming CTAs. `dim`, `eps`, `partials` and `warm` are constants
-    of the code (they are in the kernel's name).
+    Parameters, in order: x, rank (i32[1]), rows (i32[1]), residual, scale [dim], out_x, out_h
+    (buffers); the tp workspace addresses (u64). The grid is one CTA per row (at most
+    MAX_CTAS). `dim`, `eps` and `partials` are constants of the code (they are in the kernel's
+    name).
     """
     _check_tp(tp)
     if not add_rms_norm_row_ok(dim, dtype):
@@ -340,10 +309,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     if partials is not None and (partials[0] < 1 or not 1 <= partials[1] <= MAX_CTAS):
         raise ValueError(f"partials={partials}: needs (S >= 1, 1 <= T <= {MAX_CTAS})")
     dt = DTYPES[jnp.dtype(dtype).name]
-    if warm is not None and not (1 <= warm.rows <= MAX_CTAS and warm.ctas >= 1
-                                 and warm.passes >= 1):
-        raise ValueError(f"warm={warm}: needs 1 <= rows <= {MAX_CTAS}, ctas >= 1, passes >= 1")
-    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, partials, warm)
+    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, partials)
     row_vec = dim * jnp.dtype(dtype).itemsize // 16
     per_thread = -(-row_vec // THREADS)
     n = 4 if dt == "f32" else 8  # elements per 16-byte vector
@@ -366,9 +332,6 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
                             ("p_outh", "%outhp")))
     emit("mov.u32 %th, %tid.x;")
     emit("mov.u32 %cta, %ctaid.x;")
-    if warm is not None:
-        emit(f"setp.ge.u32 %p, %cta, {warm.rows};")
-        emit("@%p bra WARM;")
     emit(f"mul.lo.u32 %vbeg, %cta, {row_vec};")
     for j in range(per_thread):  # thread th owns vectors th, th + THREADS, ... of the row
         emit(f"setp.lt.u32 %pv{j}, %th, {row_vec - j * THREADS};")
@@ -484,40 +447,12 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
         emit(f"NORMED{j}:")
     emit("@%is0 st.global.u32 [%cnt], %seq;")
     emit("ret;")
-    if warm is not None:
-        _warm(emit, warm)
     shared = [f".shared .align 4 .u32 {name}_seq;",
               f".shared .align 4 .f32 {name}_red[{THREADS // 32}];",
               f".shared .align 4 .f32 {name}_rstd;"]
-    buffers = ["p_x", "p_rank", "p_rows", "p_res", "p_scale"] + (["p_warm"] if warm else [])
     return _entry(name, arch, dt, tp, "all-reduce + residual add + RMSNorm", shared,
-                  buffers + ["p_out", "p_outh"], [], body)
-
-
-def _warm(emit: Any, warm: Warm) -> None:
-    """The warming CTAs (ids rows .. rows + ctas - 1): CTA c reads bytes
-    [c * span, (c + 1) * span) of p_warm, span = passes * WARM_BLOCK, 8 coalesced 16-byte loads
-    per thread and pass (ld.global.cg: through L2 only), xor-folded into %u; a store to out_x
-    under a condition no real step meets (rows > 2^31) keeps the loads from being removed."""
-    emit("WARM:")
-    emit("ld.param.u64 %a, [p_warm];")
-    emit("cvta.to.global.u64 %a, %a;")
-    emit(f"sub.u32 %t, %cta, {warm.rows};")
-    emit(f"mul.wide.u32 %off, %t, {warm.passes * WARM_BLOCK};")
-    emit("add.u64 %a, %a, %off;")
-    emit("mul.wide.u32 %off, %th, 16;")
-    emit("add.u64 %a, %a, %off;")
-    emit("mov.u32 %u, 0;")
-    for p in range(warm.passes):
-        for j in range(8):
-            emit(f"ld.global.cg.v4.b32 {{%w0, %w1, %w2, %w3}}, "
-                 f"[%a+{p * WARM_BLOCK + j * 16 * THREADS}];")
-            for k in range(4):
-                emit(f"xor.b32 %u, %u, %w{k};")
-    emit("ld.global.nc.u32 %nrows, [%rowsp];")
-    emit("setp.gt.u32 %p, %nrows, 0x7FFFFFFF;")
-    emit("@%p st.global.u32 [%outp], %u;")
-    emit("ret;")
+                  ["p_x", "p_rank", "p_rows", "p_res", "p_scale", "p_out", "p_outh"], [],
+                  body)
 
 
 def _load_partials(emit: Any, partials: tuple[int, int], dim: int, n: int, j: int) -> None:

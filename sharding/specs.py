@@ -254,10 +254,6 @@ class ShardedRowParallel:
     # no exchange): a batch-1 decode step pads 1 token to 16 rows. False exchanges all rows
     # (the A/B of bench/tp_scaling.py --no-skip-padding).
     skip_padding: bool = True
-    # > 0: the fused kernel's extra CTAs read up to this many bytes of the next GEMM's weight
-    # shard (the `warm` argument: q_proj after input_norm, gate_proj after post_attn_norm,
-    # lm_head after the final norm) into L2 while it waits on NVLink (all_reduce.warm_plan).
-    warm_bytes: int = 0
 
     def uses_kernel(self, out_shape: tuple[int, ...], dtype: Any) -> bool:
         """True when a product of this output shape runs through the kernel."""
@@ -271,10 +267,7 @@ class ShardedRowParallel:
     def __call__(self, residual: jax.Array, x: jax.Array, kernel: jax.Array,
                  in_axes: tuple[str | None, ...], out_axes: tuple[str | None, ...],
                  scale: jax.Array, eps: float, rows: jax.Array | None = None,
-                 warm: tuple[jax.Array, tuple[str | None, ...]] | None = None,
                  ) -> tuple[jax.Array, jax.Array]:
-        """`warm`: (the next GEMM's weight, its logical axes), read into L2 by the fused kernel
-        when `warm_bytes` > 0 (ignored on every other path)."""
         n_in = len(in_axes)
         out_shape = x.shape[:x.ndim - n_in] + kernel.shape[n_in:]  # [T, D]
         dt = residual.dtype  # the model dtype (the residual stream's)
@@ -305,9 +298,7 @@ class ShardedRowParallel:
         if rows is None or not self.skip_padding:
             rows = jnp.full((1,), out_shape[0], jnp.int32)
 
-        warming = fused and self.warm_bytes > 0 and warm is not None and self.mesh is not None
-
-        def body(residual, x, kernel, scale, rows, *warm_shard):
+        def body(residual, x, kernel, scale, rows):
             if fused:  # this device's partial sum, as f32 split-K partials [S, T, D] or [T, D]
                 if gemm is not None:
                     part = partials(x, kernel)
@@ -316,8 +307,7 @@ class ShardedRowParallel:
                 else:
                     part = contract(x, kernel, n_in, dt)
                 # the padding rows after `rows` are neither exchanged nor normed
-                kw = {"warm": warm_shard[0], "warm_bytes": self.warm_bytes} if warm_shard else {}
-                return self.all_reduce.add_rms_norm(part, residual, scale, eps, rows, **kw)
+                return self.all_reduce.add_rms_norm(part, residual, scale, eps, rows)
             product = (partials(x, kernel).sum(axis=0).astype(dt) if gemm is not None
                        else contract(x, kernel, n_in, dt))
             return add_rms_norm(residual, reduce(product), scale, eps)
@@ -326,13 +316,9 @@ class ShardedRowParallel:
             return body(residual, x, kernel, scale, rows)
         x_spec = logical_to_spec(("tokens", *in_axes), rules)  # [T, *in], in split
         rep = PartitionSpec()
-        specs = (rep, x_spec, kernel_spec, rep, rep)
-        args = (residual, x, kernel, scale, rows)
-        if warming:
-            specs += (logical_to_spec(warm[1], rules),)
-            args += (warm[0],)
-        fn = _shard_map(body, self.mesh, in_specs=specs, out_specs=(rep, rep))
-        return fn(*args)
+        fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep, rep),
+                        out_specs=(rep, rep))
+        return fn(residual, x, kernel, scale, rows)
 
 
 def local_shape(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import flax.linen as nn
 import jax
@@ -29,21 +29,6 @@ def _param(module: nn.Module, name: str, init: nn.initializers.Initializer,
     if len(axes) != len(shape):
         raise ValueError(f"param {name}: axes {axes} do not match shape {tuple(shape)}")
     return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype)
-
-
-def existing_param(module: nn.Module, path: Sequence[str],
-                   axes: tuple[str | None, ...]) -> tuple[jax.Array, tuple[str | None, ...]] | None:
-    """(a parameter of one of `module`'s submodules, `axes`) when the params exist (apply), or
-    None (init, or no such parameter): lets a block hand a later projection's weight to an
-    earlier hook (`AddRMSNormFn`'s `warm`)."""
-    if module.is_initializing():
-        return None
-    v: Any = module.variables.get("params", {})
-    for name in path:
-        if name not in v:
-            return None
-        v = v[name]
-    return nn.meta.unbox(v), axes
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -104,18 +89,13 @@ class AddRMSNormFn(Protocol):
     """residual [T, D] + x . kernel (a bias-free projection into D, in the model dtype), then
     rms_norm of that sum: returns (the sum, the normed sum). `in_axes` / `out_axes` are the
     kernel's logical axis names. `rows` (i32[1] or None): how many leading rows carry tokens;
-    the outputs of the others (padding) are unspecified, so a hook may skip them. `warm`
-    (passed only when given): (the weight of the GEMM that follows, its logical axes), which a
-    hook may read ahead into cache; it changes no result. The sharding code's row-parallel hook
-    implements it."""
+    the outputs of the others (padding) are unspecified, so a hook may skip them. The sharding
+    code's row-parallel hook implements it."""
 
     def __call__(self, residual: jax.Array, x: jax.Array, kernel: jax.Array,
                  in_axes: tuple[str | None, ...], out_axes: tuple[str | None, ...],
                  scale: jax.Array, eps: float, rows: jax.Array | None = None,
                  ) -> tuple[jax.Array, jax.Array]: ...
-
-
-Warm = tuple[jax.Array, tuple[str | None, ...]]  # a weight and its logical axes
 
 
 class ProjectFn(Protocol):
@@ -142,19 +122,16 @@ class ResidualRMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, residual: jax.Array, delta: jax.Array | Deferred | None,
-                 rows: jax.Array | None = None, warm: Warm | None = None,
-                 ) -> tuple[jax.Array, jax.Array]:
+                 rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """`rows`: i32[1], the leading rows that carry tokens (for `add_norm_fn`, which may
-        leave the padding rows after them unspecified). `warm`: the next GEMM's weight and its
-        axes, for `add_norm_fn` to read ahead (`AddRMSNormFn`)."""
+        leave the padding rows after them unspecified)."""
         scale = _param(self, "scale", nn.initializers.ones, (self.dim,), ("norm",), self.dtype)
         if delta is None:
             return residual, rms_norm(residual, scale, self.eps)
         if isinstance(delta, Deferred):
             if self.add_norm_fn is not None:
-                extra = {"warm": warm} if warm is not None else {}
                 return self.add_norm_fn(residual, delta.x, delta.kernel, delta.in_axes,
-                                        delta.out_axes, scale, self.eps, rows=rows, **extra)
+                                        delta.out_axes, scale, self.eps, rows=rows)
             delta = delta.compute(self.dtype)
         return add_rms_norm(residual, delta, scale, self.eps)
 

@@ -41,9 +41,7 @@ from xlaserve.runtime.models.layers import (
     ResidualRMSNorm,
     RMSNorm,
     SwiGLU,
-    Warm,
     apply_rope,
-    existing_param,
     rope_inv_freq,
     rope_tables,
 )
@@ -190,19 +188,13 @@ class DecoderLayer(nn.Module):
         cfg, dt = self.cfg, _dtype(self.cfg)
         d, eps, add_norm = cfg.hidden_size, cfg.rms_norm_eps, self.row_parallel_fn
         rows = real_rows(inputs)
-        # each norm's hook may read the next GEMM's weight ahead (AddRMSNormFn's `warm`)
-        warm_q = existing_param(self, ("attn", "q_proj", "kernel"),
-                                ("embed", "q_heads", "head_dim"))
-        warm_gate = existing_param(self, ("mlp", "gate_proj", "kernel"), ("embed", "mlp"))
         with jax.named_scope("attention"):
-            x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="input_norm")(x, delta, rows,
-                                                                              warm_q)
+            x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="input_norm")(x, delta, rows)
             a, k_pages, v_pages = Attention(cfg, self.attention_fn, self.project_fn,
                                             name="attn")(
                 h, inputs, k_pages, v_pages)
         with jax.named_scope("mlp"):
-            x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="post_attn_norm")(x, a, rows,
-                                                                                 warm_gate)
+            x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="post_attn_norm")(x, a, rows)
             m = SwiGLU(d, cfg.intermediate_size, dt, cfg.mlp_bias, defer_down=True,
                        name="mlp")(h)
         return x, m, k_pages, v_pages
@@ -242,17 +234,8 @@ class Llama(nn.Module):
                 x, delta, k_pages, v_pages = layer(x, delta, inputs, k_pages, v_pages)
                 new_cache.append((k_pages, v_pages))
         with jax.named_scope("final_norm"):
-            _, x = self.final_norm(x, delta, real_rows(inputs), self._warm_lm_head())
+            _, x = self.final_norm(x, delta, real_rows(inputs))
         return x, tuple(new_cache)
-
-    def _warm_lm_head(self) -> Warm | None:
-        """lm_head's weight (the embedding when tied) for the final norm's hook to read
-        ahead, once the params exist."""
-        if self.is_initializing():
-            return None
-        if self.cfg.tie_word_embeddings:
-            return existing_param(self, ("embed", "embedding"), ("vocab", "embed"))
-        return existing_param(self, ("lm_head", "kernel"), ("embed", "vocab"))
 
     def logits(self, hidden: jax.Array) -> jax.Array:  # [..., D] -> f32[..., V]
         with jax.named_scope("lm_head"):

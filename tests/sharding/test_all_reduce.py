@@ -145,10 +145,8 @@ class _FakeKernel:
         _FAKE_CALLS.append("all_reduce")
         return jax.lax.psum(x, "model")
 
-    def add_rms_norm(self, x, residual, scale, eps, rows=None, warm=None, warm_bytes=0):
+    def add_rms_norm(self, x, residual, scale, eps, rows=None):
         _FAKE_CALLS.append("add_rms_norm")
-        if warm is not None:  # the local shard of the next GEMM's weight
-            _FAKE_CALLS.append(f"warm{tuple(warm.shape)}:{warm_bytes}")
         if x.ndim == 3:  # split-K partials
             _FAKE_CALLS.append(f"partials{x.shape[0]}")
             x = x.sum(axis=0).astype(residual.dtype)
@@ -329,60 +327,6 @@ def test_model_with_skinny_gemm_partials() -> None:
     # float32 on GPUs: the interpreted kernel's dots and XLA's may round to TF32 differently
     tol = 5e-3 if jax.default_backend() == "gpu" else 1e-5
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol)
-
-
-@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices")
-def test_model_hands_the_next_weight_to_the_fused_kernel() -> None:
-    """warm_bytes > 0: each fused call gets this device's shard of the GEMM after it (layer i's
-    input_norm q_proj [D, N/2, H], post_attn_norm gate_proj [D, F/2], the final norm lm_head
-    [D, V/2]) and the byte budget; the hidden states are those without it. warm_bytes 0 (the
-    default) passes nothing."""
-    from xlaserve.sharding.specs import ShardedRowParallel
-
-    cfg, plan, run = _tp2_model()
-    base = ShardedRowParallel(plan.mesh, cfg, _FakeKernel())
-    want, calls = run(base)
-    assert not any(c.startswith("warm") for c in calls)
-    got, calls = run(dataclasses.replace(base, warm_bytes=1 << 20))
-    d, h = cfg.hidden_size, cfg.head_dim
-    q = f"warm({d}, {cfg.num_heads // 2}, {h}):{1 << 20}"
-    gate = f"warm({d}, {cfg.intermediate_size // 2}):{1 << 20}"
-    head = f"warm({d}, {cfg.vocab_size // 2}):{1 << 20}"
-    expect = []
-    for layer in range(cfg.num_layers):
-        expect += ["add_rms_norm", gate, "partials4"]  # this layer's post_attn_norm
-        expect += ["add_rms_norm", q if layer + 1 < cfg.num_layers else head, "partials4"]
-    assert calls == expect
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-
-def test_warm_ptx_and_plan(tmp_path) -> None:
-    """The warming CTAs: one more buffer parameter after scale, a branch for CTA ids from the
-    row count up, 8 loads per thread and pass, the shape in the name; whole passes of up to
-    WARM_CTAS CTAs (rounded down, capped by the weight); the PTX assembles."""
-    assert ar.warm_plan(16, 1 << 30, 8 << 20) == ar.Warm(16, 128, 2)  # 128 x 2 x 32 KiB
-    assert ar.warm_plan(16, 1 << 20, 8 << 20) == ar.Warm(16, 32, 1)  # capped by the weight
-    assert ar.warm_plan(16, 1 << 30, 5 << 20).nbytes == 4 << 20  # rounded down to passes
-    assert ar.warm_plan(16, 1 << 30, 16 << 10) is None  # less than one block
-    assert ar.warm_plan(16, 1 << 30, 0) is None
-    warm = ar.Warm(16, 128, 2)
-    ptx = ar.add_rms_norm_ptx(2, "bfloat16", 90, 4096, 1e-5, (2, 16), warm)
-    names = re.findall(r"\.param \.(?:u64|u32) (\w+)", ptx)
-    assert names == ["p_x", "p_rank", "p_rows", "p_res", "p_scale", "p_warm", "p_out",
-                     "p_outh", "p_ws0", "p_ws1"]
-    assert ar.add_rms_norm_kernel_name(2, "bfloat16", 4096, 1e-5, (2, 16), warm) in ptx
-    assert "setp.ge.u32 %p, %cta, 16;" in ptx and "WARM:" in ptx
-    assert ptx.count("ld.global.cg.v4.b32") == 8 * warm.passes
-    assert f"[%a+{ar.WARM_BLOCK + 7 * 16 * ar.THREADS}]" in ptx  # the last load of pass 2
-    plain = ar.add_rms_norm_ptx(2, "bfloat16", 90, 4096, 1e-5, (2, 16))
-    assert "WARM" not in plain and "p_warm" not in plain
-    with pytest.raises(ValueError, match="warm"):
-        ar.add_rms_norm_ptx(2, "bfloat16", 90, 4096, 1e-5, warm=ar.Warm(0, 128, 1))
-    if shutil.which("ptxas"):
-        path = tmp_path / "k.ptx"
-        path.write_text(ptx)
-        subprocess.run(["ptxas", "-arch=sm_90", str(path), "-o", str(tmp_path / "k.o")],
-                       check=True)
 
 
 def test_split_k_partials_ptx(tmp_path) -> None:
@@ -675,35 +619,3 @@ def test_add_rms_norm_skips_padding_rows(rows: int) -> None:
             np.testing.assert_allclose(g[:n], w[:n], rtol=2e-2, atol=2e-2)
             assert (g[n:] == 0).all()
 
-
-
-@needs_gpus
-@pytest.mark.gpu
-@pytest.mark.parametrize("warm_mib", [4, 8, 64])
-def test_add_rms_norm_with_warming_ctas(warm_mib: int) -> None:
-    """With warming CTAs reading a 48 MiB weight shard (8 MiB: 128 CTAs x 2 passes; 64: capped
-    at the weight), both outputs are bit-equal to the same call without them, over many calls
-    (the row CTAs' counters are untouched by the extra CTAs)."""
-    tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp)
-    d, t = 4096, 16
-    split, rep = PartitionSpec("model"), PartitionSpec()
-
-    def body(x, residual, scale, n, w):
-        a = kernel.add_rms_norm(x[0], residual, scale, 1e-5, n, warm=w[0],
-                                warm_bytes=warm_mib << 20)
-        b = kernel.add_rms_norm(x[0], residual, scale, 1e-5, n)
-        return a + b
-
-    fn = jax.jit(_shard_map(body, mesh, in_specs=(split, rep, rep, rep, split),
-                            out_specs=(rep,) * 4))
-    rng = np.random.default_rng(8)
-    w = jax.device_put(jnp.ones((tp, 6 << 20), jnp.float32), NamedSharding(mesh, split))
-    for n in (1, 16, 3):
-        x = jax.device_put(rng.standard_normal((tp, 2, t, d)).astype(np.float32),
-                           NamedSharding(mesh, split))
-        residual = jnp.asarray(rng.standard_normal((t, d)), jnp.bfloat16)
-        scale = jnp.asarray(rng.uniform(0.5, 1.5, d), jnp.bfloat16)
-        new_w, h_w, new, h = fn(x, residual, scale, jnp.array([n], jnp.int32), w)
-        np.testing.assert_array_equal(np.asarray(new_w, np.float32), np.asarray(new, np.float32))
-        np.testing.assert_array_equal(np.asarray(h_w, np.float32), np.asarray(h, np.float32))
