@@ -13,6 +13,15 @@ gpu_session() {
   # tree came from as COMMIT=... in the command when it matters (session 5's logs show the stale one).
   echo "date $(date -u +%FT%TZ) commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null) (device checkout HEAD)}${3:+ $3}"
 }
+# gpu_start DIR NOTE: what every bench/run_gpu_*.sh does first (repo root, PY set): the run
+# environment, gpu_session DIR session.log NOTE, gpu_install, the GPUs' names, and T0 (the
+# script's start, for run_tp). Returns 1 when the install fails.
+gpu_start() {
+  export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0
+  gpu_session "$1" session.log "$2" && gpu_install || return 1
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  T0=$SECONDS
+}
 gpu_install() {
   if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps .whl/setuptools-*.whl .whl/wheel-*.whl

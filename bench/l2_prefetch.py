@@ -139,7 +139,7 @@ SHAPES = {  # name: (K, N, gemm, skinny tiles (block_n, block_k, splits) or None
 }
 
 
-def chain(shape: str, layers: int, spin_ns: int, nbytes: int, variant: str, ctas: int,
+def chain(shape: str, spin_ns: int, nbytes: int, variant: str, ctas: int,
           mode: str, arch: int):
     """The jitted L-layer chain for one variant: x -> [spin(+prefetch)] -> GEMM -> x'."""
     k, n, gemm, tiles, _ = SHAPES[shape]
@@ -205,7 +205,7 @@ def main() -> None:
                      ("separate", mid, 132, "load"), ("fused", mid, 132, "lines")]
         base = None
         for variant, nbytes, ctas, mode in variants:
-            fn = chain(shape, args.layers, spin_ns, nbytes,
+            fn = chain(shape, spin_ns, nbytes,
                        "gemm_only" if variant == "hot" else variant, ctas, mode, arch)
             try:  # hot: the same weight in every layer (L2-resident when it fits)
                 us = time_chain(fn, x, [ws[0]] * len(ws) if variant == "hot" else ws,

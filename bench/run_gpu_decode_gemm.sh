@@ -12,15 +12,11 @@
 #   OUT=/tmp/out PART=1 bash bench/run_gpu_decode_gemm.sh   (TABLE=path: XLASERVE_SKINNY_GEMM_TABLE)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0
 PART=${PART:-1}
 R=${OUT:?set OUT}/decode_gemm_p$PART
 PY=${PYTHON:-python3}
 [ -n "${TABLE:-}" ] && export XLASERVE_SKINNY_GEMM_TABLE=$TABLE
-source bench/gpu_install.sh && gpu_session "$R" session.log "decode GEMM part $PART" \
-  && gpu_install || exit 1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-T0=$SECONDS
+source bench/gpu_install.sh && gpu_start "$R" "decode GEMM part $PART" || exit 1
 TPS=(--decode-batches 1 --all-reduce custom --no-prefill --greedy-steps 4 --child-timeout 200)
 run_tp() {  # name tps mode [extra...]
   local name=$1 tps=$2 mode=$3; shift 3

@@ -17,14 +17,10 @@
 #   OUT=/tmp/out PART=1 bash bench/run_gpu_s13.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0
 PART=${PART:-1}
 R=${OUT:?set OUT}/s13_p$PART
 PY=${PYTHON:-python3}
-source bench/gpu_install.sh && gpu_session "$R" session.log "session 13 part $PART" \
-  && gpu_install || exit 1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-T0=$SECONDS
+source bench/gpu_install.sh && gpu_start "$R" "session 13 part $PART" || exit 1
 TPS=(--decode-batches 1 --all-reduce custom --no-prefill --greedy-steps 4 --child-timeout 200)
 BASE=(--no-rope-write --no-skip-padding)
 run_tp() {  # name tps [extra...]
