@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Session 16: o_proj's skinny GEMM merges attention's KV splits (skinny_gemm_combine), saving
+# the flash-decoding combine's launch per layer.
+#   PART=merge (two GPUs): the combine GEMM's compiled kernel tests; tp=1 and tp=2 batch-1
+#           decode with the merge (the default) and without (--no-merge-splits), tp=2 in both
+#           orders; tp=1 with an o_proj entry in the skinny GEMM table (TBL: tp=1's o_proj
+#           through the kernel, merged or not) against the default table; a traced tp=2 run.
+#   OUT=/tmp/out PART=merge bash bench/run_gpu_s16.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PART=${PART:-merge}
+R=${OUT:?set OUT}/s16_$PART
+PY=${PYTHON:-python3}
+source bench/gpu_install.sh && gpu_start "$R" "session 16 part $PART" || exit 1
+if [ "$PART" = merge ]; then
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 150 $PY -m pytest -q -rfs \
+    tests/kernels/test_skinny_gemm_combine.py -p no:cacheprovider > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu.txt"
+  # the table with tp=1's o_proj shape (K 4096, N 4096; session 11's best tiles, dropped in
+  # session 12 when the combine still ran before it)
+  O1=/tmp/skinny_o_tp1.json
+  $PY - "$O1" <<'PY'
+import json, sys
+from xlaserve.pallas_kernels import ops
+d = json.loads(ops.SKINNY_GEMM_TABLE.read_text())
+d["entries"].append({"name": "o_tp1", "k": 4096, "n": 4096, "dtype": "bfloat16", "block_n": 32,
+                     "block_k": 128, "num_splits": 2, "num_warps": 4, "num_stages": 4})
+open(sys.argv[1], "w").write(json.dumps(d))
+PY
+  run_tp base_a "1 2"
+  run_tp nomerge_a 2 --no-merge-splits
+  run_tp merge_b 2
+  run_tp nomerge_b 2 --no-merge-splits
+  TBL=$O1 run_tp o1_merge 1
+  TBL=$O1 run_tp o1_nomerge 1 --no-merge-splits
+  run_tp base1_b 1
+  TBL=$O1 run_tp o1_merge_b 1
+  run_tp merge_c 2
+  if [ $((SECONDS - T0)) -lt 470 ]; then
+    run_tp merge_t 2 --trace-dir /tmp/tr_merge --trace-steps 3
+  fi
+fi
+tar czf "$OUT/s16_$PART.tgz" -C "$OUT" "s16_$PART" && rm -rf "$R"
