@@ -5,6 +5,11 @@
 #           decode with the merge (the default) and without (--no-merge-splits), tp=2 in both
 #           orders; tp=1 with an o_proj entry in the skinny GEMM table (TBL: tp=1's o_proj
 #           through the kernel, merged or not) against the default table; a traced tp=2 run.
+#           Runs only at commit c80ebe4: the merge lost (tp=2 +130-170 us per step) and was
+#           removed (bench/results/session16_h200x2/README.md).
+#   PART=pdl (two GPUs): XLA's programmatic dependent launch (--xla_gpu_enable_pdl): the PDL
+#           flags the CUDA plugin knows, the all-reduce and attention GPU tests with the flag,
+#           and tp=1 / tp=2 batch-1 decode with and without it, in both orders.
 #   OUT=/tmp/out PART=merge bash bench/run_gpu_s16.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +43,23 @@ PY
   run_tp merge_c 2
   if [ $((SECONDS - T0)) -lt 470 ]; then
     run_tp merge_t 2 --trace-dir /tmp/tr_merge --trace-steps 3
+  fi
+fi
+if [ "$PART" = pdl ]; then
+  PDL=--xla_gpu_enable_pdl=true
+  for f in $($PY -c "import jax_plugins, jaxlib, os; print(' '.join(os.path.join(d, f) for p in [*jax_plugins.__path__, os.path.dirname(jaxlib.__file__)] for d, _, fs in os.walk(p) for f in fs if f.endswith('.so')))" 2>/dev/null); do
+    strings "$f" | grep -E "^-?-?xla_gpu[a-z_]*pdl[a-z_]*$" | sort -u | sed "s|^|$(basename "$f"): |"
+  done | tee "$R/pdl_flags.txt"
+  XLA_FLAGS=$PDL JAX_PLATFORMS=cuda timeout -s ABRT -k 5 150 $PY -m pytest -q -rfs \
+    tests/sharding/test_all_reduce.py tests/kernels/test_rope_write_kv.py -p no:cacheprovider \
+    > "$R/pytest_gpu_pdl.txt" 2>&1
+  echo "=== pytest (PDL) rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu_pdl.txt"
+  run_tp base_a "1 2"
+  run_tp pdl_a "1 2" --xla-flags=$PDL
+  run_tp base_b "1 2"
+  run_tp pdl_b "1 2" --xla-flags=$PDL
+  if [ $((SECONDS - T0)) -lt 480 ]; then
+    run_tp pdl_t 2 --xla-flags=$PDL --trace-dir /tmp/tr_pdl --trace-steps 3
   fi
 fi
 tar czf "$OUT/s16_$PART.tgz" -C "$OUT" "s16_$PART" && rm -rf "$R"

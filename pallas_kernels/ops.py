@@ -108,17 +108,14 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            kv_lens: jax.Array, page_table: jax.Array, cu_q_lens: jax.Array,
                            num_seqs: jax.Array, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
-                           impl: str = "auto", defer_combine: bool = False,
-                           ) -> jax.Array | rpa.SplitAttention:
+                           impl: str = "auto") -> jax.Array:
     """Dispatches to an implementation of ragged paged attention. See ragged_paged_attention.py.
 
     Args:
       q: [T, N, H]. k_pages, v_pages: [K, P, L, H]. kv_lens: i32[S]. page_table: i32[S, M].
       cu_q_lens: i32[S+1]. num_seqs: i32[1]. impl: one of IMPLEMENTATIONS.
-      defer_combine: return a Pallas kernel's flash-decoding splits uncombined
-        (`rpa.SplitAttention`) where its tiles split the KV range (`defers_combine`).
     Returns:
-      [T, N, H] attention output in q's dtype (padded rows 0), or a `rpa.SplitAttention`.
+      [T, N, H] attention output in q's dtype (padded rows 0).
     """
     platform = _platform(None)
     chosen = resolve_impl(impl, platform)
@@ -131,20 +128,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     args = (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
     if chosen == "reference":
         return rpa.ragged_paged_attention_reference(*args, **kwargs)
-    return rpa.ragged_paged_attention(*args, interpret=chosen == "pallas_interpret",
-                                      defer_combine=defer_combine, **kwargs)
-
-
-def defers_combine(q_shape: tuple[int, ...], k_pages_shape: tuple[int, ...],
-                   page_table_shape: tuple[int, ...], dtype: Any, impl: str = "auto",
-                   platform: str | None = None) -> bool:
-    """True when `ragged_paged_attention(..., defer_combine=True)` on arrays of these shapes
-    returns a `rpa.SplitAttention` (a Pallas implementation whose tiles split the KV range)."""
-    if resolve_impl(impl, platform) == "reference":
-        return False
-    config = rpa.config_for(tuple(q_shape), tuple(k_pages_shape), tuple(page_table_shape),
-                            jnp.dtype(dtype).itemsize)
-    return rpa.defers_combine(config)
+    return rpa.ragged_paged_attention(*args, interpret=chosen == "pallas_interpret", **kwargs)
 
 
 def write_impl_for(num_tokens: int, platform: str | None = None) -> str:
@@ -239,17 +223,6 @@ def default_skinny_gemm_config(k: int, ns: Sequence[int]) -> SkinnyGemmConfig | 
 @functools.lru_cache(maxsize=None)
 def _log_gemm_choice(mode: str, shape: str, choice: str) -> None:
     log.info("skinny_gemm (mode %r) for %s: %s", mode, shape, choice)
-
-
-@functools.lru_cache(maxsize=None)
-def log_combine_choice(shape: str, why_not: str | None) -> None:
-    """Logs once per shape whether o_proj's skinny GEMM merges attention's KV splits itself."""
-    if why_not is None:
-        log.info("o_proj %s: attention's KV splits merged in the skinny GEMM's loads "
-                 "(skinny_gemm_combine)", shape)
-    else:
-        log.info("o_proj %s: attention's KV splits combined before the GEMM (%s)", shape,
-                 why_not)
 
 
 @functools.lru_cache(maxsize=None)

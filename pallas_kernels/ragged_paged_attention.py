@@ -138,59 +138,6 @@ def padded_group(group: int) -> int:
     return 1 << max(0, (group - 1).bit_length())
 
 
-def combine_splits(o_part: jax.Array, m_part: jax.Array, l_part: jax.Array,
-                   dtype: jnp.dtype) -> jax.Array:
-    """Flash-decoding's combine: the splits' unnormalised outputs [S', ..., H] with their row
-    max m (log2 units) and sum l [S', ...] merged into the output [..., H] in `dtype` (rows
-    without keys in any split give 0)."""
-    m_max = jnp.max(m_part, axis=0)
-    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-    weight = jnp.exp2(m_part - m_max[None])  # [S', ...]; 0 for splits without keys
-    l_sum = jnp.sum(weight * l_part, axis=0)
-    o = jnp.sum(weight[..., None] * o_part, axis=0)
-    return (o / jnp.where(l_sum == 0, 1.0, l_sum)[..., None]).astype(dtype)
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("o", "m", "l"),
-                   meta_fields=("group", "padded_group", "dtype"))
-@dataclasses.dataclass(frozen=True)
-class SplitAttention:
-    """Attention output not combined yet: the KV splits' partials of flash-decoding, as the
-    kernel writes them (`ragged_paged_attention(..., defer_combine=True)`). A consumer that
-    reads the output once (o_proj's skinny GEMM) merges the splits as it loads them, which
-    saves the combine's own launch; `combine()` gives the plain output.
-
-    The head axis N' holds K groups of `padded_group` heads whose first `group` are real
-    (zero heads pad the group to a power of two); on a mesh each device's block is such a
-    layout, so the global array (heads split over `model`) is one as well.
-    """
-
-    o: jax.Array  # f32[S', T, N', H]: each split's unnormalised output
-    m: jax.Array  # f32[S', T, N']: its row max of the logits (log2 units; -inf: no key)
-    l: jax.Array  # f32[S', T, N']: its row sum of exp2(logit - m)
-    group: int  # real q heads per KV head in this layout
-    padded_group: int  # q heads per KV head in the arrays (a power of two >= group)
-    dtype: str  # the output's dtype (q's)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """The combined output's shape [T, N, H] (N = the real q heads)."""
-        _, t, n_padded, h = self.o.shape
-        return t, n_padded // self.padded_group * self.group, h
-
-    @property
-    def ndim(self) -> int:
-        return 3
-
-    def combine(self) -> jax.Array:  # [T, N, H] in `dtype`
-        out = combine_splits(self.o, self.m, self.l, jnp.dtype(self.dtype))  # [T, N', H]
-        if self.padded_group == self.group:
-            return out
-        t, n_padded, h = out.shape
-        out = out.reshape(t, n_padded // self.padded_group, self.padded_group, h)
-        return out[:, :, :self.group].reshape(self.shape)
-
-
 def _ragged_paged_attention_kernel(
     meta_ref,  # i32[4, W]: per work item (seq, first token t0, end token, position of t0)
     page_table_ref,  # i32[S, M'] (M' = M rounded up to a multiple of pages_per_block)
@@ -340,28 +287,8 @@ def _work_list(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
     return jnp.where(valid[None, :], meta, 0).astype(jnp.int32)
 
 
-def config_for(q_shape: tuple[int, ...], k_pages_shape: tuple[int, ...],
-               page_table_shape: tuple[int, ...], itemsize: int) -> RaggedPagedAttentionConfig:
-    """The tuning table's tiles for these static shapes (what the kernel runs when no config is
-    given): q [T, N, H], k_pages [K, P, L, H], page_table [S, M]."""
-    from xlaserve.pallas_kernels.tuning import lookup_config
-
-    t_total, n, h = q_shape
-    k_heads, _, page_size, _ = k_pages_shape
-    s_max, m_pages = page_table_shape
-    return lookup_config(head_dim=h, page_size=page_size, group=n // k_heads, num_tokens=t_total,
-                         num_seqs=s_max, max_kv_len=m_pages * page_size, num_kv_heads=k_heads,
-                         itemsize=itemsize)
-
-
-def defers_combine(config: RaggedPagedAttentionConfig) -> bool:
-    """True when `ragged_paged_attention(..., defer_combine=True)` with this config returns a
-    `SplitAttention` (the KV range is split and the q tiles are read direct)."""
-    return config.num_splits > 1 and not config.q_transposed
-
-
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "config",
-                                             "interpret", "defer_combine"))
+                                             "interpret"))
 def ragged_paged_attention(
     q: jax.Array,  # [T, N, H]
     k_pages: jax.Array,  # [K, P, L, H]
@@ -376,8 +303,7 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     config: RaggedPagedAttentionConfig | None = None,
     interpret: bool = False,
-    defer_combine: bool = False,
-) -> jax.Array | SplitAttention:  # [T, N, H]
+) -> jax.Array:  # [T, N, H]
     """Ragged paged attention with the Pallas kernel. Same semantics as the reference.
 
     Args:
@@ -388,13 +314,8 @@ def ragged_paged_attention(
       sm_scale: logit scale. sliding_window: keys with pos > q_pos - window only. soft_cap:
         logit soft cap. config: tiles; None takes the tuning table's entry for these shapes.
       interpret: run the kernel in the Pallas interpreter (CPU tests).
-      defer_combine: where the config splits the KV range (flash-decoding) over direct q
-        tiles, return the splits' partials as a `SplitAttention` instead of combining them
-        here (a consumer such as `skinny_gemm.skinny_gemm_combine` merges them as it loads
-        them; `SplitAttention.combine` is this function's own combine).
     Returns:
-      [T, N, H] in q's dtype; rows past cu_q_lens[num_seqs] are 0. Or a `SplitAttention`
-      (`defer_combine`, `defers_combine(config)`).
+      [T, N, H] in q's dtype; rows past cu_q_lens[num_seqs] are 0.
     """
     check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
     t_total, n, h = q.shape
@@ -403,7 +324,11 @@ def ragged_paged_attention(
     g = n // k_heads
     gp = padded_group(g)
     if config is None:
-        config = config_for(q.shape, k_pages.shape, page_table.shape, q.dtype.itemsize)
+        from xlaserve.pallas_kernels.tuning import lookup_config
+
+        config = lookup_config(head_dim=h, page_size=page_size, group=g, num_tokens=t_total,
+                               num_seqs=s_max, max_kv_len=m_pages * page_size,
+                               num_kv_heads=k_heads, itemsize=q.dtype.itemsize)
     bq, ppb = config.block_q, config.pages_per_block
     rows = bq * gp
     for name, value in (("head dim H", h), ("page size L", page_size)):
@@ -478,9 +403,13 @@ def ragged_paged_attention(
     )(meta, table, qg, k_pages, v_pages)
 
     if splits > 1:  # flash-decoding combine
-        if defer_combine and not config.q_transposed:
-            return SplitAttention(*out, group=g, padded_group=gp, dtype=q.dtype.name)
-        out = combine_splits(*out, q.dtype)
+        o_part, m_part, l_part = out  # [sp, *o_dims, H], [sp, *o_dims], [sp, *o_dims]
+        m_max = jnp.max(m_part, axis=0)
+        m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+        weight = jnp.exp2(m_part - m_max[None])  # [sp, *o_dims]; 0 for splits without keys
+        l_sum = jnp.sum(weight * l_part, axis=0)
+        o = jnp.sum(weight[..., None] * o_part, axis=0)
+        out = (o / jnp.where(l_sum == 0, 1.0, l_sum)[..., None]).astype(q.dtype)
     if config.q_transposed:
         out = out.reshape(k_heads, t_total + bq, gp, h)[:, :t_total].transpose(1, 0, 2, 3)
     if gp != g or config.q_transposed:

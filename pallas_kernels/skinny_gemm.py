@@ -44,8 +44,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from xlaserve.pallas_kernels.ragged_paged_attention import SplitAttention
-
 ROW_ALIGN = 16  # Triton dots need 16 rows: x is zero-padded to a multiple of this
 
 
@@ -156,124 +154,6 @@ def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
         interpret=interpret,  # the shape in the name: traces tell q/k/v, o and down apart
         name=f"skinny_gemm_k{k}_n{'_'.join(map(str, ns))}")(x, *weights)
     return out[:, :m] if m_pad != m else out
-
-
-def _skinny_gemm_combine_kernel(
-        rows_ref,  # i32[1]: the leading token rows that are real (the others give zeros)
-        o_ref,  # f32[S', M, N', H]: the attention splits' unnormalised outputs
-        m_ref,  # f32[S', M, N']: their row maxima (log2 units)
-        l_ref,  # f32[S', M, N']: their row sums
-        w_ref,  # [K, N] (whole; K = N_real * H)
-        out_ref,  # f32[M, block_n]: this program's partial
-        *, block_n: int, head_dim: int, steps: int, group: int, padded_group: int,
-        dtype: jnp.dtype):
-    j, s = pl.program_id(0), pl.program_id(1)
-    m = out_ref.shape[0]
-    real = lax.broadcasted_iota(jnp.int32, (m,), 0) < rows_ref[0]  # [M]
-    real_2d = jnp.broadcast_to(real[:, None], (m, head_dim))
-    num_parts = o_ref.shape[0]
-
-    def body(t, acc):
-        head = s * steps + t  # the q head of this K step (block_k = H)
-        col = (head // group) * padded_group + head % group  # its column in the padded layout
-        # (the split index as an array: the interpreter's discharge rejects a Python int)
-        ms = [plgpu.load(m_ref.at[jnp.int32(p), :, col], mask=real, other=-jnp.inf)
-              for p in range(num_parts)]  # [M] each
-        m_max = functools.reduce(jnp.maximum, ms)
-        m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-        l_sum = jnp.zeros((m,), jnp.float32)
-        o = jnp.zeros((m, head_dim), jnp.float32)
-        for p in range(num_parts):
-            weight = jnp.exp2(ms[p] - m_max)  # [M]; 0 for a split without keys
-            l_p = plgpu.load(l_ref.at[jnp.int32(p), :, col], mask=real, other=0.0)  # [M]
-            o_p = plgpu.load(o_ref.at[jnp.int32(p), :, col, :], mask=real_2d, other=0.0)
-            l_sum = l_sum + weight * l_p
-            o = o + weight[:, None] * o_p  # [M, H]
-        xs = (o / jnp.where(l_sum == 0, 1.0, l_sum)[:, None]).astype(dtype)  # [M, H]
-        ws = w_ref[pl.ds(head * head_dim, head_dim), pl.ds(j * block_n, block_n)]
-        return acc + lax.dot_general(xs, ws, (((1,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-
-    out_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros((m, block_n), jnp.float32))
-
-
-def combine_fits(x: SplitAttention, weight_shape: tuple[int, ...],
-                 config: SkinnyGemmConfig) -> str | None:
-    """None when `skinny_gemm_combine` runs these shapes with these tiles, else the reason."""
-    _, n, h = x.shape
-    if len(weight_shape) != 2 or weight_shape[0] != n * h:
-        return f"weight {weight_shape} is not [K = N * H = {n * h}, N_out]"
-    if h < 16 or h & (h - 1):
-        return f"head dim H={h} (the K step) is not a power of two >= 16"
-    if n % config.num_splits:
-        return f"{n} q heads do not split into num_splits={config.num_splits}"
-    if weight_shape[1] % config.block_n:
-        return f"N={weight_shape[1]} is not a multiple of block_n={config.block_n}"
-    return None
-
-
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def skinny_gemm_combine(x: SplitAttention, weight: jax.Array, rows: jax.Array | None = None, *,
-                        config: SkinnyGemmConfig, interpret: bool = False) -> jax.Array:
-    """f32[S, M, N] split-K partials of combine(x) [M, N_q * H] times `weight` [N_q * H, N]:
-    `skinny_gemm` whose x is attention's uncombined flash-decoding output (o_proj). Each K step
-    is one q head (the config's block_k is not used: the step is H): the program loads that
-    head's split partials of the real rows (`rows`, i32[1]; the other rows give zero
-    partials), merges them as `SplitAttention.combine` does, rounds to the model dtype and
-    multiplies. The merge is recomputed by every column
-    block, from L2 (a few KiB per head at batch 1): the combine's own launch is saved.
-
-    Raises:
-      ValueError: shapes or tiles that do not fit (named).
-    """
-    why = combine_fits(x, weight.shape, config)
-    dtype = jnp.dtype(x.dtype)
-    if why is None and weight.dtype != dtype:
-        why = f"weight dtype {weight.dtype} is not the attention output's {dtype}"
-    if why:
-        raise ValueError(f"skinny_gemm_combine: x {x.shape} (splits {x.o.shape}), weight "
-                         f"{weight.shape}: {why}")
-    parts, t, n_cols, h = x.o.shape
-    k, n = weight.shape
-    s = config.num_splits
-    m_pad = -(-t // ROW_ALIGN) * ROW_ALIGN
-    o, m_, l_ = x.o, x.m, x.l
-    if m_pad != t:
-        pad = ((0, 0), (0, m_pad - t), (0, 0))
-        o = jnp.pad(o, (*pad, (0, 0)))
-        m_ = jnp.pad(m_, pad, constant_values=-jnp.inf)
-        l_ = jnp.pad(l_, pad)
-    if rows is None:
-        rows = jnp.full((1,), t, jnp.int32)
-    kernel = functools.partial(_skinny_gemm_combine_kernel, block_n=config.block_n, head_dim=h,
-                               steps=k // s // h, group=x.group, padded_group=x.padded_group,
-                               dtype=dtype)
-    whole = lambda *shape: pl.BlockSpec(shape, lambda j, s_: (0,) * len(shape))  # noqa: E731
-    out = pl.pallas_call(
-        kernel,
-        grid=(n // config.block_n, s),
-        in_specs=[whole(1),  # rows
-                  whole(parts, m_pad, n_cols, h),  # o partials
-                  whole(parts, m_pad, n_cols),  # m
-                  whole(parts, m_pad, n_cols),  # l
-                  whole(k, n)],  # weight
-        out_specs=pl.BlockSpec((None, m_pad, config.block_n), lambda j, s_: (s_, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((s, m_pad, n), jnp.float32),
-        compiler_params=_compiler_params(config.num_warps, config.num_stages),
-        interpret=interpret,
-        name=f"skinny_gemm_combine_k{k}_n{n}")(rows.astype(jnp.int32), o, m_, l_, weight)
-    return out[:, :t] if m_pad != t else out
-
-
-def skinny_gemm_combine_reference(x: SplitAttention, weight: jax.Array,
-                                  rows: jax.Array | None = None, *,
-                                  num_splits: int) -> jax.Array:
-    """Pure jnp: combine, zero the rows from `rows` on, flatten the heads, then the partials."""
-    o = x.combine()  # [T, N, H]
-    t = o.shape[0]
-    if rows is not None:
-        o = jnp.where((jnp.arange(t) < rows[0])[:, None, None], o, jnp.zeros_like(o))
-    return skinny_gemm_reference(o.reshape(t, -1), [weight], num_splits=num_splits)
 
 
 def skinny_gemm_reference(x: jax.Array, weights: Sequence[jax.Array], *,

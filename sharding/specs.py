@@ -33,12 +33,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xlaserve.pallas_kernels import ops
-from xlaserve.pallas_kernels.ragged_paged_attention import SplitAttention
-from xlaserve.pallas_kernels.skinny_gemm import combine_fits, skinny_gemm, skinny_gemm_combine
+from xlaserve.pallas_kernels.skinny_gemm import skinny_gemm
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
-from xlaserve.runtime.models.layers import add_rms_norm, contract, materialize
+from xlaserve.runtime.models.layers import add_rms_norm, contract
 from xlaserve.sharding import all_reduce as custom_all_reduce
 from xlaserve.sharding.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, validate_model
 from xlaserve.sharding.rules import (
@@ -151,10 +150,6 @@ class ShardedAttention:
     mesh: Mesh
     model_cfg: ModelConfig
     impl: str = "auto"
-    # Return flash-decoding's splits uncombined (`rpa.SplitAttention`) where the kernel splits
-    # the KV range: o_proj's skinny GEMM (ShardedRowParallel) merges them as it loads them.
-    # Set by ShardingPlan.with_decode_gemm when o_proj goes through that hook.
-    defer_combine: bool = False
 
     @property
     def kv_cache_heads(self) -> int:
@@ -179,17 +174,11 @@ class ShardedAttention:
         pages_spec = logical_to_spec(KV_CACHE_AXES, rules)
         rep = PartitionSpec()
         impl = self.impl
-        defer = self.defer_combine and ops.defers_combine(
-            local_shape(q.shape, q_spec, self.mesh), local_shape(k_pages.shape, pages_spec,
-                                                                 self.mesh),
-            inputs.page_table.shape, q.dtype, impl)
-        o_spec = split_spec(q_spec) if defer else q_spec
 
         def attend(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs):
             o = ops.ragged_paged_attention(
                 q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                sm_scale=sm_scale, sliding_window=sliding_window, impl=impl,
-                defer_combine=defer)
+                sm_scale=sm_scale, sliding_window=sliding_window, impl=impl)
             return o, k_pages, v_pages
 
         def body(q, k_new, v_new, k_pages, v_pages, slot_mapping, *meta):
@@ -206,21 +195,14 @@ class ShardedAttention:
         if k_new is None:  # already written (llama.RopeWriteFn)
             fn = _shard_map(attend, self.mesh,
                             in_specs=(q_spec, pages_spec, pages_spec, rep, rep, rep, rep),
-                            out_specs=(o_spec, pages_spec, pages_spec))
+                            out_specs=(q_spec, pages_spec, pages_spec))
             return fn(q, k_pages, v_pages, *meta)
         fn = _shard_map(
             body, self.mesh,
             in_specs=(q_spec, kv_new_spec, kv_new_spec, pages_spec, pages_spec,
                       rep, rep, rep, rep, rep),
-            out_specs=(o_spec, pages_spec, pages_spec))
+            out_specs=(q_spec, pages_spec, pages_spec))
         return fn(q, k_new, v_new, k_pages, v_pages, inputs.slot_mapping, *meta)
-
-
-def split_spec(spec: PartitionSpec) -> PartitionSpec:
-    """The spec of a `SplitAttention` whose combined output [T, N, H] has `spec`: its arrays
-    ([S', T, N', H] and [S', T, N']) put the splits first, and one spec covers all three."""
-    t_axis, n_axis = (tuple(spec) + (None, None))[:2]
-    return PartitionSpec(None, t_axis, n_axis)
 
 
 def shard_attention(mesh: Mesh, model_cfg: ModelConfig, *, impl: str = "auto",
@@ -291,7 +273,7 @@ class ShardedRowParallel:
         dt = residual.dtype  # the model dtype (the residual stream's)
         if self.all_reduce is not None and not self.uses_kernel(out_shape, dt):
             # the partitioner all-reduces the product
-            return add_rms_norm(residual, contract(materialize(x), kernel, n_in, dt), scale, eps)
+            return add_rms_norm(residual, contract(x, kernel, n_in, dt), scale, eps)
         if self.mesh is None and self.all_reduce is not None:
             raise ValueError("ShardedRowParallel: an all-reduce kernel needs a mesh")
         fused = self.uses_fused_kernel(out_shape, dt)
@@ -308,43 +290,31 @@ class ShardedRowParallel:
         gemm = ops.skinny_gemm_config(out_shape[0], k_local, (d,), dt, self.gemm_mode)
         interpret = self.gemm_mode == "pallas_interpret"
 
-        def partials(x, kernel, rows):  # f32 [S, T, *out] (the Pallas skinny GEMM)
-            w = kernel.reshape(k_local, d)
-            if isinstance(x, SplitAttention):  # attention's splits, merged in the GEMM's loads
-                why = combine_fits(x, w.shape, gemm)
-                ops.log_combine_choice(f"{x.shape} x {w.shape}", why)
-                if why is None:
-                    parts = skinny_gemm_combine(x, w, rows, config=gemm, interpret=interpret)
-                    return parts.reshape(parts.shape[:2] + kernel.shape[n_in:])
-                x = x.combine()
-            parts = skinny_gemm(x.reshape(x.shape[0], k_local), (w,), config=gemm,
-                                interpret=interpret)
+        def partials(x, kernel):  # f32 [S, T, *out] (the Pallas skinny GEMM)
+            parts = skinny_gemm(x.reshape(x.shape[0], k_local), (kernel.reshape(k_local, d),),
+                                config=gemm, interpret=interpret)
             return parts.reshape(parts.shape[:2] + kernel.shape[n_in:])
 
         if rows is None or not self.skip_padding:
             rows = jnp.full((1,), out_shape[0], jnp.int32)
 
         def body(residual, x, kernel, scale, rows):
-            if isinstance(x, SplitAttention) and gemm is None:
-                x = x.combine()  # XLA's GEMM: combine first
             if fused:  # this device's partial sum, as f32 split-K partials [S, T, D] or [T, D]
                 if gemm is not None:
-                    part = partials(x, kernel, rows)
+                    part = partials(x, kernel)
                 elif self.split_k > 1:
                     part = split_k_contract(x, kernel, n_in, self.split_k)
                 else:
                     part = contract(x, kernel, n_in, dt)
                 # the padding rows after `rows` are neither exchanged nor normed
                 return self.all_reduce.add_rms_norm(part, residual, scale, eps, rows)
-            product = (partials(x, kernel, rows).sum(axis=0).astype(dt) if gemm is not None
+            product = (partials(x, kernel).sum(axis=0).astype(dt) if gemm is not None
                        else contract(x, kernel, n_in, dt))
             return add_rms_norm(residual, reduce(product), scale, eps)
 
         if self.mesh is None:
             return body(residual, x, kernel, scale, rows)
         x_spec = logical_to_spec(("tokens", *in_axes), rules)  # [T, *in], in split
-        if isinstance(x, SplitAttention):
-            x_spec = split_spec(x_spec)
         rep = PartitionSpec()
         fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep, rep),
                         out_specs=(rep, rep))
@@ -479,12 +449,7 @@ class ShardingPlan:
         from xlaserve.sharding.decode_gemm import decode_gemm_hooks  # imports this module
 
         row, project = decode_gemm_hooks(self.mesh, self.model_cfg, mode, self.row_parallel_fn)
-        # o_proj through the hook: attention hands it the uncombined splits (it merges them in
-        # its skinny GEMM, or combines them first where XLA's GEMM runs)
-        attention = dataclasses.replace(self.attention_fn,
-                                        defer_combine=row is not None and mode != "xla")
-        return dataclasses.replace(self, row_parallel_fn=row, project_fn=project,
-                                   attention_fn=attention)
+        return dataclasses.replace(self, row_parallel_fn=row, project_fn=project)
 
     def with_all_reduce(self, mode: str) -> ShardingPlan:
         """This plan with the row-parallel all-reduce `mode` picks (`choose_row_parallel`);

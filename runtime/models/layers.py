@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xlaserve.pallas_kernels.ragged_paged_attention import SplitAttention
 from xlaserve.runtime.config import RopeScaling
 
 # Logical axis names used by model parameters (sharding/rules.py maps them to mesh axes).
@@ -63,13 +62,6 @@ class RMSNorm(nn.Module):
         return rms_norm(x, scale, self.eps)
 
 
-def materialize(x: Any) -> jax.Array:
-    """x, or the array a pending attention output stands for: flash-decoding splits not yet
-    combined (`ragged_paged_attention.SplitAttention`, which only a hook made for it, o_proj's
-    skinny GEMM, reads as it is)."""
-    return x.combine() if isinstance(x, SplitAttention) else x
-
-
 def contract(x: jax.Array, kernel: jax.Array, n_in: int, out_dtype: jnp.dtype) -> jax.Array:
     """x [T, *in] . kernel [*in, *out] -> [T, *out]: x's trailing n_in dims with the kernel's
     leading ones, accumulated in float32, returned in `out_dtype`."""
@@ -90,7 +82,7 @@ class Deferred:
     out_axes: tuple[str | None, ...]
 
     def compute(self, dtype: jnp.dtype) -> jax.Array:
-        return contract(materialize(self.x), self.kernel, len(self.in_axes), dtype)
+        return contract(self.x, self.kernel, len(self.in_axes), dtype)
 
 
 class AddRMSNormFn(Protocol):
@@ -173,7 +165,7 @@ class Projection(nn.Module):
         # The product accumulates in float32 either way; its output is in the model dtype
         # unless a bias follows, so that under tensor parallelism the row-parallel projections
         # (o, down) all-reduce bf16 partial sums (half the bytes), as HF and vLLM do.
-        y = contract(materialize(x), kernel, len(self.in_shape),
+        y = contract(x, kernel, len(self.in_shape),
                      jnp.float32 if self.use_bias else self.dtype)
         if self.use_bias:
             bias = _param(self, "bias", nn.initializers.zeros, self.out_shape, self.out_axes,

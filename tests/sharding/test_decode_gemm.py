@@ -14,7 +14,6 @@ import jax
 import numpy as np
 import pytest
 
-from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
 from xlaserve.sharding.decode_gemm import DecodeProjection, decode_gemm_hooks
@@ -157,72 +156,3 @@ def test_auto_adds_hooks_only_for_measured_shapes(monkeypatch):
     mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "model"))
     row, project = decode_gemm_hooks(mesh, cfg, "auto", ShardedRowParallel(mesh, cfg, None))
     assert project is not None and row.gemm_mode == "auto"
-
-
-def _decode_step(num_pages: int, page_size: int, width: int) -> StepInputs:
-    """A ragged decode step of 3 sequences (one new token each, contexts 1, 40 and 300) in a
-    16-row bucket of 4 sequence slots, over permuted pages of a page table `width` pages wide
-    (wide enough that the attention kernel splits the KV range)."""
-    kv_lens = np.array([40, 1, 300, 0], np.int32)
-    perm = np.random.default_rng(0).permutation(np.arange(1, num_pages)).astype(np.int32)
-    table = np.zeros((4, width), np.int32)
-    used = 0
-    for s, n in enumerate(kv_lens[:3]):
-        count = -(-int(n) // page_size)
-        table[s, :count] = perm[used:used + count]
-        used += count
-    t = 16
-    positions = np.zeros(t, np.int32)
-    positions[:3] = kv_lens[:3] - 1
-    slots = np.zeros(t, np.int32)
-    for s in range(3):
-        pos = kv_lens[s] - 1
-        slots[s] = table[s, pos // page_size] * page_size + pos % page_size
-    return StepInputs(token_ids=np.arange(3, 3 + t, dtype=np.int32), positions=positions,
-                      slot_mapping=slots, cu_q_lens=np.array([0, 1, 2, 3, 3], np.int32),
-                      kv_lens=kv_lens, page_table=table, num_seqs=np.array([3], np.int32),
-                      logits_indices=np.array([0, 1, 2, 0], np.int32))
-
-
-def test_o_proj_merges_attention_splits():
-    """tp 2, Pallas attention (interpreted) over a page table wide enough to split the KV
-    range: with the decode GEMM hooks, attention hands o_proj its uncombined splits and the
-    skinny GEMM merges them (`skinny_gemm_combine` in the program); hidden states and pages
-    equal those of the same plan combining first, and of XLA's GEMMs."""
-    if len(jax.devices()) < 2:
-        pytest.skip("needs 2 devices")
-    cfg = _cfg(head_dim=16, num_layers=2)
-    plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=2),
-                               devices=jax.devices()[:2],
-                               attention_impl="pallas_interpret").with_all_reduce("psum")
-    fast = plan.with_decode_gemm("pallas_interpret")
-    assert fast.attention_fn.defer_combine and not plan.attention_fn.defer_combine
-    num_pages, page_size = 64, 16
-    inputs = _decode_step(num_pages, page_size, width=128)
-    params = jax.jit(functools.partial(llama.init_params, cfg),
-                     out_shardings=plan.param_shardings)(jax.random.key(0))
-    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-    cache = tuple(tuple(jax.device_put(jax.random.normal(jax.random.key(10 + 2 * i + j), shape),
-                                       plan.kv_sharding) for j in range(2))
-                  for i in range(cfg.num_layers))
-
-    def run(p, attention_fn):
-        fn = jax.jit(functools.partial(
-            llama.forward_hidden, cfg=cfg, attention_fn=attention_fn,
-            row_parallel_fn=p.row_parallel_fn, project_fn=p.project_fn))
-        text = fn.lower(params, inputs, cache).as_text()
-        hidden, out = fn(params, inputs, cache)
-        return (np.asarray(hidden)[:3], text.count("skinny_gemm_combine"),
-                [np.asarray(a) for layer in out for a in layer])
-
-    got, n_merged, pages = run(fast, fast.attention_fn)
-    first, n_first, pages_first = run(
-        fast, dataclasses.replace(fast.attention_fn, defer_combine=False))
-    xla, _, pages_xla = run(plan, plan.attention_fn)
-    assert n_merged > 0 and n_first == 0, (n_merged, n_first)
-    np.testing.assert_allclose(got, first, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got, xla, rtol=1e-5, atol=1e-5)
-    _close_caches(pages, pages_first)
-    # page 0 is the padding page: XLA's K/V write stores the padding rows there, the fused
-    # q/k/v epilogue skips them
-    _close_caches([p[:, 1:] for p in pages], [p[:, 1:] for p in pages_xla])
