@@ -10,6 +10,8 @@
 #   PART=pdl (two GPUs): XLA's programmatic dependent launch (--xla_gpu_enable_pdl): the PDL
 #           flags the CUDA plugin knows, the all-reduce and attention GPU tests with the flag,
 #           and tp=1 / tp=2 batch-1 decode with and without it, in both orders.
+#   PART=pdl2 (two GPUs): tp=2 with neither, PDL, and PDL + --xla_gpu_enable_pdl_launch (XLA's
+#           Triton GEMMs let the next kernel start before their epilogue), in both orders.
 #   OUT=/tmp/out PART=merge bash bench/run_gpu_s16.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +62,20 @@ if [ "$PART" = pdl ]; then
   run_tp pdl_b "1 2" --xla-flags=$PDL
   if [ $((SECONDS - T0)) -lt 480 ]; then
     run_tp pdl_t 2 --xla-flags=$PDL --trace-dir /tmp/tr_pdl --trace-steps 3
+  fi
+fi
+if [ "$PART" = pdl2 ]; then  # PDL with XLA's early launch of dependents in its Triton GEMMs
+  PDL=--xla_gpu_enable_pdl=true
+  BOTH="--xla_gpu_enable_pdl=true --xla_gpu_enable_pdl_launch=true"
+  run_tp base_a 2
+  run_tp pdl_a 2 --xla-flags=$PDL
+  run_tp launch_a 2 "--xla-flags=$BOTH"
+  run_tp base_b 2
+  run_tp launch_b 2 "--xla-flags=$BOTH"
+  run_tp pdl_b 2 --xla-flags=$PDL
+  run_tp base_c 2
+  if [ $((SECONDS - T0)) -lt 420 ]; then
+    run_tp launch1 1 "--xla-flags=$BOTH"
   fi
 fi
 tar czf "$OUT/s16_$PART.tgz" -C "$OUT" "s16_$PART" && rm -rf "$R"
