@@ -22,6 +22,14 @@ gpu_start() {
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   T0=$SECONDS
 }
+# gpu_script SESSION DEFAULT_PART: the start of a bench/run_gpu_sNN.sh script (repo root): PART
+# (default DEFAULT_PART), R=$OUT/sSESSION_$PART, PY (default python3), then gpu_start.
+gpu_script() {
+  PART=${PART:-$2}
+  R=${OUT:?set OUT}/s$1_$PART
+  PY=${PYTHON:-python3}
+  gpu_start "$R" "session $1 part $PART"
+}
 gpu_install() {
   if ls .whl/setuptools-*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps .whl/setuptools-*.whl .whl/wheel-*.whl

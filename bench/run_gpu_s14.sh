@@ -28,10 +28,7 @@
 #   OUT=/tmp/out PART=attn [COLD=48] bash bench/run_gpu_s14.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART=${PART:-attn}
-R=${OUT:?set OUT}/s14_$PART
-PY=${PYTHON:-python3}
-source bench/gpu_install.sh && gpu_start "$R" "session 14 part $PART" || exit 1
+source bench/gpu_install.sh && gpu_script 14 attn || exit 1
 table_with() {  # out.json name k n block_n block_k splits: the table plus one entry
   $PY - "$@" <<'PY'
 import json, sys

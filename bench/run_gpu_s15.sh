@@ -16,10 +16,7 @@
 #   OUT=/tmp/out PART=l2 bash bench/run_gpu_s15.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART=${PART:-l2}
-R=${OUT:?set OUT}/s15_$PART
-PY=${PYTHON:-python3}
-source bench/gpu_install.sh && gpu_start "$R" "session 15 part $PART" || exit 1
+source bench/gpu_install.sh && gpu_script 15 l2 || exit 1
 if [ "$PART" = warm ]; then
   JAX_PLATFORMS=cuda timeout -s ABRT -k 5 200 $PY -m pytest -q -x tests/sharding/test_all_reduce.py -k "warm or equals_psum or skips_padding" \
     -p no:cacheprovider > "$R/pytest_gpu.txt" 2>&1

@@ -15,10 +15,7 @@
 #   OUT=/tmp/out PART=merge bash bench/run_gpu_s16.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART=${PART:-merge}
-R=${OUT:?set OUT}/s16_$PART
-PY=${PYTHON:-python3}
-source bench/gpu_install.sh && gpu_start "$R" "session 16 part $PART" || exit 1
+source bench/gpu_install.sh && gpu_script 16 merge || exit 1
 if [ "$PART" = merge ]; then
   JAX_PLATFORMS=cuda timeout -s ABRT -k 5 150 $PY -m pytest -q -rfs \
     tests/kernels/test_skinny_gemm_combine.py -p no:cacheprovider > "$R/pytest_gpu.txt" 2>&1
