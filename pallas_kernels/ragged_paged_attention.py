@@ -127,8 +127,9 @@ def check_inputs(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: 
             raise ValueError(f"{name} must be int32, got {a.dtype}")
 
 
-def _compiler_params(num_warps: int, num_stages: int):
-    """Triton compiler params; the class name differs between jax releases, so look it up."""
+def compiler_params(num_warps: int, num_stages: int):
+    """Triton compiler params; the class name differs between jax releases, so look it up.
+    (Shared by the Pallas Triton kernels of this package.)"""
     cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
     return cls(num_warps=num_warps, num_stages=num_stages)
 
@@ -397,7 +398,7 @@ def ragged_paged_attention(
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(config.num_warps, config.num_stages),
+        compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name=f"ragged_paged_attention_bq{bq}_ppb{ppb}_sp{splits}",
     )(meta, table, qg, k_pages, v_pages)
@@ -480,7 +481,7 @@ def write_kv_pages(
         out_shape=(jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
         input_output_aliases={3: 0, 4: 1},
-        compiler_params=_compiler_params(1, 1),
+        compiler_params=compiler_params(1, 1),
         interpret=interpret,
         name="write_kv_pages",
     )(slots, k_new, v_new, k_pages, v_pages)

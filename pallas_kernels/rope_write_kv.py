@@ -42,13 +42,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
+from xlaserve.pallas_kernels.ragged_paged_attention import compiler_params
 
-def _compiler_params(num_warps: int, num_stages: int):
-    """Triton compiler params; the class name differs between jax releases, so look it up."""
-    cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-    return cls(num_warps=num_warps, num_stages=num_stages)
 
 
 def _rope_write_kv_kernel(
@@ -190,7 +186,7 @@ def rope_write_kv(
                    jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
         input_output_aliases={5: 1, 6: 2},
-        compiler_params=_compiler_params(1, 1),
+        compiler_params=compiler_params(1, 1),
         interpret=interpret,
         name=f"rope_write_kv_n{num_q_heads}_k{k_heads}_s{s}",
     )(rows, slots, parts.reshape(s, t, heads, h), cos, sin, k_pages, v_pages)

@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+from xlaserve.pallas_kernels.ragged_paged_attention import compiler_params
 
 ROW_ALIGN = 16  # Triton dots need 16 rows: x is zero-padded to a multiple of this
 
@@ -76,11 +77,6 @@ class SkinnyGemmConfig:
             return f"N={bad} not a multiple of block_n={self.block_n}"
         return None
 
-
-def _compiler_params(num_warps: int, num_stages: int):
-    """Triton compiler params; the class name differs between jax releases, so look it up."""
-    cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-    return cls(num_warps=num_warps, num_stages=num_stages)
 
 
 def _skinny_gemm_kernel(x_ref,  # [M, K / S]: this split's slice of the token rows
@@ -150,7 +146,7 @@ def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
         + [pl.BlockSpec(w.shape, lambda j, s_: (0, 0)) for w in weights],  # weights: whole
         out_specs=pl.BlockSpec((None, m_pad, config.block_n), lambda j, s_: (s_, 0, j)),
         out_shape=jax.ShapeDtypeStruct((s, m_pad, sum(ns)), jnp.float32),
-        compiler_params=_compiler_params(config.num_warps, config.num_stages),
+        compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,  # the shape in the name: traces tell q/k/v, o and down apart
         name=f"skinny_gemm_k{k}_n{'_'.join(map(str, ns))}")(x, *weights)
     return out[:, :m] if m_pad != m else out

@@ -131,7 +131,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, inputs: StepInputs, k_pages: jax.Array, v_pages: jax.Array,
-                 ) -> tuple[jax.Array | Deferred, jax.Array, jax.Array]:
+                 rows: jax.Array) -> tuple[jax.Array | Deferred, jax.Array, jax.Array]:
+        """rows: i32[1], the step's real token rows (`real_rows`)."""
         cfg, dt = self.cfg, _dtype(self.cfg)
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
@@ -147,8 +148,7 @@ class Attention(nn.Module):
         if defer and not cfg.qk_norm and isinstance(self.project_fn, RopeWriteFn):
             cos, sin = rope_tables(inputs.positions, inv_freq)
             written = self.project_fn.rope_write((q, k_new, v_new), dt, cos, sin, k_pages,
-                                                 v_pages, inputs.slot_mapping,
-                                                 real_rows(inputs))
+                                                 v_pages, inputs.slot_mapping, rows)
         if written is not None:
             q, k_pages, v_pages = written
             k_new = v_new = None
@@ -183,16 +183,16 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, delta: jax.Array | Deferred | None, inputs: StepInputs,
-                 k_pages: jax.Array, v_pages: jax.Array,
+                 k_pages: jax.Array, v_pages: jax.Array, rows: jax.Array,
                  ) -> tuple[jax.Array, jax.Array | Deferred, jax.Array, jax.Array]:
+        """rows: i32[1], the step's real token rows (`real_rows`, computed once per step)."""
         cfg, dt = self.cfg, _dtype(self.cfg)
         d, eps, add_norm = cfg.hidden_size, cfg.rms_norm_eps, self.row_parallel_fn
-        rows = real_rows(inputs)
         with jax.named_scope("attention"):
             x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="input_norm")(x, delta, rows)
             a, k_pages, v_pages = Attention(cfg, self.attention_fn, self.project_fn,
                                             name="attn")(
-                h, inputs, k_pages, v_pages)
+                h, inputs, k_pages, v_pages, rows)
         with jax.named_scope("mlp"):
             x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="post_attn_norm")(x, a, rows)
             m = SwiGLU(d, cfg.intermediate_size, dt, cfg.mlp_bias, defer_down=True,
@@ -228,13 +228,14 @@ class Llama(nn.Module):
         # The last block's output, added to x by the next norm. So in traces o_proj's product
         # sits under layer_i/mlp and down_proj's under layer_{i+1}/attention (or final_norm).
         delta = None
+        rows = real_rows(inputs)  # i32[1]: the rows after it are padding
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
                 k_pages, v_pages = kv_cache[i]
-                x, delta, k_pages, v_pages = layer(x, delta, inputs, k_pages, v_pages)
+                x, delta, k_pages, v_pages = layer(x, delta, inputs, k_pages, v_pages, rows)
                 new_cache.append((k_pages, v_pages))
         with jax.named_scope("final_norm"):
-            _, x = self.final_norm(x, delta, real_rows(inputs))
+            _, x = self.final_norm(x, delta, rows)
         return x, tuple(new_cache)
 
     def logits(self, hidden: jax.Array) -> jax.Array:  # [..., D] -> f32[..., V]
