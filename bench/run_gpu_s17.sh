@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Session 17: where the tp=2 step's ~100 us of device idle per step goes (step time minus the
+# critical GPU's busy time in session 15-16's traces): XLA's CUDA-graph settings.
+#   PART=graphs (two GPUs): tp=1 and tp=2 batch-1 decode with xlaserve's defaults (the step is
+#           cut into graphs at the embedding's NCCL all-reduce and the logits' NCCL all-gather);
+#           tp=2 with the NCCL collectives captured in the graphs (one graph per step,
+#           --xla_gpu_enable_command_buffer=+COLLECTIVES, last tried in session 5 with 65
+#           collectives per step), and with no CUDA graphs at all; both orders; a traced run.
+#   OUT=/tmp/out PART=graphs bash bench/run_gpu_s17.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/gpu_install.sh && gpu_script 17 graphs || exit 1
+if [ "$PART" = graphs ]; then
+  CB=--xla_gpu_enable_command_buffer=+COLLECTIVES
+  NOCB=--xla_gpu_enable_command_buffer=
+  run_tp base_a "1 2"
+  run_tp cbcoll_a 2 --xla-flags=$CB
+  run_tp nocb_a 2 --xla-flags=$NOCB
+  run_tp base_b 2
+  run_tp cbcoll_b 2 --xla-flags=$CB
+  if [ $((SECONDS - T0)) -lt 470 ]; then
+    run_tp cbcoll_t 2 --xla-flags=$CB --trace-dir /tmp/tr_cb --trace-steps 3
+  fi
+fi
+tar czf "$OUT/s17_$PART.tgz" -C "$OUT" "s17_$PART" && rm -rf "$R"
