@@ -71,7 +71,8 @@ def build_runners(config: EngineConfig, *, num_replicas: int | None = None,
                 row_parallel_fn=plan.row_parallel_fn, project_fn=plan.project_fn)
         else:  # one device, no mesh
             kw = dict(zip(("row_parallel_fn", "project_fn"),
-                          decode_gemm_hooks(None, cfg, config.decode_gemm)))
+                          decode_gemm_hooks(None, cfg, config.decode_gemm,
+                                            attention_impl=config.attention_impl)))
         return ModelRunner(cfg, params, config.cache, config.scheduler,
                            attention_impl=config.attention_impl,
                            compilation_cache_dir=config.compilation_cache_dir,
