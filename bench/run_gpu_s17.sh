@@ -6,10 +6,11 @@
 #           tp=2 with the NCCL collectives captured in the graphs (one graph per step,
 #           --xla_gpu_enable_command_buffer=+COLLECTIVES, last tried in session 5 with 65
 #           collectives per step), and with no CUDA graphs at all; both orders; a traced run.
-#   PART=fused (two GPUs): q/k/v's epilogue inside the attention kernel (rope_write_attention,
-#           the default from this session) against rope_write_kv + the attention kernel
-#           (--no-fuse-attention): the compiled kernel tests, tp=1 and tp=2 batch-1 decode in
-#           both orders, and a traced tp=2 run.
+#   PART=fused (two GPUs): q/k/v's epilogue inside the attention kernel (rope_write_attention)
+#           against rope_write_kv + the attention kernel (--no-fuse-attention): the compiled
+#           kernel tests, tp=1 and tp=2 batch-1 decode, tp=2 in both orders, and a traced tp=2
+#           run. Runs only at commit 77fb2ab: the fused kernel lost (tp=2 +370 us per step,
+#           tp=1 +590) and was removed (bench/results/session17_h200x2/README.md).
 #   OUT=/tmp/out PART=graphs bash bench/run_gpu_s17.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

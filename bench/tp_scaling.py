@@ -136,7 +136,7 @@ class Runner:
                  impl: str, copies: int = 1, all_reduce: str = "auto",
                  split_k: int | None = None, decode_gemm: str = "auto",
                  rope_write: bool = True, skip_padding: bool = True, pad_mib: int = 0,
-                 replicate_embedding: bool = False, fuse_attention: bool = True) -> None:
+                 replicate_embedding: bool = False) -> None:
         self.plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
                                         attention_impl=impl).with_all_reduce(all_reduce)
         if replicate_embedding:  # A/B: the input embedding whole on every device (no psum)
@@ -155,10 +155,6 @@ class Runner:
         if self.plan.project_fn is not None and not rope_write:
             self.plan = dataclasses.replace(self.plan, project_fn=dataclasses.replace(
                 self.plan.project_fn, fuse_rope_write=False))
-        # session 17: that epilogue inside the attention kernel (rope_write_attention)
-        if self.plan.project_fn is not None and not fuse_attention:
-            self.plan = dataclasses.replace(self.plan, project_fn=dataclasses.replace(
-                self.plan.project_fn, fuse_attention=False))
         if self.plan.row_parallel_fn is not None and not skip_padding:
             self.plan = dataclasses.replace(self.plan, row_parallel_fn=dataclasses.replace(
                 self.plan.row_parallel_fn, skip_padding=False))
@@ -267,8 +263,7 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
     num_pages = 1 + max(max(args.decode_batches), 1) * pages_per_seq
     r = Runner(cfg, tp, num_pages, page_size, args.attention_impl, args.program_copies,
                args.all_reduce, args.split_k, args.decode_gemm, not args.no_rope_write,
-               not args.no_skip_padding, args.gpu_pad_mib, args.replicate_embedding,
-               not args.no_fuse_attention)
+               not args.no_skip_padding, args.gpu_pad_mib, args.replicate_embedding)
     q = r.params["layers_0"]["attn"]["q_proj"]["kernel"]
     rng = np.random.default_rng(1)
     kw = dict(page_size=page_size, pages_per_seq=pages_per_seq, rng=rng, vocab=cfg.vocab_size)
@@ -281,8 +276,6 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         "split_k": getattr(r.plan.row_parallel_fn, "split_k", None),
         "decode_gemm": args.decode_gemm,
         "rope_write_kv": bool(getattr(r.plan.project_fn, "fuse_rope_write", False)),
-        "rope_write_attention": bool(getattr(r.plan.project_fn, "fuse_rope_write", False)
-                                     and getattr(r.plan.project_fn, "fuse_attention", False)),
         "skip_padding_rows": bool(getattr(r.plan.row_parallel_fn, "skip_padding", False)),
         "skinny_gemm_table": str(ops.skinny_gemm_table_path()),
         "row_parallel": ("xla collective" if r.plan.row_parallel_fn is None else
@@ -478,9 +471,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-rope-write", action="store_true",
                    help="A/B: q/k/v's rope and K/V write as XLA fusions + write_kv_pages, not "
                         "the rope_write_kv kernel after the skinny GEMM")
-    p.add_argument("--no-fuse-attention", action="store_true",
-                   help="A/B: the q/k/v epilogue kernel (rope_write_kv) before the attention "
-                        "kernel, not inside it (rope_write_attention)")
     p.add_argument("--no-skip-padding", action="store_true",
                    help="A/B: the fused all-reduce exchanges the step's padding rows too")
     p.add_argument("--gpu-pad-mib", type=int, default=0,

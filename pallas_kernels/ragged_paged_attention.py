@@ -140,7 +140,7 @@ def padded_group(group: int) -> int:
 
 
 def _ragged_paged_attention_kernel(
-    meta_ref,  # i32[5, W]: per work item (seq, first token t0, end token, position of t0, ...)
+    meta_ref,  # i32[4, W]: per work item (seq, first token t0, end token, position of t0)
     page_table_ref,  # i32[S, M'] (M' = M rounded up to a multiple of pages_per_block)
     q_ref,  # [T, N', H] all q rows (N' = K G'), or [(T + bq) G', H] head kh's if q_transposed
     k_pages_ref,  # [P, L, H]: this KV head's K pool
@@ -254,9 +254,9 @@ def _ragged_paged_attention_kernel(
         store(l_ref, l, row_valid)
 
 
-def work_list(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
-              num_tokens: int, block_q: int) -> jax.Array:
-    """i32[5, W]: (seq, t0, end token, position of t0, the sequence's first token) per q tile.
+def _work_list(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
+               num_tokens: int, block_q: int) -> jax.Array:
+    """i32[4, W]: (seq, t0, end token, position of t0) per q tile.
 
     The padding rows [cu_q_lens[num_seqs], T) form one more pseudo-sequence with no keys, so
     their tiles store zeros (every output row is written by exactly one tile). Unused items
@@ -284,7 +284,7 @@ def work_list(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
     kv = jnp.concatenate([kv_lens, jnp.full((1,), -(1 << 30), jnp.int32)])  # pseudo: no keys
     pos0 = kv[seq] - q_lens[seq] + (t0 - q_start)
     seq = jnp.minimum(seq, s_max - 1)  # the pseudo-sequence reads no page-table row
-    meta = jnp.stack([seq, t0, t_end, pos0, q_start])  # [5, W]
+    meta = jnp.stack([seq, t0, t_end, pos0])  # [4, W]
     return jnp.where(valid[None, :], meta, 0).astype(jnp.int32)
 
 
@@ -342,7 +342,7 @@ def ragged_paged_attention(
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
 
-    meta = work_list(kv_lens, cu_q_lens, num_seqs, num_tokens=t_total, block_q=bq)  # [5, W]
+    meta = _work_list(kv_lens, cu_q_lens, num_seqs, num_tokens=t_total, block_q=bq)  # [4, W]
     num_items = meta.shape[1]
     table = page_table
     if m_pages % ppb:  # the kernel reads whole blocks of pages_per_block columns
@@ -369,7 +369,7 @@ def ragged_paged_attention(
         q_spec = whole(t_total, n_padded, h)
         o_dims, o_index = (t_total, n_padded), lambda w, kh, sp: (0, 0)
     in_specs = [
-        whole(5, num_items),  # meta
+        whole(4, num_items),  # meta
         whole(*table.shape),  # page_table
         q_spec,  # q (the kernel picks its KV head's rows, or gets only them if transposed)
         pl.BlockSpec((None, num_pages, page_size, h),
@@ -404,25 +404,18 @@ def ragged_paged_attention(
     )(meta, table, qg, k_pages, v_pages)
 
     if splits > 1:  # flash-decoding combine
-        out = combine_splits(*out, q.dtype)
+        o_part, m_part, l_part = out  # [sp, *o_dims, H], [sp, *o_dims], [sp, *o_dims]
+        m_max = jnp.max(m_part, axis=0)
+        m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+        weight = jnp.exp2(m_part - m_max[None])  # [sp, *o_dims]; 0 for splits without keys
+        l_sum = jnp.sum(weight * l_part, axis=0)
+        o = jnp.sum(weight[..., None] * o_part, axis=0)
+        out = (o / jnp.where(l_sum == 0, 1.0, l_sum)[..., None]).astype(q.dtype)
     if config.q_transposed:
         out = out.reshape(k_heads, t_total + bq, gp, h)[:, :t_total].transpose(1, 0, 2, 3)
     if gp != g or config.q_transposed:
         out = out.reshape(t_total, k_heads, gp, h)[:, :, :g].reshape(t_total, n, h)
     return out
-
-
-def combine_splits(o_part: jax.Array, m_part: jax.Array, l_part: jax.Array,
-                   dtype: jnp.dtype) -> jax.Array:
-    """Flash-decoding's combine (jnp): o_part f32 [sp, ..., H] unnormalised, m_part (log2
-    units) and l_part f32 [sp, ...] -> the normalised output [..., H] in `dtype` (0 where no
-    split had a key)."""
-    m_max = jnp.max(m_part, axis=0)
-    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-    weight = jnp.exp2(m_part - m_max[None])  # 0 for splits without keys
-    l_sum = jnp.sum(weight * l_part, axis=0)
-    o = jnp.sum(weight[..., None] * o_part, axis=0)
-    return (o / jnp.where(l_sum == 0, 1.0, l_sum)[..., None]).astype(dtype)
 
 
 def _write_kv_pages_kernel(

@@ -71,8 +71,7 @@ def build_runners(config: EngineConfig, *, num_replicas: int | None = None,
                 row_parallel_fn=plan.row_parallel_fn, project_fn=plan.project_fn)
         else:  # one device, no mesh
             kw = dict(zip(("row_parallel_fn", "project_fn"),
-                          decode_gemm_hooks(None, cfg, config.decode_gemm,
-                                            attention_impl=config.attention_impl)))
+                          decode_gemm_hooks(None, cfg, config.decode_gemm)))
         return ModelRunner(cfg, params, config.cache, config.scheduler,
                            attention_impl=config.attention_impl,
                            compilation_cache_dir=config.compilation_cache_dir,

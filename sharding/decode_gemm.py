@@ -19,7 +19,6 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from xlaserve.pallas_kernels import ops
-from xlaserve.pallas_kernels import rope_write_attention as rwa
 from xlaserve.pallas_kernels.rope_write_kv import rope_write_kv
 from xlaserve.pallas_kernels.skinny_gemm import skinny_gemm
 from xlaserve.runtime.config import ModelConfig
@@ -40,10 +39,7 @@ class DecodeProjection:
     As a `llama.RopeWriteFn` (`rope_write`, on by default) it also finishes q/k/v in one more
     launch: the kernel's float32 split-K partials go straight to `rope_write_kv`, which sums
     them, applies rope to q and k and stores k and v into the pages (four kernels fewer per
-    layer). Where the attention implementation is the Pallas kernel (`attention_impl`),
-    `rope_write_attend` (`fuse_attention`, on by default) goes one launch further: the partials
-    go straight to `rope_write_attention`, the attention kernel that also does that epilogue.
-    Called as a plain ProjectFn, the partials are summed and rounded here and XLA fuses
+    layer). Called as a plain ProjectFn, the partials are summed and rounded here and XLA fuses
     that sum into the consumers (RoPE, the K/V write). `mesh` None: one device, no shard_map.
     Frozen and hashable: a static part of the jitted step.
     """
@@ -52,8 +48,6 @@ class DecodeProjection:
     model_cfg: ModelConfig
     mode: str = "auto"
     fuse_rope_write: bool = True
-    fuse_attention: bool = True
-    attention_impl: str = "auto"  # the plan's ops.ragged_paged_attention implementation
 
     def _plan(self, products: Sequence[Deferred]) -> tuple[Any, ...]:
         """(rules, kernel specs, local widths N_i, K, the GEMM's tiles or None) of q/k/v."""
@@ -143,70 +137,14 @@ class DecodeProjection:
         return fn(*args)
 
 
-    def rope_write_attend(self, products: Sequence[Deferred], dtype: Any, cos: jax.Array,
-                          sin: jax.Array, k_pages: jax.Array, v_pages: jax.Array, inputs: Any,
-                          rows: jax.Array, *, sm_scale: float, sliding_window: int | None,
-                          ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
-        """(o [T, N, H], k_pages, v_pages): q/k/v through the skinny GEMM, then its epilogue
-        and the attention in one launch (`rope_write_attention`), or None where that does not
-        apply (then `rope_write` and the attention hook run): `fuse_attention` off, no
-        `rope_write` (see there), an attention implementation other than the Pallas kernel,
-        a GQA group that is not a power of two, or more than its MAX_ROWS token rows."""
-        if not (self.fuse_attention and self.fuse_rope_write) or len(products) != 3:
-            return None
-        tp = 1 if self.mesh is None else self.mesh.shape[MODEL_AXIS]
-        rules, specs, ns, k, gemm = self._plan(products)
-        cfg = self.model_cfg
-        if gemm is None or not kv_heads_sharded(cfg, tp):
-            return None  # rope_write logs why
-        t = products[0].x.shape[0]
-        shape = f"{t} tokens, q/k/v widths {ns} per device"
-        impl = ops.resolve_impl(self.attention_impl)
-        group = cfg.num_heads // cfg.num_kv_heads
-        why = (f"attention implementation {impl!r}" if impl not in ("pallas_triton",
-                                                                    "pallas_interpret")
-               else f"GQA group {group} not a power of two" if group & (group - 1)
-               else f"{t} token rows > {rwa.MAX_ROWS}" if t > rwa.MAX_ROWS else None)
-        if why:
-            ops.log_rope_write_choice(shape, f"rope_write_kv kernel, then attention ({why})")
-            return None
-        ops.log_rope_write_choice(shape, "rope_write_attention kernel (q/k/v epilogue inside "
-                                         "the attention kernel)")
-        n_q = cfg.num_heads // tp
-
-        def body(x, wq, wk, wv, cos, sin, slot_mapping, rows, k_pages, v_pages, *meta):
-            parts = self._partials(x, (wq, wk, wv), k, gemm)
-            return rwa.rope_write_attention(
-                parts, cos, sin, slot_mapping, rows, k_pages, v_pages, *meta, num_q_heads=n_q,
-                dtype=jnp.dtype(dtype), sm_scale=sm_scale, sliding_window=sliding_window,
-                interpret=impl == "pallas_interpret")
-
-        meta = (inputs.kv_lens, inputs.page_table, inputs.cu_q_lens, inputs.num_seqs)
-        args = (products[0].x, *(p.kernel for p in products), cos, sin, inputs.slot_mapping,
-                rows, k_pages, v_pages, *meta)
-        if self.mesh is None:
-            return body(*args)
-        rep = PartitionSpec()
-        pages_spec = logical_to_spec(KV_CACHE_AXES, rules)
-        fn = _shard_map(
-            body, self.mesh,
-            in_specs=(logical_to_spec(("tokens", *products[0].in_axes), rules), *specs,
-                      rep, rep, rep, rep, pages_spec, pages_spec, rep, rep, rep, rep),
-            out_specs=(logical_to_spec(("tokens", *products[0].out_axes), rules), pages_spec,
-                       pages_spec))
-        return fn(*args)
-
-
 def decode_gemm_hooks(mesh: Mesh | None, model_cfg: ModelConfig, mode: str,
-                      row: ShardedRowParallel | None = None, *, attention_impl: str = "auto",
+                      row: ShardedRowParallel | None = None,
                       ) -> tuple[ShardedRowParallel | None, DecodeProjection | None]:
     """(row_parallel_fn, project_fn) with the decode GEMM `mode` (ops.skinny_gemm_config):
     `row` (the all-reduce's hook, if any) takes the mode; without one, on a single device (no
     mesh, or tp 1), o_proj / down_proj get a hook without collective. "xla" (or "auto" off
     GPU) adds nothing, and "auto" adds a hook only where the measured table has the model's
-    local shape (so a model the table does not cover keeps exactly XLA's program).
-    `attention_impl`: the step's attention implementation (the q/k/v hook fuses its epilogue
-    into attention only where that is the Pallas kernel)."""
+    local shape (so a model the table does not cover keeps exactly XLA's program)."""
     if mode not in ops.SKINNY_GEMM_MODES:
         raise ValueError(f"decode_gemm={mode!r}: must be one of {ops.SKINNY_GEMM_MODES}")
     if row is not None:
@@ -218,8 +156,7 @@ def decode_gemm_hooks(mesh: Mesh | None, model_cfg: ModelConfig, mode: str,
     qkv, o_down = (True, True) if mode != "auto" else _table_covers(model_cfg, mesh)
     if row is None and single and o_down:
         row = ShardedRowParallel(mesh, model_cfg, None, gemm_mode=mode)
-    project = DecodeProjection(mesh, model_cfg, mode, attention_impl=attention_impl)
-    return row, project if qkv else None
+    return row, DecodeProjection(mesh, model_cfg, mode) if qkv else None
 
 
 def _table_covers(model_cfg: ModelConfig, mesh: Mesh | None) -> tuple[bool, bool]:

@@ -448,8 +448,7 @@ class ShardingPlan:
         down_proj get a row-parallel hook without collective (psum over one device)."""
         from xlaserve.sharding.decode_gemm import decode_gemm_hooks  # imports this module
 
-        row, project = decode_gemm_hooks(self.mesh, self.model_cfg, mode, self.row_parallel_fn,
-                                         attention_impl=self.attention_fn.impl)
+        row, project = decode_gemm_hooks(self.mesh, self.model_cfg, mode, self.row_parallel_fn)
         return dataclasses.replace(self, row_parallel_fn=row, project_fn=project)
 
     def with_all_reduce(self, mode: str) -> ShardingPlan:

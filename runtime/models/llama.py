@@ -82,16 +82,6 @@ class RopeWriteFn(Protocol):
                    slot_mapping: jax.Array, rows: jax.Array,
                    ) -> tuple[jax.Array, jax.Array, jax.Array] | None: ...
 
-    def rope_write_attend(self, products: Sequence[Deferred], dtype: jnp.dtype,
-                          cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
-                          v_pages: jax.Array, inputs: StepInputs, rows: jax.Array, *,
-                          sm_scale: float, sliding_window: int | None,
-                          ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
-        """`rope_write` and the attention in one launch (pallas_kernels/rope_write_attention.py):
-        (o [T, N, H], k_pages, v_pages), or None where it does not apply (the model then calls
-        `rope_write` and the attention hook)."""
-        ...
-
 
 # residual + o_proj / down_proj, then the next RMSNorm (layers.AddRMSNormFn): the hook the
 # sharding code implements for tensor parallelism (its explicit all-reduce, fused where it can).
@@ -154,37 +144,26 @@ class Attention(nn.Module):
         v_new = Projection((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), dt, bias, defer,
                            name="v_proj")(x)  # [T, K, H]
         inv_freq = rope_inv_freq(h, cfg.rope_theta, cfg.rope_scaling)
-        sm_scale = h ** -0.5
         written = None  # (q with rope, k_pages, v_pages) when the hook stored this step's K/V
-        attended = None  # (o, k_pages, v_pages) when the hook also attended
         if defer and not cfg.qk_norm and isinstance(self.project_fn, RopeWriteFn):
             cos, sin = rope_tables(inputs.positions, inv_freq)
-            qkv = (q, k_new, v_new)
-            with jax.named_scope("paged_attention"):
-                attended = self.project_fn.rope_write_attend(
-                    qkv, dt, cos, sin, k_pages, v_pages, inputs, rows, sm_scale=sm_scale,
-                    sliding_window=cfg.sliding_window)
-            if attended is None:
-                written = self.project_fn.rope_write(qkv, dt, cos, sin, k_pages, v_pages,
-                                                     inputs.slot_mapping, rows)
-        if attended is not None:
-            o, k_pages, v_pages = attended
+            written = self.project_fn.rope_write((q, k_new, v_new), dt, cos, sin, k_pages,
+                                                 v_pages, inputs.slot_mapping, rows)
+        if written is not None:
+            q, k_pages, v_pages = written
+            k_new = v_new = None
         else:
-            if written is not None:
-                q, k_pages, v_pages = written
-                k_new = v_new = None
-            else:
-                if defer:
-                    q, k_new, v_new = self.project_fn((q, k_new, v_new), dt)
-                if cfg.qk_norm:
-                    q = RMSNorm(h, cfg.rms_norm_eps, dt, name="q_norm")(q)
-                    k_new = RMSNorm(h, cfg.rms_norm_eps, dt, name="k_norm")(k_new)
-                q = apply_rope(q, inputs.positions, inv_freq)
-                k_new = apply_rope(k_new, inputs.positions, inv_freq)
-            with jax.named_scope("paged_attention"):
-                o, k_pages, v_pages = self.attention_fn(
-                    q, k_new, v_new, k_pages, v_pages, inputs, sm_scale=sm_scale,
-                    sliding_window=cfg.sliding_window)  # o: [T, N, H]
+            if defer:
+                q, k_new, v_new = self.project_fn((q, k_new, v_new), dt)
+            if cfg.qk_norm:
+                q = RMSNorm(h, cfg.rms_norm_eps, dt, name="q_norm")(q)
+                k_new = RMSNorm(h, cfg.rms_norm_eps, dt, name="k_norm")(k_new)
+            q = apply_rope(q, inputs.positions, inv_freq)
+            k_new = apply_rope(k_new, inputs.positions, inv_freq)
+        with jax.named_scope("paged_attention"):
+            o, k_pages, v_pages = self.attention_fn(
+                q, k_new, v_new, k_pages, v_pages, inputs, sm_scale=h ** -0.5,
+                sliding_window=cfg.sliding_window)  # o: [T, N, H]
         out = Projection((n, h), (d,), ("q_heads", "head_dim"), ("embed",), dt,
                          cfg.o_proj_bias, defer=True, name="o_proj")(o)  # [T, D]
         return out, k_pages, v_pages

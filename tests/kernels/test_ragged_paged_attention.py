@@ -21,7 +21,7 @@ from kernel_modes import CompiledOrInterpreted
 from xlaserve.pallas_kernels import ops
 from xlaserve.pallas_kernels.ragged_paged_attention import (
     RaggedPagedAttentionConfig,
-    work_list,
+    _work_list,
     ragged_paged_attention,
     ragged_paged_attention_reference,
     write_kv_pages,
@@ -259,15 +259,14 @@ def test_work_list_covers_every_token_once():
     q_lens = [5, 0, 1, 33, 16]
     cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens + [0, 0])]).astype(np.int32))
     kv = jnp.asarray([9, 0, 4, 40, 16, 7, 7], jnp.int32)
-    meta = np.asarray(work_list(kv, cu, jnp.asarray([5], jnp.int32), num_tokens=60,
-                                block_q=8))
+    meta = np.asarray(_work_list(kv, cu, jnp.asarray([5], jnp.int32), num_tokens=60,
+                                 block_q=8))
     covered = []
-    for seq, t0, t_end, pos0, q_start in meta.T:
+    for seq, t0, t_end, pos0 in meta.T:
         if t_end > t0:
             covered += list(range(t0, min(t0 + 8, t_end)))
             if t0 < sum(q_lens):
                 assert pos0 == int(kv[seq]) - q_lens[seq] + (t0 - int(cu[seq]))
-                assert q_start == int(cu[seq]) and t_end == int(cu[seq + 1])
             else:
                 assert t_end == 60 and pos0 + 8 <= 0  # padding: no keys
     assert sorted(covered) == list(range(60))
