@@ -46,7 +46,6 @@ from jax.experimental import pallas as pl
 from xlaserve.pallas_kernels.ragged_paged_attention import compiler_params
 
 
-
 def _rope_write_kv_kernel(
     rows_ref,  # i32[1]: the leading token rows that are real (the others are padding)
     slot_ref,  # i32[T]

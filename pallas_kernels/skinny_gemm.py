@@ -78,7 +78,6 @@ class SkinnyGemmConfig:
         return None
 
 
-
 def _skinny_gemm_kernel(x_ref,  # [M, K / S]: this split's slice of the token rows
                         *refs,  # W weights [K, N_i] (whole), then out [M, block_n]
                         block_n: int, block_k: int, steps: int, block_bounds: tuple[int, ...]):
