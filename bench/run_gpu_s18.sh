@@ -12,7 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 18 proto || exit 1
 if [ "$PART" = proto ]; then
-  timeout -s ABRT -k 5 330 $PY bench/prototypes/ar_gemv/ar_norm_gemv.py --out "$R/proto.json" \
+  timeout -s ABRT -k 5 330 $PY bench/prototypes/ar_gemv/ar_norm_gemv.py --out "$R/proto.json" ${PROTO_ARGS:-} \
     > "$R/proto.log" 2>&1
   echo "=== proto rc=$? at $((SECONDS - T0))s"; tail -80 "$R/proto.log"
 fi

@@ -3,7 +3,8 @@
 # the GPU machine, which needs no CUDA toolkit. The header is lowered to PTX ISA 8.0 (CUDA 12.0+
 # drivers): the kernel uses nothing newer. Variants: ar_norm_gemv.ptx (the default), _g1 (the
 # loads wait for the row CTAs' pushes), _dbg / _g1dbg / _g2dbg (per-CTA %globaltimer stamps;
-# _g2: the loads wait for h), _noloaddbg (no weight loads, measurement only).
+# _g2: the loads wait for h), _w2dbg (2 waves of loads in flight),
+# _noloaddbg (no weight loads, measurement only).
 set -euo pipefail
 cd "$(dirname "$0")"
 build() {  # OUT FLAGS...
@@ -17,4 +18,5 @@ build ar_norm_gemv_g1.ptx -DGATE_MODE=1 -DSUFFIX=_g1
 build ar_norm_gemv_g1dbg.ptx -DGATE_MODE=1 -DDEBUG_STAMPS=1 -DSUFFIX=_g1dbg
 build ar_norm_gemv_g2dbg.ptx -DGATE_MODE=2 -DDEBUG_STAMPS=1 -DSUFFIX=_g2dbg
 build ar_norm_gemv_dbg.ptx -DDEBUG_STAMPS=1 -DSUFFIX=_dbg
+build ar_norm_gemv_w2dbg.ptx -DDEBUG_STAMPS=1 -DWAVES_IN_FLIGHT=2 -DSUFFIX=_w2dbg
 build ar_norm_gemv_noloaddbg.ptx -DDEBUG_STAMPS=1 -DNO_LOAD=1 -DSUFFIX=_noloaddbg
