@@ -114,6 +114,158 @@ class ArNormGemv:
         return fn(partials, rank, rows, residual, scale, wq, wk, wv, name=name, opaque=opaque)
 
 
+RING_SMEM = 12 * 16384 + 2 * 12 * 8 + 4 * 4096 * 2
+RING_SLOTS, RING_HROWS = 4, 4
+
+
+def ring_call(op: ArNormGemv, partials, residual, scale, gate, up, rows, eps: float):
+    """Inside shard_map: the ring kernel, (x_new [T, D], parts f32 [4, T, N]) for gate | up."""
+    sp, t, d = partials.shape
+    n0, n1 = gate.shape[1], up.shape[1]
+    assert d == 4096 and t <= T_MAX and n0 % NT == 0 and n1 % NT == 0
+    name = f"xlaserve_ar_norm_gemv_ring_tp{op.tp}{op.variant}"
+    gt = ar._gpu_triton()
+    kernel = gt.TritonKernel(name, THREADS // 32, 1, RING_SMEM, op.ptx, "", op.arch)
+    params = [gt.create_array_parameter(0, 16) for _ in range(10)]
+    params += [gt.create_scalar_parameter(a, "u64") for a in op.addresses]
+    eps_bits = struct.unpack("<I", struct.pack("<f", eps))[0]
+    params += [gt.create_scalar_parameter(v, "u32")
+               for v in (sp, t, d, n0, n1, 0, RING_SLOTS, eps_bits)]
+    call = gt.TritonKernelCall(kernel, op.sms, 1, 1, params)
+    opaque = zlib.compress(call.to_proto(name, b""))
+    rank = jax.lax.axis_index(op.axis).astype(jnp.int32).reshape(1)
+    out = (jax.ShapeDtypeStruct((t, d), residual.dtype),
+           jax.ShapeDtypeStruct((RING_SLOTS, t, n0 + n1), jnp.float32))
+    fn = jax.ffi.ffi_call(ar.FFI_TARGET, out)
+    return fn(partials, rank, rows, residual, scale, gate, up, up, name=name, opaque=opaque)
+
+
+def main_ring(args) -> int:
+    """gate/up after o_proj's all-reduce: base (AllReduce.add_rms_norm + XLA's dots) against
+    the ring kernel; checks at rows 1 and 4, chains, a trace, stamps."""
+    devs = jax.devices()[:2]
+    mesh = Mesh(np.array(devs), ("model",))
+    tp, d, inter, t, sp, eps = 2, 4096, 14336, 16, 2, 1e-5
+    allred = ar.AllReduce.create(mesh)
+    op = ArNormGemv(mesh)
+    dbg = ArNormGemv(mesh, variant="_dbg")
+    rep, col = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "model"))
+    key = jax.random.key(1)
+
+    def rnd(k, shape, scale, sharding, dtype=jnp.bfloat16):
+        return jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype),
+                       out_shardings=sharding)(k)
+
+    L = args.layers
+    ks = jax.random.split(key, 8)
+    gate = [rnd(jax.random.fold_in(ks[0], i), (d, inter), 0.02, col) for i in range(L)]
+    up = [rnd(jax.random.fold_in(ks[1], i), (d, inter), 0.02, col) for i in range(L)]
+    part_sh = NamedSharding(mesh, P("model"))
+    parts = [rnd(jax.random.fold_in(ks[3], i), (tp * sp, t, d), 0.5, part_sh, jnp.float32)
+             for i in range(L)]
+    residual = rnd(ks[4], (t, d), 1.0, rep)
+    scale = (1.0 + rnd(ks[5], (d,), 0.1, rep).astype(jnp.float32)).astype(jnp.bfloat16)
+    report: dict[str, Any] = {"device": devs[0].device_kind, "jax": jax.__version__,
+                              "date": time.strftime("%Y-%m-%d"), "mode": "ring gate/up",
+                              "command": " ".join(sys.argv)}
+
+    def base_layer(pa, x, sc, g, u, rows):
+        x, h = allred.add_rms_norm(pa, x, sc, eps, rows)
+        y = jnp.concatenate([jnp.dot(h, g, preferred_element_type=jnp.float32),
+                             jnp.dot(h, u, preferred_element_type=jnp.float32)], 1)
+        return x, y[None]
+
+    def ring_layer(o):
+        return lambda pa, x, sc, g, u, rows: ring_call(o, pa, x, sc, g, u, rows, eps)
+
+    specs_in = (P("model"), P(), P(), P(None, "model"), P(None, "model"), P())
+
+    def one(fn):
+        return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs_in,
+                                     out_specs=(P(), P(None, None, "model")), check_vma=False))
+
+    one_base, one_ring = one(base_layer), one(ring_layer(op))
+    checks = {}
+    for rows_n in (1, 4, 1):
+        rows = jax.device_put(jnp.array([rows_n], jnp.int32), rep)
+        xb, yb = one_base(parts[0], residual, scale, gate[0], up[0], rows)
+        xf, yf = one_ring(parts[0], residual, scale, gate[0], up[0], rows)
+        xb, xf = np.asarray(xb.astype(jnp.float32)), np.asarray(xf.astype(jnp.float32))
+        # base's columns per device: [gate_local | up_local]; the ring's: the same
+        yb = np.asarray(yb).sum(0)[:rows_n]
+        yf = np.asarray(yf).sum(0)[:rows_n]
+        rel = float(np.abs(yb - yf).max() / max(np.abs(yb).max(), 1e-30))
+        checks[str(rows_n)] = {"x_equal": bool(np.array_equal(xb, xf)), "y_rel_err": rel}
+        print("ring rows", rows_n, checks[str(rows_n)], flush=True)
+    report["checks"] = checks
+
+    def chain(layer_fn):
+        def body(parts, x, sc, gate, up, rows):
+            outs = []
+            for i in list(range(len(parts))) * args.repeat:
+                pa = parts[i]
+                if args.hot_partials:
+                    pa = pa + (x[0, 0] * 0).astype(jnp.float32)
+                x, y = layer_fn(pa, x, sc, gate[i], up[i], rows)
+                outs.append(y[:, :, :8])
+            return x, jnp.stack(outs)
+        f = jax.shard_map(body, mesh=mesh,
+                          in_specs=([P("model")] * L, P(), P(), [P(None, "model")] * L,
+                                    [P(None, "model")] * L, P()),
+                          out_specs=(P(), P(None, None, None, "model")), check_vma=False)
+        return jax.jit(f)
+
+    rows1 = jax.device_put(jnp.array([1], jnp.int32), rep)
+    fb, fr, fd = chain(base_layer), chain(ring_layer(op)), chain(ring_layer(dbg))
+    a = (parts, residual, scale, gate, up, rows1)
+    timings: dict[str, list[float]] = {}
+    for name, f in (("base", fb), ("ring", fr), ("base", fb), ("ring", fr)):
+        jax.block_until_ready(f(*a))
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            res = f(*a)
+        jax.block_until_ready(res)
+        us = (time.perf_counter() - t0) / args.iters / (L * args.repeat) * 1e6
+        timings.setdefault(name, []).append(round(us, 3))
+        print(name, f"{us:.3f} us per layer", flush=True)
+    report["us_per_layer"] = timings
+    if args.trace_dir:
+        import subprocess
+        for name, f in (("base", fb), ("ring", fr)):
+            dd = os.path.join(args.trace_dir, "ring_" + name)
+            jax.block_until_ready(f(*a))
+            with jax.profiler.trace(dd, create_perfetto_trace=True):
+                jax.block_until_ready(f(*a))
+            summary = os.path.join(HERE, "..", "..", "trace_summary.py")
+            out = subprocess.run([sys.executable, summary, dd, "--top", "8"],
+                                 capture_output=True, text=True)
+            keep, dev = [], False
+            for line in out.stdout.splitlines():
+                if line.startswith("-- "):
+                    dev = "/device:" in line
+                if dev or "Thunks::Initialize" in line:
+                    keep.append(line)
+            print(f"--- trace {name}\n" + "\n".join(keep) + out.stderr[-1000:], flush=True)
+    jax.block_until_ready(fd(*a))
+    names = {0: "start", 1: "loads_issued", 2: "ar_done", 3: "h_in_smem", 6: "end"}
+    report["stamps_us"] = {}
+    for sh in sorted(dbg.ws.addressable_shards, key=lambda s: s.index[0].start):
+        words = np.asarray(sh.data).reshape(-1).view(np.uint32)
+        off = debug_offset(tp) // 4
+        st = words[off:off + op.sms * 16].view(np.uint64).reshape(op.sms, 8).astype(np.int64)
+        rel = (st - st[:, 0].min()) / 1e3
+        summ = {nm: {"cta0": round(float(rel[0, i]), 3),
+                     "median": round(float(np.median(rel[:, i] if nm != "ar_done"
+                                                     else rel[:1, i])), 3),
+                     "max": round(float((rel[:, i] if nm != "ar_done" else rel[:1, i]).max()), 3)}
+                for i, nm in names.items()}
+        report["stamps_us"][str(sh.device)] = summ
+        print("ring dbg", sh.device, json.dumps(summ), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -124,7 +276,10 @@ def main() -> int:
     p.add_argument("--hot-partials", action="store_true",
                    help="each layer's partials rewritten right before it (L2-hot, as the down "
                         "GEMM leaves them in the model); one more small kernel per layer")
+    p.add_argument("--ring", action="store_true", help="gate/up: the ring kernel (main_ring)")
     args = p.parse_args()
+    if args.ring:
+        return main_ring(args)
     devs = jax.devices()[:2]
     mesh = Mesh(np.array(devs), ("model",))
     tp, d, nq, nk, t, sp, eps = 2, 4096, 4096, 1024, 16, 2, 1e-5
