@@ -219,6 +219,18 @@ __device__ __forceinline__ void product(const __nv_bfloat16* tile, const float* 
   }
 }
 
+// The last CTA to finish advances the call counter (every CTA has read it by then): one thread
+// per CTA, after the CTA's stores.
+__device__ __forceinline__ void finish_call(uint32_t* counters) {
+  __threadfence();
+  const uint32_t done = atomicAdd(counters + 1, 1u);
+  if (done == gridDim.x - 1) {
+    counters[1] = 0;
+    __threadfence();
+    atomicAdd(counters, 1u);
+  }
+}
+
 // Warps 4-7 (at = threadIdx.x - 128) of the CTA that owns token row `row`: the row's all-reduce
 // (LL protocol: pushes into each peer's inbox, this GPU's inbox polled), the residual add
 // (stored to out_x) and the RMSNorm, whose h is published as LL lines in this GPU's HAREA.
@@ -523,28 +535,21 @@ __device__ void ar_norm_gemv(const float* __restrict__ partials, const int* __re
   if (rows <= 1) product<1>(tile, hs, kt, rows, out_parts, split, T, N, cb);
   else if (rows <= 4) product<4>(tile, hs, kt, rows, out_parts, split, T, N, cb);
   else product<16>(tile, hs, kt, rows, out_parts, split, T, N, cb);
-  // the last CTA to finish advances the call counter (every CTA has read it by then)
   if (tid == 0) {
     STAMP(6);
-    __threadfence();
-    const uint32_t done = atomicAdd(counters + 1, 1u);
-    if (done == gridDim.x - 1) {
-      counters[1] = 0;
-      __threadfence();
-      atomicAdd(counters, 1u);
-    }
+    finish_call(counters);
   }
 }
 
-#define ENTRY(TP, ...)                                                                        \
-  extern "C" __global__ void __launch_bounds__(THREADS, 1) CAT(xlaserve_ar_norm_gemv_tp##TP, SUFFIX)( \
+#define ENTRY(BASE, TP, ...)                                                                  \
+  extern "C" __global__ void __launch_bounds__(THREADS, 1) CAT(BASE##TP, SUFFIX)(              \
       const float* partials, const int* rank_p, const int* rows_p, const uint32_t* residual,   \
       const uint32_t* scale, const __nv_bfloat16* w0, const __nv_bfloat16* w1,                 \
       const __nv_bfloat16* w2, uint32_t* out_x, float* out_parts, __VA_ARGS__, uint32_t sp,    \
       uint32_t T, uint32_t D, uint32_t n0, uint32_t n1, uint32_t n2, uint32_t nsplit,         \
       uint32_t eps_bits)
 
-ENTRY(2, uint64_t ws0, uint64_t ws1) {
+ENTRY(xlaserve_ar_norm_gemv_tp, 2, uint64_t ws0, uint64_t ws1) {
   const uint64_t ws[2] = {ws0, ws1};
   ar_norm_gemv<2>(partials, rank_p, rows_p, residual, scale, w0, w1, w2, out_x, out_parts, ws,
                   sp, T, D, n0, n1, n2, nsplit, eps_bits);
@@ -727,27 +732,12 @@ __device__ void ar_norm_gemv_ring(const float* __restrict__ partials,
     else ring_consume<HROWS>(ring, hsm, u0, u1, kw, U, rows, T, N, out_parts, ring_base);
     if (tid == 128) {
       STAMP(6);
-      __threadfence();
-      const uint32_t done = atomicAdd(counters + 1, 1u);
-      if (done == gridDim.x - 1) {
-        counters[1] = 0;
-        __threadfence();
-        atomicAdd(counters, 1u);
-      }
+      finish_call(counters);
     }
   }
 }
 
-#define RING_ENTRY(TP, ...)                                                                   \
-  extern "C" __global__ void __launch_bounds__(THREADS, 1)                                     \
-      CAT(xlaserve_ar_norm_gemv_ring_tp##TP, SUFFIX)(                                          \
-      const float* partials, const int* rank_p, const int* rows_p, const uint32_t* residual,   \
-      const uint32_t* scale, const __nv_bfloat16* w0, const __nv_bfloat16* w1,                 \
-      const __nv_bfloat16* w2, uint32_t* out_x, float* out_parts, __VA_ARGS__, uint32_t sp,    \
-      uint32_t T, uint32_t D, uint32_t n0, uint32_t n1, uint32_t n2, uint32_t nsplit,         \
-      uint32_t eps_bits)
-
-RING_ENTRY(2, uint64_t ws0, uint64_t ws1) {
+ENTRY(xlaserve_ar_norm_gemv_ring_tp, 2, uint64_t ws0, uint64_t ws1) {
   const uint64_t ws[2] = {ws0, ws1};
   ar_norm_gemv_ring<2>(partials, rank_p, rows_p, residual, scale, w0, w1, out_x, out_parts, ws,
                        sp, T, D, n0, n1, eps_bits);

@@ -13,6 +13,7 @@ k 512, v 512):
     the device time per kernel comes from --trace-dir (bench/trace_summary.py);
   * per-CTA %globaltimer stamps of the _dbg variants (the last layer of a chain): when the
     weight tile landed, when the all-reduce finished (CTA 0), when h reached each CTA, the end.
+--ring: the same for gate/up after o_proj's all-reduce (the ring kernel, main_ring).
 GPU only. Results and what they mean: README.md here.
 
     bash bench/prototypes/ar_gemv/build.sh
@@ -96,22 +97,101 @@ class ArNormGemv:
         n = sum(ns)
         assert t <= T_MAX and d % 16 == 0 and d <= 4096 and all(x % NT == 0 for x in ns)
         assert max_slice(d, nsplit) <= KT_MAX
-        name = f"xlaserve_ar_norm_gemv_tp{self.tp}{self.variant}"
+        out = (jax.ShapeDtypeStruct((t, d), residual.dtype),
+               jax.ShapeDtypeStruct((nsplit, t, n), jnp.float32))
+        return self.launch("xlaserve_ar_norm_gemv_tp", SMEM, (n // NT) * nsplit,
+                           (sp, t, d, ns[0], ns[1], ns[2], nsplit), eps, out,
+                           (partials, rows, residual, scale, wq, wk, wv))
+
+    def launch(self, base: str, smem: int, grid: int, scalars: tuple[int, ...], eps: float,
+               out: tuple[Any, ...], operands: tuple[jax.Array, ...]):
+        """Inside shard_map: one launch of kernel `base`tp`variant` (jaxlib's Triton kernel
+        call): the 10 buffers (partials, rank, rows, residual, scale, 3 weights, 2 results),
+        the workspace addresses, then the u32 scalars and eps's bits."""
+        name = f"{base}{self.tp}{self.variant}"
         gt = ar._gpu_triton()
-        kernel = gt.TritonKernel(name, THREADS // 32, 1, SMEM, self.ptx, "", self.arch)
+        kernel = gt.TritonKernel(name, THREADS // 32, 1, smem, self.ptx, "", self.arch)
         params = [gt.create_array_parameter(0, 16) for _ in range(10)]
         params += [gt.create_scalar_parameter(a, "u64") for a in self.addresses]
         eps_bits = struct.unpack("<I", struct.pack("<f", eps))[0]
-        params += [gt.create_scalar_parameter(v, "u32")
-                   for v in (sp, t, d, ns[0], ns[1], ns[2], nsplit, eps_bits)]
-        grid = (n // NT) * nsplit
+        params += [gt.create_scalar_parameter(v, "u32") for v in (*scalars, eps_bits)]
         call = gt.TritonKernelCall(kernel, grid, 1, 1, params)
         opaque = zlib.compress(call.to_proto(name, b""))
         rank = jax.lax.axis_index(self.axis).astype(jnp.int32).reshape(1)
-        out = (jax.ShapeDtypeStruct((t, d), residual.dtype),
-               jax.ShapeDtypeStruct((nsplit, t, n), jnp.float32))
+        partials, rows, residual, scale, *weights = operands
         fn = jax.ffi.ffi_call(ar.FFI_TARGET, out)
-        return fn(partials, rank, rows, residual, scale, wq, wk, wv, name=name, opaque=opaque)
+        return fn(partials, rank, rows, residual, scale, *weights, name=name, opaque=opaque)
+
+
+def random_array(key, shape, scale: float, sharding, dtype=jnp.bfloat16) -> jax.Array:
+    """normal(0, scale) of `shape`, created on the devices with `sharding`."""
+    return jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype),
+                   out_shardings=sharding)(key)
+
+
+def layer_inputs(mesh: Mesh, key, layers: int, tp: int, sp: int, t: int, d: int):
+    """Per layer, this rank's f32 split-K partials [sp, t, d] (sharded over model), and the
+    residual [t, d] and norm scale [d] (replicated)."""
+    rep, part_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("model"))
+    ks = jax.random.split(key, 3)
+    parts = [random_array(jax.random.fold_in(ks[0], i), (tp * sp, t, d), 0.5, part_sh,
+                          jnp.float32) for i in range(layers)]
+    residual = random_array(ks[1], (t, d), 1.0, rep)
+    scale = (1.0 + random_array(ks[2], (d,), 0.1, rep).astype(jnp.float32)).astype(jnp.bfloat16)
+    return parts, residual, scale
+
+
+def time_chain(f, args_, iters: int, layers: int) -> float:
+    """Wall-clock us per layer of a jitted chain over `layers` layers (after one warm-up call):
+    includes the host's time (see the module docstring)."""
+    jax.block_until_ready(f(*args_))
+    t0 = time.perf_counter()
+    res = None
+    for _ in range(iters):
+        res = f(*args_)
+    jax.block_until_ready(res)
+    return (time.perf_counter() - t0) / iters / layers * 1e6
+
+
+def trace_chains(trace_dir: str, chains, args_, extra: tuple[str, ...] = ()) -> None:
+    """One traced call of each (name, jitted chain), summarised by bench/trace_summary.py: the
+    device streams' kernels and the host's thunk initialisation (and `extra` lines)."""
+    import subprocess
+    summary = os.path.join(HERE, "..", "..", "trace_summary.py")
+    for name, f in chains:
+        d = os.path.join(trace_dir, name)
+        jax.block_until_ready(f(*args_))
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready(f(*args_))
+        out = subprocess.run([sys.executable, summary, d, "--top", "12"], capture_output=True,
+                             text=True)
+        keep, dev = [], False
+        for line in out.stdout.splitlines():
+            if line.startswith("-- "):
+                dev = "/device:" in line
+            if dev or "Thunks::Initialize" in line or any(e in line for e in extra):
+                keep.append(line)
+        print(f"--- trace {name}\n" + "\n".join(keep) + out.stderr[-1000:], flush=True)
+
+
+def read_stamps(op: "ArNormGemv", grid: int, names: dict[int, str], label: str,
+                report: dict[str, Any]) -> None:
+    """The _dbg kernels' per-CTA %globaltimer stamps of the last call, us after the earliest CTA
+    start: CTA 0's, the median and the max over CTAs (the all-reduce's: CTA 0 only)."""
+    tp = len(op.addresses)
+    for sh in sorted(op.ws.addressable_shards, key=lambda s: s.index[0].start):
+        words = np.asarray(sh.data).reshape(-1).view(np.uint32)
+        off = debug_offset(tp) // 4
+        st = words[off:off + grid * 16].view(np.uint64).reshape(grid, 8).astype(np.int64)
+        rel = (st - st[:, 0].min()) / 1e3
+        summ = {}
+        for i, nm in names.items():
+            col = rel[:, i] if nm != "ar_done" else rel[:1, i]
+            summ[nm] = {"cta0": round(float(rel[0, i]), 3),
+                        "median": round(float(np.median(col)), 3),
+                        "max": round(float(col.max()), 3)}
+        report.setdefault("stamps_us", {})[f"{label} {sh.device}"] = summ
+        print(label, sh.device, json.dumps(summ), flush=True)
 
 
 RING_SMEM = 12 * 16384 + 2 * 12 * 8 + 4 * 4096 * 2
@@ -123,21 +203,11 @@ def ring_call(op: ArNormGemv, partials, residual, scale, gate, up, rows, eps: fl
     sp, t, d = partials.shape
     n0, n1 = gate.shape[1], up.shape[1]
     assert d == 4096 and t <= T_MAX and n0 % NT == 0 and n1 % NT == 0
-    name = f"xlaserve_ar_norm_gemv_ring_tp{op.tp}{op.variant}"
-    gt = ar._gpu_triton()
-    kernel = gt.TritonKernel(name, THREADS // 32, 1, RING_SMEM, op.ptx, "", op.arch)
-    params = [gt.create_array_parameter(0, 16) for _ in range(10)]
-    params += [gt.create_scalar_parameter(a, "u64") for a in op.addresses]
-    eps_bits = struct.unpack("<I", struct.pack("<f", eps))[0]
-    params += [gt.create_scalar_parameter(v, "u32")
-               for v in (sp, t, d, n0, n1, 0, RING_SLOTS, eps_bits)]
-    call = gt.TritonKernelCall(kernel, op.sms, 1, 1, params)
-    opaque = zlib.compress(call.to_proto(name, b""))
-    rank = jax.lax.axis_index(op.axis).astype(jnp.int32).reshape(1)
     out = (jax.ShapeDtypeStruct((t, d), residual.dtype),
            jax.ShapeDtypeStruct((RING_SLOTS, t, n0 + n1), jnp.float32))
-    fn = jax.ffi.ffi_call(ar.FFI_TARGET, out)
-    return fn(partials, rank, rows, residual, scale, gate, up, up, name=name, opaque=opaque)
+    return op.launch("xlaserve_ar_norm_gemv_ring_tp", RING_SMEM, op.sms,
+                     (sp, t, d, n0, n1, 0, RING_SLOTS), eps, out,
+                     (partials, rows, residual, scale, gate, up, up))
 
 
 def main_ring(args) -> int:
@@ -150,21 +220,11 @@ def main_ring(args) -> int:
     op = ArNormGemv(mesh)
     dbg = ArNormGemv(mesh, variant="_dbg")
     rep, col = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "model"))
-    key = jax.random.key(1)
-
-    def rnd(k, shape, scale, sharding, dtype=jnp.bfloat16):
-        return jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype),
-                       out_shardings=sharding)(k)
-
     L = args.layers
-    ks = jax.random.split(key, 8)
-    gate = [rnd(jax.random.fold_in(ks[0], i), (d, inter), 0.02, col) for i in range(L)]
-    up = [rnd(jax.random.fold_in(ks[1], i), (d, inter), 0.02, col) for i in range(L)]
-    part_sh = NamedSharding(mesh, P("model"))
-    parts = [rnd(jax.random.fold_in(ks[3], i), (tp * sp, t, d), 0.5, part_sh, jnp.float32)
-             for i in range(L)]
-    residual = rnd(ks[4], (t, d), 1.0, rep)
-    scale = (1.0 + rnd(ks[5], (d,), 0.1, rep).astype(jnp.float32)).astype(jnp.bfloat16)
+    ks = jax.random.split(jax.random.key(1), 3)
+    gate = [random_array(jax.random.fold_in(ks[0], i), (d, inter), 0.02, col) for i in range(L)]
+    up = [random_array(jax.random.fold_in(ks[1], i), (d, inter), 0.02, col) for i in range(L)]
+    parts, residual, scale = layer_inputs(mesh, ks[2], L, tp, sp, t, d)
     report: dict[str, Any] = {"device": devs[0].device_kind, "jax": jax.__version__,
                               "date": time.strftime("%Y-%m-%d"), "mode": "ring gate/up",
                               "command": " ".join(sys.argv)}
@@ -220,47 +280,15 @@ def main_ring(args) -> int:
     a = (parts, residual, scale, gate, up, rows1)
     timings: dict[str, list[float]] = {}
     for name, f in (("base", fb), ("ring", fr), ("base", fb), ("ring", fr)):
-        jax.block_until_ready(f(*a))
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            res = f(*a)
-        jax.block_until_ready(res)
-        us = (time.perf_counter() - t0) / args.iters / (L * args.repeat) * 1e6
+        us = time_chain(f, a, args.iters, L * args.repeat)
         timings.setdefault(name, []).append(round(us, 3))
         print(name, f"{us:.3f} us per layer", flush=True)
     report["us_per_layer"] = timings
     if args.trace_dir:
-        import subprocess
-        for name, f in (("base", fb), ("ring", fr)):
-            dd = os.path.join(args.trace_dir, "ring_" + name)
-            jax.block_until_ready(f(*a))
-            with jax.profiler.trace(dd, create_perfetto_trace=True):
-                jax.block_until_ready(f(*a))
-            summary = os.path.join(HERE, "..", "..", "trace_summary.py")
-            out = subprocess.run([sys.executable, summary, dd, "--top", "8"],
-                                 capture_output=True, text=True)
-            keep, dev = [], False
-            for line in out.stdout.splitlines():
-                if line.startswith("-- "):
-                    dev = "/device:" in line
-                if dev or "Thunks::Initialize" in line:
-                    keep.append(line)
-            print(f"--- trace {name}\n" + "\n".join(keep) + out.stderr[-1000:], flush=True)
+        trace_chains(args.trace_dir, (("ring_base", fb), ("ring", fr)), a)
     jax.block_until_ready(fd(*a))
-    names = {0: "start", 1: "loads_issued", 2: "ar_done", 3: "h_in_smem", 6: "end"}
-    report["stamps_us"] = {}
-    for sh in sorted(dbg.ws.addressable_shards, key=lambda s: s.index[0].start):
-        words = np.asarray(sh.data).reshape(-1).view(np.uint32)
-        off = debug_offset(tp) // 4
-        st = words[off:off + op.sms * 16].view(np.uint64).reshape(op.sms, 8).astype(np.int64)
-        rel = (st - st[:, 0].min()) / 1e3
-        summ = {nm: {"cta0": round(float(rel[0, i]), 3),
-                     "median": round(float(np.median(rel[:, i] if nm != "ar_done"
-                                                     else rel[:1, i])), 3),
-                     "max": round(float((rel[:, i] if nm != "ar_done" else rel[:1, i]).max()), 3)}
-                for i, nm in names.items()}
-        report["stamps_us"][str(sh.device)] = summ
-        print("ring dbg", sh.device, json.dumps(summ), flush=True)
+    read_stamps(dbg, op.sms, {0: "start", 1: "loads_issued", 2: "ar_done", 3: "h_in_smem",
+                              6: "end"}, "ring dbg", report)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     return 0
@@ -294,22 +322,12 @@ def main() -> int:
                                       "auto")
     print("skinny config", gemm_cfg, flush=True)
     rep, col = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "model"))
-    key = jax.random.key(0)
-
-    def rnd(k, shape, scale, sharding, dtype=jnp.bfloat16):
-        return jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype),
-                       out_shardings=sharding)(k)
-
     L = args.layers
-    ks = jax.random.split(key, 8)
-    wq = [rnd(jax.random.fold_in(ks[0], i), (d, nq), 0.02, col) for i in range(L)]
-    wk = [rnd(jax.random.fold_in(ks[1], i), (d, nk), 0.02, col) for i in range(L)]
-    wv = [rnd(jax.random.fold_in(ks[2], i), (d, nk), 0.02, col) for i in range(L)]
-    part_sh = NamedSharding(mesh, P("model"))
-    parts = [rnd(jax.random.fold_in(ks[3], i), (tp * sp, t, d), 0.5, part_sh, jnp.float32)
-             for i in range(L)]
-    residual = rnd(ks[4], (t, d), 1.0, rep)
-    scale = (1.0 + rnd(ks[5], (d,), 0.1, rep).astype(jnp.float32)).astype(jnp.bfloat16)
+    ks = jax.random.split(jax.random.key(0), 4)
+    wq = [random_array(jax.random.fold_in(ks[0], i), (d, nq), 0.02, col) for i in range(L)]
+    wk = [random_array(jax.random.fold_in(ks[1], i), (d, nk), 0.02, col) for i in range(L)]
+    wv = [random_array(jax.random.fold_in(ks[2], i), (d, nk), 0.02, col) for i in range(L)]
+    parts, residual, scale = layer_inputs(mesh, ks[3], L, tp, sp, t, d)
     specs_in = (P("model"), P(), P(), P(None, "model"), P(None, "model"), P(None, "model"), P())
 
     def base_layer(pa, x, sc, q, k, v, rows):
@@ -376,57 +394,22 @@ def main() -> int:
             ("fused_rows0", ff, rows0)]
     timings: dict[str, list[float]] = {}
     for name, f, rows in runs + runs[:2]:
-        a = (parts, residual, scale, wq, wk, wv, rows)
-        jax.block_until_ready(f(*a))
-        jax.block_until_ready(f(*a))
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            res = f(*a)
-        jax.block_until_ready(res)
-        us = (time.perf_counter() - t0) / args.iters / (L * args.repeat) * 1e6
+        us = time_chain(f, (parts, residual, scale, wq, wk, wv, rows), args.iters,
+                        L * args.repeat)
         timings.setdefault(name, []).append(round(us, 3))
         print(name, f"{us:.3f} us per layer", flush=True)
     report["us_per_layer"] = timings
-    if args.trace_dir:  # one traced call of each chain, summarised by bench/trace_summary.py
-        import subprocess
-        for name, f in (("base", fb), ("fused", ff)):
-            d = os.path.join(args.trace_dir, name)
-            a_ = (parts, residual, scale, wq, wk, wv, rows1)
-            jax.block_until_ready(f(*a_))
-            with jax.profiler.trace(d, create_perfetto_trace=True):
-                jax.block_until_ready(f(*a_))
-            root = os.path.join(HERE, "..", "..", "trace_summary.py")
-            out = subprocess.run([sys.executable, root, d, "--top", "12"], capture_output=True,
-                                 text=True)
-            keep, dev = [], False
-            for line in out.stdout.splitlines():
-                if line.startswith("-- "):
-                    dev = "/device:" in line
-                if dev or "Thunks::Initialize" in line or "cuGraphLaunch" in line:
-                    keep.append(line)
-            print(f"--- trace {name}\n" + "\n".join(keep) + out.stderr[-1000:], flush=True)
-    # stamps of the last call of a chain (a layer preceded by others): per CTA, us after the
-    # earliest CTA start
+    if args.trace_dir:
+        trace_chains(args.trace_dir, (("base", fb), ("fused", ff)),
+                     (parts, residual, scale, wq, wk, wv, rows1), ("cuGraphLaunch",))
+    # stamps of the last call of a chain (a layer preceded by others)
     grid = (nq + 2 * nk) // tp // NT * nsplit
     names = {0: "start", 1: "loads_landed", 2: "ar_done", 3: "h_ready", 5: "compute_start",
              6: "end"}
-    report["stamps_us"] = {}
     for label, op in (("dbg", dbg), ("w2dbg", w2dbg)):
         jax.block_until_ready(chain(variant_layer(op))(parts, residual, scale, wq, wk, wv,
                                                         rows1))
-        for sh in sorted(op.ws.addressable_shards, key=lambda s: s.index[0].start):
-            words = np.asarray(sh.data).reshape(-1).view(np.uint32)
-            off = debug_offset(tp) // 4
-            st = words[off:off + grid * 16].view(np.uint64).reshape(grid, 8).astype(np.int64)
-            rel = (st - st[:, 0].min()) / 1e3
-            summ = {}
-            for i, nm in names.items():
-                col = rel[:, i] if nm != "ar_done" else rel[:1, i]
-                summ[nm] = {"cta0": round(float(rel[0, i]), 3),
-                            "median": round(float(np.median(col)), 3),
-                            "max": round(float(col.max()), 3)}
-            report["stamps_us"][f"{label} {sh.device}"] = summ
-            print(label, sh.device, json.dumps(summ), flush=True)
+        read_stamps(op, grid, names, label, report)
     # chain outputs agree (x after 32 layers)
     xb, _ = fb(parts, residual, scale, wq, wk, wv, rows1)
     xf, _ = ff(parts, residual, scale, wq, wk, wv, rows1)
