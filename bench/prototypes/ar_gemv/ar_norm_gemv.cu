@@ -244,13 +244,12 @@ __device__ __forceinline__ void row_all_reduce(
   const uint32_t nvec = D / 8;
     // ---- warps 4-7 of CTA `row`: the all-reduce of the row, then its norm, published as LL.
     // Every load that does not wait for a peer is issued first (their latencies overlap).
-    const uint32_t nv = nvec > 128 * 3 ? 4 : nvec > 256 ? 3 : nvec > 128 ? 2 : 1;
     float4 pp[4][SP_MAX][2];
     uint4 res[4], sc[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint32_t v = at + j * 128;
-      if (j < (int)nv && v < nvec) {
+      if (v < nvec) {
 #pragma unroll
         for (int p = 0; p < SP_MAX; ++p) {
           if (p < (int)sp) {
@@ -268,7 +267,7 @@ __device__ __forceinline__ void row_all_reduce(
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint32_t v = at + j * 128;
-      if (j < (int)nv && v < nvec) {
+      if (v < nvec) {
         float acc[8] = {pp[j][0][0].x, pp[j][0][0].y, pp[j][0][0].z, pp[j][0][0].w,
                         pp[j][0][1].x, pp[j][0][1].y, pp[j][0][1].z, pp[j][0][1].w};
 #pragma unroll
@@ -291,7 +290,7 @@ __device__ __forceinline__ void row_all_reduce(
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const uint32_t v = at + j * 128;
-        if (j < (int)nv && v < nvec) {
+        if (v < nvec) {
           const uint64_t dst = ws[r] + INBOX_OFF +
                                (((uint64_t)row * 2 + slot) * TP + rank) * LL_BYTES + v * 32;
           st_ll(dst, own_v[j][0], own_v[j][1], seq);
@@ -322,7 +321,7 @@ __device__ __forceinline__ void row_all_reduce(
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const uint32_t v = at + j * 128;
-            if (j < (int)nv && v < nvec) {
+            if (v < nvec) {
               ld_line(base + v * 32, d[j][0], f[j][0], d[j][1], f[j][1]);
               ld_line(base + v * 32 + 16, d[j][2], f[j][2], d[j][3], f[j][3]);
             }
@@ -330,7 +329,7 @@ __device__ __forceinline__ void row_all_reduce(
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const uint32_t v = at + j * 128;
-            if (j < (int)nv && v < nvec)
+            if (v < nvec)
               ok &= f[j][0] == seq && f[j][1] == seq && f[j][2] == seq && f[j][3] == seq;
           }
           if (ok) break;
@@ -352,7 +351,7 @@ __device__ __forceinline__ void row_all_reduce(
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint32_t v = at + j * 128;
-      if (j < (int)nv && v < nvec) {
+      if (v < nvec) {
         const uint32_t rw[4] = {res[j].x, res[j].y, res[j].z, res[j].w};
         uint32_t o[4];
 #pragma unroll
@@ -383,7 +382,7 @@ __device__ __forceinline__ void row_all_reduce(
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint32_t v = at + j * 128;
-      if (j < (int)nv && v < nvec) {
+      if (v < nvec) {
         const uint32_t sw[4] = {sc[j].x, sc[j].y, sc[j].z, sc[j].w};
         uint32_t hv[4];
 #pragma unroll
