@@ -115,6 +115,24 @@ CHATML_TEMPLATE = (
 )
 
 
+def _merge_pairs(merges: list[str | list[str]]) -> list[tuple[str, str]]:
+    """A trained BPE's merges as (left, right) pairs; its JSON has "left right" strings (older
+    tokenizers releases) or [left, right] lists."""
+    pairs = []
+    for m in merges:
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        pairs.append((left, right))
+    return pairs
+
+
+def _token_id(tok: Tokenizer, token: str) -> int:
+    """The id of `token`, one of the specials the builders add to `tok`."""
+    i = tok.token_to_id(token)
+    if i is None:
+        raise ValueError(f"builtin tokenizer: {token!r} is not in its vocabulary")
+    return i
+
+
 def build_sentencepiece_bpe(corpus: str, vocab_size: int) -> Tokenizer:
     """Trains a Llama 2 / Mistral style tokenizer: BPE over Metaspace pieces with byte fallback.
 
@@ -140,8 +158,7 @@ def build_sentencepiece_bpe(corpus: str, vocab_size: int) -> Tokenizer:
     for piece, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
         if piece not in vocab:
             vocab[piece] = len(vocab)
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
-              for m in trained["merges"]]
+    merges = _merge_pairs(trained["merges"])
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True,
                                byte_fallback=True))
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in LLAMA_SPECIALS])
@@ -178,8 +195,7 @@ def build_byte_level_bpe(corpus: str, vocab_size: int) -> Tokenizer:
     trained = json.loads(trainer_tok.to_str())["model"]
     vocab = {piece: i for i, (piece, _) in
              enumerate(sorted(trained["vocab"].items(), key=lambda kv: kv[1]))}
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
-              for m in trained["merges"]]
+    merges = _merge_pairs(trained["merges"])
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in QWEN_SPECIALS])
     tok.normalizer = normalizers.NFC()
@@ -235,13 +251,13 @@ def _hf_files(spec: BuiltinSpec, tok: Tokenizer) -> dict[str, str]:
     if spec.tokenizer_kind == "sentencepiece":
         bos, eos, unk, pad = "<s>", "</s>", "<unk>", None
         template, add_bos = LLAMA_CHAT_TEMPLATE, True
-        eos_ids: int | list[int] = tok.token_to_id(eos)
-        bos_id = tok.token_to_id(bos)
+        eos_ids: int | list[int] = _token_id(tok, eos)
+        bos_id = _token_id(tok, bos)
     else:
         bos, eos, unk, pad = None, "<|im_end|>", None, "<|endoftext|>"
         template, add_bos = CHATML_TEMPLATE, False
-        eos_ids = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
-        bos_id = tok.token_to_id("<|endoftext|>")
+        eos_ids = [_token_id(tok, "<|im_end|>"), _token_id(tok, "<|endoftext|>")]
+        bos_id = _token_id(tok, "<|endoftext|>")
     arch = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[spec.model_type]
     config = {
         "architectures": [arch],

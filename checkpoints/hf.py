@@ -96,8 +96,9 @@ def name_map(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
     if cfg.model_type not in FAMILY_TABLES:
         raise ValueError(f"model_type={cfg.model_type!r}: no name table "
                          f"(supported: {', '.join(FAMILY_TABLES)})")
-    out = {("embed", "embedding"): TensorSpec("model.embed_tokens.weight", False, 1),
-           ("final_norm", "scale"): TensorSpec("model.norm.weight", False, 1)}
+    out: dict[tuple[str, ...], TensorSpec] = {
+        ("embed", "embedding"): TensorSpec("model.embed_tokens.weight", False, 1),
+        ("final_norm", "scale"): TensorSpec("model.norm.weight", False, 1)}
     if not cfg.tie_word_embeddings:
         out[("lm_head", "kernel")] = TensorSpec("lm_head.weight", True, 1)  # [V, D] -> [D, V]
     for path, name, transpose, split in _LAYER_TABLE + FAMILY_TABLES[cfg.model_type]:
@@ -315,8 +316,12 @@ def load_hf_params(model_dir: pathlib.Path | str, cfg: ModelConfig,
                                  f"{', '.join(_FLOAT_DTYPES)} weights are supported (quantized "
                                  f"checkpoints are not)")
 
-            def callback(index: tuple[slice, ...], handle: Any = handle, spec: TensorSpec = spec,
+            def callback(index: tuple[slice, ...] | None, handle: Any = handle,
+                         spec: TensorSpec = spec,
                          shape: tuple[int, ...] = tuple(leaf.shape)) -> np.ndarray:
+                if index is None:  # jax always passes the device's index (typed Optional)
+                    raise ValueError(f"make_array_from_callback gave no index for "
+                                     f"{spec.hf_name}")
                 return read_param_slice(handle, spec, shape, index, dtype)
 
             # make_array_from_callback reads every device's slice now; then the file may close.

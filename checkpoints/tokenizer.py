@@ -21,6 +21,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.nodes
+import jinja2.parser
 import jinja2.sandbox
 import jinja2.utils
 import tokenizers

@@ -124,11 +124,13 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     _log_choice(platform, chosen, impl,
                 f"H{q.shape[-1]} L{k_pages.shape[2]} G{q.shape[1] // k_pages.shape[0]} "
                 f"{q_len_class(q.shape[0], page_table.shape[0])}")
-    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     args = (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
     if chosen == "reference":
-        return rpa.ragged_paged_attention_reference(*args, **kwargs)
-    return rpa.ragged_paged_attention(*args, interpret=chosen == "pallas_interpret", **kwargs)
+        return rpa.ragged_paged_attention_reference(*args, sm_scale=sm_scale,
+                                                    sliding_window=sliding_window,
+                                                    soft_cap=soft_cap)
+    return rpa.ragged_paged_attention(*args, sm_scale=sm_scale, sliding_window=sliding_window,
+                                      soft_cap=soft_cap, interpret=chosen == "pallas_interpret")
 
 
 def write_impl_for(num_tokens: int, platform: str | None = None) -> str:

@@ -130,7 +130,9 @@ def check_inputs(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: 
 def compiler_params(num_warps: int, num_stages: int):
     """Triton compiler params; the class name differs between jax releases, so look it up.
     (Shared by the Pallas Triton kernels of this package.)"""
-    cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
+    cls = getattr(plgpu, "CompilerParams", None)
+    if cls is None:  # older jax: the earlier name, absent from the jax pyright checks against
+        cls = plgpu.TritonCompilerParams  # pyright: ignore[reportAttributeAccessIssue]
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 

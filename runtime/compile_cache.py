@@ -68,7 +68,9 @@ def setup_compilation_cache(cache_dir: str | None = None) -> str:
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"compilation_cache_dir={path!r}: exists and is not a directory")
     os.makedirs(path, exist_ok=True)
-    previous = jax.config.jax_compilation_cache_dir
+    # `values` rather than the attribute: Config declares its options dynamically, so the
+    # checker cannot see `jax.config.jax_compilation_cache_dir` (same value).
+    previous = jax.config.values["jax_compilation_cache_dir"]
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

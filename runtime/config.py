@@ -104,8 +104,9 @@ class ModelConfig:
           ValueError: unsupported model_type, rope scaling, or inconsistent sizes (names the field).
         """
         model_type = hf.get("model_type")
-        _require(model_type in SUPPORTED_MODEL_TYPES, "config.json model_type", model_type,
-                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if model_type not in SUPPORTED_MODEL_TYPES:  # an explicit check narrows it to a str
+            raise ValueError(f"config.json model_type={model_type!r}: "
+                             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"):
             _require(key in hf, f"config.json {key}", None, "is missing")

@@ -20,10 +20,15 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import jax
+
+# `jax.Device` annotations below carry `# pyright: ignore[reportInvalidTypeForm]`: jax exports
+# Device as a plain assignment of jaxlib's untyped extension class, which pyright reads as a
+# variable; there is no typed public equivalent.
 
 _TERA = 1e12
 _GIGA = 1e9
@@ -98,7 +103,7 @@ def peaks_by_name(name: str) -> DevicePeaks:
     return PEAKS[name]
 
 
-def peaks_for_device(device: jax.Device) -> DevicePeaks:
+def peaks_for_device(device: jax.Device) -> DevicePeaks:  # pyright: ignore[reportInvalidTypeForm]
     """The table entry whose device_kinds contain `device.device_kind` exactly.
 
     Raises:
@@ -112,20 +117,21 @@ def peaks_for_device(device: jax.Device) -> DevicePeaks:
                      f"NAME (one of {', '.join(PEAKS)})")
 
 
-def _best_time(fn: object, arg: jax.Array, repeats: int) -> float:
+def _best_time(fn: Callable[[jax.Array], jax.Array], arg: jax.Array, repeats: int) -> float:
     """Median wall time of `repeats` calls of fn(arg) after one warm-up call."""
     import jax
 
-    jax.block_until_ready(fn(arg))  # type: ignore[operator]
+    jax.block_until_ready(fn(arg))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(arg))  # type: ignore[operator]
+        jax.block_until_ready(fn(arg))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def measure_copy_bandwidth(device: jax.Device, num_bytes: int, repeats: int = 5) -> float:
+def measure_copy_bandwidth(device: jax.Device,  # pyright: ignore[reportInvalidTypeForm]
+                           num_bytes: int, repeats: int = 5) -> float:
     """Bytes per second of y = x * 2 over a float32 array of `num_bytes` (read + write)."""
     import jax
     import jax.numpy as jnp
@@ -138,8 +144,8 @@ def measure_copy_bandwidth(device: jax.Device, num_bytes: int, repeats: int = 5)
     return 2 * x.nbytes / seconds
 
 
-def measure_matmul_rate(device: jax.Device, dim: int, dtype: str, repeats: int = 5,
-                        chain: int = 8) -> float:
+def measure_matmul_rate(device: jax.Device,  # pyright: ignore[reportInvalidTypeForm]
+                        dim: int, dtype: str, repeats: int = 5, chain: int = 8) -> float:
     """FLOP/s of `chain` dependent [dim, dim] x [dim, dim] matmuls in `dtype` in one program."""
     import jax
     import jax.numpy as jnp
@@ -157,8 +163,9 @@ def measure_matmul_rate(device: jax.Device, dim: int, dtype: str, repeats: int =
     return chain * 2 * dim**3 / seconds
 
 
-def calibrate(device: jax.Device | None = None, *, copy_bytes: int | None = None,
-              matmul_dim: int | None = None, repeats: int = 5) -> DevicePeaks:
+def calibrate(device: jax.Device | None = None,  # pyright: ignore[reportInvalidTypeForm]
+              *, copy_bytes: int | None = None, matmul_dim: int | None = None,
+              repeats: int = 5) -> DevicePeaks:
     """Measures copy bandwidth and bf16/float32 matmul rates on `device` (default: the first).
 
     Defaults: 1 GiB copies and 8192-wide matmuls on GPUs, 64 MiB and 512-wide on CPUs. What this
@@ -166,18 +173,19 @@ def calibrate(device: jax.Device | None = None, *, copy_bytes: int | None = None
     """
     import jax
 
-    device = device or jax.devices()[0]
-    on_cpu = device.platform == "cpu"
+    # A new name: pyright sees `device` as Unknown | None and would keep the None.
+    dev = device if device is not None else jax.devices()[0]
+    on_cpu = dev.platform == "cpu"
     copy_bytes = copy_bytes or (64 * 2**20 if on_cpu else 2**30)
     matmul_dim = matmul_dim or (512 if on_cpu else 8192)
-    bandwidth = measure_copy_bandwidth(device, copy_bytes, repeats)
-    bf16 = measure_matmul_rate(device, matmul_dim, "bfloat16", repeats)
-    fp32 = measure_matmul_rate(device, matmul_dim, "float32", repeats)
+    bandwidth = measure_copy_bandwidth(dev, copy_bytes, repeats)
+    bf16 = measure_matmul_rate(dev, matmul_dim, "bfloat16", repeats)
+    fp32 = measure_matmul_rate(dev, matmul_dim, "float32", repeats)
     capacity = None
-    stats = device.memory_stats() if not on_cpu else None
+    stats = dev.memory_stats() if not on_cpu else None
     if stats and "bytes_limit" in stats:
         capacity = int(stats["bytes_limit"])
-    return DevicePeaks(name=f"calibrated:{device.device_kind}", bf16_flops_per_s=bf16,
+    return DevicePeaks(name=f"calibrated:{dev.device_kind}", bf16_flops_per_s=bf16,
                        fp32_flops_per_s=fp32, memory_bytes_per_s=bandwidth,
                        memory_capacity_bytes=capacity, source="measured",
-                       device_kinds=(device.device_kind,))
+                       device_kinds=(dev.device_kind,))

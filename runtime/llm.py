@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.output import Completion
 from xlaserve.runtime.request import SamplingParams
+
+if TYPE_CHECKING:
+    from xlaserve.runtime.data_parallel import DataParallelEngine
 
 PromptInput = str | Sequence[int]
 
@@ -62,47 +65,54 @@ class LLM:
 
     def __init__(self, model: str = "builtin:tiny", *, engine: Engine | None = None,
                  **options: Any):
+        # Engine.from_config gives a DataParallelEngine (same methods) for data_parallel_size > 1.
+        self.engine: Engine | DataParallelEngine
         if engine is None:
             from xlaserve.engine_args import engine_config_from_options
 
-            engine = Engine.from_config(engine_config_from_options(model, **options))
+            self.engine = Engine.from_config(engine_config_from_options(model, **options))
         elif options:
             raise ValueError(f"{sorted(options)[0]}: engine options cannot be combined with "
                              "engine=")
-        self.engine = engine
+        else:
+            self.engine = engine
         self._counter = 0
 
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def _encode(self, prompt: PromptInput) -> tuple[list[int], str | None]:
+    def _encode(self, prompt: object) -> tuple[list[int], str | None]:
+        """Token ids (and the text) of one prompt; anything but a str or token ids raises."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: a text prompt needs a tokenizer; pass token ids")
             return list(self.tokenizer.encode(prompt)), prompt
-        if not all(isinstance(t, int) for t in prompt):
+        if not isinstance(prompt, Sequence) or not all(isinstance(t, int) for t in prompt):
             raise ValueError(f"prompt={prompt!r}: must be a str or a list of token ids")
         return list(prompt), None
 
     def _prepare(self, prompts: PromptInput | Sequence[PromptInput],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None
                  ) -> list[PreparedRequest]:
+        # One prompt (text or token ids) or a batch of them; `_encode` checks each item.
+        batch: list[object]
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
                                          and all(isinstance(t, int) for t in prompts)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+            batch = [prompts]
+        else:
+            batch = list(prompts)
         if sampling_params is None:
-            params = [SamplingParams()] * len(prompts)
+            params = [SamplingParams()] * len(batch)
         elif isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * len(prompts)
+            params = [sampling_params] * len(batch)
         else:
             params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} "
+            if len(params) != len(batch):
+                raise ValueError(f"sampling_params: {len(params)} given for {len(batch)} "
                                  "prompts")
         out = []
-        for p, sp in zip(prompts, params):
+        for p, sp in zip(batch, params):
             ids, text = self._encode(p)
             self._counter += 1
             out.append(PreparedRequest(f"llm-{self._counter}", ids, sp, text))
@@ -114,7 +124,7 @@ class LLM:
         """Generates for every prompt (text or token ids); results in input order."""
         reqs = self._prepare(prompts, sampling_params)
         done = {r.request_id: r for r in self.stream(reqs)}
-        return [done[r.request_id] for r in reqs]  # type: ignore[misc]
+        return [done[r.request_id] for r in reqs]
 
     def chat(self, conversations: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str,
                                                                                          Any]]],
@@ -122,13 +132,16 @@ class LLM:
              chat_template: str | None = None, add_generation_prompt: bool = True,
              **template_kwargs: Any) -> list[GenerationOutput]:
         """Applies the tokenizer's chat template to each conversation, then generates."""
-        if conversations and isinstance(conversations[0], Mapping):
-            conversations = [conversations]  # type: ignore[list-item]
+        convs: Sequence[Sequence[Mapping[str, Any]]]
+        if conversations and isinstance(conversations[0], Mapping):  # one conversation
+            convs = [cast(Sequence[Mapping[str, Any]], conversations)]
+        else:
+            convs = cast(Sequence[Sequence[Mapping[str, Any]]], conversations)
         if self.tokenizer is None:
             raise ValueError("conversations: chat needs a tokenizer")
         prompts = [self.tokenizer.apply_chat_template(
             list(c), add_generation_prompt, chat_template=chat_template, **template_kwargs)
-            for c in conversations]
+            for c in convs]
         return self.generate(prompts, sampling_params)
 
     def stream(self, requests: Iterable[PreparedRequest],

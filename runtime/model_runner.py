@@ -492,24 +492,25 @@ class ModelRunner:
             raise ValueError(f"num_logprobs={num_logprobs}: must be in "
                              f"[0, {sampling.MAX_TOP_LOGPROBS}]")
         inputs = self._prepare(inputs)
+        smp, prev_index = inputs.sampling, inputs.prev_sampled_index
+        if smp is None or prev_index is None:
+            raise RuntimeError("ModelRunner._prepare left sampling or prev_sampled_index unset")
         # logit_bias goes to the sampler program only; the forward program never carries it.
-        bias_args = step_arrays.bias_args(inputs.sampling)
+        bias_args = step_arrays.bias_args(smp)
         has_bias = bias_args is not None
-        if inputs.sampling.logit_bias_ids is not None:  # type: ignore[union-attr]
-            inputs = dataclasses.replace(inputs, sampling=dataclasses.replace(
-                inputs.sampling, logit_bias_ids=None, logit_bias=None))
+        if smp.logit_bias_ids is not None:
+            smp = dataclasses.replace(smp, logit_bias_ids=None, logit_bias=None)
         want = np.array([1 if num_logprobs else 0], np.int32)  # top-n only when asked
-        inputs = dataclasses.replace(inputs, sampling=dataclasses.replace(
-            inputs.sampling, want_top_logprobs=want))
+        smp = dataclasses.replace(smp, want_top_logprobs=want)
+        inputs = dataclasses.replace(inputs, sampling=smp)
         key = (inputs.num_tokens_bucket, inputs.num_seqs_bucket,
-               int(inputs.sampling.output_token_ids.shape[-1]))  # type: ignore[union-attr]
-        if prev is None and bool((inputs.prev_sampled_index >= 0).any()):
+               int(smp.output_token_ids.shape[-1]))
+        if prev is None and bool((prev_index >= 0).any()):
             raise ValueError("inputs.prev_sampled_index points at a previous step: pass prev")
         prev_tokens = (prev.padded_tokens if prev is not None
                        else self._stand_ins.zero_prev_tokens())
-        mode = step_programs.sampler_mode(inputs.sampling, num_logprobs=num_logprobs,
-                                          has_history=self._stand_ins.has_history(
-                                              inputs.sampling),
+        mode = step_programs.sampler_mode(smp, num_logprobs=num_logprobs,
+                                          has_history=self._stand_ins.has_history(smp),
                                           vocab_size=self.model_cfg.vocab_size,
                                           has_bias=has_bias)
         spec = self._spec(key, inputs)
@@ -523,7 +524,6 @@ class ModelRunner:
                 (out, padded, logits, small), self.kv_cache = self._packed_jit(spec)(
                     self.params, self.kv_cache, packed, separate, prev_tokens)
             if mode is not None:
-                smp = inputs.sampling
                 sampler = self._sampler_executables.get((key[1], key[2], mode),
                                                         self._samplers[mode])
                 if bias_args is None:

@@ -291,10 +291,11 @@ class CompileMonitor:
         elif event == self._MISS_EVENT:
             self.cache_misses += 1
 
-    def _on_duration(self, event: str, seconds: float, **kwargs: Any) -> None:
+    def _on_duration(self, event: str, duration_secs: float, **kwargs: Any) -> None:
         if self._active and event == self._COMPILE_EVENT:
             shapes = self._pending_shapes.pop(0) if self._pending_shapes else ""
-            self.compiles.append(CompileEvent(str(kwargs.get("fun_name", "?")), shapes, seconds))
+            self.compiles.append(CompileEvent(str(kwargs.get("fun_name", "?")), shapes,
+                                              duration_secs))
 
     def __enter__(self) -> CompileMonitor:
         import jax.monitoring
@@ -348,7 +349,9 @@ class _ShapeHandler(logging.Handler):
         self._sink = sink
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg.startswith("Compiling ") and record.args and len(record.args) >= 2:
+        # args is a mapping when the record was logged with one dict argument: not ours.
+        if (record.msg.startswith("Compiling ") and isinstance(record.args, tuple)
+                and len(record.args) >= 2):
             self._sink.append(compact_shapes(str(record.args[1])))
 
 

@@ -12,7 +12,7 @@ import math
 import numbers
 import operator
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,9 @@ def _is_int(x: object) -> bool:
 
 def _token_ids(values: object) -> tuple[int, ...]:
     """stop_token_ids as Python ints in [0, 2**31) (numpy ints too; not bools, floats, strings)."""
-    vals = tuple(values)  # type: ignore[arg-type]
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"stop_token_ids={_brief(values)}: must be a list of token ids")
+    vals = tuple(values)
     try:
         ids = tuple(operator.index(t) for t in vals)
     except TypeError:
@@ -130,8 +132,12 @@ def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
     if value is None:
         return ()
     try:
-        items = list(value.items()) if isinstance(value, Mapping) else [  # type: ignore[union-attr]
-            tuple(p) for p in value]  # type: ignore[union-attr]
+        if isinstance(value, Mapping):
+            items = list(value.items())
+        elif isinstance(value, Iterable):
+            items = [tuple(p) for p in value]
+        else:
+            items = None
     except TypeError:
         items = None
     if items is None or any(len(p) != 2 for p in items):
@@ -147,8 +153,9 @@ def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
         if tok_id is None or not 0 <= tok_id <= _INT32_MAX:
             raise ValueError(f"logit_bias: token id {_brief(tok)} must be an integer in "
                              f"[0, 2**31)")
+        # Outside [-100, 100] written with < and <= only: numbers.Real declares no > or >=.
         if (isinstance(bias, bool) or not isinstance(bias, numbers.Real)
-                or not math.isfinite(bias) or not -100 <= bias <= 100):
+                or not math.isfinite(bias) or bias < -100 or not bias <= 100):
             raise ValueError(f"logit_bias: bias {_brief(bias)} for token {tok_id} must be a "
                              f"number in [-100, 100]")
         pairs.append((tok_id, float(bias)))

@@ -37,6 +37,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from xlaserve.runtime.batch import SamplingInputs
 
@@ -167,7 +168,7 @@ def filtered_logits(logits: jax.Array, sampling: SamplingInputs, *,
     return jnp.where(keep, scaled, -jnp.inf)
 
 
-def row_keys(seeds: jax.Array, output_positions: jax.Array) -> jax.Array:
+def row_keys(seeds: ArrayLike, output_positions: ArrayLike) -> jax.Array:
     """Per-row PRNG keys: fold_in(PRNGKey(seed), output_position). u32[S], i32[S] -> keys[S]."""
     def one(seed: jax.Array, pos: jax.Array) -> jax.Array:
         return jax.random.fold_in(jax.random.PRNGKey(seed), pos)

@@ -115,7 +115,9 @@ class StandIns:
     def zero_prev_tokens(self) -> jax.Array:
         """The previous step's sampled ids for an unchained step: zeros i32[S_max]."""
         if self._zero_tokens is None:
-            self._zero_tokens = jax.device_put(np.zeros(self.max_seqs, np.int32), self.sharding)
+            zeros: jax.Array = jax.device_put(np.zeros(self.max_seqs, np.int32), self.sharding)
+            self._zero_tokens = zeros
+            return zeros
         return self._zero_tokens
 
     def no_bias(self, num_seqs: int) -> tuple[jax.Array, jax.Array]:

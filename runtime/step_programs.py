@@ -53,8 +53,11 @@ def _pad(token_ids: jax.Array, max_seqs: int) -> jax.Array:
 
 
 def _logits(spec: ModelSpec, params: Any, kv_cache: llama.KVCache, inputs: StepInputs,
-            prev_tokens: jax.Array | None) -> tuple[StepInputs, jax.Array, llama.KVCache]:
-    if inputs.sampling is None:
+            prev_tokens: jax.Array | None,
+            ) -> tuple[SamplingInputs, jax.Array, llama.KVCache]:
+    """(inputs.sampling, f32 logits [S, V], kv_cache) of the forward over `inputs`."""
+    smp = inputs.sampling
+    if smp is None:
         raise ValueError("inputs.sampling=None inside the step; the runner fills it in")
     inputs = resolve_placeholders(inputs, prev_tokens)
     logits, kv_cache = llama.forward(params, inputs, kv_cache, spec.cfg,
@@ -62,14 +65,14 @@ def _logits(spec: ModelSpec, params: Any, kv_cache: llama.KVCache, inputs: StepI
                                      attention_fn=spec.attention_fn,
                                      row_parallel_fn=spec.row_parallel_fn,
                                      project_fn=spec.project_fn)  # f32[S, V]
-    return inputs, logits, kv_cache
+    return smp, logits, kv_cache
 
 
 def full_step(spec: ModelSpec, params: Any, kv_cache: llama.KVCache, inputs: StepInputs,
               prev_tokens: jax.Array | None = None) -> tuple[Any, llama.KVCache]:
     """((SamplerOutput, padded ids), kv_cache) with the cond-based sampler (any batch)."""
-    inputs, logits, kv_cache = _logits(spec, params, kv_cache, inputs, prev_tokens)
-    out = sampling.sample(logits, inputs.sampling)
+    smp, logits, kv_cache = _logits(spec, params, kv_cache, inputs, prev_tokens)
+    out = sampling.sample(logits, smp)
     return (out, _pad(out.token_ids, spec.max_seqs)), kv_cache
 
 
@@ -77,9 +80,9 @@ def forward_step(spec: ModelSpec, params: Any, kv_cache: llama.KVCache, inputs: 
                  prev_tokens: jax.Array) -> tuple[Any, llama.KVCache]:
     """((greedy SamplerOutput, padded ids, f32 logits [S, V], the sampling controls without the
     histories), kv_cache). A batch that needs more than greedy runs `sampler_step` after it."""
-    inputs, logits, kv_cache = _logits(spec, params, kv_cache, inputs, prev_tokens)
-    out = sampling.greedy(logits, inputs.sampling)
-    small = dataclasses.replace(inputs.sampling, prompt_token_ids=None, output_token_ids=None,
+    smp, logits, kv_cache = _logits(spec, params, kv_cache, inputs, prev_tokens)
+    out = sampling.greedy(logits, smp)
+    small = dataclasses.replace(smp, prompt_token_ids=None, output_token_ids=None,
                                 logit_bias_ids=None, logit_bias=None)
     return (out, _pad(out.token_ids, spec.max_seqs), logits, small), kv_cache
 

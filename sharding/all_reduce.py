@@ -111,13 +111,15 @@ def fits_add_rms_norm(shape: tuple[int, ...], dtype: Any) -> bool:
 def _gpu_triton() -> Any:
     """jaxlib's Triton kernel-call module, or None when this jaxlib has none (CPU builds)."""
     try:
-        from jax._src.lib import gpu_triton
+        # jaxlib's Triton launcher has no public jax API
+        from jax._src.lib import gpu_triton  # pyright: ignore[reportPrivateImportUsage]
     except ImportError:
         return None
     return gpu_triton if hasattr(gpu_triton, "TritonKernelCall") else None
 
 
-def enable_peer_access(devices: list[jax.Device]) -> None:
+# (jax.Device is jaxlib's compiled class, which has no stub: pyright takes it for a variable)
+def enable_peer_access(devices: list[jax.Device]) -> None:  # pyright: ignore[reportInvalidTypeForm]
     """Enables CUDA peer access between every pair of `devices` (their primary contexts).
 
     Raises:
@@ -125,7 +127,7 @@ def enable_peer_access(devices: list[jax.Device]) -> None:
     """
     cuda = ctypes.CDLL("libcuda.so.1")
     already_enabled = 704  # CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
-    ords = [int(d.local_hardware_id) for d in devices]  # type: ignore[attr-defined]
+    ords = [int(d.local_hardware_id) for d in devices]
     ctxs: dict[int, ctypes.c_void_p] = {}
     try:
         for o in ords:
@@ -174,7 +176,7 @@ def availability(mesh: Mesh, model_axis: str = "model") -> str | None:
     if any(d.process_index != jax.process_index() for d in devices):
         return "the mesh spans processes (the kernel needs the devices of one process)"
     gt = _gpu_triton()
-    arch = (int(gt.get_compute_capability(int(devices[0].local_hardware_id)))  # type: ignore
+    arch = (int(gt.get_compute_capability(int(devices[0].local_hardware_id)))
             if gt is not None else None)
     return support_reason(tuple(int(p) for p in jax.__version_info__[:2]), arch,
                           os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", ""))
@@ -317,4 +319,5 @@ class AllReduce:
         opaque = self._opaque(name, ptx, (16, 4, 4, 16, 16, 16, 16), t)
         out = jax.ShapeDtypeStruct(residual.shape, dt)
         call = jax.ffi.ffi_call(FFI_TARGET, (out, out))
-        return call(x, self._rank(), rows, residual, scale, name=name, opaque=opaque)
+        summed, normed = call(x, self._rank(), rows, residual, scale, name=name, opaque=opaque)
+        return summed, normed

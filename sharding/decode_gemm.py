@@ -122,8 +122,8 @@ class DecodeProjection:
                                  num_q_heads=n_q, dtype=jnp.dtype(dtype),
                                  interpret=self.mode == "pallas_interpret")
 
-        args = (products[0].x, *(p.kernel for p in products), cos, sin, slot_mapping, k_pages,
-                v_pages, rows)
+        wq, wk, wv = (p.kernel for p in products)  # three products (checked above)
+        args = (products[0].x, wq, wk, wv, cos, sin, slot_mapping, k_pages, v_pages, rows)
         if self.mesh is None:
             return body(*args)
         rep = PartitionSpec()

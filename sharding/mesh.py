@@ -80,7 +80,9 @@ def validate_parallel(parallel: ParallelConfig, model_cfg: ModelConfig | None,
         validate_model(parallel, model_cfg)
 
 
-def make_mesh(parallel: ParallelConfig, devices: Sequence[jax.Device] | None = None,
+def make_mesh(parallel: ParallelConfig,
+              # jax.Device is jaxlib's compiled class, which has no stub: pyright sees a variable
+              devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
               model_cfg: ModelConfig | None = None) -> Mesh:
     """Builds the ``("data", "model")`` mesh over the first data x model devices.
 

@@ -276,16 +276,21 @@ class ShardedRowParallel:
             return add_rms_norm(residual, contract(x, kernel, n_in, dt), scale, eps)
         if self.mesh is None and self.all_reduce is not None:
             raise ValueError("ShardedRowParallel: an all-reduce kernel needs a mesh")
-        fused = self.uses_fused_kernel(out_shape, dt)
+        # the kernel that also adds the residual and norms, where it takes this product
+        fused = self.all_reduce if self.uses_fused_kernel(out_shape, dt) else None
+        # the shard_map's mesh and the specs of x [T, *in] and kernel (in split); None: no mesh
+        sharded: tuple[Mesh, PartitionSpec, PartitionSpec] | None
         if self.mesh is None:
             local = kernel.shape
             reduce: Callable[[jax.Array], jax.Array] = lambda a: a  # noqa: E731
+            sharded = None
         else:
             rules = mesh_rules(self.model_cfg, self.mesh)
             kernel_spec = logical_to_spec((*in_axes, *out_axes), rules)
             local = local_shape(kernel.shape, kernel_spec, self.mesh)
             reduce = (self.all_reduce if self.all_reduce is not None
                       else functools.partial(jax.lax.psum, axis_name=MODEL_AXIS))
+            sharded = (self.mesh, logical_to_spec(("tokens", *in_axes), rules), kernel_spec)
         k_local, d = int(np.prod(local[:n_in])), int(np.prod(local[n_in:]))
         gemm = ops.skinny_gemm_config(out_shape[0], k_local, (d,), dt, self.gemm_mode)
         interpret = self.gemm_mode == "pallas_interpret"
@@ -299,7 +304,7 @@ class ShardedRowParallel:
             rows = jnp.full((1,), out_shape[0], jnp.int32)
 
         def body(residual, x, kernel, scale, rows):
-            if fused:  # this device's partial sum, as f32 split-K partials [S, T, D] or [T, D]
+            if fused is not None:  # this device's partial sum, f32 split-K [S, T, D] or [T, D]
                 if gemm is not None:
                     part = partials(x, kernel)
                 elif self.split_k > 1:
@@ -307,16 +312,16 @@ class ShardedRowParallel:
                 else:
                     part = contract(x, kernel, n_in, dt)
                 # the padding rows after `rows` are neither exchanged nor normed
-                return self.all_reduce.add_rms_norm(part, residual, scale, eps, rows)
+                return fused.add_rms_norm(part, residual, scale, eps, rows)
             product = (partials(x, kernel).sum(axis=0).astype(dt) if gemm is not None
                        else contract(x, kernel, n_in, dt))
             return add_rms_norm(residual, reduce(product), scale, eps)
 
-        if self.mesh is None:
+        if sharded is None:
             return body(residual, x, kernel, scale, rows)
-        x_spec = logical_to_spec(("tokens", *in_axes), rules)  # [T, *in], in split
+        mesh, x_spec, kernel_spec = sharded
         rep = PartitionSpec()
-        fn = _shard_map(body, self.mesh, in_specs=(rep, x_spec, kernel_spec, rep, rep),
+        fn = _shard_map(body, mesh, in_specs=(rep, x_spec, kernel_spec, rep, rep),
                         out_specs=(rep, rep))
         return fn(residual, x, kernel, scale, rows)
 
@@ -359,11 +364,10 @@ def choose_row_parallel(mesh: Mesh, model_cfg: ModelConfig,
     try:  # create() checks availability first and names the reason
         kernel = custom_all_reduce.AllReduce.create(mesh, MODEL_AXIS)
     except RuntimeError as e:
-        kernel, why = None, str(e)
-    if kernel is None:
+        why = str(e)
         if mode == "custom":
             raise ValueError(f"all_reduce='custom': xlaserve's all-reduce kernel cannot run "
-                             f"here: {why}")
+                             f"here: {why}") from e
         on_gpu = all(d.platform == "gpu" for d in mesh.devices.flat)
         (log.warning if on_gpu else log.info)(
             "all_reduce=auto: XLA's collective for every all-reduce; xlaserve's kernel cannot "
@@ -459,7 +463,8 @@ class ShardingPlan:
 
     @classmethod
     def create(cls, model_cfg: ModelConfig, parallel: ParallelConfig, *, mesh: Mesh | None = None,
-               devices: list[jax.Device] | None = None,
+               # jax.Device is jaxlib's compiled class, which has no stub: pyright sees a variable
+               devices: list[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
                attention_impl: str = "auto") -> ShardingPlan:
         """Validates `parallel` against the devices and the model and derives every sharding.
 

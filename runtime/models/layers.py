@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from xlaserve.runtime.config import RopeScaling
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Logical axis names used by model parameters (sharding/rules.py maps them to mesh axes).
 LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm")
@@ -28,7 +31,10 @@ def _param(module: nn.Module, name: str, init: nn.initializers.Initializer,
     """Declares one parameter with its logical axes (one place for shape, dtype, axes, init)."""
     if len(axes) != len(shape):
         raise ValueError(f"param {name}: axes {axes} do not match shape {tuple(shape)}")
-    return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype)
+    # unbox=True is flax's default; passing it picks the overload that returns the unboxed
+    # array rather than the LogicallyPartitioned box the initializer makes.
+    return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype,
+                        unbox=True)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -83,6 +89,20 @@ class Deferred:
 
     def compute(self, dtype: jnp.dtype) -> jax.Array:
         return contract(self.x, self.kernel, len(self.in_axes), dtype)
+
+
+def as_array(y: jax.Array | Deferred) -> jax.Array:
+    """`y` from a Projection that computes its product (no `defer`, or a bias)."""
+    if isinstance(y, Deferred):
+        raise TypeError("expected a computed projection, got a Deferred product")
+    return y
+
+
+def as_deferred(y: jax.Array | Deferred) -> Deferred:
+    """`y` from a bias-free Projection with `defer`."""
+    if not isinstance(y, Deferred):
+        raise TypeError(f"expected a Deferred product, got {type(y).__name__}")
+    return y
 
 
 class AddRMSNormFn(Protocol):
@@ -185,7 +205,7 @@ class Embed(nn.Module):
         self.embedding = _param(self, "embedding", _KERNEL_INIT, (self.vocab_size, self.dim),
                                 ("vocab", "embed"), self.dtype)
 
-    def __call__(self, token_ids: jax.Array) -> jax.Array:  # [T] -> [T, D]
+    def __call__(self, token_ids: jax.Array | np.ndarray) -> jax.Array:  # [T] -> [T, D]
         return jnp.take(self.embedding, token_ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:  # [..., D] -> f32[..., V]
@@ -203,10 +223,10 @@ class SwiGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array | Deferred:  # [T, D] -> [T, D]
-        gate = Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",), self.dtype,
-                          self.use_bias, name="gate_proj")(x)
-        up = Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",), self.dtype,
-                        self.use_bias, name="up_proj")(x)
+        gate = as_array(Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",),
+                                   self.dtype, self.use_bias, name="gate_proj")(x))
+        up = as_array(Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",), self.dtype,
+                                 self.use_bias, name="up_proj")(x))
         h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
         return Projection((self.hidden,), (self.dim,), ("mlp",), ("embed",), self.dtype,
                           self.use_bias, self.defer_down, name="down_proj")(h)
@@ -234,13 +254,15 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Arra
     return inv
 
 
-def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rope_tables(positions: jax.Array | np.ndarray, inv_freq: jax.Array,
+                ) -> tuple[jax.Array, jax.Array]:
     """(cos, sin) f32[T, H/2] of the rotation angles of positions i32[T]."""
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array | np.ndarray, inv_freq: jax.Array,
+               ) -> jax.Array:
     """Rotates x [T, heads, H] by its positions i32[T] (the half-split layout HF Llama uses)."""
     cos, sin = rope_tables(positions, inv_freq)
     cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, H/2]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import flax.linen as nn
 import jax
@@ -42,6 +42,8 @@ from xlaserve.runtime.models.layers import (
     RMSNorm,
     SwiGLU,
     apply_rope,
+    as_array,
+    as_deferred,
     rope_inv_freq,
     rope_tables,
 )
@@ -58,8 +60,8 @@ class AttentionFn(Protocol):
     attend. Returns (o [T, N, H], k_pages, v_pages).
     """
 
-    def __call__(self, q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
-                 v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
+    def __call__(self, q: jax.Array, k_new: jax.Array | None, v_new: jax.Array | None,
+                 k_pages: jax.Array, v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
                  sliding_window: int | None) -> tuple[jax.Array, jax.Array, jax.Array]: ...
 
 
@@ -88,8 +90,8 @@ class RopeWriteFn(Protocol):
 RowParallelFn = AddRMSNormFn
 
 
-def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
-                    v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
+def paged_attention(q: jax.Array, k_new: jax.Array | None, v_new: jax.Array | None,
+                    k_pages: jax.Array, v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
                     sliding_window: int | None, impl: str = "auto",
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The default AttentionFn: ops.write_kv_pages then ops.ragged_paged_attention.
@@ -102,12 +104,17 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: j
     Returns:
       (o [T, N, H], updated k_pages, updated v_pages).
     """
+    # The metadata are numpy on the host and already device arrays under jit, where asarray
+    # is a no-op; the kernels take device arrays.
     if k_new is not None:
+        if v_new is None:
+            raise ValueError("v_new=None with k_new given: pass both or neither")
         k_pages, v_pages = ops.write_kv_pages(k_pages, v_pages, k_new, v_new,
-                                              inputs.slot_mapping)
+                                              jnp.asarray(inputs.slot_mapping))
     o = ops.ragged_paged_attention(
-        q, k_pages, v_pages, inputs.kv_lens, inputs.page_table, inputs.cu_q_lens,
-        inputs.num_seqs, sm_scale=sm_scale, sliding_window=sliding_window, impl=impl)
+        q, k_pages, v_pages, jnp.asarray(inputs.kv_lens), jnp.asarray(inputs.page_table),
+        jnp.asarray(inputs.cu_q_lens), jnp.asarray(inputs.num_seqs), sm_scale=sm_scale,
+        sliding_window=sliding_window, impl=impl)
     return o, k_pages, v_pages
 
 
@@ -136,7 +143,8 @@ class Attention(nn.Module):
         cfg, dt = self.cfg, _dtype(self.cfg)
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
-        defer = self.project_fn is not None and not bias  # one hook call for q, k and v
+        project_fn = None if bias else self.project_fn  # one hook call for q, k and v
+        defer = project_fn is not None  # the projections stay Deferred for the hook
         q = Projection((d,), (n, h), ("embed",), ("q_heads", "head_dim"), dt, bias, defer,
                        name="q_proj")(x)  # [T, N, H]
         k_new = Projection((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), dt, bias, defer,
@@ -145,16 +153,19 @@ class Attention(nn.Module):
                            name="v_proj")(x)  # [T, K, H]
         inv_freq = rope_inv_freq(h, cfg.rope_theta, cfg.rope_scaling)
         written = None  # (q with rope, k_pages, v_pages) when the hook stored this step's K/V
-        if defer and not cfg.qk_norm and isinstance(self.project_fn, RopeWriteFn):
-            cos, sin = rope_tables(inputs.positions, inv_freq)
-            written = self.project_fn.rope_write((q, k_new, v_new), dt, cos, sin, k_pages,
-                                                 v_pages, inputs.slot_mapping, rows)
+        if project_fn is not None:
+            products = (as_deferred(q), as_deferred(k_new), as_deferred(v_new))
+            if not cfg.qk_norm and isinstance(project_fn, RopeWriteFn):
+                cos, sin = rope_tables(inputs.positions, inv_freq)
+                written = project_fn.rope_write(products, dt, cos, sin, k_pages, v_pages,
+                                                jnp.asarray(inputs.slot_mapping), rows)
+            if written is None:
+                q, k_new, v_new = project_fn(products, dt)
         if written is not None:
             q, k_pages, v_pages = written
             k_new = v_new = None
         else:
-            if defer:
-                q, k_new, v_new = self.project_fn((q, k_new, v_new), dt)
+            q, k_new, v_new = as_array(q), as_array(k_new), as_array(v_new)
             if cfg.qk_norm:
                 q = RMSNorm(h, cfg.rms_norm_eps, dt, name="q_norm")(q)
                 k_new = RMSNorm(h, cfg.rms_norm_eps, dt, name="k_norm")(k_new)
@@ -242,7 +253,7 @@ class Llama(nn.Module):
         with jax.named_scope("lm_head"):
             if self.cfg.tie_word_embeddings:
                 return self.embed.attend(hidden).astype(jnp.float32)
-            return self.lm_head(hidden).astype(jnp.float32)
+            return as_array(self.lm_head(hidden)).astype(jnp.float32)
 
     def init_all(self, inputs: StepInputs, kv_cache: KVCache) -> jax.Array:
         """Touches every parameter (used only by `init`)."""
@@ -274,13 +285,15 @@ def forward_hidden(params: Params, inputs: StepInputs, kv_cache: KVCache, cfg: M
         raise ValueError(f"kv_cache has {len(kv_cache)} layers, config has "
                          f"num_layers={cfg.num_layers}")
     model = _model(cfg, attention_impl, attention_fn, row_parallel_fn, project_fn)
-    return model.apply({"params": params}, inputs, kv_cache)
+    # Without `mutable`, apply returns the method's output alone (not an (out, state) pair).
+    return cast(tuple[jax.Array, KVCache], model.apply({"params": params}, inputs, kv_cache))
 
 
 def compute_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Projects final-normed hidden states [..., D] to float32 logits [..., V]."""
     model = _model(cfg, "auto", None)
-    return model.apply({"params": params}, hidden, method=Llama.logits)
+    # Without `mutable`, apply returns the method's output alone (not an (out, state) pair).
+    return cast(jax.Array, model.apply({"params": params}, hidden, method=Llama.logits))
 
 
 def forward(params: Params, inputs: StepInputs, kv_cache: KVCache, cfg: ModelConfig, *,

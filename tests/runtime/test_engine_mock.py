@@ -277,7 +277,8 @@ def test_random_add_step_abort_sequences(ops, overlap):
     (dict(top_k=2**31), "top_k"), (dict(max_tokens=2**31), "max_tokens"),
     (dict(stop_token_ids=[2**40]), "stop_token_ids"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
     (dict(stop_token_ids=[1.5]), "stop_token_ids"), (dict(stop_token_ids=["7"]), "stop_token_ids"),
-    (dict(stop_token_ids=[True]), "stop_token_ids"),
+    (dict(stop_token_ids=[True]), "stop_token_ids"), (dict(stop_token_ids=5), "stop_token_ids"),
+    (dict(stop_token_ids="12"), "stop_token_ids"), (dict(logit_bias=5), "logit_bias"),
 ])
 def test_sampling_values_past_int32_are_refused_before_they_reach_a_step(kwargs, field):
     # The step's sampling arrays are int32: such a value used to fail the whole batch mid-step.

@@ -51,6 +51,8 @@ def test_n_samples_and_errors():
         llm.generate([[1], [2]], [SamplingParams()])
     with pytest.raises(ValueError, match="tokenizer"):
         llm.generate("text needs a tokenizer")
+    with pytest.raises(ValueError, match="prompt=3"):  # a batch item neither text nor ids
+        llm.generate([[1, 2], 3])
     with pytest.raises(ValueError, match="max_model_len"):
         llm.generate([[1] * 120], SamplingParams(max_tokens=20))
     assert not llm.engine.has_work() or llm.engine.step() is not None

@@ -265,13 +265,16 @@ def parse_line(text: str, lineno: int, defaults: dict[str, Any],
         prompt = body.get("prompt")
         if "messages" in body and prompt is not None:
             raise ValueError("prompt, messages: give one of them, not both")
-        if tokenizer is None and ("messages" in body or isinstance(prompt, str)):
-            raise ValueError("prompt: text needs a tokenizer; give token ids")
+        no_tokenizer = "prompt: text needs a tokenizer; give token ids"
         if "messages" in body:
+            if tokenizer is None:
+                raise ValueError(no_tokenizer)
             text_prompt = tokenizer.apply_chat_template(body["messages"],
                                                         add_generation_prompt=True)
             ids = tokenizer.encode(text_prompt)
         elif isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError(no_tokenizer)
             ids = tokenizer.encode(prompt)
         elif isinstance(prompt, list) and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -379,9 +382,12 @@ def _batch(llm: Any, args: argparse.Namespace, defaults: dict[str, Any]) -> int:
                 errors += 1
                 write({"id": rid, "error": err, "line": lineno})
                 continue
+            if ids is None or sp is None:  # parse_line gives both whenever it gives no error
+                raise RuntimeError(f"line {lineno}: parse_line returned neither a request nor "
+                                   f"an error")
             key = f"job-{len(reqs)}"
             meta[key] = _Line(lineno, rid, custom)
-            reqs.append(PreparedRequest(key, ids, sp))  # type: ignore[arg-type]
+            reqs.append(PreparedRequest(key, ids, sp))
     progress = _Progress(len(reqs), None if args.no_progress else sys.stderr)
 
     def on_error(r: PreparedRequest, e: ValueError) -> None:

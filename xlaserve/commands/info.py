@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import jax
-    import jaxlib
+    import jaxlib.version  # jaxlib re-exports its __version__ without declaring it
 
     import xlaserve
     from xlaserve.pallas_kernels.ops import available_implementations
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         "xlaserve": xlaserve.__version__,
         "python": platform.python_version(),
         "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
+        "jaxlib": jaxlib.version.__version__,
         "backend": backend,
         "devices": [f"{d.platform}:{d.id} {d.device_kind}" for d in devices],
         "attention_implementations": available_implementations(backend),

@@ -125,10 +125,13 @@ def run(args: argparse.Namespace) -> int:
                          "compiles; drop --buckets and --no-penalty-programs")
     if args.run_kv_len is not None and args.run_kv_len < 1:
         raise UsageError(f"--run-kv-len {args.run_kv_len}: must be >= 1")
-    force = _parse_shape(args.force_shape, "--force-shape") if args.force_shape else None
-    if force is not None and (force[1] is None or not args.check_recompiles):
-        raise UsageError(f"--force-shape {args.force_shape!r}: expected TxS, with "
-                         f"--check-recompiles")
+    force: tuple[int, int] | None = None  # (T, S)
+    if args.force_shape:
+        force_t, force_s = _parse_shape(args.force_shape, "--force-shape")
+        if force_s is None or not args.check_recompiles:
+            raise UsageError(f"--force-shape {args.force_shape!r}: expected TxS, with "
+                             f"--check-recompiles")
+        force = (force_t, force_s)
     _check_destinations(args)
     cfg = engine_config_from_args(args)
     check_engine_config(cfg)
