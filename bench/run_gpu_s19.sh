@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Session 19: the type-checking pass (commit abe0bbb) touched GPU-only code paths (the fused
+# all-reduce's return, ShardedRowParallel's fused branch, DecodeProjection.rope_write's
+# arguments, the Attention hook flow, the Triton compiler-params lookup under jax 0.11.2). This
+# checks them on two GPUs: the compiled kernel and all-reduce tests, the builtin model's greedy
+# tokens at tp 2 against tp 1 through the CLI, and the 8B-shaped batch-1 decode step at tp 1 and
+# 2 (tp=2 greedy equal across runs; the ratio for #6 on this machine).
+#   OUT=/tmp/out COMMIT=<hash> PART=verify|verify2|hostab bash bench/run_gpu_s19.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/gpu_install.sh && gpu_script 19 verify || exit 1
+if [ "$PART" = verify ]; then  # call 1: cut at 600 s (the kernel tests alone took ~300 s)
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 300 $PY -m pytest -q -rfs --tb=short \
+    -p no:cacheprovider tests/kernels tests/sharding/test_all_reduce.py -k "not Interpret" \
+    > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -4 "$R/pytest_gpu.txt"
+  gpu_cli_tp_check "$R"
+  run_tp base_a "1 2"
+fi
+if [ "$PART" = verify2 ]; then  # call 2: what call 1 did not reach
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 240 $PY -m pytest -q -rfs --tb=short \
+    -p no:cacheprovider tests/sharding/test_all_reduce.py > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -4 "$R/pytest_gpu.txt"
+  run_tp base_b 2
+  if [ $((SECONDS - T0)) -lt 420 ]; then
+    run_tp base_c 1
+  fi
+fi
+if [ "$PART" = hostab ]; then  # call 3: call 2's host was slow (tp=2 dispatch 3.40 ms)
+  # the previous commit's library (61f2d6c) against this one, and XLA's SKIP_TEMP graph
+  # update mode (no command-buffer updates for the moving temp buffer; less host time)
+  P=bench/results/session19_h200x2/to_61f2d6c.patch
+  SKIP=--xla-flags=--xla_gpu_command_buffer_update_mode=SKIP_TEMP
+  run_tp new_a 2
+  run_tp skip_a 2 $SKIP
+  git apply $P && echo "=== applied $P (61f2d6c's library)"
+  run_tp old_a 2
+  git apply -R $P && echo "=== reverted $P"
+  if [ $((SECONDS - T0)) -lt 420 ]; then
+    run_tp skip1 1 $SKIP
+  fi
+  if [ $((SECONDS - T0)) -lt 440 ]; then
+    run_tp new_b 2
+  fi
+fi
+tar czf "$OUT/s19_$PART.tgz" -C "$OUT" "s19_$PART" && rm -rf "$R"
