@@ -145,16 +145,31 @@ def test_kserve_request_ids_need_not_be_unique(start_server: Any) -> None:
         client.close()
 
 
-def test_top_k_minus_one_means_off(mock_server: Any) -> None:
-    """vLLM and SGLang clients send top_k=-1 for "off"; it must mean the same as top_k=0."""
-    with XlaserveClient(mock_server.target, timeout_s=30) as c:
+def test_top_k_minus_one_means_off(start_server: Any, tokenizer: Any) -> None:
+    """vLLM and SGLang clients send top_k=-1 for "off"; it must mean the same as top_k=0.
+
+    The mock engine's sampled tokens depend on the seed only, not on top_k: the engine records
+    the SamplingParams it is given, which is what the check reads."""
+    engine = make_engine(tokenizer=tokenizer)
+    seen: list[Any] = []
+    add = engine.add_request
+
+    def recording_add(request_id: str, prompt_token_ids: list[int], sampling: Any) -> None:
+        seen.append(sampling)
+        add(request_id, prompt_token_ids, sampling)
+    engine.add_request = recording_add  # type: ignore[method-assign]
+    srv = start_server(lambda: engine)
+    with XlaserveClient(srv.target, timeout_s=30) as c:
         off = c.generate("hello", max_tokens=6, temperature=1.0, seed=7, top_k=-1)
         zero = c.generate("hello", max_tokens=6, temperature=1.0, seed=7, top_k=0)
+        five = c.generate("hello", max_tokens=6, temperature=1.0, seed=7, top_k=5)
         assert off.token_ids == zero.token_ids and off.completion_tokens == 6
-    client = triton.InferenceServerClient(mock_server.target)
+    client = triton.InferenceServerClient(srv.target)
     try:
         result = client.infer("mock", [_text_input("hi")], parameters={"top_k": -1,
                                                                         "max_tokens": 2})
         assert result.get_response().parameters["completion_tokens"].int64_param == 2
     finally:
         client.close()
+    assert five.completion_tokens == 6
+    assert [sp.top_k for sp in seen] == [0, 0, 5, 0]  # native -1, 0, 5; KServe -1
