@@ -5,7 +5,7 @@
 # checks them on two GPUs: the compiled kernel and all-reduce tests, the builtin model's greedy
 # tokens at tp 2 against tp 1 through the CLI, and the 8B-shaped batch-1 decode step at tp 1 and
 # 2 (tp=2 greedy equal across runs; the ratio for #6 on this machine).
-#   OUT=/tmp/out COMMIT=<hash> PART=verify|verify2|hostab bash bench/run_gpu_s19.sh
+#   OUT=/tmp/out COMMIT=<hash> PART=verify|verify2|hostab|skiptemp bash bench/run_gpu_s19.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 19 verify || exit 1
@@ -42,5 +42,53 @@ if [ "$PART" = hostab ]; then  # call 3: call 2's host was slow (tp=2 dispatch 3
   if [ $((SECONDS - T0)) -lt 440 ]; then
     run_tp new_b 2
   fi
+fi
+if [ "$PART" = skiptemp ]; then  # call 4, one H200: SKIP_TEMP through the engine
+  # Batch-1 latency and offline throughput of the 8B shape, and the builtin model's greedy
+  # tokens, with XLA's defaults and with SKIP_TEMP (XLA's client then uses its VMM allocator):
+  # host time, device-idle, tokens/s, and the KV pages the engine sizes from memory_stats().
+  M=bench/configs/llama3.1-8b
+  SK=XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP
+  e2e() {  # name timeout script args... (env assignments may precede: env runs them)
+    local name=$1 limit=$2; shift 2
+    timeout -s ABRT -k 5 $limit env "$@" --out "$R/$name.json" > "$R/$name.log" 2>&1
+    echo "=== $name rc=$? at $((SECONDS - T0))s"
+  }
+  LAT=(bench/latency.py --model $M --load-format dummy --contexts 128,1024 --decode-tokens 32
+       --repeats 2)
+  THR=(bench/throughput.py --model $M --load-format dummy --cases 128/128:256
+       --max-num-seqs 256 --max-num-batched-tokens 2048)
+  e2e lat_base 200 $PY "${LAT[@]}"
+  e2e lat_skip 200 $SK $PY "${LAT[@]}"
+  e2e thr_base 220 $PY "${THR[@]}"
+  e2e thr_skip 220 $SK $PY "${THR[@]}"
+  $PY -c 'import json
+for i, p in enumerate(["Hello, my name is", "The capital of France", "1 2 3 4", "Once upon"]):
+    print(json.dumps({"id": f"p{i}", "prompt": p, "max_tokens": 24, "temperature": 0}))' \
+    > /tmp/in.jsonl
+  for v in base skip; do
+    timeout -s ABRT -k 5 120 env $([ $v = skip ] && echo $SK) $PY -m xlaserve generate \
+      --model builtin:tiny --dtype float32 --input /tmp/in.jsonl --output /tmp/cli_$v.jsonl \
+      > "$R/cli_$v.log" 2>&1
+    echo "=== cli_$v rc=$?"
+  done
+  $PY -c 'import json
+t = {v: [json.loads(l)["token_ids"] for l in open(f"/tmp/cli_{v}.jsonl")] for v in ("base", "skip")}
+print("CLI greedy token ids, SKIP_TEMP == default:", t["base"] == t["skip"], len(t["base"]))' \
+    | tee "$R/cli.txt"
+  $PY - "$R" <<'PY'
+import json, sys, pathlib
+r = pathlib.Path(sys.argv[1])
+for name in ("lat_base", "lat_skip", "thr_base", "thr_skip"):
+    f = r / f"{name}.json"
+    if not f.exists():
+        print(name, "missing"); continue
+    d = json.loads(f.read_text())
+    eng = d.get("engine", {})
+    print(name, "num_pages", eng.get("num_pages"), "XLA_FLAGS", d.get("env", {}).get("XLA_FLAGS"))
+    for c in d.get("cases", []):
+        keep = {k: v for k, v in c.items() if isinstance(v, (int, float, str))}
+        print("  ", json.dumps(keep)[:600])
+PY
 fi
 tar czf "$OUT/s19_$PART.tgz" -C "$OUT" "s19_$PART" && rm -rf "$R"
