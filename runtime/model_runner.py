@@ -136,6 +136,29 @@ def num_pages_from_memory(bytes_limit: int, bytes_in_use: int, utilization: floa
     return int(num_pages)
 
 
+def num_pages_without_memory_stats(platform: str, full_need: int, page_bytes: int) -> int:
+    """KV pages when the device reports no memory limit (`memory_stats()` without bytes_limit):
+    every sequence at max_model_len (`full_need` pages), capped at CPU_DEFAULT_KV_BYTES.
+
+    On a CPU that is the plan. On an accelerator it is a fallback that can leave most of the
+    memory unused (XLA's platform or VMM allocators report no limit; with XLA's
+    --xla_gpu_command_buffer_update_mode=SKIP_TEMP, the VMM one gave the 8B model 512 pages
+    against 40657: bench/results/session19_h200/), so it is logged as a warning naming the
+    remedy.
+    """
+    num_pages = max(2, min(full_need, CPU_DEFAULT_KV_BYTES // page_bytes))
+    if platform == "cpu":
+        log.info("num_pages=%d: cpu reports no memory stats; default is every sequence at "
+                 "max_model_len, capped at %d MiB of KV", num_pages, CPU_DEFAULT_KV_BYTES >> 20)
+    else:
+        log.warning("num_pages=%d (%d MiB of KV): the %s device reports no memory limit "
+                    "(memory_stats() has no bytes_limit, e.g. under XLA's platform or VMM "
+                    "allocator), so gpu_memory_utilization cannot apply; set num_pages "
+                    "(--num-pages) to size the KV cache", num_pages,
+                    num_pages * page_bytes >> 20, platform)
+    return int(num_pages)
+
+
 def _check_buckets(field: str, given: Sequence[int] | None, maximum: int,
                    default: tuple[int, ...]) -> tuple[int, ...]:
     """`given` validated (ascending, distinct, positive, last one covers `maximum`), or default."""
@@ -306,11 +329,7 @@ class ModelRunner:
                      stats.get("bytes_in_use", 0), page_bytes)
             return num_pages
         full_need = self.sched_cfg.max_num_seqs * self.max_pages_per_seq + 1
-        num_pages = max(2, min(full_need, CPU_DEFAULT_KV_BYTES // page_bytes))
-        log.info("num_pages=%d: %s reports no memory stats; default is every sequence at "
-                 "max_model_len, capped at %d MiB of KV", num_pages, device.platform,
-                 CPU_DEFAULT_KV_BYTES >> 20)
-        return int(num_pages)
+        return num_pages_without_memory_stats(device.platform, full_need, page_bytes)
 
     def _packed_jit(self, spec: packing.PackSpec) -> Any:
         """The jitted step taking (params, kv, packed i32 vector, separate leaves) for `spec`."""

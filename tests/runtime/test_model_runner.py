@@ -465,3 +465,16 @@ def test_logit_bias_rows_take_the_sampler_program(runner, params):
     half = dataclasses.replace(smp, logit_bias=None)
     with pytest.raises(ValueError, match="logit_bias_ids, logit_bias: give both or neither"):
         runner.execute(dataclasses.replace(inputs, sampling=half))
+
+
+def test_num_pages_without_memory_stats_warns_off_cpu(caplog):
+    # 1 GiB cap over 2 MiB pages = 512; a smaller full need wins.
+    with caplog.at_level(logging.INFO, logger=mr.__name__):
+        assert mr.num_pages_without_memory_stats("cpu", 10**6, 2 << 20) == 512
+        assert mr.num_pages_without_memory_stats("cpu", 7, 2 << 20) == 7
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=mr.__name__):
+        assert mr.num_pages_without_memory_stats("gpu", 10**6, 2 << 20) == 512
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "--num-pages" in warned[0] and "gpu" in warned[0]
