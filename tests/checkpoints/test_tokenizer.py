@@ -87,7 +87,7 @@ def test_missing_tokenizer_json(tmp_path: pathlib.Path) -> None:
 def test_roundtrip(which: str, sp_dir: pathlib.Path, bl_dir: pathlib.Path) -> None:
     tok = Tokenizer.from_dir(sp_dir if which == "sp" else bl_dir)
     for text in TEXTS:
-        if which == "sp" and "<s>" in text or "</s>" in text:
+        if which == "sp" and ("<s>" in text or "</s>" in text):
             continue  # Llama 2's dummy prefix adds a space after each special token
         ids = tok.encode(text, add_special_tokens=False)
         assert all(0 <= i < tok.vocab_size for i in ids)

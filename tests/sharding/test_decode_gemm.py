@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
 from xlaserve.sharding.decode_gemm import DecodeProjection, decode_gemm_hooks
@@ -27,28 +28,57 @@ def _cfg(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
+def _steps() -> list[StepInputs]:
+    """Two ragged steps over permuted pages (page size 4; page 0 is padding): a chunk of 5
+    tokens (pages 3, 1) and one of 2 (page 2) with a padding row, then one decode token each
+    after that context. Several keys per query at non-zero positions, so a wrong q or rope
+    shows (one token at position 0 attends to itself alone: its output is v whatever q is,
+    and rope there is the identity)."""
+    i32 = functools.partial(np.array, dtype=np.int32)
+    table = i32([[3, 1], [2, 0]])
+    prefill = StepInputs(token_ids=i32([5, 9, 200, 31, 7, 17, 42, 0]),
+                         positions=i32([0, 1, 2, 3, 4, 0, 1, 0]),
+                         slot_mapping=i32([12, 13, 14, 15, 4, 8, 9, 0]),
+                         cu_q_lens=i32([0, 5, 7]), kv_lens=i32([5, 2]), page_table=table,
+                         num_seqs=i32([2]), logits_indices=i32([4, 6]))
+    decode = StepInputs(token_ids=i32([11, 64, 0, 0, 0, 0, 0, 0]),
+                        positions=i32([5, 2, 0, 0, 0, 0, 0, 0]),
+                        slot_mapping=i32([5, 10, 0, 0, 0, 0, 0, 0]),
+                        cu_q_lens=i32([0, 1, 2]), kv_lens=i32([6, 3]), page_table=table,
+                        num_seqs=i32([2]), logits_indices=i32([0, 1]))
+    return [prefill, decode]
+
+
 def _run(cfg, plan, *, project_fn, row_parallel_fn):
-    params = jax.jit(functools.partial(llama.init_params, cfg),
+    """Hidden states of both `_steps` (rows concatenated), the skinny GEMM and rope_write_kv
+    counts in the program, the logical KV cache after them."""
+    params = jax.jit(lambda key: jax.tree.map(lambda x: x * 4.0, llama.init_params(cfg, key)),
                      out_shardings=None if plan is None else plan.param_shardings)(
-        jax.random.key(0))
-    inputs = llama._dummy_step(cfg)[0]
+        jax.random.key(0))  # x4: attention far from uniform, so q matters
     cache = (plan.init_kv_cache(4, 4) if plan is not None
              else llama.init_kv_cache(cfg, 4, 4))
     fn = jax.jit(functools.partial(
         llama.forward_hidden, cfg=cfg, attention_impl="reference",
         attention_fn=None if plan is None else plan.attention_fn,
         row_parallel_fn=row_parallel_fn, project_fn=project_fn))
-    text = fn.lower(params, inputs, cache).as_text()
-    hidden, cache = fn(params, inputs, cache)
+    steps = _steps()
+    text = fn.lower(params, steps[0], cache).as_text()
+    hidden = []
+    for inputs in steps:
+        h, cache = fn(params, inputs, cache)
+        hidden.append(np.asarray(h))
     if plan is not None:
         cache = plan.logical_kv_cache(cache)
-    return (np.asarray(hidden), text.count("skinny_gemm"), text.count("rope_write_kv"),
+    return (np.concatenate(hidden), text.count("skinny_gemm"), text.count("rope_write_kv"),
             [np.asarray(a) for layer in cache for a in layer])
 
 
 def _close_caches(got, want):
+    """[K, P, L, H] pools equal past page 0 (the padding page: the plain path writes padding
+    rows there, rope_write_kv skips them) and the steps' slots were written."""
     for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g[:, 1:], w[:, 1:], rtol=1e-5, atol=1e-5)
+        assert np.abs(w[:, 1:]).sum(axis=(0, 3)).astype(bool).sum() == 9  # 7 + 2 tokens
 
 
 @pytest.mark.parametrize("tp,kv_heads", [(2, 4), (1, 4), (4, 2)], ids=["tp2", "tp1", "tp4-kvrep"])
