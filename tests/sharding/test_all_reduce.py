@@ -217,6 +217,20 @@ def _tiny_cfg(**overrides):
     return ModelConfig(**{**fields, **overrides})
 
 
+def _ragged_step():
+    """8 real rows: a chunk of 5 tokens on pages 3, 1 and one of 3 on page 2 (page size 4), so
+    rows mixed up anywhere on the row-parallel path change the hidden states."""
+    from xlaserve.runtime.batch import StepInputs
+
+    i32 = functools.partial(np.array, dtype=np.int32)
+    return StepInputs(token_ids=i32([5, 9, 200, 31, 7, 17, 42, 3]),
+                      positions=i32([0, 1, 2, 3, 4, 0, 1, 2]),
+                      slot_mapping=i32([12, 13, 14, 15, 4, 8, 9, 10]),
+                      cu_q_lens=i32([0, 5, 8]), kv_lens=i32([5, 3]),
+                      page_table=i32([[3, 1], [2, 0]]), num_seqs=i32([2]),
+                      logits_indices=i32([4, 7]))
+
+
 def _tp2_model():
     """The tiny decoder on a 2-device plan: (cfg, plan, run), run(rp) -> (hidden states through
     forward_hidden with row-parallel hook rp, the fake kernel's calls)."""
@@ -229,7 +243,7 @@ def _tp2_model():
                                devices=jax.devices()[:2], attention_impl="reference")
     params = jax.jit(functools.partial(llama.init_params, cfg),
                      out_shardings=plan.param_shardings)(jax.random.key(0))
-    inputs = llama._dummy_step(cfg)[0]
+    inputs = _ragged_step()
     cache = plan.init_kv_cache(4, 4)
 
     def run(rp):
