@@ -5,7 +5,7 @@
 # checks them on two GPUs: the compiled kernel and all-reduce tests, the builtin model's greedy
 # tokens at tp 2 against tp 1 through the CLI, and the 8B-shaped batch-1 decode step at tp 1 and
 # 2 (tp=2 greedy equal across runs; the ratio for #6 on this machine).
-#   OUT=/tmp/out COMMIT=<hash> PART=verify|verify2|hostab|skiptemp bash bench/run_gpu_s19.sh
+#   OUT=/tmp/out COMMIT=<hash> PART=verify|verify2|hostab|skiptemp|kvdriver bash bench/run_gpu_s19.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 19 verify || exit 1
@@ -90,5 +90,25 @@ for name in ("lat_base", "lat_skip", "thr_base", "thr_skip"):
         keep = {k: v for k, v in c.items() if isinstance(v, (int, float, str))}
         print("  ", json.dumps(keep)[:600])
 PY
+fi
+if [ "$PART" = kvdriver ]; then  # call 5, one H200: KV pages from the driver's free memory
+  # when XLA's allocator reports no limit: SKIP_TEMP (XLA then uses its VMM allocator) and
+  # XLA_PYTHON_CLIENT_ALLOCATOR=platform, through offline throughput (call 4: 512 pages and
+  # 3062 tokens/s under SKIP_TEMP; 40657 pages and 11560 tokens/s with the defaults).
+  THR=(bench/throughput.py --model bench/configs/llama3.1-8b --load-format dummy
+       --cases 128/128:256 --max-num-seqs 256 --max-num-batched-tokens 2048)
+  for v in skip platform; do
+    case $v in
+      skip) E=XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP ;;
+      platform) E=XLA_PYTHON_CLIENT_ALLOCATOR=platform ;;
+    esac
+    timeout -s ABRT -k 5 220 env $E $PY "${THR[@]}" --out "$R/thr_$v.json" \
+      > "$R/thr_$v.log" 2>&1
+    echo "=== thr_$v rc=$? at $((SECONDS - T0))s"
+    $PY -c 'import json, sys
+d = json.load(open(sys.argv[1])); c = d["cases"][0]
+print(sys.argv[1].split("/")[-1], "num_pages", d["engine"]["num_pages"], "tok/s",
+      round(c["output_tokens_per_s"]), "preemptions", c["preemptions"])' "$R/thr_$v.json"
+  done
 fi
 tar czf "$OUT/s19_$PART.tgz" -C "$OUT" "s19_$PART" && rm -rf "$R"

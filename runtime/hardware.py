@@ -13,10 +13,13 @@ The "cpu-nominal" entry is a documented round number (100 GFLOP/s, 20 GB/s), not
 it only lets the CPU test path compute a roofline. Pass ``--calibrate`` for a measured one.
 
 This module does no profiling of its own and never guesses: an unknown device raises.
+`cuda_memory_info` asks the CUDA driver for a GPU's free and total memory (for sizing the KV
+cache when XLA's allocator reports no limit).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import statistics
 import time
@@ -189,3 +192,26 @@ def calibrate(device: jax.Device | None = None,  # pyright: ignore[reportInvalid
                        fp32_flops_per_s=fp32, memory_bytes_per_s=bandwidth,
                        memory_capacity_bytes=capacity, source="measured",
                        device_kinds=(dev.device_kind,))
+
+
+def cuda_memory_info(ordinal: int) -> tuple[int, int] | None:
+    """(free, total) bytes of CUDA device `ordinal` (jax's `local_hardware_id`), from the
+    driver's cuMemGetInfo in the device's primary context (the one XLA uses); None without a
+    CUDA driver or when a driver call fails. Free memory counts every process's allocations.
+    """
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    ctx = ctypes.c_void_p()
+    if cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), ordinal):
+        return None
+    try:
+        if cuda.cuCtxPushCurrent_v2(ctx):
+            return None
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        rc = cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total))
+        cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+        return (int(free.value), int(total.value)) if rc == 0 else None
+    finally:
+        cuda.cuDevicePrimaryCtxRelease_v2(ordinal)

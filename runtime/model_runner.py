@@ -48,7 +48,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from xlaserve.runtime import packing, sampling, step_arrays, step_programs, xla_flags
+from xlaserve.runtime import hardware, packing, sampling, step_arrays, step_programs, xla_flags
 from xlaserve.runtime.batch import (
     MAX_LOGIT_BIAS,
     StepInputs,
@@ -136,15 +136,35 @@ def num_pages_from_memory(bytes_limit: int, bytes_in_use: int, utilization: floa
     return int(num_pages)
 
 
+def kv_memory_source(platform: str, stats: dict[str, Any] | None,
+                     driver: Callable[[], tuple[int, int] | None],
+                     ) -> tuple[int, int, str] | None:
+    """(bytes_limit, bytes_in_use, where from) to size the KV cache by, or None.
+
+    XLA's allocator stats first (`memory_stats()`: the BFC allocator's limit and use). An
+    allocator without a limit (XLA's platform or VMM allocator) leaves a GPU to the driver:
+    total memory, and in use = total - free, as vLLM reads `gpu_memory_utilization`. `driver`
+    is called only then. A CPU has neither: None.
+    """
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0)), "allocator"
+    if platform == "cpu":
+        return None
+    info = driver()
+    if info is None:
+        return None
+    free, total = info
+    return total, total - free, "driver"
+
+
 def num_pages_without_memory_stats(platform: str, full_need: int, page_bytes: int) -> int:
     """KV pages when the device reports no memory limit (`memory_stats()` without bytes_limit):
     every sequence at max_model_len (`full_need` pages), capped at CPU_DEFAULT_KV_BYTES.
 
     On a CPU that is the plan. On an accelerator it is a fallback that can leave most of the
-    memory unused (XLA's platform or VMM allocators report no limit; with XLA's
-    --xla_gpu_command_buffer_update_mode=SKIP_TEMP, the VMM one gave the 8B model 512 pages
-    against 40657: bench/results/session19_h200/), so it is logged as a warning naming the
-    remedy.
+    memory unused (before `kv_memory_source` asked the driver, XLA's VMM allocator, which
+    reports no limit, gave the 8B model 512 pages against 40657: bench/results/session19_h200/),
+    so it is logged as a warning naming the remedy.
     """
     num_pages = max(2, min(full_need, CPU_DEFAULT_KV_BYTES // page_bytes))
     if platform == "cpu":
@@ -152,8 +172,8 @@ def num_pages_without_memory_stats(platform: str, full_need: int, page_bytes: in
                  "max_model_len, capped at %d MiB of KV", num_pages, CPU_DEFAULT_KV_BYTES >> 20)
     else:
         log.warning("num_pages=%d (%d MiB of KV): the %s device reports no memory limit "
-                    "(memory_stats() has no bytes_limit, e.g. under XLA's platform or VMM "
-                    "allocator), so gpu_memory_utilization cannot apply; set num_pages "
+                    "(memory_stats() has no bytes_limit and the driver was not asked or did not "
+                    "answer), so gpu_memory_utilization cannot apply; set num_pages "
                     "(--num-pages) to size the KV cache", num_pages,
                     num_pages * page_bytes >> 20, platform)
     return int(num_pages)
@@ -319,14 +339,15 @@ class ModelRunner:
             probe = (self.kv_cache_heads, 64 * len(kv_sharding.device_set),
                      self.page_size, cfg.head_dim)  # [C, P, L, H], P divisible
             page_bytes = page_bytes * math.prod(kv_sharding.shard_shape(probe)) // math.prod(probe)
-        stats = device.memory_stats()
-        if stats and "bytes_limit" in stats:
+        source = kv_memory_source(
+            device.platform, device.memory_stats(),
+            lambda: hardware.cuda_memory_info(int(device.local_hardware_id)))
+        if source is not None:
+            limit, in_use, where = source
             util = self.cache_cfg.gpu_memory_utilization
-            num_pages = num_pages_from_memory(int(stats["bytes_limit"]),
-                                              int(stats.get("bytes_in_use", 0)), util, page_bytes)
-            log.info("num_pages=%d from %s memory: limit %d B x %.2f - in use %d B, %d B/page",
-                     num_pages, device, stats["bytes_limit"], util,
-                     stats.get("bytes_in_use", 0), page_bytes)
+            num_pages = num_pages_from_memory(limit, in_use, util, page_bytes)
+            log.info("num_pages=%d from %s memory (%s): limit %d B x %.2f - in use %d B, "
+                     "%d B/page", num_pages, device, where, limit, util, in_use, page_bytes)
             return num_pages
         full_need = self.sched_cfg.max_num_seqs * self.max_pages_per_seq + 1
         return num_pages_without_memory_stats(device.platform, full_need, page_bytes)

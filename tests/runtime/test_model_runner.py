@@ -478,3 +478,28 @@ def test_num_pages_without_memory_stats_warns_off_cpu(caplog):
         assert mr.num_pages_without_memory_stats("gpu", 10**6, 2 << 20) == 512
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "--num-pages" in warned[0] and "gpu" in warned[0]
+
+
+def test_kv_memory_source_allocator_then_driver():
+    def never():
+        raise AssertionError("the driver is asked only when the allocator has no limit")
+
+    stats = {"bytes_limit": 100 << 30, "bytes_in_use": 20 << 30}
+    assert mr.kv_memory_source("gpu", stats, never) == (100 << 30, 20 << 30, "allocator")
+    assert mr.kv_memory_source("cpu", None, never) is None
+    # XLA's VMM / platform allocators: no limit, so the driver's (free, total) decide.
+    assert mr.kv_memory_source("gpu", {"bytes_in_use": 1}, lambda: (30 << 30, 140 << 30)) == (
+        140 << 30, 110 << 30, "driver")
+    assert mr.kv_memory_source("gpu", None, lambda: None) is None
+
+
+def test_cuda_memory_info_without_a_driver(monkeypatch):
+    import ctypes
+
+    from xlaserve.runtime import hardware
+
+    def no_driver(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_driver)
+    assert hardware.cuda_memory_info(0) is None
