@@ -487,9 +487,12 @@ def test_kv_memory_source_allocator_then_driver():
     stats = {"bytes_limit": 100 << 30, "bytes_in_use": 20 << 30}
     assert mr.kv_memory_source("gpu", stats, never) == (100 << 30, 20 << 30, "allocator")
     assert mr.kv_memory_source("cpu", None, never) is None
-    # XLA's VMM / platform allocators: no limit, so the driver's (free, total) decide.
-    assert mr.kv_memory_source("gpu", {"bytes_in_use": 1}, lambda: (30 << 30, 140 << 30)) == (
-        140 << 30, 110 << 30, "driver")
+    # XLA's VMM / platform allocators: no stats, so the driver's (free, total) decide, capped
+    # at the allocators' fraction of the total.
+    assert mr.kv_memory_source("gpu", None, lambda: (30 << 30, 140 << 30)) == (
+        105 << 30, 110 << 30, "driver, 0.75 of the total")
+    assert mr.kv_memory_source("gpu", {}, lambda: (30 << 30, 140 << 30), 0.5)[:2] == (
+        70 << 30, 110 << 30)
     assert mr.kv_memory_source("gpu", None, lambda: None) is None
 
 
