@@ -1,0 +1,193 @@
+"""Does the weight's memory layout limit the decode skinny GEMM? (issue 6, session 20)
+
+The tp=2 decode step's half-width GEMMs run at 2.7-3.4 TB/s in the model (q/k/v 25 MB in
+9.0 us), and session 15 measured q/k/v at 7.8 us even with its weight in L2: the kernel, not
+HBM, sets the time. With the weight row-major [K, N] and block_n = 32, every program reads
+64-byte pieces of rows 6 KB apart. This times the same Pallas (Triton) split-K kernel over three
+layouts of the same weight:
+
+  kn     [K, N]            today's layout (rows of block_n * 2 bytes per program)
+  nk     [N, K]            the checkpoint's own (torch Linear) layout: rows of block_k * 2 bytes
+  tiled  [N / bn, K, bn]   each program's slice is one contiguous run
+
+Each GEMM returns its float32 split-K partials (the model's consumers read them), in a chain of
+n independent GEMMs on n weight copies (>= --cold-mb in all, so weights come from HBM), timed
+as one program: us per GEMM, launch gaps included. Also XLA's GEMM on kn and on nk weights for
+a 2048-row prefill product (the layout must not cost the prefill path) and for 16 rows.
+
+    python bench/gemm_layout.py --out /tmp/gemm_layout.json [--only qkv_tp2,o_tp2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import common  # noqa: F401  (first: xlaserve's XLA flags)
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from xlaserve.pallas_kernels.ragged_paged_attention import compiler_params
+
+H, NQ, NKV, HD, INTER = 4096, 32, 8, 128, 14336  # Llama 3.1 8B
+LAYOUTS = ("kn", "nk", "tiled")
+
+
+def shapes() -> list[dict[str, Any]]:
+    out = []
+    for tp in (2, 1):
+        for name, k, n in (("qkv", H, (NQ + 2 * NKV) * HD // tp), ("o", NQ * HD // tp, H),
+                           ("down", INTER // tp, H), ("gate_up", H, 2 * INTER // tp)):
+            out.append({"name": f"{name}_tp{tp}", "k": k, "n": n})
+    return out
+
+
+def to_layout(w: jax.Array, layout: str, bn: int) -> jax.Array:
+    k, n = w.shape
+    if layout == "kn":
+        return w
+    if layout == "nk":
+        return w.T
+    return w.reshape(k, n // bn, bn).transpose(1, 0, 2)  # [N / bn, K, bn]
+
+
+def _kernel(x_ref, w_ref, o_ref, *, layout: str, bn: int, bk: int, steps: int):
+    j, s = pl.program_id(0), pl.program_id(1)
+    k0 = s * (steps * bk)
+    m = x_ref.shape[0]
+
+    def body(t, acc):
+        xs = x_ref[:, pl.ds(t * bk, bk)]
+        if layout == "kn":
+            ws = w_ref[pl.ds(k0 + t * bk, bk), pl.ds(j * bn, bn)]
+            dims = (((1,), (0,)), ((), ()))
+        elif layout == "nk":
+            ws = w_ref[pl.ds(j * bn, bn), pl.ds(k0 + t * bk, bk)]
+            dims = (((1,), (1,)), ((), ()))
+        else:
+            ws = w_ref[j, pl.ds(k0 + t * bk, bk), :]
+            dims = (((1,), (0,)), ((), ()))
+        return acc + lax.dot_general(xs, ws, dims, preferred_element_type=jnp.float32)
+
+    o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros((m, bn), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "k", "n", "cfg", "interpret"))
+def gemm(x, w, *, layout: str, k: int, n: int, cfg: tuple[int, int, int, int, int],
+         interpret: bool = False):
+    bn, bk, splits, warps, stages = cfg
+    m = x.shape[0]
+    ks = k // splits
+    return pl.pallas_call(
+        functools.partial(_kernel, layout=layout, bn=bn, bk=bk, steps=ks // bk),
+        grid=(n // bn, splits),
+        in_specs=[pl.BlockSpec((m, ks), lambda j, s: (0, s)),
+                  pl.BlockSpec(w.shape, lambda j, s: (0,) * w.ndim)],
+        out_specs=pl.BlockSpec((None, m, bn), lambda j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+        compiler_params=compiler_params(warps, stages), interpret=interpret,
+        name=f"layout_{layout}_k{k}_n{n}")(x, w)
+
+
+def tiles(k: int, n: int, quick: bool) -> list[tuple[int, int, int, int, int]]:
+    out = []
+    for bn, bk, splits in itertools.product((32, 64, 128), (128, 256), (1, 2, 4, 8)):
+        ctas = n // bn * splits
+        if n % bn or k % (splits * bk) or k // splits // bk < 2 or not 96 <= ctas <= 1100:
+            continue
+        for stages in ((4,) if quick else (3, 4, 6)):
+            out.append((bn, bk, splits, 4, stages))
+    return out
+
+
+def run_shape(s: dict[str, Any], args) -> dict[str, Any]:
+    k, n, m = s["k"], s["n"], 16
+    wbytes = k * n * 2
+    num = max(4, math.ceil(args.cold_mb * 2 ** 20 / wbytes))
+    key = jax.random.key(0)
+    xs = tuple(jax.random.normal(jax.random.fold_in(key, i), (m, k), jnp.bfloat16)
+               for i in range(num))
+    w0 = jax.random.normal(jax.random.fold_in(key, 999), (k, n), jnp.bfloat16) * 0.02
+    ws = tuple(w0 + jnp.bfloat16(i * 1e-3) for i in range(num))
+    ref = jnp.dot(xs[0].astype(jnp.float32), ws[0].astype(jnp.float32))
+    res: dict[str, Any] = {**s, "weight_mb": wbytes / 2 ** 20, "copies": num, "runs": []}
+
+    def timed(fn, w_args):
+        return common.time_fn(fn, xs, w_args, iters=10, repeats=5, warmup=1) / num * 1e6
+
+    # XLA's GEMM, 16 rows, kn and nk (nk: the dot of x with w.T; XLA reads the transpose)
+    for layout in ("kn", "nk"):
+        wl = tuple(to_layout(w, layout, 1) for w in ws)
+        fn = jax.jit(lambda xs, ws, layout=layout: tuple(
+            jnp.dot(x, w if layout == "kn" else w.T, preferred_element_type=jnp.float32)
+            for x, w in zip(xs, ws)))
+        res[f"xla16_{layout}_us"] = timed(fn, wl)
+        del wl
+    # prefill-sized: 2048 rows against one weight (compute-bound; the layout must not matter)
+    xp = jax.random.normal(key, (2048, k), jnp.bfloat16)
+    for layout in ("kn", "nk"):
+        wl = to_layout(ws[0], layout, 1)
+        fp = jax.jit(lambda x, w, layout=layout: jnp.dot(
+            x, w if layout == "kn" else w.T, preferred_element_type=jnp.float32).astype(x.dtype))
+        res[f"xla2048_{layout}_us"] = common.time_fn(fp, xp, wl, iters=10, repeats=5) * 1e6
+    for layout in LAYOUTS:
+        for cfg in tiles(k, n, args.quick):
+            wl = tuple(to_layout(w, layout, cfg[0]) for w in ws)
+            fn = jax.jit(lambda xs, ws, layout=layout, cfg=cfg: tuple(
+                gemm(x, w, layout=layout, k=k, n=n, cfg=cfg) for x, w in zip(xs, ws)))
+            run = {"layout": layout, "bn": cfg[0], "bk": cfg[1], "splits": cfg[2],
+                   "warps": cfg[3], "stages": cfg[4]}
+            try:
+                c = fn.lower(xs, wl).compile()
+                out0 = c(xs, wl)[0].sum(axis=0)
+                run["max_rel_err"] = float(jnp.max(jnp.abs(out0 - ref)) / jnp.max(jnp.abs(ref)))
+                run["us"] = timed(c, wl)
+            except Exception as e:  # noqa: BLE001  (reported, the sweep goes on)
+                run["error"] = str(e)[:300]
+            res["runs"].append(run)
+            del wl
+    for layout in LAYOUTS:
+        ok = [r for r in res["runs"] if r["layout"] == layout and "us" in r]
+        res[f"best_{layout}"] = min(ok, key=lambda r: r["us"]) if ok else None
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cold-mb", type=float, default=320.0)
+    p.add_argument("--only", default="")
+    p.add_argument("--quick", action="store_true", help="stages 4 only")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    report: dict[str, Any] = {**common.device_info(), "date": time.strftime("%F"), "shapes": []}
+    for s in shapes():
+        if args.only and s["name"] not in args.only.split(","):
+            continue
+        t0 = time.time()
+        r = run_shape(s, args)
+        r["seconds"] = time.time() - t0
+        report["shapes"].append(r)
+        line = [f"{r['name']:12s} {r['weight_mb']:6.1f} MB",
+                f"xla16 kn {r['xla16_kn_us']:6.2f} nk {r['xla16_nk_us']:6.2f}",
+                f"xla2048 kn {r['xla2048_kn_us']:7.1f} nk {r['xla2048_nk_us']:7.1f}"]
+        for layout in LAYOUTS:
+            b = r[f"best_{layout}"]
+            if b:
+                tb = r["weight_mb"] * 2 ** 20 / b["us"] / 1e6
+                line.append(f"{layout} {b['us']:6.2f} us {tb:.2f} TB/s "
+                            f"[{b['bn']}/{b['bk']}/{b['splits']}/{b['stages']}]")
+        print("  ".join(line) + f"  ({r['seconds']:.0f} s)", flush=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
