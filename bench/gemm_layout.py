@@ -38,6 +38,7 @@ from xlaserve.pallas_kernels.ragged_paged_attention import compiler_params
 
 H, NQ, NKV, HD, INTER = 4096, 32, 8, 128, 14336  # Llama 3.1 8B
 LAYOUTS = ("kn", "nk", "tiled")
+VARIANTS = (*LAYOUTS, "stream", "uneven")
 
 
 def shapes() -> list[dict[str, Any]]:
@@ -65,6 +66,9 @@ def _kernel(x_ref, w_ref, o_ref, *, layout: str, bn: int, bk: int, steps: int):
 
     def body(t, acc):
         xs = x_ref[:, pl.ds(t * bk, bk)]
+        if layout == "stream":  # kn's loads, no product: what the loads alone take
+            ws = w_ref[pl.ds(k0 + t * bk, bk), pl.ds(j * bn, bn)].astype(jnp.float32)
+            return acc + jnp.sum(ws.reshape(bk // m, m, bn), axis=0)
         if layout == "kn":
             ws = w_ref[pl.ds(k0 + t * bk, bk), pl.ds(j * bn, bn)]
             dims = (((1,), (0,)), ((), ()))
@@ -77,6 +81,52 @@ def _kernel(x_ref, w_ref, o_ref, *, layout: str, bn: int, bk: int, steps: int):
         return acc + lax.dot_general(xs, ws, dims, preferred_element_type=jnp.float32)
 
     o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros((m, bn), jnp.float32))
+
+
+def _uneven_kernel(x_ref, w_ref, o_ref, *, bn: int, bk: int, steps: int, splits: int):
+    """kn with `splits` uneven K slices (whole bk steps, sizes differ by at most one), so the
+    grid can be a multiple of the SM count."""
+    j, s = pl.program_id(0), pl.program_id(1)
+    lo, hi = s * steps // splits, (s + 1) * steps // splits
+    m = x_ref.shape[0]
+
+    def body(t, acc):
+        xs = x_ref[:, pl.ds(t * bk, bk)]
+        ws = w_ref[pl.ds(t * bk, bk), pl.ds(j * bn, bn)]
+        return acc + jnp.dot(xs, ws, preferred_element_type=jnp.float32)
+
+    o_ref[...] = lax.fori_loop(lo, hi, body, jnp.zeros((m, bn), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "n", "cfg", "interpret"))
+def gemm_uneven(x, w, *, k: int, n: int, cfg: tuple[int, int, int, int, int],
+                interpret: bool = False):
+    bn, bk, splits, warps, stages = cfg
+    m = x.shape[0]
+    return pl.pallas_call(
+        functools.partial(_uneven_kernel, bn=bn, bk=bk, steps=k // bk, splits=splits),
+        grid=(n // bn, splits),
+        in_specs=[pl.BlockSpec((m, k), lambda j, s: (0, 0)),
+                  pl.BlockSpec(w.shape, lambda j, s: (0, 0))],
+        out_specs=pl.BlockSpec((None, m, bn), lambda j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+        compiler_params=compiler_params(warps, stages), interpret=interpret,
+        name=f"uneven_k{k}_n{n}")(x, w)
+
+
+def uneven_tiles(k: int, n: int, sms: int) -> list[tuple[int, int, int, int, int]]:
+    """(bn, bk, splits, warps, stages) whose grid is 96-100% of 1-3 programs per SM, K split
+    unevenly."""
+    out = []
+    for bn, bk, per_sm in itertools.product((64, 128, 256), (64, 128), (1, 2, 3)):
+        if n % bn:
+            continue
+        splits = sms * per_sm // (n // bn)
+        if not splits or n // bn * splits < 0.96 * sms * per_sm or k // bk < 2 * splits:
+            continue
+        for warps in (4, 8):
+            out.append((bn, bk, splits, warps, 4))
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "k", "n", "cfg", "interpret"))
@@ -111,23 +161,30 @@ def run_shape(s: dict[str, Any], args) -> dict[str, Any]:
     k, n, m = s["k"], s["n"], 16
     wbytes = k * n * 2
     num = max(4, math.ceil(args.cold_mb * 2 ** 20 / wbytes))
+    length = max(num, args.chain)  # GEMMs per program: weight copy i % num (still cold)
     key = jax.random.key(0)
     xs = tuple(jax.random.normal(jax.random.fold_in(key, i), (m, k), jnp.bfloat16)
-               for i in range(num))
+               for i in range(length))
     w0 = jax.random.normal(jax.random.fold_in(key, 999), (k, n), jnp.bfloat16) * 0.02
     ws = tuple(w0 + jnp.bfloat16(i * 1e-3) for i in range(num))
     ref = jnp.dot(xs[0].astype(jnp.float32), ws[0].astype(jnp.float32))
-    res: dict[str, Any] = {**s, "weight_mb": wbytes / 2 ** 20, "copies": num, "runs": []}
+    res: dict[str, Any] = {**s, "weight_mb": wbytes / 2 ** 20, "copies": num, "chain": length,
+                           "runs": []}
 
     def timed(fn, w_args):
-        return common.time_fn(fn, xs, w_args, iters=10, repeats=5, warmup=1) / num * 1e6
+        return common.time_fn(fn, xs, w_args, iters=5, repeats=5, warmup=1) / length * 1e6
+
+    def chained(one):  # one(x, w) -> partials; the program runs it `length` times
+        return jax.jit(lambda xs, ws: tuple(one(x, ws[i % len(ws)]) for i, x in enumerate(xs)))
+
+    # the read floor: XLA's column sums of each weight (bytes read, ~nothing written)
+    res["read_xla_us"] = timed(chained(lambda x, w: jnp.sum(w, axis=0, dtype=jnp.float32)), ws)
 
     # XLA's GEMM, 16 rows, kn and nk (nk: the dot of x with w.T; XLA reads the transpose)
     for layout in ("kn", "nk"):
         wl = tuple(to_layout(w, layout, 1) for w in ws)
-        fn = jax.jit(lambda xs, ws, layout=layout: tuple(
-            jnp.dot(x, w if layout == "kn" else w.T, preferred_element_type=jnp.float32)
-            for x, w in zip(xs, ws)))
+        fn = chained(lambda x, w, layout=layout: jnp.dot(
+            x, w if layout == "kn" else w.T, preferred_element_type=jnp.float32))
         res[f"xla16_{layout}_us"] = timed(fn, wl)
         del wl
     # prefill-sized: 2048 rows against one weight (compute-bound; the layout must not matter)
@@ -137,23 +194,30 @@ def run_shape(s: dict[str, Any], args) -> dict[str, Any]:
         fp = jax.jit(lambda x, w, layout=layout: jnp.dot(
             x, w if layout == "kn" else w.T, preferred_element_type=jnp.float32).astype(x.dtype))
         res[f"xla2048_{layout}_us"] = common.time_fn(fp, xp, wl, iters=10, repeats=5) * 1e6
-    for layout in LAYOUTS:
-        for cfg in tiles(k, n, args.quick):
-            wl = tuple(to_layout(w, layout, cfg[0]) for w in ws)
-            fn = jax.jit(lambda xs, ws, layout=layout, cfg=cfg: tuple(
-                gemm(x, w, layout=layout, k=k, n=n, cfg=cfg) for x, w in zip(xs, ws)))
-            run = {"layout": layout, "bn": cfg[0], "bk": cfg[1], "splits": cfg[2],
-                   "warps": cfg[3], "stages": cfg[4]}
-            try:
-                c = fn.lower(xs, wl).compile()
-                out0 = c(xs, wl)[0].sum(axis=0)
-                run["max_rel_err"] = float(jnp.max(jnp.abs(out0 - ref)) / jnp.max(jnp.abs(ref)))
-                run["us"] = timed(c, wl)
-            except Exception as e:  # noqa: BLE001  (reported, the sweep goes on)
-                run["error"] = str(e)[:300]
-            res["runs"].append(run)
-            del wl
-    for layout in LAYOUTS:
+    sms = jax.devices()[0].core_count
+    plan = [(v, c) for v in args.variants.split(",")
+            for c in (uneven_tiles(k, n, sms) if v == "uneven" else tiles(k, n, args.quick))]
+    for layout, cfg in plan:
+        wl = tuple(to_layout(w, layout if layout in LAYOUTS else "kn", cfg[0]) for w in ws)
+        if layout == "uneven":
+            fn = chained(lambda x, w, cfg=cfg: gemm_uneven(x, w, k=k, n=n, cfg=cfg))
+        else:
+            fn = chained(lambda x, w, layout=layout, cfg=cfg: gemm(
+                x, w, layout=layout, k=k, n=n, cfg=cfg))
+        run = {"layout": layout, "bn": cfg[0], "bk": cfg[1], "splits": cfg[2],
+               "warps": cfg[3], "stages": cfg[4]}
+        try:
+            c = fn.lower(xs, wl).compile()
+            out0 = c(xs, wl)[0].sum(axis=0)
+            if layout != "stream":
+                run["max_rel_err"] = float(jnp.max(jnp.abs(out0 - ref))
+                                           / jnp.max(jnp.abs(ref)))
+            run["us"] = timed(c, wl)
+        except Exception as e:  # noqa: BLE001  (reported, the sweep goes on)
+            run["error"] = str(e)[:300]
+        res["runs"].append(run)
+        del wl
+    for layout in VARIANTS:
         ok = [r for r in res["runs"] if r["layout"] == layout and "us" in r]
         res[f"best_{layout}"] = min(ok, key=lambda r: r["us"]) if ok else None
     return res
@@ -164,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold-mb", type=float, default=320.0)
     p.add_argument("--only", default="")
     p.add_argument("--quick", action="store_true", help="stages 4 only")
+    p.add_argument("--chain", type=int, default=32, help="GEMMs per timed program (>= copies)")
+    p.add_argument("--variants", default="kn,nk,tiled",
+                   help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     report: dict[str, Any] = {**common.device_info(), "date": time.strftime("%F"), "shapes": []}
@@ -174,15 +241,15 @@ def main(argv: list[str] | None = None) -> int:
         r = run_shape(s, args)
         r["seconds"] = time.time() - t0
         report["shapes"].append(r)
-        line = [f"{r['name']:12s} {r['weight_mb']:6.1f} MB",
+        line = [f"{r['name']:12s} {r['weight_mb']:6.1f} MB read {r['read_xla_us']:6.2f}",
                 f"xla16 kn {r['xla16_kn_us']:6.2f} nk {r['xla16_nk_us']:6.2f}",
                 f"xla2048 kn {r['xla2048_kn_us']:7.1f} nk {r['xla2048_nk_us']:7.1f}"]
-        for layout in LAYOUTS:
-            b = r[f"best_{layout}"]
+        for layout in VARIANTS:
+            b = r.get(f"best_{layout}")
             if b:
                 tb = r["weight_mb"] * 2 ** 20 / b["us"] / 1e6
                 line.append(f"{layout} {b['us']:6.2f} us {tb:.2f} TB/s "
-                            f"[{b['bn']}/{b['bk']}/{b['splits']}/{b['stages']}]")
+                            f"[{b['bn']}/{b['bk']}/{b['splits']}/{b['warps']}/{b['stages']}]")
         print("  ".join(line) + f"  ({r['seconds']:.0f} s)", flush=True)
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
