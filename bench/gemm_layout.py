@@ -223,6 +223,31 @@ def run_shape(s: dict[str, Any], args) -> dict[str, Any]:
     return res
 
 
+def single(args) -> int:
+    """--single: each named config's GEMM alone, 3 calls on 3 weight copies (for ncu)."""
+    key = jax.random.key(0)
+    for spec in args.single.split(","):
+        name, variant, tile = spec.split(":")
+        s = next(x for x in shapes() if x["name"] == name)
+        k, n = s["k"], s["n"]
+        x = jax.random.normal(key, (16, k), jnp.bfloat16)
+        ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16)
+              for i in range(3)]
+        if variant == "xla":
+            fn = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
+        else:
+            cfg = tuple(int(v) for v in tile.split("/"))
+            ws = [to_layout(w, variant if variant in LAYOUTS else "kn", cfg[0]) for w in ws]
+            fn = jax.jit(functools.partial(gemm_uneven, k=k, n=n, cfg=cfg)) \
+                if variant == "uneven" else \
+                jax.jit(functools.partial(gemm, layout=variant, k=k, n=n, cfg=cfg))
+        jax.block_until_ready(fn(x, ws[0]))
+        for w in ws:
+            jax.block_until_ready(fn(x, w))
+        print("ran", spec, flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cold-mb", type=float, default=320.0)
@@ -231,8 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chain", type=int, default=32, help="GEMMs per timed program (>= copies)")
     p.add_argument("--variants", default="kn,nk,tiled",
                    help=f"comma-separated, of {', '.join(VARIANTS)}")
-    p.add_argument("--out", required=True)
+    p.add_argument("--single", default="",
+                   help="name:variant:bn/bk/splits/warps/stages,... run alone (for ncu); "
+                        "variant xla for XLA's GEMM")
+    p.add_argument("--out", default="")
     args = p.parse_args(argv)
+    if args.single:
+        return single(args)
     report: dict[str, Any] = {**common.device_info(), "date": time.strftime("%F"), "shapes": []}
     for s in shapes():
         if args.only and s["name"] not in args.only.split(","):

@@ -11,3 +11,15 @@ if [ "$PART" = layout ]; then  # kn / nk / tiled weights, tp=2 shapes then tp=1'
     --only ${ONLY:-qkv_tp2,o_tp2,down_tp2,gate_up_tp2,qkv_tp1} 2>&1 | grep -v Warning
   echo "=== layout rc=$? at $((SECONDS - T0))s"
 fi
+if [ "$PART" = ncu ]; then  # hardware counters of single skinny GEMMs (cold: ncu flushes caches)
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  echo "ncu: ${NCU:-none}"
+  cd bench
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -s ABRT -k 5 ${LIMIT:-400} "$NCU" \
+    --clock-control none -k "regex:layout|uneven|gemm|dot" --set detailed \
+    -f -o "$R/gemm_ncu" $PY gemm_layout.py --single "$SINGLE" 2>&1 | grep -v Warning | tail -30
+  echo "=== ncu rc=$? at $((SECONDS - T0))s"
+  "$NCU" --import "$R/gemm_ncu.ncu-rep" --page details --print-units base > "$R/gemm_ncu.txt"
+  "$NCU" --import "$R/gemm_ncu.ncu-rep" --page raw --csv --print-units base > "$R/gemm_ncu_raw.csv"
+  grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Shared Memory Config|Block Size|Grid Size|Waves Per SM|Warp Cycles Per Issued|Stall|L2 Hit|Theoretical Occ" "$R/gemm_ncu.txt" | head -300
+fi
