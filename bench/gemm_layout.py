@@ -220,7 +220,44 @@ def run_shape(s: dict[str, Any], args) -> dict[str, Any]:
     for layout in VARIANTS:
         ok = [r for r in res["runs"] if r["layout"] == layout and "us" in r]
         res[f"best_{layout}"] = min(ok, key=lambda r: r["us"]) if ok else None
+    if args.trace_dir:
+        res["traced"] = traced(s, xs[:num], ws, res, args.trace_dir)
     return res
+
+
+def traced(s: dict[str, Any], xs, ws, res: dict[str, Any], trace_dir: str) -> dict[str, Any]:
+    """Kernel durations from a profiler trace (no launch gaps, no host): one chain over the
+    distinct weight copies for XLA's read floor (column sums), XLA's 16-row GEMM, and the best
+    tile of each Pallas variant. us = mean kernel duration; span_us = the chain's device span
+    per GEMM (gaps included)."""
+    import trace_summary
+
+    k, n = s["k"], s["n"]
+    plan: list[tuple[str, Any, Any]] = [
+        ("read_xla", lambda x, w: jnp.sum(w, axis=0, dtype=jnp.float32), ws),
+        ("xla16", lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), ws)]
+    for v in ("kn", "uneven"):
+        b = res.get(f"best_{v}")
+        if b:
+            cfg = (b["bn"], b["bk"], b["splits"], b["warps"], b["stages"])
+            one = (functools.partial(gemm_uneven, k=k, n=n, cfg=cfg) if v == "uneven" else
+                   functools.partial(gemm, layout=v, k=k, n=n, cfg=cfg))
+            plan.append((v, one, ws))
+    out: dict[str, Any] = {}
+    for label, one, w_args in plan:
+        fn = jax.jit(lambda xs, ws, one=one: tuple(one(x, w) for x, w in zip(xs, ws)))
+        d = f"{trace_dir}/{s['name']}_{label}"
+        summ = trace_summary.trace_calls(lambda fn=fn: fn(xs, w_args), d, steps=3)
+        dev = max((t for t in summ["threads"] if t["device"]),
+                  key=lambda t: t["busy_us_per_step"])
+        top = dev["top"][0]
+        out[label] = {"kernel": top["name"], "us": top["us_per_step"] / top["calls_per_step"],
+                      "calls": top["calls_per_step"],
+                      "span_us": dev["span_us_per_step"] / len(xs),
+                      "tb_s": s["k"] * s["n"] * 2 / (top["us_per_step"]
+                                                     / top["calls_per_step"]) / 1e6}
+        print(f"  traced {s['name']} {label}: {out[label]}", flush=True)
+    return out
 
 
 def single(args) -> int:
@@ -259,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--single", default="",
                    help="name:variant:bn/bk/splits/warps/stages,... run alone (for ncu); "
                         "variant xla for XLA's GEMM")
+    p.add_argument("--trace-dir", default="", help="also trace the best of each variant")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     if args.single:
