@@ -247,7 +247,7 @@ def traced(s: dict[str, Any], xs, ws, res: dict[str, Any], trace_dir: str) -> di
     for label, one, w_args in plan:
         fn = jax.jit(lambda xs, ws, one=one: tuple(one(x, w) for x, w in zip(xs, ws)))
         d = f"{trace_dir}/{s['name']}_{label}"
-        summ = trace_summary.trace_calls(lambda fn=fn: fn(xs, w_args), d, steps=3)
+        summ = trace_summary.trace_calls(lambda fn=fn, w=w_args: fn(xs, w), d, steps=3)
         dev = max((t for t in summ["threads"] if t["device"]),
                   key=lambda t: t["busy_us_per_step"])
         top = dev["top"][0]
