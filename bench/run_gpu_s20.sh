@@ -23,3 +23,24 @@ if [ "$PART" = ncu ]; then  # hardware counters of single skinny GEMMs (cold: nc
   "$NCU" --import "$R/gemm_ncu.ncu-rep" --page raw --csv --print-units base > "$R/gemm_ncu_raw.csv"
   grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Shared Memory Config|Block Size|Grid Size|Waves Per SM|Warp Cycles Per Issued|Stall|L2 Hit|Theoretical Occ" "$R/gemm_ncu.txt" | head -300
 fi
+if [ "$PART" = verify ]; then  # 2 GPUs: the shared primary-context helpers (runtime/hardware.py)
+  # in both callers: enable_peer_access (the all-reduce at tp=2: the builtin model through the
+  # CLI, tp 2 vs 1, and the fused all-reduce tests) and cuda_memory_info (KV sizing under SKIP_TEMP)
+  $PY -c 'import jax
+from xlaserve.runtime import hardware
+for d in jax.devices():
+    print("cuda_memory_info", d.id, hardware.cuda_memory_info(int(d.local_hardware_id)))'
+  gpu_cli_tp_check "$R"
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 200 $PY -m pytest -q -rfs --tb=short \
+    -p no:cacheprovider tests/sharding/test_all_reduce.py -k "chain or skips_padding" > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
+  timeout -s ABRT -k 5 150 env XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP \
+    $PY bench/throughput.py --model bench/configs/llama3.1-8b --load-format dummy \
+    --cases 128/128:256 --max-num-seqs 256 --max-num-batched-tokens 2048 \
+    --out "$R/thr_skip.json" > "$R/thr_skip.log" 2>&1
+  echo "=== thr_skip rc=$? at $((SECONDS - T0))s"
+  $PY -c 'import json, sys
+d = json.load(open(sys.argv[1])); c = d["cases"][0]
+print("thr_skip num_pages", d["engine"]["num_pages"], "tok/s", round(c["output_tokens_per_s"]),
+      "preemptions", c["preemptions"])' "$R/thr_skip.json"
+fi

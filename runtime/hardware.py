@@ -14,17 +14,20 @@ it only lets the CPU test path compute a roofline. Pass ``--calibrate`` for a me
 
 This module does no profiling of its own and never guesses: an unknown device raises.
 `cuda_memory_info` asks the CUDA driver for a GPU's free and total memory (for sizing the KV
-cache when XLA's allocator reports no limit).
+cache when XLA's allocator reports no limit). `primary_contexts` / `pushed` are the driver
+calls both it and the all-reduce's peer set-up (sharding/all_reduce.enable_peer_access) make in
+the devices' primary contexts, the ones XLA uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import jax
@@ -194,24 +197,59 @@ def calibrate(device: jax.Device | None = None,  # pyright: ignore[reportInvalid
                        device_kinds=(dev.device_kind,))
 
 
-def cuda_memory_info(ordinal: int) -> tuple[int, int] | None:
+@contextlib.contextmanager
+def primary_contexts(ordinals: Sequence[int], cuda: Any = None,
+                     ) -> Iterator[tuple[Any, dict[int, ctypes.c_void_p]]]:
+    """Retains the primary contexts of CUDA devices `ordinals` (jax's `local_hardware_id`) and
+    yields (the driver library, {ordinal: context}); releases every context it retained on exit,
+    also when a retain or the body fails. `cuda`: the driver library (libcuda.so.1 by default).
+
+    Raises:
+      OSError: no CUDA driver. RuntimeError: a retain failed, naming the device.
+    """
+    cuda = cuda if cuda is not None else ctypes.CDLL("libcuda.so.1")
+    ctxs: dict[int, ctypes.c_void_p] = {}
+    try:
+        for o in ordinals:
+            ctx = ctypes.c_void_p()
+            rc = cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), o)
+            if rc:
+                raise RuntimeError(f"cuDevicePrimaryCtxRetain(device {o}) failed: CUDA error "
+                                   f"{rc}")
+            ctxs[o] = ctx
+        yield cuda, ctxs
+    finally:
+        for o in ctxs:
+            cuda.cuDevicePrimaryCtxRelease_v2(o)
+
+
+@contextlib.contextmanager
+def pushed(cuda: Any, ctx: ctypes.c_void_p, device: int) -> Iterator[None]:
+    """Makes `ctx` (device `device`'s) the calling thread's current context for the body.
+
+    Raises:
+      RuntimeError: the push failed, naming the device.
+    """
+    rc = cuda.cuCtxPushCurrent_v2(ctx)
+    if rc:
+        raise RuntimeError(f"cuCtxPushCurrent(device {device}) failed: CUDA error {rc}")
+    try:
+        yield
+    finally:
+        cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+
+
+def cuda_memory_info(ordinal: int, cuda: Any = None) -> tuple[int, int] | None:
     """(free, total) bytes of CUDA device `ordinal` (jax's `local_hardware_id`), from the
     driver's cuMemGetInfo in the device's primary context (the one XLA uses); None without a
     CUDA driver or when a driver call fails. Free memory counts every process's allocations.
+    `cuda`: the driver library (tests pass a fake).
     """
     try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
+        with primary_contexts([ordinal], cuda) as (lib, ctxs), pushed(lib, ctxs[ordinal],
+                                                                       ordinal):
+            free, total = ctypes.c_size_t(), ctypes.c_size_t()
+            rc = lib.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total))
+    except (OSError, RuntimeError):
         return None
-    ctx = ctypes.c_void_p()
-    if cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), ordinal):
-        return None
-    try:
-        if cuda.cuCtxPushCurrent_v2(ctx):
-            return None
-        free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        rc = cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total))
-        cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
-        return (int(free.value), int(total.value)) if rc == 0 else None
-    finally:
-        cuda.cuDevicePrimaryCtxRelease_v2(ordinal)
+    return (int(free.value), int(total.value)) if rc == 0 else None

@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from xlaserve.runtime import hardware
 from xlaserve.sharding.all_reduce_ptx import (
     CHUNK_BYTES,
     DATA_OFFSET,
@@ -125,18 +126,9 @@ def enable_peer_access(devices: list[jax.Device]) -> None:  # pyright: ignore[re
     Raises:
       RuntimeError: the driver refuses (e.g. no NVLink/PCIe P2P path), naming the pair.
     """
-    cuda = ctypes.CDLL("libcuda.so.1")
     already_enabled = 704  # CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
     ords = [int(d.local_hardware_id) for d in devices]
-    ctxs: dict[int, ctypes.c_void_p] = {}
-    try:
-        for o in ords:
-            ctx = ctypes.c_void_p()
-            rc = cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), o)
-            if rc:
-                raise RuntimeError(f"cuDevicePrimaryCtxRetain(device {o}) failed: CUDA error "
-                                   f"{rc}")
-            ctxs[o] = ctx
+    with hardware.primary_contexts(ords) as (cuda, ctxs):
         for a in ords:
             for b in ords:
                 if a == b:
@@ -146,19 +138,13 @@ def enable_peer_access(devices: list[jax.Device]) -> None:  # pyright: ignore[re
                 if rc or not can.value:
                     raise RuntimeError(f"device {a} cannot access device {b}'s memory (no P2P; "
                                        f"CUDA error {rc})")
-                rc = cuda.cuCtxPushCurrent_v2(ctxs[a])
-                if rc:
-                    raise RuntimeError(f"cuCtxPushCurrent(device {a}) failed: CUDA error {rc}")
-                rc = cuda.cuCtxEnablePeerAccess(ctxs[b], 0)
-                cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+                with hardware.pushed(cuda, ctxs[a], a):
+                    rc = cuda.cuCtxEnablePeerAccess(ctxs[b], 0)
                 if rc not in (0, already_enabled):
                     raise RuntimeError(f"cuCtxEnablePeerAccess({a} -> {b}) failed: CUDA "
                                        f"error {rc}")
                 log.info("peer access %d -> %d: %s", a, b,
                          "enabled" if rc == 0 else "already enabled")
-    finally:
-        for o in ctxs:
-            cuda.cuDevicePrimaryCtxRelease_v2(o)
 
 
 def availability(mesh: Mesh, model_axis: str = "model") -> str | None:

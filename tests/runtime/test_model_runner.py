@@ -506,3 +506,62 @@ def test_cuda_memory_info_without_a_driver(monkeypatch):
 
     monkeypatch.setattr(ctypes, "CDLL", no_driver)
     assert hardware.cuda_memory_info(0) is None
+
+
+class _FakeDriver:
+    """The libcuda calls of hardware.primary_contexts / pushed / cuda_memory_info, recorded;
+    `fail` names the one that returns a CUDA error (1)."""
+
+    def __init__(self, fail: str = "") -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.fail = fail
+
+    def _rc(self, name: str, arg: int = -1) -> int:
+        self.calls.append((name, arg))
+        return 1 if name == self.fail else 0
+
+    def cuDevicePrimaryCtxRetain(self, ctx, ordinal):  # noqa: N802  (the driver's names)
+        return self._rc("retain", ordinal)
+
+    def cuDevicePrimaryCtxRelease_v2(self, ordinal):  # noqa: N802
+        return self._rc("release", ordinal)
+
+    def cuCtxPushCurrent_v2(self, ctx):  # noqa: N802
+        return self._rc("push")
+
+    def cuCtxPopCurrent_v2(self, ctx):  # noqa: N802
+        return self._rc("pop")
+
+    def cuMemGetInfo_v2(self, free, total):  # noqa: N802
+        free._obj.value, total._obj.value = 3 << 30, 8 << 30
+        return self._rc("meminfo")
+
+
+def test_cuda_memory_info_pairs_the_driver_calls():
+    from xlaserve.runtime import hardware
+
+    ok = _FakeDriver()
+    assert hardware.cuda_memory_info(2, ok) == (3 << 30, 8 << 30)
+    assert ok.calls == [("retain", 2), ("push", -1), ("meminfo", -1), ("pop", -1),
+                        ("release", 2)]
+    # a failing call gives None, and whatever was retained / pushed is released / popped
+    for fail, expect in (("retain", [("retain", 2)]),
+                         ("push", [("retain", 2), ("push", -1), ("release", 2)]),
+                         ("meminfo", ok.calls)):
+        drv = _FakeDriver(fail)
+        assert hardware.cuda_memory_info(2, drv) is None, fail
+        assert drv.calls == expect, fail
+
+
+def test_primary_contexts_release_what_they_retained():
+    from xlaserve.runtime import hardware
+
+    drv = _FakeDriver()
+    with pytest.raises(ValueError), hardware.primary_contexts([0, 1], drv) as (_, ctxs):
+        assert sorted(ctxs) == [0, 1]
+        raise ValueError("the body failed")
+    assert drv.calls == [("retain", 0), ("retain", 1), ("release", 0), ("release", 1)]
+    drv = _FakeDriver("retain")  # the first retain fails: nothing to release, the device named
+    with pytest.raises(RuntimeError, match="device 5"), hardware.primary_contexts([5, 6], drv):
+        pass
+    assert drv.calls == [("retain", 5)]
