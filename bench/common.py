@@ -64,6 +64,19 @@ def time_in_jit(fn: Callable[..., Any], *args: Any, n: int = 10, repeats: int = 
     return time_fn(jax.jit(many), *args, iters=3, repeats=repeats, warmup=1) / n
 
 
+def run_shapes(shapes: list[dict[str, Any]], only: str,
+               run: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+    """Yields run(s) for each shape whose "name" is in the comma-separated `only` (all when
+    empty), with the seconds it took under "seconds"."""
+    for s in shapes:
+        if only and s["name"] not in only.split(","):
+            continue
+        t0 = time.time()
+        r = run(s)
+        r["seconds"] = time.time() - t0
+        yield r
+
+
 def copy_bandwidth(num_bytes: int = 2 << 30) -> float:
     """Bytes/s of a device elementwise copy (x + 1 over bf16), counting bytes read plus written."""
     x = jax.random.normal(jax.random.key(0), (num_bytes // 2,), jnp.bfloat16)

@@ -193,12 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     report: dict[str, Any] = {**common.device_info(), "shapes": []}
-    for s in shapes(args.tp):
-        if args.only and s["name"] not in args.only.split(","):
-            continue
-        t0 = time.time()
-        r = run_shape(s, args)
-        r["seconds"] = time.time() - t0
+    for r in common.run_shapes(shapes(args.tp), args.only, lambda s: run_shape(s, args)):
         report["shapes"].append(r)
         bf = r["best_forced"] or {}
         bp = r["best_pallas"] or {}

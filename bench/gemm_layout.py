@@ -302,12 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.single:
         return single(args)
     report: dict[str, Any] = {**common.device_info(), "date": time.strftime("%F"), "shapes": []}
-    for s in shapes():
-        if args.only and s["name"] not in args.only.split(","):
-            continue
-        t0 = time.time()
-        r = run_shape(s, args)
-        r["seconds"] = time.time() - t0
+    for r in common.run_shapes(shapes(), args.only, lambda s: run_shape(s, args)):
         report["shapes"].append(r)
         line = [f"{r['name']:12s} {r['weight_mb']:6.1f} MB read {r['read_xla_us']:6.2f}",
                 f"xla16 kn {r['xla16_kn_us']:6.2f} nk {r['xla16_nk_us']:6.2f}",
