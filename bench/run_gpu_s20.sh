@@ -44,3 +44,28 @@ d = json.load(open(sys.argv[1])); c = d["cases"][0]
 print("thr_skip num_pages", d["engine"]["num_pages"], "tok/s", round(c["output_tokens_per_s"]),
       "preemptions", c["preemptions"])' "$R/thr_skip.json"
 fi
+if [ "$PART" = swiglu ]; then  # 2 GPUs: gate/up + SwiGLU's activation in one kernel (A/B)
+  # candidate table = the committed one + swiglu entries for the 8B gate/up at tp 2 and 1;
+  # each run its own processes, candidate first (later processes tend to run faster)
+  CAND=/tmp/cand_table.json
+  $PY - "$CAND" <<'PY'
+import json, sys
+t = json.load(open("pallas_kernels/skinny_gemm_tuning.json"))
+for name, n, bn in (("gate_up_swiglu_tp2", 14336, 32), ("gate_up_swiglu_tp1", 28672, 64)):
+    t["entries"].append({"name": name, "k": 4096, "n": n, "dtype": "bfloat16",
+                         "epilogue": "swiglu", "block_n": bn, "block_k": 128, "num_splits": 1,
+                         "num_warps": 4, "num_stages": 4})
+json.dump(t, open(sys.argv[1], "w"), indent=1)
+PY
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 120 $PY -m pytest -q -rfs --tb=short \
+    -p no:cacheprovider tests/kernels/test_skinny_gemm.py -k "swiglu and not Interpret" \
+    > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu.txt"
+  TBL=$CAND run_tp cand2 2
+  run_tp base2 2
+  TBL=$CAND run_tp cand1 1
+  run_tp base1 1
+  if [ $((SECONDS - T0)) -lt 400 ]; then TBL=$CAND run_tp cand2b 2; fi
+  if [ $((SECONDS - T0)) -lt 440 ]; then run_tp base2b 2; fi
+  grep -h -iE "swiglu|greedy" "$R"/*.log | sort | uniq -c | head -20
+fi

@@ -174,6 +174,7 @@ class Runner:
         self.dispatch_s: list[float] = []  # host time inside each timed run() call
         self.compiled: dict[tuple[int, int, int], Any] = {}
         self.compile_s: dict[str, float] = {}
+        self.kernels: dict[str, dict[str, int]] = {}  # per program: our kernels' mentions
         self.calls = 0
 
     def put(self, inputs: StepInputs) -> StepInputs:
@@ -187,6 +188,9 @@ class Runner:
                                                          *self.pad).compile()
             name = f"T{key[0]}_S{key[1]}" + (f"_copy{copy}" if copy else "")
             self.compile_s[name] = round(time.perf_counter() - start, 2)
+            text = self.compiled[key].as_text()  # which of our kernels the program holds
+            self.kernels[name] = {k: text.count(k) for k in (
+                "skinny_gemm_k", "skinny_gemm_swiglu", "rope_write_kv", "xlaserve_all_reduce")}
         return self.compiled[key]
 
     def run(self, inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
@@ -309,6 +313,7 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         dev = r.per_device_ms(inputs, max(3, args.spread_steps // 4))
         res["prefill"] = summarize(ms, dev, tokens=args.prefill_tokens)
     res["compile_s"] = r.compile_s
+    res["kernel_mentions"] = r.kernels
     shapes = {(pow2_at_least(b, MIN_TOKENS), pow2_at_least(b, MIN_SEQS))
               for b in args.decode_batches + [1]}
     shapes.add((pow2_at_least(args.prefill_tokens, MIN_TOKENS), MIN_SEQS))
@@ -540,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"dispatch {v['dispatch_ms']:.3f})" for b, v in res["decode"].items())
         pre = f"{res['prefill']['step_ms']:.2f} ms" if "prefill" in res else "-"
         print(f"tp={tp}: decode {dec}; prefill {pre}; "
-              f"compile {res['compile_s']}", flush=True)
+              f"compile {res['compile_s']} kernels {res['kernel_mentions']}", flush=True)
         # Written after every tp, so a run cut off by a time limit keeps what it measured.
         report["scaling"] = scaling(report["results"])
         report["checks"] = checks(cfg, report["results"])

@@ -17,8 +17,9 @@ GPU for the step's token count (`write_impl_for`; bench/NOTES_attention.md).
 (skinny_gemm_tuning.json) only, "pallas" / "pallas_interpret" for any shape the tiles divide,
 "xla" never; steps of more rows than the table's max_rows (16) always take XLA's GEMM (one tile
 holds every row: on an H200 a 1024-row step's tile overflowed shared memory, session 13).
-Each choice is logged once per shape. XLASERVE_SKINNY_GEMM_TABLE names another
-table file (a sweep's output).
+With `epilogue="swiglu"` it picks `skinny_gemm_swiglu`'s tiles (gate/up with SwiGLU's
+activation; table entries marked "epilogue": "swiglu", one split). Each choice is logged once
+per shape. XLASERVE_SKINNY_GEMM_TABLE names another table file (a sweep's output).
 """
 
 from __future__ import annotations
@@ -172,17 +173,23 @@ def skinny_gemm_table_path() -> Path:
     return Path(os.environ.get("XLASERVE_SKINNY_GEMM_TABLE") or SKINNY_GEMM_TABLE)
 
 
+# A table key: (K, N = the weights' total width, dtype, epilogue); epilogue "" for the split-K
+# partials of `skinny_gemm`, "swiglu" for `skinny_gemm_swiglu` (N = gate + up).
+TableKey = tuple[int, int, str, str]
+EPILOGUES = ("", "swiglu")
+
+
 @functools.lru_cache(maxsize=None)
-def _read_table(path: Path) -> tuple[dict[str, Any], dict[tuple[int, int, str], SkinnyGemmConfig]]:
+def _read_table(path: Path) -> tuple[dict[str, Any], dict[TableKey, SkinnyGemmConfig]]:
     data = json.loads(path.read_text())
-    table = {(e["k"], e["n"], e["dtype"]): SkinnyGemmConfig(
+    table = {(e["k"], e["n"], e["dtype"], e.get("epilogue", "")): SkinnyGemmConfig(
         block_n=e["block_n"], block_k=e["block_k"], num_splits=e["num_splits"],
         num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in data["entries"]}
     return data, table
 
 
-def skinny_gemm_table() -> tuple[int, dict[tuple[int, int, str], SkinnyGemmConfig]]:
-    """(max_rows, {(K, N, dtype): SkinnyGemmConfig}) from the table in force."""
+def skinny_gemm_table() -> tuple[int, dict[TableKey, SkinnyGemmConfig]]:
+    """(max_rows, {(K, N, dtype, epilogue): SkinnyGemmConfig}) from the table in force."""
     data, table = _read_table(skinny_gemm_table_path())
     return int(data["max_rows"]), table
 
@@ -195,29 +202,33 @@ def describe_skinny_gemm(mode: str, platform: str | None = None) -> str:
         return (f"XLA's GEMMs (decode_gemm='auto': the Pallas skinny GEMM needs an NVIDIA GPU; "
                 f"platform is {_platform(platform)!r})")
     epilogue = ("; after q/k/v's, rope and the K/V write run as one kernel (rope_write_kv) "
-                "where each device holds its KV heads and the model has no q/k norm")
+                "where each device holds its KV heads and the model has no q/k norm; gate/up "
+                "with SwiGLU's activation in one kernel (skinny_gemm_swiglu) where its shape")
     if mode != "auto":
         return (f"the Pallas skinny GEMM for every shape its tiles divide in steps of up to "
                 f"{_read_table(skinny_gemm_table_path())[0]['max_rows']} tokens "
-                f"(decode_gemm={mode!r})" + epilogue)
+                f"(decode_gemm={mode!r})" + epilogue + " divides the tiles")
     path = skinny_gemm_table_path()
     data, _ = _read_table(path)
     names = ", ".join(e.get("name", f"{e['k']}x{e['n']}") for e in data["entries"])
     return (f"the Pallas skinny GEMM for steps of up to {data['max_rows']} tokens whose q/k/v, "
             f"o_proj or down_proj shape is in {path.name} (measured on {data['device']}, "
-            f"jax {data['jax']}: {names or 'none'}); XLA's GEMM for the others" + epilogue)
+            f"jax {data['jax']}: {names or 'none'}); XLA's GEMM for the others" + epilogue
+            + " is in the table too")
 
 
-def default_skinny_gemm_config(k: int, ns: Sequence[int]) -> SkinnyGemmConfig | None:
+def default_skinny_gemm_config(k: int, ns: Sequence[int], epilogue: str = "",
+                               ) -> SkinnyGemmConfig | None:
     """Tiles for a shape missing from the table (modes "pallas" / "pallas_interpret"): the
     widest block_n (<= 64) dividing every N, block_k 128 (or less), and splits until the grid
-    has >= 128 programs; None when no power-of-two tile >= 16 divides the shape."""
+    has >= 128 programs (one split for the "swiglu" epilogue, which needs whole sums); None
+    when no power-of-two tile >= 16 divides the shape."""
     bn = next((b for b in (64, 32, 16) if all(n % b == 0 for n in ns)), None)
     bk = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
     if bn is None or bk is None:
         return None
     split = 1
-    while sum(ns) // bn * split < 128 and k % (2 * split * bk) == 0:
+    while not epilogue and sum(ns) // bn * split < 128 and k % (2 * split * bk) == 0:
         split *= 2
     return SkinnyGemmConfig(block_n=bn, block_k=bk, num_splits=split)
 
@@ -234,28 +245,34 @@ def log_rope_write_choice(shape: str, choice: str) -> None:
 
 
 def skinny_gemm_config(m: int, k: int, ns: Sequence[int], dtype: Any, mode: str = "auto",
-                       platform: str | None = None) -> SkinnyGemmConfig | None:
+                       platform: str | None = None, epilogue: str = "",
+                       ) -> SkinnyGemmConfig | None:
     """The kernel's tiles for x [m, k] times weights [k, n] (n in `ns`), or None: XLA's GEMM.
+    `epilogue` "swiglu": `skinny_gemm_swiglu`'s tiles (`ns` = the gate and up widths), looked up
+    under its own table entries.
 
     Raises:
-      ValueError: an unknown mode. RuntimeError: mode "pallas" off GPU.
+      ValueError: an unknown mode or epilogue. RuntimeError: mode "pallas" off GPU.
     """
     if mode not in SKINNY_GEMM_MODES:
         raise ValueError(f"skinny_gemm mode={mode!r}: must be one of {SKINNY_GEMM_MODES}")
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"skinny_gemm epilogue={epilogue!r}: must be one of {EPILOGUES}")
     platform = _platform(platform)
     if mode == "pallas" and platform != "gpu":
         raise RuntimeError(f"skinny_gemm mode='pallas' needs an NVIDIA GPU (platform is "
                            f"{platform!r}); 'pallas_interpret' runs anywhere")
     ns = tuple(int(n) for n in ns)
-    shape = f"[{m}, {k}] x [{k}, {'+'.join(map(str, ns))}] {jnp.dtype(dtype).name}"
+    shape = (f"[{m}, {k}] x [{k}, {'+'.join(map(str, ns))}] {jnp.dtype(dtype).name}"
+             + (f" with the {epilogue} epilogue" if epilogue else ""))
     if mode == "xla" or (mode == "auto" and platform != "gpu"):
         return None
     max_rows, table = skinny_gemm_table()
     if m > max_rows:  # every mode: the kernel holds all rows in one tile (decode-sized steps)
         _log_gemm_choice(mode, shape, f"XLA's GEMM ({m} rows > {max_rows})")
         return None
-    cfg = table.get((k, sum(ns), jnp.dtype(dtype).name))
-    if cfg is not None and cfg.fits(k, ns) is not None:
+    cfg = table.get((k, sum(ns), jnp.dtype(dtype).name, epilogue))
+    if cfg is not None and (cfg.fits(k, ns) is not None or (epilogue and cfg.num_splits != 1)):
         cfg = None  # the weights split at other widths than the table's entry
     if mode == "auto":
         if cfg is None:
@@ -263,7 +280,7 @@ def skinny_gemm_config(m: int, k: int, ns: Sequence[int], dtype: Any, mode: str 
                              "XLA's GEMM (no measured entry in skinny_gemm_tuning.json)")
             return None
     elif cfg is None:
-        cfg = default_skinny_gemm_config(k, ns)
+        cfg = default_skinny_gemm_config(k, ns, epilogue)
         if cfg is None:
             raise ValueError(f"skinny_gemm mode={mode!r}: no tile divides {shape}")
     _log_gemm_choice(mode, shape, f"Pallas kernel {cfg}")

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from xlaserve.pallas_kernels import ops
 from xlaserve.pallas_kernels.rope_write_kv import rope_write_kv
-from xlaserve.pallas_kernels.skinny_gemm import skinny_gemm
+from xlaserve.pallas_kernels.skinny_gemm import skinny_gemm, skinny_gemm_swiglu
 from xlaserve.runtime.config import ModelConfig
 from xlaserve.runtime.models.layers import Deferred
 from xlaserve.sharding.mesh import MODEL_AXIS
@@ -135,6 +135,38 @@ class DecodeProjection:
             out_specs=(logical_to_spec(("tokens", *products[0].out_axes), rules), pages_spec,
                        pages_spec))
         return fn(*args)
+
+
+    def swiglu(self, gate: Deferred, up: Deferred, dtype: Any) -> jax.Array | None:
+        """A `layers.SwiGLUFn`: silu(x . gate) * (x . up) [T, I] through `skinny_gemm_swiglu`
+        on each device's columns of the two kernels (column-parallel: no collective), where
+        `ops.skinny_gemm_config(..., epilogue="swiglu")` picks it for the local shape; None
+        otherwise (the MLP then runs XLA's GEMM and the activation)."""
+        x = gate.x
+        if up.x is not x or gate.kernel.shape != up.kernel.shape or len(gate.in_axes) != 1:
+            raise ValueError("DecodeProjection.swiglu: gate and up must be [D] -> [I] "
+                             "projections of one x")
+        rules = None if self.mesh is None else mesh_rules(self.model_cfg, self.mesh)
+        spec = PartitionSpec()
+        k, i = gate.kernel.shape
+        if self.mesh is not None and rules is not None:
+            spec = logical_to_spec((*gate.in_axes, *gate.out_axes), rules)
+            k, i = local_shape(gate.kernel.shape, spec, self.mesh)
+        cfg = ops.skinny_gemm_config(x.shape[0], k, (i, i), x.dtype, self.mode,
+                                     epilogue="swiglu")
+        if cfg is None:
+            return None
+
+        def body(x, wg, wu):
+            return (skinny_gemm_swiglu(x, wg, wu, config=cfg,
+                                       interpret=self.mode == "pallas_interpret").astype(dtype),)
+
+        if self.mesh is None or rules is None:
+            return body(x, gate.kernel, up.kernel)[0]
+        fn = _shard_map(body, self.mesh,
+                        in_specs=(logical_to_spec(("tokens", *gate.in_axes), rules), spec, spec),
+                        out_specs=(logical_to_spec(("tokens", *gate.out_axes), rules),))
+        return fn(x, gate.kernel, up.kernel)[0]
 
 
 def decode_gemm_hooks(mesh: Mesh | None, model_cfg: ModelConfig, mode: str,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import flax.linen as nn
 import jax
@@ -127,6 +127,16 @@ class ProjectFn(Protocol):
                  ) -> tuple[jax.Array, ...]: ...
 
 
+@runtime_checkable
+class SwiGLUFn(Protocol):
+    """silu(x . gate) * (x . up) of two bias-free `Deferred` projections of the same x [T, D],
+    in `dtype`, in one launch (a decode-sized step's gate/up GEMM with the activation as its
+    epilogue: sharding.decode_gemm.DecodeProjection), or None where that does not apply (the
+    MLP then computes both products and the activation itself)."""
+
+    def swiglu(self, gate: Deferred, up: Deferred, dtype: jnp.dtype) -> jax.Array | None: ...
+
+
 class ResidualRMSNorm(nn.Module):
     """The pre-norm block's join: x = residual + delta, then (x, rms_norm(x) * scale).
 
@@ -213,21 +223,26 @@ class Embed(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)); the Llama/Mistral/Qwen MLP (biases: Llama's mlp_bias)."""
+    """down(silu(gate(x)) * up(x)); the Llama/Mistral/Qwen MLP (biases: Llama's mlp_bias).
+    With `swiglu_fn` (and no bias) gate, up and the activation go to the hook in one call."""
 
     dim: int
     hidden: int
     dtype: jnp.dtype
     use_bias: bool = False
     defer_down: bool = False  # down_proj's Projection.defer
+    swiglu_fn: SwiGLUFn | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array | Deferred:  # [T, D] -> [T, D]
-        gate = as_array(Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",),
-                                   self.dtype, self.use_bias, name="gate_proj")(x))
-        up = as_array(Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",), self.dtype,
-                                 self.use_bias, name="up_proj")(x))
-        h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
+        fn = None if self.use_bias else self.swiglu_fn
+        gate, up = (Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",), self.dtype,
+                               self.use_bias, fn is not None, name=name)(x)
+                    for name in ("gate_proj", "up_proj"))
+        h = None if fn is None else fn.swiglu(as_deferred(gate), as_deferred(up), self.dtype)
+        if h is None:
+            g, u = (p.compute(self.dtype) if isinstance(p, Deferred) else p for p in (gate, up))
+            h = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(self.dtype)
         return Projection((self.hidden,), (self.dim,), ("mlp",), ("embed",), self.dtype,
                           self.use_bias, self.defer_down, name="down_proj")(h)
 

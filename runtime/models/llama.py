@@ -41,6 +41,7 @@ from xlaserve.runtime.models.layers import (
     ResidualRMSNorm,
     RMSNorm,
     SwiGLU,
+    SwiGLUFn,
     apply_rope,
     as_array,
     as_deferred,
@@ -206,8 +207,9 @@ class DecoderLayer(nn.Module):
                 h, inputs, k_pages, v_pages, rows)
         with jax.named_scope("mlp"):
             x, h = ResidualRMSNorm(d, eps, dt, add_norm, name="post_attn_norm")(x, a, rows)
+            swiglu_fn = self.project_fn if isinstance(self.project_fn, SwiGLUFn) else None
             m = SwiGLU(d, cfg.intermediate_size, dt, cfg.mlp_bias, defer_down=True,
-                       name="mlp")(h)
+                       swiglu_fn=swiglu_fn, name="mlp")(h)
         return x, m, k_pages, v_pages
 
 

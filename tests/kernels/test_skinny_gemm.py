@@ -1,4 +1,5 @@
-"""Skinny GEMM (decode-sized projections): the Pallas kernel vs the reference, and its dispatcher.
+"""Skinny GEMM (decode-sized projections): the Pallas kernels (split-K partials; gate/up with
+SwiGLU's activation) vs their references, and the dispatcher.
 
 `TestSkinnyGemm` (INTERPRET = False) runs compiled on a GPU and skips elsewhere;
 `TestSkinnyGemmInterpret` runs the same cases through the Pallas interpreter on CPU (CI).
@@ -17,6 +18,8 @@ from xlaserve.pallas_kernels.skinny_gemm import (
     SkinnyGemmConfig,
     skinny_gemm,
     skinny_gemm_reference,
+    skinny_gemm_swiglu,
+    skinny_gemm_swiglu_reference,
 )
 
 Cfg = SkinnyGemmConfig
@@ -80,6 +83,53 @@ class TestSkinnyGemm(CompiledOrInterpreted):
         assert err < 1e-2, err
 
 
+    # (M, K, I, config) of the gated kernel: rows below, at and above the 16-row alignment
+    SWIGLU_CASES = [(1, 256, 64, Cfg(block_n=32, block_k=64, num_splits=1)),
+                    (16, 128, 96, Cfg(block_n=32, block_k=32, num_splits=1, num_stages=2)),
+                    (20, 512, 128, Cfg(block_n=64, block_k=128, num_splits=1, num_warps=8))]
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+    @pytest.mark.parametrize("case", SWIGLU_CASES,
+                             ids=lambda c: f"M{c[0]}-K{c[1]}-I{c[2]}-bn{c[3].block_n}")
+    def test_swiglu_matches_reference(self, case, dtype):
+        """silu(x @ gate) * (x @ up) in x's dtype; gate and up differ (0.3 vs 0.05 scale), so
+        an activation applied to the wrong product shows."""
+        m, k, i, cfg = case
+        key = jax.random.key(3)
+        x = jax.random.normal(key, (m, k), jnp.float32).astype(dtype)
+        gate, up = ((jax.random.normal(jax.random.fold_in(key, j), (k, i), jnp.float32) * sc)
+                    .astype(dtype) for j, sc in ((1, 0.3), (2, 0.05)))
+        out = skinny_gemm_swiglu(x, gate, up, config=cfg, interpret=self.INTERPRET)
+        ref = skinny_gemm_swiglu_reference(x, gate, up)
+        assert out.shape == (m, i) and out.dtype == dtype
+        # bf16: the kernel's and the reference's float32 sums may round to neighbouring bf16
+        # values before the activation; float32 on a GPU: TF32 dots
+        tol = (2e-2 if dtype == jnp.bfloat16 or jax.default_backend() == "gpu" else 1e-4)
+        scale = float(jnp.max(jnp.abs(ref.astype(jnp.float32))))
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                                   rtol=tol, atol=tol * scale)
+        if dtype == jnp.bfloat16:  # and almost every element is the same bf16 value
+            same = float(jnp.mean((out == ref).astype(jnp.float32)))
+            assert same > 0.9, same
+
+    def test_swiglu_model_shape_bf16(self):
+        """The 8B model's gate/up at tp=2 ([16, 4096] x 2 x [4096, 7168]) with the table's
+        tiles (or the default where the table has none)."""
+        if self.INTERPRET:
+            pytest.skip("the interpreter takes minutes at this size; the cases cover the logic")
+        key = jax.random.key(4)
+        x = jax.random.normal(key, (16, 4096), jnp.float32).astype(jnp.bfloat16)
+        gate, up = ((jax.random.normal(jax.random.fold_in(key, j), (4096, 7168), jnp.float32)
+                     * 0.02).astype(jnp.bfloat16) for j in (1, 2))
+        cfg = ops.skinny_gemm_config(16, 4096, (7168, 7168), jnp.bfloat16, "pallas",
+                                     epilogue="swiglu")
+        assert cfg is not None and cfg.num_splits == 1
+        got = skinny_gemm_swiglu(x, gate, up, config=cfg).astype(jnp.float32)
+        want = skinny_gemm_swiglu_reference(x, gate, up).astype(jnp.float32)
+        err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+        assert err < 2e-2, err
+
+
 class TestSkinnyGemmInterpret(TestSkinnyGemm):
     """The same tests through the Pallas interpreter: runs on CPU in CI."""
 
@@ -98,6 +148,39 @@ def test_rejects_bad_shapes_and_tiles():
         Cfg(block_n=48)
     with pytest.raises(ValueError, match="num_warps"):
         Cfg(num_warps=0)
+
+
+def test_swiglu_rejects_bad_inputs():
+    x, (g,) = _inputs(4, 256, (64,), jnp.float32)
+    with pytest.raises(ValueError, match="num_splits=2"):
+        skinny_gemm_swiglu(x, g, g, config=Cfg(block_n=32, block_k=64, num_splits=2),
+                           interpret=True)
+    with pytest.raises(ValueError, match="gate, up"):
+        skinny_gemm_swiglu(x, g, g[:, :32], config=Cfg(num_splits=1), interpret=True)
+    with pytest.raises(ValueError, match="block_n"):
+        skinny_gemm_swiglu(x, g, g, config=Cfg(block_n=128, block_k=64, num_splits=1),
+                           interpret=True)
+
+
+def test_dispatcher_swiglu_epilogue():
+    """The gated kernel's tiles: its own table entries (one split), never the plain entries
+    of the same shape; the default tiles have one split; an unknown epilogue is an error."""
+    max_rows, table = ops.skinny_gemm_table()
+    for (k, n, dt, epi), cfg in table.items():
+        if epi == "swiglu":
+            assert ops.skinny_gemm_config(16, k, (n // 2, n // 2), dt, "auto", "gpu",
+                                          epilogue="swiglu") == cfg
+    qkv = (16, 4096, (2048, 512, 512), jnp.bfloat16)
+    assert ops.skinny_gemm_config(16, 4096, (1536, 1536), jnp.bfloat16, "auto", "gpu",
+                                  epilogue="swiglu") is None  # (4096, 3072): a plain entry
+    assert ops.skinny_gemm_config(*qkv, "auto", "gpu") is not None
+    cfg = ops.skinny_gemm_config(16, 256, (64, 64), jnp.float32, "pallas_interpret", "cpu",
+                                 epilogue="swiglu")
+    assert cfg is not None and cfg.num_splits == 1
+    assert ops.skinny_gemm_config(max_rows + 1, 256, (64, 64), jnp.float32, "pallas_interpret",
+                                  "cpu", epilogue="swiglu") is None
+    with pytest.raises(ValueError, match="epilogue"):
+        ops.skinny_gemm_config(*qkv, "auto", "gpu", epilogue="gelu")
 
 
 def test_dispatcher_modes():
@@ -130,5 +213,6 @@ def test_table_entries_fit_their_shapes():
     """Every entry of the measured table divides its own shape (a typo would never be used)."""
     max_rows, table = ops.skinny_gemm_table()
     assert max_rows >= 1 and table
-    for (k, n, _), cfg in table.items():
+    for (k, n, _, epilogue), cfg in table.items():
         assert cfg.fits(k, (n,)) is None, (k, n, cfg)
+        assert epilogue in ops.EPILOGUES and (not epilogue or cfg.num_splits == 1), epilogue

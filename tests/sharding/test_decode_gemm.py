@@ -2,7 +2,8 @@
 (`ShardedRowParallel.gemm_mode`) through the Pallas skinny GEMM (interpreted on CPU) give the
 hidden states and KV pages of the plain path, at tp 2 (fake CPU devices), tp 1 on a one-device
 mesh and without a mesh; and the kernels really run (their pallas_calls are in the program):
-the skinny GEMM, and after it `rope_write_kv` (rope + K/V write) where the KV heads are split."""
+the skinny GEMM, and after it `rope_write_kv` (rope + K/V write) where the KV heads are split,
+and gate/up with SwiGLU's activation as one kernel (`skinny_gemm_swiglu`)."""
 
 from __future__ import annotations
 
@@ -50,8 +51,9 @@ def _steps() -> list[StepInputs]:
 
 
 def _run(cfg, plan, *, project_fn, row_parallel_fn):
-    """Hidden states of both `_steps` (rows concatenated), the skinny GEMM and rope_write_kv
-    counts in the program, the logical KV cache after them."""
+    """Hidden states of both `_steps` (rows concatenated), the skinny GEMM (all kinds),
+    rope_write_kv and skinny_gemm_swiglu counts in the program, the logical KV cache after
+    them."""
     params = jax.jit(lambda key: jax.tree.map(lambda x: x * 4.0, llama.init_params(cfg, key)),
                      out_shardings=None if plan is None else plan.param_shardings)(
         jax.random.key(0))  # x4: attention far from uniform, so q matters
@@ -70,7 +72,7 @@ def _run(cfg, plan, *, project_fn, row_parallel_fn):
     if plan is not None:
         cache = plan.logical_kv_cache(cache)
     return (np.concatenate(hidden), text.count("skinny_gemm"), text.count("rope_write_kv"),
-            [np.asarray(a) for layer in cache for a in layer])
+            [np.asarray(a) for layer in cache for a in layer], text.count("skinny_gemm_swiglu"))
 
 
 def _close_caches(got, want):
@@ -89,21 +91,21 @@ def test_decode_gemm_equals_plain(tp, kv_heads):
     plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
                                devices=jax.devices()[:tp], attention_impl="reference")
     plain = plan.with_all_reduce("psum")
-    want, n_plain, _, want_cache = _run(cfg, plain, project_fn=None,
-                                        row_parallel_fn=plain.row_parallel_fn)
+    want, n_plain, _, want_cache, _ = _run(cfg, plain, project_fn=None,
+                                           row_parallel_fn=plain.row_parallel_fn)
     fast = plain.with_decode_gemm("pallas_interpret")
     assert fast.project_fn is not None and fast.row_parallel_fn.gemm_mode == "pallas_interpret"
-    got, n_fast, n_rope, cache = _run(cfg, fast, project_fn=fast.project_fn,
-                                      row_parallel_fn=fast.row_parallel_fn)
-    assert n_plain == 0 and n_fast > 0, (n_plain, n_fast)
+    got, n_fast, n_rope, cache, n_swiglu = _run(cfg, fast, project_fn=fast.project_fn,
+                                                row_parallel_fn=fast.row_parallel_fn)
+    assert n_plain == 0 and n_fast > 0 and n_swiglu > 0, (n_plain, n_fast, n_swiglu)
     # rope + K/V write fused only where each device owns its KV heads (not at tp 4 > K 2)
     assert (n_rope > 0) == (tp <= kv_heads), n_rope
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     _close_caches(cache, want_cache)
     # the same with the q/k/v epilogue left to XLA (the A/B switch)
     unfused = dataclasses.replace(fast.project_fn, fuse_rope_write=False)
-    got2, _, n_rope2, cache2 = _run(cfg, fast, project_fn=unfused,
-                                    row_parallel_fn=fast.row_parallel_fn)
+    got2, _, n_rope2, cache2, _ = _run(cfg, fast, project_fn=unfused,
+                                       row_parallel_fn=fast.row_parallel_fn)
     assert n_rope2 == 0
     np.testing.assert_allclose(got2, want, rtol=1e-5, atol=1e-5)
     _close_caches(cache2, want_cache)
@@ -113,16 +115,16 @@ def test_without_mesh():
     """One device, no mesh (the engine at tp=1): q/k/v, then also o / down, through the kernel;
     same hidden states."""
     cfg = _cfg()
-    want, _, _, want_cache = _run(cfg, None, project_fn=None, row_parallel_fn=None)
-    got, n, n_rope, cache = _run(
+    want, _, _, want_cache, _ = _run(cfg, None, project_fn=None, row_parallel_fn=None)
+    got, n, n_rope, cache, n_swiglu = _run(
         cfg, None, project_fn=DecodeProjection(None, cfg, "pallas_interpret"),
         row_parallel_fn=None)
-    assert n > 0 and n_rope > 0
+    assert n > 0 and n_rope > 0 and n_swiglu > 0
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     _close_caches(cache, want_cache)
     row, project = decode_gemm_hooks(None, cfg, "pallas_interpret")
     assert row is not None and row.mesh is None and row.all_reduce is None
-    got2, n2, _, cache2 = _run(cfg, None, project_fn=project, row_parallel_fn=row)
+    got2, n2, _, cache2, _ = _run(cfg, None, project_fn=project, row_parallel_fn=row)
     assert n2 > n
     np.testing.assert_allclose(got2, want, rtol=1e-5, atol=1e-5)
     _close_caches(cache2, want_cache)
@@ -132,8 +134,8 @@ def test_qk_norm_keeps_the_unfused_epilogue():
     """Qwen3's q/k norms sit between the projection and rope: the fused epilogue is skipped,
     the skinny GEMM still runs, and the result equals the plain path."""
     cfg = _cfg(model_type="qwen3", qk_norm=True)
-    want, _, _, want_cache = _run(cfg, None, project_fn=None, row_parallel_fn=None)
-    got, n, n_rope, cache = _run(
+    want, _, _, want_cache, _ = _run(cfg, None, project_fn=None, row_parallel_fn=None)
+    got, n, n_rope, cache, _ = _run(
         cfg, None, project_fn=DecodeProjection(None, cfg, "pallas_interpret"),
         row_parallel_fn=None)
     assert n > 0 and n_rope == 0
