@@ -69,3 +69,34 @@ PY
   if [ $((SECONDS - T0)) -lt 440 ]; then run_tp base2b 2; fi
   grep -h -iE "swiglu|greedy" "$R"/*.log | sort | uniq -c | head -20
 fi
+if [ "$PART" = swiglut ]; then  # one GPU: why the gated kernel lost (traced tp=1 steps)
+  CAND=/tmp/cand_table.json
+  $PY - "$CAND" <<'PY'
+import json, sys
+t = json.load(open("pallas_kernels/skinny_gemm_tuning.json"))
+for name, n, bn in (("gate_up_swiglu_tp2", 14336, 32), ("gate_up_swiglu_tp1", 28672, 64)):
+    t["entries"].append({"name": name, "k": 4096, "n": n, "dtype": "bfloat16",
+                         "epilogue": "swiglu", "block_n": bn, "block_k": 128, "num_splits": 1,
+                         "num_warps": 4, "num_stages": 4})
+json.dump(t, open(sys.argv[1], "w"), indent=1)
+PY
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 120 $PY -m pytest -q -rfs --tb=long \
+    -p no:cacheprovider tests/kernels/test_skinny_gemm.py -k "swiglu and not Interpret and f32" \
+    > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; grep -E "Mismatch|Max abs|Max rel|assert|Error" "$R/pytest_gpu.txt" | head -12
+  TBL=$CAND run_tp cand1_t 1 --trace-dir /tmp/trc --trace-steps 3
+  run_tp base1_t 1 --trace-dir /tmp/trb --trace-steps 3
+  for n in cand1_t base1_t; do
+    $PY - "$R/$n.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+t = d["results"][0]["decode"]["1"]["trace"]
+dev = max((x for x in t["threads"] if x["device"]), key=lambda x: x["busy_us_per_step"])
+print(sys.argv[1].split("/")[-1], "busy", round(dev["busy_us_per_step"]), "span", round(dev["span_us_per_step"]),
+      "small gaps", round(dev["gaps"]["small_gap_us_per_step"]), dev["gaps"]["small_gap_us_before_family_per_step"])
+for k in dev["top"][:12]:
+    print("   %-70s %8.1f us/step %5.0f calls %6.2f us each" % (k["name"][:70], k["us_per_step"], k["calls_per_step"], k["us_per_step"] / k["calls_per_step"]))
+PY
+  done
+fi
+tar czf "$OUT/s20_$PART.tgz" -C "$OUT" "s20_$PART" 2>/dev/null
