@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import common  # noqa: F401  (first: xlaserve's XLA flags)
+from xlaserve.pallas_kernels.skinny_gemm import SkinnyGemmConfig, skinny_gemm_swiglu
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -38,7 +39,7 @@ from xlaserve.pallas_kernels.ragged_paged_attention import compiler_params
 
 H, NQ, NKV, HD, INTER = 4096, 32, 8, 128, 14336  # Llama 3.1 8B
 LAYOUTS = ("kn", "nk", "tiled")
-VARIANTS = (*LAYOUTS, "stream", "uneven")
+VARIANTS = (*LAYOUTS, "stream", "uneven", "gated")
 
 
 def shapes() -> list[dict[str, Any]]:
@@ -112,6 +113,27 @@ def gemm_uneven(x, w, *, k: int, n: int, cfg: tuple[int, int, int, int, int],
         out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
         compiler_params=compiler_params(warps, stages), interpret=interpret,
         name=f"uneven_k{k}_n{n}")(x, w)
+
+
+def gated_tiles(k: int, n: int, quick: bool) -> list[tuple[int, int, int, int, int]]:
+    """skinny_gemm_swiglu's tiles for gate and up [K, N / 2] each (one split)."""
+    return [(bn, bk, 1, warps, stages)
+            for bn, bk, warps, stages in itertools.product(
+                (32, 64, 128), (64, 128), (4, 8), (4,) if quick else (3, 4, 5))
+            if (n // 2) % bn == 0 and k % bk == 0]
+
+
+def gated(x, w, *, cfg):
+    """silu(x @ gate) * (x @ up) through the library's gated kernel; w = (gate, up)."""
+    bn, bk, splits, warps, stages = cfg
+    return skinny_gemm_swiglu(x, *w, config=SkinnyGemmConfig(
+        block_n=bn, block_k=bk, num_splits=splits, num_warps=warps, num_stages=stages))
+
+
+def xla_swiglu(x, w):
+    n = w.shape[1] // 2
+    y = jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype).astype(jnp.float32)
+    return (jax.nn.silu(y[:, :n]) * y[:, n:]).astype(x.dtype)
 
 
 def uneven_tiles(k: int, n: int, sms: int) -> list[tuple[int, int, int, int, int]]:
@@ -196,8 +218,28 @@ def run_shape(s: dict[str, Any], args) -> dict[str, Any]:
         res[f"xla2048_{layout}_us"] = common.time_fn(fp, xp, wl, iters=10, repeats=5) * 1e6
     sms = jax.devices()[0].core_count
     plan = [(v, c) for v in args.variants.split(",")
-            for c in (uneven_tiles(k, n, sms) if v == "uneven" else tiles(k, n, args.quick))]
+            for c in (uneven_tiles(k, n, sms) if v == "uneven" else
+                      gated_tiles(k, n, args.quick) if v == "gated" else tiles(k, n, args.quick))]
+    gated_ref = None
+    if "gated" in args.variants.split(","):  # XLA: the GEMM over [gate | up], then silu(g) * u
+        gated_ref = xla_swiglu(xs[0], ws[0]).astype(jnp.float32)
+        res["xla_swiglu_us"] = timed(chained(xla_swiglu), ws)
     for layout, cfg in plan:
+        if layout == "gated":
+            wl = tuple((w[:, :n // 2], w[:, n // 2:]) for w in ws)
+            fn = chained(lambda x, w, cfg=cfg: gated(x, w, cfg=cfg))
+            run = {"layout": layout, "bn": cfg[0], "bk": cfg[1], "splits": cfg[2],
+                   "warps": cfg[3], "stages": cfg[4]}
+            try:
+                c = fn.lower(xs, wl).compile()
+                out0 = c(xs, wl)[0].astype(jnp.float32)
+                run["max_rel_err"] = float(jnp.max(jnp.abs(out0 - gated_ref))
+                                           / jnp.max(jnp.abs(gated_ref)))
+                run["us"] = timed(c, wl)
+            except Exception as e:  # noqa: BLE001  (reported, the sweep goes on)
+                run["error"] = str(e)[:300]
+            res["runs"].append(run)
+            continue
         wl = tuple(to_layout(w, layout if layout in LAYOUTS else "kn", cfg[0]) for w in ws)
         if layout == "uneven":
             fn = chained(lambda x, w, cfg=cfg: gemm_uneven(x, w, k=k, n=n, cfg=cfg))
@@ -243,6 +285,12 @@ def traced(s: dict[str, Any], xs, ws, res: dict[str, Any], trace_dir: str) -> di
             one = (functools.partial(gemm_uneven, k=k, n=n, cfg=cfg) if v == "uneven" else
                    functools.partial(gemm, layout=v, k=k, n=n, cfg=cfg))
             plan.append((v, one, ws))
+    b = res.get("best_gated")
+    if b:
+        cfg = (b["bn"], b["bk"], b["splits"], b["warps"], b["stages"])
+        plan.append(("xla_swiglu", xla_swiglu, ws))
+        plan.append(("gated", functools.partial(gated, cfg=cfg),
+                     tuple((w[:, :n // 2], w[:, n // 2:]) for w in ws)))
     out: dict[str, Any] = {}
     for label, one, w_args in plan:
         fn = jax.jit(lambda xs, ws, one=one: tuple(one(x, w) for x, w in zip(xs, ws)))
@@ -252,6 +300,8 @@ def traced(s: dict[str, Any], xs, ws, res: dict[str, Any], trace_dir: str) -> di
                   key=lambda t: t["busy_us_per_step"])
         top = dev["top"][0]
         out[label] = {"kernel": top["name"], "us": top["us_per_step"] / top["calls_per_step"],
+                      "top": [(t["name"][:60], round(t["us_per_step"] / t["calls_per_step"], 2),
+                               t["calls_per_step"]) for t in dev["top"][:3]],
                       "calls": top["calls_per_step"],
                       "span_us": dev["span_us_per_step"] / len(xs),
                       "tb_s": s["k"] * s["n"] * 2 / (top["us_per_step"]

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 20 layout || exit 1
 if [ "$PART" = layout ]; then  # kn / nk / tiled weights, tp=2 shapes then tp=1's q/k/v
   cd bench
-  timeout -s ABRT -k 5 ${LIMIT:-540} $PY gemm_layout.py --quick --out "$R/layout.json" \
+  timeout -s ABRT -k 5 ${LIMIT:-540} $PY gemm_layout.py ${QUICK---quick} --out "$R/layout.json" \
     --variants ${VARIANTS:-kn,nk,tiled} ${TRACE:+--trace-dir /tmp/tr20} \
     --only ${ONLY:-qkv_tp2,o_tp2,down_tp2,gate_up_tp2,qkv_tp1} 2>&1 | grep -v Warning
   echo "=== layout rc=$? at $((SECONDS - T0))s"
