@@ -49,35 +49,36 @@ if [ "$PART" = swiglu ]; then  # 2 GPUs: gate/up + SwiGLU's activation in one ke
   # each run its own processes, candidate first (later processes tend to run faster)
   CAND=/tmp/cand_table.json
   $PY - "$CAND" <<'PY'
-import json, sys
+import json, os, sys
 t = json.load(open("pallas_kernels/skinny_gemm_tuning.json"))
-for name, n, bn in (("gate_up_swiglu_tp2", 14336, 32), ("gate_up_swiglu_tp1", 28672, 64)):
+# tiles bn/bk/warps/stages: T2, T1 (calls 8-9 ran 32/128/4/4 and 64/128/4/4)
+for name, n, tile in (("gate_up_swiglu_tp2", 14336, os.environ.get("T2", "32/128/4/4")),
+                      ("gate_up_swiglu_tp1", 28672, os.environ.get("T1", "64/128/4/4"))):
+    bn, bk, warps, stages = map(int, tile.split("/"))
     t["entries"].append({"name": name, "k": 4096, "n": n, "dtype": "bfloat16",
-                         "epilogue": "swiglu", "block_n": bn, "block_k": 128, "num_splits": 1,
-                         "num_warps": 4, "num_stages": 4})
+                         "epilogue": "swiglu", "block_n": bn, "block_k": bk, "num_splits": 1,
+                         "num_warps": warps, "num_stages": stages})
 json.dump(t, open(sys.argv[1], "w"), indent=1)
 PY
-  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 120 $PY -m pytest -q -rfs --tb=short \
-    -p no:cacheprovider tests/kernels/test_skinny_gemm.py -k "swiglu and not Interpret" \
-    > "$R/pytest_gpu.txt" 2>&1
-  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -2 "$R/pytest_gpu.txt"
-  TBL=$CAND run_tp cand2 2
-  run_tp base2 2
-  TBL=$CAND run_tp cand1 1
-  run_tp base1 1
-  if [ $((SECONDS - T0)) -lt 400 ]; then TBL=$CAND run_tp cand2b 2; fi
-  if [ $((SECONDS - T0)) -lt 440 ]; then run_tp base2b 2; fi
+  for r in ${RUNS:-cand2 base2 cand1 base1 cand2b base2b}; do  # name: cand|base + tp (+ tag)
+    tp=${r//[!0-9]/}; tp=${tp:0:1}
+    if [ $((SECONDS - T0)) -gt ${STOP_AT:-400} ]; then echo "=== $r skipped (time)"; continue; fi
+    if [ "${r:0:4}" = cand ]; then TBL=$CAND run_tp $r $tp; else run_tp $r $tp; fi
+  done
   grep -h -iE "swiglu|greedy" "$R"/*.log | sort | uniq -c | head -20
 fi
 if [ "$PART" = swiglut ]; then  # one GPU: why the gated kernel lost (traced tp=1 steps)
   CAND=/tmp/cand_table.json
   $PY - "$CAND" <<'PY'
-import json, sys
+import json, os, sys
 t = json.load(open("pallas_kernels/skinny_gemm_tuning.json"))
-for name, n, bn in (("gate_up_swiglu_tp2", 14336, 32), ("gate_up_swiglu_tp1", 28672, 64)):
+# tiles bn/bk/warps/stages: T2, T1 (calls 8-9 ran 32/128/4/4 and 64/128/4/4)
+for name, n, tile in (("gate_up_swiglu_tp2", 14336, os.environ.get("T2", "32/128/4/4")),
+                      ("gate_up_swiglu_tp1", 28672, os.environ.get("T1", "64/128/4/4"))):
+    bn, bk, warps, stages = map(int, tile.split("/"))
     t["entries"].append({"name": name, "k": 4096, "n": n, "dtype": "bfloat16",
-                         "epilogue": "swiglu", "block_n": bn, "block_k": 128, "num_splits": 1,
-                         "num_warps": 4, "num_stages": 4})
+                         "epilogue": "swiglu", "block_n": bn, "block_k": bk, "num_splits": 1,
+                         "num_warps": warps, "num_stages": stages})
 json.dump(t, open(sys.argv[1], "w"), indent=1)
 PY
   JAX_PLATFORMS=cuda timeout -s ABRT -k 5 120 $PY -m pytest -q -rfs --tb=long \
