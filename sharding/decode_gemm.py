@@ -1,7 +1,9 @@
-"""Decode-sized projections through the Pallas skinny GEMM: the q/k/v hook and the plan's hooks.
+"""Decode-sized projections through the Pallas skinny GEMM: the q/k/v and gate/up hook and the
+plan's hooks.
 
 `DecodeProjection` is the model's `layers.ProjectFn` / `llama.RopeWriteFn` for q/k/v (one
-launch for the three products, then `rope_write_kv` for rope and the K/V write);
+launch for the three products, then `rope_write_kv` for rope and the K/V write) and its
+`layers.SwiGLUFn` for gate/up (one launch with SwiGLU's activation as the epilogue);
 `decode_gemm_hooks` gives the plan its (row_parallel_fn, project_fn) for a decode GEMM mode,
 o_proj / down_proj going through `specs.ShardedRowParallel.gemm_mode`. Split from specs.py
 (which keeps the shardings, the attention and row-parallel hooks and the plan).
@@ -192,17 +194,20 @@ def decode_gemm_hooks(mesh: Mesh | None, model_cfg: ModelConfig, mode: str,
 
 
 def _table_covers(model_cfg: ModelConfig, mesh: Mesh | None) -> tuple[bool, bool]:
-    """(q/k/v, o_proj or down_proj): does the measured table hold this model's local shape on
-    this mesh, for a decode step of its largest row count?"""
+    """(q/k/v or gate/up, o_proj or down_proj): does the measured table hold this model's local
+    shape on this mesh, for a decode step of its largest row count? (DecodeProjection serves
+    q/k/v and gate/up, each where its own shape is covered.)"""
     tp = 1 if mesh is None else mesh.shape[MODEL_AXIS]
     c, h = model_cfg, model_cfg.head_dim
     kv = c.num_kv_heads * h // (tp if kv_heads_sharded(c, tp) else 1)
     rows = ops.skinny_gemm_table()[0]
 
-    def covered(k: int, ns: tuple[int, ...]) -> bool:
-        return ops.skinny_gemm_config(rows, k, ns, c.dtype, "auto") is not None
+    def covered(k: int, ns: tuple[int, ...], epilogue: str = "") -> bool:
+        return ops.skinny_gemm_config(rows, k, ns, c.dtype, "auto", epilogue=epilogue) is not None
 
-    qkv = covered(c.hidden_size, (c.num_heads * h // tp, kv, kv))
+    mlp = c.intermediate_size // tp
+    qkv = (covered(c.hidden_size, (c.num_heads * h // tp, kv, kv))
+           or covered(c.hidden_size, (mlp, mlp), "swiglu"))  # the same hook does gate/up
     o_down = (covered(c.num_heads * h // tp, (c.hidden_size,))
               or covered(c.intermediate_size // tp, (c.hidden_size,)))
     return qkv, o_down

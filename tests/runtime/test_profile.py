@@ -408,5 +408,6 @@ def test_describe_decode_gemm_on_gpu():
 
     text = ops.describe_skinny_gemm("auto", "gpu")
     assert "skinny_gemm_tuning.json" in text and "qkv_tp2" in text and "up to 16 tokens" in text
+    assert "gate_up_swiglu_tp2" in text and "skinny_gemm_swiglu" in text
     assert ops.describe_skinny_gemm("xla", "gpu") == "XLA's GEMMs (decode_gemm='xla')"
     assert "every shape" in ops.describe_skinny_gemm("pallas", "gpu")
