@@ -201,20 +201,22 @@ def describe_skinny_gemm(mode: str, platform: str | None = None) -> str:
     if mode == "auto" and _platform(platform) != "gpu":
         return (f"XLA's GEMMs (decode_gemm='auto': the Pallas skinny GEMM needs an NVIDIA GPU; "
                 f"platform is {_platform(platform)!r})")
-    epilogue = ("; after q/k/v's, rope and the K/V write run as one kernel (rope_write_kv) "
+    def epilogue(where: str) -> str:
+        return ("; after q/k/v's, rope and the K/V write run as one kernel (rope_write_kv) "
                 "where each device holds its KV heads and the model has no q/k norm; gate/up "
-                "with SwiGLU's activation in one kernel (skinny_gemm_swiglu) where its shape")
+                f"with SwiGLU's activation in one kernel (skinny_gemm_swiglu) where {where}")
+
     if mode != "auto":
         return (f"the Pallas skinny GEMM for every shape its tiles divide in steps of up to "
                 f"{_read_table(skinny_gemm_table_path())[0]['max_rows']} tokens "
-                f"(decode_gemm={mode!r})" + epilogue + " divides the tiles")
+                f"(decode_gemm={mode!r})" + epilogue("its shape divides the tiles"))
     path = skinny_gemm_table_path()
     data, _ = _read_table(path)
     names = ", ".join(e.get("name", f"{e['k']}x{e['n']}") for e in data["entries"])
     return (f"the Pallas skinny GEMM for steps of up to {data['max_rows']} tokens whose q/k/v, "
             f"o_proj or down_proj shape is in {path.name} (measured on {data['device']}, "
-            f"jax {data['jax']}: {names or 'none'}); XLA's GEMM for the others" + epilogue
-            + " is in the table too")
+            f"jax {data['jax']}: {names or 'none'}); XLA's GEMM for the others"
+            + epilogue("its shape is in the table too"))
 
 
 def default_skinny_gemm_config(k: int, ns: Sequence[int], epilogue: str = "",

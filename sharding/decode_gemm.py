@@ -51,8 +51,9 @@ class DecodeProjection:
     mode: str = "auto"
     fuse_rope_write: bool = True
 
-    def _plan(self, products: Sequence[Deferred]) -> tuple[Any, ...]:
-        """(rules, kernel specs, local widths N_i, K, the GEMM's tiles or None) of q/k/v."""
+    def _plan(self, products: Sequence[Deferred], epilogue: str = "") -> tuple[Any, ...]:
+        """(rules, kernel specs, local widths N_i, K, the GEMM's tiles or None) of q/k/v, or of
+        gate/up with `epilogue` "swiglu"."""
         x = products[0].x
         n_in = len(products[0].in_axes)
         if any(p.x is not x or len(p.in_axes) != n_in for p in products):
@@ -65,7 +66,7 @@ class DecodeProjection:
                    for p, spec in zip(products, specs)]
         k = int(np.prod(x.shape[x.ndim - n_in:]))
         ns = [int(np.prod(shape[n_in:])) for shape in locals_]
-        gemm = ops.skinny_gemm_config(x.shape[0], k, ns, x.dtype, self.mode)
+        gemm = ops.skinny_gemm_config(x.shape[0], k, ns, x.dtype, self.mode, epilogue=epilogue)
         return rules, specs, ns, k, gemm
 
     def _partials(self, x: jax.Array, kernels: Sequence[jax.Array], k: int, gemm: Any,
@@ -144,18 +145,10 @@ class DecodeProjection:
         on each device's columns of the two kernels (column-parallel: no collective), where
         `ops.skinny_gemm_config(..., epilogue="swiglu")` picks it for the local shape; None
         otherwise (the MLP then runs XLA's GEMM and the activation)."""
-        x = gate.x
-        if up.x is not x or gate.kernel.shape != up.kernel.shape or len(gate.in_axes) != 1:
+        if gate.kernel.shape != up.kernel.shape or len(gate.in_axes) != 1:
             raise ValueError("DecodeProjection.swiglu: gate and up must be [D] -> [I] "
                              "projections of one x")
-        rules = None if self.mesh is None else mesh_rules(self.model_cfg, self.mesh)
-        spec = PartitionSpec()
-        k, i = gate.kernel.shape
-        if self.mesh is not None and rules is not None:
-            spec = logical_to_spec((*gate.in_axes, *gate.out_axes), rules)
-            k, i = local_shape(gate.kernel.shape, spec, self.mesh)
-        cfg = ops.skinny_gemm_config(x.shape[0], k, (i, i), x.dtype, self.mode,
-                                     epilogue="swiglu")
+        rules, specs, _, _, cfg = self._plan((gate, up), epilogue="swiglu")
         if cfg is None:
             return None
 
@@ -163,12 +156,12 @@ class DecodeProjection:
             return (skinny_gemm_swiglu(x, wg, wu, config=cfg,
                                        interpret=self.mode == "pallas_interpret").astype(dtype),)
 
-        if self.mesh is None or rules is None:
-            return body(x, gate.kernel, up.kernel)[0]
+        if self.mesh is None:
+            return body(gate.x, gate.kernel, up.kernel)[0]
         fn = _shard_map(body, self.mesh,
-                        in_specs=(logical_to_spec(("tokens", *gate.in_axes), rules), spec, spec),
+                        in_specs=(logical_to_spec(("tokens", *gate.in_axes), rules), *specs),
                         out_specs=(logical_to_spec(("tokens", *gate.out_axes), rules),))
-        return fn(x, gate.kernel, up.kernel)[0]
+        return fn(gate.x, gate.kernel, up.kernel)[0]
 
 
 def decode_gemm_hooks(mesh: Mesh | None, model_cfg: ModelConfig, mode: str,
