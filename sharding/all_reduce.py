@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from xlaserve.pallas_kernels import gemm_all_reduce
 from xlaserve.runtime import hardware
 from xlaserve.sharding.all_reduce_ptx import (
     CHUNK_BYTES,
@@ -89,7 +90,13 @@ MIN_JAX = (0, 11)  # measured on 0.11.2 (2 x H200); 0.10.2's launcher was not tr
 
 
 def workspace_bytes(tp: int) -> int:
-    """Bytes of one device's workspace at this tp."""
+    """Bytes of one device's workspace at this tp: the kernels' LL data, then the region of
+    `gemm_all_reduce`'s exchange (from `exchange_offset`)."""
+    return exchange_offset(tp) + gemm_all_reduce.region_bytes(tp)
+
+
+def exchange_offset(tp: int) -> int:
+    """Byte offset of `gemm_all_reduce`'s exchange region in a workspace."""
     return DATA_OFFSET + MAX_CTAS * 2 * tp * LL_CHUNK_BYTES
 
 
@@ -229,6 +236,13 @@ class AllReduce:
         log.info("custom all-reduce: tp=%d, %d KiB workspace per device, messages up to %d KiB",
                  tp, workspace_bytes(tp) >> 10, MAX_MESSAGE_BYTES >> 10)
         return cls(tp, addresses, arch, model_axis, ws)
+
+    @property
+    def exchange(self) -> gemm_all_reduce.Exchange:
+        """The workspaces' regions for `gemm_all_reduce` (o_proj / down_proj with the
+        all-reduce in the GEMM's epilogue)."""
+        off = exchange_offset(self.tp)
+        return gemm_all_reduce.Exchange(tuple(a + off for a in self.addresses))
 
     def _opaque(self, name: str, ptx: str, buffers: tuple[int, ...], grid: int,
                 scalars: tuple[tuple[int, str], ...] = ()) -> bytes:

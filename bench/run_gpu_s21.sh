@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Session 21 (issue 6): o_proj / down_proj with the all-reduce and the residual add in the GEMM's
+# epilogue (pallas_kernels/gemm_all_reduce.py), the norm applied by the next GEMM.
+#   OUT=/tmp/out COMMIT=<hash> PART=verify|ab bash bench/run_gpu_s21.sh   (2 GPUs; carry .whl)
+# verify: the GPU tests of the new kernels, then the A/B; ab: the A/B only. Candidate tiles of
+# the two "all_reduce" table entries from TO (o_proj) and TD (down_proj): bn/bk/warps/stages.
+# Commands and results: bench/results/session21_h200x2/README.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/gpu_install.sh && gpu_script 21 verify || exit 1
+# write_cand CAND BASE: the committed table without "all_reduce" entries (BASE) and with the
+# candidate ones for the 8B o_proj / down_proj at tp=2 (CAND)
+write_cand() {
+  $PY - "$1" "$2" <<'PY'
+import json, os, sys
+t = json.load(open("pallas_kernels/skinny_gemm_tuning.json"))
+t["entries"] = [e for e in t["entries"] if e.get("epilogue") != "all_reduce"]
+json.dump(t, open(sys.argv[2], "w"), indent=1)
+for name, k, tile in (("o_all_reduce_tp2", 2048, os.environ.get("TO", "32/128/4/4")),
+                      ("down_all_reduce_tp2", 7168, os.environ.get("TD", "32/256/4/4"))):
+    bn, bk, warps, stages = map(int, tile.split("/"))
+    t["entries"].append({"name": name, "k": k, "n": 4096, "dtype": "bfloat16",
+                         "epilogue": "all_reduce", "block_n": bn, "block_k": bk,
+                         "num_splits": 1, "num_warps": warps, "num_stages": stages})
+json.dump(t, open(sys.argv[1], "w"), indent=1)
+PY
+}
+summary() {  # the traced run's busiest GPU: busy time, gaps, top kernels
+  $PY - "$1" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for tp, r in ((x["tp"], x) for x in d["results"]):
+    t = r["decode"]["1"].get("trace")
+    if not t:
+        continue
+    for dev in sorted((x for x in t["threads"] if x["device"]), key=lambda x: -x["busy_us_per_step"])[:2]:
+        print("tp", tp, "busy", round(dev["busy_us_per_step"]), "span", round(dev["span_us_per_step"]),
+              "small gaps", round(dev["gaps"]["small_gap_us_per_step"]))
+        for k in dev["top"][:14]:
+            print("   %-70s %8.1f us/step %5.0f calls %6.2f us each" % (k["name"][:70], k["us_per_step"], k["calls_per_step"], k["us_per_step"] / k["calls_per_step"]))
+PY
+}
+CAND=/tmp/cand_table.json; BASE=/tmp/base_table.json; write_cand $CAND $BASE
+if [ "$PART" = verify ]; then
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 240 $PY -m pytest -q -rfs --tb=short -x \
+    -p no:cacheprovider tests/sharding/test_all_reduce.py tests/kernels/test_gemm_all_reduce.py \
+    tests/kernels/test_skinny_gemm.py -k "gemm_all_reduce or GemmAllReduce or normed" \
+    > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -15 "$R/pytest_gpu.txt"
+fi
+for r in ${RUNS:-cand2 base2 cand2b base2b base1 cand2_t}; do  # name: cand|base + tp (+ tag)
+  tp=${r//[!0-9]/}; tp=${tp:0:1}
+  if [ $((SECONDS - T0)) -gt ${STOP_AT:-420} ]; then echo "=== $r skipped (time)"; continue; fi
+  extra=(); [ "${r: -2}" = _t ] && extra=(--trace-dir /tmp/tr_$r --trace-steps 3)
+  if [ "${r:0:4}" = cand ]; then TBL=$CAND run_tp $r $tp "${extra[@]}"; else TBL=$BASE run_tp $r $tp "${extra[@]}"; fi
+  [ "${r: -2}" = _t ] && summary "$R/$r.json"
+done
+grep -h -iE "greedy|all_reduce epilogue|gemm_all_reduce" "$R"/*.log | sort | uniq -c | head -20
+tar czf "$OUT/s21_$PART.tgz" -C "$OUT" "s21_$PART" 2>/dev/null
