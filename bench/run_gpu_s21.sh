@@ -8,10 +8,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 21 verify || exit 1
-# write_cand CAND BASE: the committed table without "all_reduce" entries (BASE) and with the
-# candidate ones for the 8B o_proj / down_proj at tp=2 (CAND)
+# write_cand CAND BASE [TO TD]: the committed table without "all_reduce" entries (BASE) and with
+# candidate ones for the 8B o_proj / down_proj at tp=2 (CAND; tiles TO / TD, default $TO / $TD)
 write_cand() {
-  $PY - "$1" "$2" <<'PY'
+  TO=${3:-${TO:-32/128/4/4}} TD=${4:-${TD:-32/256/4/4}} $PY - "$1" "$2" <<'PY'
 import json, os, sys
 t = json.load(open("pallas_kernels/skinny_gemm_tuning.json"))
 t["entries"] = [e for e in t["entries"] if e.get("epilogue") != "all_reduce"]
@@ -41,6 +41,7 @@ for tp, r in ((x["tp"], x) for x in d["results"]):
 PY
 }
 CAND=/tmp/cand_table.json; BASE=/tmp/base_table.json; write_cand $CAND $BASE
+ALT=/tmp/alt_table.json; write_cand $ALT /tmp/base2.json ${TO2:-16/128/4/4} ${TD2:-16/256/4/4}
 if [ "$PART" = verify ]; then
   JAX_PLATFORMS=cuda timeout -s ABRT -k 5 240 $PY -m pytest -q -rfs --tb=short -x \
     -p no:cacheprovider tests/sharding/test_all_reduce.py tests/kernels/test_gemm_all_reduce.py \
@@ -48,11 +49,15 @@ if [ "$PART" = verify ]; then
     > "$R/pytest_gpu.txt" 2>&1
   echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -15 "$R/pytest_gpu.txt"
 fi
-for r in ${RUNS:-cand2 base2 cand2b base2b base1 cand2_t}; do  # name: cand|base + tp (+ tag)
+for r in ${RUNS:-cand2 base2 cand2b base2b base1 cand2_t}; do  # name: cand|alt|base + tp (+ tag)
   tp=${r//[!0-9]/}; tp=${tp:0:1}
   if [ $((SECONDS - T0)) -gt ${STOP_AT:-420} ]; then echo "=== $r skipped (time)"; continue; fi
   extra=(); [ "${r: -2}" = _t ] && extra=(--trace-dir /tmp/tr_$r --trace-steps 3)
-  if [ "${r:0:4}" = cand ]; then TBL=$CAND run_tp $r $tp "${extra[@]}"; else TBL=$BASE run_tp $r $tp "${extra[@]}"; fi
+  case ${r:0:3} in
+    can) TBL=$CAND run_tp $r $tp "${extra[@]}" ;;
+    alt) TBL=$ALT run_tp $r $tp "${extra[@]}" ;;
+    *) TBL=$BASE run_tp $r $tp "${extra[@]}" ;;
+  esac
   [ "${r: -2}" = _t ] && summary "$R/$r.json"
 done
 grep -h -iE "greedy|all_reduce epilogue|gemm_all_reduce" "$R"/*.log | sort | uniq -c | head -20

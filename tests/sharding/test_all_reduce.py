@@ -661,31 +661,48 @@ def _exchange_fns(mesh: Mesh, kernel: ar.AllReduce, cfg: SkinnyGemmConfig, chain
     return fn, jax.jit(reference, static_argnums=3)
 
 
+def _exchange_reference_np(x: np.ndarray, w: np.ndarray, residual: np.ndarray, rows: int,
+                           block_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`gemm_all_reduce_reference` on the host, each rank's product in float64 (an XLA GEMM on
+    the GPU may split K and round differently; the kernel's float32 sum rounds to the exact
+    product's bf16 value almost always)."""
+    bf = residual.dtype
+    total = None
+    for xr, wr in zip(x, w):
+        own = (xr.astype(np.float64) @ wr.astype(np.float64)).astype(bf).astype(np.float32)
+        total = own if total is None else total + own
+    v = (residual.astype(np.float32) + total.astype(bf).astype(np.float32)).astype(bf)
+    v[rows:] = 0
+    v32 = v.astype(np.float32)
+    return v32, (v32 * v32).reshape(v.shape[0], -1, block_n).sum(axis=2).T
+
+
 @needs_gpus
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,rows", [(1, 1), (16, 1), (16, 5), (3, 3), (16, 16)])
 def test_gemm_all_reduce_equals_reference(t: int, rows: int) -> None:
     """The GEMM with the all-reduce in its epilogue against its reference, 5 calls with fresh
-    inputs (the slots alternate): every rank holds the same v bits, within a bf16 rounding of
-    the reference, padding rows zero and never exchanged."""
+    inputs (the slots alternate): every rank holds the same v bits, equal to the reference's
+    (but for rare roundings of the products), padding rows zero and never exchanged."""
     tp = min(len(_gpus()), 8)
     mesh, kernel = _setup(tp)
     k, n = 1024, 4096
-    fn, ref = _exchange_fns(mesh, kernel, SkinnyGemmConfig(32, 128, 1))
+    fn, _ = _exchange_fns(mesh, kernel, SkinnyGemmConfig(32, 128, 1))
     split = NamedSharding(mesh, PartitionSpec("model"))
     rng = np.random.default_rng(11)
+    bf = jnp.dtype(jnp.bfloat16)
     for _ in range(5):
-        x = jnp.asarray(rng.standard_normal((tp, t, k)), jnp.bfloat16)
-        w = jnp.asarray(rng.standard_normal((tp, k, n)) * 0.03, jnp.bfloat16)
-        residual = jnp.asarray(rng.standard_normal((t, n)), jnp.bfloat16)
-        v, ss = fn(jax.device_put(x, split), jax.device_put(w, split), residual,
+        x = rng.standard_normal((tp, t, k)).astype(bf)
+        w = (rng.standard_normal((tp, k, n)) * 0.03).astype(bf)
+        residual = rng.standard_normal((t, n)).astype(bf)
+        v, ss = fn(jax.device_put(x, split), jax.device_put(w, split), jnp.asarray(residual),
                    jnp.array([rows], jnp.int32))
-        want_v, want_ss = ref(x, w, residual, rows)
+        want_v, want_ss = _exchange_reference_np(x, w, residual, rows, 32)
         v, ss = np.asarray(v, np.float32), np.asarray(ss)
         assert all((v[r] == v[0]).all() and (ss[r] == ss[0]).all() for r in range(tp))
-        np.testing.assert_allclose(v[0], np.asarray(want_v, np.float32), rtol=2e-2, atol=5e-2)
-        assert np.mean(v[0] == np.asarray(want_v, np.float32)) > 0.9
-        np.testing.assert_allclose(ss[0], np.asarray(want_ss), rtol=2e-2)
+        np.testing.assert_allclose(v[0], want_v, rtol=2e-2, atol=5e-2)
+        assert np.mean(v[0] == want_v) > 0.98, np.mean(v[0] == want_v)
+        np.testing.assert_allclose(ss[0], want_ss, rtol=2e-2)
         assert (v[0][rows:] == 0).all()
 
 
