@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Session 21 (issue 6): o_proj / down_proj with the all-reduce and the residual add in the GEMM's
 # epilogue (pallas_kernels/gemm_all_reduce.py), the norm applied by the next GEMM.
-#   OUT=/tmp/out COMMIT=<hash> PART=verify|ab bash bench/run_gpu_s21.sh   (2 GPUs; carry .whl)
-# verify: the GPU tests of the new kernels, then the A/B; ab: the A/B only. Candidate tiles of
-# the two "all_reduce" table entries from TO (o_proj) and TD (down_proj): bn/bk/warps/stages.
+#   OUT=/tmp/out COMMIT=<hash> PART=verify|ab|pallas bash bench/run_gpu_s21.sh  (2 GPUs; .whl)
+# verify (calls 1-2, commits e74d9df / ffa2645, since removed): the GPU tests of
+# gemm_all_reduce and the norm-applying consumers, then the A/B; ab: the A/B only. Candidate
+# tiles of the two "all_reduce" table entries from TO (o_proj) and TD (down_proj):
+# bn/bk/warps/stages, a second table (ALT) from TO2 / TD2.
+# pallas (call 3): the fused all-reduce + add + RMSNorm as a Pallas kernel
+# (pallas_kernels/all_reduce_norm.py, tp_scaling --pallas-all-reduce) against the PTX kernel:
+# its GPU tests, then the A/B (runs pal* / base*, the committed table).
 # Commands and results: bench/results/session21_h200x2/README.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +47,12 @@ PY
 }
 CAND=/tmp/cand_table.json; BASE=/tmp/base_table.json; write_cand $CAND $BASE
 ALT=/tmp/alt_table.json; write_cand $ALT /tmp/base2.json ${TO2:-16/128/4/4} ${TD2:-16/256/4/4}
+if [ "$PART" = pallas ]; then
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 240 $PY -m pytest -q -rfs --tb=short -x \
+    -p no:cacheprovider tests/sharding/test_all_reduce.py tests/kernels/test_all_reduce_norm.py \
+    -k "pallas or AllReduceNorm" > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -15 "$R/pytest_gpu.txt"
+fi
 if [ "$PART" = verify ]; then
   JAX_PLATFORMS=cuda timeout -s ABRT -k 5 240 $PY -m pytest -q -rfs --tb=short -x \
     -p no:cacheprovider tests/sharding/test_all_reduce.py tests/kernels/test_gemm_all_reduce.py \
@@ -54,11 +65,12 @@ for r in ${RUNS:-cand2 base2 cand2b base2b base1 cand2_t}; do  # name: cand|alt|
   if [ $((SECONDS - T0)) -gt ${STOP_AT:-420} ]; then echo "=== $r skipped (time)"; continue; fi
   extra=(); [ "${r: -2}" = _t ] && extra=(--trace-dir /tmp/tr_$r --trace-steps 3)
   case ${r:0:3} in
+    pal) run_tp $r $tp --pallas-all-reduce "${extra[@]}" ;;
     can) TBL=$CAND run_tp $r $tp "${extra[@]}" ;;
     alt) TBL=$ALT run_tp $r $tp "${extra[@]}" ;;
-    *) TBL=$BASE run_tp $r $tp "${extra[@]}" ;;
+    *) if [ "$PART" = pallas ]; then run_tp $r $tp "${extra[@]}"; else TBL=$BASE run_tp $r $tp "${extra[@]}"; fi ;;
   esac
   [ "${r: -2}" = _t ] && summary "$R/$r.json"
 done
-grep -h -iE "greedy|all_reduce epilogue|gemm_all_reduce" "$R"/*.log | sort | uniq -c | head -20
+grep -h -iE "greedy|all_reduce epilogue|gemm_all_reduce|all_reduce_add_rms_norm" "$R"/*.log | sort | uniq -c | head -20
 tar czf "$OUT/s21_$PART.tgz" -C "$OUT" "s21_$PART" 2>/dev/null

@@ -176,7 +176,7 @@ def skinny_gemm_table_path() -> Path:
 # A table key: (K, N = the weights' total width, dtype, epilogue); epilogue "" for the split-K
 # partials of `skinny_gemm`, "swiglu" for `skinny_gemm_swiglu` (N = gate + up).
 TableKey = tuple[int, int, str, str]
-EPILOGUES = ("", "swiglu", "all_reduce")
+EPILOGUES = ("", "swiglu")
 
 
 @functools.lru_cache(maxsize=None)

@@ -87,63 +87,21 @@ class SkinnyGemmConfig:
         return None
 
 
-def _row_inv_rms(ss_ref, dim: int, eps: float) -> jax.Array:
-    """f32[M, 1]: 1 / rms of each row from its partial sums of squares ss [P, M]."""
-    return lax.rsqrt(jnp.sum(ss_ref[...], axis=0) / dim + eps)[:, None]
-
-
-def _normed(xs: jax.Array, inv: jax.Array, scale: jax.Array) -> jax.Array:
-    """`layers.rms_norm` of the rows xs [M, k] given their 1 / rms `inv` [M, 1] and the scale's
-    slice [k]: float32, rounded to xs's dtype, times the scale, rounded."""
-    dt = xs.dtype
-    y = (xs.astype(jnp.float32) * inv).astype(dt)
-    return (y.astype(jnp.float32) * scale.astype(jnp.float32)[None, :]).astype(dt)
-
-
-def _k_loop(x_ref, steps: int, block_k: int, normer, dots, init):
-    """The K loop: `dots(t, x tile [M, block_k], carry) -> carry` for t < steps. With `normer`
-    (inv [M, 1], scale_ref) the x tiles are normed (`_normed`), and loaded one step ahead as
-    loop-carried values: Triton pipelines only the loads that feed a dot directly, and an x
-    tile loaded in its own step put the load's whole latency into every step (gate/up took
-    54.8 us instead of 28.8 in the 8B tp=2 step, bench/results/session21_h200x2)."""
-    if normer is None:
-        return lax.fori_loop(
-            0, steps, lambda t, c: dots(t, x_ref[:, pl.ds(t * block_k, block_k)], c), init)
-    inv, scale_ref = normer
-
-    def load(t):
-        ks = pl.ds(t * block_k, block_k)
-        return x_ref[:, ks], scale_ref[ks]
-
-    def body(t, carry):
-        c, xv, sc = carry
-        ahead = load(jnp.minimum(t + 1, steps - 1))
-        return (dots(t, _normed(xv, inv, sc), c), *ahead)
-
-    return lax.fori_loop(0, steps, body, (init, *load(0)))[0]
-
-
 def _skinny_gemm_kernel(x_ref,  # [M, K / S]: this split's slice of the token rows
-                        *refs,  # with norm: ss f32[P, M], scale [K / S]; then W weights
-                        # [K, N_i] (whole), then out [M, block_n]
-                        block_n: int, block_k: int, steps: int, block_bounds: tuple[int, ...],
-                        norm: tuple[int, float] | None):
-    normer = None
-    if norm is not None:
-        ss_ref, scale_ref, *refs = refs
-        normer = (_row_inv_rms(ss_ref, *norm), scale_ref)
+                        *refs,  # W weights [K, N_i] (whole), then out [M, block_n]
+                        block_n: int, block_k: int, steps: int, block_bounds: tuple[int, ...]):
     *w_refs, o_ref = refs
     j, s = pl.program_id(0), pl.program_id(1)
     k_first = s * (steps * block_k)
     m = x_ref.shape[0]
 
     def product(w_ref, n_first):
-        def dots(t, xs, acc):
+        def body(t, acc):
+            xs = x_ref[:, pl.ds(t * block_k, block_k)]
             ws = w_ref[pl.ds(k_first + t * block_k, block_k), pl.ds(n_first, block_n)]
             return acc + lax.dot_general(xs, ws, (((1,), (0,)), ((), ())),
                                          preferred_element_type=jnp.float32)
-        o_ref[...] = _k_loop(x_ref, steps, block_k, normer, dots,
-                             jnp.zeros((m, block_n), jnp.float32))
+        o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros((m, block_n), jnp.float32))
 
     if len(w_refs) == 1:
         product(w_refs[0], j * block_n)
@@ -156,34 +114,11 @@ def _skinny_gemm_kernel(x_ref,  # [M, K / S]: this split's slice of the token ro
             product(w_ref, (j - lo) * block_n)
 
 
-def _check_norm(x: jax.Array, row_sumsq: jax.Array | None, norm_scale: jax.Array | None,
-                who: str) -> None:
-    if (row_sumsq is None) != (norm_scale is None):
-        raise ValueError(f"{who}: row_sumsq and norm_scale go together")
-    if row_sumsq is not None and norm_scale is not None and (
-            row_sumsq.ndim != 2 or row_sumsq.shape[1] != x.shape[0]
-            or row_sumsq.dtype != jnp.float32 or norm_scale.shape != (x.shape[1],)):
-        raise ValueError(f"{who}: row_sumsq {row_sumsq.shape} {row_sumsq.dtype} and norm_scale "
-                         f"{norm_scale.shape} must be f32[P, M={x.shape[0]}] and [K={x.shape[1]}]")
-
-
-def _norm_operands(row_sumsq: jax.Array, m_pad: int) -> jax.Array:
-    """ss f32[P, M] zero-padded to [P', m_pad], P' the next power of two (Triton's blocks)."""
-    p, m = row_sumsq.shape
-    p_pad = 1 << max(0, (p - 1).bit_length())
-    return jnp.pad(row_sumsq, ((0, p_pad - p), (0, m_pad - m)))
-
-
-@functools.partial(jax.jit, static_argnames=("config", "eps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
                 config: SkinnyGemmConfig = SkinnyGemmConfig(),
-                row_sumsq: jax.Array | None = None, norm_scale: jax.Array | None = None,
-                eps: float = 0.0, interpret: bool = False) -> jax.Array:
+                interpret: bool = False) -> jax.Array:
     """f32[S, M, sum N_i] split-K partials of x [M, K] times each of `weights` [K, N_i].
-
-    With `row_sumsq` (f32[P, M]: partial sums of squares of x's rows, as `gemm_all_reduce`
-    leaves them) and `norm_scale` [K], the product is of `layers.rms_norm(x, norm_scale, eps)`
-    instead, applied to each x tile as it is loaded (x is then the un-normed residual stream).
 
     Raises:
       ValueError: shapes or dtypes that do not match, or tiles that do not divide them.
@@ -201,7 +136,6 @@ def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
     why = config.fits(k, ns)
     if why:
         raise ValueError(f"skinny_gemm: x {x.shape}, weights N={ns}: {why}")
-    _check_norm(x, row_sumsq, norm_scale, "skinny_gemm")
     s = config.num_splits
     k_split = k // s
     m_pad = -(-m // ROW_ALIGN) * ROW_ALIGN
@@ -210,45 +144,25 @@ def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
     bounds = [0]
     for n in ns:
         bounds.append(bounds[-1] + n // config.block_n)
-    norm_specs, norm_args, norm = [], [], None
-    if row_sumsq is not None and norm_scale is not None:
-        ss = _norm_operands(row_sumsq, m_pad)
-        norm_specs = [pl.BlockSpec(ss.shape, lambda j, s_: (0, 0)),  # ss: whole
-                      pl.BlockSpec((k_split,), lambda j, s_: (s_,))]  # scale: split s_'s slice
-        norm_args, norm = [ss, norm_scale], (k, float(eps))
     kernel = functools.partial(_skinny_gemm_kernel, block_n=config.block_n,
                                block_k=config.block_k, steps=k_split // config.block_k,
-                               block_bounds=tuple(bounds), norm=norm)
+                               block_bounds=tuple(bounds))
     out = pl.pallas_call(
         kernel,
         grid=(bounds[-1], s),
         in_specs=[pl.BlockSpec((m_pad, k_split), lambda j, s_: (0, s_))]  # x: split s_'s slice
-        + norm_specs
         + [pl.BlockSpec(w.shape, lambda j, s_: (0, 0)) for w in weights],  # weights: whole
         out_specs=pl.BlockSpec((None, m_pad, config.block_n), lambda j, s_: (s_, 0, j)),
         out_shape=jax.ShapeDtypeStruct((s, m_pad, sum(ns)), jnp.float32),
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,  # the shape in the name: traces tell q/k/v, o and down apart
-        name=f"skinny_gemm_k{k}_n{'_'.join(map(str, ns))}{'_norm' if norm else ''}",
-    )(x, *norm_args, *weights)
+        name=f"skinny_gemm_k{k}_n{'_'.join(map(str, ns))}")(x, *weights)
     return out[:, :m] if m_pad != m else out
 
 
-def rms_norm_from_sumsq(x: jax.Array, row_sumsq: jax.Array, scale: jax.Array,
-                        eps: float) -> jax.Array:
-    """Pure jnp `layers.rms_norm` of x [M, K] whose rows' squares sum to sum(row_sumsq, 0)."""
-    inv = jax.lax.rsqrt(jnp.sum(row_sumsq, axis=0) / x.shape[1] + eps)[:, None]
-    y = (x.astype(jnp.float32) * inv).astype(x.dtype)
-    return (y.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
-
-
 def skinny_gemm_reference(x: jax.Array, weights: Sequence[jax.Array], *,
-                          num_splits: int, row_sumsq: jax.Array | None = None,
-                          norm_scale: jax.Array | None = None, eps: float = 0.0) -> jax.Array:
-    """Pure jnp: the same partials, each slice's product in float32 (of x normed as the
-    kernel's `row_sumsq` / `norm_scale` say)."""
-    if row_sumsq is not None and norm_scale is not None:
-        x = rms_norm_from_sumsq(x, row_sumsq, norm_scale, eps)
+                          num_splits: int) -> jax.Array:
+    """Pure jnp: the same partials, each slice's product in float32."""
     k = x.shape[1]
     ks = k // num_splits
     w = jnp.concatenate([jnp.asarray(w, jnp.float32) for w in weights], axis=1)
@@ -258,21 +172,17 @@ def skinny_gemm_reference(x: jax.Array, weights: Sequence[jax.Array], *,
 
 
 def _swiglu_kernel(x_ref,  # [M, K]
-                   *refs,  # with norm: ss f32[P, M], scale [K]; then the gate and up weights
-                   # [K, I] (whole), out [M, block_n]: this program's columns of h
-                   block_n: int, block_k: int, steps: int, norm: tuple[int, float] | None):
-    normer = None
-    if norm is not None:
-        ss_ref, scale_ref, *refs = refs
-        normer = (_row_inv_rms(ss_ref, *norm), scale_ref)
-    g_ref, u_ref, o_ref = refs
+                   g_ref, u_ref,  # [K, I] gate and up weights (whole)
+                   o_ref,  # [M, block_n]: this program's columns of h
+                   *, block_n: int, block_k: int, steps: int):
     j = pl.program_id(0)
     m = x_ref.shape[0]
     cols = pl.ds(j * block_n, block_n)
     dims = (((1,), (0,)), ((), ()))
 
-    def dots(t, xs, accs):
+    def body(t, accs):
         acc_g, acc_u = accs
+        xs = x_ref[:, pl.ds(t * block_k, block_k)]
         rows = pl.ds(t * block_k, block_k)
         return (acc_g + lax.dot_general(xs, g_ref[rows, cols], dims,
                                         preferred_element_type=jnp.float32),
@@ -280,19 +190,17 @@ def _swiglu_kernel(x_ref,  # [M, K]
                                         preferred_element_type=jnp.float32))
 
     zero = jnp.zeros((m, block_n), jnp.float32)
-    acc_g, acc_u = _k_loop(x_ref, steps, block_k, normer, dots, (zero, zero))
+    acc_g, acc_u = lax.fori_loop(0, steps, body, (zero, zero))
     dt = o_ref.dtype  # each product rounded to the model dtype, as the unfused model has them
     g, u = acc_g.astype(dt).astype(jnp.float32), acc_u.astype(dt).astype(jnp.float32)
     o_ref[...] = (g / (1.0 + jnp.exp(-g)) * u).astype(dt)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "eps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def skinny_gemm_swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, *,
                        config: SkinnyGemmConfig = SkinnyGemmConfig(num_splits=1),
-                       row_sumsq: jax.Array | None = None, norm_scale: jax.Array | None = None,
-                       eps: float = 0.0, interpret: bool = False) -> jax.Array:
-    """silu(x @ gate) * (x @ up) [M, I] in x's dtype, for x [M, K] and gate, up [K, I] (x
-    normed first with `row_sumsq` / `norm_scale`, as `skinny_gemm`'s).
+                       interpret: bool = False) -> jax.Array:
+    """silu(x @ gate) * (x @ up) [M, I] in x's dtype, for x [M, K] and gate, up [K, I].
 
     Raises:
       ValueError: shapes or dtypes that do not match, tiles that do not divide them, or
@@ -311,41 +219,27 @@ def skinny_gemm_swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, *,
     why = config.fits(k, (i,))
     if why:
         raise ValueError(f"skinny_gemm_swiglu: x {x.shape}, gate/up {gate.shape}: {why}")
-    _check_norm(x, row_sumsq, norm_scale, "skinny_gemm_swiglu")
     m_pad = -(-m // ROW_ALIGN) * ROW_ALIGN
     if m_pad != m:
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
-    norm_specs, norm_args, norm = [], [], None
-    if row_sumsq is not None and norm_scale is not None:
-        ss = _norm_operands(row_sumsq, m_pad)
-        norm_specs = [pl.BlockSpec(ss.shape, lambda j: (0, 0)),  # ss: whole
-                      pl.BlockSpec((k,), lambda j: (0,))]  # scale
-        norm_args, norm = [ss, norm_scale], (k, float(eps))
     kernel = functools.partial(_swiglu_kernel, block_n=config.block_n, block_k=config.block_k,
-                               steps=k // config.block_k, norm=norm)
+                               steps=k // config.block_k)
     out = pl.pallas_call(
         kernel,
         grid=(i // config.block_n,),
-        in_specs=[pl.BlockSpec((m_pad, k), lambda j: (0, 0))]
-        + norm_specs
-        + [pl.BlockSpec(gate.shape, lambda j: (0, 0)),
+        in_specs=[pl.BlockSpec((m_pad, k), lambda j: (0, 0)),
+                  pl.BlockSpec(gate.shape, lambda j: (0, 0)),
                   pl.BlockSpec(up.shape, lambda j: (0, 0))],
         out_specs=pl.BlockSpec((m_pad, config.block_n), lambda j: (0, j)),
         out_shape=jax.ShapeDtypeStruct((m_pad, i), x.dtype),
         compiler_params=compiler_params(config.num_warps, config.num_stages),
-        interpret=interpret,
-        name=f"skinny_gemm_swiglu_k{k}_i{i}{'_norm' if norm else ''}")(x, *norm_args, gate, up)
+        interpret=interpret, name=f"skinny_gemm_swiglu_k{k}_i{i}")(x, gate, up)
     return out[:m] if m_pad != m else out
 
 
-def skinny_gemm_swiglu_reference(x: jax.Array, gate: jax.Array, up: jax.Array, *,
-                                 row_sumsq: jax.Array | None = None,
-                                 norm_scale: jax.Array | None = None,
-                                 eps: float = 0.0) -> jax.Array:
+def skinny_gemm_swiglu_reference(x: jax.Array, gate: jax.Array, up: jax.Array) -> jax.Array:
     """Pure jnp, as the unfused model computes it: each product in float32, rounded to x's
-    dtype, then silu(g) * u in float32, rounded (x normed first as the kernel's)."""
-    if row_sumsq is not None and norm_scale is not None:
-        x = rms_norm_from_sumsq(x, row_sumsq, norm_scale, eps)
+    dtype, then silu(g) * u in float32, rounded."""
     def product(w):
         return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from xlaserve.pallas_kernels import gemm_all_reduce
+from xlaserve.pallas_kernels import all_reduce_norm
 from xlaserve.runtime import hardware
 from xlaserve.sharding.all_reduce_ptx import (
     CHUNK_BYTES,
@@ -91,12 +91,12 @@ MIN_JAX = (0, 11)  # measured on 0.11.2 (2 x H200); 0.10.2's launcher was not tr
 
 def workspace_bytes(tp: int) -> int:
     """Bytes of one device's workspace at this tp: the kernels' LL data, then the region of
-    `gemm_all_reduce`'s exchange (from `exchange_offset`)."""
-    return exchange_offset(tp) + gemm_all_reduce.region_bytes(tp)
+    Pallas kernel's exchange (pallas_kernels/all_reduce_norm.py, from `exchange_offset`)."""
+    return exchange_offset(tp) + all_reduce_norm.region_bytes(tp)
 
 
 def exchange_offset(tp: int) -> int:
-    """Byte offset of `gemm_all_reduce`'s exchange region in a workspace."""
+    """Byte offset of the Pallas kernel's exchange region in a workspace."""
     return DATA_OFFSET + MAX_CTAS * 2 * tp * LL_CHUNK_BYTES
 
 
@@ -238,11 +238,11 @@ class AllReduce:
         return cls(tp, addresses, arch, model_axis, ws)
 
     @property
-    def exchange(self) -> gemm_all_reduce.Exchange:
-        """The workspaces' regions for `gemm_all_reduce` (o_proj / down_proj with the
-        all-reduce in the GEMM's epilogue)."""
+    def exchange(self) -> all_reduce_norm.Exchange:
+        """The workspaces' regions for `all_reduce_norm.all_reduce_add_rms_norm` (the fused
+        kernel as a Pallas kernel)."""
         off = exchange_offset(self.tp)
-        return gemm_all_reduce.Exchange(tuple(a + off for a in self.addresses))
+        return all_reduce_norm.Exchange(tuple(a + off for a in self.addresses))
 
     def _opaque(self, name: str, ptx: str, buffers: tuple[int, ...], grid: int,
                 scalars: tuple[tuple[int, str], ...] = ()) -> bytes:

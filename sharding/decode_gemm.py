@@ -24,7 +24,7 @@ from xlaserve.pallas_kernels import ops
 from xlaserve.pallas_kernels.rope_write_kv import rope_write_kv
 from xlaserve.pallas_kernels.skinny_gemm import skinny_gemm, skinny_gemm_swiglu
 from xlaserve.runtime.config import ModelConfig
-from xlaserve.runtime.models.layers import Deferred, PreNormed
+from xlaserve.runtime.models.layers import Deferred
 from xlaserve.sharding.mesh import MODEL_AXIS
 from xlaserve.sharding.rules import KV_CACHE_AXES, kv_heads_sharded, logical_to_spec
 from xlaserve.sharding.specs import ShardedRowParallel, _shard_map, local_shape, mesh_rules
@@ -69,13 +69,10 @@ class DecodeProjection:
         gemm = ops.skinny_gemm_config(x.shape[0], k, ns, x.dtype, self.mode, epilogue=epilogue)
         return rules, specs, ns, k, gemm
 
-    def _partials(self, xs: Sequence[jax.Array], eps: float | None,
-                  kernels: Sequence[jax.Array], k: int, gemm: Any,
+    def _partials(self, x: jax.Array, kernels: Sequence[jax.Array], k: int, gemm: Any,
                   ) -> jax.Array:  # f32 [S, T, sum N]: this device's q/k/v partials
-        x = xs[0]
-        norm = {} if eps is None else dict(row_sumsq=xs[1], norm_scale=xs[2], eps=eps)
         return skinny_gemm(x.reshape(x.shape[0], k), tuple(w.reshape(k, -1) for w in kernels),
-                           config=gemm, interpret=self.mode == "pallas_interpret", **norm)
+                           config=gemm, interpret=self.mode == "pallas_interpret")
 
     def __call__(self, products: Sequence[Deferred], dtype: Any) -> tuple[jax.Array, ...]:
         rules, specs, ns, k, gemm = self._plan(products)
@@ -83,13 +80,9 @@ class DecodeProjection:
             return tuple(p.compute(dtype) for p in products)
         n_in = len(products[0].in_axes)
 
-        xs, x_specs, eps = _x_operands(products[0].x, products[0].in_axes, rules)
-        nx = len(xs)
-
-        def body(*args):
-            t = args[0].shape[0]
-            kernels = args[nx:]
-            y = self._partials(args[:nx], eps, kernels, k, gemm).sum(axis=0).astype(dtype)
+        def body(x, *kernels):
+            t = x.shape[0]
+            y = self._partials(x, kernels, k, gemm).sum(axis=0).astype(dtype)  # [T, sum N]
             outs, start = [], 0
             for w, n in zip(kernels, ns):
                 outs.append(y[:, start:start + n].reshape(t, *w.shape[n_in:]))
@@ -98,10 +91,11 @@ class DecodeProjection:
 
         kernels = [p.kernel for p in products]
         if self.mesh is None:
-            return body(*xs, *kernels)
+            return body(products[0].x, *kernels)
+        x_spec = logical_to_spec(("tokens", *products[0].in_axes), rules)
         out_specs = tuple(logical_to_spec(("tokens", *p.out_axes), rules) for p in products)
-        fn = _shard_map(body, self.mesh, in_specs=(*x_specs, *specs), out_specs=out_specs)
-        return fn(*xs, *kernels)
+        fn = _shard_map(body, self.mesh, in_specs=(x_spec, *specs), out_specs=out_specs)
+        return fn(products[0].x, *kernels)
 
     def rope_write(self, products: Sequence[Deferred], dtype: Any, cos: jax.Array,
                    sin: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -125,25 +119,22 @@ class DecodeProjection:
         ops.log_rope_write_choice(shape, "rope_write_kv kernel")
         n_q = self.model_cfg.num_heads // tp
 
-        xs, x_specs, eps = _x_operands(products[0].x, products[0].in_axes, rules)
-        nx = len(xs)
-
-        def body(*args):
-            wq, wk, wv, cos, sin, slot_mapping, k_pages, v_pages, rows = args[nx:]
-            parts = self._partials(args[:nx], eps, (wq, wk, wv), k, gemm)
+        def body(x, wq, wk, wv, cos, sin, slot_mapping, k_pages, v_pages, rows):
+            parts = self._partials(x, (wq, wk, wv), k, gemm)
             return rope_write_kv(parts, cos, sin, slot_mapping, k_pages, v_pages, rows,
                                  num_q_heads=n_q, dtype=jnp.dtype(dtype),
                                  interpret=self.mode == "pallas_interpret")
 
         wq, wk, wv = (p.kernel for p in products)  # three products (checked above)
-        args = (*xs, wq, wk, wv, cos, sin, slot_mapping, k_pages, v_pages, rows)
+        args = (products[0].x, wq, wk, wv, cos, sin, slot_mapping, k_pages, v_pages, rows)
         if self.mesh is None:
             return body(*args)
         rep = PartitionSpec()
         pages_spec = logical_to_spec(KV_CACHE_AXES, rules)
         fn = _shard_map(
             body, self.mesh,
-            in_specs=(*x_specs, *specs, rep, rep, rep, pages_spec, pages_spec, rep),
+            in_specs=(logical_to_spec(("tokens", *products[0].in_axes), rules), *specs,
+                      rep, rep, rep, pages_spec, pages_spec, rep),
             out_specs=(logical_to_spec(("tokens", *products[0].out_axes), rules), pages_spec,
                        pages_spec))
         return fn(*args)
@@ -161,31 +152,16 @@ class DecodeProjection:
         if cfg is None:
             return None
 
-        xs, x_specs, eps = _x_operands(gate.x, gate.in_axes, rules)
-        nx = len(xs)
-
-        def body(*args):
-            x, (wg, wu) = args[0], args[nx:]
-            norm = {} if eps is None else dict(row_sumsq=args[1], norm_scale=args[2], eps=eps)
-            return (skinny_gemm_swiglu(x, wg, wu, config=cfg, **norm,
+        def body(x, wg, wu):
+            return (skinny_gemm_swiglu(x, wg, wu, config=cfg,
                                        interpret=self.mode == "pallas_interpret").astype(dtype),)
 
         if self.mesh is None:
-            return body(*xs, gate.kernel, up.kernel)[0]
-        fn = _shard_map(body, self.mesh, in_specs=(*x_specs, *specs),
+            return body(gate.x, gate.kernel, up.kernel)[0]
+        fn = _shard_map(body, self.mesh,
+                        in_specs=(logical_to_spec(("tokens", *gate.in_axes), rules), *specs),
                         out_specs=(logical_to_spec(("tokens", *gate.out_axes), rules),))
-        return fn(*xs, gate.kernel, up.kernel)[0]
-
-
-def _x_operands(x: jax.Array | PreNormed, in_axes: tuple[str | None, ...], rules: Any,
-                ) -> tuple[tuple[jax.Array, ...], tuple[PartitionSpec, ...], float | None]:
-    """(arrays, their shard_map specs, eps) that carry the GEMMs' x: (x,) and eps None, or a
-    PreNormed's (v, row_sumsq, scale) and its eps (the kernel applies the norm; all three
-    replicated like x)."""
-    x_spec = PartitionSpec() if rules is None else logical_to_spec(("tokens", *in_axes), rules)
-    if isinstance(x, PreNormed):
-        return (x.v, x.row_sumsq, x.scale), (x_spec, PartitionSpec(), PartitionSpec()), x.eps
-    return (x,), (x_spec,), None
+        return fn(gate.x, gate.kernel, up.kernel)[0]
 
 
 def decode_gemm_hooks(mesh: Mesh | None, model_cfg: ModelConfig, mode: str,

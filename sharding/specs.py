@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from xlaserve.pallas_kernels import gemm_all_reduce, ops
+from xlaserve.pallas_kernels import all_reduce_norm, ops
 from xlaserve.pallas_kernels.skinny_gemm import skinny_gemm
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
 from xlaserve.runtime.models import llama
-from xlaserve.runtime.models.layers import PreNormed, add_rms_norm, contract
+from xlaserve.runtime.models.layers import add_rms_norm, contract
 from xlaserve.sharding import all_reduce as custom_all_reduce
 from xlaserve.sharding.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, validate_model
 from xlaserve.sharding.rules import (
@@ -254,23 +254,10 @@ class ShardedRowParallel:
     # no exchange): a batch-1 decode step pads 1 token to 16 rows. False exchanges all rows
     # (the A/B of bench/tp_scaling.py --no-skip-padding).
     skip_padding: bool = True
-    # With jax.lax.psum (`all_reduce` None), return the normed half as a layers.PreNormed (the
-    # sum's row sums of squares computed here) instead of the normed rows, as the exchange GEMM
-    # (`gemm_all_reduce`) does on GPUs: the tests' CPU path through the same consumers.
-    prenorm: bool = False
-
-    def exchange_gemm(self, out_shape: tuple[int, ...], k_local: int, dtype: Any) -> Any:
-        """`gemm_all_reduce`'s tiles when this product runs as the GEMM with the all-reduce in
-        its epilogue (a decode-sized step, the custom all-reduce's workspace, a measured table
-        entry with the "all_reduce" epilogue in mode "auto"), else None (and always in mode
-        "pallas_interpret": the exchange is PTX)."""
-        if (self.all_reduce is None or len(out_shape) != 2
-                or self.gemm_mode in ("xla", "pallas_interpret")
-                or out_shape[0] > gemm_all_reduce.MAX_ROWS
-                or out_shape[1] > gemm_all_reduce.MAX_COLS):
-            return None
-        return ops.skinny_gemm_config(out_shape[0], k_local, (out_shape[1],), dtype,
-                                      self.gemm_mode, epilogue="all_reduce")
+    # The fused all-reduce + add + norm as the Pallas kernel (pallas_kernels/all_reduce_norm.py,
+    # launched by XLA with PDL) instead of the PTX one, where D is a power of two (the A/B of
+    # bench/tp_scaling.py --pallas-all-reduce).
+    pallas_exchange: bool = False
 
     def uses_kernel(self, out_shape: tuple[int, ...], dtype: Any) -> bool:
         """True when a product of this output shape runs through the kernel."""
@@ -284,7 +271,7 @@ class ShardedRowParallel:
     def __call__(self, residual: jax.Array, x: jax.Array, kernel: jax.Array,
                  in_axes: tuple[str | None, ...], out_axes: tuple[str | None, ...],
                  scale: jax.Array, eps: float, rows: jax.Array | None = None,
-                 ) -> tuple[jax.Array, jax.Array | PreNormed]:
+                 ) -> tuple[jax.Array, jax.Array]:
         n_in = len(in_axes)
         out_shape = x.shape[:x.ndim - n_in] + kernel.shape[n_in:]  # [T, D]
         dt = residual.dtype  # the model dtype (the residual stream's)
@@ -309,13 +296,8 @@ class ShardedRowParallel:
                       else functools.partial(jax.lax.psum, axis_name=MODEL_AXIS))
             sharded = (self.mesh, logical_to_spec(("tokens", *in_axes), rules), kernel_spec)
         k_local, d = int(np.prod(local[:n_in])), int(np.prod(local[n_in:]))
-        interpret = self.gemm_mode == "pallas_interpret"
-        if sharded is not None and self.all_reduce is not None:
-            ex_gemm = self.exchange_gemm(out_shape, k_local, dt)
-            if ex_gemm is not None:
-                return self._exchange(residual, x, kernel, scale, eps, rows, k_local, ex_gemm,
-                                      sharded)
         gemm = ops.skinny_gemm_config(out_shape[0], k_local, (d,), dt, self.gemm_mode)
+        interpret = self.gemm_mode == "pallas_interpret"
 
         def partials(x, kernel):  # f32 [S, T, *out] (the Pallas skinny GEMM)
             parts = skinny_gemm(x.reshape(x.shape[0], k_local), (kernel.reshape(k_local, d),),
@@ -334,6 +316,12 @@ class ShardedRowParallel:
                 else:
                     part = contract(x, kernel, n_in, dt)
                 # the padding rows after `rows` are neither exchanged nor normed
+                if self.pallas_exchange and not (d & (d - 1)):
+                    rank = jax.lax.axis_index(MODEL_AXIS).astype(jnp.int32).reshape(1)
+                    return all_reduce_norm.all_reduce_add_rms_norm(
+                        part.reshape(part.shape[:part.ndim - len(out_axes)] + (d,)), residual,
+                        scale, rank, rows,
+                        eps=eps, exchange=fused.exchange)
                 return fused.add_rms_norm(part, residual, scale, eps, rows)
             product = (partials(x, kernel).sum(axis=0).astype(dt) if gemm is not None
                        else contract(x, kernel, n_in, dt))
@@ -345,35 +333,7 @@ class ShardedRowParallel:
         rep = PartitionSpec()
         fn = _shard_map(body, mesh, in_specs=(rep, x_spec, kernel_spec, rep, rep),
                         out_specs=(rep, rep))
-        summed, normed = fn(residual, x, kernel, scale, rows)
-        if self.prenorm and self.all_reduce is None:
-            s32 = summed.astype(jnp.float32)
-            return summed, PreNormed(summed, jnp.sum(s32 * s32, axis=-1)[None, :], scale, eps)
-        return summed, normed
-
-    def _exchange(self, residual: jax.Array, x: jax.Array, kernel: jax.Array, scale: jax.Array,
-                  eps: float, rows: jax.Array | None, k_local: int, config: Any,
-                  sharded: tuple[Mesh, PartitionSpec, PartitionSpec],
-                  ) -> tuple[jax.Array, PreNormed]:
-        """The product, its all-reduce and the residual add in one `gemm_all_reduce` launch;
-        the norm is left to the consumers (a PreNormed)."""
-        mesh, x_spec, kernel_spec = sharded
-        exchange = self.all_reduce.exchange if self.all_reduce is not None else None
-        t, d = residual.shape
-        if rows is None or not self.skip_padding:
-            rows = jnp.full((1,), t, jnp.int32)
-
-        def body(residual, x, kernel, rows):
-            rank = jax.lax.axis_index(MODEL_AXIS).astype(jnp.int32).reshape(1)
-            return gemm_all_reduce.gemm_all_reduce(
-                x.reshape(t, k_local), kernel.reshape(k_local, d), residual, rank, rows,
-                config=config, exchange=exchange)
-
-        rep = PartitionSpec()
-        fn = _shard_map(body, mesh, in_specs=(rep, x_spec, kernel_spec, rep),
-                        out_specs=(rep, rep))
-        v, ss = fn(residual, x, kernel, rows)
-        return v, PreNormed(v, ss, scale, eps)
+        return fn(residual, x, kernel, scale, rows)
 
 
 def local_shape(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> tuple[int, ...]:

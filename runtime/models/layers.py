@@ -46,44 +46,6 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (y.astype(x.dtype) * scale).astype(x.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class PreNormed:
-    """rms_norm(v, scale, eps) not computed yet, with its rows' sums of squares already summed
-    in parts: what a tensor-parallel row-parallel GEMM leaves when it runs the all-reduce and
-    the residual add in its own epilogue (pallas_kernels/gemm_all_reduce.py). A consumer GEMM
-    that can apply the norm to its x tiles as it loads them (`skinny_gemm(..., row_sumsq=)`)
-    takes it whole; anything else calls `materialize`. A `AddRMSNormFn` may return it as the
-    normed half of its result."""
-
-    v: jax.Array  # [T, D] the residual stream (model dtype), which the norm is of
-    row_sumsq: jax.Array  # f32[P, T]: parts of each row's sum of squares of v (sum over P)
-    scale: jax.Array  # [D] the norm's scale
-    eps: float
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.v.shape
-
-    @property
-    def ndim(self) -> int:
-        return self.v.ndim
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.v.dtype
-
-    def compute(self) -> jax.Array:
-        """rms_norm(v, scale, eps) from the summed squares (as `rms_norm` rounds)."""
-        inv = jax.lax.rsqrt(jnp.sum(self.row_sumsq, axis=0) / self.v.shape[-1] + self.eps)
-        y = (self.v.astype(jnp.float32) * inv[:, None]).astype(self.v.dtype)
-        return (y * self.scale).astype(self.v.dtype)
-
-
-def materialize(x: jax.Array | PreNormed) -> jax.Array:
-    """x itself, or a PreNormed's normed rows."""
-    return x.compute() if isinstance(x, PreNormed) else x
-
-
 def add_rms_norm(residual: jax.Array, delta: jax.Array, scale: jax.Array,
                  eps: float) -> tuple[jax.Array, jax.Array]:
     """(residual + delta, rms_norm of that sum): the pre-norm block's join, unfused."""
@@ -120,13 +82,13 @@ class Deferred:
     ResidualRMSNorm adds it to the residual stream, so that a sharding hook (`AddRMSNormFn`) can
     run the product, its all-reduce, the add and the norm as one step (o_proj, down_proj)."""
 
-    x: jax.Array | PreNormed
+    x: jax.Array
     kernel: jax.Array
     in_axes: tuple[str | None, ...]
     out_axes: tuple[str | None, ...]
 
     def compute(self, dtype: jnp.dtype) -> jax.Array:
-        return contract(materialize(self.x), self.kernel, len(self.in_axes), dtype)
+        return contract(self.x, self.kernel, len(self.in_axes), dtype)
 
 
 def as_array(y: jax.Array | Deferred) -> jax.Array:
@@ -145,8 +107,7 @@ def as_deferred(y: jax.Array | Deferred) -> Deferred:
 
 class AddRMSNormFn(Protocol):
     """residual [T, D] + x . kernel (a bias-free projection into D, in the model dtype), then
-    rms_norm of that sum: returns (the sum, the normed sum or a `PreNormed` of the sum, which
-    its consumers compute or fuse). `in_axes` / `out_axes` are the
+    rms_norm of that sum: returns (the sum, the normed sum). `in_axes` / `out_axes` are the
     kernel's logical axis names. `rows` (i32[1] or None): how many leading rows carry tokens;
     the outputs of the others (padding) are unspecified, so a hook may skip them. The sharding
     code's row-parallel hook implements it."""
@@ -154,7 +115,7 @@ class AddRMSNormFn(Protocol):
     def __call__(self, residual: jax.Array, x: jax.Array, kernel: jax.Array,
                  in_axes: tuple[str | None, ...], out_axes: tuple[str | None, ...],
                  scale: jax.Array, eps: float, rows: jax.Array | None = None,
-                 ) -> tuple[jax.Array, jax.Array | PreNormed]: ...
+                 ) -> tuple[jax.Array, jax.Array]: ...
 
 
 class ProjectFn(Protocol):
@@ -191,7 +152,7 @@ class ResidualRMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, residual: jax.Array, delta: jax.Array | Deferred | None,
-                 rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array | PreNormed]:
+                 rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """`rows`: i32[1], the leading rows that carry tokens (for `add_norm_fn`, which may
         leave the padding rows after them unspecified)."""
         scale = _param(self, "scale", nn.initializers.ones, (self.dim,), ("norm",), self.dtype)
@@ -226,12 +187,11 @@ class Projection(nn.Module):
     defer: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array | PreNormed) -> jax.Array | Deferred:
+    def __call__(self, x: jax.Array) -> jax.Array | Deferred:
         kernel = _param(self, "kernel", _KERNEL_INIT, self.in_shape + self.out_shape,
                         self.in_axes + self.out_axes, self.dtype)
         if self.defer and not self.use_bias:
             return Deferred(x, kernel, self.in_axes, self.out_axes)
-        x = materialize(x)
         # The product accumulates in float32 either way; its output is in the model dtype
         # unless a bias follows, so that under tensor parallelism the row-parallel projections
         # (o, down) all-reduce bf16 partial sums (half the bytes), as HF and vLLM do.
@@ -274,7 +234,7 @@ class SwiGLU(nn.Module):
     swiglu_fn: SwiGLUFn | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array | PreNormed) -> jax.Array | Deferred:  # [T, D] -> [T, D]
+    def __call__(self, x: jax.Array) -> jax.Array | Deferred:  # [T, D] -> [T, D]
         fn = None if self.use_bias else self.swiglu_fn
         gate, up = (Projection((self.dim,), (self.hidden,), ("embed",), ("mlp",), self.dtype,
                                self.use_bias, fn is not None, name=name)(x)

@@ -36,7 +36,6 @@ from xlaserve.runtime.models.layers import (
     AddRMSNormFn,
     Deferred,
     Embed,
-    PreNormed,
     Projection,
     ProjectFn,
     ResidualRMSNorm,
@@ -46,7 +45,6 @@ from xlaserve.runtime.models.layers import (
     apply_rope,
     as_array,
     as_deferred,
-    materialize,
     rope_inv_freq,
     rope_tables,
 )
@@ -140,9 +138,8 @@ class Attention(nn.Module):
     project_fn: ProjectFn | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array | PreNormed, inputs: StepInputs, k_pages: jax.Array,
-                 v_pages: jax.Array, rows: jax.Array,
-                 ) -> tuple[jax.Array | Deferred, jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, inputs: StepInputs, k_pages: jax.Array, v_pages: jax.Array,
+                 rows: jax.Array) -> tuple[jax.Array | Deferred, jax.Array, jax.Array]:
         """rows: i32[1], the step's real token rows (`real_rows`)."""
         cfg, dt = self.cfg, _dtype(self.cfg)
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -251,8 +248,8 @@ class Llama(nn.Module):
                 x, delta, k_pages, v_pages = layer(x, delta, inputs, k_pages, v_pages, rows)
                 new_cache.append((k_pages, v_pages))
         with jax.named_scope("final_norm"):
-            _, h = self.final_norm(x, delta, rows)
-        return materialize(h), tuple(new_cache)
+            _, x = self.final_norm(x, delta, rows)
+        return x, tuple(new_cache)
 
     def logits(self, hidden: jax.Array) -> jax.Array:  # [..., D] -> f32[..., V]
         with jax.named_scope("lm_head"):
