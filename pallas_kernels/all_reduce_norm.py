@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -117,10 +118,10 @@ def _asm_primitive():
 
     @lowering.register_lowering(prim)
     def _lower(ctx, *args, asm, constraints, results):
-        del results
-        return [tt_dialect.elementwise_inline_asm(
+        out = tt_dialect.elementwise_inline_asm(
             [mlir.aval_to_ir_type(ctx.context.mlir_ctx, a) for a in ctx.avals_out], asm,
-            constraints=constraints, pure=False, packed_element=1, args=list(args))]
+            constraints=constraints, pure=False, packed_element=1, args=list(args))
+        return list(out) if len(results) > 1 else [out]  # pyright: ignore[reportArgumentType]
 
     return prim
 
@@ -128,9 +129,10 @@ def _asm_primitive():
 _ASM = functools.cache(_asm_primitive)
 
 
-def _asm(asm: str, constraints: str, *args: jax.Array) -> jax.Array:
-    """One i32 result per element of the (same-shaped) i32 args."""
-    return _ASM().bind(*args, asm=asm, constraints=constraints, results=("int32",))[0]
+def _asm(asm: str, constraints: str, *args: jax.Array, outs: int = 1) -> Any:
+    """`outs` i32 results per element of the (same-shaped) i32 args (one array, or a list)."""
+    got = _ASM().bind(*args, asm=asm, constraints=constraints, results=("int32",) * outs)
+    return got[0] if outs == 1 else got
 
 
 def _address(lo: str, hi: str, off: str) -> str:
@@ -143,13 +145,21 @@ def _address(lo: str, hi: str, off: str) -> str:
 _PUSH = ("{ .reg .pred %p; " + _address("$2", "$3", "$4")
          + " setp.ne.s32 %p, $5, 0; @%p st.volatile.global.v2.b32 [%a], {$1, $6}; "
          "mov.b32 $0, 0; }")
-# $0: out (the data, 0 where inactive); $1 lo, $2 hi, $3 byte offset, $4 active, $5 seq
-_POLL = ("{ .reg .pred %p; .reg .b32 %f; .reg .b64 %t0, %t1; " + _address("$1", "$2", "$3")
-         + " mov.b32 $0, 0; setp.eq.s32 %p, $4, 0; @%p bra DONE; "
-         "mov.u64 %t0, %globaltimer; "
-         "WAIT: ld.volatile.global.v2.b32 {$0, %f}, [%a]; setp.eq.u32 %p, %f, $5; @%p bra DONE; "
-         "mov.u64 %t1, %globaltimer; sub.u64 %t1, %t1, %t0; "
-         f"setp.gt.u64 %p, %t1, {TIMEOUT_NS}; @%p trap; bra WAIT; DONE: }}")
+# A poll is two steps, so that a thread's loads are all in flight at once (a spin loop per
+# element serialized them: 16 round trips per thread; session 21, call 3):
+# _PEEK, $0 data, $1 flag (the seq where inactive); $2 lo, $3 hi, $4 byte offset, $5 active,
+# $6 seq: one volatile load, no wait.
+_PEEK = ("{ .reg .pred %p; " + _address("$2", "$3", "$4")
+         + " mov.b32 $0, 0; mov.b32 $1, $6; setp.ne.s32 %p, $5, 0; "
+         "@%p ld.volatile.global.v2.b32 {$0, $1}, [%a]; }")
+# _SETTLE, $0 the data; $1 peeked data, $2 peeked flag, $3 lo, $4 hi, $5 byte offset, $6 seq:
+# the peeked data if its flag is this call's, else spin on the line (a wait of TIMEOUT_NS traps).
+_SETTLE = ("{ .reg .pred %p; .reg .b32 %f; .reg .b64 %t0, %t1; mov.b32 $0, $1; "
+           "setp.eq.u32 %p, $2, $6; @%p bra DONE; " + _address("$3", "$4", "$5")
+           + " mov.u64 %t0, %globaltimer; "
+           "WAIT: ld.volatile.global.v2.b32 {$0, %f}, [%a]; setp.eq.u32 %p, %f, $6; "
+           "@%p bra DONE; mov.u64 %t1, %globaltimer; sub.u64 %t1, %t1, %t0; "
+           f"setp.gt.u64 %p, %t1, {TIMEOUT_NS}; @%p trap; bra WAIT; DONE: }}")
 # $0: out (the word); $1 lo, $2 hi, $3 byte offset
 _LOAD = "{ " + _address("$1", "$2", "$3") + " ld.volatile.global.u32 $0, [%a]; }"
 # $0: out (0); $1 word, $2 lo, $3 hi, $4 byte offset, $5 active
@@ -215,9 +225,13 @@ def _all_reduce_norm_kernel(rank_ref,  # i32[1]
             pushed = pushed + _asm(_PUSH, "=r,r,r,r,r,r,r", bits, _pick(dst, lo, col),
                                    _pick(dst, hi, col), offset(rank), on, seq)
         received = {}  # k -> the values of rank (rank - k) mod tp
-        for k in range(1, tp):
-            src = (rank + tp - k) % tp
-            got = _asm(_POLL, "=r,r,r,r,r,r", my_lo, my_hi, offset(src) + pushed, on, seq)
+        peeked = {}
+        for k in range(1, tp):  # every load in flight first ...
+            off = offset((rank + tp - k) % tp) + pushed
+            peeked[k] = (off, *_asm(_PEEK, "=r,=r,r,r,r,r,r", my_lo, my_hi, off, on, seq,
+                                    outs=2))
+        for k, (off, data, flag) in peeked.items():  # ... then wait where a line was not in
+            got = _asm(_SETTLE, "=r,r,r,r,r,r,r", data, flag, my_lo, my_hi, off, seq)
             received[k] = lax.bitcast_convert_type(got, jnp.float32)
         terms = []
         for r in range(tp):  # the sum in rank order: the same bits on every rank
