@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Session 21 (issue 6): o_proj / down_proj with the all-reduce and the residual add in the GEMM's
-# epilogue (pallas_kernels/gemm_all_reduce.py), the norm applied by the next GEMM.
+# Session 21 (issue 6): two ways to take the all-reduce kernel out of the tp=2 decode layer, both
+# removed after losing (bench/results/session21_h200x2/README.md). The library code they ran
+# exists only at the commits named, so check those out first (COMMIT=... records which):
+#   verify (calls 1-2, commits e74d9df / ffa2645): o_proj / down_proj with the all-reduce and
+#     the residual add in the GEMM's epilogue (pallas_kernels/gemm_all_reduce.py), the norm
+#     applied by the next GEMM; its GPU tests, then the A/B (runs cand* / alt* / base*).
+#     Candidate tiles of the two "all_reduce" table entries from TO (o_proj) and TD (down_proj):
+#     bn/bk/warps/stages; a second table (ALT) from TO2 / TD2.
+#   pallas (calls 3-4, commits 4140376 / 181535d): the fused all-reduce + add + RMSNorm as a
+#     Pallas kernel (pallas_kernels/all_reduce_norm.py, tp_scaling --pallas-all-reduce) against
+#     the PTX kernel: its GPU tests, then the A/B (runs pal* / base*, the committed table).
 #   OUT=/tmp/out COMMIT=<hash> PART=verify|ab|pallas bash bench/run_gpu_s21.sh  (2 GPUs; .whl)
-# verify (calls 1-2, commits e74d9df / ffa2645, since removed): the GPU tests of
-# gemm_all_reduce and the norm-applying consumers, then the A/B; ab: the A/B only. Candidate
-# tiles of the two "all_reduce" table entries from TO (o_proj) and TD (down_proj):
-# bn/bk/warps/stages, a second table (ALT) from TO2 / TD2.
-# pallas (call 3): the fused all-reduce + add + RMSNorm as a Pallas kernel
-# (pallas_kernels/all_reduce_norm.py, tp_scaling --pallas-all-reduce) against the PTX kernel:
-# its GPU tests, then the A/B (runs pal* / base*, the committed table).
-# Commands and results: bench/results/session21_h200x2/README.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 21 verify || exit 1

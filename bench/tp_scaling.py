@@ -136,7 +136,7 @@ class Runner:
                  impl: str, copies: int = 1, all_reduce: str = "auto",
                  split_k: int | None = None, decode_gemm: str = "auto",
                  rope_write: bool = True, skip_padding: bool = True, pad_mib: int = 0,
-                 replicate_embedding: bool = False, pallas_all_reduce: bool = False) -> None:
+                 replicate_embedding: bool = False) -> None:
         self.plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
                                         attention_impl=impl).with_all_reduce(all_reduce)
         if replicate_embedding:  # A/B: the input embedding whole on every device (no psum)
@@ -158,9 +158,6 @@ class Runner:
         if self.plan.row_parallel_fn is not None and not skip_padding:
             self.plan = dataclasses.replace(self.plan, row_parallel_fn=dataclasses.replace(
                 self.plan.row_parallel_fn, skip_padding=False))
-        if self.plan.row_parallel_fn is not None and pallas_all_reduce:  # session 21's A/B
-            self.plan = dataclasses.replace(self.plan, row_parallel_fn=dataclasses.replace(
-                self.plan.row_parallel_fn, pallas_exchange=True))
         # The key is made inside the program: no array crosses devices before the step (a
         # single-device key put onto the mesh stalled on one 2 x H200 host, BENCHMARKS.md).
         self.params = jax.jit(lambda: llama.init_params(cfg, jax.random.key(0)),
@@ -270,8 +267,7 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
     num_pages = 1 + max(max(args.decode_batches), 1) * pages_per_seq
     r = Runner(cfg, tp, num_pages, page_size, args.attention_impl, args.program_copies,
                args.all_reduce, args.split_k, args.decode_gemm, not args.no_rope_write,
-               not args.no_skip_padding, args.gpu_pad_mib, args.replicate_embedding,
-               args.pallas_all_reduce)
+               not args.no_skip_padding, args.gpu_pad_mib, args.replicate_embedding)
     q = r.params["layers_0"]["attn"]["q_proj"]["kernel"]
     rng = np.random.default_rng(1)
     kw = dict(page_size=page_size, pages_per_seq=pages_per_seq, rng=rng, vocab=cfg.vocab_size)
@@ -285,7 +281,6 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         "decode_gemm": args.decode_gemm,
         "rope_write_kv": bool(getattr(r.plan.project_fn, "fuse_rope_write", False)),
         "skip_padding_rows": bool(getattr(r.plan.row_parallel_fn, "skip_padding", False)),
-        "pallas_all_reduce": bool(getattr(r.plan.row_parallel_fn, "pallas_exchange", False)),
         "skinny_gemm_table": str(ops.skinny_gemm_table_path()),
         "row_parallel": ("xla collective" if r.plan.row_parallel_fn is None else
                          "psum under shard_map" if r.plan.row_parallel_fn.all_reduce is None
@@ -483,9 +478,6 @@ def main(argv: list[str] | None = None) -> int:
                         "the rope_write_kv kernel after the skinny GEMM")
     p.add_argument("--no-skip-padding", action="store_true",
                    help="A/B: the fused all-reduce exchanges the step's padding rows too")
-    p.add_argument("--pallas-all-reduce", action="store_true",
-                   help="A/B: the fused all-reduce + add + RMSNorm as the Pallas kernel "
-                        "(pallas_kernels/all_reduce_norm.py), not the PTX one")
     p.add_argument("--gpu-pad-mib", type=int, default=0,
                    help="A/B: the step also sums a replicated bf16 array of this many MiB (known "
                         "extra device time; host-bound steps do not slow by all of it)")

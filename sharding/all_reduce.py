@@ -65,7 +65,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from xlaserve.pallas_kernels import all_reduce_norm
 from xlaserve.runtime import hardware
 from xlaserve.sharding.all_reduce_ptx import (
     CHUNK_BYTES,
@@ -90,13 +89,7 @@ MIN_JAX = (0, 11)  # measured on 0.11.2 (2 x H200); 0.10.2's launcher was not tr
 
 
 def workspace_bytes(tp: int) -> int:
-    """Bytes of one device's workspace at this tp: the kernels' LL data, then the region of
-    Pallas kernel's exchange (pallas_kernels/all_reduce_norm.py, from `exchange_offset`)."""
-    return exchange_offset(tp) + all_reduce_norm.region_bytes(tp)
-
-
-def exchange_offset(tp: int) -> int:
-    """Byte offset of the Pallas kernel's exchange region in a workspace."""
+    """Bytes of one device's workspace at this tp."""
     return DATA_OFFSET + MAX_CTAS * 2 * tp * LL_CHUNK_BYTES
 
 
@@ -236,13 +229,6 @@ class AllReduce:
         log.info("custom all-reduce: tp=%d, %d KiB workspace per device, messages up to %d KiB",
                  tp, workspace_bytes(tp) >> 10, MAX_MESSAGE_BYTES >> 10)
         return cls(tp, addresses, arch, model_axis, ws)
-
-    @property
-    def exchange(self) -> all_reduce_norm.Exchange:
-        """The workspaces' regions for `all_reduce_norm.all_reduce_add_rms_norm` (the fused
-        kernel as a Pallas kernel)."""
-        off = exchange_offset(self.tp)
-        return all_reduce_norm.Exchange(tuple(a + off for a in self.addresses))
 
     def _opaque(self, name: str, ptx: str, buffers: tuple[int, ...], grid: int,
                 scalars: tuple[tuple[int, str], ...] = ()) -> bytes:

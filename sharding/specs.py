@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from xlaserve.pallas_kernels import all_reduce_norm, ops
+from xlaserve.pallas_kernels import ops
 from xlaserve.pallas_kernels.skinny_gemm import skinny_gemm
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import ModelConfig, ParallelConfig
@@ -254,10 +254,6 @@ class ShardedRowParallel:
     # no exchange): a batch-1 decode step pads 1 token to 16 rows. False exchanges all rows
     # (the A/B of bench/tp_scaling.py --no-skip-padding).
     skip_padding: bool = True
-    # The fused all-reduce + add + norm as the Pallas kernel (pallas_kernels/all_reduce_norm.py,
-    # launched by XLA with PDL) instead of the PTX one, where D is a power of two (the A/B of
-    # bench/tp_scaling.py --pallas-all-reduce).
-    pallas_exchange: bool = False
 
     def uses_kernel(self, out_shape: tuple[int, ...], dtype: Any) -> bool:
         """True when a product of this output shape runs through the kernel."""
@@ -316,12 +312,6 @@ class ShardedRowParallel:
                 else:
                     part = contract(x, kernel, n_in, dt)
                 # the padding rows after `rows` are neither exchanged nor normed
-                if self.pallas_exchange and not (d & (d - 1)):
-                    rank = jax.lax.axis_index(MODEL_AXIS).astype(jnp.int32).reshape(1)
-                    return all_reduce_norm.all_reduce_add_rms_norm(
-                        part.reshape(part.shape[:part.ndim - len(out_axes)] + (d,)), residual,
-                        scale, rank, rows,
-                        eps=eps, exchange=fused.exchange)
                 return fused.add_rms_norm(part, residual, scale, eps, rows)
             product = (partials(x, kernel).sum(axis=0).astype(dt) if gemm is not None
                        else contract(x, kernel, n_in, dt))
