@@ -24,6 +24,16 @@ for name, n, tile in (("gate_up_swiglu_tp2", 14336, os.environ.get("T2", "32/128
 json.dump(t, open(sys.argv[1], "w"), indent=1)
 PY
 }
+summary() {  # the traced run's per-step trace summary (bench/trace_summary.render)
+  $PY - "$1" <<'PY'
+import json, sys
+sys.path.insert(0, "bench")
+import trace_summary
+for r in json.load(open(sys.argv[1]))["results"]:
+    if r["decode"]["1"].get("trace"):
+        print("tp", r["tp"], trace_summary.render(r["decode"]["1"]["trace"], top=14))
+PY
+}
 if [ "$PART" = layout ]; then  # kn / nk / tiled weights, tp=2 shapes then tp=1's q/k/v
   cd bench
   timeout -s ABRT -k 5 ${LIMIT:-540} $PY gemm_layout.py ${QUICK---quick} --out "$R/layout.json" \
@@ -83,17 +93,6 @@ if [ "$PART" = swiglut ]; then  # one GPU: why the gated kernel lost (traced tp=
   echo "=== pytest rc=$? at $((SECONDS - T0))s"; grep -E "Mismatch|Max abs|Max rel|assert|Error" "$R/pytest_gpu.txt" | head -12
   TBL=$CAND run_tp cand1_t 1 --trace-dir /tmp/trc --trace-steps 3
   TBL=$BASE run_tp base1_t 1 --trace-dir /tmp/trb --trace-steps 3
-  for n in cand1_t base1_t; do
-    $PY - "$R/$n.json" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-t = d["results"][0]["decode"]["1"]["trace"]
-dev = max((x for x in t["threads"] if x["device"]), key=lambda x: x["busy_us_per_step"])
-print(sys.argv[1].split("/")[-1], "busy", round(dev["busy_us_per_step"]), "span", round(dev["span_us_per_step"]),
-      "small gaps", round(dev["gaps"]["small_gap_us_per_step"]), dev["gaps"]["small_gap_us_before_family_per_step"])
-for k in dev["top"][:12]:
-    print("   %-70s %8.1f us/step %5.0f calls %6.2f us each" % (k["name"][:70], k["us_per_step"], k["calls_per_step"], k["us_per_step"] / k["calls_per_step"]))
-PY
-  done
+  for n in cand1_t base1_t; do echo "$n"; summary "$R/$n.json"; done
 fi
 tar czf "$OUT/s20_$PART.tgz" -C "$OUT" "s20_$PART" 2>/dev/null

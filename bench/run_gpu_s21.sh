@@ -31,19 +31,14 @@ for name, k, tile in (("o_all_reduce_tp2", 2048, os.environ.get("TO", "32/128/4/
 json.dump(t, open(sys.argv[1], "w"), indent=1)
 PY
 }
-summary() {  # the traced run's busiest GPU: busy time, gaps, top kernels
+summary() {  # the traced run's per-step trace summary (bench/trace_summary.render)
   $PY - "$1" <<'PY'
 import json, sys
-d = json.load(open(sys.argv[1]))
-for tp, r in ((x["tp"], x) for x in d["results"]):
-    t = r["decode"]["1"].get("trace")
-    if not t:
-        continue
-    for dev in sorted((x for x in t["threads"] if x["device"]), key=lambda x: -x["busy_us_per_step"])[:2]:
-        print("tp", tp, "busy", round(dev["busy_us_per_step"]), "span", round(dev["span_us_per_step"]),
-              "small gaps", round(dev["gaps"]["small_gap_us_per_step"]))
-        for k in dev["top"][:14]:
-            print("   %-70s %8.1f us/step %5.0f calls %6.2f us each" % (k["name"][:70], k["us_per_step"], k["calls_per_step"], k["us_per_step"] / k["calls_per_step"]))
+sys.path.insert(0, "bench")
+import trace_summary
+for r in json.load(open(sys.argv[1]))["results"]:
+    if r["decode"]["1"].get("trace"):
+        print("tp", r["tp"], trace_summary.render(r["decode"]["1"]["trace"], top=14))
 PY
 }
 CAND=/tmp/cand_table.json; BASE=/tmp/base_table.json; write_cand $CAND $BASE
