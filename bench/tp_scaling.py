@@ -217,6 +217,28 @@ class Runner:
             out.append((time.perf_counter() - start) / iters * 1e3)
         return out
 
+    def slope_ms(self, inputs: StepInputs, short: int, long: int, repeats: int) -> list[float]:
+        """ms per step from the difference of a `long` and a `short` run of back-to-back steps.
+
+        A run of N steps takes (host time until the first kernel starts) + N x step + (time to
+        see the last one finish); time_steps divides all of it by N, so a slow first launch
+        shows in its number as launch / N. The slope (T(long) - T(short)) / (long - short) drops
+        the constant and is the steady-state step: max(device step, host dispatch per step)."""
+        inputs = self.put(inputs)
+        jax.block_until_ready(self.run(inputs))
+        out = []
+        for _ in range(repeats):
+            t = {}
+            for n in (short, long):
+                start = time.perf_counter()
+                res = None
+                for _ in range(n):
+                    res = self.run(inputs)
+                jax.block_until_ready(res)
+                t[n] = time.perf_counter() - start
+            out.append((t[long] - t[short]) / (long - short) * 1e3)
+        return out
+
     def per_device_ms(self, inputs: StepInputs, steps: int) -> dict[str, float]:
         """Median ms from dispatch until each device's copy of the output is ready."""
         inputs = self.put(inputs)
@@ -299,6 +321,11 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
         dispatch = statistics.median(r.dispatch_s) * 1e3
         dev = r.per_device_ms(inputs, args.spread_steps)
         res["decode"][str(b)] = summarize(ms, dev, tokens=b)
+        if args.slope_iters:
+            slope = r.slope_ms(inputs, args.iters, args.slope_iters, args.repeats)
+            res["decode"][str(b)]["step_ms_slope"] = round(statistics.median(slope), 4)
+            res["decode"][str(b)]["step_ms_slope_runs"] = [round(x, 4) for x in slope]
+            res["decode"][str(b)]["slope_iters"] = [args.iters, args.slope_iters]
         # the host's time inside each back-to-back step call (the launches on every device):
         # close to step_ms means the loop is host-bound
         res["decode"][str(b)]["dispatch_ms"] = round(dispatch, 4)
@@ -486,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the looked-up rows; lm_head stays split)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--slope-iters", type=int, default=0,
+                   help="also time runs of this many steps against --iters ones and report the "
+                        "slope (step_ms_slope: the steady-state step, without the first launch)")
     p.add_argument("--spread-steps", type=int, default=20)
     p.add_argument("--greedy-steps", type=int, default=8)
     p.add_argument("--compilation-cache-dir", default=None,
@@ -534,15 +564,17 @@ def main(argv: list[str] | None = None) -> int:
         "params": llama.count_params(cfg),
         "settings": {k: getattr(args, k) for k in (
             "decode_batches", "context", "prefill_tokens", "page_size", "attention_impl",
-            "iters", "repeats", "spread_steps", "greedy_steps", "program_copies", "gpu_pad_mib",
-            "replicate_embedding")},
+            "iters", "slope_iters", "repeats", "spread_steps", "greedy_steps", "program_copies",
+            "gpu_pad_mib", "replicate_embedding")},
         "results": []}
     for tp in tps:
         print(f"tp={tp}: building and compiling ...", flush=True)
         res = bench_tp(cfg, tp, args)
         report["results"].append(res)
         dec = ", ".join(f"B={b} {v['step_ms']:.3f} ms (spread {v['per_device_spread_ms']:.3f}, "
-                        f"dispatch {v['dispatch_ms']:.3f})" for b, v in res["decode"].items())
+                        f"dispatch {v['dispatch_ms']:.3f}"
+                        + (f", slope {v['step_ms_slope']:.3f}" if "step_ms_slope" in v else "")
+                        + ")" for b, v in res["decode"].items())
         pre = f"{res['prefill']['step_ms']:.2f} ms" if "prefill" in res else "-"
         print(f"tp={tp}: decode {dec}; prefill {pre}; "
               f"compile {res['compile_s']} kernels {res['kernel_mentions']}", flush=True)

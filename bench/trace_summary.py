@@ -67,12 +67,18 @@ def kernel_family(name: str) -> str:
 LARGE_GAP_US = 300.0  # idle longer than this is counted as between steps (host, not launches)
 
 
+def _base(name: str) -> str:
+    """A kernel's name without XLA's numeric suffix (fusion_12 -> fusion), cut to 60 chars."""
+    return re.sub(r"[._]\d+$", "", name)[:60]
+
+
 def _gaps(evs: list[dict[str, Any]]) -> dict[str, Any]:
     """Idle time between consecutive kernels of one stream, split at LARGE_GAP_US."""
     evs = sorted(evs, key=lambda e: float(e["ts"]))
     small = large = 0.0
     n_small = 0
     before: dict[str, float] = collections.defaultdict(float)
+    pairs: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     largest: list[tuple[float, str, str]] = []
     end = None
     prev = ""
@@ -86,11 +92,16 @@ def _gaps(evs: list[dict[str, Any]]) -> dict[str, Any]:
                 small += gap
                 n_small += 1
                 before[kernel_family(e["name"])] += gap
+                pair = pairs[f"{_base(prev)} -> {_base(e['name'])}"]
+                pair[0] += gap
+                pair[1] += 1
             largest.append((gap, prev, e["name"]))
         end = ts + float(e["dur"]) if end is None else max(end, ts + float(e["dur"]))
         prev = e["name"]
     largest.sort(reverse=True)
+    top_pairs = sorted(pairs.items(), key=lambda kv: -kv[1][0])[:12]
     return {"small": small, "large": large, "n_small": n_small, "before": before,
+            "pairs": [{"pair": k[:160], "gap_us": v[0], "count": v[1]} for k, v in top_pairs],
             "largest": [{"gap_us": g, "after": a[:80], "before": b[:80]}
                         for g, a, b in largest[:8]]}
 
@@ -144,6 +155,8 @@ def summarize(trace_path: str | pathlib.Path, *, steps: int | None = None,
                 "small_gaps_per_step": gaps["n_small"] / per,
                 "small_gap_us_before_family_per_step": {
                     k: v / per for k, v in sorted(gaps["before"].items(), key=lambda kv: -kv[1])},
+                "pairs_per_step": [{**p, "gap_us": p["gap_us"] / per, "count": p["count"] / per}
+                                   for p in gaps["pairs"]],
                 "largest": gaps["largest"]}
     out["threads"].sort(key=lambda t: (not t["device"], -t["busy_us_per_step"]))
     return out
@@ -181,6 +194,8 @@ def render(summary: dict[str, Any], *, top: int = 15) -> str:
                 lines.append(f"   gaps/step: {g['small_gap_us_per_step']:.0f} us in "
                              f"{g['small_gaps_per_step']:.0f} gaps < {LARGE_GAP_US:.0f} us "
                              f"(before: {before}); {g['large_gap_us_per_step']:.0f} us larger")
+                for p in g.get("pairs_per_step", [])[:8]:
+                    lines.append(f"     gap {p['gap_us']:7.1f} us x{p['count']:5.1f}  {p['pair']}")
         for row in t["top"][:top]:
             lines.append(f"   {row['us_per_step']:9.1f} us  x{row['calls_per_step']:6.1f}  "
                          f"{row['name'][:100]}")

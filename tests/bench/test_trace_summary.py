@@ -64,8 +64,12 @@ def test_summarize_two_steps(tmp_path: pathlib.Path) -> None:
     assert dev["families_us_per_step"] == pytest.approx({"gemm": 20.0, "collective": 3.0})
     assert dev["gaps"]["small_gap_us_per_step"] == pytest.approx(2.0)  # 12 - 10 us, each step
     assert dev["gaps"]["large_gap_us_per_step"] == pytest.approx(250.0)  # 500 us / 2 steps
+    pairs = dev["gaps"]["pairs_per_step"]  # which kernels each idle stretch lies between
+    assert pairs == [{"pair": "gemm_fusion_dot -> ncclDevKernel_AllReduce", "gap_us": 2.0,
+                      "count": 1.0}]
     assert host["busy_us_per_step"] == pytest.approx(20.0)
     assert "collective" in mod.render(out)
+    assert "gemm_fusion_dot -> ncclDevKernel_AllReduce" in mod.render(out)
 
 
 def test_trace_calls_traces_and_summarizes(tmp_path: pathlib.Path) -> None:

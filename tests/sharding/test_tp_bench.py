@@ -15,7 +15,7 @@ BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "tp_scaling.py"
 
 @pytest.mark.slow
 def test_tp_scaling_bench_cpu_smoke(tmp_path: pathlib.Path) -> None:
-    report = _run_bench(tmp_path, "--tp", "1", "4")
+    report = _run_bench(tmp_path, "--tp", "1", "4", "--slope-iters", "4")
     assert [r["tp"] for r in report["results"]] == [1, 4]
     checks = report["checks"]
     for tp in (1, 4):
@@ -26,6 +26,9 @@ def test_tp_scaling_bench_cpu_smoke(tmp_path: pathlib.Path) -> None:
     assert len(r4["decode"]["1"]["per_device_ms"]) == 4
     assert set(report["scaling"]["decode_b1"]) == {"1", "4"}
     assert "decode_b1_speedup_tp2" not in checks  # no tp=2 in this run
+    d1 = r4["decode"]["1"]
+    assert d1["slope_iters"] == [2, 4] and len(d1["step_ms_slope_runs"]) == 1
+    assert d1["step_ms_slope"] == d1["step_ms_slope_runs"][0]
 
 
 @pytest.mark.slow
