@@ -4,7 +4,13 @@
 #     usual 20-step runs; traced runs (6 steps) whose summaries list the idle time between each
 #     pair of kernels; the replicated input embedding (sessions 13/15: 80-125 us slower, never
 #     traced) traced too.
-#   OUT=/tmp/out PART=probe bash bench/run_gpu_s22.sh  (2 GPUs; carry .whl)
+#   attn: batch-1 attention tiles and KV splits inside the model (session 14 chose them in
+#     isolation, where the kernel took 6.5 us against 9.0 in the model): tables written by
+#     bench/attention_table_variant.py, runs named <variant><tp>, each with the slope and a short
+#     trace (the attention kernel's time per layer). Variants: base (the committed table),
+#     mb2 / mb1 (the split rule's min_blocks_per_split 2 / 1: 8 / 12 splits at tp=2), st2 (2
+#     pipeline stages), mb1p4 (mb1 with 64-key blocks).
+#   OUT=/tmp/out PART=probe|attn bash bench/run_gpu_s22.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 22 probe || exit 1
@@ -18,6 +24,21 @@ for r in json.load(open(sys.argv[1]))["results"]:
         print("tp", r["tp"], trace_summary.render(r["decode"]["1"]["trace"], top=16))
 PY
 }
+if [ "$PART" = attn ]; then
+  V="bench/attention_table_variant.py"
+  $PY $V --out /tmp/at_base.json && $PY $V --min-blocks 2 --out /tmp/at_mb2.json \
+    && $PY $V --min-blocks 1 --out /tmp/at_mb1.json && $PY $V --set num_stages=2 --out /tmp/at_st2.json \
+    && $PY $V --min-blocks 1 --set pages_per_block=4 --out /tmp/at_mb1p4.json || exit 1
+  for r in ${RUNS:-base2 mb12 mb22 st22 mb1p42 base2b}; do
+    if [ $((SECONDS - T0)) -gt ${STOP_AT:-460} ]; then echo "=== $r skipped (time)"; continue; fi
+    v=${r%?}; v=${v%b}; tp=${r: -1}; [ "${r: -1}" = b ] && { v=${r%??}; tp=${r: -2:1}; }
+    ATBL=/tmp/at_$v.json run_tp $r $tp --slope-iters ${SLOPE:-80} --trace-dir /tmp/tr_$r \
+      --trace-steps 3
+    summary "$R/$r.json" | grep -E "^-- /device|ragged_paged|loop_convert|gaps/step" | head -12
+  done
+  tar czf "$OUT/s22_$PART.tgz" -C "$OUT" "s22_$PART" 2>/dev/null
+  exit 0
+fi
 for r in ${RUNS:-base2 base1 base2b rep2 base2_t base1_t rep2_t}; do  # base|rep + tp (+ tag)
   tp=${r//[!0-9]/}; tp=${tp:0:1}
   if [ $((SECONDS - T0)) -gt ${STOP_AT:-460} ]; then echo "=== $r skipped (time)"; continue; fi
