@@ -10,7 +10,10 @@
 #     trace (the attention kernel's time per layer). Variants: base (the committed table),
 #     mb2 / mb1 (the split rule's min_blocks_per_split 2 / 1: 8 / 12 splits at tp=2), st2 (2
 #     pipeline stages), mb1p4 (mb1 with 64-key blocks).
-#   OUT=/tmp/out PART=probe|attn bash bench/run_gpu_s22.sh  (2 GPUs; carry .whl)
+#   attn2: the same at both tps, in A/B/A/B order, runs named <variant>_<tp>[b]; more variants:
+#     mb1p2 (32-key blocks), t768p4 (mb1p4 with the split rule's target_programs 768: 24 / 12
+#     splits at tp 2 / 1).
+#   OUT=/tmp/out PART=probe|attn|attn2 bash bench/run_gpu_s22.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 22 probe || exit 1
@@ -24,6 +27,20 @@ for r in json.load(open(sys.argv[1]))["results"]:
         print("tp", r["tp"], trace_summary.render(r["decode"]["1"]["trace"], top=16))
 PY
 }
+if [ "$PART" = attn2 ]; then
+  V="bench/attention_table_variant.py"
+  $PY $V --out /tmp/at_base.json && $PY $V --min-blocks 1 --set pages_per_block=4 \
+    --out /tmp/at_mb1p4.json && $PY $V --min-blocks 1 --set pages_per_block=2 \
+    --out /tmp/at_mb1p2.json && $PY $V --min-blocks 1 --target-programs 768 \
+    --set pages_per_block=4 --out /tmp/at_t768p4.json || exit 1
+  for r in ${RUNS:-base_2 mb1p4_2 t768p4_2 mb1p2_2 base_2b mb1p4_2b base_1 mb1p4_1 t768p4_1 base_1b mb1p4_1b}; do
+    if [ $((SECONDS - T0)) -gt ${STOP_AT:-500} ]; then echo "=== $r skipped (time)"; continue; fi
+    v=${r%_*}; tp=${r##*_}; tp=${tp:0:1}
+    ATBL=/tmp/at_$v.json run_tp $r $tp --slope-iters ${SLOPE:-80}
+  done
+  tar czf "$OUT/s22_$PART.tgz" -C "$OUT" "s22_$PART" 2>/dev/null
+  exit 0
+fi
 if [ "$PART" = attn ]; then
   V="bench/attention_table_variant.py"
   $PY $V --out /tmp/at_base.json && $PY $V --min-blocks 2 --out /tmp/at_mb2.json \
