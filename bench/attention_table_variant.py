@@ -1,6 +1,7 @@
 """Writes an A/B variant of the attention tile table (pallas_kernels/tuning_h100.json) for
 XLASERVE_ATTENTION_TABLE: the split rule's min_blocks_per_split / target_programs, and the
-fields of one entry (default: the 8B decode entry, H128_L16_G4_decode).
+fields of one entry (default: the 8B decode entry, H128_L16_G4_decode), with or without the
+small_decode section.
 
   python bench/attention_table_variant.py --min-blocks 1 --out /tmp/attn_mb1.json
   python bench/attention_table_variant.py --set num_stages=2 --out /tmp/attn_st2.json
@@ -17,8 +18,11 @@ TABLE = pathlib.Path(__file__).resolve().parents[1] / "pallas_kernels" / "tuning
 
 
 def variant(table: dict, *, min_blocks: int | None = None, target_programs: int | None = None,
-            entry: str = "H128_L16_G4_decode", sets: list[str] = ()) -> dict:
+            entry: str = "H128_L16_G4_decode", sets: list[str] = (),
+            small_decode: bool = True) -> dict:
     out = json.loads(json.dumps(table))
+    if not small_decode:
+        out.pop("small_decode", None)
     if min_blocks is not None:
         out["split"]["min_blocks_per_split"] = min_blocks
     if target_programs is not None:
@@ -29,7 +33,8 @@ def variant(table: dict, *, min_blocks: int | None = None, target_programs: int 
             raise ValueError(f"--set {s}: {entry} has no field {key!r}")
         out["entries"][entry][key] = json.loads(value)
     out["comment"] = f"A/B variant of {TABLE.name}: min_blocks={min_blocks} " \
-                     f"target_programs={target_programs} {entry} {list(sets)}"
+                     f"target_programs={target_programs} {entry} {list(sets)} " \
+                     f"small_decode={small_decode}"
     return out
 
 
@@ -39,12 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-programs", type=int, default=None)
     p.add_argument("--entry", default="H128_L16_G4_decode")
     p.add_argument("--set", action="append", default=[], help="FIELD=JSON of the entry")
+    p.add_argument("--no-small-decode", action="store_true",
+                   help="drop the table's small_decode section (the tiles before session 22)")
     p.add_argument("--out", type=pathlib.Path, required=True)
     args = p.parse_args(argv)
     table = json.loads(TABLE.read_text())
     args.out.write_text(json.dumps(variant(table, min_blocks=args.min_blocks,
                                            target_programs=args.target_programs,
-                                           entry=args.entry, sets=args.set), indent=1))
+                                           entry=args.entry, sets=args.set,
+                                           small_decode=not args.no_small_decode), indent=1))
     return 0
 
 

@@ -13,7 +13,12 @@
 #   attn2: the same at both tps, in A/B/A/B order, runs named <variant>_<tp>[b]; more variants:
 #     mb1p2 (32-key blocks), t768p4 (mb1p4 with the split rule's target_programs 768: 24 / 12
 #     splits at tp 2 / 1).
-#   OUT=/tmp/out PART=probe|attn|attn2 bash bench/run_gpu_s22.sh  (2 GPUs; carry .whl)
+#   verify: the committed table (small_decode) on the GPUs: the attention kernel tests compiled,
+#     tp 1 and 2 in one tp_scaling run (greedy tokens compared), the builtin model's greedy
+#     tokens through the CLI at tp 1 and 2.
+#   Every variant is built without the table's small_decode section (added after these runs;
+#   "base" is the table they ran against).
+#   OUT=/tmp/out PART=probe|attn|attn2|verify bash bench/run_gpu_s22.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 22 probe || exit 1
@@ -27,8 +32,19 @@ for r in json.load(open(sys.argv[1]))["results"]:
         print("tp", r["tp"], trace_summary.render(r["decode"]["1"]["trace"], top=16))
 PY
 }
+if [ "$PART" = verify ]; then
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 200 $PY -m pytest -q -rfs --tb=short -x \
+    -p no:cacheprovider tests/kernels/test_ragged_paged_attention.py \
+    tests/kernels/test_tuning_rules.py > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -4 "$R/pytest_gpu.txt"
+  run_tp new12 "1 2" --slope-iters ${SLOPE:-80}
+  grep -E '"(greedy_equal_tp2|decode_b1_speedup_tp2|meets_1p6x_decode_b1_tp2)"' "$R/new12.log"
+  gpu_cli_tp_check "$R"
+  tar czf "$OUT/s22_$PART.tgz" -C "$OUT" "s22_$PART" 2>/dev/null
+  exit 0
+fi
 if [ "$PART" = attn2 ]; then
-  V="bench/attention_table_variant.py"
+  V="bench/attention_table_variant.py --no-small-decode"
   $PY $V --out /tmp/at_base.json && $PY $V --min-blocks 1 --set pages_per_block=4 \
     --out /tmp/at_mb1p4.json && $PY $V --min-blocks 1 --set pages_per_block=2 \
     --out /tmp/at_mb1p2.json && $PY $V --min-blocks 1 --target-programs 768 \
@@ -42,7 +58,7 @@ if [ "$PART" = attn2 ]; then
   exit 0
 fi
 if [ "$PART" = attn ]; then
-  V="bench/attention_table_variant.py"
+  V="bench/attention_table_variant.py --no-small-decode"
   $PY $V --out /tmp/at_base.json && $PY $V --min-blocks 2 --out /tmp/at_mb2.json \
     && $PY $V --min-blocks 1 --out /tmp/at_mb1.json && $PY $V --set num_stages=2 --out /tmp/at_st2.json \
     && $PY $V --min-blocks 1 --set pages_per_block=4 --out /tmp/at_mb1p4.json || exit 1

@@ -38,6 +38,28 @@ def test_splits_grow_with_table_width_and_stop_for_big_batches() -> None:
     assert tuning.num_kv_splits(num_seqs=256, max_kv_len=32832, **kw) == 1
 
 
+@pytest.mark.parametrize("kv_heads,seqs,tiles", [
+    # the 8B model's batch-1 step (T 16, S 8 bucket) at tp 2 / 1: the measured small_decode tiles
+    (4, 8, (4, 12)), (8, 8, (4, 6)),
+    (2, 8, (4, 12)),  # tp=4: more splits would be wanted, capped at the measured 12
+    (8, 16, (8, 3)), (4, 32, (8, 3)),  # more than 64 programs: the decode entry and split rule
+])
+def test_small_decode_tiles(kv_heads: int, seqs: int, tiles: tuple[int, int]) -> None:
+    cfg = tuning.lookup_config(head_dim=128, page_size=16, group=4, num_tokens=max(16, seqs),
+                               num_seqs=seqs, max_kv_len=2064, num_kv_heads=kv_heads)
+    assert (cfg.pages_per_block, cfg.num_splits) == tiles
+    assert cfg.block_q == tuning._table()["entries"]["H128_L16_G4_decode"]["block_q"]
+
+
+def test_small_decode_leaves_unlisted_keys_alone() -> None:
+    small = tuning._table()["small_decode"]
+    assert small["keys"] == ["H128_L16_G4_decode"]
+    entry = tuning._table()["entries"]["H128_L16_G8_decode"]  # G 8: not measured
+    cfg = tuning.lookup_config(head_dim=128, page_size=16, group=8, num_tokens=16, num_seqs=8,
+                               max_kv_len=2064, num_kv_heads=4)
+    assert cfg.pages_per_block == entry["pages_per_block"]
+
+
 @pytest.mark.parametrize("t,impl", [
     (16, "pallas"),  # batch-1 decode bucket: one Pallas launch for K and V (measured in-model)
     (32, "xla"), (512, "xla"),  # not measured in the model: XLA's scatter stays
@@ -84,9 +106,9 @@ def test_kv_blocks_fit_their_budget_and_bf16_entries_stay_as_measured() -> None:
     for key, entry in tuning._table()["entries"].items():
         h, ell, g, q_class = key.split("_")
         kw = dict(head_dim=int(h[1:]), page_size=int(ell[1:]), group=int(g[1:]), num_seqs=1,
-                  num_tokens={"decode": 1, "mixed": 2048, "prefill": 4096}[q_class],
+                  num_tokens={"decode": 64, "mixed": 2048, "prefill": 4096}[q_class],
                   max_kv_len=4096, num_kv_heads=8)
-        if q_class == "mixed":
+        if q_class != "prefill":  # decode: 64 sequences, past small_decode's max_programs
             kw["num_seqs"] = 64
         cfg = tuning.lookup_config(**kw)
         assert tuning.q_len_class(kw["num_tokens"], kw["num_seqs"]) == q_class
@@ -154,7 +176,8 @@ def test_attention_table_env_override(tmp_path, monkeypatch) -> None:
               num_kv_heads=4)
     data = json.loads(tuning.TABLE_PATH.read_text())
     base = tuning.lookup_config(**kw).num_splits
-    data["split"]["min_blocks_per_split"] = 1
+    assert base > 3
+    data["small_decode"]["max_splits"] = 3
     path = tmp_path / "table.json"
     path.write_text(json.dumps(data))
     monkeypatch.setenv("XLASERVE_ATTENTION_TABLE", str(path))
@@ -162,7 +185,7 @@ def test_attention_table_env_override(tmp_path, monkeypatch) -> None:
     tuning.lookup_config.cache_clear()
     try:
         assert tuning.table_path() == path
-        assert tuning.lookup_config(**kw).num_splits > base
+        assert tuning.lookup_config(**kw).num_splits == 3
     finally:
         monkeypatch.delenv("XLASERVE_ATTENTION_TABLE")
         tuning._table.cache_clear()
