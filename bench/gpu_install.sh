@@ -80,6 +80,18 @@ print("CLI tp2 greedy token ids, decode_gemm pallas == xla:", t["xla"] == t["pal
       "prompts", len(t["xla"]))
 PY
 }
+# trace_render FILE [TOP]: the per-step trace summaries (bench/trace_summary.render) of a
+# tp_scaling JSON's traced decode runs (B=1), one per tp.
+trace_render() {
+  $PY - "$1" "${2:-14}" <<'PY'
+import json, sys
+sys.path.insert(0, "bench")
+import trace_summary
+for r in json.load(open(sys.argv[1]))["results"]:
+    if r["decode"]["1"].get("trace"):
+        print("tp", r["tp"], trace_summary.render(r["decode"]["1"]["trace"], top=int(sys.argv[2])))
+PY
+}
 # run_tp NAME TPS [extra...]: bench/tp_scaling.py --tp TPS with the batch-1 decode settings of
 # sessions 13-15 (TPS_ARGS overrides them) and the extra arguments, its JSON and log in $R, one
 # line per tp printed. Needs R, PY and T0 (the script's start, $SECONDS) set; TBL=path runs it

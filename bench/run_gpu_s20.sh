@@ -24,16 +24,6 @@ for name, n, tile in (("gate_up_swiglu_tp2", 14336, os.environ.get("T2", "32/128
 json.dump(t, open(sys.argv[1], "w"), indent=1)
 PY
 }
-summary() {  # the traced run's per-step trace summary (bench/trace_summary.render)
-  $PY - "$1" <<'PY'
-import json, sys
-sys.path.insert(0, "bench")
-import trace_summary
-for r in json.load(open(sys.argv[1]))["results"]:
-    if r["decode"]["1"].get("trace"):
-        print("tp", r["tp"], trace_summary.render(r["decode"]["1"]["trace"], top=14))
-PY
-}
 if [ "$PART" = layout ]; then  # kn / nk / tiled weights, tp=2 shapes then tp=1's q/k/v
   cd bench
   timeout -s ABRT -k 5 ${LIMIT:-540} $PY gemm_layout.py ${QUICK---quick} --out "$R/layout.json" \
@@ -93,6 +83,6 @@ if [ "$PART" = swiglut ]; then  # one GPU: why the gated kernel lost (traced tp=
   echo "=== pytest rc=$? at $((SECONDS - T0))s"; grep -E "Mismatch|Max abs|Max rel|assert|Error" "$R/pytest_gpu.txt" | head -12
   TBL=$CAND run_tp cand1_t 1 --trace-dir /tmp/trc --trace-steps 3
   TBL=$BASE run_tp base1_t 1 --trace-dir /tmp/trb --trace-steps 3
-  for n in cand1_t base1_t; do echo "$n"; summary "$R/$n.json"; done
+  for n in cand1_t base1_t; do echo "$n"; trace_render "$R/$n.json"; done
 fi
 tar czf "$OUT/s20_$PART.tgz" -C "$OUT" "s20_$PART" 2>/dev/null

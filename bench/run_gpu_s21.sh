@@ -31,16 +31,6 @@ for name, k, tile in (("o_all_reduce_tp2", 2048, os.environ.get("TO", "32/128/4/
 json.dump(t, open(sys.argv[1], "w"), indent=1)
 PY
 }
-summary() {  # the traced run's per-step trace summary (bench/trace_summary.render)
-  $PY - "$1" <<'PY'
-import json, sys
-sys.path.insert(0, "bench")
-import trace_summary
-for r in json.load(open(sys.argv[1]))["results"]:
-    if r["decode"]["1"].get("trace"):
-        print("tp", r["tp"], trace_summary.render(r["decode"]["1"]["trace"], top=14))
-PY
-}
 CAND=/tmp/cand_table.json; BASE=/tmp/base_table.json; write_cand $CAND $BASE
 ALT=/tmp/alt_table.json; write_cand $ALT /tmp/base2.json ${TO2:-16/128/4/4} ${TD2:-16/256/4/4}
 if [ "$PART" = pallas ]; then
@@ -66,7 +56,7 @@ for r in ${RUNS:-cand2 base2 cand2b base2b base1 cand2_t}; do  # name: cand|alt|
     alt) TBL=$ALT run_tp $r $tp "${extra[@]}" ;;
     *) if [ "$PART" = pallas ]; then run_tp $r $tp "${extra[@]}"; else TBL=$BASE run_tp $r $tp "${extra[@]}"; fi ;;
   esac
-  [ "${r: -2}" = _t ] && summary "$R/$r.json"
+  [ "${r: -2}" = _t ] && trace_render "$R/$r.json"
 done
 grep -h -iE "greedy|all_reduce epilogue|gemm_all_reduce|all_reduce_add_rms_norm" "$R"/*.log | sort | uniq -c | head -20
 tar czf "$OUT/s21_$PART.tgz" -C "$OUT" "s21_$PART" 2>/dev/null

@@ -22,16 +22,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 22 probe || exit 1
-summary() {  # the traced run's per-step trace summary (bench/trace_summary.render)
-  $PY - "$1" <<'PY'
-import json, sys
-sys.path.insert(0, "bench")
-import trace_summary
-for r in json.load(open(sys.argv[1]))["results"]:
-    if r["decode"]["1"].get("trace"):
-        print("tp", r["tp"], trace_summary.render(r["decode"]["1"]["trace"], top=16))
-PY
-}
 if [ "$PART" = verify ]; then
   JAX_PLATFORMS=cuda timeout -s ABRT -k 5 200 $PY -m pytest -q -rfs --tb=short -x \
     -p no:cacheprovider tests/kernels/test_ragged_paged_attention.py \
@@ -67,7 +57,7 @@ if [ "$PART" = attn ]; then
     v=${r%?}; v=${v%b}; tp=${r: -1}; [ "${r: -1}" = b ] && { v=${r%??}; tp=${r: -2:1}; }
     ATBL=/tmp/at_$v.json run_tp $r $tp --slope-iters ${SLOPE:-80} --trace-dir /tmp/tr_$r \
       --trace-steps 3
-    summary "$R/$r.json" | grep -E "^-- /device|ragged_paged|loop_convert|gaps/step" | head -12
+    trace_render "$R/$r.json" 16 | grep -E "^-- /device|ragged_paged|loop_convert|gaps/step" | head -12
   done
   tar czf "$OUT/s22_$PART.tgz" -C "$OUT" "s22_$PART" 2>/dev/null
   exit 0
@@ -81,6 +71,6 @@ for r in ${RUNS:-base2 base1 base2b rep2 base2_t base1_t rep2_t}; do  # base|rep
     rep) run_tp $r $tp --replicate-embedding "${extra[@]}" ;;
     *) run_tp $r $tp "${extra[@]}" ;;
   esac
-  [ "${r: -2}" = _t ] && summary "$R/$r.json"
+  [ "${r: -2}" = _t ] && trace_render "$R/$r.json" 16
 done
 tar czf "$OUT/s22_$PART.tgz" -C "$OUT" "s22_$PART" 2>/dev/null
