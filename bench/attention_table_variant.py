@@ -13,12 +13,13 @@ import argparse
 import json
 import pathlib
 import sys
+from collections.abc import Sequence
 
 TABLE = pathlib.Path(__file__).resolve().parents[1] / "pallas_kernels" / "tuning_h100.json"
 
 
 def variant(table: dict, *, min_blocks: int | None = None, target_programs: int | None = None,
-            entry: str = "H128_L16_G4_decode", sets: list[str] = (),
+            entry: str = "H128_L16_G4_decode", sets: Sequence[str] = (),
             small_decode: bool = True) -> dict:
     out = json.loads(json.dumps(table))
     if not small_decode:

@@ -23,10 +23,11 @@ Measured per tp:
 Each tp runs in its own child process (``--in-process`` runs them all here): on one 2 x H200 and
 one 4 x H200 host, building a second mesh in a process that had run another tp stalled (session 4
 logs in bench/results/session4_*), while each tp alone ran. The parent merges the children's JSON.
-Self-checks, recorded in the JSON (``--strict`` exits 1 when one fails): the params are really
-split (shard shapes), their per-leaf checksums equal the first tp's (same weights), a greedy
-continuation of a random prompt (prefill then ``--greedy-steps`` decode steps, through the same
-compiled programs) gives the same tokens as the first tp, and the step compiled once.
+Self-checks (bench/tp_report.py), recorded in the JSON (``--strict`` exits 1 when one fails):
+the params are really split (shard shapes), their per-leaf checksums equal the first tp's (same
+weights), a greedy continuation of a random prompt (prefill then ``--greedy-steps`` decode steps,
+through the same compiled programs) gives the same tokens as the first tp, and the step compiled
+once.
 ``decode_b1_speedup_tp2`` and ``meets_1p6x_decode_b1_tp2`` report the issue's bar.
 
   python bench/tp_scaling.py --tp 1 2 --out $OUT/tp.json                 # 8B dummy, H200s
@@ -63,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import trace_summary  # bench/
+from tp_report import checks, scaling, summarize  # bench/
 
 from xlaserve.checkpoints import hf
 from xlaserve.pallas_kernels import ops
@@ -207,18 +209,22 @@ class Runner:
         inputs = self.put(inputs)
         for _ in range(2):
             jax.block_until_ready(self.run(inputs))
-        out = []
         self.dispatch_s = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            res = None
-            for _ in range(iters):
-                t = time.perf_counter()
-                res = self.run(inputs)
-                self.dispatch_s.append(time.perf_counter() - t)
-            jax.block_until_ready(res)
-            out.append((time.perf_counter() - start) / iters * 1e3)
-        return out
+        return [self._steps_s(inputs, iters, self.dispatch_s) / iters * 1e3
+                for _ in range(repeats)]
+
+    def _steps_s(self, inputs: StepInputs, n: int, dispatch: list[float] | None = None) -> float:
+        """Seconds for `n` back-to-back steps until the last is ready (each call's host time
+        appended to `dispatch`)."""
+        start = time.perf_counter()
+        res = None
+        for _ in range(n):
+            t = time.perf_counter()
+            res = self.run(inputs)
+            if dispatch is not None:
+                dispatch.append(time.perf_counter() - t)
+        jax.block_until_ready(res)
+        return time.perf_counter() - start
 
     def slope_ms(self, inputs: StepInputs, short: int, long: int, repeats: int) -> list[float]:
         """ms per step from the difference of a `long` and a `short` run of back-to-back steps.
@@ -231,15 +237,8 @@ class Runner:
         jax.block_until_ready(self.run(inputs))
         out = []
         for _ in range(repeats):
-            t = {}
-            for n in (short, long):
-                start = time.perf_counter()
-                res = None
-                for _ in range(n):
-                    res = self.run(inputs)
-                jax.block_until_ready(res)
-                t[n] = time.perf_counter() - start
-            out.append((t[long] - t[short]) / (long - short) * 1e3)
+            t_short = self._steps_s(inputs, short)
+            out.append((self._steps_s(inputs, long) - t_short) / (long - short) * 1e3)
         return out
 
     def per_device_ms(self, inputs: StepInputs, steps: int) -> dict[str, float]:
@@ -354,68 +353,6 @@ def bench_tp(cfg: ModelConfig, tp: int, args: argparse.Namespace) -> dict[str, A
     del r
     gc.collect()
     return res
-
-
-def summarize(ms: list[float], per_device: dict[str, float], *, tokens: int) -> dict[str, Any]:
-    med = statistics.median(ms)
-    dev = list(per_device.values())
-    spread = max(dev) - min(dev)
-    return {"step_ms": round(med, 4), "step_ms_runs": [round(x, 4) for x in ms],
-            "tokens_per_s": round(tokens / med * 1e3, 1),
-            "per_device_ms": {k: round(v, 4) for k, v in per_device.items()},
-            "per_device_spread_ms": round(spread, 4),
-            "per_device_spread_rel": round(spread / statistics.median(dev), 4)}
-
-
-def scaling(results: list[dict[str, Any]]) -> dict[str, Any]:
-    base = min(results, key=lambda r: r["tp"])
-    out: dict[str, Any] = {"relative_to_tp": base["tp"]}
-    series = [("decode_b" + b, lambda r, b=b: r["decode"][b]["step_ms"]) for b in base["decode"]]
-    if "prefill" in base:
-        series.append(("prefill", lambda r: r["prefill"]["step_ms"]))
-    for name, get in series:
-        out[name] = {str(r["tp"]): {"step_ms": get(r),
-                                    "speedup": round(get(base) / get(r), 3),
-                                    "efficiency": round(get(base) * base["tp"]
-                                                        / (get(r) * r["tp"]), 3)}
-                     for r in results}
-    return out
-
-
-def checks(cfg: ModelConfig, results: list[dict[str, Any]]) -> dict[str, Any]:
-    base = results[0]
-    out: dict[str, Any] = {}
-    for r in results:
-        tp = str(r["tp"])
-        n_shard = r["q_proj_shard_shape"][1]
-        out[f"params_split_tp{tp}"] = n_shard == cfg.num_heads // r["tp"]
-        a, b = r["param_checksums"], base["param_checksums"]
-        out[f"same_weights_as_tp{base['tp']}_tp{tp}"] = (
-            a["head"] == b["head"] and bool(np.allclose(a["mean_abs"], b["mean_abs"], rtol=1e-4)))
-        equal = r["greedy_tokens"] == base["greedy_tokens"]
-        out[f"greedy_equal_tp{tp}"] = equal
-        if not equal:
-            # Dummy weights give flat logits; a bf16 near-tie may flip. Record where and how
-            # close: a divergence at a step whose first-tp top1 - top2 gap is under 2% of the
-            # top logit (a few bf16 ulps) is a near-tie, anything wider is a bug.
-            i = next(k for k, (a, b) in enumerate(zip(r["greedy_tokens"], base["greedy_tokens"]))
-                     if a != b)
-            gap = base["greedy_gap"][i]
-            out[f"greedy_first_divergence_tp{tp}"] = {"step": i, "gap_at_first_tp": gap}
-            out[f"greedy_divergence_is_near_tie_tp{tp}"] = gap < 0.02 * abs(base["greedy_top1"][i])
-        n = len(r["greedy_tokens"]) if equal else i + 1  # compare logits up to the divergence
-        out[f"greedy_top1_max_abs_diff_tp{tp}"] = round(max(
-            abs(a - b) for a, b in zip(r["greedy_top1"][:n], base["greedy_top1"][:n])), 5)
-        out[f"one_program_per_shape_tp{tp}"] = r["num_programs"] == r["expected_programs"]
-    by_tp = {r["tp"]: r for r in results}
-    if 1 in by_tp and 2 in by_tp and "1" in by_tp[1]["decode"]:
-        speedup = by_tp[1]["decode"]["1"]["step_ms"] / by_tp[2]["decode"]["1"]["step_ms"]
-        out["decode_b1_speedup_tp2"] = round(speedup, 3)
-        out["meets_1p6x_decode_b1_tp2"] = speedup >= 1.6
-        slopes = [by_tp[t]["decode"]["1"].get("step_ms_slope") for t in (1, 2)]
-        if all(slopes):  # the steady-state steps (--slope-iters): the same bar without launches
-            out["decode_b1_speedup_tp2_slope"] = round(slopes[0] / slopes[1], 3)
-    return out
 
 
 def load_model_config(args: argparse.Namespace) -> ModelConfig:
