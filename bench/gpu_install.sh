@@ -96,12 +96,12 @@ PY
 # sessions 13-15 (TPS_ARGS overrides them) and the extra arguments, its JSON and log in $R, one
 # line per tp printed. Needs R, PY and T0 (the script's start, $SECONDS) set; TBL=path runs it
 # with that skinny GEMM table (XLASERVE_SKINNY_GEMM_TABLE), ATBL=path with that attention tile
-# table (XLASERVE_ATTENTION_TABLE).
+# table (XLASERVE_ATTENTION_TABLE), EL=0|1 with XLASERVE_EARLY_LAUNCH (pallas_kernels/pdl.py).
 run_tp() {
   local name=$1 tps=$2; shift 2
   local args=("${TPS_ARGS[@]:---decode-batches 1 --all-reduce custom --no-prefill --greedy-steps 4 --child-timeout 200}")
   timeout -s ABRT -k 5 420 env ${TBL:+XLASERVE_SKINNY_GEMM_TABLE=$TBL} \
-    ${ATBL:+XLASERVE_ATTENTION_TABLE=$ATBL} \
+    ${ATBL:+XLASERVE_ATTENTION_TABLE=$ATBL} ${EL:+XLASERVE_EARLY_LAUNCH=$EL} \
     $PY bench/tp_scaling.py --tp $tps ${args[@]} "$@" --out "$R/$name.json" \
     > "$R/$name.log" 2>&1
   echo "=== $name rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/$name.log" | head -4

@@ -58,6 +58,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from xlaserve.pallas_kernels import pdl
+
 _LOG2E = math.log2(math.e)
 
 
@@ -158,8 +160,11 @@ def _ragged_paged_attention_kernel(
     soft_cap: float | None,
     key_gather: bool,
     q_transposed: bool,
+    early_launch: bool,
 ):
     """One program: one q tile (block_q tokens x G' heads) of one KV head, one KV split."""
+    if early_launch:
+        pdl.launch_dependents()
     w, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     page_size, head_dim = k_pages_ref.shape[1], k_pages_ref.shape[2]
     block_k = pages_per_block * page_size
@@ -359,7 +364,8 @@ def ragged_paged_attention(
     kernel = functools.partial(
         _ragged_paged_attention_kernel, group=gp, block_q=bq, pages_per_block=ppb,
         num_splits=splits, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        key_gather=config.key_gather, q_transposed=config.q_transposed)
+        key_gather=config.key_gather, q_transposed=config.q_transposed,
+        early_launch=pdl.enabled(interpret))
     whole = lambda *shape: pl.BlockSpec(shape, lambda w, kh, sp: (0,) * len(shape))  # noqa: E731
     if config.q_transposed:  # pad by block_q tokens: every tile's rows are in bounds
         rows_total = (t_total + bq) * gp

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from xlaserve.pallas_kernels import pdl
 from xlaserve.pallas_kernels.ragged_paged_attention import compiler_params
 
 
@@ -63,10 +64,13 @@ def _rope_write_kv_kernel(
     num_kv_heads: int,
     half: int,
     page_size: int,
+    early_launch: bool,
 ):
     """One program: token t's q head j (j < N), or its k and v head j - N (stored to the slot).
     Padding rows (t >= rows) store zeros to q and nothing to the pages."""
     del k_in_ref, v_in_ref
+    if early_launch:
+        pdl.launch_dependents()
     t, j = pl.program_id(0), pl.program_id(1)
     dtype = q_ref.dtype
     lo, hi = pl.ds(0, half), pl.ds(half, half)
@@ -167,7 +171,7 @@ def rope_write_kv(
     whole = lambda *shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))  # noqa: E731
     kernel = functools.partial(
         _rope_write_kv_kernel, num_splits=s, num_q_heads=num_q_heads, num_kv_heads=k_heads,
-        half=h // 2, page_size=page_size)
+        half=h // 2, page_size=page_size, early_launch=pdl.enabled(interpret))
     return pl.pallas_call(
         kernel,
         grid=(t, num_q_heads + k_heads),

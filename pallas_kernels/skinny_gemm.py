@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from xlaserve.pallas_kernels import pdl
 from xlaserve.pallas_kernels.ragged_paged_attention import compiler_params
 
 ROW_ALIGN = 16  # Triton dots need 16 rows: x is zero-padded to a multiple of this
@@ -89,7 +90,10 @@ class SkinnyGemmConfig:
 
 def _skinny_gemm_kernel(x_ref,  # [M, K / S]: this split's slice of the token rows
                         *refs,  # W weights [K, N_i] (whole), then out [M, block_n]
-                        block_n: int, block_k: int, steps: int, block_bounds: tuple[int, ...]):
+                        block_n: int, block_k: int, steps: int, block_bounds: tuple[int, ...],
+                        early_launch: bool):
+    if early_launch:
+        pdl.launch_dependents()
     *w_refs, o_ref = refs
     j, s = pl.program_id(0), pl.program_id(1)
     k_first = s * (steps * block_k)
@@ -146,7 +150,7 @@ def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
         bounds.append(bounds[-1] + n // config.block_n)
     kernel = functools.partial(_skinny_gemm_kernel, block_n=config.block_n,
                                block_k=config.block_k, steps=k_split // config.block_k,
-                               block_bounds=tuple(bounds))
+                               block_bounds=tuple(bounds), early_launch=pdl.enabled(interpret))
     out = pl.pallas_call(
         kernel,
         grid=(bounds[-1], s),
@@ -174,7 +178,9 @@ def skinny_gemm_reference(x: jax.Array, weights: Sequence[jax.Array], *,
 def _swiglu_kernel(x_ref,  # [M, K]
                    g_ref, u_ref,  # [K, I] gate and up weights (whole)
                    o_ref,  # [M, block_n]: this program's columns of h
-                   *, block_n: int, block_k: int, steps: int):
+                   *, block_n: int, block_k: int, steps: int, early_launch: bool):
+    if early_launch:
+        pdl.launch_dependents()
     j = pl.program_id(0)
     m = x_ref.shape[0]
     cols = pl.ds(j * block_n, block_n)
@@ -223,7 +229,7 @@ def skinny_gemm_swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, *,
     if m_pad != m:
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
     kernel = functools.partial(_swiglu_kernel, block_n=config.block_n, block_k=config.block_k,
-                               steps=k // config.block_k)
+                               steps=k // config.block_k, early_launch=pdl.enabled(interpret))
     out = pl.pallas_call(
         kernel,
         grid=(i // config.block_n,),

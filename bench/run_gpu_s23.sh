@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Session 23 (issue 6): our Pallas kernels let their dependents launch early (PDL,
+# pallas_kernels/pdl.py: griddepcontrol.launch_dependents at each kernel's start).
+#   pdl: the PTX XLA makes of one skinny GEMM (is XLA's griddepcontrol.wait at the start, is our
+#     launch_dependents there); the compiled skinny GEMM and rope_write_kv tests; then tp 1 and 2
+#     with the trigger on / off (XLASERVE_EARLY_LAUNCH=1 / 0), A/B/A/B, runs named el<0|1>_<tp>[b]
+#     with the steady-state slope; traced runs (<name>_t) list the idle time per kernel pair.
+#   OUT=/tmp/out PART=pdl bash bench/run_gpu_s23.sh  (2 GPUs; carry .whl)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/gpu_install.sh && gpu_script 23 pdl || exit 1
+if [ "$PART" = pdl ]; then
+  rm -rf /tmp/xdump && XLA_FLAGS="--xla_dump_to=/tmp/xdump" $PY - <<'PY' 2>&1 | tail -3
+import jax, jax.numpy as jnp
+from xlaserve.pallas_kernels import skinny_gemm as sg
+x = jnp.ones((16, 4096), jnp.bfloat16); w = jnp.ones((4096, 1024), jnp.bfloat16)
+f = jax.jit(lambda x, w: sg.skinny_gemm(x, (w,), config=sg.SkinnyGemmConfig()).sum(0))
+print("skinny gemm ok:", float(f(x, w)[0, 0]) == 4096.0)
+PY
+  for f in $(ls /tmp/xdump/*.ptx 2>/dev/null | head -3); do
+    echo "--- $f"; grep -n -B2 -A2 "griddepcontrol" "$f" | head -30
+    grep -n "^\.visible \.entry\|^\.entry" "$f" | head
+  done
+  mkdir -p "$R/xdump" && cp /tmp/xdump/*.ptx "$R/xdump/" 2>/dev/null
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 150 $PY -m pytest -q -rfs --tb=short -x \
+    -p no:cacheprovider tests/kernels/test_skinny_gemm.py tests/kernels/test_rope_write_kv.py \
+    tests/kernels/test_pdl.py > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
+  for r in ${RUNS:-el1_2 el0_2 el1_2b el0_2b el1_1 el0_1 el1_1b el0_1b el1_2_t el0_2_t}; do
+    if [ $((SECONDS - T0)) -gt ${STOP_AT:-520} ]; then echo "=== $r skipped (time)"; continue; fi
+    el=${r:2:1}; tp=${r:4:1}
+    extra=(--slope-iters ${SLOPE:-80})
+    [ "${r: -2}" = _t ] && extra=(--trace-dir /tmp/tr_$r --trace-steps 4)
+    EL=$el run_tp $r $tp "${extra[@]}"
+    grep -o '"greedy_tokens": \[[0-9, ]*\]' "$R/$r.json" | head -2
+    [ "${r: -2}" = _t ] && trace_render "$R/$r.json" 12 | head -60
+  done
+  tar czf "$OUT/s23_$PART.tgz" -C "$OUT" "s23_$PART" 2>/dev/null
+  exit 0
+fi

@@ -1,0 +1,113 @@
+"""Programmatic dependent launch (PDL) from inside a Pallas Triton kernel.
+
+On Hopper XLA launches the Pallas Triton kernels of a step (`__gpu$xla.gpu.triton` custom
+calls) as PDL secondaries: the kernel may be scheduled before the kernel ahead of it has ended,
+and XLA puts `griddepcontrol.wait` (wait until the grids ahead have completed and their memory
+is visible) at the start of the kernel. A grid lets its dependents be scheduled either when all
+its CTAs have exited, or earlier, once every CTA has executed `griddepcontrol.launch_dependents`
+(PTX ISA, "griddepcontrol"). XLA emits that instruction in its own GEMM fusions only, so after
+one of our kernels the next kernel is scheduled only as our CTAs exit.
+
+`launch_dependents()` emits the instruction from a kernel body, so the next kernel's CTAs are
+resident, waiting at its own `griddepcontrol.wait`, while this kernel's last CTAs still run.
+It changes no data dependency: the dependent still waits for this whole grid to end and flush.
+A dependent that is not launched as a PDL secondary is unaffected (the instruction is then a
+no-op).
+
+`enabled(interpret)` says whether to emit it: compiled kernels on a GPU of compute capability
+9.0 or later (the instruction does not exist before sm_90), unless XLASERVE_EARLY_LAUNCH=0 (an
+A/B switch for bench/; read when a kernel is traced). Interpreted kernels never emit it.
+
+Why: in the 8B batch-1 decode step at tp=2 the boundaries after our kernels left 0.1-0.3 us of
+idle each, ~1.2-1.7 us per layer, that tp=1 (where XLA's GEMMs sit at those boundaries) does
+not have (bench/results/session22_h200x2/README.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+ENV = "XLASERVE_EARLY_LAUNCH"
+PTX = "griddepcontrol.launch_dependents;"
+
+
+@functools.cache
+def _primitive():
+    """A side-effecting inline-asm primitive for the Pallas Triton lowering: `pure=False`, so
+    Triton keeps it although its result is unused, and a kernel-local effect, so jax keeps it
+    in the kernel's jaxpr (jax's own `elementwise_inline_asm` is pure and would be dropped).
+    Built on first use: the lowering modules are jax internals that only the GPU path needs."""
+    from jax._src import core as jax_core
+    from jax._src import effects
+    from jax._src.lib.triton import dialect as tt_dialect
+    from jax._src.pallas import core as pallas_core
+    from jax._src.pallas.triton import lowering
+    from jax.interpreters import mlir
+
+    class LaunchDependentsEffect(jax_core.Effect):
+        pass
+
+    effect = LaunchDependentsEffect()
+    pallas_core.kernel_local_effects.add_type(LaunchDependentsEffect)
+    effects.control_flow_allowed_effects.add_type(LaunchDependentsEffect)
+    prim = jax_core.Primitive("xlaserve_launch_dependents")
+
+    @prim.def_effectful_abstract_eval
+    def _abstract():
+        return jax_core.ShapedArray((), jnp.int32), {effect}
+
+    @lowering.register_lowering(prim)
+    def _lower(ctx):
+        out_type = mlir.aval_to_ir_type(ctx.context.mlir_ctx, ctx.avals_out[0])
+        # "=r": one 32-bit scalar result the asm leaves unset (nothing reads it)
+        return tt_dialect.elementwise_inline_asm([out_type], PTX, constraints="=r",
+                                                 pure=False, packed_element=1, args=[])
+
+    return prim
+
+
+def launch_dependents() -> None:
+    """Lets the kernel's dependents be scheduled once every CTA has passed this point. Call it
+    only in compiled kernels where `enabled()` holds."""
+    _primitive().bind()
+
+
+@functools.cache
+def _gpu_supports() -> str | None:
+    """None when the default device can run the instruction, else why not."""
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        return f"platform {device.platform!r} is not an NVIDIA GPU"
+    cc = getattr(device, "compute_capability", None)
+    try:
+        major = int(str(cc).split(".")[0])
+    except ValueError:
+        return f"compute capability {cc!r} unknown"
+    return None if major >= 9 else f"compute capability {cc} < 9.0 (no griddepcontrol)"
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.info("early launch of dependents (PDL): %s", message)
+
+
+def enabled(interpret: bool) -> bool:
+    """Whether a kernel traced now emits `launch_dependents()` (see the module docstring)."""
+    if interpret:
+        return False
+    if os.environ.get(ENV, "") == "0":
+        _log_once(f"off ({ENV}=0)")
+        return False
+    why = _gpu_supports()
+    if why:
+        _log_once(f"off: {why}")
+        return False
+    _log_once("on (griddepcontrol.launch_dependents at the start of each Pallas kernel)")
+    return True
