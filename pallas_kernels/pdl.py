@@ -48,8 +48,8 @@ def _primitive():
     from jax._src import effects
     from jax._src.lib.triton import dialect as tt_dialect
     from jax._src.pallas import core as pallas_core
+    from jax._src.lib.mlir import ir
     from jax._src.pallas.triton import lowering
-    from jax.interpreters import mlir
 
     class LaunchDependentsEffect(jax_core.Effect):
         pass
@@ -65,9 +65,11 @@ def _primitive():
 
     @lowering.register_lowering(prim)
     def _lower(ctx):
-        out_type = mlir.aval_to_ir_type(ctx.context.mlir_ctx, ctx.avals_out[0])
-        # "=r": one 32-bit scalar result the asm leaves unset (nothing reads it)
-        return tt_dialect.elementwise_inline_asm([out_type], PTX, constraints="=r",
+        del ctx
+        # "=r": one scalar i32 result (a plain i32: a rank-0 tensor is not a scalar to Triton's
+        # verifier) that the asm leaves unset and nothing reads
+        return tt_dialect.elementwise_inline_asm([ir.IntegerType.get_signless(32)], PTX,
+                                                 constraints="=r",
                                                  pure=False, packed_element=1, args=[])
 
     return prim

@@ -56,9 +56,21 @@ KERNELS = {  # name: (function, argument shapes)
 
 
 def _cuda_text(fn, specs) -> str:
-    """The StableHLO of `fn` lowered for CUDA (the Triton modules inside its custom calls)."""
+    """The StableHLO of `fn` lowered for CUDA (the Triton modules inside its custom calls),
+    each Triton module checked by its dialects' verifiers as XLA's parser checks it (session
+    23: a rank-0 tensor result passed here unverified and failed on the GPU)."""
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    lower = registration.lowering.lower_jaxpr_to_triton_module
+
+    def verified(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        assert result.module.operation.verify()
+        return result
+
     jax.clear_caches()  # the wrappers are jitted: re-trace so pdl.enabled() is asked again
-    return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+    with mock.patch.object(registration.lowering, "lower_jaxpr_to_triton_module", verified):
+        return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("name", list(KERNELS))
