@@ -5,10 +5,32 @@
 #     launch_dependents there); the compiled skinny GEMM and rope_write_kv tests; then tp 1 and 2
 #     with the trigger on / off (XLASERVE_EARLY_LAUNCH=1 / 0), A/B/A/B, runs named el<0|1>_<tp>[b]
 #     with the steady-state slope; traced runs (<name>_t) list the idle time per kernel pair.
-#   OUT=/tmp/out PART=pdl bash bench/run_gpu_s23.sh  (2 GPUs; carry .whl)
+#   fam: which kernels' triggers help (tp=2) or hurt (tp=1: +55 us with all on in part pdl):
+#     XLASERVE_EARLY_LAUNCH per run, runs named <variant>_<tp>[b]: off (0), all (1), noswig
+#     (every family but skinny_gemm_swiglu), swig (skinny_gemm_swiglu only); the compiled
+#     pdl and rope_write_kv tests first.
+#   OUT=/tmp/out PART=pdl|fam bash bench/run_gpu_s23.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 23 pdl || exit 1
+if [ "$PART" = fam ]; then
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 100 $PY -m pytest -q -rfs --tb=short -k "not Interpret" \
+    -p no:cacheprovider tests/kernels/test_pdl.py tests/kernels/test_rope_write_kv.py \
+    > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
+  for r in ${RUNS:-off_2 noswig_2 all_2 swig_2 off_1 noswig_1 all_1 swig_1 off_1b noswig_1b}; do
+    if [ $((SECONDS - T0)) -gt ${STOP_AT:-520} ]; then echo "=== $r skipped (time)"; continue; fi
+    v=${r%_*}; tp=${r##*_}; tp=${tp:0:1}
+    case $v in
+      off) el=0 ;; all) el=1 ;; swig) el=skinny_gemm_swiglu ;;
+      noswig) el=skinny_gemm,rope_write_kv,ragged_paged_attention ;;
+    esac
+    EL=$el run_tp $r $tp --slope-iters ${SLOPE:-80}
+    grep -o '"greedy_tokens": \[[0-9, ]*\]' "$R/$r.json" | head -2
+  done
+  tar czf "$OUT/s23_$PART.tgz" -C "$OUT" "s23_$PART" 2>/dev/null
+  exit 0
+fi
 if [ "$PART" = pdl ]; then
   rm -rf /tmp/xdump && XLA_FLAGS="--xla_dump_to=/tmp/xdump" $PY - <<'PY' 2>&1 | tail -3
 import jax, jax.numpy as jnp

@@ -14,9 +14,11 @@ It changes no data dependency: the dependent still waits for this whole grid to 
 A dependent that is not launched as a PDL secondary is unaffected (the instruction is then a
 no-op).
 
-`enabled(interpret)` says whether to emit it: compiled kernels on a GPU of compute capability
-9.0 or later (the instruction does not exist before sm_90), unless XLASERVE_EARLY_LAUNCH=0 (an
-A/B switch for bench/; read when a kernel is traced). Interpreted kernels never emit it.
+`enabled(interpret, family)` says whether a kernel of `family` (one of FAMILIES) emits it:
+compiled kernels on a GPU of compute capability 9.0 or later (the instruction does not exist
+before sm_90). XLASERVE_EARLY_LAUNCH (an A/B switch for bench/, read when a kernel is traced):
+"0" turns it off, a comma list of families limits it to those. Interpreted kernels never emit
+it.
 
 Why: in the 8B batch-1 decode step at tp=2 the boundaries after our kernels left 0.1-0.3 us of
 idle each, ~1.2-1.7 us per layer, that tp=1 (where XLA's GEMMs sit at those boundaries) does
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 ENV = "XLASERVE_EARLY_LAUNCH"
+FAMILIES = ("skinny_gemm", "skinny_gemm_swiglu", "rope_write_kv", "ragged_paged_attention")
 PTX = "griddepcontrol.launch_dependents;"
 
 
@@ -100,16 +103,27 @@ def _log_once(message: str) -> None:
     log.info("early launch of dependents (PDL): %s", message)
 
 
-def enabled(interpret: bool) -> bool:
-    """Whether a kernel traced now emits `launch_dependents()` (see the module docstring)."""
+def enabled(interpret: bool, family: str) -> bool:
+    """Whether a kernel of `family` traced now emits `launch_dependents()` (see the module
+    docstring)."""
+    if family not in FAMILIES:
+        raise ValueError(f"pdl family={family!r}: must be one of {FAMILIES}")
     if interpret:
         return False
-    if os.environ.get(ENV, "") == "0":
+    setting = os.environ.get(ENV, "").strip()
+    if setting == "0":
         _log_once(f"off ({ENV}=0)")
         return False
     why = _gpu_supports()
     if why:
         _log_once(f"off: {why}")
         return False
+    if setting not in ("", "1"):
+        chosen = [f.strip() for f in setting.split(",")]
+        bad = [f for f in chosen if f not in FAMILIES]
+        if bad:
+            raise ValueError(f"{ENV}={setting!r}: {bad} not among {FAMILIES} (or 0 / 1)")
+        _log_once(f"on for {', '.join(chosen)} ({ENV})")
+        return family in chosen
     _log_once("on (griddepcontrol.launch_dependents at the start of each Pallas kernel)")
     return True

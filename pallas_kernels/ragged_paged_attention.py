@@ -365,7 +365,7 @@ def ragged_paged_attention(
         _ragged_paged_attention_kernel, group=gp, block_q=bq, pages_per_block=ppb,
         num_splits=splits, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
         key_gather=config.key_gather, q_transposed=config.q_transposed,
-        early_launch=pdl.enabled(interpret))
+        early_launch=pdl.enabled(interpret, "ragged_paged_attention"))
     whole = lambda *shape: pl.BlockSpec(shape, lambda w, kh, sp: (0,) * len(shape))  # noqa: E731
     if config.q_transposed:  # pad by block_q tokens: every tile's rows are in bounds
         rows_total = (t_total + bq) * gp

@@ -171,7 +171,7 @@ def rope_write_kv(
     whole = lambda *shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))  # noqa: E731
     kernel = functools.partial(
         _rope_write_kv_kernel, num_splits=s, num_q_heads=num_q_heads, num_kv_heads=k_heads,
-        half=h // 2, page_size=page_size, early_launch=pdl.enabled(interpret))
+        half=h // 2, page_size=page_size, early_launch=pdl.enabled(interpret, "rope_write_kv"))
     return pl.pallas_call(
         kernel,
         grid=(t, num_q_heads + k_heads),

@@ -150,7 +150,8 @@ def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
         bounds.append(bounds[-1] + n // config.block_n)
     kernel = functools.partial(_skinny_gemm_kernel, block_n=config.block_n,
                                block_k=config.block_k, steps=k_split // config.block_k,
-                               block_bounds=tuple(bounds), early_launch=pdl.enabled(interpret))
+                               block_bounds=tuple(bounds),
+                               early_launch=pdl.enabled(interpret, "skinny_gemm"))
     out = pl.pallas_call(
         kernel,
         grid=(bounds[-1], s),
@@ -229,7 +230,8 @@ def skinny_gemm_swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, *,
     if m_pad != m:
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
     kernel = functools.partial(_swiglu_kernel, block_n=config.block_n, block_k=config.block_k,
-                               steps=k // config.block_k, early_launch=pdl.enabled(interpret))
+                               steps=k // config.block_k,
+                               early_launch=pdl.enabled(interpret, "skinny_gemm_swiglu"))
     out = pl.pallas_call(
         kernel,
         grid=(i // config.block_n,),

@@ -95,21 +95,29 @@ def test_no_trigger_below_sm90():
 
 def test_enabled_rules(monkeypatch):
     monkeypatch.delenv(pdl.ENV, raising=False)
+    gemm, rope = "skinny_gemm", "rope_write_kv"
     with mock.patch.object(pdl, "_gpu_supports", lambda: None):
-        assert pdl.enabled(interpret=False)
-        assert not pdl.enabled(interpret=True)  # the interpreter has no PTX
+        assert pdl.enabled(False, gemm) and pdl.enabled(False, rope)
+        assert not pdl.enabled(True, gemm)  # the interpreter has no PTX
         monkeypatch.setenv(pdl.ENV, "0")
-        assert not pdl.enabled(interpret=False)
+        assert not pdl.enabled(False, gemm)
+        monkeypatch.setenv(pdl.ENV, "rope_write_kv, ragged_paged_attention")
+        assert pdl.enabled(False, rope) and not pdl.enabled(False, gemm)
+        monkeypatch.setenv(pdl.ENV, "rope")
+        with pytest.raises(ValueError, match="XLASERVE_EARLY_LAUNCH='rope'"):
+            pdl.enabled(False, rope)
+        with pytest.raises(ValueError, match="family='gemm'"):
+            pdl.enabled(False, "gemm")
     monkeypatch.delenv(pdl.ENV)
     if jax.default_backend() != "gpu":
-        assert not pdl.enabled(interpret=False)  # the real check: no GPU here
+        assert not pdl.enabled(False, gemm)  # the real check: no GPU here
 
 
 def test_chain_matches_reference_on_gpu():
     """64 dependent GEMMs in one jit, each reading the last one's output at once: a trigger
     that let a kernel read before its producer ended would show as a wrong link. Each link is
     checked against numpy on the kernel's own input, so rounding does not compound."""
-    if jax.default_backend() != "gpu" or not pdl.enabled(interpret=False):
+    if jax.default_backend() != "gpu" or not pdl.enabled(False, "skinny_gemm"):
         pytest.skip("needs a GPU of compute capability >= 9.0")
     cfg = SkinnyGemmConfig(block_n=64, block_k=128, num_splits=1)
     key = jax.random.key(0)
