@@ -9,10 +9,26 @@
 #     XLASERVE_EARLY_LAUNCH per run, runs named <variant>_<tp>[b]: off (0), all (1), noswig
 #     (every family but skinny_gemm_swiglu), swig (skinny_gemm_swiglu only); the compiled
 #     pdl and rope_write_kv tests first.
-#   OUT=/tmp/out PART=pdl|fam bash bench/run_gpu_s23.sh  (2 GPUs; carry .whl)
+#   verify: the default (gate/up triggers only): compiled pdl and skinny GEMM tests, tp 1 and 2
+#     in one run (ratio, greedy tokens), then tp=2 with no trigger (EL=0) and the default again.
+#   OUT=/tmp/out PART=pdl|fam|verify bash bench/run_gpu_s23.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 23 pdl || exit 1
+if [ "$PART" = verify ]; then
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 100 $PY -m pytest -q -rfs --tb=short -k "not Interpret" \
+    -p no:cacheprovider tests/kernels/test_pdl.py tests/kernels/test_skinny_gemm.py \
+    > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
+  run_tp new12 "1 2" --slope-iters ${SLOPE:-80}
+  grep -E '"(greedy_equal_tp2|decode_b1_speedup_tp2|decode_b1_speedup_tp2_slope|meets_1p6x_decode_b1_tp2)"' "$R/new12.log"
+  for r in ${RUNS:-off_2 def_2b off_2b}; do
+    if [ $((SECONDS - T0)) -gt ${STOP_AT:-360} ]; then echo "=== $r skipped (time)"; continue; fi
+    EL=$([ "${r%_*}" = off ] && echo 0) run_tp $r 2 --slope-iters ${SLOPE:-80}
+  done
+  tar czf "$OUT/s23_$PART.tgz" -C "$OUT" "s23_$PART" 2>/dev/null
+  exit 0
+fi
 if [ "$PART" = fam ]; then
   JAX_PLATFORMS=cuda timeout -s ABRT -k 5 100 $PY -m pytest -q -rfs --tb=short -k "not Interpret" \
     -p no:cacheprovider tests/kernels/test_pdl.py tests/kernels/test_rope_write_kv.py \

@@ -16,13 +16,28 @@ no-op).
 
 `enabled(interpret, family)` says whether a kernel of `family` (one of FAMILIES) emits it:
 compiled kernels on a GPU of compute capability 9.0 or later (the instruction does not exist
-before sm_90). XLASERVE_EARLY_LAUNCH (an A/B switch for bench/, read when a kernel is traced):
-"0" turns it off, a comma list of families limits it to those. Interpreted kernels never emit
-it.
+before sm_90), of the families in DEFAULT_FAMILIES. XLASERVE_EARLY_LAUNCH (an A/B switch for
+bench/, read when a kernel is traced) overrides the families: "0" none, "1" all, or a comma
+list. Interpreted kernels never emit it.
 
-Why: in the 8B batch-1 decode step at tp=2 the boundaries after our kernels left 0.1-0.3 us of
-idle each, ~1.2-1.7 us per layer, that tp=1 (where XLA's GEMMs sit at those boundaries) does
-not have (bench/results/session22_h200x2/README.md).
+Which families, measured in the 8B batch-1 decode step on 2 x H200 (steady-state step, ms,
+session 23, bench/results/session23_h200x2/README.md):
+
+  triggers in                   tp=2                  tp=1
+  none                          2.753, 2.753 | 2.778  4.328 | 4.333, 4.328
+  all four families             2.727, 2.715 | 2.728  4.385, 4.383 | 4.356
+  all but skinny_gemm_swiglu    - | 2.745             - | 4.342, 4.355
+  skinny_gemm_swiglu only       - | 2.731             - | 4.338
+
+Two device calls, "|" between them; each call's runs are A/B on one pair of GPUs. Gate/up's
+trigger lets down_proj's GEMM (ours at tp=2) be resident before gate/up ends: the 9 us per step
+of idle between them goes, and more (-47 us). The other triggers add ~nothing at tp=2 beyond
+that and cost 10-55 us at tp=1, where XLA's GEMMs and fusions follow them. So only gate/up
+triggers by default.
+
+Why at all: in that step at tp=2 the boundaries after our kernels left 0.1-0.3 us of idle each,
+~1.2-1.7 us per layer, that tp=1 (where XLA's GEMMs, which trigger, sit at those boundaries)
+does not have (bench/results/session22_h200x2/README.md).
 """
 
 from __future__ import annotations
@@ -38,6 +53,7 @@ log = logging.getLogger(__name__)
 
 ENV = "XLASERVE_EARLY_LAUNCH"
 FAMILIES = ("skinny_gemm", "skinny_gemm_swiglu", "rope_write_kv", "ragged_paged_attention")
+DEFAULT_FAMILIES = ("skinny_gemm_swiglu",)
 PTX = "griddepcontrol.launch_dependents;"
 
 
@@ -51,8 +67,8 @@ def _primitive():
     from jax._src import effects
     from jax._src.lib.triton import dialect as tt_dialect
     from jax._src.pallas import core as pallas_core
-    from jax._src.lib.mlir import ir
     from jax._src.pallas.triton import lowering
+    from jax.interpreters.mlir import ir
 
     class LaunchDependentsEffect(jax_core.Effect):
         pass
@@ -103,6 +119,25 @@ def _log_once(message: str) -> None:
     log.info("early launch of dependents (PDL): %s", message)
 
 
+def families() -> tuple[str, ...]:
+    """The families that trigger: XLASERVE_EARLY_LAUNCH's ("0" none, "1" all, a comma list) or
+    DEFAULT_FAMILIES.
+
+    Raises:
+      ValueError: a name in the list that is not a family.
+    """
+    setting = os.environ.get(ENV, "").strip()
+    if not setting:
+        return DEFAULT_FAMILIES
+    if setting in ("0", "1"):
+        return FAMILIES if setting == "1" else ()
+    chosen = tuple(f.strip() for f in setting.split(","))
+    bad = [f for f in chosen if f not in FAMILIES]
+    if bad:
+        raise ValueError(f"{ENV}={setting!r}: {bad} not among {FAMILIES} (or 0 / 1)")
+    return chosen
+
+
 def enabled(interpret: bool, family: str) -> bool:
     """Whether a kernel of `family` traced now emits `launch_dependents()` (see the module
     docstring)."""
@@ -110,20 +145,11 @@ def enabled(interpret: bool, family: str) -> bool:
         raise ValueError(f"pdl family={family!r}: must be one of {FAMILIES}")
     if interpret:
         return False
-    setting = os.environ.get(ENV, "").strip()
-    if setting == "0":
-        _log_once(f"off ({ENV}=0)")
-        return False
+    chosen = families()
     why = _gpu_supports()
     if why:
         _log_once(f"off: {why}")
         return False
-    if setting not in ("", "1"):
-        chosen = [f.strip() for f in setting.split(",")]
-        bad = [f for f in chosen if f not in FAMILIES]
-        if bad:
-            raise ValueError(f"{ENV}={setting!r}: {bad} not among {FAMILIES} (or 0 / 1)")
-        _log_once(f"on for {', '.join(chosen)} ({ENV})")
-        return family in chosen
-    _log_once("on (griddepcontrol.launch_dependents at the start of each Pallas kernel)")
-    return True
+    _log_once(f"on for {', '.join(chosen) or 'no kernel'}" + (f" ({ENV})" if os.environ.get(ENV)
+                                                              else ""))
+    return family in chosen

@@ -76,7 +76,7 @@ def _cuda_text(fn, specs) -> str:
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_trigger_in_compiled_kernels(name, monkeypatch):
     fn, specs = KERNELS[name]
-    monkeypatch.delenv(pdl.ENV, raising=False)
+    monkeypatch.setenv(pdl.ENV, "1")
     with mock.patch.object(pdl, "_gpu_supports", lambda: None):  # as on an H100 / H200
         on = _cuda_text(fn, specs)
         monkeypatch.setenv(pdl.ENV, "0")
@@ -86,7 +86,16 @@ def test_trigger_in_compiled_kernels(name, monkeypatch):
     assert pdl.PTX not in off
 
 
-def test_no_trigger_below_sm90():
+def test_default_triggers_only_gate_up(monkeypatch):
+    """By default only skinny_gemm_swiglu triggers (the A/B in pdl's docstring)."""
+    monkeypatch.delenv(pdl.ENV, raising=False)
+    with mock.patch.object(pdl, "_gpu_supports", lambda: None):
+        texts = {name: _cuda_text(*KERNELS[name]) for name in KERNELS}
+    assert {name for name, text in texts.items() if pdl.PTX in text} == {"skinny_gemm_swiglu"}
+
+
+def test_no_trigger_below_sm90(monkeypatch):
+    monkeypatch.setenv(pdl.ENV, "1")
     fn, specs = KERNELS["skinny_gemm"]
     with mock.patch.object(pdl, "_gpu_supports", lambda: "compute capability 8.0 < 9.0"):
         text = _cuda_text(fn, specs)
@@ -96,9 +105,12 @@ def test_no_trigger_below_sm90():
 def test_enabled_rules(monkeypatch):
     monkeypatch.delenv(pdl.ENV, raising=False)
     gemm, rope = "skinny_gemm", "rope_write_kv"
+    swiglu = "skinny_gemm_swiglu"
     with mock.patch.object(pdl, "_gpu_supports", lambda: None):
+        assert pdl.enabled(False, swiglu) and not pdl.enabled(False, gemm)  # the default
+        assert not pdl.enabled(True, swiglu)  # the interpreter has no PTX
+        monkeypatch.setenv(pdl.ENV, "1")
         assert pdl.enabled(False, gemm) and pdl.enabled(False, rope)
-        assert not pdl.enabled(True, gemm)  # the interpreter has no PTX
         monkeypatch.setenv(pdl.ENV, "0")
         assert not pdl.enabled(False, gemm)
         monkeypatch.setenv(pdl.ENV, "rope_write_kv, ragged_paged_attention")
@@ -110,15 +122,17 @@ def test_enabled_rules(monkeypatch):
             pdl.enabled(False, "gemm")
     monkeypatch.delenv(pdl.ENV)
     if jax.default_backend() != "gpu":
-        assert not pdl.enabled(False, gemm)  # the real check: no GPU here
+        assert not pdl.enabled(False, swiglu)  # the real check: no GPU here
 
 
-def test_chain_matches_reference_on_gpu():
+def test_chain_matches_reference_on_gpu(monkeypatch):
     """64 dependent GEMMs in one jit, each reading the last one's output at once: a trigger
     that let a kernel read before its producer ended would show as a wrong link. Each link is
     checked against numpy on the kernel's own input, so rounding does not compound."""
-    if jax.default_backend() != "gpu" or not pdl.enabled(False, "skinny_gemm"):
+    if jax.default_backend() != "gpu" or pdl._gpu_supports():
         pytest.skip("needs a GPU of compute capability >= 9.0")
+    monkeypatch.setenv(pdl.ENV, "1")  # skinny_gemm does not trigger by default
+    jax.clear_caches()
     cfg = SkinnyGemmConfig(block_n=64, block_k=128, num_splits=1)
     key = jax.random.key(0)
     x = jax.random.normal(key, (16, 1024), jnp.float32).astype(BF16)
@@ -133,6 +147,7 @@ def test_chain_matches_reference_on_gpu():
         return jnp.stack(outs)
 
     outs = np.asarray(chain(x, ws), np.float32)  # [64, 16, 1024]
+    assert pdl.PTX in chain.lower(x, ws).as_text()
     w32 = np.asarray(ws, np.float32)
     ins = np.concatenate([np.asarray(x, np.float32)[None], outs[:-1]])
     for i in range(64):
