@@ -20,20 +20,22 @@ before sm_90), of the families in DEFAULT_FAMILIES. XLASERVE_EARLY_LAUNCH (an A/
 bench/, read when a kernel is traced) overrides the families: "0" none, "1" all, or a comma
 list. Interpreted kernels never emit it.
 
-Which families, measured in the 8B batch-1 decode step on 2 x H200 (steady-state step, ms,
-session 23, bench/results/session23_h200x2/README.md):
+Which families, measured in the 8B batch-1 decode step on 2 x H200 (steady-state step, ms;
+three device calls, "|" between them, each call's runs A/B on one pair of GPUs in the order
+given; bench/results/session23_h200x2/README.md):
 
-  triggers in                   tp=2                  tp=1
-  none                          2.753, 2.753 | 2.778  4.328 | 4.333, 4.328
-  all four families             2.727, 2.715 | 2.728  4.385, 4.383 | 4.356
-  all but skinny_gemm_swiglu    - | 2.745             - | 4.342, 4.355
-  skinny_gemm_swiglu only       - | 2.731             - | 4.338
+  triggers in                  tp=2                                tp=1
+  none                         2.753, 2.753 | 2.778* | 2.739, 2.737  4.328 | 4.333, 4.328
+  all four families            2.727*, 2.715 | 2.728 | -             4.385, 4.383 | 4.356
+  all but skinny_gemm_swiglu   - | 2.745 | -                         - | 4.342, 4.355
+  skinny_gemm_swiglu only      - | 2.731 | 2.731                     - | 4.338
+  (* the call's first run at that tp)
 
-Two device calls, "|" between them; each call's runs are A/B on one pair of GPUs. Gate/up's
-trigger lets down_proj's GEMM (ours at tp=2) be resident before gate/up ends: the 9 us per step
-of idle between them goes, and more (-47 us). The other triggers add ~nothing at tp=2 beyond
-that and cost 10-55 us at tp=1, where XLA's GEMMs and fusions follow them. So only gate/up
-triggers by default.
+All four families take 26-38 us off tp=2 (the idle between gate/up and down_proj, and between
+q/k/v and rope_write_kv, goes) but add 20-55 us at tp=1, where XLA's GEMMs and fusions follow
+our kernels. Gate/up alone: -6 to -8 us at tp=2 in the last call (the -47 of the second was
+against a first run), +5 to +10 at tp=1, within the runs' spread. Gate/up alone is the
+default: the only setting with no cost beyond the spread at either tp.
 
 Why at all: in that step at tp=2 the boundaries after our kernels left 0.1-0.3 us of idle each,
 ~1.2-1.7 us per layer, that tp=1 (where XLA's GEMMs, which trigger, sit at those boundaries)
