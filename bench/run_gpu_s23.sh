@@ -11,10 +11,51 @@
 #     pdl and rope_write_kv tests first.
 #   verify: the default (gate/up triggers only): compiled pdl and skinny GEMM tests, tp 1 and 2
 #     in one run (ratio, greedy tokens), then tp=2 with no trigger (EL=0) and the default again.
-#   OUT=/tmp/out PART=pdl|fam|verify bash bench/run_gpu_s23.sh  (2 GPUs; carry .whl)
+#   comb (prepared, not yet run): the KV splits merged by the Pallas kernel
+#     (pallas_kernels/combine_splits.py) against XLA's fusions: compiled combine_splits and pdl
+#     tests, then runs <variant>_<tp>[b][_t]: base (the committed table), pc (table entry
+#     "combine": "pallas", written by bench/attention_table_variant.py), pct (pc, and the combine
+#     kernel triggers its dependents early: EL=skinny_gemm_swiglu,combine_splits).
+#   fam2 (prepared, not yet run): which trigger costs tp=1 the time: runs <variant>_<tp>[b],
+#     off (EL=0), def (the default), gemm / rope / attn (the default plus that one family).
+#   OUT=/tmp/out PART=pdl|fam|verify|comb|fam2 bash bench/run_gpu_s23.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 23 pdl || exit 1
+if [ "$PART" = comb ]; then
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 120 $PY -m pytest -q -rfs --tb=short -k "not Interpret" \
+    -p no:cacheprovider tests/kernels/test_combine_splits.py tests/kernels/test_pdl.py \
+    > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
+  $PY bench/attention_table_variant.py --set combine='"pallas"' --out /tmp/at_pc.json || exit 1
+  for r in ${RUNS:-base_2 pc_2 pct_2 base_2b pc_2b pct_2b base_1 pc_1 pct_1 base_1b pc_1b pct_2_t}; do
+    if [ $((SECONDS - T0)) -gt ${STOP_AT:-500} ]; then echo "=== $r skipped (time)"; continue; fi
+    v=${r%%_*}; tp=${r#*_}; tp=${tp:0:1}
+    extra=(--slope-iters ${SLOPE:-80})
+    [ "${r: -2}" = _t ] && extra=(--trace-dir /tmp/tr_$r --trace-steps 4)
+    at=; el=
+    [ "$v" != base ] && at=/tmp/at_pc.json
+    [ "$v" = pct ] && el=skinny_gemm_swiglu,combine_splits
+    ATBL=$at EL=$el run_tp $r $tp "${extra[@]}"
+    grep -o '"greedy_tokens": \[[0-9, ]*\]' "$R/$r.json" | head -2
+    [ "${r: -2}" = _t ] && trace_render "$R/$r.json" 12 | head -60
+  done
+  tar czf "$OUT/s23_$PART.tgz" -C "$OUT" "s23_$PART" 2>/dev/null
+  exit 0
+fi
+if [ "$PART" = fam2 ]; then
+  for r in ${RUNS:-off_2 def_2 off_1 def_1 gemm_1 rope_1 attn_1 off_1b def_1b gemm_1b rope_1b attn_1b}; do
+    if [ $((SECONDS - T0)) -gt ${STOP_AT:-500} ]; then echo "=== $r skipped (time)"; continue; fi
+    v=${r%_*}; tp=${r##*_}; tp=${tp:0:1}
+    case $v in
+      off) el=0 ;; def) el= ;; gemm) el=skinny_gemm_swiglu,skinny_gemm ;;
+      rope) el=skinny_gemm_swiglu,rope_write_kv ;; attn) el=skinny_gemm_swiglu,ragged_paged_attention ;;
+    esac
+    EL=$el run_tp $r $tp --slope-iters ${SLOPE:-80}
+  done
+  tar czf "$OUT/s23_$PART.tgz" -C "$OUT" "s23_$PART" 2>/dev/null
+  exit 0
+fi
 if [ "$PART" = verify ]; then
   JAX_PLATFORMS=cuda timeout -s ABRT -k 5 100 $PY -m pytest -q -rfs --tb=short -k "not Interpret" \
     -p no:cacheprovider tests/kernels/test_pdl.py tests/kernels/test_skinny_gemm.py \

@@ -29,7 +29,8 @@ given; bench/results/session23_h200x2/README.md):
   all four families            2.727*, 2.715 | 2.728 | -             4.385, 4.383 | 4.356
   all but skinny_gemm_swiglu   - | 2.745 | -                         - | 4.342, 4.355
   skinny_gemm_swiglu only      - | 2.731 | 2.731                     - | 4.338
-  (* the call's first run at that tp)
+  (* the call's first run at that tp; "all four": every family but combine_splits, which came
+  later and is not measured)
 
 All four families take 26-38 us off tp=2 (the idle between gate/up and down_proj, and between
 q/k/v and rope_write_kv, goes) but add 20-55 us at tp=1, where XLA's GEMMs and fusions follow
@@ -54,7 +55,8 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 ENV = "XLASERVE_EARLY_LAUNCH"
-FAMILIES = ("skinny_gemm", "skinny_gemm_swiglu", "rope_write_kv", "ragged_paged_attention")
+FAMILIES = ("skinny_gemm", "skinny_gemm_swiglu", "rope_write_kv", "ragged_paged_attention",
+            "combine_splits")
 DEFAULT_FAMILIES = ("skinny_gemm_swiglu",)
 PTX = "griddepcontrol.launch_dependents;"
 
@@ -138,6 +140,17 @@ def families() -> tuple[str, ...]:
     if bad:
         raise ValueError(f"{ENV}={setting!r}: {bad} not among {FAMILIES} (or 0 / 1)")
     return chosen
+
+
+def describe() -> str:
+    """One line for `xlaserve profile` and logs: which compiled kernels trigger, or why none."""
+    why = _gpu_supports()
+    if why:
+        return f"off: {why}"
+    chosen = families()
+    source = f"{ENV}={os.environ[ENV]!r}" if os.environ.get(ENV) else "the default"
+    return (f"griddepcontrol.launch_dependents at the start of {', '.join(chosen)} ({source})"
+            if chosen else f"off ({source})")
 
 
 def enabled(interpret: bool, family: str) -> bool:

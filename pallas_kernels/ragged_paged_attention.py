@@ -79,6 +79,8 @@ class RaggedPagedAttentionConfig:
         one after) so a tile is plain 2-D rows; otherwise the kernel reads [block_q, G', H]
         straight from [T, N, H] and reshapes. Measured: direct wins for decode, transposed for
         prefill (bench/NOTES_attention.md).
+      combine: how the KV splits are merged (num_splits > 1): "xla" (jnp ops, which XLA fuses)
+        or "pallas" (pallas_kernels/combine_splits.py, one launch; not yet measured on a GPU).
     """
 
     block_q: int = 16
@@ -88,8 +90,11 @@ class RaggedPagedAttentionConfig:
     num_stages: int = 2
     key_gather: bool = False
     q_transposed: bool = False
+    combine: str = "xla"
 
     def __post_init__(self) -> None:
+        if self.combine not in ("xla", "pallas"):
+            raise ValueError(f"combine must be 'xla' or 'pallas', got {self.combine!r}")
         for name in ("block_q", "pages_per_block", "num_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -412,13 +417,15 @@ def ragged_paged_attention(
     )(meta, table, qg, k_pages, v_pages)
 
     if splits > 1:  # flash-decoding combine
+        from xlaserve.pallas_kernels import combine_splits as cs
+
         o_part, m_part, l_part = out  # [sp, *o_dims, H], [sp, *o_dims], [sp, *o_dims]
-        m_max = jnp.max(m_part, axis=0)
-        m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-        weight = jnp.exp2(m_part - m_max[None])  # [sp, *o_dims]; 0 for splits without keys
-        l_sum = jnp.sum(weight * l_part, axis=0)
-        o = jnp.sum(weight[..., None] * o_part, axis=0)
-        out = (o / jnp.where(l_sum == 0, 1.0, l_sum)[..., None]).astype(q.dtype)
+        if config.combine == "pallas":
+            out = cs.combine_splits(o_part.reshape(splits, -1, h), m_part.reshape(splits, -1),
+                                    l_part.reshape(splits, -1), dtype=q.dtype,
+                                    interpret=interpret).reshape(*o_dims, h)
+        else:
+            out = cs.combine_splits_reference(o_part, m_part, l_part, q.dtype)
     if config.q_transposed:
         out = out.reshape(k_heads, t_total + bq, gp, h)[:, :t_total].transpose(1, 0, 2, 3)
     if gp != g or config.q_transposed:

@@ -191,3 +191,34 @@ def test_attention_table_env_override(tmp_path, monkeypatch) -> None:
         tuning._table.cache_clear()
         tuning.lookup_config.cache_clear()
     assert tuning.lookup_config(**kw).num_splits == base
+
+
+def test_entry_combine_field_reaches_the_config(tmp_path, monkeypatch) -> None:
+    """An entry's "combine" (bench/attention_table_variant.py --set combine='"pallas"') picks
+    how the KV splits merge; without the field, XLA's fusion."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import attention_table_variant as atv
+
+    kw = dict(head_dim=128, page_size=16, group=4, num_tokens=16, num_seqs=8, max_kv_len=2064,
+              num_kv_heads=4)
+    def fresh():
+        tuning.lookup_config.cache_clear()
+        tuning._table.cache_clear()
+
+    fresh()
+    assert tuning.lookup_config(**kw).combine == "xla"
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(atv.variant(json.loads(atv.TABLE.read_text()),
+                                           sets=['combine="pallas"'])))
+    monkeypatch.setenv("XLASERVE_ATTENTION_TABLE", str(path))
+    fresh()
+    try:
+        cfg = tuning.lookup_config(**kw)
+        assert (cfg.combine, cfg.num_splits) == ("pallas", 12)
+    finally:
+        monkeypatch.delenv("XLASERVE_ATTENTION_TABLE")
+        fresh()

@@ -231,6 +231,7 @@ def test_kv_figures_are_the_models_at_tp_above_kv_heads(tmp_path):
     assert report["decode_gemm"].startswith("XLA's GEMMs (decode_gemm='auto': the Pallas skinny "
                                             "GEMM needs an NVIDIA GPU")  # CPU: said, not silent
     assert any(n.startswith("decode GEMMs: XLA's GEMMs") for n in report["not_available"])
+    assert report["early_launch"] == "off: platform 'cpu' is not an NVIDIA GPU"
     summary = report["summary"]
     per_token = 2 * 2 * 2 * 16 * 4  # K+V, layers, kv heads, H = 64 / 4, f32 (as at tp 1)
     assert summary["kv_bytes_per_token"] == per_token

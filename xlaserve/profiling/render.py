@@ -132,6 +132,8 @@ def summary_table(report: dict[str, Any]) -> Table:
         rows.append(("tp all-reduce", report["all_reduce"]))
     if report.get("decode_gemm"):
         rows.append(("decode GEMMs", report["decode_gemm"]))
+    if report.get("early_launch"):
+        rows.append(("early launch (PDL)", report["early_launch"]))
     flags = report.get("xla_flags")
     if flags and flags.get("disabled"):
         rows.append(("XLA defaults", "off (XLASERVE_NO_DEFAULT_XLA_FLAGS)"))

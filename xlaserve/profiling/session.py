@@ -38,7 +38,7 @@ from xlaserve.runtime import profile as prof
 from xlaserve.runtime import xla_flags
 from xlaserve.runtime.batch import StepInputs
 from xlaserve.runtime.config import EngineConfig
-from xlaserve.pallas_kernels import ops
+from xlaserve.pallas_kernels import ops, pdl
 from xlaserve.runtime.hardware import DevicePeaks
 from xlaserve.sharding.specs import describe_all_reduce
 
@@ -223,6 +223,9 @@ def not_available(cfg: EngineConfig, peaks: DevicePeaks, report: dict[str, Any])
                      + ops.available_implementations(platform)["pallas_triton"])
     if cfg.decode_gemm == "auto" and ops._platform(platform) != "gpu":
         notes.append("decode GEMMs: " + ops.describe_skinny_gemm("auto", platform))
+    if ops._platform(platform) == "gpu" and report.get("early_launch", "").startswith("off: "):
+        notes.append("early launch of dependents (PDL) from the Pallas kernels: "
+                     + report["early_launch"][len("off: "):])
     if peaks.source == "nominal":
         notes.append(f"peaks: {peaks.name} holds nominal round numbers, not this machine's: "
                      "roofline times and measured/roofline ratios are placeholders "
@@ -326,6 +329,7 @@ def profile(cfg: EngineConfig, peaks: DevicePeaks, args: argparse.Namespace,
         "all_reduce": describe_all_reduce(runner.mesh, runner.row_parallel_fn,
                                           cfg.parallel.all_reduce),
         "decode_gemm": ops.describe_skinny_gemm(cfg.decode_gemm),
+        "early_launch": pdl.describe(),
     }
     report["not_available"] = not_available(cfg, peaks, report)
     if args.check_recompiles:
