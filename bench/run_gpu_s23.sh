@@ -18,74 +18,70 @@
 #     kernel triggers its dependents early: EL=skinny_gemm_swiglu,combine_splits).
 #   fam2 (prepared, not yet run): which trigger costs tp=1 the time: runs <variant>_<tp>[b],
 #     off (EL=0), def (the default), gemm / rope / attn (the default plus that one family).
+#   The parts pdl, fam and verify ran at commits e9ff3e2, 17a8de2 and d277c0e (the loops were
+#   later folded into run_variants, the same runs); bench/results/session23_h200x2/.
 #   OUT=/tmp/out PART=pdl|fam|verify|comb|fam2 bash bench/run_gpu_s23.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 23 pdl || exit 1
-if [ "$PART" = comb ]; then
+# gpu_tests FILE...: the compiled (not interpreted) tests of FILEs, 120 s at most.
+gpu_tests() {
   JAX_PLATFORMS=cuda timeout -s ABRT -k 5 120 $PY -m pytest -q -rfs --tb=short -k "not Interpret" \
-    -p no:cacheprovider tests/kernels/test_combine_splits.py tests/kernels/test_pdl.py \
-    > "$R/pytest_gpu.txt" 2>&1
+    -p no:cacheprovider "$@" > "$R/pytest_gpu.txt" 2>&1
   echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
-  $PY bench/attention_table_variant.py --set combine='"pallas"' --out /tmp/at_pc.json || exit 1
-  for r in ${RUNS:-base_2 pc_2 pct_2 base_2b pc_2b pct_2b base_1 pc_1 pct_1 base_1b pc_1b pct_2_t}; do
-    if [ $((SECONDS - T0)) -gt ${STOP_AT:-500} ]; then echo "=== $r skipped (time)"; continue; fi
-    v=${r%%_*}; tp=${r#*_}; tp=${tp:0:1}
-    extra=(--slope-iters ${SLOPE:-80})
+}
+# run_variants RUNS STOP: runs named <variant>_<tp>[b][_t] ($RUNS overrides), each with
+# EL=$(el_of variant) and ATBL=$(at_of variant) (functions of the part); _t runs are traced. Runs
+# that would start after STOP s ($STOP_AT) are skipped. Then the part's results as one tarball.
+run_variants() {
+  for r in ${RUNS:-$1}; do
+    if [ $((SECONDS - T0)) -gt ${STOP_AT:-$2} ]; then echo "=== $r skipped (time)"; continue; fi
+    local v=${r%%_*} tp=${r#*_}; tp=${tp:0:1}
+    local extra=(--slope-iters ${SLOPE:-80})
     [ "${r: -2}" = _t ] && extra=(--trace-dir /tmp/tr_$r --trace-steps 4)
-    at=; el=
-    [ "$v" != base ] && at=/tmp/at_pc.json
-    [ "$v" = pct ] && el=skinny_gemm_swiglu,combine_splits
-    ATBL=$at EL=$el run_tp $r $tp "${extra[@]}"
+    ATBL=$(at_of $v) EL=$(el_of $v) run_tp $r $tp "${extra[@]}"
     grep -o '"greedy_tokens": \[[0-9, ]*\]' "$R/$r.json" | head -2
     [ "${r: -2}" = _t ] && trace_render "$R/$r.json" 12 | head -60
   done
   tar czf "$OUT/s23_$PART.tgz" -C "$OUT" "s23_$PART" 2>/dev/null
+}
+at_of() { :; }
+if [ "$PART" = comb ]; then
+  gpu_tests tests/kernels/test_combine_splits.py tests/kernels/test_pdl.py
+  $PY bench/attention_table_variant.py --set combine='"pallas"' --out /tmp/at_pc.json || exit 1
+  at_of() { [ "$1" != base ] && echo /tmp/at_pc.json; }
+  el_of() { [ "$1" = pct ] && echo skinny_gemm_swiglu,combine_splits; }
+  run_variants "base_2 pc_2 pct_2 base_2b pc_2b pct_2b base_1 pc_1 pct_1 base_1b pc_1b pct_2_t" 500
   exit 0
 fi
 if [ "$PART" = fam2 ]; then
-  for r in ${RUNS:-off_2 def_2 off_1 def_1 gemm_1 rope_1 attn_1 off_1b def_1b gemm_1b rope_1b attn_1b}; do
-    if [ $((SECONDS - T0)) -gt ${STOP_AT:-500} ]; then echo "=== $r skipped (time)"; continue; fi
-    v=${r%_*}; tp=${r##*_}; tp=${tp:0:1}
-    case $v in
-      off) el=0 ;; def) el= ;; gemm) el=skinny_gemm_swiglu,skinny_gemm ;;
-      rope) el=skinny_gemm_swiglu,rope_write_kv ;; attn) el=skinny_gemm_swiglu,ragged_paged_attention ;;
+  el_of() {
+    case $1 in
+      off) echo 0 ;; gemm) echo skinny_gemm_swiglu,skinny_gemm ;;
+      rope) echo skinny_gemm_swiglu,rope_write_kv ;;
+      attn) echo skinny_gemm_swiglu,ragged_paged_attention ;;
     esac
-    EL=$el run_tp $r $tp --slope-iters ${SLOPE:-80}
-  done
-  tar czf "$OUT/s23_$PART.tgz" -C "$OUT" "s23_$PART" 2>/dev/null
+  }
+  run_variants "off_2 def_2 off_1 def_1 gemm_1 rope_1 attn_1 off_1b def_1b gemm_1b rope_1b attn_1b" 500
   exit 0
 fi
 if [ "$PART" = verify ]; then
-  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 100 $PY -m pytest -q -rfs --tb=short -k "not Interpret" \
-    -p no:cacheprovider tests/kernels/test_pdl.py tests/kernels/test_skinny_gemm.py \
-    > "$R/pytest_gpu.txt" 2>&1
-  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
+  gpu_tests tests/kernels/test_pdl.py tests/kernels/test_skinny_gemm.py
   run_tp new12 "1 2" --slope-iters ${SLOPE:-80}
   grep -E '"(greedy_equal_tp2|decode_b1_speedup_tp2|decode_b1_speedup_tp2_slope|meets_1p6x_decode_b1_tp2)"' "$R/new12.log"
-  for r in ${RUNS:-off_2 def_2b off_2b}; do
-    if [ $((SECONDS - T0)) -gt ${STOP_AT:-360} ]; then echo "=== $r skipped (time)"; continue; fi
-    EL=$([ "${r%_*}" = off ] && echo 0) run_tp $r 2 --slope-iters ${SLOPE:-80}
-  done
-  tar czf "$OUT/s23_$PART.tgz" -C "$OUT" "s23_$PART" 2>/dev/null
+  el_of() { [ "$1" = off ] && echo 0; }
+  run_variants "off_2 def_2b off_2b" 360
   exit 0
 fi
 if [ "$PART" = fam ]; then
-  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 100 $PY -m pytest -q -rfs --tb=short -k "not Interpret" \
-    -p no:cacheprovider tests/kernels/test_pdl.py tests/kernels/test_rope_write_kv.py \
-    > "$R/pytest_gpu.txt" 2>&1
-  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
-  for r in ${RUNS:-off_2 noswig_2 all_2 swig_2 off_1 noswig_1 all_1 swig_1 off_1b noswig_1b}; do
-    if [ $((SECONDS - T0)) -gt ${STOP_AT:-520} ]; then echo "=== $r skipped (time)"; continue; fi
-    v=${r%_*}; tp=${r##*_}; tp=${tp:0:1}
-    case $v in
-      off) el=0 ;; all) el=1 ;; swig) el=skinny_gemm_swiglu ;;
-      noswig) el=skinny_gemm,rope_write_kv,ragged_paged_attention ;;
+  gpu_tests tests/kernels/test_pdl.py tests/kernels/test_rope_write_kv.py
+  el_of() {
+    case $1 in
+      off) echo 0 ;; all) echo 1 ;; swig) echo skinny_gemm_swiglu ;;
+      noswig) echo skinny_gemm,rope_write_kv,ragged_paged_attention ;;
     esac
-    EL=$el run_tp $r $tp --slope-iters ${SLOPE:-80}
-    grep -o '"greedy_tokens": \[[0-9, ]*\]' "$R/$r.json" | head -2
-  done
-  tar czf "$OUT/s23_$PART.tgz" -C "$OUT" "s23_$PART" 2>/dev/null
+  }
+  run_variants "off_2 noswig_2 all_2 swig_2 off_1 noswig_1 all_1 swig_1 off_1b noswig_1b" 520
   exit 0
 fi
 if [ "$PART" = pdl ]; then
@@ -101,19 +97,9 @@ PY
     grep -n "^\.visible \.entry\|^\.entry" "$f" | head
   done
   mkdir -p "$R/xdump" && cp /tmp/xdump/*.ptx "$R/xdump/" 2>/dev/null
-  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 150 $PY -m pytest -q -rfs --tb=short -x \
-    -p no:cacheprovider tests/kernels/test_skinny_gemm.py tests/kernels/test_rope_write_kv.py \
-    tests/kernels/test_pdl.py > "$R/pytest_gpu.txt" 2>&1
-  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
-  for r in ${RUNS:-el1_2 el0_2 el1_2b el0_2b el1_1 el0_1 el1_1b el0_1b el1_2_t el0_2_t}; do
-    if [ $((SECONDS - T0)) -gt ${STOP_AT:-520} ]; then echo "=== $r skipped (time)"; continue; fi
-    el=${r:2:1}; tp=${r:4:1}
-    extra=(--slope-iters ${SLOPE:-80})
-    [ "${r: -2}" = _t ] && extra=(--trace-dir /tmp/tr_$r --trace-steps 4)
-    EL=$el run_tp $r $tp "${extra[@]}"
-    grep -o '"greedy_tokens": \[[0-9, ]*\]' "$R/$r.json" | head -2
-    [ "${r: -2}" = _t ] && trace_render "$R/$r.json" 12 | head -60
-  done
-  tar czf "$OUT/s23_$PART.tgz" -C "$OUT" "s23_$PART" 2>/dev/null
+  gpu_tests tests/kernels/test_skinny_gemm.py tests/kernels/test_rope_write_kv.py \
+    tests/kernels/test_pdl.py
+  el_of() { echo "${1:2:1}"; }  # el1 / el0
+  run_variants "el1_2 el0_2 el1_2b el0_2b el1_1 el0_1 el1_1b el0_1b el1_2_t el0_2_t" 520
   exit 0
 fi
