@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Session 23 (issue 6): our Pallas kernels let their dependents launch early (PDL,
 # pallas_kernels/pdl.py: griddepcontrol.launch_dependents at each kernel's start).
-#   pdl: the PTX XLA makes of one skinny GEMM (is XLA's griddepcontrol.wait at the start, is our
-#     launch_dependents there); the compiled skinny GEMM and rope_write_kv tests; then tp 1 and 2
+#   pdl: the compiled skinny GEMM, rope_write_kv and pdl tests; then tp 1 and 2
 #     with the trigger on / off (XLASERVE_EARLY_LAUNCH=1 / 0), A/B/A/B, runs named el<0|1>_<tp>[b]
 #     with the steady-state slope; traced runs (<name>_t) list the idle time per kernel pair.
 #   fam: which kernels' triggers help (tp=2) or hurt (tp=1: +55 us with all on in part pdl):
@@ -19,7 +18,8 @@
 #   fam2 (prepared, not yet run): which trigger costs tp=1 the time: runs <variant>_<tp>[b],
 #     off (EL=0), def (the default), gemm / rope / attn (the default plus that one family).
 #   The parts pdl, fam and verify ran at commits e9ff3e2, 17a8de2 and d277c0e (the loops were
-#   later folded into run_variants, the same runs); bench/results/session23_h200x2/.
+#   later folded into run_variants, the same runs; a PTX dump tried there wrote no .ptx files and
+#   was dropped); bench/results/session23_h200x2/.
 #   OUT=/tmp/out PART=pdl|fam|verify|comb|fam2 bash bench/run_gpu_s23.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,18 +85,6 @@ if [ "$PART" = fam ]; then
   exit 0
 fi
 if [ "$PART" = pdl ]; then
-  rm -rf /tmp/xdump && XLA_FLAGS="--xla_dump_to=/tmp/xdump" $PY - <<'PY' 2>&1 | tail -3
-import jax, jax.numpy as jnp
-from xlaserve.pallas_kernels import skinny_gemm as sg
-x = jnp.ones((16, 4096), jnp.bfloat16); w = jnp.ones((4096, 1024), jnp.bfloat16)
-f = jax.jit(lambda x, w: sg.skinny_gemm(x, (w,), config=sg.SkinnyGemmConfig()).sum(0))
-print("skinny gemm ok:", float(f(x, w)[0, 0]) == 4096.0)
-PY
-  for f in $(ls /tmp/xdump/*.ptx 2>/dev/null | head -3); do
-    echo "--- $f"; grep -n -B2 -A2 "griddepcontrol" "$f" | head -30
-    grep -n "^\.visible \.entry\|^\.entry" "$f" | head
-  done
-  mkdir -p "$R/xdump" && cp /tmp/xdump/*.ptx "$R/xdump/" 2>/dev/null
   gpu_tests tests/kernels/test_skinny_gemm.py tests/kernels/test_rope_write_kv.py \
     tests/kernels/test_pdl.py
   el_of() { echo "${1:2:1}"; }  # el1 / el0

@@ -105,7 +105,7 @@ def launch_dependents() -> None:
 
 
 @functools.cache
-def _gpu_supports() -> str | None:
+def unsupported() -> str | None:
     """None when the default device can run the instruction, else why not."""
     device = jax.devices()[0]
     if device.platform != "gpu":
@@ -144,7 +144,7 @@ def families() -> tuple[str, ...]:
 
 def describe() -> str:
     """One line for `xlaserve profile` and logs: which compiled kernels trigger, or why none."""
-    why = _gpu_supports()
+    why = unsupported()
     if why:
         return f"off: {why}"
     chosen = families()
@@ -160,11 +160,6 @@ def enabled(interpret: bool, family: str) -> bool:
         raise ValueError(f"pdl family={family!r}: must be one of {FAMILIES}")
     if interpret:
         return False
-    chosen = families()
-    why = _gpu_supports()
-    if why:
-        _log_once(f"off: {why}")
-        return False
-    _log_once(f"on for {', '.join(chosen) or 'no kernel'}" + (f" ({ENV})" if os.environ.get(ENV)
-                                                              else ""))
-    return family in chosen
+    chosen = families()  # a bad XLASERVE_EARLY_LAUNCH raises on any platform
+    _log_once(describe())
+    return unsupported() is None and family in chosen

@@ -84,7 +84,7 @@ def _cuda_text(fn, specs) -> str:
 def test_trigger_in_compiled_kernels(name, monkeypatch):
     fn, specs = KERNELS[name]
     monkeypatch.setenv(pdl.ENV, "1")
-    with mock.patch.object(pdl, "_gpu_supports", lambda: None):  # as on an H100 / H200
+    with mock.patch.object(pdl, "unsupported", lambda: None):  # as on an H100 / H200
         on = _cuda_text(fn, specs)
         monkeypatch.setenv(pdl.ENV, "0")
         off = _cuda_text(fn, specs)
@@ -96,26 +96,26 @@ def test_trigger_in_compiled_kernels(name, monkeypatch):
 def test_default_triggers_only_gate_up(monkeypatch):
     """By default only skinny_gemm_swiglu triggers (the A/B in pdl's docstring)."""
     monkeypatch.delenv(pdl.ENV, raising=False)
-    with mock.patch.object(pdl, "_gpu_supports", lambda: None):
+    with mock.patch.object(pdl, "unsupported", lambda: None):
         texts = {name: _cuda_text(*KERNELS[name]) for name in KERNELS}
     assert {name for name, text in texts.items() if pdl.PTX in text} == {"skinny_gemm_swiglu"}
 
 
 def test_describe(monkeypatch):
     monkeypatch.delenv(pdl.ENV, raising=False)
-    with mock.patch.object(pdl, "_gpu_supports", lambda: None):
+    with mock.patch.object(pdl, "unsupported", lambda: None):
         assert pdl.describe() == ("griddepcontrol.launch_dependents at the start of "
                                   "skinny_gemm_swiglu (the default)")
         monkeypatch.setenv(pdl.ENV, "0")
         assert pdl.describe() == "off (XLASERVE_EARLY_LAUNCH='0')"
-    with mock.patch.object(pdl, "_gpu_supports", lambda: "compute capability 8.0 < 9.0"):
+    with mock.patch.object(pdl, "unsupported", lambda: "compute capability 8.0 < 9.0"):
         assert pdl.describe() == "off: compute capability 8.0 < 9.0"
 
 
 def test_no_trigger_below_sm90(monkeypatch):
     monkeypatch.setenv(pdl.ENV, "1")
     fn, specs = KERNELS["skinny_gemm"]
-    with mock.patch.object(pdl, "_gpu_supports", lambda: "compute capability 8.0 < 9.0"):
+    with mock.patch.object(pdl, "unsupported", lambda: "compute capability 8.0 < 9.0"):
         text = _cuda_text(fn, specs)
     assert "__gpu$xla.gpu.triton" in text and pdl.PTX not in text
 
@@ -124,7 +124,7 @@ def test_enabled_rules(monkeypatch):
     monkeypatch.delenv(pdl.ENV, raising=False)
     gemm, rope = "skinny_gemm", "rope_write_kv"
     swiglu = "skinny_gemm_swiglu"
-    with mock.patch.object(pdl, "_gpu_supports", lambda: None):
+    with mock.patch.object(pdl, "unsupported", lambda: None):
         assert pdl.enabled(False, swiglu) and not pdl.enabled(False, gemm)  # the default
         assert not pdl.enabled(True, swiglu)  # the interpreter has no PTX
         monkeypatch.setenv(pdl.ENV, "1")
@@ -147,7 +147,7 @@ def test_chain_matches_reference_on_gpu(monkeypatch):
     """64 dependent GEMMs in one jit, each reading the last one's output at once: a trigger
     that let a kernel read before its producer ended would show as a wrong link. Each link is
     checked against numpy on the kernel's own input, so rounding does not compound."""
-    if jax.default_backend() != "gpu" or pdl._gpu_supports():
+    if jax.default_backend() != "gpu" or pdl.unsupported():
         pytest.skip("needs a GPU of compute capability >= 9.0")
     monkeypatch.setenv(pdl.ENV, "1")  # skinny_gemm does not trigger by default
     jax.clear_caches()
