@@ -106,3 +106,28 @@ run_tp() {
     > "$R/$name.log" 2>&1
   echo "=== $name rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/$name.log" | head -4
 }
+# gpu_tests FILE...: the compiled (not interpreted) tests of FILEs (GPU_TESTS_K: a pytest -k
+# expression instead of "not Interpret"), 120 s at most.
+gpu_tests() {
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 120 $PY -m pytest -q -rfs --tb=short \
+    -k "${GPU_TESTS_K:-not Interpret}" -p no:cacheprovider "$@" > "$R/pytest_gpu.txt" 2>&1
+  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
+}
+# run_variants RUNS STOP: runs named <variant>_<tp>[b][_t] ($RUNS overrides), each with
+# EL=$(el_of variant) and ATBL=$(at_of variant) (functions of the part); _t runs are traced. Runs
+# that would start after STOP s ($STOP_AT) are skipped. Then $R as one tarball in $OUT (a
+# device call brings back only a few files). The part defines el_of and at_of (empty: defaults).
+run_variants() {
+  for r in ${RUNS:-$1}; do
+    if [ $((SECONDS - T0)) -gt ${STOP_AT:-$2} ]; then echo "=== $r skipped (time)"; continue; fi
+    local v=${r%%_*} tp=${r#*_}; tp=${tp:0:1}
+    local extra=(--slope-iters ${SLOPE:-80})
+    [ "${r: -2}" = _t ] && extra=(--trace-dir /tmp/tr_$r --trace-steps 4)
+    ATBL=$(at_of $v) EL=$(el_of $v) run_tp $r $tp "${extra[@]}"
+    grep -o '"greedy_tokens": \[[0-9, ]*\]' "$R/$r.json" | head -2
+    [ "${r: -2}" = _t ] && trace_render "$R/$r.json" 12 | head -60
+  done
+  tar czf "$OUT/$(basename "$R").tgz" -C "$OUT" "$(basename "$R")" 2>/dev/null
+}
+el_of() { :; }
+at_of() { :; }

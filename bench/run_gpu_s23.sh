@@ -10,12 +10,12 @@
 #     pdl and rope_write_kv tests first.
 #   verify: the default (gate/up triggers only): compiled pdl and skinny GEMM tests, tp 1 and 2
 #     in one run (ratio, greedy tokens), then tp=2 with no trigger (EL=0) and the default again.
-#   comb (prepared, not yet run): the KV splits merged by the Pallas kernel
+#   comb (run in session 24: bench/results/session24_h200x2/): the KV splits merged by the Pallas kernel
 #     (pallas_kernels/combine_splits.py) against XLA's fusions: compiled combine_splits and pdl
 #     tests, then runs <variant>_<tp>[b][_t]: base (the committed table), pc (table entry
 #     "combine": "pallas", written by bench/attention_table_variant.py), pct (pc, and the combine
 #     kernel triggers its dependents early: EL=skinny_gemm_swiglu,combine_splits).
-#   fam2 (prepared, not yet run): which trigger costs tp=1 the time: runs <variant>_<tp>[b],
+#   fam2 (prepared, not run): which trigger costs tp=1 the time: runs <variant>_<tp>[b],
 #     off (EL=0), def (the default), gemm / rope / attn (the default plus that one family).
 #   The parts pdl, fam and verify ran at commits e9ff3e2, 17a8de2 and d277c0e (the loops were
 #   later folded into run_variants, the same runs; a PTX dump tried there wrote no .ptx files and
@@ -24,28 +24,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 23 pdl || exit 1
-# gpu_tests FILE...: the compiled (not interpreted) tests of FILEs, 120 s at most.
-gpu_tests() {
-  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 120 $PY -m pytest -q -rfs --tb=short -k "not Interpret" \
-    -p no:cacheprovider "$@" > "$R/pytest_gpu.txt" 2>&1
-  echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
-}
-# run_variants RUNS STOP: runs named <variant>_<tp>[b][_t] ($RUNS overrides), each with
-# EL=$(el_of variant) and ATBL=$(at_of variant) (functions of the part); _t runs are traced. Runs
-# that would start after STOP s ($STOP_AT) are skipped. Then the part's results as one tarball.
-run_variants() {
-  for r in ${RUNS:-$1}; do
-    if [ $((SECONDS - T0)) -gt ${STOP_AT:-$2} ]; then echo "=== $r skipped (time)"; continue; fi
-    local v=${r%%_*} tp=${r#*_}; tp=${tp:0:1}
-    local extra=(--slope-iters ${SLOPE:-80})
-    [ "${r: -2}" = _t ] && extra=(--trace-dir /tmp/tr_$r --trace-steps 4)
-    ATBL=$(at_of $v) EL=$(el_of $v) run_tp $r $tp "${extra[@]}"
-    grep -o '"greedy_tokens": \[[0-9, ]*\]' "$R/$r.json" | head -2
-    [ "${r: -2}" = _t ] && trace_render "$R/$r.json" 12 | head -60
-  done
-  tar czf "$OUT/s23_$PART.tgz" -C "$OUT" "s23_$PART" 2>/dev/null
-}
-at_of() { :; }
 if [ "$PART" = comb ]; then
   gpu_tests tests/kernels/test_combine_splits.py tests/kernels/test_pdl.py
   $PY bench/attention_table_variant.py --set combine='"pallas"' --out /tmp/at_pc.json || exit 1
