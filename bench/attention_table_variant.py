@@ -17,8 +17,7 @@ import sys
 from collections.abc import Sequence
 
 TABLE = pathlib.Path(__file__).resolve().parents[1] / "pallas_kernels" / "tuning_h100.json"
-# entry fields tuning.py defaults when absent
-OPTIONAL = ("key_gather", "q_transposed", "combine", "work_outer", "skip_padding")
+OPTIONAL = ("key_gather", "q_transposed", "combine")  # entry fields tuning.py defaults when absent
 
 
 def variant(table: dict, *, min_blocks: int | None = None, target_programs: int | None = None,

@@ -107,9 +107,9 @@ run_tp() {
   echo "=== $name rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/$name.log" | head -4
 }
 # gpu_tests FILE...: the compiled (not interpreted) tests of FILEs (GPU_TESTS_K: a pytest -k
-# expression instead of "not Interpret"), 120 s at most.
+# expression instead of "not Interpret"), GPU_TESTS_TIMEOUT s at most (default 120).
 gpu_tests() {
-  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 120 $PY -m pytest -q -rfs --tb=short \
+  JAX_PLATFORMS=cuda timeout -s ABRT -k 5 ${GPU_TESTS_TIMEOUT:-120} $PY -m pytest -q -rfs --tb=short \
     -k "${GPU_TESTS_K:-not Interpret}" -p no:cacheprovider "$@" > "$R/pytest_gpu.txt" 2>&1
   echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
 }

@@ -82,12 +82,6 @@ class RaggedPagedAttentionConfig:
       combine: how the KV splits are merged (num_splits > 1): "xla" (jnp ops, which XLA fuses)
         or "pallas" (pallas_kernels/combine_splits.py, one launch; lost to "xla" in the 8B
         batch-1 step on 2 x H200: bench/results/session24_h200x2/README.md).
-      work_outer: launch the work items on the slowest grid axis (grid (splits, KV heads,
-        items) instead of (items, KV heads, splits)), so the programs of the first items (a
-        decode step's few sequences) launch first and the static bound's empty items last.
-      skip_padding: num_splits > 1 only: no program for the padding rows past
-        cu_q_lens[num_seqs] (each padding tile otherwise stores zero partials in every split);
-        the combine writes their zeros.
     """
 
     block_q: int = 16
@@ -98,8 +92,6 @@ class RaggedPagedAttentionConfig:
     key_gather: bool = False
     q_transposed: bool = False
     combine: str = "xla"
-    work_outer: bool = False
-    skip_padding: bool = False
 
     def __post_init__(self) -> None:
         if self.combine not in ("xla", "pallas"):
@@ -174,15 +166,12 @@ def _ragged_paged_attention_kernel(
     soft_cap: float | None,
     key_gather: bool,
     q_transposed: bool,
-    work_outer: bool,
     early_launch: bool,
 ):
     """One program: one q tile (block_q tokens x G' heads) of one KV head, one KV split."""
     if early_launch:
         pdl.launch_dependents()
     w, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    if work_outer:  # grid (splits, KV heads, items)
-        w, split = split, w
     page_size, head_dim = k_pages_ref.shape[1], k_pages_ref.shape[2]
     block_k = pages_per_block * page_size
     rows = block_q * group
@@ -279,14 +268,13 @@ def _ragged_paged_attention_kernel(
 
 
 def _work_list(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
-               num_tokens: int, block_q: int, padding_tiles: bool = True) -> jax.Array:
+               num_tokens: int, block_q: int) -> jax.Array:
     """i32[4, W]: (seq, t0, end token, position of t0) per q tile.
 
     The padding rows [cu_q_lens[num_seqs], T) form one more pseudo-sequence with no keys, so
-    their tiles store zeros (every output row is written by exactly one tile); without
-    `padding_tiles` they get no tile (the caller zeroes them). Unused items have t0 == end
-    (nothing stored, no KV block). W = cdiv(T, block_q) + min(S, T) + 1 bounds the tiles
-    statically.
+    their tiles store zeros (every output row is written by exactly one tile). Unused items
+    have t0 == end (nothing stored, no KV block). W = cdiv(T, block_q) + min(S, T) + 1 bounds
+    the tiles statically.
     """
     s_max = kv_lens.shape[0]
     num_items = -(-num_tokens // block_q) + min(s_max, num_tokens) + 1
@@ -295,7 +283,7 @@ def _work_list(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
     # Sequence s_max (pseudo) covers the padding rows.
     starts = jnp.concatenate([cu_q_lens[:-1], cu_q_lens[ns][None]])  # [S+1]
     ends = jnp.concatenate([cu_q_lens[1:], jnp.full((1,), num_tokens, jnp.int32)])
-    real = (seq_ids < ns) | ((seq_ids == s_max) & padding_tiles)
+    real = (seq_ids < ns) | (seq_ids == s_max)
     q_lens = jnp.where(real, jnp.maximum(ends - starts, 0), 0)  # [S+1]
     blocks = (q_lens + block_q - 1) // block_q  # [S+1]
     cum = jnp.cumsum(blocks)  # [S+1]
@@ -367,10 +355,7 @@ def ragged_paged_attention(
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
 
-    splits = config.num_splits
-    skip_padding = config.skip_padding and splits > 1
-    meta = _work_list(kv_lens, cu_q_lens, num_seqs, num_tokens=t_total, block_q=bq,
-                      padding_tiles=not skip_padding)  # [4, W]
+    meta = _work_list(kv_lens, cu_q_lens, num_seqs, num_tokens=t_total, block_q=bq)  # [4, W]
     num_items = meta.shape[1]
     table = page_table
     if m_pages % ppb:  # the kernel reads whole blocks of pages_per_block columns
@@ -381,25 +366,18 @@ def ragged_paged_attention(
         qg = qg.reshape(t_total, k_heads * gp, h)
     n_padded = k_heads * gp
 
+    splits = config.num_splits
     kernel = functools.partial(
         _ragged_paged_attention_kernel, group=gp, block_q=bq, pages_per_block=ppb,
         num_splits=splits, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
         key_gather=config.key_gather, q_transposed=config.q_transposed,
-        work_outer=config.work_outer,
         early_launch=pdl.enabled(interpret, "ragged_paged_attention"))
-    grid = (splits, k_heads, num_items) if config.work_outer else (num_items, k_heads, splits)
-
-    def spec(block, index):  # index over (item, KV head, split) whatever the grid's order
-        if config.work_outer:
-            return pl.BlockSpec(block, lambda sp, kh, w: index(w, kh, sp))
-        return pl.BlockSpec(block, index)
-
-    whole = lambda *shape: spec(shape, lambda w, kh, sp: (0,) * len(shape))  # noqa: E731
+    whole = lambda *shape: pl.BlockSpec(shape, lambda w, kh, sp: (0,) * len(shape))  # noqa: E731
     if config.q_transposed:  # pad by block_q tokens: every tile's rows are in bounds
         rows_total = (t_total + bq) * gp
         qg = jnp.pad(qg.reshape(t_total, k_heads, gp, h), ((0, bq), (0, 0), (0, 0), (0, 0)))
         qg = qg.transpose(1, 0, 2, 3).reshape(k_heads, rows_total, h)  # [K, (T + bq) G', H]
-        q_spec = spec((None, rows_total, h), lambda w, kh, sp: (kh, 0, 0))
+        q_spec = pl.BlockSpec((None, rows_total, h), lambda w, kh, sp: (kh, 0, 0))
         o_dims, o_index = (k_heads, rows_total), lambda w, kh, sp: (kh, 0)
     else:
         q_spec = whole(t_total, n_padded, h)
@@ -408,28 +386,29 @@ def ragged_paged_attention(
         whole(4, num_items),  # meta
         whole(*table.shape),  # page_table
         q_spec,  # q (the kernel picks its KV head's rows, or gets only them if transposed)
-        spec((None, num_pages, page_size, h),
-             lambda w, kh, sp: (kh, 0, 0, 0)),  # k_pages of KV head kh (whole pool)
-        spec((None, num_pages, page_size, h),
-             lambda w, kh, sp: (kh, 0, 0, 0)),  # v_pages of KV head kh (whole pool)
+        pl.BlockSpec((None, num_pages, page_size, h),
+                     lambda w, kh, sp: (kh, 0, 0, 0)),  # k_pages of KV head kh (whole pool)
+        pl.BlockSpec((None, num_pages, page_size, h),
+                     lambda w, kh, sp: (kh, 0, 0, 0)),  # v_pages of KV head kh (whole pool)
     ]
     squeeze = (None,) if config.q_transposed else ()
     block = (*squeeze, *o_dims[len(squeeze):])
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((*o_dims, h), q.dtype)
-        out_specs = spec((*block, h), lambda w, kh, sp: (*o_index(w, kh, sp), 0))  # o
+        out_specs = pl.BlockSpec((*block, h), lambda w, kh, sp: (*o_index(w, kh, sp), 0))  # o
     else:
         out_shape = (jax.ShapeDtypeStruct((splits, *o_dims, h), jnp.float32),
                      jax.ShapeDtypeStruct((splits, *o_dims), jnp.float32),
                      jax.ShapeDtypeStruct((splits, *o_dims), jnp.float32))
         out_specs = (
-            spec((None, *block, h), lambda w, kh, sp: (sp, *o_index(w, kh, sp), 0)),  # o part
-            spec((None, *block), lambda w, kh, sp: (sp, *o_index(w, kh, sp))),  # m
-            spec((None, *block), lambda w, kh, sp: (sp, *o_index(w, kh, sp))),  # l
+            pl.BlockSpec((None, *block, h),
+                         lambda w, kh, sp: (sp, *o_index(w, kh, sp), 0)),  # o part
+            pl.BlockSpec((None, *block), lambda w, kh, sp: (sp, *o_index(w, kh, sp))),  # m
+            pl.BlockSpec((None, *block), lambda w, kh, sp: (sp, *o_index(w, kh, sp))),  # l
         )
     out = pl.pallas_call(
         kernel,
-        grid=grid,
+        grid=(num_items, k_heads, splits),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -452,9 +431,6 @@ def ragged_paged_attention(
         out = out.reshape(k_heads, t_total + bq, gp, h)[:, :t_total].transpose(1, 0, 2, 3)
     if gp != g or config.q_transposed:
         out = out.reshape(t_total, k_heads, gp, h)[:, :, :g].reshape(t_total, n, h)
-    if skip_padding:  # no tile wrote the padding rows' partials: the combine read garbage
-        real = jnp.arange(t_total, dtype=jnp.int32) < cu_q_lens[num_seqs.reshape(())]
-        out = jnp.where(real[:, None, None], out, jnp.zeros((), out.dtype))
     return out
 
 

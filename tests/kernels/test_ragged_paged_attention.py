@@ -129,14 +129,6 @@ CASES = [
     (16, 128, 4, jnp.bfloat16, Cfg(block_q=16, pages_per_block=4, key_gather=True,
                                    q_transposed=True)),
     (32, 64, 2, jnp.float32, Cfg(block_q=8, pages_per_block=2, num_splits=2, q_transposed=True)),
-    # the batch-1 decode tiles with the work items outermost and no padding tiles; the same
-    # with q transposed; the outermost items without splits (padding tiles kept)
-    (16, 128, 4, jnp.bfloat16, Cfg(block_q=4, pages_per_block=4, num_splits=3, key_gather=True,
-                                   work_outer=True, skip_padding=True)),
-    (32, 64, 2, jnp.float32, Cfg(block_q=8, pages_per_block=2, num_splits=2, q_transposed=True,
-                                 skip_padding=True)),
-    (16, 64, 1, jnp.float32, Cfg(block_q=16, pages_per_block=2, work_outer=True,
-                                 skip_padding=True)),
 ]
 
 
@@ -144,8 +136,7 @@ def _case_id(case) -> str:
     page_size, head_dim, group, dtype, cfg = case
     return (f"L{page_size}-H{head_dim}-G{group}-{jnp.dtype(dtype).name}-bq{cfg.block_q}"
             f"-ppb{cfg.pages_per_block}-sp{cfg.num_splits}{'-kg' if cfg.key_gather else ''}"
-            f"{'-qt' if cfg.q_transposed else ''}{'-wo' if cfg.work_outer else ''}"
-            f"{'-sp' if cfg.skip_padding else ''}")
+            f"{'-qt' if cfg.q_transposed else ''}")
 
 
 class TestRaggedPagedAttention(CompiledOrInterpreted):
@@ -181,25 +172,19 @@ class TestRaggedPagedAttention(CompiledOrInterpreted):
         batch = make_batch(7, [1, 16, 40, 3], page_size=16, head_dim=64, group=4)
         self.check(batch, Cfg(block_q=4, pages_per_block=1, num_splits=num_splits), **kwargs)
 
-    @pytest.mark.parametrize("work_outer,skip_padding", [(False, False), (True, True)])
-    def test_kv_splits_long_decode(self, work_outer, skip_padding):
-        """Flash-decoding: few sequences, long contexts, many splits (some empty); padding rows
-        after the real ones (extra_tokens), which skip_padding leaves to the combine."""
-        batch = make_batch(3, [1, 1, 5], page_size=16, head_dim=64, group=4, extra_tokens=6)
+    def test_kv_splits_long_decode(self):
+        """Flash-decoding: few sequences, long contexts, many splits (some empty)."""
+        batch = make_batch(3, [1, 1, 5], page_size=16, head_dim=64, group=4, extra_tokens=0)
         batch = dataclasses.replace(batch, kv_lens=batch.kv_lens.at[:3].set(
             jnp.asarray([1, 40, 48])))
-        self.check(batch, Cfg(block_q=4, pages_per_block=1, num_splits=5, work_outer=work_outer,
-                              skip_padding=skip_padding))
+        self.check(batch, Cfg(block_q=4, pages_per_block=1, num_splits=5))
 
-    @pytest.mark.parametrize("cfg", [Cfg(block_q=8, pages_per_block=2),
-                                     Cfg(block_q=8, pages_per_block=2, num_splits=2,
-                                         work_outer=True, skip_padding=True)],
-                             ids=["plain", "splits-skip-padding"])
-    def test_padded_rows_do_not_leak(self, cfg):
+    def test_padded_rows_do_not_leak(self):
         """Same real rows whatever the padding holds (NaN q rows, garbage padded sequences)."""
         kwargs = dict(page_size=16, head_dim=64, group=4, extra_tokens=9)
         dirty = make_batch(11, [3, 17, 1], garbage_padding=True, **kwargs)
         clean = make_batch(11, [3, 17, 1], garbage_padding=False, **kwargs)
+        cfg = Cfg(block_q=8, pages_per_block=2)
         out_dirty = self.run_kernel(dirty, cfg, sm_scale=0.125)
         out_clean = self.run_kernel(clean, cfg, sm_scale=0.125)
         t = dirty.num_real_tokens
@@ -269,15 +254,13 @@ def test_long_prefill_chunk_interpret(page_size, group):
     TestRaggedPagedAttentionInterpret().check(batch, Cfg(block_q=32, pages_per_block=2))
 
 
-@pytest.mark.parametrize("padding_tiles", [True, False])
-def test_work_list_covers_every_token_once(padding_tiles):
-    """Every row is in exactly one tile, padding rows included unless padding_tiles is off
-    (then none of them); padding tiles see no keys."""
+def test_work_list_covers_every_token_once():
+    """Every row, padding rows included, is in exactly one tile; padding tiles see no keys."""
     q_lens = [5, 0, 1, 33, 16]
     cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens + [0, 0])]).astype(np.int32))
     kv = jnp.asarray([9, 0, 4, 40, 16, 7, 7], jnp.int32)
     meta = np.asarray(_work_list(kv, cu, jnp.asarray([5], jnp.int32), num_tokens=60,
-                                 block_q=8, padding_tiles=padding_tiles))
+                                 block_q=8))
     covered = []
     for seq, t0, t_end, pos0 in meta.T:
         if t_end > t0:
@@ -286,7 +269,7 @@ def test_work_list_covers_every_token_once(padding_tiles):
                 assert pos0 == int(kv[seq]) - q_lens[seq] + (t0 - int(cu[seq]))
             else:
                 assert t_end == 60 and pos0 + 8 <= 0  # padding: no keys
-    assert sorted(covered) == list(range(60 if padding_tiles else sum(q_lens)))
+    assert sorted(covered) == list(range(60))
 
 
 @pytest.mark.parametrize("kwargs", [dict(block_q=3), dict(pages_per_block=0),
