@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from xlaserve.runtime.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
@@ -51,6 +52,8 @@ def _generate(tp: int, dp: int, decode_gemm: str = "auto",
 
 @pytest.mark.parametrize("tp,dp", [(2, 1), (1, 2), (2, 2)])  # builtin:tiny vocab 626: tp <= 2
 def test_engine_parallel_equals_one_device(tp: int, dp: int) -> None:
+    if tp * dp > len(jax.devices()):
+        pytest.skip(f"tp {tp} x dp {dp} needs {tp * dp} devices, {len(jax.devices())} here")
     want, _ = _generate(1, 1)
     got, engine = _generate(tp, dp)
     replicas = engine.replicas if dp > 1 else [engine]
@@ -71,6 +74,7 @@ def test_engine_parallel_equals_one_device(tp: int, dp: int) -> None:
 
 
 @pytest.mark.hf
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="tp 4 needs 4 devices")
 def test_engine_tp4_above_kv_heads_equals_one_device(tmp_path) -> None:
     """tp 4 > K 2 (a tiny HF Llama checkpoint: 4 q heads, 2 KV heads, vocab 300) through the
     Engine: each device stores one KV head ([4, P, L, H] cache, [1, P, L, H] per device) and the
@@ -102,6 +106,8 @@ def test_engine_tp4_above_kv_heads_equals_one_device(tmp_path) -> None:
     assert got[4] == got[1]
 
 
+@pytest.mark.skipif(len(jax.devices()) != 8, reason="the messages name tests/conftest.py's 8 "
+                                                   "fake CPU devices")
 def test_engine_tp_that_does_not_split_the_model_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size=4 does not divide the model's "
                                          "vocab_size=626"):
