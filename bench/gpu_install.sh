@@ -115,8 +115,8 @@ gpu_tests() {
 }
 # run_variants RUNS STOP: runs named <variant>_<tp>[b][_t] ($RUNS overrides), each with
 # EL=$(el_of variant) and ATBL=$(at_of variant) (functions of the part); _t runs are traced. Runs
-# that would start after STOP s ($STOP_AT) are skipped. Then $R as one tarball in $OUT (a
-# device call brings back only a few files). The part defines el_of and at_of (empty: defaults).
+# that would start after STOP s ($STOP_AT) are skipped. Then pack_results. The part defines
+# el_of and at_of (empty: defaults).
 run_variants() {
   for r in ${RUNS:-$1}; do
     if [ $((SECONDS - T0)) -gt ${STOP_AT:-$2} ]; then echo "=== $r skipped (time)"; continue; fi
@@ -127,6 +127,10 @@ run_variants() {
     grep -o '"greedy_tokens": \[[0-9, ]*\]' "$R/$r.json" | head -2
     [ "${r: -2}" = _t ] && trace_render "$R/$r.json" 12 | head -60
   done
+  pack_results
+}
+# pack_results: $R as one tarball in $OUT (a device call brings back only a few files).
+pack_results() {
   tar czf "$OUT/$(basename "$R").tgz" -C "$OUT" "$(basename "$R")" 2>/dev/null
 }
 el_of() { :; }

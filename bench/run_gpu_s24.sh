@@ -3,7 +3,7 @@
 # The decode step's attention grid is (items, KV heads, splits) = (13, 4, 12) at tp=2 for one
 # sequence in the T16 S8 bucket: 624 programs of which 48 have keys, 192 store zero partials for
 # the 15 padding rows and the rest are empty, launched in that order (items fastest).
-#   grid: compiled attention and tuning tests; then tp 2 and 1 with table variants
+#   grid: the compiled attention tests of the two fields; then tp 2 and 1 with table variants
 #     (bench/attention_table_variant.py): base (the committed table), wo (work_outer: the items
 #     on the slowest grid axis, so the real programs launch first), wosp (work_outer and
 #     skip_padding: no programs for the padding rows, the combine zeroes them); runs
@@ -28,9 +28,8 @@ if [ "$PART" = grid ]; then
 fi
 if [ "$PART" = check ]; then
   GPU_TESTS_TIMEOUT=330 gpu_tests tests/kernels tests/sharding
-  grep -E "passed|failed" "$R/pytest_gpu.txt" | tail -3
   gpu_cli_tp_check "$R"
-  tar czf "$OUT/$(basename "$R").tgz" -C "$OUT" "$(basename "$R")" 2>/dev/null
+  pack_results
   exit 0
 fi
 echo "unknown PART=$PART"; exit 2
