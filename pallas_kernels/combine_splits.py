@@ -113,6 +113,25 @@ def combine_splits(o: jax.Array, m: jax.Array, l: jax.Array, *, dtype: jnp.dtype
     )(o, m, l)
 
 
+def combine_splits_unrolled(o: jax.Array, m: jax.Array, l: jax.Array,  # noqa: E741
+                            dtype: jnp.dtype) -> jax.Array:
+    """The reference's result with the splits unrolled: elementwise ops on static slices, no
+    reduce, so XLA can emit the whole merge as one loop fusion (the weights recomputed per
+    element of H) instead of the reference's two fusions (session 25 A/B, combine="unrolled").
+    The sums run in split order, as the Pallas kernel's do."""
+    s = o.shape[0]
+    m_max = m[0]
+    for i in range(1, s):
+        m_max = jnp.maximum(m_max, m[i])
+    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+    l_sum, acc = None, None
+    for i in range(s):
+        w = jnp.exp2(m[i] - m_max)  # 0 for a split without keys
+        l_sum = w * l[i] if l_sum is None else l_sum + w * l[i]
+        acc = w[..., None] * o[i] if acc is None else acc + w[..., None] * o[i]
+    return (acc / jnp.where(l_sum == 0, 1.0, l_sum)[..., None]).astype(dtype)
+
+
 def combine_splits_reference(o: jax.Array, m: jax.Array, l: jax.Array,  # noqa: E741
                              dtype: jnp.dtype) -> jax.Array:
     """Pure jnp (any leading S, then any row shape, then H for o): the form XLA fuses."""
