@@ -96,12 +96,13 @@ PY
 # sessions 13-15 (TPS_ARGS overrides them) and the extra arguments, its JSON and log in $R, one
 # line per tp printed. Needs R, PY and T0 (the script's start, $SECONDS) set; TBL=path runs it
 # with that skinny GEMM table (XLASERVE_SKINNY_GEMM_TABLE), ATBL=path with that attention tile
-# table (XLASERVE_ATTENTION_TABLE), EL=0|1 with XLASERVE_EARLY_LAUNCH (pallas_kernels/pdl.py).
+# table (XLASERVE_ATTENTION_TABLE), EL=0|1 with XLASERVE_EARLY_LAUNCH (pallas_kernels/pdl.py),
+# XENV="NAME=VALUE ..." with those variables.
 run_tp() {
   local name=$1 tps=$2; shift 2
   local args=("${TPS_ARGS[@]:---decode-batches 1 --all-reduce custom --no-prefill --greedy-steps 4 --child-timeout 200}")
   timeout -s ABRT -k 5 420 env ${TBL:+XLASERVE_SKINNY_GEMM_TABLE=$TBL} \
-    ${ATBL:+XLASERVE_ATTENTION_TABLE=$ATBL} ${EL:+XLASERVE_EARLY_LAUNCH=$EL} \
+    ${ATBL:+XLASERVE_ATTENTION_TABLE=$ATBL} ${EL:+XLASERVE_EARLY_LAUNCH=$EL} ${XENV:-} \
     $PY bench/tp_scaling.py --tp $tps ${args[@]} "$@" --out "$R/$name.json" \
     > "$R/$name.log" 2>&1
   echo "=== $name rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/$name.log" | head -4
@@ -114,16 +115,16 @@ gpu_tests() {
   echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
 }
 # run_variants RUNS STOP: runs named <variant>_<tp>[b][_t] ($RUNS overrides), each with
-# EL=$(el_of variant) and ATBL=$(at_of variant) (functions of the part); _t runs are traced. Runs
-# that would start after STOP s ($STOP_AT) are skipped. Then pack_results. The part defines
-# el_of and at_of (empty: defaults).
+# EL=$(el_of variant), ATBL=$(at_of variant) and XENV=$(env_of variant) (functions of the part);
+# _t runs are traced. Runs that would start after STOP s ($STOP_AT) are skipped. Then
+# pack_results. The part defines el_of, at_of and env_of (empty: defaults).
 run_variants() {
   for r in ${RUNS:-$1}; do
     if [ $((SECONDS - T0)) -gt ${STOP_AT:-$2} ]; then echo "=== $r skipped (time)"; continue; fi
     local v=${r%%_*} tp=${r#*_}; tp=${tp:0:1}
     local extra=(--slope-iters ${SLOPE:-80})
     [ "${r: -2}" = _t ] && extra=(--trace-dir /tmp/tr_$r --trace-steps 4)
-    ATBL=$(at_of $v) EL=$(el_of $v) run_tp $r $tp "${extra[@]}"
+    XENV=$(env_of $v) ATBL=$(at_of $v) EL=$(el_of $v) run_tp $r $tp "${extra[@]}"
     grep -o '"greedy_tokens": \[[0-9, ]*\]' "$R/$r.json" | head -2
     [ "${r: -2}" = _t ] && trace_render "$R/$r.json" 12 | head -60
   done
@@ -135,3 +136,4 @@ pack_results() {
 }
 el_of() { :; }
 at_of() { :; }
+env_of() { :; }

@@ -14,6 +14,7 @@ ptxas where it is installed.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any
 
@@ -116,9 +117,45 @@ def _load_params(emit: Any, tp: int, buffers: tuple[tuple[str, str], ...]) -> No
         emit(f"ld.param.u64 %ws{r}, [p_ws{r}];")
 
 
-def _rank_and_sequence(emit: Any, tp: int, name: str) -> None:
+def counter_mode() -> str:
+    """How a CTA reads its call counter: "early" (the default: threads 0 .. tp-1 each load one
+    rank's counter at the kernel's start, before the rank is known, and the thread whose rank
+    this is publishes it; the counter's load then overlaps the rank's) or "chained" (thread 0
+    loads this rank's counter once the rank has arrived: two dependent global loads before the
+    first push; the kernels up to session 24). XLASERVE_AR_COUNTER picks one for bench/ A/B
+    runs (read when the PTX is generated).
+
+    Raises:
+      ValueError: another value.
+    """
+    mode = os.environ.get("XLASERVE_AR_COUNTER", "").strip() or "early"
+    if mode not in ("early", "chained"):
+        raise ValueError(f"XLASERVE_AR_COUNTER={mode!r}: must be 'early' or 'chained'")
+    return mode
+
+
+def _counter_candidates(emit: Any, tp: int) -> None:
+    """"early" counters: thread r < tp loads rank r's counter of this CTA into %seqc (a peer's
+    over NVLink, never used: only the thread whose rank this is reads its register), issued
+    before the rank's load so the two latencies overlap. Needs %th, %cta and the %ws*."""
+    emit(f"setp.lt.u32 %isc, %th, {tp};")
+    emit("@!%isc bra CAND_DONE;")
+    emit("mov.u64 %cnt, %ws0;")
+    for r in range(1, tp):
+        emit(f"setp.eq.u32 %p, %th, {r};")
+        emit(f"selp.b64 %cnt, %ws{r}, %cnt, %p;")
+    emit("mul.wide.u32 %off, %cta, 4;")
+    emit(f"add.u64 %cnt, %cnt, {COUNTER_OFFSET};")
+    emit("add.u64 %cnt, %cnt, %off;")
+    emit("ld.global.cg.u32 %seqc, [%cnt];")
+    emit("CAND_DONE:")
+
+
+def _rank_and_sequence(emit: Any, tp: int, name: str, mode: str) -> None:
     """This rank (%rank; predicates %peq/%pne per rank; its own workspace %wsl) and this CTA's
-    sequence number (%seq, read by thread 0, shared through `{name}_seq`) and slot (%slot)."""
+    sequence number (%seq, shared through `{name}_seq`) and slot (%slot); %cnt: the CTA's
+    counter in this rank's workspace (thread 0 stores %seq there at the end). "early" mode
+    (`counter_mode`) needs `_counter_candidates` first; "chained" reads it here (thread 0)."""
     emit("ld.global.nc.u32 %rank, [%rankp];")
     emit("mov.u64 %wsl, %ws0;")
     for r in range(tp):
@@ -131,9 +168,14 @@ def _rank_and_sequence(emit: Any, tp: int, name: str) -> None:
     emit("mul.wide.u32 %off, %cta, 4;")
     emit(f"add.u64 %cnt, %wsl, {COUNTER_OFFSET};")
     emit("add.u64 %cnt, %cnt, %off;")
-    emit("@!%is0 bra SEQ_DONE;")
-    emit("ld.global.cg.u32 %seq, [%cnt];")
-    emit("add.u32 %seq, %seq, 1;")
+    if mode == "early":
+        emit("setp.eq.u32 %p, %th, %rank;")
+        emit("@!%p bra SEQ_DONE;")
+        emit("add.u32 %seq, %seqc, 1;")
+    else:
+        emit("@!%is0 bra SEQ_DONE;")
+        emit("ld.global.cg.u32 %seq, [%cnt];")
+        emit("add.u32 %seq, %seq, 1;")
     emit(f"st.shared.u32 [{name}_seq], %seq;")
     emit("SEQ_DONE:")
     emit("bar.sync 0;")
@@ -187,8 +229,8 @@ def _poll_sum(emit: Any, body: list[str], tp: int, dt: str, tag: str = "") -> No
 
 
 _COMMON_REGS = (
-    ".reg .pred %p, %is0, %peq<8>, %pne<8>;",
-    ".reg .b32 %th, %nthr, %cta, %rank, %seq, %slot, %nvec, %vbeg, %vend, %v, %blk, %t, "
+    ".reg .pred %p, %is0, %isc, %peq<8>, %pne<8>;",
+    ".reg .b32 %th, %nthr, %cta, %rank, %seq, %seqc, %slot, %nvec, %vbeg, %vend, %v, %blk, %t, "
     "%u, %w0, %w1, %w2, %w3, %q0, %q1, %q2, %q3, %f0, %f1, %f2, %f3;",
     ".reg .b16 %h0, %h1;",
     ".reg .b64 %xp, %rankp, %outp, %wsl, %cnt, %a, %b, %off, %loc, %start, %now;",
@@ -232,7 +274,10 @@ def all_reduce_ptx(tp: int, dtype: Any, arch: int) -> str:
     emit("mov.u32 %th, %tid.x;")
     emit("mov.u32 %nthr, %ntid.x;")
     emit("mov.u32 %cta, %ctaid.x;")
-    _rank_and_sequence(emit, tp, name)
+    mode = counter_mode()
+    if mode == "early":
+        _counter_candidates(emit, tp)
+    _rank_and_sequence(emit, tp, name, mode)
     emit(f"mul.lo.u32 %vbeg, %cta, {chunk_vec};")
     emit(f"add.u32 %vend, %vbeg, {chunk_vec};")
     emit("min.u32 %vend, %vend, %nvec;")
@@ -332,6 +377,9 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
                             ("p_outh", "%outhp")))
     emit("mov.u32 %th, %tid.x;")
     emit("mov.u32 %cta, %ctaid.x;")
+    mode = counter_mode()
+    if mode == "early":  # first: the counter's latency then overlaps every other load's
+        _counter_candidates(emit, tp)
     emit(f"mul.lo.u32 %vbeg, %cta, {row_vec};")
     for j in range(per_thread):  # thread th owns vectors th, th + THREADS, ... of the row
         emit(f"setp.lt.u32 %pv{j}, %th, {row_vec - j * THREADS};")
@@ -344,7 +392,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
 
     # 0. every load that does not need the sequence number goes first: the rows count, this
     #    thread's residual and scale vectors and its share of x (or of the partials), so their
-    #    latencies overlap the counter's (thread 0, then a barrier) instead of following it.
+    #    latencies overlap the counter's (then a barrier) instead of following it.
     #    A padding row (cta >= rows, the same on every rank) then stores zeros and exchanges
     #    nothing; it reads its counter but never writes it.
     emit("ld.global.nc.u32 %nrows, [%rowsp];")
@@ -364,7 +412,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
             emit("add.u64 %a, %xp, %off;")
             emit(f"ld.global.v4.b32 {{{', '.join(f'%o{4 * j + k}' for k in range(4))}}}, [%a];")
         emit(f"LOADED{j}:")
-    _rank_and_sequence(emit, tp, name)
+    _rank_and_sequence(emit, tp, name, mode)
     emit("setp.lt.u32 %p, %cta, %nrows;")
     emit("@%p bra LIVE;")
     emit("mov.b32 %u, 0;")
