@@ -6,11 +6,11 @@
 #     written by bench/attention_table_variant.py: the splits as static slices, so XLA can make
 #     one fusion), all (every trigger family, XLASERVE_EARLY_LAUNCH=1), allun (both); at tp=1
 #     also gemm / rope / attn (the default plus that family: which one costs tp=1 the time).
-#   b: the all-reduce's call counter loaded before the rank (sharding/all_reduce_ptx.py,
-#     counter_mode "early", the new default) against "chained" (XLASERVE_AR_COUNTER=chained:
-#     the rank, then the counter): the compiled all-reduce tests on the 2 GPUs, the plain
-#     kernel's chain microbenchmark (bench/all_reduce.py) in both modes, then runs
-#     <variant>_<tp>[b|c][_t]: base (early), ch (chained).
+#   b: how the all-reduce reads its call counter (sharding/all_reduce_ptx.py counter_mode,
+#     XLASERVE_AR_COUNTER): the compiled all-reduce tests on the 2 GPUs with "early" and with
+#     "prefetch", then runs <variant>_2[b|c]: ch ("chained", the default: the rank, then the
+#     counter), ea ("early": every rank's counter copied into shared memory by cp.async before
+#     the rank is known), pf ("prefetch": every rank's counter line prefetched into L2 first).
 #   OUT=/tmp/out PART=a|b bash bench/run_gpu_s25.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,14 +30,16 @@ if [ "$PART" = a ]; then
   exit 0
 fi
 if [ "$PART" = b ]; then
-  GPU_TESTS_TIMEOUT=150 gpu_tests tests/sharding/test_all_reduce.py
-  for m in early chained early2 chained2; do
-    XLASERVE_AR_COUNTER=${m%2} timeout -s ABRT -k 5 120 $PY bench/all_reduce.py --tp 2 \
-      --tokens 1 --out "$R/ar_$m.json" > "$R/ar_$m.log" 2>&1
-    echo "=== ar $m rc=$?"; grep tokens "$R/ar_$m.log"
+  for m in early prefetch; do
+    XLASERVE_AR_COUNTER=$m GPU_TESTS_TIMEOUT=100 \
+      GPU_TESTS_K="chain_of or skips_padding or sums_split_k or equals_psum" \
+      gpu_tests tests/sharding/test_all_reduce.py
+    cp "$R/pytest_gpu.txt" "$R/pytest_gpu_$m.txt"
   done
-  env_of() { [ "$1" = ch ] && echo XLASERVE_AR_COUNTER=chained; }
-  run_variants "base_2 ch_2 base_2b ch_2b base_1 base_2c ch_2c base_2_t" 540
+  env_of() {
+    case $1 in ea) echo XLASERVE_AR_COUNTER=early ;; pf) echo XLASERVE_AR_COUNTER=prefetch ;; esac
+  }
+  run_variants "ch_2 ea_2 pf_2 ch_2b ea_2b pf_2b ea_2c ch_2c" 520
   exit 0
 fi
 echo "unknown PART=$PART"; exit 2

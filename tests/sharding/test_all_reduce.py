@@ -37,7 +37,7 @@ def test_ptx_parameters_match_the_launch(tp: int, dtype: str) -> None:
                      + ["p_nvec"])
     assert f".entry {ar.kernel_name(tp, dtype)}(" in ptx and ".target sm_90" in ptx
     labels = re.findall(r"^(\w+):$", ptx, re.M)
-    assert len(labels) == len(set(labels)) == 6 + 3 * tp  # CAND_DONE: "early" counters
+    assert len(labels) == len(set(labels)) == 5 + 3 * tp
     for label in labels:
         assert f"bra {label};" in ptx
     # each peer's two LL lines are polled (own vector from x), two stores per peer
@@ -69,9 +69,9 @@ def test_add_rms_norm_ptx(tp: int, dtype: str, dim: int, tmp_path) -> None:
     assert f".entry {ar.add_rms_norm_kernel_name(tp, dtype, dim, 1e-5)}(" in ptx
     labels = re.findall(r"^(\w+):$", ptx, re.M)
     per_thread = -(-dim * np.dtype(jnp.dtype(dtype)).itemsize // 16 // ar.THREADS)
-    # CAND_DONE, SEQ_DONE, RSTD_DONE, LIVE; per vector slot LOADED, ZEROED, PUSHED, SUMMED,
-    # NORMED and per peer SPIN, OWN, GOT
-    assert len(labels) == len(set(labels)) == 4 + per_thread * (5 + 3 * tp)
+    # SEQ_DONE, RSTD_DONE, LIVE; per vector slot LOADED, ZEROED, PUSHED, SUMMED, NORMED and
+    # per peer SPIN, OWN, GOT
+    assert len(labels) == len(set(labels)) == 3 + per_thread * (5 + 3 * tp)
     # every data load is issued before the sequence counter's barrier
     first_bar = ptx.index("bar.sync 0;")
     assert ptx.count("ld.global.v4.b32", 0, first_bar) == 2 * per_thread  # residual and x
@@ -87,26 +87,34 @@ def test_add_rms_norm_ptx(tp: int, dtype: str, dim: int, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-@pytest.mark.parametrize("mode", ["early", "chained"])
+@pytest.mark.parametrize("mode", ["chained", "early", "prefetch"])
 def test_counter_modes(mode: str, fused: bool, monkeypatch, tmp_path) -> None:
-    """"early": threads 0 .. tp-1 each load one rank's counter before the rank is loaded, and
-    the thread of this rank publishes it; "chained" (XLASERVE_AR_COUNTER): thread 0 loads this
-    rank's counter after the rank. Both assemble; another value is a named error."""
+    """XLASERVE_AR_COUNTER: "chained" (default) loads this rank's counter after the rank;
+    "early" copies every rank's counter into shared memory with cp.async before the rank is
+    loaded (lane 0 of warp r: rank r's) and the rank's thread waits for its own copy; "prefetch"
+    prefetches every rank's counter line before the rank, then loads as "chained". All assemble;
+    another value is a named error."""
     monkeypatch.setenv("XLASERVE_AR_COUNTER", mode)
     tp = 4
     ptx = (ar.add_rms_norm_ptx(tp, "bfloat16", 90, 4096, 1e-5) if fused
            else ar.all_reduce_ptx(tp, "bfloat16", 90))
-    counter_load = ptx.index("ld.global.cg.u32")
     rank_load = ptx.index("ld.global.nc.u32 %rank")
-    assert ptx.count("ld.global.cg.u32") == 1
+    first = ptx.index("ld.global.v4.b32")  # the first data load (x / residual)
     if mode == "early":
-        assert counter_load < rank_load and "CAND_DONE:" in ptx
-        assert "setp.eq.u32 %p, %th, %rank;" in ptx
+        assert "ld.global.cg.u32" not in ptx and ptx.count("cp.async.ca.shared.global") == 1
+        start = ptx.index("cp.async.ca.shared.global")
+        assert start < rank_load < ptx.index("cp.async.wait_all;")
+        assert "shr.u32 %cr, %th, 5;" in ptx and "shl.b32 %cr, %rank, 5;" in ptx
+    else:
+        assert ptx.count("ld.global.cg.u32") == 1 and "cp.async" not in ptx
+        assert ptx.index("ld.global.cg.u32") > rank_load
+        start = ptx.index("prefetch.global.L2") if mode == "prefetch" else None
+        assert (start is None) == (mode == "chained")
+    if start is not None:
+        assert start < rank_load and "CAND_DONE:" in ptx
         assert all(f"selp.b64 %cnt, %ws{r}, %cnt, %p;" in ptx for r in range(1, tp))
         if fused:  # before the residual, scale and partials loads too
-            assert counter_load < ptx.index("ld.global.v4.b32")
-    else:
-        assert counter_load > rank_load and "CAND_DONE:" not in ptx
+            assert start < first
     if shutil.which("ptxas"):
         (tmp_path / "k.ptx").write_text(ptx)
         out = subprocess.run(["ptxas", "-arch=sm_90", str(tmp_path / "k.ptx"), "-o",
