@@ -20,7 +20,10 @@ Measured in that step on 2 x H200 (session 24, bench/results/session24_h200x2/RE
 lost. The kernel took 4.7 us per layer against 3.0 for XLA's two fusions (its 16 programs each
 walk 12 splits of 16 rows, mostly padding), and the step's steady state was 40-60 us slower at
 tp=2 (2.784-2.786 ms against 2.727-2.742; 2.810 with its trigger on) and 50-70 us at tp=1.
-`RaggedPagedAttentionConfig.combine` selects it; "xla" stays the default.
+`RaggedPagedAttentionConfig.combine` selects it; "xla" stays the default. Also tried (session
+25, commit 972555e, removed): the jnp form unrolled over the splits (elementwise ops on static
+slices). XLA still made two fusions (the splits' maximum 1.16 us, the merge 2.3 us) and the
+step did not change.
 
 Layouts:
   o     f32[S, X, H]  the splits' unnormalised outputs (X rows: tokens x q heads, any order)
@@ -111,25 +114,6 @@ def combine_splits(o: jax.Array, m: jax.Array, l: jax.Array, *, dtype: jnp.dtype
         interpret=interpret,
         name=f"combine_splits_s{s}",
     )(o, m, l)
-
-
-def combine_splits_unrolled(o: jax.Array, m: jax.Array, l: jax.Array,  # noqa: E741
-                            dtype: jnp.dtype) -> jax.Array:
-    """The reference's result with the splits unrolled: elementwise ops on static slices, no
-    reduce, so XLA can emit the whole merge as one loop fusion (the weights recomputed per
-    element of H) instead of the reference's two fusions (session 25 A/B, combine="unrolled").
-    The sums run in split order, as the Pallas kernel's do."""
-    s = o.shape[0]
-    m_max = m[0]
-    for i in range(1, s):
-        m_max = jnp.maximum(m_max, m[i])
-    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-    l_sum, acc = None, None
-    for i in range(s):
-        w = jnp.exp2(m[i] - m_max)  # 0 for a split without keys
-        l_sum = w * l[i] if l_sum is None else l_sum + w * l[i]
-        acc = w[..., None] * o[i] if acc is None else acc + w[..., None] * o[i]
-    return (acc / jnp.where(l_sum == 0, 1.0, l_sum)[..., None]).astype(dtype)
 
 
 def combine_splits_reference(o: jax.Array, m: jax.Array, l: jax.Array,  # noqa: E741

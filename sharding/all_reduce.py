@@ -22,9 +22,9 @@ two 16-byte vectors; the fused kernel: one CTA per token row of up to 8 KiB), NC
      whole with its flag and no fence or separate signal is needed,
   2. then every rank polls its own workspace until each peer's lines carry the sequence number,
      and sums in rank order (its own vector from x) into out.
-Sequence numbers count each CTA's calls (a counter per CTA in the workspace; threads 0 .. tp-1
-load every rank's counter before the rank itself is known, so the counter's latency overlaps the
-rank's instead of following it: `all_reduce_ptx.counter_mode`, session 25); the data
+Sequence numbers count each CTA's calls (a counter per CTA in the workspace, read after the rank;
+loading every rank's counter before the rank is known, by cp.async or an L2 prefetch, made the
+tp=2 step 10-60 us slower: session 25, commit 83db79b); the data
 alternates between two slots by the number's parity: a rank reuses a slot only after its peer
 has finished the next call, which needs the peer to have read the slot first. A wait that lasts
 10 s traps (a device error that fails the step) instead of hanging.

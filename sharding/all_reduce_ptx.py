@@ -14,7 +14,6 @@ ptxas where it is installed.
 
 from __future__ import annotations
 
-import os
 import struct
 from typing import Any
 
@@ -117,67 +116,9 @@ def _load_params(emit: Any, tp: int, buffers: tuple[tuple[str, str], ...]) -> No
         emit(f"ld.param.u64 %ws{r}, [p_ws{r}];")
 
 
-COUNTER_MODES = ("chained", "early", "prefetch")
-
-
-def counter_mode() -> str:
-    """How a CTA reads its call counter (XLASERVE_AR_COUNTER, read when the PTX is generated;
-    an A/B switch for bench/):
-      "chained" (the default): thread 0 loads this rank's counter once the rank has arrived,
-        two dependent global loads before the first push;
-      "early": the thread of lane 0 in warp r < tp copies rank r's counter into shared memory
-        with cp.async at the kernel's start, before the rank is known (a peer's over NVLink,
-        never waited for: cp.async leaves no register pending), and the rank's thread waits
-        for its own copy only, so the counter's latency overlaps the rank's;
-      "prefetch": every rank's counter line is prefetched into L2 at the start, then the
-        chained load (an L2 hit instead of a DRAM miss).
-
-    Raises:
-      ValueError: another value.
-    """
-    mode = os.environ.get("XLASERVE_AR_COUNTER", "").strip() or "chained"
-    if mode not in COUNTER_MODES:
-        raise ValueError(f"XLASERVE_AR_COUNTER={mode!r}: must be one of {COUNTER_MODES}")
-    return mode
-
-
-def _counter_candidates(emit: Any, tp: int, name: str, mode: str) -> None:
-    """The start of "early" / "prefetch" counters (`counter_mode`); nothing for "chained".
-    Needs %th, %cta and the %ws*."""
-    if mode == "chained":
-        return
-    emit("mul.wide.u32 %off, %cta, 4;")
-    if mode == "prefetch":
-        emit(f"setp.lt.u32 %isc, %th, {tp};")
-        emit("@!%isc bra CAND_DONE;")
-        emit("mov.u32 %cr, %th;")
-    else:  # lane 0 of warp r < tp: one thread per warp, so no warp holds two ranks' loads
-        emit("and.b32 %cr, %th, 31;")
-        emit("setp.eq.u32 %isc, %cr, 0;")
-        emit("shr.u32 %cr, %th, 5;")
-        emit(f"setp.lt.and.u32 %isc, %cr, {tp}, %isc;")
-        emit("@!%isc bra CAND_DONE;")
-    emit("mov.u64 %cnt, %ws0;")
-    for r in range(1, tp):
-        emit(f"setp.eq.u32 %p, %cr, {r};")
-        emit(f"selp.b64 %cnt, %ws{r}, %cnt, %p;")
-    emit(f"add.u64 %cnt, %cnt, {COUNTER_OFFSET};")
-    emit("add.u64 %cnt, %cnt, %off;")
-    if mode == "prefetch":
-        emit("prefetch.global.L2 [%cnt];")
-    else:
-        emit(f"mov.u32 %sa, {name}_cand;")
-        emit("mad.lo.u32 %sa, %cr, 4, %sa;")
-        emit("cp.async.ca.shared.global [%sa], [%cnt], 4;")
-        emit("cp.async.commit_group;")
-    emit("CAND_DONE:")
-
-
-def _rank_and_sequence(emit: Any, tp: int, name: str, mode: str) -> None:
+def _rank_and_sequence(emit: Any, tp: int, name: str) -> None:
     """This rank (%rank; predicates %peq/%pne per rank; its own workspace %wsl) and this CTA's
-    sequence number (%seq, shared through `{name}_seq`) and slot (%slot); %cnt: the CTA's
-    counter in this rank's workspace (thread 0 stores %seq there at the end). `mode`:
-    `counter_mode` (after `_counter_candidates`)."""
+    sequence number (%seq, read by thread 0, shared through `{name}_seq`) and slot (%slot)."""
     emit("ld.global.nc.u32 %rank, [%rankp];")
     emit("mov.u64 %wsl, %ws0;")
     for r in range(tp):
@@ -190,17 +131,8 @@ def _rank_and_sequence(emit: Any, tp: int, name: str, mode: str) -> None:
     emit("mul.wide.u32 %off, %cta, 4;")
     emit(f"add.u64 %cnt, %wsl, {COUNTER_OFFSET};")
     emit("add.u64 %cnt, %cnt, %off;")
-    if mode == "early":  # lane 0 of warp `rank` waits for its own copy only
-        emit("shl.b32 %cr, %rank, 5;")
-        emit("setp.eq.u32 %p, %th, %cr;")
-        emit("@!%p bra SEQ_DONE;")
-        emit("cp.async.wait_all;")
-        emit(f"mov.u32 %sa, {name}_cand;")
-        emit("mad.lo.u32 %sa, %rank, 4, %sa;")
-        emit("ld.shared.u32 %seq, [%sa];")
-    else:
-        emit("@!%is0 bra SEQ_DONE;")
-        emit("ld.global.cg.u32 %seq, [%cnt];")
+    emit("@!%is0 bra SEQ_DONE;")
+    emit("ld.global.cg.u32 %seq, [%cnt];")
     emit("add.u32 %seq, %seq, 1;")
     emit(f"st.shared.u32 [{name}_seq], %seq;")
     emit("SEQ_DONE:")
@@ -255,8 +187,8 @@ def _poll_sum(emit: Any, body: list[str], tp: int, dt: str, tag: str = "") -> No
 
 
 _COMMON_REGS = (
-    ".reg .pred %p, %is0, %isc, %peq<8>, %pne<8>;",
-    ".reg .b32 %th, %nthr, %cta, %rank, %seq, %cr, %sa, %slot, %nvec, %vbeg, %vend, %v, %blk, %t, "
+    ".reg .pred %p, %is0, %peq<8>, %pne<8>;",
+    ".reg .b32 %th, %nthr, %cta, %rank, %seq, %slot, %nvec, %vbeg, %vend, %v, %blk, %t, "
     "%u, %w0, %w1, %w2, %w3, %q0, %q1, %q2, %q3, %f0, %f1, %f2, %f3;",
     ".reg .b16 %h0, %h1;",
     ".reg .b64 %xp, %rankp, %outp, %wsl, %cnt, %a, %b, %off, %loc, %start, %now;",
@@ -300,9 +232,7 @@ def all_reduce_ptx(tp: int, dtype: Any, arch: int) -> str:
     emit("mov.u32 %th, %tid.x;")
     emit("mov.u32 %nthr, %ntid.x;")
     emit("mov.u32 %cta, %ctaid.x;")
-    mode = counter_mode()
-    _counter_candidates(emit, tp, name, mode)
-    _rank_and_sequence(emit, tp, name, mode)
+    _rank_and_sequence(emit, tp, name)
     emit(f"mul.lo.u32 %vbeg, %cta, {chunk_vec};")
     emit(f"add.u32 %vend, %vbeg, {chunk_vec};")
     emit("min.u32 %vend, %vend, %nvec;")
@@ -341,8 +271,7 @@ def all_reduce_ptx(tp: int, dtype: Any, arch: int) -> str:
     emit("RED_DONE:")
     emit("@%is0 st.global.u32 [%cnt], %seq;")
     emit("ret;")
-    return _entry(name, arch, dt, tp, "all-reduce", [f".shared .align 4 .u32 {name}_seq;",
-                                                     f".shared .align 4 .u32 {name}_cand[{tp}];"],
+    return _entry(name, arch, dt, tp, "all-reduce", [f".shared .align 4 .u32 {name}_seq;"],
                   ["p_x", "p_rank", "p_out"], ["    .param .u32 p_nvec"], body)
 
 
@@ -403,8 +332,6 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
                             ("p_outh", "%outhp")))
     emit("mov.u32 %th, %tid.x;")
     emit("mov.u32 %cta, %ctaid.x;")
-    mode = counter_mode()
-    _counter_candidates(emit, tp, name, mode)  # first: it overlaps every other load
     emit(f"mul.lo.u32 %vbeg, %cta, {row_vec};")
     for j in range(per_thread):  # thread th owns vectors th, th + THREADS, ... of the row
         emit(f"setp.lt.u32 %pv{j}, %th, {row_vec - j * THREADS};")
@@ -417,7 +344,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
 
     # 0. every load that does not need the sequence number goes first: the rows count, this
     #    thread's residual and scale vectors and its share of x (or of the partials), so their
-    #    latencies overlap the counter's (then a barrier) instead of following it.
+    #    latencies overlap the counter's (thread 0, then a barrier) instead of following it.
     #    A padding row (cta >= rows, the same on every rank) then stores zeros and exchanges
     #    nothing; it reads its counter but never writes it.
     emit("ld.global.nc.u32 %nrows, [%rowsp];")
@@ -437,7 +364,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
             emit("add.u64 %a, %xp, %off;")
             emit(f"ld.global.v4.b32 {{{', '.join(f'%o{4 * j + k}' for k in range(4))}}}, [%a];")
         emit(f"LOADED{j}:")
-    _rank_and_sequence(emit, tp, name, mode)
+    _rank_and_sequence(emit, tp, name)
     emit("setp.lt.u32 %p, %cta, %nrows;")
     emit("@%p bra LIVE;")
     emit("mov.b32 %u, 0;")
@@ -520,7 +447,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
         emit(f"NORMED{j}:")
     emit("@%is0 st.global.u32 [%cnt], %seq;")
     emit("ret;")
-    shared = [f".shared .align 4 .u32 {name}_seq;", f".shared .align 4 .u32 {name}_cand[{tp}];",
+    shared = [f".shared .align 4 .u32 {name}_seq;",
               f".shared .align 4 .f32 {name}_red[{THREADS // 32}];",
               f".shared .align 4 .f32 {name}_rstd;"]
     return _entry(name, arch, dt, tp, "all-reduce + residual add + RMSNorm", shared,

@@ -1,6 +1,5 @@
-"""combine_splits (flash-decoding's merge of KV splits): the Pallas kernel and the unrolled jnp
-form vs the jnp reference, and ragged_paged_attention with combine="pallas" / "unrolled" vs the
-attention reference.
+"""combine_splits (flash-decoding's merge of KV splits): the Pallas kernel vs the jnp reference,
+and ragged_paged_attention with combine="pallas" vs the attention reference.
 
 `TestCombineSplits` (INTERPRET = False) runs compiled on a GPU and skips elsewhere;
 `TestCombineSplitsInterpret` runs the same cases through the Pallas interpreter on CPU (CI).
@@ -18,8 +17,7 @@ import pytest
 from kernel_modes import CompiledOrInterpreted
 from test_ragged_paged_attention import make_batch, relative_error, tolerance
 from xlaserve.pallas_kernels.combine_splits import (block_rows_for, combine_splits,
-                                                    combine_splits_reference,
-                                                    combine_splits_unrolled)
+                                                    combine_splits_reference)
 from xlaserve.pallas_kernels.ragged_paged_attention import (RaggedPagedAttentionConfig,
                                                             ragged_paged_attention,
                                                             ragged_paged_attention_reference)
@@ -56,16 +54,14 @@ class TestCombineSplits(CompiledOrInterpreted):
         tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
-    @pytest.mark.parametrize("combine", ["pallas", "unrolled"])
     @pytest.mark.parametrize("q_transposed", [False, True], ids=["direct", "transposed"])
-    def test_attention_with_pallas_combine(self, q_transposed, combine):
-        """The attention op with its splits merged by the kernel (or the unrolled jnp form)
-        matches the reference."""
+    def test_attention_with_pallas_combine(self, q_transposed):
+        """The attention op with its splits merged by the kernel matches the reference."""
         batch = make_batch(3, [1, 1, 5], page_size=16, head_dim=64, group=4, extra_tokens=0)
         batch = dataclasses.replace(batch, kv_lens=batch.kv_lens.at[:3].set(
             jnp.asarray([1, 40, 48])))
         cfg = RaggedPagedAttentionConfig(block_q=4, pages_per_block=1, num_splits=5,
-                                         q_transposed=q_transposed, combine=combine)
+                                         q_transposed=q_transposed, combine="pallas")
         out = ragged_paged_attention(*batch.args, sm_scale=0.125, config=cfg,
                                      interpret=self.INTERPRET)
         ref = ragged_paged_attention_reference(*batch.args, sm_scale=0.125)
@@ -76,22 +72,6 @@ class TestCombineSplits(CompiledOrInterpreted):
 
 class TestCombineSplitsInterpret(TestCombineSplits):
     INTERPRET = True
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"S{c[0]}-X{c[1]}-H{c[2]}")
-def test_unrolled_matches_reference(case):
-    """The unrolled jnp form (one XLA fusion on a GPU) gives the reference's merge; the row
-    without keys is 0; any leading row shape works (the attention op passes [S, K, rows])."""
-    o, m, l = _inputs(*case)  # noqa: E741
-    got = np.asarray(combine_splits_unrolled(o, m, l, jnp.float32))
-    np.testing.assert_allclose(got, np.asarray(combine_splits_reference(o, m, l, jnp.float32)),
-                               rtol=1e-5, atol=1e-5)
-    assert not got[0].any() and np.isfinite(got).all()
-    s, x, h = case
-    if x % 2 == 0:
-        split = combine_splits_unrolled(o.reshape(s, 2, x // 2, h), m.reshape(s, 2, x // 2),
-                                        l.reshape(s, 2, x // 2), jnp.float32)
-        np.testing.assert_allclose(np.asarray(split).reshape(x, h), got, rtol=1e-6, atol=1e-6)
 
 
 def test_block_rows_and_validation():

@@ -86,46 +86,6 @@ def test_add_rms_norm_ptx(tp: int, dtype: str, dim: int, tmp_path) -> None:
         assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-@pytest.mark.parametrize("mode", ["chained", "early", "prefetch"])
-def test_counter_modes(mode: str, fused: bool, monkeypatch, tmp_path) -> None:
-    """XLASERVE_AR_COUNTER: "chained" (default) loads this rank's counter after the rank;
-    "early" copies every rank's counter into shared memory with cp.async before the rank is
-    loaded (lane 0 of warp r: rank r's) and the rank's thread waits for its own copy; "prefetch"
-    prefetches every rank's counter line before the rank, then loads as "chained". All assemble;
-    another value is a named error."""
-    monkeypatch.setenv("XLASERVE_AR_COUNTER", mode)
-    tp = 4
-    ptx = (ar.add_rms_norm_ptx(tp, "bfloat16", 90, 4096, 1e-5) if fused
-           else ar.all_reduce_ptx(tp, "bfloat16", 90))
-    rank_load = ptx.index("ld.global.nc.u32 %rank")
-    first = ptx.index("ld.global.v4.b32")  # the first data load (x / residual)
-    if mode == "early":
-        assert "ld.global.cg.u32" not in ptx and ptx.count("cp.async.ca.shared.global") == 1
-        start = ptx.index("cp.async.ca.shared.global")
-        assert start < rank_load < ptx.index("cp.async.wait_all;")
-        assert "shr.u32 %cr, %th, 5;" in ptx and "shl.b32 %cr, %rank, 5;" in ptx
-    else:
-        assert ptx.count("ld.global.cg.u32") == 1 and "cp.async" not in ptx
-        assert ptx.index("ld.global.cg.u32") > rank_load
-        start = ptx.index("prefetch.global.L2") if mode == "prefetch" else None
-        assert (start is None) == (mode == "chained")
-    if start is not None:
-        assert start < rank_load and "CAND_DONE:" in ptx
-        assert all(f"selp.b64 %cnt, %ws{r}, %cnt, %p;" in ptx for r in range(1, tp))
-        if fused:  # before the residual, scale and partials loads too
-            assert start < first
-    if shutil.which("ptxas"):
-        (tmp_path / "k.ptx").write_text(ptx)
-        out = subprocess.run(["ptxas", "-arch=sm_90", str(tmp_path / "k.ptx"), "-o",
-                              str(tmp_path / "k.cubin")], capture_output=True, text=True,
-                             timeout=60)
-        assert out.returncode == 0, out.stderr
-    monkeypatch.setenv("XLASERVE_AR_COUNTER", "late")
-    with pytest.raises(ValueError, match="XLASERVE_AR_COUNTER='late'"):
-        ar.all_reduce_ptx(tp, "bfloat16", 90)
-
-
 def test_add_rms_norm_limits() -> None:
     assert ar.fits_add_rms_norm((1, 4096), jnp.bfloat16)  # 8B decode, one token: 8 KiB rows
     assert ar.fits_add_rms_norm((128, 4096), jnp.bfloat16)
