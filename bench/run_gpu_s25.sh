@@ -13,7 +13,10 @@
 #     "prefetch", then runs <variant>_2[b|c]: ch ("chained", the default: the rank, then the
 #     counter), ea ("early": every rank's counter copied into shared memory by cp.async before
 #     the rank is known), pf ("prefetch": every rank's counter line prefetched into L2 first).
-#   OUT=/tmp/out PART=a|b bash bench/run_gpu_s25.sh  (2 GPUs; carry .whl)
+#   c: attention's KV splits merged inside the attention kernel by each tile's last split
+#     (table entry "combine": "kernel"; a per-tile counter, zeros made per call): the compiled
+#     combine tests, then runs <variant>_<tp>[b][_t]: base, km.
+#   OUT=/tmp/out PART=a|b|c bash bench/run_gpu_s25.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 25 a || exit 1
@@ -42,6 +45,13 @@ if [ "$PART" = b ]; then
     case $1 in ea) echo XLASERVE_AR_COUNTER=early ;; pf) echo XLASERVE_AR_COUNTER=prefetch ;; esac
   }
   run_variants "ch_2 ea_2 pf_2 ch_2b ea_2b pf_2b ea_2c ch_2c" 520
+  exit 0
+fi
+if [ "$PART" = c ]; then
+  GPU_TESTS_K="not Interpret and (attention or merge)" gpu_tests tests/kernels/test_combine_splits.py
+  $PY bench/attention_table_variant.py --set combine='"kernel"' --out /tmp/at_km.json || exit 1
+  at_of() { [ "$1" = km ] && echo /tmp/at_km.json; }
+  run_variants "base_2 km_2 base_2b km_2b base_1 km_1 base_1b km_1b km_2_t" 470
   exit 0
 fi
 echo "unknown PART=$PART"; exit 2
