@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Session 25 (issue 6): the KV-split combine as one XLA fusion, which trigger families
 # (pallas_kernels/pdl.py) each tp wants, and the all-reduce's counter order. Every variant lost
-# or changed nothing and was removed: part a needs commit 972555e, part b commit 83db79b
-# (bench/results/session25_h200x2/README.md).
+# or changed nothing and was removed: part a needs commit 972555e, part b commit 83db79b, part c
+# commit f4ee8fb (bench/results/session25_h200x2/README.md).
 #   a: the compiled combine tests; then runs <variant>_<tp>[b][_t] (A/B/A/B, the steady-state
 #     slope; _t traced): base (the committed defaults), un (table entry "combine": "unrolled",
 #     written by bench/attention_table_variant.py: the splits as static slices, so XLA can make

@@ -81,9 +81,7 @@ class RaggedPagedAttentionConfig:
         prefill (bench/NOTES_attention.md).
       combine: how the KV splits are merged (num_splits > 1): "xla" (jnp ops, which XLA fuses)
         or "pallas" (pallas_kernels/combine_splits.py, one launch; lost to "xla" in the 8B
-        batch-1 step on 2 x H200: bench/results/session24_h200x2/README.md), or "kernel" (the
-        last split of each tile to finish merges them inside this kernel, found through an
-        atomic counter per tile; direct q layout only; session 25 experiment).
+        batch-1 step on 2 x H200: bench/results/session24_h200x2/README.md).
     """
 
     block_q: int = 16
@@ -96,11 +94,8 @@ class RaggedPagedAttentionConfig:
     combine: str = "xla"
 
     def __post_init__(self) -> None:
-        if self.combine not in ("xla", "pallas", "kernel"):
-            raise ValueError(f"combine must be 'xla', 'pallas' or 'kernel', got "
-                             f"{self.combine!r}")
-        if self.combine == "kernel" and self.q_transposed:
-            raise ValueError("combine='kernel' needs q_transposed=False")
+        if self.combine not in ("xla", "pallas"):
+            raise ValueError(f"combine must be 'xla' or 'pallas', got {self.combine!r}")
         for name in ("block_q", "pages_per_block", "num_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -160,7 +155,8 @@ def _ragged_paged_attention_kernel(
     q_ref,  # [T, N', H] all q rows (N' = K G'), or [(T + bq) G', H] head kh's if q_transposed
     k_pages_ref,  # [P, L, H]: this KV head's K pool
     v_pages_ref,  # [P, L, H]: this KV head's V pool
-    *refs,  # merge: counters in, then o, m, l (every split's), out, counters; else o[, m, l]
+    o_ref,  # like q_ref; f32 unnormalised partial output if num_splits > 1
+    *stat_refs,  # num_splits > 1 only: m_ref, l_ref f32 like q_ref without H (m in log2 units)
     group: int,
     block_q: int,
     pages_per_block: int,
@@ -171,21 +167,8 @@ def _ragged_paged_attention_kernel(
     key_gather: bool,
     q_transposed: bool,
     early_launch: bool,
-    merge: bool = False,
-    interpret: bool = False,
 ):
-    """One program: one q tile (block_q tokens x G' heads) of one KV head, one KV split.
-
-    refs: o (like q_ref; f32 unnormalised partial output if num_splits > 1), then with splits
-    m, l (f32 like q_ref without H; m in log2 units). With `merge`: first the counters (i32,
-    one per tile, zero on entry), o, m and l hold every split ([S, ...]), then the merged
-    output (q's dtype) and the counters again (aliased): the last split of a tile to finish
-    merges."""
-    if merge:
-        _, o_ref, m_ref, l_ref, final_ref, cnt_ref = refs
-        stat_refs = (m_ref, l_ref)
-    else:
-        o_ref, *stat_refs = refs
+    """One program: one q tile (block_q tokens x G' heads) of one KV head, one KV split."""
     if early_launch:
         pdl.launch_dependents()
     w, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -264,18 +247,15 @@ def _ragged_paged_attention_kernel(
     carry = lax.fori_loop(j_lo, j_mid, functools.partial(body, masked=False), carry)
     o, m, l = lax.fori_loop(j_mid, j_hi, functools.partial(body, masked=True), carry)
 
-    lead = (split,) if merge else ()  # merge: o, m, l hold every split
-
-    def store(ref, value, mask_2d, lead=lead):  # value [rows, H] or [rows]; mask [rows(, 1)]
+    def store(ref, value, mask_2d):  # value [rows, H] or [rows]; mask_2d [rows, 1] or [rows]
         if q_transposed:
             index = out if value.ndim == 1 else (*out, slice(None))
             plgpu.store(ref.at[index], value, mask=mask_2d)
         elif value.ndim == 1:
-            plgpu.store(ref.at[(*lead, *out)], value.reshape(block_q, group),
-                        mask=tile_valid[:, :, 0])
+            plgpu.store(ref.at[out], value.reshape(block_q, group), mask=tile_valid[:, :, 0])
         else:
-            plgpu.store(ref.at[(*lead, *out, slice(None))],
-                        value.reshape(block_q, group, head_dim), mask=tile_valid)
+            plgpu.store(ref.at[(*out, slice(None))], value.reshape(block_q, group, head_dim),
+                        mask=tile_valid)
 
     if num_splits == 1:
         o = o / jnp.where(l == 0.0, 1.0, l)[:, None]  # rows without keys (padding) give 0
@@ -285,44 +265,6 @@ def _ragged_paged_attention_kernel(
         store(o_ref, o, row_valid[:, None])
         store(m_ref, m, row_valid)
         store(l_ref, l, row_valid)
-    if merge:
-        _merge_splits(o_ref, m_ref, l_ref, final_ref, cnt_ref, store, out=out,
-                      tile=w * pl.num_programs(1) + kh, tile_valid=tile_valid,
-                      row_valid=row_valid, num_splits=num_splits, rows=rows,
-                      head_dim=head_dim, interpret=interpret)
-
-
-def _merge_splits(o_ref, m_ref, l_ref, final_ref, cnt_ref, store, *, out, tile, tile_valid,
-                  row_valid, num_splits, rows, head_dim, interpret):
-    """combine="kernel": counts this split in (after the CTA's partial stores: a barrier, then
-    an acq_rel atomic), and if it is the tile's last, merges every split's partials (volatile
-    loads: stored by other programs) as combine_splits_reference does and resets the counter."""
-    if not interpret:  # every thread's partial stores before the (one-thread) atomic
-        plgpu.debug_barrier()
-    arrived = plgpu.atomic_add(cnt_ref, (tile,), jnp.int32(1))
-
-    @pl.when(arrived == num_splits - 1)
-    def _last():
-        def load(ref, s, *tail):
-            mask = tile_valid if tail else tile_valid[:, :, 0]
-            # volatile: never a stale L1 line (jax 0.10.2's lowering rejects ".cg")
-            return plgpu.load(ref.at[(jnp.int32(s), *out, *tail)], mask=mask, other=0.0,
-                              volatile=True)
-
-        ms = [load(m_ref, s).reshape(rows) for s in range(num_splits)]
-        m_max = ms[0]
-        for m_s in ms[1:]:
-            m_max = jnp.maximum(m_max, m_s)
-        m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-        acc = jnp.zeros((rows, head_dim), jnp.float32)
-        l_sum = jnp.zeros((rows,), jnp.float32)
-        for s in range(num_splits):
-            weight = jnp.exp2(ms[s] - m_max)  # 0 for a split without keys
-            l_sum = l_sum + weight * load(l_ref, s).reshape(rows)
-            acc = acc + weight[:, None] * load(o_ref, s, slice(None)).reshape(rows, head_dim)
-        merged = acc / jnp.where(l_sum == 0, 1.0, l_sum)[:, None]
-        store(final_ref, merged.astype(final_ref.dtype), row_valid[:, None], lead=())
-        plgpu.atomic_add(cnt_ref, (tile,), jnp.int32(-num_splits))  # back to 0
 
 
 def _work_list(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
@@ -425,13 +367,11 @@ def ragged_paged_attention(
     n_padded = k_heads * gp
 
     splits = config.num_splits
-    merge = splits > 1 and config.combine == "kernel"
     kernel = functools.partial(
         _ragged_paged_attention_kernel, group=gp, block_q=bq, pages_per_block=ppb,
         num_splits=splits, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
         key_gather=config.key_gather, q_transposed=config.q_transposed,
-        early_launch=pdl.enabled(interpret, "ragged_paged_attention"), merge=merge,
-        interpret=interpret)
+        early_launch=pdl.enabled(interpret, "ragged_paged_attention"))
     whole = lambda *shape: pl.BlockSpec(shape, lambda w, kh, sp: (0,) * len(shape))  # noqa: E731
     if config.q_transposed:  # pad by block_q tokens: every tile's rows are in bounds
         rows_total = (t_total + bq) * gp
@@ -466,31 +406,18 @@ def ragged_paged_attention(
             pl.BlockSpec((None, *block), lambda w, kh, sp: (sp, *o_index(w, kh, sp))),  # m
             pl.BlockSpec((None, *block), lambda w, kh, sp: (sp, *o_index(w, kh, sp))),  # l
         )
-    operands, aliases = [meta, table, qg, k_pages, v_pages], {}
-    if merge:  # every split's partials whole, the merged output, the per-tile counters
-        tiles = num_items * k_heads
-        in_specs.append(whole(tiles))
-        operands.append(jnp.zeros((tiles,), jnp.int32))
-        out_shape = (*out_shape, jax.ShapeDtypeStruct((*o_dims, h), q.dtype),
-                     jax.ShapeDtypeStruct((tiles,), jnp.int32))
-        out_specs = (whole(splits, *o_dims, h), whole(splits, *o_dims), whole(splits, *o_dims),
-                     whole(*o_dims, h), whole(tiles))
-        aliases = {5: 4}
     out = pl.pallas_call(
         kernel,
         grid=(num_items, k_heads, splits),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        input_output_aliases=aliases,
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
-        name=f"ragged_paged_attention_bq{bq}_ppb{ppb}_sp{splits}{'_merge' if merge else ''}",
-    )(*operands)
+        name=f"ragged_paged_attention_bq{bq}_ppb{ppb}_sp{splits}",
+    )(meta, table, qg, k_pages, v_pages)
 
-    if merge:
-        out = out[3]
-    elif splits > 1:  # flash-decoding combine
+    if splits > 1:  # flash-decoding combine
         from xlaserve.pallas_kernels import combine_splits as cs
 
         o_part, m_part, l_part = out  # [sp, *o_dims, H], [sp, *o_dims], [sp, *o_dims]

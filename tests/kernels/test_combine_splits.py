@@ -1,6 +1,5 @@
 """combine_splits (flash-decoding's merge of KV splits): the Pallas kernel vs the jnp reference,
-and ragged_paged_attention with combine="pallas" or "kernel" (the last split merges inside the
-attention kernel) vs the attention reference.
+and ragged_paged_attention with combine="pallas" vs the attention reference.
 
 `TestCombineSplits` (INTERPRET = False) runs compiled on a GPU and skips elsewhere;
 `TestCombineSplitsInterpret` runs the same cases through the Pallas interpreter on CPU (CI).
@@ -55,45 +54,20 @@ class TestCombineSplits(CompiledOrInterpreted):
         tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
-    @pytest.mark.parametrize("combine,q_transposed",
-                             [("pallas", False), ("pallas", True), ("kernel", False)],
-                             ids=["pallas-direct", "pallas-transposed", "kernel-direct"])
-    def test_attention_with_pallas_combine(self, combine, q_transposed):
-        """The attention op with its splits merged by the combine kernel, or inside the
-        attention kernel by each tile's last split, matches the reference."""
+    @pytest.mark.parametrize("q_transposed", [False, True], ids=["direct", "transposed"])
+    def test_attention_with_pallas_combine(self, q_transposed):
+        """The attention op with its splits merged by the kernel matches the reference."""
         batch = make_batch(3, [1, 1, 5], page_size=16, head_dim=64, group=4, extra_tokens=0)
         batch = dataclasses.replace(batch, kv_lens=batch.kv_lens.at[:3].set(
             jnp.asarray([1, 40, 48])))
         cfg = RaggedPagedAttentionConfig(block_q=4, pages_per_block=1, num_splits=5,
-                                         q_transposed=q_transposed, combine=combine)
+                                         q_transposed=q_transposed, combine="pallas")
         out = ragged_paged_attention(*batch.args, sm_scale=0.125, config=cfg,
                                      interpret=self.INTERPRET)
         ref = ragged_paged_attention_reference(*batch.args, sm_scale=0.125)
         t = batch.num_real_tokens
         assert relative_error(out[:t], ref[:t]) < tolerance(batch.q.dtype, self.INTERPRET)
         assert not np.asarray(out[t:], np.float32).any(), "padded rows must be 0"
-
-
-    @pytest.mark.parametrize("seed", [0, 1])
-    def test_merge_in_attention_with_padding_rows(self, seed):
-        """combine="kernel" on a decode-like batch (one token per sequence, 12 splits, the
-        8B step's tiles: 4 tokens x 4 q heads), padding rows after the real ones: equal to
-        the reference and to combine="xla"; the padding rows are 0."""
-        batch = make_batch(seed, [1, 1, 1], page_size=16, head_dim=64, group=4,
-                           extra_tokens=9, max_context=300)
-        kw = dict(block_q=4, pages_per_block=1, num_splits=12)
-        outs = {c: ragged_paged_attention(*batch.args, sm_scale=0.125,
-                                          config=RaggedPagedAttentionConfig(combine=c, **kw),
-                                          interpret=self.INTERPRET)
-                for c in ("xla", "kernel")}
-        ref = ragged_paged_attention_reference(*batch.args, sm_scale=0.125)
-        t = batch.num_real_tokens
-        assert outs["kernel"].shape[0] > t
-        assert relative_error(outs["kernel"][:t], ref[:t]) < tolerance(batch.q.dtype,
-                                                                         self.INTERPRET)
-        np.testing.assert_allclose(np.asarray(outs["kernel"], np.float32),
-                                   np.asarray(outs["xla"], np.float32), rtol=1e-5, atol=1e-6)
-        assert not np.asarray(outs["kernel"][t:], np.float32).any(), "padded rows must be 0"
 
 
 class TestCombineSplitsInterpret(TestCombineSplits):
@@ -109,5 +83,3 @@ def test_block_rows_and_validation():
         combine_splits(o[..., :48], m, l, dtype=jnp.float32, interpret=True)
     with pytest.raises(ValueError, match="combine"):
         RaggedPagedAttentionConfig(combine="triton")
-    with pytest.raises(ValueError, match="q_transposed=False"):
-        RaggedPagedAttentionConfig(combine="kernel", q_transposed=True)
