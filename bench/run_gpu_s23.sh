@@ -15,12 +15,11 @@
 #     tests, then runs <variant>_<tp>[b][_t]: base (the committed table), pc (table entry
 #     "combine": "pallas", written by bench/attention_table_variant.py), pct (pc, and the combine
 #     kernel triggers its dependents early: EL=skinny_gemm_swiglu,combine_splits).
-#   fam2 (prepared, not run): which trigger costs tp=1 the time: runs <variant>_<tp>[b],
-#     off (EL=0), def (the default), gemm / rope / attn (the default plus that one family).
+#   (fam2, which trigger costs tp=1 the time, ran as part a of bench/run_gpu_s25.sh.)
 #   The parts pdl, fam and verify ran at commits e9ff3e2, 17a8de2 and d277c0e (the loops were
 #   later folded into run_variants, the same runs; a PTX dump tried there wrote no .ptx files and
 #   was dropped); bench/results/session23_h200x2/.
-#   OUT=/tmp/out PART=pdl|fam|verify|comb|fam2 bash bench/run_gpu_s23.sh  (2 GPUs; carry .whl)
+#   OUT=/tmp/out PART=pdl|fam|verify|comb bash bench/run_gpu_s23.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 23 pdl || exit 1
@@ -30,17 +29,6 @@ if [ "$PART" = comb ]; then
   at_of() { [ "$1" != base ] && echo /tmp/at_pc.json; }
   el_of() { [ "$1" = pct ] && echo skinny_gemm_swiglu,combine_splits; }
   run_variants "base_2 pc_2 pct_2 base_2b pc_2b pct_2b base_1 pc_1 pct_1 base_1b pc_1b pct_2_t" 500
-  exit 0
-fi
-if [ "$PART" = fam2 ]; then
-  el_of() {
-    case $1 in
-      off) echo 0 ;; gemm) echo skinny_gemm_swiglu,skinny_gemm ;;
-      rope) echo skinny_gemm_swiglu,rope_write_kv ;;
-      attn) echo skinny_gemm_swiglu,ragged_paged_attention ;;
-    esac
-  }
-  run_variants "off_2 def_2 off_1 def_1 gemm_1 rope_1 attn_1 off_1b def_1b gemm_1b rope_1b attn_1b" 500
   exit 0
 fi
 if [ "$PART" = verify ]; then
