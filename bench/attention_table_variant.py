@@ -6,6 +6,7 @@ small_decode section.
   python bench/attention_table_variant.py --min-blocks 1 --out /tmp/attn_mb1.json
   python bench/attention_table_variant.py --set num_stages=2 --out /tmp/attn_st2.json
   python bench/attention_table_variant.py --set combine='"pallas"' --out /tmp/attn_pc.json
+  python bench/attention_table_variant.py --small-set max_splits=17 --out /tmp/attn_sp17.json
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ OPTIONAL = ("key_gather", "q_transposed", "combine")  # entry fields tuning.py d
 
 def variant(table: dict, *, min_blocks: int | None = None, target_programs: int | None = None,
             entry: str = "H128_L16_G4_decode", sets: Sequence[str] = (),
-            small_decode: bool = True) -> dict:
+            small_decode: bool = True, small_sets: Sequence[str] = ()) -> dict:
     out = json.loads(json.dumps(table))
     if not small_decode:
         out.pop("small_decode", None)
@@ -35,9 +36,14 @@ def variant(table: dict, *, min_blocks: int | None = None, target_programs: int 
         if key not in out["entries"][entry] and key not in OPTIONAL:
             raise ValueError(f"--set {s}: {entry} has no field {key!r}")
         out["entries"][entry][key] = json.loads(value)
+    for s in small_sets:
+        key, _, value = s.partition("=")
+        if key not in out.get("small_decode", {}):
+            raise ValueError(f"--small-set {s}: the small_decode section has no field {key!r}")
+        out["small_decode"][key] = json.loads(value)
     out["comment"] = f"A/B variant of {TABLE.name}: min_blocks={min_blocks} " \
                      f"target_programs={target_programs} {entry} {list(sets)} " \
-                     f"small_decode={small_decode}"
+                     f"small_decode={small_decode} {list(small_sets)}"
     return out
 
 
@@ -47,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-programs", type=int, default=None)
     p.add_argument("--entry", default="H128_L16_G4_decode")
     p.add_argument("--set", action="append", default=[], help="FIELD=JSON of the entry")
+    p.add_argument("--small-set", action="append", default=[],
+                   help="FIELD=JSON of the small_decode section (e.g. max_splits=17)")
     p.add_argument("--no-small-decode", action="store_true",
                    help="drop the table's small_decode section (the tiles before session 22)")
     p.add_argument("--out", type=pathlib.Path, required=True)
@@ -55,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(variant(table, min_blocks=args.min_blocks,
                                            target_programs=args.target_programs,
                                            entry=args.entry, sets=args.set,
-                                           small_decode=not args.no_small_decode), indent=1))
+                                           small_decode=not args.no_small_decode,
+                                           small_sets=args.small_set), indent=1))
     return 0
 
 

@@ -115,15 +115,16 @@ gpu_tests() {
   echo "=== pytest rc=$? at $((SECONDS - T0))s"; tail -3 "$R/pytest_gpu.txt"
 }
 # run_variants RUNS STOP: runs named <variant>_<tp>[b][_t] ($RUNS overrides), each with
-# EL=$(el_of variant), ATBL=$(at_of variant) and XENV=$(env_of variant) (functions of the part);
-# _t runs are traced. Runs that would start after STOP s ($STOP_AT) are skipped. Then
-# pack_results. The part defines el_of, at_of and env_of (empty: defaults).
+# EL=$(el_of variant), ATBL=$(at_of variant), XENV=$(env_of variant) and the extra tp_scaling
+# arguments $(args_of variant) (functions of the part); _t runs are traced. Runs that would
+# start after STOP s ($STOP_AT) are skipped. Then pack_results. The part defines el_of, at_of,
+# env_of and args_of (empty: defaults).
 run_variants() {
   for r in ${RUNS:-$1}; do
     if [ $((SECONDS - T0)) -gt ${STOP_AT:-$2} ]; then echo "=== $r skipped (time)"; continue; fi
     local v=${r%%_*} tp=${r#*_}; tp=${tp:0:1}
-    local extra=(--slope-iters ${SLOPE:-80})
-    [ "${r: -2}" = _t ] && extra=(--trace-dir /tmp/tr_$r --trace-steps 4)
+    local extra=(--slope-iters ${SLOPE:-80} $(args_of $v))
+    [ "${r: -2}" = _t ] && extra=(--trace-dir /tmp/tr_$r --trace-steps 4 $(args_of $v))
     XENV=$(env_of $v) ATBL=$(at_of $v) EL=$(el_of $v) run_tp $r $tp "${extra[@]}"
     grep -o '"greedy_tokens": \[[0-9, ]*\]' "$R/$r.json" | head -2
     [ "${r: -2}" = _t ] && trace_render "$R/$r.json" 12 | head -60
@@ -137,3 +138,4 @@ pack_results() {
 el_of() { :; }
 at_of() { :; }
 env_of() { :; }
+args_of() { :; }

@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jax import lax
+
 from xlaserve.pallas_kernels import pdl
 from xlaserve.pallas_kernels.ragged_paged_attention import compiler_params
 
@@ -127,3 +129,29 @@ def combine_splits_reference(o: jax.Array, m: jax.Array, l: jax.Array,  # noqa: 
     l_sum = jnp.sum(weight * l, axis=0)
     out = jnp.sum(weight[..., None] * o, axis=0)
     return (out / jnp.where(l_sum == 0, 1.0, l_sum)[..., None]).astype(dtype)
+
+
+def combine_splits_reduce(o: jax.Array, m: jax.Array, l: jax.Array,  # noqa: E741
+                          dtype: jnp.dtype) -> jax.Array:
+    """The same merge as one variadic reduce over the splits (what `combine="reduce"` runs).
+
+    `combine_splits_reference` needs the splits' maximum before it can weight them, and XLA
+    makes that maximum a fusion of its own. Here the reducer carries (max, sum, output) and
+    rescales both sides to their joint maximum at every step (the online softmax's merge), so
+    no separate maximum exists and XLA can emit the whole merge, division included, as one
+    reduction fusion. Results differ from the reference only by float32 rounding (the order in
+    which the weights are applied).
+    """
+    mb = jnp.broadcast_to(m[..., None], o.shape)
+    lb = jnp.broadcast_to(l[..., None], o.shape)
+
+    def merge(a, b):
+        (m1, l1, o1), (m2, l2, o2) = a, b
+        m12 = jnp.maximum(m1, m2)
+        m_safe = jnp.where(m12 == -jnp.inf, 0.0, m12)  # both without keys: weights 0
+        w1, w2 = jnp.exp2(m1 - m_safe), jnp.exp2(m2 - m_safe)
+        return m12, l1 * w1 + l2 * w2, o1 * w1 + o2 * w2
+
+    init = (jnp.float32(-jnp.inf), jnp.float32(0), jnp.float32(0))
+    _, l_sum, out = lax.reduce((mb, lb, o), init, merge, (0,))
+    return (out / jnp.where(l_sum == 0, 1.0, l_sum)).astype(dtype)

@@ -61,6 +61,7 @@ from jax.experimental.pallas import triton as plgpu
 from xlaserve.pallas_kernels import pdl
 
 _LOG2E = math.log2(math.e)
+COMBINES = ("xla", "reduce", "pallas")  # RaggedPagedAttentionConfig.combine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +80,10 @@ class RaggedPagedAttentionConfig:
         one after) so a tile is plain 2-D rows; otherwise the kernel reads [block_q, G', H]
         straight from [T, N, H] and reshapes. Measured: direct wins for decode, transposed for
         prefill (bench/NOTES_attention.md).
-      combine: how the KV splits are merged (num_splits > 1): "xla" (jnp ops, which XLA fuses)
-        or "pallas" (pallas_kernels/combine_splits.py, one launch; lost to "xla" in the 8B
-        batch-1 step on 2 x H200: bench/results/session24_h200x2/README.md).
+      combine: how the KV splits are merged (num_splits > 1): "xla" (jnp ops, which XLA fuses
+        into two kernels), "reduce" (one variadic reduce, `combine_splits_reduce`, meant as one
+        fusion) or "pallas" (pallas_kernels/combine_splits.py, one launch; lost to "xla" in
+        the 8B batch-1 step on 2 x H200: bench/results/session24_h200x2/README.md).
     """
 
     block_q: int = 16
@@ -94,8 +96,8 @@ class RaggedPagedAttentionConfig:
     combine: str = "xla"
 
     def __post_init__(self) -> None:
-        if self.combine not in ("xla", "pallas"):
-            raise ValueError(f"combine must be 'xla' or 'pallas', got {self.combine!r}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
         for name in ("block_q", "pages_per_block", "num_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -425,6 +427,8 @@ def ragged_paged_attention(
             out = cs.combine_splits(o_part.reshape(splits, -1, h), m_part.reshape(splits, -1),
                                     l_part.reshape(splits, -1), dtype=q.dtype,
                                     interpret=interpret).reshape(*o_dims, h)
+        elif config.combine == "reduce":
+            out = cs.combine_splits_reduce(o_part, m_part, l_part, q.dtype)
         else:
             out = cs.combine_splits_reference(o_part, m_part, l_part, q.dtype)
     if config.q_transposed:

@@ -17,6 +17,7 @@ import pytest
 from kernel_modes import CompiledOrInterpreted
 from test_ragged_paged_attention import make_batch, relative_error, tolerance
 from xlaserve.pallas_kernels.combine_splits import (block_rows_for, combine_splits,
+                                                    combine_splits_reduce,
                                                     combine_splits_reference)
 from xlaserve.pallas_kernels.ragged_paged_attention import (RaggedPagedAttentionConfig,
                                                             ragged_paged_attention,
@@ -54,14 +55,16 @@ class TestCombineSplits(CompiledOrInterpreted):
         tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
+    @pytest.mark.parametrize("combine", ["pallas", "reduce"])
     @pytest.mark.parametrize("q_transposed", [False, True], ids=["direct", "transposed"])
-    def test_attention_with_pallas_combine(self, q_transposed):
-        """The attention op with its splits merged by the kernel matches the reference."""
+    def test_attention_with_combine(self, q_transposed, combine):
+        """The attention op with its splits merged by the kernel, or by the one variadic reduce,
+        matches the reference."""
         batch = make_batch(3, [1, 1, 5], page_size=16, head_dim=64, group=4, extra_tokens=0)
         batch = dataclasses.replace(batch, kv_lens=batch.kv_lens.at[:3].set(
             jnp.asarray([1, 40, 48])))
         cfg = RaggedPagedAttentionConfig(block_q=4, pages_per_block=1, num_splits=5,
-                                         q_transposed=q_transposed, combine="pallas")
+                                         q_transposed=q_transposed, combine=combine)
         out = ragged_paged_attention(*batch.args, sm_scale=0.125, config=cfg,
                                      interpret=self.INTERPRET)
         ref = ragged_paged_attention_reference(*batch.args, sm_scale=0.125)
@@ -72,6 +75,27 @@ class TestCombineSplits(CompiledOrInterpreted):
 
 class TestCombineSplitsInterpret(TestCombineSplits):
     INTERPRET = True
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"S{c[0]}-X{c[1]}-H{c[2]}")
+def test_reduce_form_matches_reference(case, dtype):
+    """The variadic-reduce merge (combine="reduce") against the two-pass jnp reference, with
+    splits and a row without keys; also with a leading row shape ([S, T, N, H], as attention
+    calls it)."""
+    o, m, l = _inputs(*case)  # noqa: E741
+    ref = np.asarray(combine_splits_reference(o, m, l, dtype), np.float32)
+    got = np.asarray(jax.jit(combine_splits_reduce, static_argnums=3)(o, m, l, dtype),
+                     np.float32)
+    assert got.shape == ref.shape and np.isfinite(got).all()
+    assert not got[0].any()  # the row without keys: 0, not NaN
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+    s, x, h = case
+    if x % 4 == 0:
+        o4, m4, l4 = o.reshape(s, x // 4, 4, h), m.reshape(s, x // 4, 4), l.reshape(s, x // 4, 4)
+        got4 = np.asarray(combine_splits_reduce(o4, m4, l4, dtype), np.float32)
+        np.testing.assert_allclose(got4.reshape(x, h), ref, rtol=tol, atol=tol)
 
 
 def test_block_rows_and_validation():

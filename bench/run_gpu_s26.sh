@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Session 26 (issue 6): the KV-split combine as one variadic reduce, and how much of the batch-1
+# decode step lies outside the layers.
+#   a: the compiled combine tests of combine="reduce"; then runs <variant>_<tp>[b][_t] (the
+#     steady-state slope; _t traced): base (the committed defaults), rd (table entry "combine":
+#     "reduce", written by bench/attention_table_variant.py), rd17 (rd with the small_decode
+#     section's max_splits 17: one 64-key block per split at ctx 1025), n16 (base with 16
+#     layers instead of 32: the step's per-layer time and the rest, by difference).
+#   OUT=/tmp/out PART=a bash bench/run_gpu_s26.sh  (2 GPUs; carry .whl)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/gpu_install.sh && gpu_script 26 a || exit 1
+if [ "$PART" = a ]; then
+  GPU_TESTS_K="not Interpret and combine" gpu_tests tests/kernels/test_combine_splits.py
+  $PY bench/attention_table_variant.py --set combine='"reduce"' --out /tmp/at_rd.json || exit 1
+  $PY bench/attention_table_variant.py --set combine='"reduce"' --small-set max_splits=17 \
+    --out /tmp/at_rd17.json || exit 1
+  at_of() { case $1 in rd) echo /tmp/at_rd.json ;; rd17) echo /tmp/at_rd17.json ;; esac; }
+  args_of() { [ "$1" = n16 ] && echo --num-layers 16; }
+  run_variants "base_2 rd_2 rd17_2 n16_2 base_2b rd_2b rd17_2b base_1 rd_1 n16_1 base_1b rd_1b rd17_1 rd_2_t" 540
+  exit 0
+fi
+echo "unknown PART=$PART"; exit 2
