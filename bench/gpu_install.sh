@@ -117,7 +117,7 @@ gpu_tests() {
 # run_variants RUNS STOP: runs named <variant>_<tp>[b][_t] ($RUNS overrides), each with
 # EL=$(el_of variant), ATBL=$(at_of variant), XENV=$(env_of variant) and the extra tp_scaling
 # arguments $(args_of variant) (functions of the part); _t runs are traced. Runs that would
-# start after STOP s ($STOP_AT) are skipped. Then pack_results. The part defines el_of, at_of,
+# start after STOP s ($STOP_AT) are skipped; pack_results after each run. The part defines el_of, at_of,
 # env_of and args_of (empty: defaults).
 run_variants() {
   for r in ${RUNS:-$1}; do
@@ -128,8 +128,8 @@ run_variants() {
     XENV=$(env_of $v) ATBL=$(at_of $v) EL=$(el_of $v) run_tp $r $tp "${extra[@]}"
     grep -o '"greedy_tokens": \[[0-9, ]*\]' "$R/$r.json" | head -2
     [ "${r: -2}" = _t ] && trace_render "$R/$r.json" 12 | head -60
+    pack_results  # after every run: a call cut by its time limit still brings these back
   done
-  pack_results
 }
 # pack_results: $R as one tarball in $OUT (a device call brings back only a few files).
 pack_results() {
