@@ -6,7 +6,12 @@
 #     "reduce", written by bench/attention_table_variant.py), rd17 (rd with the small_decode
 #     section's max_splits 17: one 64-key block per split at ctx 1025), n16 (base with 16
 #     layers instead of 32: the step's per-layer time and the rest, by difference).
-#   OUT=/tmp/out PART=a bash bench/run_gpu_s26.sh  (2 GPUs; carry .whl)
+#   b: the decode GEMMs' weight tiles read with an L2 eviction policy (XLASERVE_WEIGHT_EVICT,
+#     pallas_kernels/skinny_gemm.py), so the small data of the latency-bound kernels (the
+#     all-reduce's rank and counters, attention's work list and page table, rope's tables, the
+#     residual, the norm scales) may stay in L2: the compiled skinny GEMM tests with it, then
+#     runs base / ef (evict_first) at both tps, A/B/A/B, and a traced ef run.
+#   OUT=/tmp/out PART=a|b bash bench/run_gpu_s26.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 26 a || exit 1
@@ -18,6 +23,12 @@ if [ "$PART" = a ]; then
   at_of() { case $1 in rd) echo /tmp/at_rd.json ;; rd17) echo /tmp/at_rd17.json ;; esac; }
   args_of() { [ "$1" = n16 ] && echo --num-layers 16; }
   run_variants "base_2 rd_2 rd17_2 n16_2 base_2b rd_2b rd17_2b base_1 rd_1 n16_1 base_1b rd_1b rd17_1 rd_2_t" 540
+  exit 0
+fi
+if [ "$PART" = b ]; then
+  XLASERVE_WEIGHT_EVICT=evict_first GPU_TESTS_TIMEOUT=90 gpu_tests tests/kernels/test_skinny_gemm.py
+  env_of() { [ "$1" = ef ] && echo XLASERVE_WEIGHT_EVICT=evict_first; }
+  run_variants "base_2 ef_2 base_2b ef_2b base_1 ef_1 base_1b ef_1b ef_2c base_2c ef_2_t" 470
   exit 0
 fi
 echo "unknown PART=$PART"; exit 2
