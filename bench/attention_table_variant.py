@@ -5,7 +5,7 @@ small_decode section.
 
   python bench/attention_table_variant.py --min-blocks 1 --out /tmp/attn_mb1.json
   python bench/attention_table_variant.py --set num_stages=2 --out /tmp/attn_st2.json
-  python bench/attention_table_variant.py --set combine='"pallas"' --out /tmp/attn_pc.json
+  python bench/attention_table_variant.py --set q_transposed=true --out /tmp/attn_qt.json
   python bench/attention_table_variant.py --small-set max_splits=17 --out /tmp/attn_sp17.json
 """
 
@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 TABLE = pathlib.Path(__file__).resolve().parents[1] / "pallas_kernels" / "tuning_h100.json"
-OPTIONAL = ("key_gather", "q_transposed", "combine")  # entry fields tuning.py defaults when absent
+OPTIONAL = ("key_gather", "q_transposed")  # entry fields tuning.py defaults when absent
 
 
 def variant(table: dict, *, min_blocks: int | None = None, target_programs: int | None = None,

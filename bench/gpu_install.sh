@@ -117,8 +117,8 @@ gpu_tests() {
 # run_variants RUNS STOP: runs named <variant>_<tp>[b][_t] ($RUNS overrides), each with
 # EL=$(el_of variant), ATBL=$(at_of variant), XENV=$(env_of variant) and the extra tp_scaling
 # arguments $(args_of variant) (functions of the part); _t runs are traced. Runs that would
-# start after STOP s ($STOP_AT) are skipped; pack_results after each run. The part defines el_of, at_of,
-# env_of and args_of (empty: defaults).
+# start after STOP s ($STOP_AT) are skipped; pack_results after each run. The part defines
+# el_of, at_of, env_of and args_of (empty: defaults).
 run_variants() {
   for r in ${RUNS:-$1}; do
     if [ $((SECONDS - T0)) -gt ${STOP_AT:-$2} ]; then echo "=== $r skipped (time)"; continue; fi

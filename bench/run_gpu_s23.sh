@@ -10,7 +10,8 @@
 #     pdl and rope_write_kv tests first.
 #   verify: the default (gate/up triggers only): compiled pdl and skinny GEMM tests, tp 1 and 2
 #     in one run (ratio, greedy tokens), then tp=2 with no trigger (EL=0) and the default again.
-#   comb (run in session 24: bench/results/session24_h200x2/): the KV splits merged by the Pallas kernel
+#   comb (run in session 24 at commit 59e9719: bench/results/session24_h200x2/; the kernel was
+#     removed in session 26): the KV splits merged by the Pallas kernel
 #     (pallas_kernels/combine_splits.py) against XLA's fusions: compiled combine_splits and pdl
 #     tests, then runs <variant>_<tp>[b][_t]: base (the committed table), pc (table entry
 #     "combine": "pallas", written by bench/attention_table_variant.py), pct (pc, and the combine

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Session 26 (issue 6): the KV-split combine as one variadic reduce, and how much of the batch-1
-# decode step lies outside the layers.
+# Session 26 (issue 6): the KV-split combine as one variadic reduce, how much of the batch-1
+# decode step lies outside the layers, and the weights streamed with an L2 eviction policy. Both
+# library variants lost or changed nothing and were removed: part a needs commit 817a4a0, part b
+# commit 8c3041d (bench/results/session26_h200x2/README.md).
 #   a: the compiled combine tests of combine="reduce"; then runs <variant>_<tp>[b][_t] (the
 #     steady-state slope; _t traced): base (the committed defaults), rd (table entry "combine":
 #     "reduce", written by bench/attention_table_variant.py), rd17 (rd with the small_decode

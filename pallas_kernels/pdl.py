@@ -29,8 +29,7 @@ given; bench/results/session23_h200x2/README.md):
   all four families            2.727*, 2.715 | 2.728 | -             4.385, 4.383 | 4.356
   all but skinny_gemm_swiglu   - | 2.745 | -                         - | 4.342, 4.355
   skinny_gemm_swiglu only      - | 2.731 | 2.731                     - | 4.338
-  (* the call's first run at that tp; "all four": every family but combine_splits, which came
-  later and is not measured)
+  (* the call's first run at that tp)
 
 Session 25 (bench/results/session25_h200x2/README.md), one call: at tp=2 every family 2.734,
 2.738 against the default's 2.733, 2.760 (no gain); at tp=1 the default plus one family:
@@ -60,8 +59,7 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 ENV = "XLASERVE_EARLY_LAUNCH"
-FAMILIES = ("skinny_gemm", "skinny_gemm_swiglu", "rope_write_kv", "ragged_paged_attention",
-            "combine_splits")
+FAMILIES = ("skinny_gemm", "skinny_gemm_swiglu", "rope_write_kv", "ragged_paged_attention")
 DEFAULT_FAMILIES = ("skinny_gemm_swiglu",)
 PTX = "griddepcontrol.launch_dependents;"
 

@@ -33,7 +33,7 @@ Implementations in this file:
       ([pages_per_block, L, H] pointers, then a reshape).
     - Long contexts with few tiles: the KV range is split over ``num_splits`` programs
       (flash-decoding); each writes an unnormalised partial output with its row max and sum, and
-      a jnp combine step merges them.
+      `combine_splits` (jnp, which XLA fuses) merges them.
     - The causal mask is applied only on KV blocks that reach past the tile's first position.
   * `write_kv_pages`: a Pallas kernel writing this step's K/V rows into their slots in place
     (``input_output_aliases``; donate the pools so XLA does not copy them).
@@ -61,7 +61,6 @@ from jax.experimental.pallas import triton as plgpu
 from xlaserve.pallas_kernels import pdl
 
 _LOG2E = math.log2(math.e)
-COMBINES = ("xla", "reduce", "pallas")  # RaggedPagedAttentionConfig.combine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +79,6 @@ class RaggedPagedAttentionConfig:
         one after) so a tile is plain 2-D rows; otherwise the kernel reads [block_q, G', H]
         straight from [T, N, H] and reshapes. Measured: direct wins for decode, transposed for
         prefill (bench/NOTES_attention.md).
-      combine: how the KV splits are merged (num_splits > 1): "xla" (jnp ops, which XLA fuses
-        into two kernels), "reduce" (one variadic reduce, `combine_splits_reduce`, meant as one
-        fusion) or "pallas" (pallas_kernels/combine_splits.py, one launch; lost to "xla" in
-        the 8B batch-1 step on 2 x H200: bench/results/session24_h200x2/README.md).
     """
 
     block_q: int = 16
@@ -93,11 +88,8 @@ class RaggedPagedAttentionConfig:
     num_stages: int = 2
     key_gather: bool = False
     q_transposed: bool = False
-    combine: str = "xla"
 
     def __post_init__(self) -> None:
-        if self.combine not in COMBINES:
-            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
         for name in ("block_q", "pages_per_block", "num_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -420,22 +412,41 @@ def ragged_paged_attention(
     )(meta, table, qg, k_pages, v_pages)
 
     if splits > 1:  # flash-decoding combine
-        from xlaserve.pallas_kernels import combine_splits as cs
-
         o_part, m_part, l_part = out  # [sp, *o_dims, H], [sp, *o_dims], [sp, *o_dims]
-        if config.combine == "pallas":
-            out = cs.combine_splits(o_part.reshape(splits, -1, h), m_part.reshape(splits, -1),
-                                    l_part.reshape(splits, -1), dtype=q.dtype,
-                                    interpret=interpret).reshape(*o_dims, h)
-        elif config.combine == "reduce":
-            out = cs.combine_splits_reduce(o_part, m_part, l_part, q.dtype)
-        else:
-            out = cs.combine_splits_reference(o_part, m_part, l_part, q.dtype)
+        out = combine_splits(o_part, m_part, l_part, q.dtype)
     if config.q_transposed:
         out = out.reshape(k_heads, t_total + bq, gp, h)[:, :t_total].transpose(1, 0, 2, 3)
     if gp != g or config.q_transposed:
         out = out.reshape(t_total, k_heads, gp, h)[:, :, :g].reshape(t_total, n, h)
     return out
+
+
+def combine_splits(o: jax.Array, m: jax.Array, l: jax.Array,  # noqa: E741
+                   dtype: jnp.dtype) -> jax.Array:
+    """Flash-decoding's merge of the KV splits, as jnp ops that XLA fuses.
+
+    o f32[S, ..., H] are the splits' unnormalised outputs, m and l f32[S, ...] their rows'
+    logit maxima (log2 units; -inf for a split without keys) and softmax sums. For each row::
+
+        m*  = max over s of m[s]            (0 where every split is -inf: no keys at all)
+        w_s = exp2(m[s] - m*)
+        out = (sum_s w_s o[s]) / (sum_s w_s l[s])   (a zero sum: 1, so such rows give 0)
+
+    rounded to `dtype`. XLA makes two fusions of it (the maximum, then the merge: 1.2 + 1.85 us
+    per layer in the 8B batch-1 step at tp=2 with 12 splits). Four other forms were built,
+    tested and measured in that step on 2 x H200, and all were slower or no faster, so they
+    were removed (BENCHMARKS.md sections 0u-0w; each stays in git): one Pallas launch (4.7 us
+    per layer, session 24), the splits unrolled as static slices (XLA still made two fusions,
+    session 25), the merge by each tile's last split inside the attention kernel (11.9 us
+    against 7.2 + 3.1, session 25), and one variadic reduce carrying (max, sum, output) (XLA
+    made a 3.5 us reduce fusion plus a 1.3 us convert, session 26).
+    """
+    m_max = jnp.max(m, axis=0)
+    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+    weight = jnp.exp2(m - m_max[None])  # [S, ...]; 0 for splits without keys
+    l_sum = jnp.sum(weight * l, axis=0)
+    out = jnp.sum(weight[..., None] * o, axis=0)
+    return (out / jnp.where(l_sum == 0, 1.0, l_sum)[..., None]).astype(dtype)
 
 
 def _write_kv_pages_kernel(

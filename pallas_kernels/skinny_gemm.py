@@ -52,26 +52,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-import os
-
-from jax.experimental.pallas import triton as plgpu
-
 from xlaserve.pallas_kernels import pdl
 from xlaserve.pallas_kernels.ragged_paged_attention import compiler_params
 
 ROW_ALIGN = 16  # Triton dots need 16 rows: x is zero-padded to a multiple of this
-
-
-def weight_eviction() -> str | None:
-    """The L2 eviction policy of the weight tiles' loads (experiment: XLASERVE_WEIGHT_EVICT)."""
-    return os.environ.get("XLASERVE_WEIGHT_EVICT") or None
-
-
-def _load_weight(ref, rows, cols, evict: str | None):  # noqa: ANN001, ANN202
-    """A [block_k, block_n] weight tile, read with `evict` as its eviction policy."""
-    if evict is None:
-        return ref[rows, cols]
-    return plgpu.load(ref.at[rows, cols], eviction_policy=evict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +91,7 @@ class SkinnyGemmConfig:
 def _skinny_gemm_kernel(x_ref,  # [M, K / S]: this split's slice of the token rows
                         *refs,  # W weights [K, N_i] (whole), then out [M, block_n]
                         block_n: int, block_k: int, steps: int, block_bounds: tuple[int, ...],
-                        early_launch: bool, evict: str | None = None):
+                        early_launch: bool):
     if early_launch:
         pdl.launch_dependents()
     *w_refs, o_ref = refs
@@ -118,8 +102,7 @@ def _skinny_gemm_kernel(x_ref,  # [M, K / S]: this split's slice of the token ro
     def product(w_ref, n_first):
         def body(t, acc):
             xs = x_ref[:, pl.ds(t * block_k, block_k)]
-            ws = _load_weight(w_ref, pl.ds(k_first + t * block_k, block_k),
-                              pl.ds(n_first, block_n), evict)
+            ws = w_ref[pl.ds(k_first + t * block_k, block_k), pl.ds(n_first, block_n)]
             return acc + lax.dot_general(xs, ws, (((1,), (0,)), ((), ())),
                                          preferred_element_type=jnp.float32)
         o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros((m, block_n), jnp.float32))
@@ -168,8 +151,7 @@ def skinny_gemm(x: jax.Array, weights: Sequence[jax.Array], *,
     kernel = functools.partial(_skinny_gemm_kernel, block_n=config.block_n,
                                block_k=config.block_k, steps=k_split // config.block_k,
                                block_bounds=tuple(bounds),
-                               early_launch=pdl.enabled(interpret, "skinny_gemm"),
-                               evict=weight_eviction())
+                               early_launch=pdl.enabled(interpret, "skinny_gemm"))
     out = pl.pallas_call(
         kernel,
         grid=(bounds[-1], s),
@@ -197,8 +179,7 @@ def skinny_gemm_reference(x: jax.Array, weights: Sequence[jax.Array], *,
 def _swiglu_kernel(x_ref,  # [M, K]
                    g_ref, u_ref,  # [K, I] gate and up weights (whole)
                    o_ref,  # [M, block_n]: this program's columns of h
-                   *, block_n: int, block_k: int, steps: int, early_launch: bool,
-                   evict: str | None = None):
+                   *, block_n: int, block_k: int, steps: int, early_launch: bool):
     if early_launch:
         pdl.launch_dependents()
     j = pl.program_id(0)
@@ -210,9 +191,9 @@ def _swiglu_kernel(x_ref,  # [M, K]
         acc_g, acc_u = accs
         xs = x_ref[:, pl.ds(t * block_k, block_k)]
         rows = pl.ds(t * block_k, block_k)
-        return (acc_g + lax.dot_general(xs, _load_weight(g_ref, rows, cols, evict), dims,
+        return (acc_g + lax.dot_general(xs, g_ref[rows, cols], dims,
                                         preferred_element_type=jnp.float32),
-                acc_u + lax.dot_general(xs, _load_weight(u_ref, rows, cols, evict), dims,
+                acc_u + lax.dot_general(xs, u_ref[rows, cols], dims,
                                         preferred_element_type=jnp.float32))
 
     zero = jnp.zeros((m, block_n), jnp.float32)
@@ -250,8 +231,7 @@ def skinny_gemm_swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, *,
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
     kernel = functools.partial(_swiglu_kernel, block_n=config.block_n, block_k=config.block_k,
                                steps=k // config.block_k,
-                               early_launch=pdl.enabled(interpret, "skinny_gemm_swiglu"),
-                               evict=weight_eviction())
+                               early_launch=pdl.enabled(interpret, "skinny_gemm_swiglu"))
     out = pl.pallas_call(
         kernel,
         grid=(i // config.block_n,),

@@ -197,8 +197,7 @@ def lookup_config(*, head_dim: int, page_size: int, group: int, num_tokens: int,
                                       num_splits=num_splits, num_warps=int(entry["num_warps"]),
                                       num_stages=num_stages,
                                       key_gather=bool(entry.get("key_gather", False)),
-                                      q_transposed=bool(entry.get("q_transposed", False)),
-                                      combine=str(entry.get("combine", "xla")))
+                                      q_transposed=bool(entry.get("q_transposed", False)))
 
 
 def num_kv_splits(*, num_tokens: int, num_seqs: int, block_q: int, num_kv_heads: int,

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from xlaserve.pallas_kernels import pdl
-from xlaserve.pallas_kernels.combine_splits import combine_splits
 from xlaserve.pallas_kernels import ragged_paged_attention as rpa
 from xlaserve.pallas_kernels.rope_write_kv import rope_write_kv
 from xlaserve.pallas_kernels.skinny_gemm import (SkinnyGemmConfig, skinny_gemm,
@@ -43,10 +42,6 @@ def _attention(q, kp, vp, kv_lens, table, cu, n):
     return rpa.ragged_paged_attention(q, kp, vp, kv_lens, table, cu, n, sm_scale=0.125)
 
 
-def _combine(o, m, l):  # noqa: E741
-    return combine_splits(o, m, l, dtype=BF16)
-
-
 I32 = jnp.int32
 KERNELS = {  # name: (function, argument shapes)
     "skinny_gemm": (_gemm, [SDS((16, 256), BF16), SDS((256, 128), BF16)]),
@@ -57,8 +52,6 @@ KERNELS = {  # name: (function, argument shapes)
     "ragged_paged_attention": (_attention, [SDS((4, 8, 64), BF16), SDS((2, 8, 16, 64), BF16),
                                             SDS((2, 8, 16, 64), BF16), SDS((2,), I32),
                                             SDS((2, 4), I32), SDS((3,), I32), SDS((1,), I32)]),
-    "combine_splits": (_combine, [SDS((12, 256, 128), jnp.float32)]
-                       + [SDS((12, 256), jnp.float32)] * 2),
 }
 
 

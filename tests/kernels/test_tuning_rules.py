@@ -193,9 +193,10 @@ def test_attention_table_env_override(tmp_path, monkeypatch) -> None:
     assert tuning.lookup_config(**kw).num_splits == base
 
 
-def test_entry_combine_field_reaches_the_config(tmp_path, monkeypatch) -> None:
-    """An entry's "combine" (bench/attention_table_variant.py --set combine='"pallas"') picks
-    how the KV splits merge; without the field, XLA's fusion."""
+def test_entry_optional_field_reaches_the_config(tmp_path, monkeypatch) -> None:
+    """An entry's optional field (bench/attention_table_variant.py --set q_transposed=true)
+    reaches the config, also where the small_decode section sets the tiles; without the field,
+    its default. --small-set changes the section's fields."""
     import json
     import sys
     from pathlib import Path
@@ -210,15 +211,18 @@ def test_entry_combine_field_reaches_the_config(tmp_path, monkeypatch) -> None:
         tuning._table.cache_clear()
 
     fresh()
-    assert tuning.lookup_config(**kw).combine == "xla"
+    assert not tuning.lookup_config(**kw).q_transposed
     path = tmp_path / "table.json"
-    path.write_text(json.dumps(atv.variant(json.loads(atv.TABLE.read_text()),
-                                           sets=['combine="pallas"'])))
+    table = json.loads(atv.TABLE.read_text())
+    path.write_text(json.dumps(atv.variant(table, sets=["q_transposed=true"],
+                                           small_sets=["max_splits=8"])))
     monkeypatch.setenv("XLASERVE_ATTENTION_TABLE", str(path))
     fresh()
     try:
         cfg = tuning.lookup_config(**kw)
-        assert (cfg.combine, cfg.num_splits) == ("pallas", 12)
+        assert (cfg.q_transposed, cfg.num_splits) == (True, 8)
+        with pytest.raises(ValueError, match="no field 'max_split'"):
+            atv.variant(table, small_sets=["max_split=8"])
     finally:
         monkeypatch.delenv("XLASERVE_ATTENTION_TABLE")
         fresh()
