@@ -13,7 +13,10 @@
 #     all-reduce's rank and counters, attention's work list and page table, rope's tables, the
 #     residual, the norm scales) may stay in L2: the compiled skinny GEMM tests with it, then
 #     runs base / ef (evict_first) at both tps, A/B/A/B, and a traced ef run.
-#   OUT=/tmp/out PART=a|b bash bench/run_gpu_s26.sh  (2 GPUs; carry .whl)
+#   c: batch-1 attention's launch settings in the table's 8B decode entry (written by
+#     bench/attention_table_variant.py): runs base, kg0 (key_gather false: one page id per
+#     page), w2 / w8 (num_warps 2 / 8), tp=2 A/B then tp=1.
+#   OUT=/tmp/out PART=a|b|c bash bench/run_gpu_s26.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 26 a || exit 1
@@ -31,6 +34,15 @@ if [ "$PART" = b ]; then
   XLASERVE_WEIGHT_EVICT=evict_first GPU_TESTS_TIMEOUT=90 gpu_tests tests/kernels/test_skinny_gemm.py
   env_of() { [ "$1" = ef ] && echo XLASERVE_WEIGHT_EVICT=evict_first; }
   run_variants "base_2 ef_2 base_2b ef_2b base_1 ef_1 base_1b ef_1b ef_2c base_2c ef_2_t" 470
+  exit 0
+fi
+if [ "$PART" = c ]; then
+  for v in "kg0 key_gather=false" "w2 num_warps=2" "w8 num_warps=8"; do
+    set -- $v
+    $PY bench/attention_table_variant.py --set "$2" --out "/tmp/at_$1.json" || exit 1
+  done
+  at_of() { [ "$1" != base ] && echo "/tmp/at_$1.json"; }
+  run_variants "base_2 kg0_2 w2_2 w8_2 base_2b kg0_2b w2_2b w8_2b base_1 kg0_1 w2_1 w8_1" 330
   exit 0
 fi
 echo "unknown PART=$PART"; exit 2
