@@ -10,7 +10,8 @@ table keys it lists, the tiles of steps with few programs (at most ``max_program
 split: a handful of sequences): ``pages_per_block``, ``min_blocks_per_split`` and
 ``max_splits``, so each program walks fewer, shorter KV blocks (batch 1, ctx 1024, in the 8B
 model on H200s: 64-key blocks and up to 12 splits took 22-47 us less per step than 128-key
-blocks and 4 splits). Keys missing from the table fall back to the table's
+blocks and 4 splits), and optionally ``num_warps`` (2 there: 35-40 us less at tp=2, no change
+at tp=1, session 26). Keys missing from the table fall back to the table's
 ``default`` entries for the q-length class (its H128 L16 G4 entries), scaled so the tile keeps
 the default's shape: block_q keeps its row count (block_q * G') and pages_per_block its keys per
 KV block (pages_per_block * L; a page size of 128 took the default's 8 pages, 1024 keys); the
@@ -161,7 +162,8 @@ def lookup_config(*, head_dim: int, page_size: int, group: int, num_tokens: int,
             <= int(small["max_programs"])):
         # Few programs (a handful of sequences): shorter KV blocks and more splits, so each
         # program walks fewer blocks one after another (measured in the model, see the table)
-        entry = {**entry, "pages_per_block": int(small["pages_per_block"])}
+        entry = {**entry, "pages_per_block": int(small["pages_per_block"]),
+                 "num_warps": int(small.get("num_warps", entry["num_warps"]))}
         split["min_blocks_per_split"] = int(small["min_blocks_per_split"])
         split["max_splits"] = min(int(split["max_splits"]), int(small["max_splits"]))
     if entry is None:

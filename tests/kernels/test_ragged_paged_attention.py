@@ -118,6 +118,9 @@ def standard_q_lens(page_size: int, long_chunk: int) -> list[int]:
 CASES = [
     (16, 64, 1, jnp.float32, Cfg(block_q=16, pages_per_block=2)),
     (16, 128, 4, jnp.bfloat16, Cfg(block_q=4, pages_per_block=4)),
+    # the 8B batch-1 decode tiles (tuning_h100.json small_decode): 2 warps, 12 splits
+    (16, 128, 4, jnp.bfloat16, Cfg(block_q=4, pages_per_block=4, num_splits=12, num_warps=2,
+                                   key_gather=True, num_stages=3)),
     (16, 128, 4, jnp.bfloat16, Cfg(block_q=8, pages_per_block=4, key_gather=True)),
     (16, 64, 8, jnp.float32, Cfg(block_q=2, pages_per_block=1)),
     (32, 64, 4, jnp.float32, Cfg(block_q=8, pages_per_block=2, key_gather=True)),
@@ -136,7 +139,8 @@ def _case_id(case) -> str:
     page_size, head_dim, group, dtype, cfg = case
     return (f"L{page_size}-H{head_dim}-G{group}-{jnp.dtype(dtype).name}-bq{cfg.block_q}"
             f"-ppb{cfg.pages_per_block}-sp{cfg.num_splits}{'-kg' if cfg.key_gather else ''}"
-            f"{'-qt' if cfg.q_transposed else ''}")
+            f"{'-qt' if cfg.q_transposed else ''}"
+            f"{f'-w{cfg.num_warps}' if cfg.num_warps != 4 else ''}")
 
 
 class TestRaggedPagedAttention(CompiledOrInterpreted):
