@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Session 27 (issue 6): the batch-1 decode step at tp=2 against tp=1 (bench/results/
+# session27_h200x2/README.md).
+#   a: the compiled test of the 2-warp attention tiles (session 26's, never run on a GPU), then
+#     batch-1 attention launch settings in the table (bench/attention_table_variant.py): runs
+#     <variant>_<tp>[b] (the steady-state slope): base (the committed table: small_decode 2
+#     warps), w1 (1 warp), st2 / st4 (num_stages 2 / 4 with 2 warps), sp17 (max_splits 17: one
+#     64-key block per split at ctx 1025, with 2 warps); tp=2 A/B, then tp=1.
+#   OUT=/tmp/out PART=a bash bench/run_gpu_s27.sh  (2 GPUs; carry .whl)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/gpu_install.sh && gpu_script 27 a || exit 1
+if [ "$PART" = a ]; then
+  GPU_TESTS_TIMEOUT=110 GPU_TESTS_K="w2" gpu_tests tests/kernels/test_ragged_paged_attention.py
+  for v in "w1 --small-set num_warps=1" "st2 --set num_stages=2" "st4 --set num_stages=4" \
+           "sp17 --small-set max_splits=17"; do
+    set -- $v
+    $PY bench/attention_table_variant.py "$2" "$3" --out "/tmp/at_$1.json" || exit 1
+  done
+  at_of() { [ "$1" != base ] && echo "/tmp/at_$1.json"; }
+  run_variants "base_2 w1_2 st2_2 st4_2 sp17_2 base_2b w1_2b st2_2b st4_2b sp17_2b base_1 w1_1 st2_1 sp17_1" 470
+  exit 0
+fi
+echo "unknown PART=$PART"; exit 2
