@@ -6,7 +6,12 @@
 #     <variant>_<tp>[b] (the steady-state slope): base (the committed table: small_decode 2
 #     warps), w1 (1 warp), st2 / st4 (num_stages 2 / 4 with 2 warps), sp17 (max_splits 17: one
 #     64-key block per split at ctx 1025, with 2 warps); tp=2 A/B, then tp=1.
-#   OUT=/tmp/out PART=a bash bench/run_gpu_s27.sh  (2 GPUs; carry .whl)
+#   b: the all-reduce kernels find their rank from their output pointer (XLASERVE_ALL_REDUCE_RANK
+#     =range: AllReduce.ranges, each rank's device allocation) and every thread reads its CTA's
+#     counter, so one global load instead of two dependent ones and a barrier precede the first
+#     NVLink store: the compiled all-reduce tests of that mode, then runs base / rr at tp=2,
+#     A/B/A/B/A/B, and a traced rr run.
+#   OUT=/tmp/out PART=a|b bash bench/run_gpu_s27.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 27 a || exit 1
@@ -19,6 +24,12 @@ if [ "$PART" = a ]; then
   done
   at_of() { [ "$1" != base ] && echo "/tmp/at_$1.json"; }
   run_variants "base_2 w1_2 st2_2 st4_2 sp17_2 base_2b w1_2b st2_2b st4_2b sp17_2b base_1 w1_1 st2_1 sp17_1" 470
+  exit 0
+fi
+if [ "$PART" = b ]; then
+  GPU_TESTS_K="ranges or True" gpu_tests tests/sharding/test_all_reduce.py
+  env_of() { [ "$1" = rr ] && echo XLASERVE_ALL_REDUCE_RANK=range; }
+  run_variants "base_2 rr_2 base_2b rr_2b base_2c rr_2c rr_2_t" 470
   exit 0
 fi
 echo "unknown PART=$PART"; exit 2

@@ -53,6 +53,7 @@ import math
 import os
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import time
@@ -196,6 +197,9 @@ class Runner:
             text = self.compiled[key].as_text()  # which of our kernels the program holds
             self.kernels[name] = {k: text.count(k) for k in (
                 "skinny_gemm_k", "skinny_gemm_swiglu", "rope_write_kv", "xlaserve_all_reduce")}
+            # the all-reduce kernels that find their rank from their output pointer
+            self.kernels[name]["all_reduce_rr"] = len(re.findall(r"xlaserve_all_reduce\w*_rr\b",
+                                                                 text))
         return self.compiled[key]
 
     def run(self, inputs: StepInputs) -> tuple[jax.Array, jax.Array]:

@@ -87,6 +87,9 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = MAX_CTAS * CHUNK_BYTES  # 1 MiB
 FFI_TARGET = "triton_kernel_call_ffi"
+# "range" (experiment, session 27): the kernels take their rank from their output pointer
+# (AllReduce.ranges); "load" (default): from the rank buffer
+RANK_ENV = "XLASERVE_ALL_REDUCE_RANK"
 MIN_JAX = (0, 11)  # measured on 0.11.2 (2 x H200); 0.10.2's launcher was not tried
 
 
@@ -149,6 +152,29 @@ def enable_peer_access(devices: list[jax.Device]) -> None:  # pyright: ignore[re
                          "enabled" if rc == 0 else "already enabled")
 
 
+def allocation_ranges(devices: list[jax.Device],  # pyright: ignore[reportInvalidTypeForm]
+                      addresses: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """(start, end) of the device allocation (cuMemGetAddressRange) holding each address, the
+    i-th on devices[i].
+
+    Raises:
+      RuntimeError: the driver call fails, naming the device and address.
+    """
+    ords = [int(d.local_hardware_id) for d in devices]
+    out = []
+    with hardware.primary_contexts(ords) as (cuda, ctxs):
+        for o, addr in zip(ords, addresses):
+            base, size = ctypes.c_uint64(), ctypes.c_size_t()
+            with hardware.pushed(cuda, ctxs[o], o):
+                rc = cuda.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size),
+                                                  ctypes.c_uint64(addr))
+            if rc:
+                raise RuntimeError(f"cuMemGetAddressRange({addr:#x}) on device {o} failed: "
+                                   f"CUDA error {rc}")
+            out.append((int(base.value), int(base.value) + int(size.value)))
+    return tuple(out)
+
+
 def availability(mesh: Mesh, model_axis: str = "model") -> str | None:
     """None when the kernel can run on this mesh, else the reason it cannot."""
     tp = mesh.shape[model_axis]
@@ -205,6 +231,10 @@ class AllReduce:
     arch: int  # compute capability, e.g. 90
     model_axis: str = "model"
     workspace: Any = dataclasses.field(default=None, compare=False, repr=False)
+    # (start, end) of the device allocation holding each rank's workspace, in rank order: the
+    # kernels find their rank from their output pointer without a load when it lies in one
+    # (`all_reduce_ptx._rank_and_sequence`); None: they load the rank buffer.
+    ranges: tuple[tuple[int, int], ...] | None = None
 
     @classmethod
     def create(cls, mesh: Mesh, model_axis: str = "model") -> AllReduce:
@@ -228,9 +258,19 @@ class AllReduce:
         by_rank = sorted(ws.addressable_shards, key=lambda s: s.index[0].start)
         addresses = tuple(int(s.data.unsafe_buffer_pointer()) for s in by_rank)
         arch = int(_gpu_triton().get_compute_capability(int(devices[0].local_hardware_id)))
+        ranges = None
+        if os.environ.get(RANK_ENV, "load") == "range":
+            rank_devices = [s.device for s in by_rank]
+            ranges = allocation_ranges(rank_devices, addresses)
+            probe = [int(jax.device_put(jnp.zeros(4), d).unsafe_buffer_pointer())
+                     for d in rank_devices]
+            inside = [start <= p < end for p, (start, end) in zip(probe, ranges)]
+            log.info("custom all-reduce: rank from the output pointer (%s=range): device "
+                     "allocations %s; a new array lies in its device's: %s", RANK_ENV,
+                     [f"{a:#x}+{(b - a) >> 20} MiB" for a, b in ranges], inside)
         log.info("custom all-reduce: tp=%d, %d KiB workspace per device, messages up to %d KiB",
                  tp, workspace_bytes(tp) >> 10, MAX_MESSAGE_BYTES >> 10)
-        return cls(tp, addresses, arch, model_axis, ws)
+        return cls(tp, addresses, arch, model_axis, ws, ranges)
 
     def _opaque(self, name: str, ptx: str, buffers: tuple[int, ...], grid: int,
                 scalars: tuple[tuple[int, str], ...] = ()) -> bytes:
@@ -259,8 +299,9 @@ class AllReduce:
                              f"{sorted(DTYPES)}, up to {MAX_MESSAGE_BYTES} bytes, a multiple "
                              f"of 16)")
         nvec = int(np.prod(x.shape)) * x.dtype.itemsize // 16
-        name = kernel_name(self.tp, x.dtype)
-        opaque = self._opaque(name, all_reduce_ptx(self.tp, x.dtype, self.arch), (16, 4, 16),
+        name = kernel_name(self.tp, x.dtype, self.ranges)
+        opaque = self._opaque(name, all_reduce_ptx(self.tp, x.dtype, self.arch, self.ranges),
+                              (16, 4, 16),
                               -(-nvec // (CHUNK_BYTES // 16)), ((nvec, "u32"),))
         call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype))
         return call(x, self._rank(), name=name, opaque=opaque)
@@ -297,8 +338,8 @@ class AllReduce:
                              f"at most {CHUNK_BYTES} bytes, x like residual (or float32 split-K "
                              f"partials [S, T, D]), scale [D], one dtype of {sorted(DTYPES)}")
         dt = residual.dtype
-        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials)
-        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials)
+        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials, self.ranges)
+        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials, self.ranges)
         if rows is None:
             rows = jnp.full((1,), t, jnp.int32)
         if rows.shape != (1,) or rows.dtype != jnp.int32:

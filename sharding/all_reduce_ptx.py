@@ -90,15 +90,19 @@ def _f32(value: float) -> str:
     return "0f" + struct.pack(">f", value).hex().upper()
 
 
-def kernel_name(tp: int, dtype: Any) -> str:
-    return f"xlaserve_all_reduce_tp{tp}_{DTYPES[jnp.dtype(dtype).name]}"
+Ranges = tuple[tuple[int, int], ...]  # (start, end) of each rank's device allocation
+
+
+def kernel_name(tp: int, dtype: Any, ranges: Ranges | None = None) -> str:
+    return f"xlaserve_all_reduce_tp{tp}_{DTYPES[jnp.dtype(dtype).name]}{'_rr' if ranges else ''}"
 
 
 def add_rms_norm_kernel_name(tp: int, dtype: Any, dim: int, eps: float,
-                             partials: tuple[int, int] | None = None) -> str:
+                             partials: tuple[int, int] | None = None,
+                             ranges: Ranges | None = None) -> str:
     k = f"_k{partials[0]}x{partials[1]}" if partials else ""
     return (f"xlaserve_all_reduce_add_rms_norm_tp{tp}_{DTYPES[jnp.dtype(dtype).name]}"
-            f"_d{dim}_e{_f32(eps)[2:]}{k}")
+            f"_d{dim}_e{_f32(eps)[2:]}{k}{'_rr' if ranges else ''}")
 
 
 def _check_tp(tp: int) -> None:
@@ -116,10 +120,29 @@ def _load_params(emit: Any, tp: int, buffers: tuple[tuple[str, str], ...]) -> No
         emit(f"ld.param.u64 %ws{r}, [p_ws{r}];")
 
 
-def _rank_and_sequence(emit: Any, tp: int, name: str) -> None:
+def _rank_and_sequence(emit: Any, tp: int, name: str, ranges: Ranges | None = None) -> None:
     """This rank (%rank; predicates %peq/%pne per rank; its own workspace %wsl) and this CTA's
-    sequence number (%seq, read by thread 0, shared through `{name}_seq`) and slot (%slot)."""
-    emit("ld.global.nc.u32 %rank, [%rankp];")
+    sequence number (%seq) and slot (%slot).
+
+    Without `ranges` the rank is loaded from the rank buffer, and thread 0 then reads the CTA's
+    counter and shares it through `{name}_seq` (two dependent global loads and a barrier before
+    the first push). With `ranges` ((start, end) of each rank's device allocation, in rank
+    order) the rank is the range holding the output pointer %outp, known without a load (the
+    rank buffer is read only when no range holds it), and every thread reads the counter
+    itself: one global load before the first push. Every thread must then pass a barrier
+    before thread 0 stores the new count (the kernels do: see `_store_counter`)."""
+    if ranges:
+        emit("mov.u32 %rank, -1;")
+        for r, (start, end) in enumerate(ranges):
+            emit(f"setp.ge.u64 %p, %outp, {start};")
+            emit(f"setp.lt.and.u64 %p, %outp, {end}, %p;")
+            emit(f"selp.u32 %rank, {r}, %rank, %p;")
+        emit("setp.ne.u32 %p, %rank, -1;")
+        emit("@%p bra RANK_KNOWN;")
+        emit("ld.global.nc.u32 %rank, [%rankp];")
+        emit("RANK_KNOWN:")
+    else:
+        emit("ld.global.nc.u32 %rank, [%rankp];")
     emit("mov.u64 %wsl, %ws0;")
     for r in range(tp):
         emit(f"setp.eq.u32 %peq{r}, %rank, {r};")
@@ -131,13 +154,17 @@ def _rank_and_sequence(emit: Any, tp: int, name: str) -> None:
     emit("mul.wide.u32 %off, %cta, 4;")
     emit(f"add.u64 %cnt, %wsl, {COUNTER_OFFSET};")
     emit("add.u64 %cnt, %cnt, %off;")
-    emit("@!%is0 bra SEQ_DONE;")
-    emit("ld.global.cg.u32 %seq, [%cnt];")
-    emit("add.u32 %seq, %seq, 1;")
-    emit(f"st.shared.u32 [{name}_seq], %seq;")
-    emit("SEQ_DONE:")
-    emit("bar.sync 0;")
-    emit(f"ld.shared.u32 %seq, [{name}_seq];")
+    if ranges:
+        emit("ld.global.cg.u32 %seq, [%cnt];")
+        emit("add.u32 %seq, %seq, 1;")
+    else:
+        emit("@!%is0 bra SEQ_DONE;")
+        emit("ld.global.cg.u32 %seq, [%cnt];")
+        emit("add.u32 %seq, %seq, 1;")
+        emit(f"st.shared.u32 [{name}_seq], %seq;")
+        emit("SEQ_DONE:")
+        emit("bar.sync 0;")
+        emit(f"ld.shared.u32 %seq, [{name}_seq];")
     emit("and.b32 %slot, %seq, 1;")
 
 
@@ -209,17 +236,19 @@ def _entry(name: str, arch: int, dt: str, tp: int, what: str, shared: list[str],
             f".maxntid {THREADS}, 1, 1\n{{\n{lines}\n}}\n")
 
 
-def all_reduce_ptx(tp: int, dtype: Any, arch: int) -> str:
+def all_reduce_ptx(tp: int, dtype: Any, arch: int, ranges: Ranges | None = None) -> str:
     """The PTX of the all-reduce for `tp` ranks and `dtype` on compute capability `arch`.
 
     Parameters, in order: x, rank (i32[1]), out (buffers); the tp workspace addresses (u64);
     nvec, the message's 16-byte vectors (u32). Pointers a jaxlib appends after them (0.11's
     launcher adds global-scratch and profiling pointers) are not declared: the driver reads only
-    the declared parameters. Each CTA owns CHUNK_BYTES of the message.
+    the declared parameters. Each CTA owns CHUNK_BYTES of the message. `ranges`: each rank's
+    device allocation (start, end), so the rank comes from the output pointer without a load
+    (`_rank_and_sequence`; the name then ends in "_rr").
     """
     _check_tp(tp)
     dt = DTYPES[jnp.dtype(dtype).name]
-    name = kernel_name(tp, dtype)
+    name = kernel_name(tp, dtype, ranges)
     chunk_vec = CHUNK_BYTES // 16
     nacc = 4 if dt == "f32" else 8
     vec = "{%w0, %w1, %w2, %w3}"
@@ -232,7 +261,7 @@ def all_reduce_ptx(tp: int, dtype: Any, arch: int) -> str:
     emit("mov.u32 %th, %tid.x;")
     emit("mov.u32 %nthr, %ntid.x;")
     emit("mov.u32 %cta, %ctaid.x;")
-    _rank_and_sequence(emit, tp, name)
+    _rank_and_sequence(emit, tp, name, ranges)
     emit(f"mul.lo.u32 %vbeg, %cta, {chunk_vec};")
     emit(f"add.u32 %vend, %vbeg, {chunk_vec};")
     emit("min.u32 %vend, %vend, %nvec;")
@@ -269,6 +298,8 @@ def all_reduce_ptx(tp: int, dtype: Any, arch: int) -> str:
     emit("add.u32 %v, %v, %nthr;")
     emit("bra RED_LOOP;")
     emit("RED_DONE:")
+    if ranges:  # every thread has read the counter before thread 0 stores the new count
+        emit("bar.sync 0;")
     emit("@%is0 st.global.u32 [%cnt], %seq;")
     emit("ret;")
     return _entry(name, arch, dt, tp, "all-reduce", [f".shared .align 4 .u32 {name}_seq;"],
@@ -282,7 +313,8 @@ def add_rms_norm_row_ok(dim: int, dtype: Any) -> bool:
 
 
 def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
-                     partials: tuple[int, int] | None = None) -> str:
+                     partials: tuple[int, int] | None = None,
+                     ranges: Ranges | None = None) -> str:
     """The PTX of the all-reduce fused with the residual add and RMSNorm that follow it.
 
     For each row (token) t, one CTA: s = sum over ranks of x[t] (float32, rank order, rounded to
@@ -300,7 +332,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     Parameters, in order: x, rank (i32[1]), rows (i32[1]), residual, scale [dim], out_x, out_h
     (buffers); the tp workspace addresses (u64). The grid is one CTA per row (at most
     MAX_CTAS). `dim`, `eps` and `partials` are constants of the code (they are in the kernel's
-    name).
+    name). `ranges`: as `all_reduce_ptx`'s.
     """
     _check_tp(tp)
     if not add_rms_norm_row_ok(dim, dtype):
@@ -309,7 +341,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     if partials is not None and (partials[0] < 1 or not 1 <= partials[1] <= MAX_CTAS):
         raise ValueError(f"partials={partials}: needs (S >= 1, 1 <= T <= {MAX_CTAS})")
     dt = DTYPES[jnp.dtype(dtype).name]
-    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, partials)
+    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, partials, ranges)
     row_vec = dim * jnp.dtype(dtype).itemsize // 16
     per_thread = -(-row_vec // THREADS)
     n = 4 if dt == "f32" else 8  # elements per 16-byte vector
@@ -364,7 +396,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
             emit("add.u64 %a, %xp, %off;")
             emit(f"ld.global.v4.b32 {{{', '.join(f'%o{4 * j + k}' for k in range(4))}}}, [%a];")
         emit(f"LOADED{j}:")
-    _rank_and_sequence(emit, tp, name)
+    _rank_and_sequence(emit, tp, name, ranges)
     emit("setp.lt.u32 %p, %cta, %nrows;")
     emit("@%p bra LIVE;")
     emit("mov.b32 %u, 0;")

@@ -86,6 +86,39 @@ def test_add_rms_norm_ptx(tp: int, dtype: str, dim: int, tmp_path) -> None:
         assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_ptx_with_ranges(fused: bool, tmp_path) -> None:
+    """With each rank's allocation range the rank comes from the output pointer: the rank
+    buffer is loaded only on the branch where no range holds it, every thread reads the
+    counter itself (no shared broadcast), and a barrier precedes thread 0's counter store;
+    the parameters are the same, the name ends in "_rr"; ptxas accepts it where installed."""
+    ranges = ((0x7F0000000000, 0x7F2000000000), (0x7E0000000000, 0x7E2000000000))
+    if fused:
+        ptx = ar.add_rms_norm_ptx(2, "bfloat16", 90, 4096, 1e-5, (4, 16), ranges)
+        plain = ar.add_rms_norm_ptx(2, "bfloat16", 90, 4096, 1e-5, (4, 16))
+        assert ar.add_rms_norm_kernel_name(2, "bfloat16", 4096, 1e-5, (4, 16), ranges) in ptx
+    else:
+        ptx, plain = ar.all_reduce_ptx(2, "bfloat16", 90, ranges), ar.all_reduce_ptx(
+            2, "bfloat16", 90)
+        assert ".entry xlaserve_all_reduce_tp2_bf16_rr(" in ptx
+    params = re.findall(r"\.param \.(?:u64|u32) (\w+)", ptx)
+    assert params == re.findall(r"\.param \.(?:u64|u32) (\w+)", plain)
+    for r, (start, end) in enumerate(ranges):
+        assert (f"setp.ge.u64 %p, %outp, {start};\n    setp.lt.and.u64 %p, %outp, {end}, %p;"
+                f"\n    selp.u32 %rank, {r}, %rank, %p;") in ptx
+    assert re.search(r"@%p bra RANK_KNOWN;\n\s+ld\.global\.nc\.u32 %rank, \[%rankp\];\n"
+                     r"RANK_KNOWN:", ptx)
+    assert "SEQ_DONE" not in ptx and "st.shared.u32" not in ptx and "SEQ_DONE" in plain
+    load, store = ptx.index("ld.global.cg.u32 %seq"), ptx.index("@%is0 st.global.u32 [%cnt]")
+    assert ptx.count("ld.global.cg.u32 %seq") == 1 and "bar.sync 0;" in ptx[load:store]
+    if shutil.which("ptxas"):
+        (tmp_path / "k.ptx").write_text(ptx)
+        out = subprocess.run(["ptxas", "-arch=sm_90", str(tmp_path / "k.ptx"), "-o",
+                              str(tmp_path / "k.cubin")], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+
+
 def test_add_rms_norm_limits() -> None:
     assert ar.fits_add_rms_norm((1, 4096), jnp.bfloat16)  # 8B decode, one token: 8 KiB rows
     assert ar.fits_add_rms_norm((128, 4096), jnp.bfloat16)
@@ -409,9 +442,30 @@ needs_gpus = pytest.mark.skipif(len(_gpus()) < 2, reason="needs 2+ GPUs")
 
 
 @functools.lru_cache(maxsize=None)
-def _setup(tp: int) -> tuple[Mesh, ar.AllReduce]:
+def _setup(tp: int, ranged: bool = False) -> tuple[Mesh, ar.AllReduce]:
+    """The mesh and kernel of tp GPUs; `ranged`: the kernel that finds its rank from its
+    output pointer (AllReduce.ranges), on the same workspace."""
     mesh = Mesh(np.array(_gpus()[:tp]).reshape(1, tp), ("data", "model"))
-    return mesh, ar.AllReduce.create(mesh)
+    if not ranged:
+        return mesh, ar.AllReduce.create(mesh)
+    kernel = _setup(tp)[1]
+    return mesh, dataclasses.replace(
+        kernel, ranges=ar.allocation_ranges(_gpus()[:tp], kernel.addresses))
+
+
+@needs_gpus
+@pytest.mark.gpu
+def test_allocation_ranges_hold_new_arrays() -> None:
+    """Each rank's range holds its workspace and an array made after it on that device (so the
+    ranged kernels' rank needs no load: XLA's allocator serves one region per device)."""
+    tp = min(len(_gpus()), 8)
+    kernel = _setup(tp, ranged=True)[1]
+    assert kernel.ranges is not None and len(kernel.ranges) == tp
+    for d, addr, (start, end) in zip(_gpus()[:tp], kernel.addresses, kernel.ranges):
+        probe = int(jax.device_put(jnp.ones(1024), d).unsafe_buffer_pointer())
+        assert start <= addr < end and start <= probe < end, (hex(start), hex(end), hex(probe))
+    starts = sorted(kernel.ranges)
+    assert all(a[1] <= b[0] for a, b in zip(starts, starts[1:]))  # disjoint
 
 
 def _reduce_fns(mesh: Mesh, kernel: ar.AllReduce, chain: int = 1):
@@ -455,12 +509,13 @@ def test_kernel_equals_psum(dtype: str, shape: tuple[int, ...]) -> None:
 
 @needs_gpus
 @pytest.mark.gpu
-def test_chain_of_all_reduces_in_one_program() -> None:
+@pytest.mark.parametrize("ranged", [False, True])
+def test_chain_of_all_reduces_in_one_program(ranged: bool) -> None:
     """64 dependent all-reduces in one program (a 32-layer decode step's count), 20 calls with
     fresh inputs, each checked (stale data from an earlier call would show), then programs of
     1 and 128 CTAs in turn (different CTAs' counters advance differently)."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp)
+    mesh, kernel = _setup(tp, ranged)
     fn, ref = _reduce_fns(mesh, kernel, chain=64)
     sharding = NamedSharding(mesh, PartitionSpec("model"))
     rng = np.random.default_rng(1)
@@ -545,13 +600,14 @@ def test_add_rms_norm_equals_psum(dtype: str, shape: tuple[int, int]) -> None:
 
 @needs_gpus
 @pytest.mark.gpu
-def test_chain_of_fused_and_plain_all_reduces() -> None:
+@pytest.mark.parametrize("ranged", [False, True])
+def test_chain_of_fused_and_plain_all_reduces(ranged: bool) -> None:
     """64 dependent calls in one program alternating the fused kernel (16 CTAs: one per row) and
     the plain one (8 CTAs: 8 KiB each), 10 calls with fresh inputs: the CTAs' counters advance
     differently, as across the engine's programs (steps of 129+ tokens at hidden <= 2048 take
     the plain kernel, smaller ones the fused kernel, on one workspace)."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp)
+    mesh, kernel = _setup(tp, ranged)
     fn, ref = _add_norm_fns(mesh, kernel, 1e-6, chain=64)
     rng = np.random.default_rng(3)
     for _ in range(10):
@@ -570,13 +626,15 @@ def test_chain_of_fused_and_plain_all_reduces() -> None:
 @needs_gpus
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("splits,rows", [(4, 16), (8, 1), (3, 5)])
-def test_add_rms_norm_sums_split_k_partials(dtype: str, splits: int, rows: int) -> None:
+@pytest.mark.parametrize("splits,rows,ranged", [(4, 16, False), (8, 1, False), (3, 5, False),
+                                                (4, 1, True)])
+def test_add_rms_norm_sums_split_k_partials(dtype: str, splits: int, rows: int,
+                                            ranged: bool) -> None:
     """float32 partials [S, T, D] per rank: the kernel's residual equals residual + psum(the
     partials' float32 sum rounded to the dtype) within one ulp of the dtype on 99%+ of the
     elements (XLA may sum the partials in another order), the norm within 2 ulps."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp)
+    mesh, kernel = _setup(tp, ranged)
     d = 4096 if dtype == "bfloat16" else 2048
     split, rep = PartitionSpec("model"), PartitionSpec()
 
@@ -607,13 +665,14 @@ def test_add_rms_norm_sums_split_k_partials(dtype: str, splits: int, rows: int) 
 
 @needs_gpus
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 5, 16])
-def test_add_rms_norm_skips_padding_rows(rows: int) -> None:
+@pytest.mark.parametrize("rows,ranged", [(1, False), (5, False), (16, False), (1, True),
+                                         (5, True)])
+def test_add_rms_norm_skips_padding_rows(rows: int, ranged: bool) -> None:
     """rows < T: the first `rows` rows equal residual + psum and its norm (as without rows),
     the padding rows after them are zeros in both outputs; then a call with every row live on
     the same workspace still agrees (the skipped CTAs' counters stayed in step on all ranks)."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp)
+    mesh, kernel = _setup(tp, ranged)
     d, t = 4096, 16
     split, rep = PartitionSpec("model"), PartitionSpec()
 
