@@ -11,7 +11,13 @@
 #     counter, so one global load instead of two dependent ones and a barrier precede the first
 #     NVLink store: the compiled all-reduce tests of that mode, then runs base / rr at tp=2,
 #     A/B/A/B/A/B, and a traced rr run.
-#   OUT=/tmp/out PART=a|b bash bench/run_gpu_s27.sh  (2 GPUs; carry .whl)
+#   c: on the ranged default (part b's mode, adopted): the fused kernel with one vector per
+#     thread (XLASERVE_ALL_REDUCE_THREADS=row: 512 threads at hidden 4096, so each thread polls
+#     the peer's row once, not twice in turn): the compiled all-reduce tests of the new modes,
+#     then runs base / rt (row threads) / ld (XLASERVE_ALL_REDUCE_RANK=load: the code before
+#     part b) at tp=2, a traced rt run, tp=1 twice (the ratio), then the builtin model's CLI
+#     greedy ids at tp=2 against tp=1.
+#   OUT=/tmp/out PART=a|b|c bash bench/run_gpu_s27.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 27 a || exit 1
@@ -30,6 +36,15 @@ if [ "$PART" = b ]; then
   GPU_TESTS_K="ranges or True" gpu_tests tests/sharding/test_all_reduce.py
   env_of() { [ "$1" = rr ] && echo XLASERVE_ALL_REDUCE_RANK=range; }
   run_variants "base_2 rr_2 base_2b rr_2b base_2c rr_2c rr_2_t" 470
+  exit 0
+fi
+if [ "$PART" = c ]; then
+  GPU_TESTS_K="True or ranges" gpu_tests tests/sharding/test_all_reduce.py
+  env_of() { case $1 in rt) echo XLASERVE_ALL_REDUCE_THREADS=row ;;
+                        ld) echo XLASERVE_ALL_REDUCE_RANK=load ;; esac; }
+  run_variants "base_2 rt_2 ld_2 base_2b rt_2b ld_2b rt_2c base_2c rt_2_t base_1 base_1b" 440
+  [ $((SECONDS - T0)) -lt 470 ] && gpu_cli_tp_check "$R"
+  pack_results
   exit 0
 fi
 echo "unknown PART=$PART"; exit 2
