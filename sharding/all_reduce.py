@@ -81,7 +81,6 @@ from xlaserve.sharding.all_reduce_ptx import (
     add_rms_norm_row_ok,
     all_reduce_ptx,
     kernel_name,
-    row_threads,
 )
 
 log = logging.getLogger(__name__)
@@ -91,8 +90,6 @@ FFI_TARGET = "triton_kernel_call_ffi"
 # "range" (default, session 27): the kernels take their rank from their output pointer
 # (AllReduce.ranges); "load": from the rank buffer (the A/B of bench/run_gpu_s27.sh)
 RANK_ENV = "XLASERVE_ALL_REDUCE_RANK"
-# "row" (experiment, session 27): AllReduce.row_threads
-THREADS_ENV = "XLASERVE_ALL_REDUCE_THREADS"
 MIN_JAX = (0, 11)  # measured on 0.11.2 (2 x H200); 0.10.2's launcher was not tried
 
 
@@ -238,9 +235,6 @@ class AllReduce:
     # kernels find their rank from their output pointer without a load when it lies in one
     # (`all_reduce_ptx._rank_and_sequence`); None: they load the rank buffer.
     ranges: tuple[tuple[int, int], ...] | None = None
-    # The fused kernel's CTAs hold one 16-byte vector of the row per thread (`row_threads`: 512
-    # threads at hidden 4096 in bf16) instead of THREADS (256: two vectors each, polled in turn)
-    row_threads: bool = False
 
     @classmethod
     def create(cls, mesh: Mesh, model_axis: str = "model") -> AllReduce:
@@ -276,16 +270,15 @@ class AllReduce:
                      [f"{a:#x}+{(b - a) >> 20} MiB" for a, b in ranges], inside)
         log.info("custom all-reduce: tp=%d, %d KiB workspace per device, messages up to %d KiB",
                  tp, workspace_bytes(tp) >> 10, MAX_MESSAGE_BYTES >> 10)
-        row = os.environ.get(THREADS_ENV, "256") == "row"
-        return cls(tp, addresses, arch, model_axis, ws, ranges, row)
+        return cls(tp, addresses, arch, model_axis, ws, ranges)
 
     def _opaque(self, name: str, ptx: str, buffers: tuple[int, ...], grid: int,
-                scalars: tuple[tuple[int, str], ...] = (), threads: int = THREADS) -> bytes:
+                scalars: tuple[tuple[int, str], ...] = ()) -> bytes:
         """The launch record jaxlib's kernel-call handler reads: one pointer parameter per
         entry of `buffers` (the call's operands, then its results; each entry the alignment in
         bytes jaxlib checks at launch), the workspace addresses, then `scalars`."""
         gt = _gpu_triton()
-        kernel = gt.TritonKernel(name, threads // 32, 1, 0, ptx, "", self.arch)
+        kernel = gt.TritonKernel(name, THREADS // 32, 1, 0, ptx, "", self.arch)
         params = [gt.create_array_parameter(0, align) for align in buffers]
         params += [gt.create_scalar_parameter(a, "u64") for a in self.addresses]
         params += [gt.create_scalar_parameter(v, t) for v, t in scalars]
@@ -345,15 +338,14 @@ class AllReduce:
                              f"at most {CHUNK_BYTES} bytes, x like residual (or float32 split-K "
                              f"partials [S, T, D]), scale [D], one dtype of {sorted(DTYPES)}")
         dt = residual.dtype
-        threads = row_threads(d, dt) if self.row_threads else THREADS
-        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials, self.ranges, threads)
-        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials, self.ranges, threads)
+        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials, self.ranges)
+        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials, self.ranges)
         if rows is None:
             rows = jnp.full((1,), t, jnp.int32)
         if rows.shape != (1,) or rows.dtype != jnp.int32:
             raise ValueError(f"custom all-reduce + RMSNorm: rows {rows.shape} {rows.dtype} "
                              f"must be i32[1]")
-        opaque = self._opaque(name, ptx, (16, 4, 4, 16, 16, 16, 16), t, threads=threads)
+        opaque = self._opaque(name, ptx, (16, 4, 4, 16, 16, 16, 16), t)
         out = jax.ShapeDtypeStruct(residual.shape, dt)
         call = jax.ffi.ffi_call(FFI_TARGET, (out, out))
         summed, normed = call(x, self._rank(), rows, residual, scale, name=name, opaque=opaque)

@@ -99,19 +99,10 @@ def kernel_name(tp: int, dtype: Any, ranges: Ranges | None = None) -> str:
 
 def add_rms_norm_kernel_name(tp: int, dtype: Any, dim: int, eps: float,
                              partials: tuple[int, int] | None = None,
-                             ranges: Ranges | None = None, threads: int = THREADS) -> str:
+                             ranges: Ranges | None = None) -> str:
     k = f"_k{partials[0]}x{partials[1]}" if partials else ""
-    t = f"_t{threads}" if threads != THREADS else ""
     return (f"xlaserve_all_reduce_add_rms_norm_tp{tp}_{DTYPES[jnp.dtype(dtype).name]}"
-            f"_d{dim}_e{_f32(eps)[2:]}{k}{t}{'_rr' if ranges else ''}")
-
-
-def row_threads(dim: int, dtype: Any) -> int:
-    """Threads per CTA for one vector per thread of a `dim` row (at least THREADS; at most 512
-    for the largest row, CHUNK_BYTES): the fused kernel's polls of a peer's row then take one
-    round trip per thread instead of one per vector in turn."""
-    row_vec = dim * jnp.dtype(dtype).itemsize // 16
-    return max(THREADS, -(-row_vec // 32) * 32)
+            f"_d{dim}_e{_f32(eps)[2:]}{k}{'_rr' if ranges else ''}")
 
 
 def _check_tp(tp: int) -> None:
@@ -232,7 +223,7 @@ _COMMON_REGS = (
 
 
 def _entry(name: str, arch: int, dt: str, tp: int, what: str, shared: list[str],
-           buffers: list[str], scalars: list[str], body: list[str], threads: int = THREADS) -> str:
+           buffers: list[str], scalars: list[str], body: list[str]) -> str:
     """The module text: `buffers` (u64 pointer parameters), the tp workspace addresses, then
     `scalars` (full declarations), with `shared` declarations and the `body` lines."""
     lines = "\n".join("    " + b if not b.endswith(":") else b for b in body)
@@ -242,7 +233,7 @@ def _entry(name: str, arch: int, dt: str, tp: int, what: str, shared: list[str],
             f".version 7.8\n.target sm_{arch}\n.address_size 64\n\n"
             + "".join(x + "\n" for x in shared) + "\n"
             f".visible .entry {name}(\n" + ",\n".join(params) + "\n)\n"
-            f".maxntid {threads}, 1, 1\n{{\n{lines}\n}}\n")
+            f".maxntid {THREADS}, 1, 1\n{{\n{lines}\n}}\n")
 
 
 def all_reduce_ptx(tp: int, dtype: Any, arch: int, ranges: Ranges | None = None) -> str:
@@ -323,7 +314,7 @@ def add_rms_norm_row_ok(dim: int, dtype: Any) -> bool:
 
 def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
                      partials: tuple[int, int] | None = None,
-                     ranges: Ranges | None = None, threads: int = THREADS) -> str:
+                     ranges: Ranges | None = None) -> str:
     """The PTX of the all-reduce fused with the residual add and RMSNorm that follow it.
 
     For each row (token) t, one CTA: s = sum over ranks of x[t] (float32, rank order, rounded to
@@ -341,8 +332,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     Parameters, in order: x, rank (i32[1]), rows (i32[1]), residual, scale [dim], out_x, out_h
     (buffers); the tp workspace addresses (u64). The grid is one CTA per row (at most
     MAX_CTAS). `dim`, `eps` and `partials` are constants of the code (they are in the kernel's
-    name). `ranges`: as `all_reduce_ptx`'s. `threads` per CTA (the launch's block size; in
-    the name unless THREADS): `row_threads` gives one 16-byte vector per thread.
+    name). `ranges`: as `all_reduce_ptx`'s.
     """
     _check_tp(tp)
     if not add_rms_norm_row_ok(dim, dtype):
@@ -351,11 +341,9 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     if partials is not None and (partials[0] < 1 or not 1 <= partials[1] <= MAX_CTAS):
         raise ValueError(f"partials={partials}: needs (S >= 1, 1 <= T <= {MAX_CTAS})")
     dt = DTYPES[jnp.dtype(dtype).name]
-    if threads % 32 or not 32 <= threads <= 1024:
-        raise ValueError(f"threads={threads}: a multiple of 32 in 32..1024")
-    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, partials, ranges, threads)
+    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, partials, ranges)
     row_vec = dim * jnp.dtype(dtype).itemsize // 16
-    per_thread = -(-row_vec // threads)
+    per_thread = -(-row_vec // THREADS)
     n = 4 if dt == "f32" else 8  # elements per 16-byte vector
     w = [f"%w{k}" for k in range(4)]
     s = [f"%s{k}" for k in range(n)]
@@ -377,11 +365,11 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     emit("mov.u32 %th, %tid.x;")
     emit("mov.u32 %cta, %ctaid.x;")
     emit(f"mul.lo.u32 %vbeg, %cta, {row_vec};")
-    for j in range(per_thread):  # thread th owns vectors th, th + threads, ... of the row
-        emit(f"setp.lt.u32 %pv{j}, %th, {row_vec - j * threads};")
+    for j in range(per_thread):  # thread th owns vectors th, th + THREADS, ... of the row
+        emit(f"setp.lt.u32 %pv{j}, %th, {row_vec - j * THREADS};")
 
     def locate(j: int) -> None:  # %off: byte of the vector in the [T, dim] arrays; %loc: in LL
-        emit(f"add.u32 %t, %th, {j * threads};")
+        emit(f"add.u32 %t, %th, {j * THREADS};")
         emit("mul.wide.u32 %loc, %t, 32;")
         emit("add.u32 %v, %vbeg, %t;")
         emit("mul.wide.u32 %off, %v, 16;")
@@ -398,7 +386,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
         locate(j)
         emit("add.u64 %a, %resp, %off;")
         emit(f"ld.global.v4.b32 {{{', '.join(res)}}}, [%a];")
-        emit(f"add.u32 %t, %th, {j * threads};")
+        emit(f"add.u32 %t, %th, {j * THREADS};")
         emit("mul.wide.u32 %a, %t, 16;")
         emit("add.u64 %a, %scp, %a;")
         emit(f"ld.global.nc.v4.b32 {{{', '.join(sc)}}}, [%a];")
@@ -466,7 +454,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     emit("bar.sync 0;")
     emit("@!%is0 bra RSTD_DONE;")
     emit(f"ld.shared.f32 %ss, [{name}_red];")
-    for k in range(1, threads // 32):
+    for k in range(1, THREADS // 32):
         emit(f"ld.shared.f32 %fr, [{name}_red+{4 * k}];")
         emit("add.f32 %ss, %ss, %fr;")
     emit(f"div.rn.f32 %ss, %ss, {_f32(float(dim))};")
@@ -492,11 +480,11 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     emit("@%is0 st.global.u32 [%cnt], %seq;")
     emit("ret;")
     shared = [f".shared .align 4 .u32 {name}_seq;",
-              f".shared .align 4 .f32 {name}_red[{threads // 32}];",
+              f".shared .align 4 .f32 {name}_red[{THREADS // 32}];",
               f".shared .align 4 .f32 {name}_rstd;"]
     return _entry(name, arch, dt, tp, "all-reduce + residual add + RMSNorm", shared,
                   ["p_x", "p_rank", "p_rows", "p_res", "p_scale", "p_out", "p_outh"], [],
-                  body, threads)
+                  body)
 
 
 def _load_partials(emit: Any, partials: tuple[int, int], dim: int, n: int, j: int) -> None:

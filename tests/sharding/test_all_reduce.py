@@ -119,29 +119,6 @@ def test_ptx_with_ranges(fused: bool, tmp_path) -> None:
         assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("dim,dtype,threads", [(4096, "bfloat16", 512), (3584, "bfloat16", 448),
-                                               (2048, "bfloat16", 256), (64, "bfloat16", 256),
-                                               (2048, "float32", 512)])
-def test_row_threads_ptx(dim: int, dtype: str, threads: int, tmp_path) -> None:
-    """One vector per thread: `row_threads` threads (.maxntid, the warps' partial sums of
-    squares, the name), one poll per peer; ptxas accepts it where installed."""
-    assert ar.row_threads(dim, dtype) == threads
-    ptx = ar.add_rms_norm_ptx(2, dtype, 90, dim, 1e-5, (2, 16), None, threads)
-    assert f".maxntid {threads}, 1, 1" in ptx and f"_red[{threads // 32}]" in ptx
-    assert ptx.count("ld.shared.f32 %fr,") == threads // 32 - 1
-    assert ptx.count("ld.volatile.global.v4.b32") == 2 * 2  # one vector: two LL lines per rank
-    name = ar.add_rms_norm_kernel_name(2, dtype, dim, 1e-5, (2, 16), None, threads)
-    assert f".entry {name}(" in ptx and (name.endswith(f"_t{threads}") == (threads != 256))
-    if shutil.which("ptxas"):
-        (tmp_path / "k.ptx").write_text(ptx)
-        out = subprocess.run(["ptxas", "-arch=sm_90", str(tmp_path / "k.ptx"), "-o",
-                              str(tmp_path / "k.cubin")], capture_output=True, text=True,
-                             timeout=60)
-        assert out.returncode == 0, out.stderr
-    with pytest.raises(ValueError, match="threads=100"):
-        ar.add_rms_norm_ptx(2, dtype, 90, dim, 1e-5, None, None, 100)
-
-
 def test_add_rms_norm_limits() -> None:
     assert ar.fits_add_rms_norm((1, 4096), jnp.bfloat16)  # 8B decode, one token: 8 KiB rows
     assert ar.fits_add_rms_norm((128, 4096), jnp.bfloat16)
@@ -470,13 +447,12 @@ def _created(tp: int) -> tuple[Mesh, ar.AllReduce]:
     return mesh, ar.AllReduce.create(mesh)
 
 
-def _setup(tp: int, ranged: bool = False, row: bool = False) -> tuple[Mesh, ar.AllReduce]:
-    """The mesh and kernel of tp GPUs, all on one workspace: `ranged` finds its rank from its
-    output pointer (AllReduce.ranges; else it loads the rank), `row` runs the fused kernel
-    with one vector per thread (AllReduce.row_threads)."""
+def _setup(tp: int, ranged: bool = True) -> tuple[Mesh, ar.AllReduce]:
+    """The mesh and kernel of tp GPUs, both on one workspace: `ranged` finds its rank from its
+    output pointer (AllReduce.ranges, the default of `create`), else it loads the rank."""
     mesh, kernel = _created(tp)
     ranges = ar.allocation_ranges(_gpus()[:tp], kernel.addresses) if ranged else None
-    return mesh, dataclasses.replace(kernel, ranges=ranges, row_threads=row)
+    return mesh, dataclasses.replace(kernel, ranges=ranges)
 
 
 @needs_gpus
@@ -593,14 +569,14 @@ def _ulps(got: np.ndarray, want: np.ndarray, mantissa_bits: int) -> np.ndarray:
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("shape", [(1, 4096), (16, 4096), (128, 4096), (3, 3584), (2, 2048),
                                    (5, 64)])
-@pytest.mark.parametrize("row", [False, True])
-def test_add_rms_norm_equals_psum(dtype: str, shape: tuple[int, int], row: bool) -> None:
+@pytest.mark.parametrize("ranged", [False, True])
+def test_add_rms_norm_equals_psum(dtype: str, shape: tuple[int, int], ranged: bool) -> None:
     """residual + all-reduce, bit-equal to psum's at tp 2; the norm, in 16-bit dtypes, within
     an ulp or two of its dtype and equal for 99%+ of the elements (its float32 sum of squares
     is summed in another order than XLA's, and rsqrt may differ in the last bit); in float32
-    within 1e-5. `row`: one vector per thread (the ranged kernel)."""
+    within 1e-5."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp, ranged=row, row=row)
+    mesh, kernel = _setup(tp, ranged)
     if not ar.fits_add_rms_norm(shape, dtype):
         pytest.skip("over the fused kernel's row limit for this dtype")
     fn, ref = _add_norm_fns(mesh, kernel, 1e-5)
@@ -627,14 +603,14 @@ def test_add_rms_norm_equals_psum(dtype: str, shape: tuple[int, int], row: bool)
 
 @needs_gpus
 @pytest.mark.gpu
-@pytest.mark.parametrize("ranged,row", [(False, False), (True, False), (True, True)])
-def test_chain_of_fused_and_plain_all_reduces(ranged: bool, row: bool) -> None:
+@pytest.mark.parametrize("ranged", [False, True])
+def test_chain_of_fused_and_plain_all_reduces(ranged: bool) -> None:
     """64 dependent calls in one program alternating the fused kernel (16 CTAs: one per row) and
     the plain one (8 CTAs: 8 KiB each), 10 calls with fresh inputs: the CTAs' counters advance
     differently, as across the engine's programs (steps of 129+ tokens at hidden <= 2048 take
     the plain kernel, smaller ones the fused kernel, on one workspace)."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp, ranged, row)
+    mesh, kernel = _setup(tp, ranged)
     fn, ref = _add_norm_fns(mesh, kernel, 1e-6, chain=64)
     rng = np.random.default_rng(3)
     for _ in range(10):
@@ -653,16 +629,15 @@ def test_chain_of_fused_and_plain_all_reduces(ranged: bool, row: bool) -> None:
 @needs_gpus
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("splits,rows,ranged,row", [(4, 16, False, False), (8, 1, False, False),
-                                                    (3, 5, False, False), (4, 1, True, False),
-                                                    (2, 16, True, True), (3, 5, True, True)])
-def test_add_rms_norm_sums_split_k_partials(dtype: str, splits: int, rows: int, ranged: bool,
-                                            row: bool) -> None:
+@pytest.mark.parametrize("splits,rows,ranged", [(4, 16, False), (8, 1, False), (3, 5, False),
+                                                (4, 1, True), (2, 16, True)])
+def test_add_rms_norm_sums_split_k_partials(dtype: str, splits: int, rows: int,
+                                            ranged: bool) -> None:
     """float32 partials [S, T, D] per rank: the kernel's residual equals residual + psum(the
     partials' float32 sum rounded to the dtype) within one ulp of the dtype on 99%+ of the
     elements (XLA may sum the partials in another order), the norm within 2 ulps."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp, ranged, row)
+    mesh, kernel = _setup(tp, ranged)
     d = 4096 if dtype == "bfloat16" else 2048
     split, rep = PartitionSpec("model"), PartitionSpec()
 
@@ -693,15 +668,14 @@ def test_add_rms_norm_sums_split_k_partials(dtype: str, splits: int, rows: int, 
 
 @needs_gpus
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows,ranged,row", [(1, False, False), (5, False, False),
-                                             (16, False, False), (1, True, False),
-                                             (5, True, False), (1, True, True), (5, True, True)])
-def test_add_rms_norm_skips_padding_rows(rows: int, ranged: bool, row: bool) -> None:
+@pytest.mark.parametrize("rows,ranged", [(1, False), (5, False), (16, False), (1, True),
+                                         (5, True)])
+def test_add_rms_norm_skips_padding_rows(rows: int, ranged: bool) -> None:
     """rows < T: the first `rows` rows equal residual + psum and its norm (as without rows),
     the padding rows after them are zeros in both outputs; then a call with every row live on
     the same workspace still agrees (the skipped CTAs' counters stayed in step on all ranks)."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp, ranged, row)
+    mesh, kernel = _setup(tp, ranged)
     d, t = 4096, 16
     split, rep = PartitionSpec("model"), PartitionSpec()
 
