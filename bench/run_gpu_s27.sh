@@ -17,7 +17,11 @@
 #     then runs base / rt (row threads) / ld (XLASERVE_ALL_REDUCE_RANK=load: the code before
 #     part b) at tp=2, a traced rt run, tp=1 twice (the ratio), then the builtin model's CLI
 #     greedy ids at tp=2 against tp=1.
-#   OUT=/tmp/out PART=a|b|c bash bench/run_gpu_s27.sh  (2 GPUs; carry .whl)
+#   d: the fused kernel's epilogue (XLASERVE_ALL_REDUCE_VARIANT): nb (every thread sums the
+#     warps' squares itself: one barrier instead of two), lt (the poll reads the clock every
+#     256th failed poll only), nblt (both): the compiled fused-kernel tests with nblt, then
+#     runs base / nb / lt / nblt at tp=2, A/B.
+#   OUT=/tmp/out PART=a|b|c|d bash bench/run_gpu_s27.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 27 a || exit 1
@@ -45,6 +49,13 @@ if [ "$PART" = c ]; then
   run_variants "base_2 rt_2 ld_2 base_2b rt_2b ld_2b rt_2c base_2c rt_2_t base_1 base_1b" 440
   [ $((SECONDS - T0)) -lt 470 ] && gpu_cli_tp_check "$R"
   pack_results
+  exit 0
+fi
+if [ "$PART" = d ]; then
+  XLASERVE_ALL_REDUCE_VARIANT=nblt GPU_TESTS_K="add_rms_norm or fused" \
+    gpu_tests tests/sharding/test_all_reduce.py
+  env_of() { [ "$1" != base ] && echo "XLASERVE_ALL_REDUCE_VARIANT=$1"; }
+  run_variants "base_2 nb_2 lt_2 nblt_2 base_2b nb_2b lt_2b nblt_2b base_2c nblt_2c" 330
   exit 0
 fi
 echo "unknown PART=$PART"; exit 2

@@ -235,6 +235,9 @@ class AllReduce:
     # kernels find their rank from their output pointer without a load when it lies in one
     # (`all_reduce_ptx._rank_and_sequence`); None: they load the rank buffer.
     ranges: tuple[tuple[int, int], ...] | None = None
+    # experiment (session 27, XLASERVE_ALL_REDUCE_VARIANT): "nb" one barrier in the fused
+    # kernel's norm, "lt" the poll's clock read every 256th failed poll, "nblt" both
+    variant: str = ""
 
     @classmethod
     def create(cls, mesh: Mesh, model_axis: str = "model") -> AllReduce:
@@ -270,7 +273,8 @@ class AllReduce:
                      [f"{a:#x}+{(b - a) >> 20} MiB" for a, b in ranges], inside)
         log.info("custom all-reduce: tp=%d, %d KiB workspace per device, messages up to %d KiB",
                  tp, workspace_bytes(tp) >> 10, MAX_MESSAGE_BYTES >> 10)
-        return cls(tp, addresses, arch, model_axis, ws, ranges)
+        return cls(tp, addresses, arch, model_axis, ws, ranges,
+                   os.environ.get("XLASERVE_ALL_REDUCE_VARIANT", ""))
 
     def _opaque(self, name: str, ptx: str, buffers: tuple[int, ...], grid: int,
                 scalars: tuple[tuple[int, str], ...] = ()) -> bytes:
@@ -338,8 +342,10 @@ class AllReduce:
                              f"at most {CHUNK_BYTES} bytes, x like residual (or float32 split-K "
                              f"partials [S, T, D]), scale [D], one dtype of {sorted(DTYPES)}")
         dt = residual.dtype
-        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials, self.ranges)
-        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials, self.ranges)
+        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials, self.ranges) + (
+            f"_{self.variant}" if self.variant else "")
+        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials, self.ranges,
+                               self.variant)
         if rows is None:
             rows = jnp.full((1,), t, jnp.int32)
         if rows.shape != (1,) or rows.dtype != jnp.int32:
