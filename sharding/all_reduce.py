@@ -22,9 +22,15 @@ two 16-byte vectors; the fused kernel: one CTA per token row of up to 8 KiB), NC
      whole with its flag and no fence or separate signal is needed,
   2. then every rank polls its own workspace until each peer's lines carry the sequence number,
      and sums in rank order (its own vector from x) into out.
-Sequence numbers count each CTA's calls (a counter per CTA in the workspace, read after the rank;
-loading every rank's counter before the rank is known, by cp.async or an L2 prefetch, made the
-tp=2 step 10-60 us slower: session 25, commit 83db79b); the data
+Sequence numbers count each CTA's calls (a counter per CTA in the workspace, which every thread
+reads as soon as it knows its rank). The rank comes from the kernel's output pointer: the
+AllReduce knows each device's allocation range (cuMemGetAddressRange of its workspace), so the
+rank needs no load unless a buffer lies outside them (then the rank buffer is read; a warning at
+start-up says so). Session 27 measured it against the rank loaded first and then the counter
+(two dependent loads and a barrier before the first NVLink store): 3.82 us per fused call on the
+GPU that does not wait against 4.25-4.4, the tp=2 step ~10 us shorter. (Loading every rank's
+counter before the rank was known, by cp.async or an L2 prefetch, made the step 10-60 us slower:
+session 25, commit 83db79b.) The data
 alternates between two slots by the number's parity: a rank reuses a slot only after its peer
 has finished the next call, which needs the peer to have read the slot first. A wait that lasts
 10 s traps (a device error that fails the step) instead of hanging.
@@ -235,9 +241,6 @@ class AllReduce:
     # kernels find their rank from their output pointer without a load when it lies in one
     # (`all_reduce_ptx._rank_and_sequence`); None: they load the rank buffer.
     ranges: tuple[tuple[int, int], ...] | None = None
-    # experiment (session 27, XLASERVE_ALL_REDUCE_VARIANT): "nb" one barrier in the fused
-    # kernel's norm, "lt" the poll's clock read every 256th failed poll, "nblt" both
-    variant: str = ""
 
     @classmethod
     def create(cls, mesh: Mesh, model_axis: str = "model") -> AllReduce:
@@ -268,13 +271,15 @@ class AllReduce:
             probe = [int(jax.device_put(jnp.zeros(4), d).unsafe_buffer_pointer())
                      for d in rank_devices]
             inside = [start <= p < end for p, (start, end) in zip(probe, ranges)]
-            log.info("custom all-reduce: rank from the output pointer (%s=range): device "
-                     "allocations %s; a new array lies in its device's: %s", RANK_ENV,
-                     [f"{a:#x}+{(b - a) >> 20} MiB" for a, b in ranges], inside)
+            log.log(logging.INFO if all(inside) else logging.WARNING,
+                    "custom all-reduce: rank from the output pointer (%s=range): device "
+                    "allocations %s; a new array lies in its device's: %s%s", RANK_ENV,
+                    [f"{a:#x}+{(b - a) >> 20} MiB" for a, b in ranges], inside,
+                    "" if all(inside) else " (buffers outside them load the rank: correct, "
+                    "~10 us slower per 8B step)")
         log.info("custom all-reduce: tp=%d, %d KiB workspace per device, messages up to %d KiB",
                  tp, workspace_bytes(tp) >> 10, MAX_MESSAGE_BYTES >> 10)
-        return cls(tp, addresses, arch, model_axis, ws, ranges,
-                   os.environ.get("XLASERVE_ALL_REDUCE_VARIANT", ""))
+        return cls(tp, addresses, arch, model_axis, ws, ranges)
 
     def _opaque(self, name: str, ptx: str, buffers: tuple[int, ...], grid: int,
                 scalars: tuple[tuple[int, str], ...] = ()) -> bytes:
@@ -342,10 +347,8 @@ class AllReduce:
                              f"at most {CHUNK_BYTES} bytes, x like residual (or float32 split-K "
                              f"partials [S, T, D]), scale [D], one dtype of {sorted(DTYPES)}")
         dt = residual.dtype
-        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials, self.ranges) + (
-            f"_{self.variant}" if self.variant else "")
-        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials, self.ranges,
-                               self.variant)
+        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials, self.ranges)
+        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials, self.ranges)
         if rows is None:
             rows = jnp.full((1,), t, jnp.int32)
         if rows.shape != (1,) or rows.dtype != jnp.int32:

@@ -182,8 +182,7 @@ def _push(emit: Any, tp: int) -> None:
         emit(f"@%pne{r} st.volatile.global.v4.b32 [%a+16], {{%w2, %seq, %w3, %seq}};")
 
 
-def _poll_sum(emit: Any, body: list[str], tp: int, dt: str, tag: str = "",
-              variant: str = "") -> None:
+def _poll_sum(emit: Any, body: list[str], tp: int, dt: str, tag: str = "") -> None:
     """Sums, in rank order into %acc*, this rank's vector (%w0..3) and each peer's from this
     workspace (byte %loc of the LL chunk) once both of its LL lines carry this call's flag
     (volatile loads: never a stale L1 line). A wait over TIMEOUT_NS traps."""
@@ -202,11 +201,6 @@ def _poll_sum(emit: Any, body: list[str], tp: int, dt: str, tag: str = "",
         for f in ("%f1", "%f2", "%f3"):
             emit(f"setp.eq.and.u32 %p, {f}, %seq, %p;")
         emit(f"@%p bra GOT{r}{tag};")
-        if "lt" in variant:  # the clock only every 256th failed poll
-            emit("add.u32 %it, %it, 1;")
-            emit("and.b32 %t, %it, 255;")
-            emit("setp.ne.u32 %p, %t, 0;")
-            emit(f"@%p bra SPIN{r}{tag};")
         emit("mov.u64 %now, %globaltimer;")
         emit("sub.u64 %now, %now, %start;")
         emit(f"setp.gt.u64 %p, %now, {TIMEOUT_NS};")
@@ -320,7 +314,7 @@ def add_rms_norm_row_ok(dim: int, dtype: Any) -> bool:
 
 def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
                      partials: tuple[int, int] | None = None,
-                     ranges: Ranges | None = None, variant: str = "") -> str:
+                     ranges: Ranges | None = None) -> str:
     """The PTX of the all-reduce fused with the residual add and RMSNorm that follow it.
 
     For each row (token) t, one CTA: s = sum over ranks of x[t] (float32, rank order, rounded to
@@ -347,8 +341,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     if partials is not None and (partials[0] < 1 or not 1 <= partials[1] <= MAX_CTAS):
         raise ValueError(f"partials={partials}: needs (S >= 1, 1 <= T <= {MAX_CTAS})")
     dt = DTYPES[jnp.dtype(dtype).name]
-    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, partials, ranges) + (
-        f"_{variant}" if variant else "")
+    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, partials, ranges)
     row_vec = dim * jnp.dtype(dtype).itemsize // 16
     per_thread = -(-row_vec // THREADS)
     n = 4 if dt == "f32" else 8  # elements per 16-byte vector
@@ -359,8 +352,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     body: list[str] = list(_COMMON_REGS)
     emit = body.append
     emit(f".reg .b64 %ws<{tp}>, %resp, %scp, %outhp, %rowsp;")
-    emit(".reg .b32 %nrows, %it;")
-    emit("mov.u32 %it, 0;")
+    emit(".reg .b32 %nrows;")
     emit(f".reg .pred %pv<{per_thread}>;")
     emit(f".reg .f32 %fv, %fr, %ss, %rstd, %acc<{n}>, %s<{n}>, %xn<{per_thread * n}>;")
     emit(f".reg .b32 %lane, %warp, %r<{4 * per_thread}>, %c<{4 * per_thread}>;")
@@ -438,7 +430,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
         emit(f"@!%pv{j} bra SUMMED{j};")
         locate(j)
         body.extend(f"mov.b32 %w{k}, %o{4 * j + k};" for k in range(4))  # this rank's row
-        _poll_sum(emit, body, tp, dt, tag=f"_{j}", variant=variant)
+        _poll_sum(emit, body, tp, dt, tag=f"_{j}")
         body.extend(_round_regs(dt, acc, w, s))  # the sum, rounded as the plain kernel's
         body.extend(_unpack_regs(dt, [f"%r{4 * j + k}" for k in range(4)], acc))
         body.extend(f"add.f32 {x}, {x}, {a};" for x, a in zip(s, acc))
@@ -460,10 +452,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     emit("add.u64 %a, %a, %off;")
     emit("@%p st.shared.f32 [%a], %ss;")
     emit("bar.sync 0;")
-    if "nb" not in variant:
-        emit("@!%is0 bra RSTD_DONE;")
-    # (variant "nb": every thread sums the warps' partials itself, in the same order, so no
-    # second barrier and no shared rstd)
+    emit("@!%is0 bra RSTD_DONE;")
     emit(f"ld.shared.f32 %ss, [{name}_red];")
     for k in range(1, THREADS // 32):
         emit(f"ld.shared.f32 %fr, [{name}_red+{4 * k}];")
@@ -471,13 +460,10 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     emit(f"div.rn.f32 %ss, %ss, {_f32(float(dim))};")
     emit(f"add.f32 %ss, %ss, {_f32(eps)};")
     emit("rsqrt.approx.f32 %ss, %ss;")
-    if "nb" in variant:
-        emit("mov.f32 %rstd, %ss;")
-    else:
-        emit(f"st.shared.f32 [{name}_rstd], %ss;")
-        emit("RSTD_DONE:")
-        emit("bar.sync 0;")
-        emit(f"ld.shared.f32 %rstd, [{name}_rstd];")
+    emit(f"st.shared.f32 [{name}_rstd], %ss;")
+    emit("RSTD_DONE:")
+    emit("bar.sync 0;")
+    emit(f"ld.shared.f32 %rstd, [{name}_rstd];")
     # 4. h = (x_new * rstd, rounded) * scale, rounded
     for j in range(per_thread):
         xn = [f"%xn{j * n + k}" for k in range(n)]
