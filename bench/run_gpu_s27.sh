@@ -22,7 +22,11 @@
 #     warps' squares itself: one barrier instead of two), lt (the poll reads the clock every
 #     256th failed poll only), nblt (both): the compiled fused-kernel tests with nblt, then
 #     runs base / nb / lt / nblt at tp=2, A/B.
-#   OUT=/tmp/out PART=a|b|c|d bash bench/run_gpu_s27.sh  (2 GPUs; carry .whl)
+#   e (written in session 27, not yet run): the fused kernel's joint wait
+#     (XLASERVE_ALL_REDUCE_VARIANT=jp: each thread waits for both its vectors of the peer's row in
+#     one loop instead of one after the other): the compiled jp tests, then runs base / jp at
+#     tp=2, A/B/A/B/A/B, a traced jp run, and tp=1 twice (the ratio on the same host).
+#   OUT=/tmp/out PART=a|b|c|d|e bash bench/run_gpu_s27.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 27 a || exit 1
@@ -57,6 +61,12 @@ if [ "$PART" = d ]; then
     gpu_tests tests/sharding/test_all_reduce.py
   env_of() { [ "$1" != base ] && echo "XLASERVE_ALL_REDUCE_VARIANT=$1"; }
   run_variants "base_2 nb_2 lt_2 nblt_2 base_2b nb_2b lt_2b nblt_2b base_2c nblt_2c" 330
+  exit 0
+fi
+if [ "$PART" = e ]; then
+  GPU_TESTS_K="jp" gpu_tests tests/sharding/test_all_reduce.py
+  env_of() { [ "$1" = jp ] && echo XLASERVE_ALL_REDUCE_VARIANT=jp; }
+  run_variants "base_2 jp_2 base_2b jp_2b base_2c jp_2c jp_2_t base_1 base_1b" 470
   exit 0
 fi
 echo "unknown PART=$PART"; exit 2

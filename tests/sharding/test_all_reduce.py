@@ -27,6 +27,17 @@ from xlaserve.sharding import all_reduce as ar
 from xlaserve.sharding.specs import _shard_map
 
 
+def _assembles(ptx: str, tmp_path) -> None:
+    """ptxas accepts `ptx` for sm_90 (what jaxlib does before the first launch), where ptxas
+    is installed."""
+    if shutil.which("ptxas") is None:
+        return
+    (tmp_path / "k.ptx").write_text(ptx)
+    out = subprocess.run(["ptxas", "-arch=sm_90", str(tmp_path / "k.ptx"), "-o",
+                          str(tmp_path / "k.cubin")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
 @pytest.mark.parametrize("tp,dtype", [(2, "bfloat16"), (4, "float32"), (8, "float16")])
 def test_ptx_parameters_match_the_launch(tp: int, dtype: str) -> None:
     """x, rank, out, tp workspace addresses, nvec (what `AllReduce._opaque` passes)."""
@@ -50,11 +61,7 @@ def test_ptx_parameters_match_the_launch(tp: int, dtype: str) -> None:
                                       (8, "bfloat16")])
 def test_ptx_assembles(tp: int, dtype: str, tmp_path) -> None:
     """ptxas accepts the generated PTX (what jaxlib does before the first launch)."""
-    src = tmp_path / "k.ptx"
-    src.write_text(ar.all_reduce_ptx(tp, dtype, 90))
-    out = subprocess.run(["ptxas", "-arch=sm_90", str(src), "-o", str(tmp_path / "k.cubin")],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
+    _assembles(ar.all_reduce_ptx(tp, dtype, 90), tmp_path)
 
 
 @pytest.mark.parametrize("tp,dtype,dim", [(2, "bfloat16", 4096), (4, "float16", 3584),
@@ -78,12 +85,7 @@ def test_add_rms_norm_ptx(tp: int, dtype: str, dim: int, tmp_path) -> None:
     assert ptx.count("ld.volatile.global.v4.b32") == 2 * tp * per_thread
     assert ptx.count("shfl.sync.bfly.b32") == 5 and ptx.count("bar.sync 0;") == 3
     assert "0f3727C5AC" in ptx  # eps 1e-5 as float32 bits
-    if shutil.which("ptxas"):
-        (tmp_path / "k.ptx").write_text(ptx)
-        out = subprocess.run(["ptxas", "-arch=sm_90", str(tmp_path / "k.ptx"), "-o",
-                              str(tmp_path / "k.cubin")], capture_output=True, text=True,
-                             timeout=60)
-        assert out.returncode == 0, out.stderr
+    _assembles(ptx, tmp_path)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -111,12 +113,26 @@ def test_ptx_with_ranges(fused: bool, tmp_path) -> None:
     assert "SEQ_DONE" not in ptx and "st.shared.u32" not in ptx and "SEQ_DONE" in plain
     load, store = ptx.index("ld.global.cg.u32 %seq"), ptx.index("@%is0 st.global.u32 [%cnt]")
     assert ptx.count("ld.global.cg.u32 %seq") == 1 and "bar.sync 0;" in ptx[load:store]
-    if shutil.which("ptxas"):
-        (tmp_path / "k.ptx").write_text(ptx)
-        out = subprocess.run(["ptxas", "-arch=sm_90", str(tmp_path / "k.ptx"), "-o",
-                              str(tmp_path / "k.cubin")], capture_output=True, text=True,
-                             timeout=60)
-        assert out.returncode == 0, out.stderr
+    _assembles(ptx, tmp_path)
+
+
+@pytest.mark.parametrize("tp,dtype,dim", [(2, "bfloat16", 4096), (4, "float16", 3584),
+                                          (3, "bfloat16", 8)])
+def test_joint_wait_ptx(tp: int, dtype: str, dim: int, tmp_path) -> None:
+    """Variant "jp": per peer, one loop issues the loads of every vector of the thread before
+    it checks any flag (the second vector takes no round trip of its own); no per-vector poll
+    is left; the default PTX has none of it; ptxas accepts it where installed."""
+    ptx = ar.add_rms_norm_ptx(tp, dtype, 90, dim, 1e-5, None, None, "jp")
+    per_thread = -(-dim * np.dtype(jnp.dtype(dtype)).itemsize // 16 // ar.THREADS)
+    assert ptx.count("JSPIN") == 2 * tp and "SPIN0_" not in ptx  # label + branch per rank
+    loop = ptx[ptx.index("JSPIN1:"):ptx.index("JOINED1:")]
+    first_check = loop.index("setp.eq.u32 %pj")
+    assert loop.count("ld.volatile.global.v4.b32", 0, first_check) == 2 * per_thread
+    assert ptx.count("selp.b32 %q0, %w0, %pd") == tp * per_thread
+    assert "JSPIN" not in ar.add_rms_norm_ptx(tp, dtype, 90, dim, 1e-5)
+    with pytest.raises(ValueError, match="variant"):
+        ar.add_rms_norm_ptx(tp, dtype, 90, dim, 1e-5, None, None, "xx")
+    _assembles(ptx, tmp_path)
 
 
 def test_add_rms_norm_limits() -> None:
@@ -393,11 +409,7 @@ def test_split_k_partials_ptx(tmp_path) -> None:
     assert f"[%b+{3 * 16 * 4096 * 4 + 16}]" in part and "ld.global.v4.f32" not in plain
     with pytest.raises(ValueError, match="partials"):
         ar.add_rms_norm_ptx(2, "bfloat16", 90, 4096, 1e-5, partials=(4, 129))
-    if shutil.which("ptxas"):
-        path = tmp_path / "k.ptx"
-        path.write_text(part)
-        subprocess.run(["ptxas", "-arch=sm_90", str(path), "-o", str(tmp_path / "k.o")],
-                       check=True)
+    _assembles(part, tmp_path)
 
 
 def test_describe_the_kernel_paths() -> None:
@@ -447,12 +459,13 @@ def _created(tp: int) -> tuple[Mesh, ar.AllReduce]:
     return mesh, ar.AllReduce.create(mesh)
 
 
-def _setup(tp: int, ranged: bool = True) -> tuple[Mesh, ar.AllReduce]:
-    """The mesh and kernel of tp GPUs, both on one workspace: `ranged` finds its rank from its
-    output pointer (AllReduce.ranges, the default of `create`), else it loads the rank."""
+def _setup(tp: int, ranged: bool = True, variant: str = "") -> tuple[Mesh, ar.AllReduce]:
+    """The mesh and kernel of tp GPUs, all on one workspace: `ranged` finds its rank from its
+    output pointer (AllReduce.ranges, the default of `create`), else it loads the rank;
+    `variant`: AllReduce.variant."""
     mesh, kernel = _created(tp)
     ranges = ar.allocation_ranges(_gpus()[:tp], kernel.addresses) if ranged else None
-    return mesh, dataclasses.replace(kernel, ranges=ranges)
+    return mesh, dataclasses.replace(kernel, ranges=ranges, variant=variant)
 
 
 @needs_gpus
@@ -569,14 +582,15 @@ def _ulps(got: np.ndarray, want: np.ndarray, mantissa_bits: int) -> np.ndarray:
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("shape", [(1, 4096), (16, 4096), (128, 4096), (3, 3584), (2, 2048),
                                    (5, 64)])
-@pytest.mark.parametrize("ranged", [False, True])
-def test_add_rms_norm_equals_psum(dtype: str, shape: tuple[int, int], ranged: bool) -> None:
+@pytest.mark.parametrize("ranged,variant", [(False, ""), (True, ""), (True, "jp")])
+def test_add_rms_norm_equals_psum(dtype: str, shape: tuple[int, int], ranged: bool,
+                                  variant: str) -> None:
     """residual + all-reduce, bit-equal to psum's at tp 2; the norm, in 16-bit dtypes, within
     an ulp or two of its dtype and equal for 99%+ of the elements (its float32 sum of squares
     is summed in another order than XLA's, and rsqrt may differ in the last bit); in float32
     within 1e-5."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp, ranged)
+    mesh, kernel = _setup(tp, ranged, variant)
     if not ar.fits_add_rms_norm(shape, dtype):
         pytest.skip("over the fused kernel's row limit for this dtype")
     fn, ref = _add_norm_fns(mesh, kernel, 1e-5)
@@ -603,14 +617,14 @@ def test_add_rms_norm_equals_psum(dtype: str, shape: tuple[int, int], ranged: bo
 
 @needs_gpus
 @pytest.mark.gpu
-@pytest.mark.parametrize("ranged", [False, True])
-def test_chain_of_fused_and_plain_all_reduces(ranged: bool) -> None:
+@pytest.mark.parametrize("ranged,variant", [(False, ""), (True, ""), (True, "jp")])
+def test_chain_of_fused_and_plain_all_reduces(ranged: bool, variant: str) -> None:
     """64 dependent calls in one program alternating the fused kernel (16 CTAs: one per row) and
     the plain one (8 CTAs: 8 KiB each), 10 calls with fresh inputs: the CTAs' counters advance
     differently, as across the engine's programs (steps of 129+ tokens at hidden <= 2048 take
     the plain kernel, smaller ones the fused kernel, on one workspace)."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp, ranged)
+    mesh, kernel = _setup(tp, ranged, variant)
     fn, ref = _add_norm_fns(mesh, kernel, 1e-6, chain=64)
     rng = np.random.default_rng(3)
     for _ in range(10):
@@ -629,15 +643,16 @@ def test_chain_of_fused_and_plain_all_reduces(ranged: bool) -> None:
 @needs_gpus
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("splits,rows,ranged", [(4, 16, False), (8, 1, False), (3, 5, False),
-                                                (4, 1, True), (2, 16, True)])
-def test_add_rms_norm_sums_split_k_partials(dtype: str, splits: int, rows: int,
-                                            ranged: bool) -> None:
+@pytest.mark.parametrize("splits,rows,ranged,variant", [
+    (4, 16, False, ""), (8, 1, False, ""), (3, 5, False, ""), (4, 1, True, ""), (2, 16, True, ""),
+    (2, 1, True, "jp"), (3, 5, True, "jp")])
+def test_add_rms_norm_sums_split_k_partials(dtype: str, splits: int, rows: int, ranged: bool,
+                                            variant: str) -> None:
     """float32 partials [S, T, D] per rank: the kernel's residual equals residual + psum(the
     partials' float32 sum rounded to the dtype) within one ulp of the dtype on 99%+ of the
     elements (XLA may sum the partials in another order), the norm within 2 ulps."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp, ranged)
+    mesh, kernel = _setup(tp, ranged, variant)
     d = 4096 if dtype == "bfloat16" else 2048
     split, rep = PartitionSpec("model"), PartitionSpec()
 
@@ -668,14 +683,15 @@ def test_add_rms_norm_sums_split_k_partials(dtype: str, splits: int, rows: int,
 
 @needs_gpus
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows,ranged", [(1, False), (5, False), (16, False), (1, True),
-                                         (5, True)])
-def test_add_rms_norm_skips_padding_rows(rows: int, ranged: bool) -> None:
+@pytest.mark.parametrize("rows,ranged,variant", [(1, False, ""), (5, False, ""), (16, False, ""),
+                                                 (1, True, ""), (5, True, ""), (1, True, "jp"),
+                                                 (5, True, "jp")])
+def test_add_rms_norm_skips_padding_rows(rows: int, ranged: bool, variant: str) -> None:
     """rows < T: the first `rows` rows equal residual + psum and its norm (as without rows),
     the padding rows after them are zeros in both outputs; then a call with every row live on
     the same workspace still agrees (the skipped CTAs' counters stayed in step on all ranks)."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp, ranged)
+    mesh, kernel = _setup(tp, ranged, variant)
     d, t = 4096, 16
     split, rep = PartitionSpec("model"), PartitionSpec()
 
