@@ -299,6 +299,12 @@ class AllReduce:
         call = gt.TritonKernelCall(kernel, grid, 1, 1, params)
         return zlib.compress(call.to_proto(name, b""))
 
+    def describe(self) -> str:
+        """How the kernels find their rank (and the experiment variant, if any)."""
+        how = ("its rank from its output pointer (each device's allocation range)"
+               if self.ranges else f"its rank loaded from memory ({RANK_ENV}=load)")
+        return how + (f", experiment variant {self.variant!r}" if self.variant else "")
+
     def _rank(self) -> jax.Array:
         return jax.lax.axis_index(self.model_axis).astype(jnp.int32).reshape(1)
 

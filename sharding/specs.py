@@ -412,7 +412,9 @@ def describe_all_reduce(mesh: Mesh | None, row_parallel_fn: ShardedRowParallel |
         fused = (f"then the residual add and RMSNorm (hidden {hidden} {cfg.dtype} does not fit "
                  f"the fused kernel: rows of at most {custom_all_reduce.CHUNK_BYTES} bytes, a "
                  f"multiple of 16), ")
-    return (f"xlaserve's kernel for messages up to "
+    kernel = row_parallel_fn.all_reduce
+    how = (f" ({kernel.describe()})" if isinstance(kernel, custom_all_reduce.AllReduce) else "")
+    return (f"xlaserve's kernel{how} for messages up to "
             f"{custom_all_reduce.MAX_MESSAGE_BYTES >> 10} KiB per device (decode-sized steps), "
             + fused + "XLA's collective above"
             + (f"; {' and '.join(biased)} (with a bias) use XLA's collective" if biased else ""))

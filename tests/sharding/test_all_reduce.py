@@ -428,6 +428,15 @@ def test_describe_the_kernel_paths() -> None:
     assert "hidden 4096 float32 does not fit" in describe(hidden_size=4096, intermediate_size=256)
     assert "o_proj (with a bias) use XLA's collective" in describe(o_proj_bias=True)
     assert describe(o_proj_bias=True, mlp_bias=True).startswith("XLA's collective (o_proj and")
+    # the real kernel says how it finds its rank (and names an experiment variant)
+    for kernel, says in [
+            (ar.AllReduce(2, (1 << 20, 2 << 20), 90, ranges=((0, 1 << 30), (1 << 30, 2 << 30))),
+             "xlaserve's kernel (its rank from its output pointer (each device's allocation "
+             "range)) for messages"),
+            (ar.AllReduce(2, (1 << 20, 2 << 20), 90), "its rank loaded from memory "
+             "(XLASERVE_ALL_REDUCE_RANK=load)"),
+            (ar.AllReduce(2, (1 << 20, 2 << 20), 90, variant="jp"), "experiment variant 'jp'")]:
+        assert says in describe_all_reduce(mesh, ShardedRowParallel(mesh, _tiny_cfg(), kernel))
 
 
 def test_add_rms_norm_refuses_what_does_not_fit() -> None:
