@@ -22,10 +22,12 @@
 #     warps' squares itself: one barrier instead of two), lt (the poll reads the clock every
 #     256th failed poll only), nblt (both): the compiled fused-kernel tests with nblt, then
 #     runs base / nb / lt / nblt at tp=2, A/B.
-#   e (written in session 27, not yet run): the fused kernel's joint wait
-#     (XLASERVE_ALL_REDUCE_VARIANT=jp: each thread waits for both its vectors of the peer's row in
-#     one loop instead of one after the other): the compiled jp tests, then runs base / jp at
-#     tp=2, A/B/A/B/A/B, a traced jp run, and tp=1 twice (the ratio on the same host).
+#   e (written in session 27, not yet run): two experiments. jp: the fused all-reduce's joint
+#     wait (XLASERVE_ALL_REDUCE_VARIANT=jp: each thread waits for both its vectors of the peer's
+#     row in one loop instead of one after the other). qr / qrk: q/k/v, rope and the K/V write
+#     as one kernel (XLASERVE_QKV_ROPE=1 / "16,256,4,4": pallas_kernels/skinny_gemm_rope.py) in
+#     place of the skinny GEMM and rope_write_kv. The compiled tests of both, then runs at tp=2
+#     A/B, a traced qr run, and tp=1 (base / qr, A/B).
 #   OUT=/tmp/out PART=a|b|c|d|e bash bench/run_gpu_s27.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,9 +66,12 @@ if [ "$PART" = d ]; then
   exit 0
 fi
 if [ "$PART" = e ]; then
-  GPU_TESTS_K="jp" gpu_tests tests/sharding/test_all_reduce.py
-  env_of() { [ "$1" = jp ] && echo XLASERVE_ALL_REDUCE_VARIANT=jp; }
-  run_variants "base_2 jp_2 base_2b jp_2b base_2c jp_2c jp_2_t base_1 base_1b" 470
+  GPU_TESTS_K="jp or (SkinnyGemmRope and not Interpret)" GPU_TESTS_TIMEOUT=150 gpu_tests \
+    tests/sharding/test_all_reduce.py tests/kernels/test_skinny_gemm_rope.py
+  env_of() { case $1 in jp) echo XLASERVE_ALL_REDUCE_VARIANT=jp ;;
+                        qr) echo XLASERVE_QKV_ROPE=1 ;; qrk) echo XLASERVE_QKV_ROPE=16,256,4,4 ;;
+             esac; }
+  run_variants "base_2 jp_2 qr_2 qrk_2 base_2b jp_2b qr_2b qrk_2b qr_2_t base_1 qr_1 base_1b qr_1b" 470
   exit 0
 fi
 echo "unknown PART=$PART"; exit 2

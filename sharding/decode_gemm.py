@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from xlaserve.pallas_kernels import ops
+from xlaserve.pallas_kernels import ops, skinny_gemm_rope
 from xlaserve.pallas_kernels.rope_write_kv import rope_write_kv
 from xlaserve.pallas_kernels.skinny_gemm import skinny_gemm, skinny_gemm_swiglu
 from xlaserve.runtime.config import ModelConfig
@@ -116,14 +116,29 @@ class DecodeProjection:
             ops.log_rope_write_choice(shape, f"XLA's rope + write_kv_pages (tp={tp} > KV heads "
                                              f"{self.model_cfg.num_kv_heads}: replicated K/V)")
             return None
-        ops.log_rope_write_choice(shape, "rope_write_kv kernel")
         n_q = self.model_cfg.num_heads // tp
+        fused = skinny_gemm_rope.config_from_env()  # the experiment (XLASERVE_QKV_ROPE)
+        half = self.model_cfg.head_dim // 2
+        if fused is not None and (half % fused.block_n or k % fused.block_k):
+            ops.log_rope_write_choice(shape, f"rope_write_kv kernel ({skinny_gemm_rope.ENV}'s "
+                                             f"tiles {fused} do not fit H/2={half}, K={k})")
+            fused = None
+        elif fused is not None:
+            ops.log_rope_write_choice(shape, f"skinny_gemm_rope kernel ({skinny_gemm_rope.ENV}:"
+                                             f" {fused})")
+        else:
+            ops.log_rope_write_choice(shape, "rope_write_kv kernel")
+        interpret = self.mode == "pallas_interpret"
 
         def body(x, wq, wk, wv, cos, sin, slot_mapping, k_pages, v_pages, rows):
+            if fused is not None:
+                return skinny_gemm_rope.skinny_gemm_rope(
+                    x.reshape(x.shape[0], k), wq.reshape(k, -1), wk.reshape(k, -1),
+                    wv.reshape(k, -1), cos, sin, slot_mapping, k_pages, v_pages, rows,
+                    config=fused, interpret=interpret)
             parts = self._partials(x, (wq, wk, wv), k, gemm)
             return rope_write_kv(parts, cos, sin, slot_mapping, k_pages, v_pages, rows,
-                                 num_q_heads=n_q, dtype=jnp.dtype(dtype),
-                                 interpret=self.mode == "pallas_interpret")
+                                 num_q_heads=n_q, dtype=jnp.dtype(dtype), interpret=interpret)
 
         wq, wk, wv = (p.kernel for p in products)  # three products (checked above)
         args = (products[0].x, wq, wk, wv, cos, sin, slot_mapping, k_pages, v_pages, rows)
