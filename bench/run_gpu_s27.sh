@@ -26,8 +26,8 @@
 #     wait (XLASERVE_ALL_REDUCE_VARIANT=jp: each thread waits for both its vectors of the peer's
 #     row in one loop instead of one after the other). qr / qrk: q/k/v, rope and the K/V write
 #     as one kernel (XLASERVE_QKV_ROPE=1 / "16,256,4,4": pallas_kernels/skinny_gemm_rope.py) in
-#     place of the skinny GEMM and rope_write_kv. The compiled tests of both, then runs at tp=2
-#     A/B, a traced qr run, and tp=1 (base / qr, A/B).
+#     place of the skinny GEMM and rope_write_kv (qrw: half-tiles of 32, 96 programs at tp=1).
+#     The compiled tests of both, then runs at tp=2 A/B, a traced qr run, and tp=1.
 #   OUT=/tmp/out PART=a|b|c|d|e bash bench/run_gpu_s27.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,8 +70,8 @@ if [ "$PART" = e ]; then
     tests/sharding/test_all_reduce.py tests/kernels/test_skinny_gemm_rope.py
   env_of() { case $1 in jp) echo XLASERVE_ALL_REDUCE_VARIANT=jp ;;
                         qr) echo XLASERVE_QKV_ROPE=1 ;; qrk) echo XLASERVE_QKV_ROPE=16,256,4,4 ;;
-             esac; }
-  run_variants "base_2 jp_2 qr_2 qrk_2 base_2b jp_2b qr_2b qrk_2b qr_2_t base_1 qr_1 base_1b qr_1b" 470
+                        qrw) echo XLASERVE_QKV_ROPE=32,256,4,4 ;; esac; }
+  run_variants "base_2 jp_2 qr_2 qrk_2 base_2b jp_2b qr_2b qrk_2b qr_2_t base_1 qr_1 qrw_1 base_1b" 470
   exit 0
 fi
 echo "unknown PART=$PART"; exit 2
