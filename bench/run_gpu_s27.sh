@@ -28,7 +28,10 @@
 #     as one kernel (XLASERVE_QKV_ROPE=1 / "16,256,4,4": pallas_kernels/skinny_gemm_rope.py) in
 #     place of the skinny GEMM and rope_write_kv (qrw: half-tiles of 32, 96 programs at tp=1).
 #     The compiled tests of both, then runs at tp=2 A/B, a traced qr run, and tp=1.
-#   OUT=/tmp/out PART=a|b|c|d|e bash bench/run_gpu_s27.sh  (2 GPUs; carry .whl)
+#   f (written in session 27, not yet run): bench/qkv_rope.py, q/k/v + rope in isolation (the
+#     split-K GEMM + rope_write_kv against skinny_gemm_rope over its tiles, tp 2 and 1, 8 layers
+#     of weights: 200-400 MB, streamed from HBM), to pick part e's tiles. One GPU is enough.
+#   OUT=/tmp/out PART=a|b|c|d|e|f bash bench/run_gpu_s27.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 27 a || exit 1
@@ -72,6 +75,13 @@ if [ "$PART" = e ]; then
                         qr) echo XLASERVE_QKV_ROPE=1 ;; qrk) echo XLASERVE_QKV_ROPE=16,256,4,4 ;;
                         qrw) echo XLASERVE_QKV_ROPE=32,256,4,4 ;; esac; }
   run_variants "base_2 jp_2 qr_2 qrk_2 base_2b jp_2b qr_2b qrk_2b qr_2_t base_1 qr_1 qrw_1 base_1b" 470
+  exit 0
+fi
+if [ "$PART" = f ]; then
+  timeout -s ABRT -k 5 400 $PY bench/qkv_rope.py --layers 8 --out "$R/qkv_rope.json" \
+    > "$R/qkv_rope.log" 2>&1
+  echo "=== qkv_rope rc=$? at $((SECONDS - T0))s"; cat "$R/qkv_rope.log" | tail -20
+  pack_results
   exit 0
 fi
 echo "unknown PART=$PART"; exit 2
