@@ -176,28 +176,37 @@ def skinny_gemm_reference(x: jax.Array, weights: Sequence[jax.Array], *,
                       for i in range(num_splits)])
 
 
+def dual_product(x_ref, a_ref, a_cols, b_ref, b_cols, *, block_k: int, steps: int,
+                 width: int) -> tuple[jax.Array, jax.Array]:
+    """Float32 (x . a[:, a_cols], x . b[:, b_cols]) over the whole K of x_ref [M, K], walked in
+    `steps` block_k steps (both products share each x tile); the column windows are `width`
+    wide. The K loop of the kernels with an epilogue over two products (SwiGLU's gate and up,
+    rope's two halves of a head)."""
+    m = x_ref.shape[0]
+    dims = (((1,), (0,)), ((), ()))
+
+    def body(t, accs):
+        acc_a, acc_b = accs
+        rows = pl.ds(t * block_k, block_k)
+        xs = x_ref[:, rows]
+        return (acc_a + lax.dot_general(xs, a_ref[rows, a_cols], dims,
+                                        preferred_element_type=jnp.float32),
+                acc_b + lax.dot_general(xs, b_ref[rows, b_cols], dims,
+                                        preferred_element_type=jnp.float32))
+
+    zero = jnp.zeros((m, width), jnp.float32)
+    return lax.fori_loop(0, steps, body, (zero, zero))
+
+
 def _swiglu_kernel(x_ref,  # [M, K]
                    g_ref, u_ref,  # [K, I] gate and up weights (whole)
                    o_ref,  # [M, block_n]: this program's columns of h
                    *, block_n: int, block_k: int, steps: int, early_launch: bool):
     if early_launch:
         pdl.launch_dependents()
-    j = pl.program_id(0)
-    m = x_ref.shape[0]
-    cols = pl.ds(j * block_n, block_n)
-    dims = (((1,), (0,)), ((), ()))
-
-    def body(t, accs):
-        acc_g, acc_u = accs
-        xs = x_ref[:, pl.ds(t * block_k, block_k)]
-        rows = pl.ds(t * block_k, block_k)
-        return (acc_g + lax.dot_general(xs, g_ref[rows, cols], dims,
-                                        preferred_element_type=jnp.float32),
-                acc_u + lax.dot_general(xs, u_ref[rows, cols], dims,
-                                        preferred_element_type=jnp.float32))
-
-    zero = jnp.zeros((m, block_n), jnp.float32)
-    acc_g, acc_u = lax.fori_loop(0, steps, body, (zero, zero))
+    cols = pl.ds(pl.program_id(0) * block_n, block_n)
+    acc_g, acc_u = dual_product(x_ref, g_ref, cols, u_ref, cols, block_k=block_k, steps=steps,
+                                width=block_n)
     dt = o_ref.dtype  # each product rounded to the model dtype, as the unfused model has them
     g, u = acc_g.astype(dt).astype(jnp.float32), acc_u.astype(dt).astype(jnp.float32)
     o_ref[...] = (g / (1.0 + jnp.exp(-g)) * u).astype(dt)

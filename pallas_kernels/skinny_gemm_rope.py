@@ -47,7 +47,12 @@ from jax.experimental import pallas as pl
 
 from xlaserve.pallas_kernels.ragged_paged_attention import compiler_params
 from xlaserve.pallas_kernels.rope_write_kv import rope_write_kv_reference
-from xlaserve.pallas_kernels.skinny_gemm import ROW_ALIGN, SkinnyGemmConfig, skinny_gemm_reference
+from xlaserve.pallas_kernels.skinny_gemm import (
+    ROW_ALIGN,
+    SkinnyGemmConfig,
+    dual_product,
+    skinny_gemm_reference,
+)
 
 # "1", or the tiles "hb,block_k,num_warps,num_stages": DecodeProjection.rope_write runs this
 # kernel (the experiment) with the default tiles or those
@@ -106,24 +111,13 @@ def _skinny_gemm_rope_kernel(
     half = head_dim // 2
     m = x_ref.shape[0]
     dtype = q_ref.dtype
-    dims = (((1,), (0,)), ((), ()))
     row = lax.broadcasted_iota(jnp.int32, (m, half_block), 0)
     real = row < rows_ref[0]
 
     def halves(w_ref, h):  # the rounded sums of head h's columns c.. and half + c..
         lo, hi = pl.ds(h * head_dim + c, half_block), pl.ds(h * head_dim + half + c, half_block)
-
-        def body(t, accs):
-            a1, a2 = accs
-            ks = pl.ds(t * block_k, block_k)
-            xs = x_ref[:, ks]
-            return (a1 + lax.dot_general(xs, w_ref[ks, lo], dims,
-                                         preferred_element_type=jnp.float32),
-                    a2 + lax.dot_general(xs, w_ref[ks, hi], dims,
-                                         preferred_element_type=jnp.float32))
-
-        zero = jnp.zeros((m, half_block), jnp.float32)
-        a1, a2 = lax.fori_loop(0, steps, body, (zero, zero))
+        a1, a2 = dual_product(x_ref, w_ref, lo, w_ref, hi, block_k=block_k, steps=steps,
+                              width=half_block)
         return a1.astype(dtype).astype(jnp.float32), a2.astype(dtype).astype(jnp.float32)
 
     def rotated(y1, y2):

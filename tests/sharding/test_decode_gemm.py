@@ -53,7 +53,7 @@ def _steps() -> list[StepInputs]:
 def _run(cfg, plan, *, project_fn, row_parallel_fn):
     """Hidden states of both `_steps` (rows concatenated), the skinny GEMM (all kinds),
     rope_write_kv and skinny_gemm_swiglu counts in the program, the logical KV cache after
-    them."""
+    them, and the program's text."""
     params = jax.jit(lambda key: jax.tree.map(lambda x: x * 4.0, llama.init_params(cfg, key)),
                      out_shardings=None if plan is None else plan.param_shardings)(
         jax.random.key(0))  # x4: attention far from uniform, so q matters
@@ -72,7 +72,19 @@ def _run(cfg, plan, *, project_fn, row_parallel_fn):
     if plan is not None:
         cache = plan.logical_kv_cache(cache)
     return (np.concatenate(hidden), text.count("skinny_gemm"), text.count("rope_write_kv"),
-            [np.asarray(a) for layer in cache for a in layer], text.count("skinny_gemm_swiglu"))
+            [np.asarray(a) for layer in cache for a in layer], text.count("skinny_gemm_swiglu"),
+            text)
+
+
+def _plans(cfg: ModelConfig, tp: int) -> tuple[ShardingPlan, ShardingPlan]:
+    """(the plain plan on tp devices with psum, the same with the decode GEMMs interpreted);
+    skips without tp devices."""
+    if len(jax.devices()) < tp:
+        pytest.skip(f"needs {tp} devices")
+    plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
+                               devices=jax.devices()[:tp], attention_impl="reference")
+    plain = plan.with_all_reduce("psum")
+    return plain, plain.with_decode_gemm("pallas_interpret")
 
 
 def _close_caches(got, want):
@@ -85,18 +97,13 @@ def _close_caches(got, want):
 
 @pytest.mark.parametrize("tp,kv_heads", [(2, 4), (1, 4), (4, 2)], ids=["tp2", "tp1", "tp4-kvrep"])
 def test_decode_gemm_equals_plain(tp, kv_heads):
-    if len(jax.devices()) < tp:
-        pytest.skip(f"needs {tp} devices")
     cfg = _cfg(num_kv_heads=kv_heads)
-    plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
-                               devices=jax.devices()[:tp], attention_impl="reference")
-    plain = plan.with_all_reduce("psum")
-    want, n_plain, _, want_cache, _ = _run(cfg, plain, project_fn=None,
-                                           row_parallel_fn=plain.row_parallel_fn)
-    fast = plain.with_decode_gemm("pallas_interpret")
+    plain, fast = _plans(cfg, tp)
+    want, n_plain, _, want_cache, _, _ = _run(cfg, plain, project_fn=None,
+                                              row_parallel_fn=plain.row_parallel_fn)
     assert fast.project_fn is not None and fast.row_parallel_fn.gemm_mode == "pallas_interpret"
-    got, n_fast, n_rope, cache, n_swiglu = _run(cfg, fast, project_fn=fast.project_fn,
-                                                row_parallel_fn=fast.row_parallel_fn)
+    got, n_fast, n_rope, cache, n_swiglu, _ = _run(cfg, fast, project_fn=fast.project_fn,
+                                                   row_parallel_fn=fast.row_parallel_fn)
     assert n_plain == 0 and n_fast > 0 and n_swiglu > 0, (n_plain, n_fast, n_swiglu)
     # rope + K/V write fused only where each device owns its KV heads (not at tp 4 > K 2)
     assert (n_rope > 0) == (tp <= kv_heads), n_rope
@@ -104,8 +111,8 @@ def test_decode_gemm_equals_plain(tp, kv_heads):
     _close_caches(cache, want_cache)
     # the same with the q/k/v epilogue left to XLA (the A/B switch)
     unfused = dataclasses.replace(fast.project_fn, fuse_rope_write=False)
-    got2, _, n_rope2, cache2, _ = _run(cfg, fast, project_fn=unfused,
-                                       row_parallel_fn=fast.row_parallel_fn)
+    got2, _, n_rope2, cache2, _, _ = _run(cfg, fast, project_fn=unfused,
+                                          row_parallel_fn=fast.row_parallel_fn)
     assert n_rope2 == 0
     np.testing.assert_allclose(got2, want, rtol=1e-5, atol=1e-5)
     _close_caches(cache2, want_cache)
@@ -115,8 +122,8 @@ def test_without_mesh():
     """One device, no mesh (the engine at tp=1): q/k/v, then also o / down, through the kernel;
     same hidden states."""
     cfg = _cfg()
-    want, _, _, want_cache, _ = _run(cfg, None, project_fn=None, row_parallel_fn=None)
-    got, n, n_rope, cache, n_swiglu = _run(
+    want, _, _, want_cache, _, _ = _run(cfg, None, project_fn=None, row_parallel_fn=None)
+    got, n, n_rope, cache, n_swiglu, _ = _run(
         cfg, None, project_fn=DecodeProjection(None, cfg, "pallas_interpret"),
         row_parallel_fn=None)
     assert n > 0 and n_rope > 0 and n_swiglu > 0
@@ -124,7 +131,7 @@ def test_without_mesh():
     _close_caches(cache, want_cache)
     row, project = decode_gemm_hooks(None, cfg, "pallas_interpret")
     assert row is not None and row.mesh is None and row.all_reduce is None
-    got2, n2, _, cache2, _ = _run(cfg, None, project_fn=project, row_parallel_fn=row)
+    got2, n2, _, cache2, _, _ = _run(cfg, None, project_fn=project, row_parallel_fn=row)
     assert n2 > n
     np.testing.assert_allclose(got2, want, rtol=1e-5, atol=1e-5)
     _close_caches(cache2, want_cache)
@@ -134,8 +141,8 @@ def test_qk_norm_keeps_the_unfused_epilogue():
     """Qwen3's q/k norms sit between the projection and rope: the fused epilogue is skipped,
     the skinny GEMM still runs, and the result equals the plain path."""
     cfg = _cfg(model_type="qwen3", qk_norm=True)
-    want, _, _, want_cache, _ = _run(cfg, None, project_fn=None, row_parallel_fn=None)
-    got, n, n_rope, cache, _ = _run(
+    want, _, _, want_cache, _, _ = _run(cfg, None, project_fn=None, row_parallel_fn=None)
+    got, n, n_rope, cache, _, _ = _run(
         cfg, None, project_fn=DecodeProjection(None, cfg, "pallas_interpret"),
         row_parallel_fn=None)
     assert n > 0 and n_rope == 0
@@ -195,26 +202,14 @@ def test_qkv_rope_experiment_equals_plain(tp, monkeypatch):
     """XLASERVE_QKV_ROPE (the experiment): q/k/v, rope and the K/V write as one kernel
     (skinny_gemm_rope) in place of the skinny GEMM and rope_write_kv; same hidden states and
     pages as the plain path. Tiles that do not fit the model fall back to rope_write_kv."""
-    if len(jax.devices()) < tp:
-        pytest.skip(f"needs {tp} devices")
     cfg = _cfg(hidden_size=128, head_dim=32, num_heads=4, num_kv_heads=2)
-    plan = ShardingPlan.create(cfg, ParallelConfig(tensor_parallel_size=tp),
-                               devices=jax.devices()[:tp], attention_impl="reference")
-    plain = plan.with_all_reduce("psum")
-    want, _, _, want_cache, _ = _run(cfg, plain, project_fn=None,
-                                     row_parallel_fn=plain.row_parallel_fn)
-    fast = plain.with_decode_gemm("pallas_interpret")
+    plain, fast = _plans(cfg, tp)
+    want, _, _, want_cache, _, _ = _run(cfg, plain, project_fn=None,
+                                        row_parallel_fn=plain.row_parallel_fn)
     monkeypatch.setenv("XLASERVE_QKV_ROPE", "16,64,4,4")
     jax.clear_caches()
-    got, _, n_rope, cache, _ = _run(cfg, fast, project_fn=fast.project_fn,
-                                    row_parallel_fn=fast.row_parallel_fn)
-    fn = jax.jit(functools.partial(llama.forward_hidden, cfg=cfg, attention_impl="reference",
-                                   attention_fn=fast.attention_fn,
-                                   row_parallel_fn=fast.row_parallel_fn,
-                                   project_fn=fast.project_fn))
-    params = jax.jit(lambda key: llama.init_params(cfg, key),
-                     out_shardings=fast.param_shardings)(jax.random.key(0))
-    text = fn.lower(params, _steps()[0], fast.init_kv_cache(4, 4)).as_text()
+    got, _, n_rope, cache, _, text = _run(cfg, fast, project_fn=fast.project_fn,
+                                          row_parallel_fn=fast.row_parallel_fn)
     assert n_rope == 0 and text.count("skinny_gemm_rope") > 0
     # float32 sums over K = 128 in another order than XLA's dot, hidden states up to ~10: 1e-4
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -222,8 +217,8 @@ def test_qkv_rope_experiment_equals_plain(tp, monkeypatch):
         np.testing.assert_allclose(g[:, 1:], w[:, 1:], rtol=1e-4, atol=1e-4)
     monkeypatch.setenv("XLASERVE_QKV_ROPE", "32,64,4,4")  # hb 32 > H/2 16: rope_write_kv
     jax.clear_caches()
-    got2, _, n_rope2, _, _ = _run(cfg, fast, project_fn=fast.project_fn,
-                                  row_parallel_fn=fast.row_parallel_fn)
+    got2, _, n_rope2, _, _, _ = _run(cfg, fast, project_fn=fast.project_fn,
+                                     row_parallel_fn=fast.row_parallel_fn)
     assert n_rope2 > 0
     np.testing.assert_allclose(got2, want, rtol=1e-4, atol=1e-4)
 
