@@ -197,7 +197,7 @@ def test_auto_adds_hooks_only_for_measured_shapes(monkeypatch):
     assert project is not None and row.gemm_mode == "auto"
 
 
-@pytest.mark.parametrize("tp", [2, 1])
+@pytest.mark.parametrize("tp", [2, pytest.param(1, marks=pytest.mark.slow)])
 def test_qkv_rope_experiment_equals_plain(tp, monkeypatch):
     """XLASERVE_QKV_ROPE (the experiment): q/k/v, rope and the K/V write as one kernel
     (skinny_gemm_rope) in place of the skinny GEMM and rope_write_kv; same hidden states and
