@@ -30,8 +30,11 @@ from xlaserve.pallas_kernels.skinny_gemm_rope import skinny_gemm_rope
 H, NQ, NKV, HD = 4096, 32, 8, 128  # Llama 3.1 8B
 SPLIT_K = {1: SkinnyGemmConfig(block_n=64, block_k=128, num_splits=4),  # the measured table's
            2: SkinnyGemmConfig(block_n=32, block_k=128, num_splits=4)}  # qkv_tp1 / qkv_tp2
-FUSED = [(16, 128, 4, 4), (16, 256, 4, 4), (16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 4),
-         (16, 128, 2, 4)]  # (hb, block_k, num_warps, num_stages)
+# (hb, block_k, num_warps, num_stages). hb 16 reads 32-byte row segments of the weight, two
+# programs per 64 bytes (DRAM may fetch each twice); hb 32 gives half the programs (48 at tp 2);
+# a longer block_k keeps more bytes in flight per program (one program per SM at tp 2).
+FUSED = [(16, 128, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 4, 3),
+         (16, 256, 8, 4)]
 
 
 def layer_inputs(tp: int, layers: int, small: bool) -> dict[str, Any]:
