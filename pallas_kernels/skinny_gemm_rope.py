@@ -156,6 +156,14 @@ def _skinny_gemm_rope_kernel(
         store_rows(v_out_ref, kh, *halves(wv_ref, kh))
 
 
+def tiles_fit(config: SkinnyGemmConfig, head_dim: int, k: int) -> str | None:
+    """None when `config` can run heads of `head_dim` over a contraction of `k`, else why not."""
+    if config.num_splits != 1 or (head_dim // 2) % config.block_n or k % config.block_k:
+        return (f"config {config}: needs num_splits 1, block_n (the half-tile) dividing "
+                f"H/2={head_dim // 2} and block_k dividing K={k}")
+    return None
+
+
 def check_shapes(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array, cos: jax.Array,
                  sin: jax.Array, slot_mapping: jax.Array, k_pages: jax.Array,
                  v_pages: jax.Array, config: SkinnyGemmConfig) -> None:
@@ -181,9 +189,9 @@ def check_shapes(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array, cos:
     if slot_mapping.shape != (m,) or slot_mapping.dtype != jnp.int32:
         raise ValueError(f"skinny_gemm_rope: slot_mapping {slot_mapping.shape} "
                          f"{slot_mapping.dtype} must be i32[M={m}]")
-    if config.num_splits != 1 or (h // 2) % config.block_n or k % config.block_k:
-        raise ValueError(f"skinny_gemm_rope: config {config}: needs num_splits 1, block_n (the "
-                         f"half-tile) dividing H/2={h // 2} and block_k dividing K={k}")
+    why = tiles_fit(config, h, k)
+    if why:
+        raise ValueError(f"skinny_gemm_rope: {why}")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

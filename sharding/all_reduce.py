@@ -360,8 +360,8 @@ class AllReduce:
         dt = residual.dtype
         ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials, self.ranges,
                                self.variant)
-        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials, self.ranges) + (
-            f"_{self.variant}" if self.variant else "")
+        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials, self.ranges,
+                                        self.variant)
         if rows is None:
             rows = jnp.full((1,), t, jnp.int32)
         if rows.shape != (1,) or rows.dtype != jnp.int32:

@@ -99,10 +99,11 @@ def kernel_name(tp: int, dtype: Any, ranges: Ranges | None = None) -> str:
 
 def add_rms_norm_kernel_name(tp: int, dtype: Any, dim: int, eps: float,
                              partials: tuple[int, int] | None = None,
-                             ranges: Ranges | None = None) -> str:
+                             ranges: Ranges | None = None, variant: str = "") -> str:
     k = f"_k{partials[0]}x{partials[1]}" if partials else ""
     return (f"xlaserve_all_reduce_add_rms_norm_tp{tp}_{DTYPES[jnp.dtype(dtype).name]}"
-            f"_d{dim}_e{_f32(eps)[2:]}{k}{'_rr' if ranges else ''}")
+            f"_d{dim}_e{_f32(eps)[2:]}{k}{'_rr' if ranges else ''}"
+            f"{f'_{variant}' if variant else ''}")
 
 
 def _check_tp(tp: int) -> None:
@@ -130,7 +131,7 @@ def _rank_and_sequence(emit: Any, tp: int, name: str, ranges: Ranges | None = No
     order) the rank is the range holding the output pointer %outp, known without a load (the
     rank buffer is read only when no range holds it), and every thread reads the counter
     itself: one global load before the first push. Every thread must then pass a barrier
-    before thread 0 stores the new count (the kernels do: see `_store_counter`)."""
+    before thread 0 stores the new count (both kernels have one before that store)."""
     if ranges:
         emit("mov.u32 %rank, -1;")
         for r, (start, end) in enumerate(ranges):
@@ -393,8 +394,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     dt = DTYPES[jnp.dtype(dtype).name]
     if variant not in ("", "jp"):
         raise ValueError(f"variant={variant!r}: '' or 'jp'")
-    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, partials, ranges) + (
-        f"_{variant}" if variant else "")
+    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, partials, ranges, variant)
     row_vec = dim * jnp.dtype(dtype).itemsize // 16
     per_thread = -(-row_vec // THREADS)
     n = 4 if dt == "f32" else 8  # elements per 16-byte vector

@@ -118,10 +118,11 @@ class DecodeProjection:
             return None
         n_q = self.model_cfg.num_heads // tp
         fused = skinny_gemm_rope.config_from_env()  # the experiment (XLASERVE_QKV_ROPE)
-        half = self.model_cfg.head_dim // 2
-        if fused is not None and (half % fused.block_n or k % fused.block_k):
-            ops.log_rope_write_choice(shape, f"rope_write_kv kernel ({skinny_gemm_rope.ENV}'s "
-                                             f"tiles {fused} do not fit H/2={half}, K={k})")
+        why = None if fused is None else skinny_gemm_rope.tiles_fit(fused,
+                                                                    self.model_cfg.head_dim, k)
+        if why:
+            ops.log_rope_write_choice(shape, f"rope_write_kv kernel ({skinny_gemm_rope.ENV}: "
+                                             f"{why})")
             fused = None
         elif fused is not None:
             ops.log_rope_write_choice(shape, f"skinny_gemm_rope kernel ({skinny_gemm_rope.ENV}:"
