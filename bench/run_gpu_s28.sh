@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Session 28 (issue 6): session 27's two experiments (written then, never run on a GPU) on the
+# batch-1 decode step at tp=2 against tp=1 (bench/results/session28_h200x2/README.md).
+#   a: the compiled tests of both (jp: XLASERVE_ALL_REDUCE_VARIANT=jp, the fused all-reduce's
+#     joint wait; SkinnyGemmRope: q/k/v, rope and the K/V write as one kernel), then
+#     bench/qkv_rope.py (q/k/v + rope in isolation: split-K GEMM + rope_write_kv against
+#     skinny_gemm_rope over its tiles, tp 2 and 1) to pick part b's tiles.
+#   b: runs <variant>_<tp>[b] (the steady-state slope) at tp=2 A/B, then tp=1: base, jp, qr
+#     (XLASERVE_QKV_ROPE=$QR2 at tp 2, $QR1 at tp 1: the tiles part a picked), jq (both).
+#   OUT=/tmp/out PART=a|b [QR2=hb,bk,w,s QR1=...] bash bench/run_gpu_s28.sh  (2 GPUs; carry .whl)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/gpu_install.sh && gpu_script 28 a || exit 1
+if [ "$PART" = a ]; then
+  GPU_TESTS_K="jp or (SkinnyGemmRope and not Interpret)" GPU_TESTS_TIMEOUT=170 gpu_tests \
+    tests/sharding/test_all_reduce.py tests/kernels/test_skinny_gemm_rope.py
+  pack_results
+  timeout -s ABRT -k 5 $((520 - (SECONDS - T0))) $PY bench/qkv_rope.py --layers 8 \
+    --out "$R/qkv_rope.json" > "$R/qkv_rope.log" 2>&1
+  echo "=== qkv_rope rc=$? at $((SECONDS - T0))s"; tail -20 "$R/qkv_rope.log"
+  pack_results
+  exit 0
+fi
+if [ "$PART" = b ]; then
+  env_of() { case $1 in
+    jp) echo XLASERVE_ALL_REDUCE_VARIANT=jp ;;
+    qr) echo "XLASERVE_QKV_ROPE=${QR:?}" ;;
+    jq) echo "XLASERVE_ALL_REDUCE_VARIANT=jp XLASERVE_QKV_ROPE=${QR:?}" ;; esac; }
+  for r in ${RUNS:-base_2 jp_2 qr_2 jq_2 base_2b jp_2b qr_2b jq_2b base_1 qr_1 base_1b qr_1b}; do
+    tp=${r#*_}; tp=${tp:0:1}
+    if [ "$tp" = 2 ]; then QR=${QR2:-1}; else QR=${QR1:-1}; fi
+    QR=$QR RUNS=$r run_variants x 470
+  done
+  pack_results
+  exit 0
+fi
+echo "unknown PART=$PART"; exit 2
