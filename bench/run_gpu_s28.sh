@@ -7,7 +7,11 @@
 #     skinny_gemm_rope over its tiles, tp 2 and 1) to pick part b's tiles.
 #   b: runs <variant>_<tp>[b] (the steady-state slope) at tp=2 A/B, then tp=1: base, jp, qr
 #     (XLASERVE_QKV_ROPE=$QR2 at tp 2, $QR1 at tp 1: the tiles part a picked), jq (both).
-#   OUT=/tmp/out PART=a|b [QR2=hb,bk,w,s QR1=...] bash bench/run_gpu_s28.sh  (2 GPUs; carry .whl)
+#   c: the L2 prefetch of o_proj's weight from the attention kernel (XLASERVE_L2_PREFETCH=
+#     attention, pallas_kernels/l2_prefetch.py: HBM idles during batch-1 attention; the o GEMM
+#     after it then reads L2): its compiled test, then runs base / pf / jp at tp=2 A/B, tp=1
+#     base / pf A/B, a traced pf run and pj (pf and jp) at tp=2.
+#   OUT=/tmp/out PART=a|b|c [QR2=hb,bk,w,s QR1=...] bash bench/run_gpu_s28.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 28 a || exit 1
@@ -19,6 +23,15 @@ if [ "$PART" = a ]; then
     --out "$R/qkv_rope.json" > "$R/qkv_rope.log" 2>&1
   echo "=== qkv_rope rc=$? at $((SECONDS - T0))s"; tail -20 "$R/qkv_rope.log"
   pack_results
+  exit 0
+fi
+if [ "$PART" = c ]; then
+  GPU_TESTS_K="not Interpret" GPU_TESTS_TIMEOUT=100 gpu_tests tests/kernels/test_l2_prefetch.py
+  env_of() { case $1 in
+    pf) echo XLASERVE_L2_PREFETCH=attention ;;
+    jp) echo XLASERVE_ALL_REDUCE_VARIANT=jp ;;
+    pj) echo "XLASERVE_L2_PREFETCH=attention XLASERVE_ALL_REDUCE_VARIANT=jp" ;; esac; }
+  run_variants "base_2 pf_2 jp_2 base_2b pf_2b jp_2b base_1 pf_1 base_1b pf_1b pf_2_t pj_2" 480
   exit 0
 fi
 if [ "$PART" = b ]; then
