@@ -11,7 +11,10 @@
 #     attention, pallas_kernels/l2_prefetch.py: HBM idles during batch-1 attention; the o GEMM
 #     after it then reads L2): its compiled test, then runs base / pf / jp at tp=2 A/B, tp=1
 #     base / pf A/B, a traced pf run and pj (pf and jp) at tp=2.
-#   OUT=/tmp/out PART=a|b|c [QR2=hb,bk,w,s QR1=...] bash bench/run_gpu_s28.sh  (2 GPUs; carry .whl)
+#   d: the skinny GEMM with its weight in HBM or in L2 (bench/l2_gemm.py: how much an L2
+#     prefetch could take off o_proj and q/k/v at most), then the prefetch after each attention
+#     program's work (pe: XLASERVE_L2_PREFETCH=attention_end) against base, tp=2 and tp=1 A/B.
+#   OUT=/tmp/out PART=a|b|c|d [QR2=hb,bk,w,s QR1=...] bash bench/run_gpu_s28.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 28 a || exit 1
@@ -32,6 +35,16 @@ if [ "$PART" = c ]; then
     jp) echo XLASERVE_ALL_REDUCE_VARIANT=jp ;;
     pj) echo "XLASERVE_L2_PREFETCH=attention XLASERVE_ALL_REDUCE_VARIANT=jp" ;; esac; }
   run_variants "base_2 pf_2 jp_2 base_2b pf_2b jp_2b base_1 pf_1 base_1b pf_1b pf_2_t pj_2" 480
+  exit 0
+fi
+if [ "$PART" = d ]; then
+  GPU_TESTS_K="not Interpret" GPU_TESTS_TIMEOUT=100 gpu_tests tests/kernels/test_l2_prefetch.py
+  (cd bench && timeout -s ABRT -k 5 120 $PY l2_gemm.py --out "$R/l2_gemm.json") \
+    > "$R/l2_gemm.log" 2>&1
+  echo "=== l2_gemm rc=$? at $((SECONDS - T0))s"; cat "$R/l2_gemm.log" | tail -8
+  pack_results
+  env_of() { [ "$1" = pe ] && echo XLASERVE_L2_PREFETCH=attention_end; }
+  run_variants "base_2 pe_2 base_2b pe_2b base_1 pe_1 base_1b pe_1b pe_2_t" 480
   exit 0
 fi
 if [ "$PART" = b ]; then

@@ -35,8 +35,10 @@ from xlaserve.pallas_kernels import pdl
 log = logging.getLogger(__name__)
 
 ENV = "XLASERVE_L2_PREFETCH"
-# attention: ragged_paged_attention prefetches o_proj's weight
-SITES = ("attention",)
+# attention: ragged_paged_attention prefetches o_proj's weight as each program starts;
+# attention_end: after each program's work (its own loads then no longer queue behind the
+# prefetch's)
+SITES = ("attention", "attention_end")
 DEFAULT_SITES: tuple[str, ...] = ()
 # One piece per thread; a zero size skips the instruction (the last programs' pieces may be
 # empty). Addresses and sizes are multiples of 16 bytes (the instruction's alignment).

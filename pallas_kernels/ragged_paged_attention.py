@@ -297,14 +297,17 @@ def _work_list(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
 
 
 def _with_prefetch(kernel: Callable[..., None], grid: tuple[int, int, int],
-                   num_threads: int) -> Callable[..., None]:
-    """`kernel` with a leading operand whose bytes every program first asks L2 for (its share:
-    l2_prefetch.prefetch_share), so the whole grid, early-exiting programs included, spreads
-    the requests over its SMs."""
+                   num_threads: int, at_end: bool) -> Callable[..., None]:
+    """`kernel` with a leading operand whose bytes every program asks L2 for (its share:
+    l2_prefetch.prefetch_share) before its work, or after it (`at_end`), so the whole grid,
+    programs without work included, spreads the requests over its SMs."""
     def body(prefetch_ref, *refs):
         program = (pl.program_id(0) * grid[1] + pl.program_id(1)) * grid[2] + pl.program_id(2)
+        if at_end:
+            kernel(*refs)
         l2_prefetch.prefetch_share(prefetch_ref, program, math.prod(grid), num_threads)
-        kernel(*refs)
+        if not at_end:
+            kernel(*refs)
     return body
 
 
@@ -419,8 +422,9 @@ def ragged_paged_attention(
         )
     grid = (num_items, k_heads, splits)
     operands: tuple[jax.Array, ...] = (meta, table, qg, k_pages, v_pages)
-    if prefetch is not None and l2_prefetch.enabled(interpret, "attention"):
-        kernel = _with_prefetch(kernel, grid, config.num_warps * 32)
+    at_end = l2_prefetch.enabled(interpret, "attention_end")
+    if prefetch is not None and (at_end or l2_prefetch.enabled(interpret, "attention")):
+        kernel = _with_prefetch(kernel, grid, config.num_warps * 32, at_end)
         in_specs = [whole(*prefetch.shape)] + in_specs  # prefetch (only its address is used)
         operands = (prefetch, *operands)
     out = pl.pallas_call(

@@ -52,9 +52,10 @@ def test_pieces_cover_the_operand_once(total, programs, threads):
     np.testing.assert_array_equal(cover, 1)
 
 
-def test_attention_prefetches_only_where_enabled(monkeypatch):
+@pytest.mark.parametrize("site", l2_prefetch.SITES)
+def test_attention_prefetches_only_where_enabled(site, monkeypatch):
     with mock.patch.object(pdl, "unsupported", lambda: None):  # as on an H100 / H200
-        monkeypatch.setenv(l2_prefetch.ENV, "attention")
+        monkeypatch.setenv(l2_prefetch.ENV, site)
         on = _cuda_text(_attention, ATTENTION_SPECS)
         monkeypatch.delenv(l2_prefetch.ENV)
         off = _cuda_text(_attention, ATTENTION_SPECS)
@@ -116,7 +117,8 @@ def _gpu_sm90() -> bool:
 
 
 @pytest.mark.skipif(not _gpu_sm90(), reason="needs a GPU of compute capability >= 9.0")
-def test_compiled_attention_with_prefetch_equals_without(monkeypatch):
+@pytest.mark.parametrize("site", l2_prefetch.SITES)
+def test_compiled_attention_with_prefetch_equals_without(site, monkeypatch):
     """The 8B decode shape at tp 2 (4 KV heads, group 4, 1 sequence of 1025 keys), o_proj's
     local weight [16, 128, 4096] as the hint: the outputs are bit-equal."""
     rng = np.random.default_rng(0)
@@ -133,7 +135,7 @@ def test_compiled_attention_with_prefetch_equals_without(monkeypatch):
     monkeypatch.setenv(l2_prefetch.ENV, "0")
     jax.clear_caches()
     plain = jax.jit(_attention)(*args, w)
-    monkeypatch.setenv(l2_prefetch.ENV, "attention")
+    monkeypatch.setenv(l2_prefetch.ENV, site)
     jax.clear_caches()
     fn = jax.jit(_attention)
     assert INSTRUCTION in fn.lower(*args, w).as_text()
