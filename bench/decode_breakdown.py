@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     kv = llama.init_kv_cache(cfg, args.num_pages, ps)
 
     def identity_attention(q, k_new, v_new, k_pages, v_pages, inputs, *, sm_scale,
-                           sliding_window, prefetch=None):
-        del k_new, v_new, inputs, sm_scale, sliding_window, prefetch
+                           sliding_window):
+        del k_new, v_new, inputs, sm_scale, sliding_window
         return q, k_pages, v_pages
 
     def full(params, kv, inputs):
@@ -162,14 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     from xlaserve.pallas_kernels import ragged_paged_attention as rpa
 
     def attn_with(config):
-        def fn(q, k_new, v_new, k_pages, v_pages, inputs, *, sm_scale, sliding_window,
-               prefetch=None):
+        def fn(q, k_new, v_new, k_pages, v_pages, inputs, *, sm_scale, sliding_window):
             k_pages, v_pages = ops.write_kv_pages(k_pages, v_pages, k_new, v_new,
                                                   inputs.slot_mapping)
             o = rpa.ragged_paged_attention(
                 q, k_pages, v_pages, inputs.kv_lens, inputs.page_table, inputs.cu_q_lens,
                 inputs.num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
-                config=config, interpret=jax.default_backend() == "cpu", prefetch=prefetch)
+                config=config, interpret=jax.default_backend() == "cpu")
             return o, k_pages, v_pages
         return fn
 

@@ -2,6 +2,7 @@
 # Session 27 (issue 6): the batch-1 decode step at tp=2 against tp=1 (bench/results/
 # session27_h200x2/README.md). Parts b, c and d need commits cedc03c / c685c55 / fd59fa4: part
 # b's mode became the default after it, parts c and d's variants were removed after their A/B.
+# Parts e and f need commit 80761d0 (their experiments were removed in session 28).
 #   a: the compiled test of the 2-warp attention tiles (session 26's, never run on a GPU), then
 #     batch-1 attention launch settings in the table (bench/attention_table_variant.py): runs
 #     <variant>_<tp>[b] (the steady-state slope): base (the committed table: small_decode 2

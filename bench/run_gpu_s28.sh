@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Session 28 (issue 6): session 27's two experiments (written then, never run on a GPU) on the
-# batch-1 decode step at tp=2 against tp=1 (bench/results/session28_h200x2/README.md).
+# batch-1 decode step at tp=2 against tp=1 (bench/results/session28_h200x2/README.md). All four
+# parts need the code of their commit: a and b 02d0e24 (the experiments of session 27, removed
+# after this session's runs; they stay at 80761d0), c 47e8e78, d 084dd0b (the L2 prefetch,
+# removed after its A/B).
 #   a: the compiled tests of both (jp: XLASERVE_ALL_REDUCE_VARIANT=jp, the fused all-reduce's
 #     joint wait; SkinnyGemmRope: q/k/v, rope and the K/V write as one kernel), then
 #     bench/qkv_rope.py (q/k/v + rope in isolation: split-K GEMM + rope_write_kv against
@@ -14,7 +17,9 @@
 #   d: the skinny GEMM with its weight in HBM or in L2 (bench/l2_gemm.py: how much an L2
 #     prefetch could take off o_proj and q/k/v at most), then the prefetch after each attention
 #     program's work (pe: XLASERVE_L2_PREFETCH=attention_end) against base, tp=2 and tp=1 A/B.
-#   OUT=/tmp/out PART=a|b|c|d [QR2=hb,bk,w,s QR1=...] bash bench/run_gpu_s28.sh  (2 GPUs; carry .whl)
+#   r: the ratio on the default (any commit from 084dd0b on): tp=1 and tp=2 alternated, four
+#     runs each.
+#   OUT=/tmp/out PART=a|b|c|d|r [QR2=hb,bk,w,s QR1=...] bash bench/run_gpu_s28.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 28 a || exit 1
@@ -45,6 +50,11 @@ if [ "$PART" = d ]; then
   pack_results
   env_of() { [ "$1" = pe ] && echo XLASERVE_L2_PREFETCH=attention_end; }
   run_variants "base_2 pe_2 base_2b pe_2b base_1 pe_1 base_1b pe_1b pe_2_t" 480
+  exit 0
+fi
+if [ "$PART" = r ]; then
+  run_variants "base_1 base_2 base_1b base_2b base_1c base_2c base_1d base_2d" 480
+  pack_results
   exit 0
 fi
 if [ "$PART" = b ]; then

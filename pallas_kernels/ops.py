@@ -109,14 +109,12 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            kv_lens: jax.Array, page_table: jax.Array, cu_q_lens: jax.Array,
                            num_seqs: jax.Array, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
-                           impl: str = "auto", prefetch: jax.Array | None = None) -> jax.Array:
+                           impl: str = "auto") -> jax.Array:
     """Dispatches to an implementation of ragged paged attention. See ragged_paged_attention.py.
 
     Args:
       q: [T, N, H]. k_pages, v_pages: [K, P, L, H]. kv_lens: i32[S]. page_table: i32[S, M].
       cu_q_lens: i32[S+1]. num_seqs: i32[1]. impl: one of IMPLEMENTATIONS.
-      prefetch: a later kernel's operand the Pallas kernel may ask L2 for (a hint; see
-        pallas_kernels/l2_prefetch.py); the reference ignores it.
     Returns:
       [T, N, H] attention output in q's dtype (padded rows 0).
     """
@@ -133,8 +131,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                                                     sliding_window=sliding_window,
                                                     soft_cap=soft_cap)
     return rpa.ragged_paged_attention(*args, sm_scale=sm_scale, sliding_window=sliding_window,
-                                      soft_cap=soft_cap, interpret=chosen == "pallas_interpret",
-                                      prefetch=prefetch)
+                                      soft_cap=soft_cap, interpret=chosen == "pallas_interpret")
 
 
 def write_impl_for(num_tokens: int, platform: str | None = None) -> str:

@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +58,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from xlaserve.pallas_kernels import l2_prefetch, pdl
+from xlaserve.pallas_kernels import pdl
 
 _LOG2E = math.log2(math.e)
 
@@ -296,21 +295,6 @@ def _work_list(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
     return jnp.where(valid[None, :], meta, 0).astype(jnp.int32)
 
 
-def _with_prefetch(kernel: Callable[..., None], grid: tuple[int, int, int],
-                   num_threads: int, at_end: bool) -> Callable[..., None]:
-    """`kernel` with a leading operand whose bytes every program asks L2 for (its share:
-    l2_prefetch.prefetch_share) before its work, or after it (`at_end`), so the whole grid,
-    programs without work included, spreads the requests over its SMs."""
-    def body(prefetch_ref, *refs):
-        program = (pl.program_id(0) * grid[1] + pl.program_id(1)) * grid[2] + pl.program_id(2)
-        if at_end:
-            kernel(*refs)
-        l2_prefetch.prefetch_share(prefetch_ref, program, math.prod(grid), num_threads)
-        if not at_end:
-            kernel(*refs)
-    return body
-
-
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "config",
                                              "interpret"))
 def ragged_paged_attention(
@@ -327,7 +311,6 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     config: RaggedPagedAttentionConfig | None = None,
     interpret: bool = False,
-    prefetch: jax.Array | None = None,
 ) -> jax.Array:  # [T, N, H]
     """Ragged paged attention with the Pallas kernel. Same semantics as the reference.
 
@@ -339,9 +322,6 @@ def ragged_paged_attention(
       sm_scale: logit scale. sliding_window: keys with pos > q_pos - window only. soft_cap:
         logit soft cap. config: tiles; None takes the tuning table's entry for these shapes.
       interpret: run the kernel in the Pallas interpreter (CPU tests).
-      prefetch: an operand of a later kernel (o_proj's weight) that the programs ask L2 for
-        while they wait on their own loads, where `l2_prefetch.enabled(interpret, "attention")`
-        (pallas_kernels/l2_prefetch.py); a hint that changes no value. Else unused.
     Returns:
       [T, N, H] in q's dtype; rows past cu_q_lens[num_seqs] are 0.
     """
@@ -420,24 +400,16 @@ def ragged_paged_attention(
             pl.BlockSpec((None, *block), lambda w, kh, sp: (sp, *o_index(w, kh, sp))),  # m
             pl.BlockSpec((None, *block), lambda w, kh, sp: (sp, *o_index(w, kh, sp))),  # l
         )
-    grid = (num_items, k_heads, splits)
-    operands: tuple[jax.Array, ...] = (meta, table, qg, k_pages, v_pages)
-    at_end = l2_prefetch.enabled(interpret, "attention_end")
-    if prefetch is not None and (at_end or l2_prefetch.enabled(interpret, "attention")):
-        kernel = _with_prefetch(kernel, grid, config.num_warps * 32, at_end)
-        in_specs = [whole(*prefetch.shape)] + in_specs  # prefetch (only its address is used)
-        operands = (prefetch, *operands)
     out = pl.pallas_call(
         kernel,
-        grid=grid,
+        grid=(num_items, k_heads, splits),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
-        name=f"ragged_paged_attention_bq{bq}_ppb{ppb}_sp{splits}"
-             + ("_pf" if len(operands) > 5 else ""),
-    )(*operands)
+        name=f"ragged_paged_attention_bq{bq}_ppb{ppb}_sp{splits}",
+    )(meta, table, qg, k_pages, v_pages)
 
     if splits > 1:  # flash-decoding combine
         o_part, m_part, l_part = out  # [sp, *o_dims, H], [sp, *o_dims], [sp, *o_dims]

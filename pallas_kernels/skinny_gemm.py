@@ -180,8 +180,7 @@ def dual_product(x_ref, a_ref, a_cols, b_ref, b_cols, *, block_k: int, steps: in
                  width: int) -> tuple[jax.Array, jax.Array]:
     """Float32 (x . a[:, a_cols], x . b[:, b_cols]) over the whole K of x_ref [M, K], walked in
     `steps` block_k steps (both products share each x tile); the column windows are `width`
-    wide. The K loop of the kernels with an epilogue over two products (SwiGLU's gate and up,
-    rope's two halves of a head)."""
+    wide. The K loop of a kernel with an epilogue over two products (SwiGLU's gate and up)."""
     m = x_ref.shape[0]
     dims = (((1,), (0,)), ((), ()))
 

@@ -242,8 +242,8 @@ class AllReduce:
     # kernels find their rank from their output pointer without a load when it lies in one
     # (`all_reduce_ptx._rank_and_sequence`); None: they load the rank buffer.
     ranges: tuple[tuple[int, int], ...] | None = None
-    # "jp" (experiment, XLASERVE_ALL_REDUCE_VARIANT; not yet measured): the fused kernel waits
-    # for all of a thread's vectors of a peer's row in one loop (all_reduce_ptx._joint_wait)
+    # an experiment of the fused kernel (XLASERVE_ALL_REDUCE_VARIANT; all_reduce_ptx.
+    # add_rms_norm_ptx's `variant`: none is built now), "" for none
     variant: str = ""
 
     @classmethod

@@ -214,54 +214,6 @@ def _poll_sum(emit: Any, body: list[str], tp: int, dt: str, tag: str = "") -> No
         body.extend(_accumulate(dt, ["%q0", "%q1", "%q2", "%q3"], first=(r == 0)))
 
 
-def _joint_wait(emit: Any, tp: int, per_thread: int) -> None:
-    """Waits for every peer's LL lines of all of this thread's vectors at once (variant "jp"):
-    per peer, one loop issues the loads of every vector j (byte (th + j THREADS) 32 of the LL
-    chunk; vectors past the row, %pv{j} false, count as arrived) into %pd{r}_{j}_{k} and checks
-    all flags, so the second vector costs no round trip of its own after the first has
-    arrived. A wait over TIMEOUT_NS traps."""
-    for r in range(tp):
-        emit(f"@%peq{r} bra JOINED{r};")
-        emit(f"add.u32 %t, %blk, {r};")
-        emit(f"mul.wide.u32 %b, %t, {LL_CHUNK_BYTES};")
-        emit(f"add.u64 %b, %b, {DATA_OFFSET};")
-        emit("add.u64 %b, %wsl, %b;")
-        for j in range(per_thread):
-            emit(f"add.u32 %t, %th, {j * THREADS};")
-            emit("mul.wide.u32 %loc, %t, 32;")
-            emit(f"add.u64 %pa{j}, %b, %loc;")
-        emit("mov.u64 %start, %globaltimer;")
-        emit(f"JSPIN{r}:")
-        for j in range(per_thread):  # every load issued before any flag is checked
-            d, f = [f"%pd{r}_{j}_{k}" for k in range(4)], [f"%fl{j}_{k}" for k in range(4)]
-            emit(f"@%pv{j} ld.volatile.global.v4.b32 {{{d[0]}, {f[0]}, {d[1]}, {f[1]}}}, "
-                 f"[%pa{j}];")
-            emit(f"@%pv{j} ld.volatile.global.v4.b32 {{{d[2]}, {f[2]}, {d[3]}, {f[3]}}}, "
-                 f"[%pa{j}+16];")
-        emit("setp.eq.u32 %p, 0, 0;")
-        for j in range(per_thread):
-            emit(f"setp.eq.u32 %pj, %fl{j}_0, %seq;")
-            for k in (1, 2, 3):
-                emit(f"setp.eq.and.u32 %pj, %fl{j}_{k}, %seq, %pj;")
-            emit(f"or.pred %pj, %pj, %nv{j};")
-            emit("and.pred %p, %p, %pj;")
-        emit(f"@%p bra JOINED{r};")
-        emit("mov.u64 %now, %globaltimer;")
-        emit("sub.u64 %now, %now, %start;")
-        emit(f"setp.gt.u64 %p, %now, {TIMEOUT_NS};")
-        emit("@%p trap;")
-        emit(f"bra JSPIN{r};")
-        emit(f"JOINED{r}:")
-
-
-def _sum_waited(body: list[str], tp: int, dt: str, j: int) -> None:
-    """Sums, in rank order into %acc*, vector j of each rank: this rank's (%w0..3) or the
-    peer's that `_joint_wait` loaded."""
-    for r in range(tp):
-        body.extend(f"selp.b32 %q{k}, %w{k}, %pd{r}_{j}_{k}, %peq{r};" for k in range(4))
-        body.extend(_accumulate(dt, ["%q0", "%q1", "%q2", "%q3"], first=(r == 0)))
-
-
 _COMMON_REGS = (
     ".reg .pred %p, %is0, %peq<8>, %pne<8>;",
     ".reg .b32 %th, %nthr, %cta, %rank, %seq, %slot, %nvec, %vbeg, %vend, %v, %blk, %t, "
@@ -381,9 +333,10 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     Parameters, in order: x, rank (i32[1]), rows (i32[1]), residual, scale [dim], out_x, out_h
     (buffers); the tp workspace addresses (u64). The grid is one CTA per row (at most
     MAX_CTAS). `dim`, `eps` and `partials` are constants of the code (they are in the kernel's
-    name). `ranges`: as `all_reduce_ptx`'s. `variant` "jp" (an experiment, not yet measured):
-    each thread waits for all its vectors of a peer's row in one loop (`_joint_wait`) instead of
-    one vector after the other.
+    name). `ranges`: as `all_reduce_ptx`'s. `variant`: an experiment's name, "" for none (none
+    is in the code now: the last ones, measured without gain in session 28 (jp: each thread
+    waiting for all its vectors of a peer's row in one loop), and session 27 (nb, lt), stay at
+    commits 80761d0 and fd59fa4).
     """
     _check_tp(tp)
     if not add_rms_norm_row_ok(dim, dtype):
@@ -392,8 +345,8 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     if partials is not None and (partials[0] < 1 or not 1 <= partials[1] <= MAX_CTAS):
         raise ValueError(f"partials={partials}: needs (S >= 1, 1 <= T <= {MAX_CTAS})")
     dt = DTYPES[jnp.dtype(dtype).name]
-    if variant not in ("", "jp"):
-        raise ValueError(f"variant={variant!r}: '' or 'jp'")
+    if variant:
+        raise ValueError(f"variant={variant!r}: no experiment variant is built now (only '')")
     name = add_rms_norm_kernel_name(tp, dtype, dim, eps, partials, ranges, variant)
     row_vec = dim * jnp.dtype(dtype).itemsize // 16
     per_thread = -(-row_vec // THREADS)
@@ -407,13 +360,6 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     emit(f".reg .b64 %ws<{tp}>, %resp, %scp, %outhp, %rowsp;")
     emit(".reg .b32 %nrows;")
     emit(f".reg .pred %pv<{per_thread}>;")
-    if variant == "jp":
-        emit(f".reg .pred %nv<{per_thread}>, %pj;")
-        emit(f".reg .b64 %pa<{per_thread}>;")
-        emit(".reg .b32 " + ", ".join(f"%fl{j}_{k}" for j in range(per_thread)
-                                       for k in range(4)) + ";")
-        emit(".reg .b32 " + ", ".join(f"%pd{r}_{j}_{k}" for r in range(tp)
-                                       for j in range(per_thread) for k in range(4)) + ";")
     emit(f".reg .f32 %fv, %fr, %ss, %rstd, %acc<{n}>, %s<{n}>, %xn<{per_thread * n}>;")
     emit(f".reg .b32 %lane, %warp, %r<{4 * per_thread}>, %c<{4 * per_thread}>;")
     emit(f".reg .b32 %o<{4 * per_thread}>;")  # this rank's row (rounded), per vector
@@ -427,8 +373,6 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     emit(f"mul.lo.u32 %vbeg, %cta, {row_vec};")
     for j in range(per_thread):  # thread th owns vectors th, th + THREADS, ... of the row
         emit(f"setp.lt.u32 %pv{j}, %th, {row_vec - j * THREADS};")
-        if variant == "jp":
-            emit(f"not.pred %nv{j}, %pv{j};")
 
     def locate(j: int) -> None:  # %off: byte of the vector in the [T, dim] arrays; %loc: in LL
         emit(f"add.u32 %t, %th, {j * THREADS};")
@@ -487,17 +431,12 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
         emit(f"PUSHED{j}:")
     # 2. s = the sum (rounded); x_new = residual + s (rounded), stored; sum of squares of x_new
     emit(f"mov.f32 %ss, {_f32(0.0)};")
-    if variant == "jp":
-        _joint_wait(emit, tp, per_thread)
     for j in range(per_thread):
         xn = [f"%xn{j * n + k}" for k in range(n)]
         emit(f"@!%pv{j} bra SUMMED{j};")
         locate(j)
         body.extend(f"mov.b32 %w{k}, %o{4 * j + k};" for k in range(4))  # this rank's row
-        if variant == "jp":
-            _sum_waited(body, tp, dt, j)
-        else:
-            _poll_sum(emit, body, tp, dt, tag=f"_{j}")
+        _poll_sum(emit, body, tp, dt, tag=f"_{j}")
         body.extend(_round_regs(dt, acc, w, s))  # the sum, rounded as the plain kernel's
         body.extend(_unpack_regs(dt, [f"%r{4 * j + k}" for k in range(4)], acc))
         body.extend(f"add.f32 {x}, {x}, {a};" for x, a in zip(s, acc))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from xlaserve.pallas_kernels import ops, skinny_gemm_rope
+from xlaserve.pallas_kernels import ops
 from xlaserve.pallas_kernels.rope_write_kv import rope_write_kv
 from xlaserve.pallas_kernels.skinny_gemm import skinny_gemm, skinny_gemm_swiglu
 from xlaserve.runtime.config import ModelConfig
@@ -117,26 +117,10 @@ class DecodeProjection:
                                              f"{self.model_cfg.num_kv_heads}: replicated K/V)")
             return None
         n_q = self.model_cfg.num_heads // tp
-        fused = skinny_gemm_rope.config_from_env()  # the experiment (XLASERVE_QKV_ROPE)
-        why = None if fused is None else skinny_gemm_rope.tiles_fit(fused,
-                                                                    self.model_cfg.head_dim, k)
-        if why:
-            ops.log_rope_write_choice(shape, f"rope_write_kv kernel ({skinny_gemm_rope.ENV}: "
-                                             f"{why})")
-            fused = None
-        elif fused is not None:
-            ops.log_rope_write_choice(shape, f"skinny_gemm_rope kernel ({skinny_gemm_rope.ENV}:"
-                                             f" {fused})")
-        else:
-            ops.log_rope_write_choice(shape, "rope_write_kv kernel")
+        ops.log_rope_write_choice(shape, "rope_write_kv kernel")
         interpret = self.mode == "pallas_interpret"
 
         def body(x, wq, wk, wv, cos, sin, slot_mapping, k_pages, v_pages, rows):
-            if fused is not None:
-                return skinny_gemm_rope.skinny_gemm_rope(
-                    x.reshape(x.shape[0], k), wq.reshape(k, -1), wk.reshape(k, -1),
-                    wv.reshape(k, -1), cos, sin, slot_mapping, k_pages, v_pages, rows,
-                    config=fused, interpret=interpret)
             parts = self._partials(x, (wq, wk, wv), k, gemm)
             return rope_write_kv(parts, cos, sin, slot_mapping, k_pages, v_pages, rows,
                                  num_q_heads=n_q, dtype=jnp.dtype(dtype), interpret=interpret)

@@ -158,10 +158,7 @@ class ShardedAttention:
 
     def __call__(self, q: jax.Array, k_new: jax.Array | None, v_new: jax.Array | None,
                  k_pages: jax.Array, v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
-                 sliding_window: int | None, prefetch: jax.Array | None = None,
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """`prefetch`: o_proj's weight [N, H, D] (llama.AttentionFn), split like o_proj; each
-        device's kernel gets its own slice, the part its o_proj reads."""
+                 sliding_window: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         rules = mesh_rules(self.model_cfg, self.mesh)
         tp = self.mesh.shape[MODEL_AXIS]
         split_kv = kv_heads_sharded(self.model_cfg, tp)
@@ -178,15 +175,10 @@ class ShardedAttention:
         rep = PartitionSpec()
         impl = self.impl
 
-        # prefetch as a trailing shard_map operand, or nothing
-        hint_args = () if prefetch is None else (prefetch,)
-        hint_specs = (logical_to_spec(("q_heads", "head_dim", "embed"), rules),) * len(hint_args)
-
-        def attend(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                   prefetch=None):
+        def attend(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs):
             o = ops.ragged_paged_attention(
                 q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                sm_scale=sm_scale, sliding_window=sliding_window, impl=impl, prefetch=prefetch)
+                sm_scale=sm_scale, sliding_window=sliding_window, impl=impl)
             return o, k_pages, v_pages
 
         def body(q, k_new, v_new, k_pages, v_pages, slot_mapping, *meta):
@@ -202,16 +194,15 @@ class ShardedAttention:
         meta = (inputs.kv_lens, inputs.page_table, inputs.cu_q_lens, inputs.num_seqs)
         if k_new is None:  # already written (llama.RopeWriteFn)
             fn = _shard_map(attend, self.mesh,
-                            in_specs=(q_spec, pages_spec, pages_spec, rep, rep, rep, rep,
-                                      *hint_specs),
+                            in_specs=(q_spec, pages_spec, pages_spec, rep, rep, rep, rep),
                             out_specs=(q_spec, pages_spec, pages_spec))
-            return fn(q, k_pages, v_pages, *meta, *hint_args)
+            return fn(q, k_pages, v_pages, *meta)
         fn = _shard_map(
             body, self.mesh,
             in_specs=(q_spec, kv_new_spec, kv_new_spec, pages_spec, pages_spec,
-                      rep, rep, rep, rep, rep, *hint_specs),
+                      rep, rep, rep, rep, rep),
             out_specs=(q_spec, pages_spec, pages_spec))
-        return fn(q, k_new, v_new, k_pages, v_pages, inputs.slot_mapping, *meta, *hint_args)
+        return fn(q, k_new, v_new, k_pages, v_pages, inputs.slot_mapping, *meta)
 
 
 def shard_attention(mesh: Mesh, model_cfg: ModelConfig, *, impl: str = "auto",

@@ -186,17 +186,10 @@ class Projection(nn.Module):
     use_bias: bool = False
     defer: bool = False
 
-    def setup(self) -> None:
-        # In setup, not a compact __call__: the parent may read `kernel` before the call (the
-        # attention hands o_proj's weight to its kernel as an L2 prefetch hint)
-        self.kernel = _param(self, "kernel", _KERNEL_INIT, self.in_shape + self.out_shape,
-                             self.in_axes + self.out_axes, self.dtype)
-        if self.use_bias:
-            self.bias = _param(self, "bias", nn.initializers.zeros, self.out_shape,
-                               self.out_axes, self.dtype)
-
+    @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array | Deferred:
-        kernel = self.kernel
+        kernel = _param(self, "kernel", _KERNEL_INIT, self.in_shape + self.out_shape,
+                        self.in_axes + self.out_axes, self.dtype)
         if self.defer and not self.use_bias:
             return Deferred(x, kernel, self.in_axes, self.out_axes)
         # The product accumulates in float32 either way; its output is in the model dtype
@@ -205,7 +198,9 @@ class Projection(nn.Module):
         y = contract(x, kernel, len(self.in_shape),
                      jnp.float32 if self.use_bias else self.dtype)
         if self.use_bias:
-            y = y + self.bias.astype(jnp.float32)
+            bias = _param(self, "bias", nn.initializers.zeros, self.out_shape, self.out_axes,
+                          self.dtype)
+            y = y + bias.astype(jnp.float32)
         return y.astype(self.dtype)
 
 

@@ -58,16 +58,12 @@ class AttentionFn(Protocol):
     """Writes this step's K/V into the pages, then attends.
 
     k_new and v_new None: they are already in the pages (a `RopeWriteFn` stored them); only
-    attend. `prefetch` (None, or o_proj's weight, which the model multiplies o by next): a hint
-    that the attention kernel may ask L2 for it while it waits on its own loads
-    (pallas_kernels/l2_prefetch.py); it changes no value. Returns (o [T, N, H], k_pages,
-    v_pages).
+    attend. Returns (o [T, N, H], k_pages, v_pages).
     """
 
     def __call__(self, q: jax.Array, k_new: jax.Array | None, v_new: jax.Array | None,
                  k_pages: jax.Array, v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
-                 sliding_window: int | None, prefetch: jax.Array | None = None,
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+                 sliding_window: int | None) -> tuple[jax.Array, jax.Array, jax.Array]: ...
 
 
 @runtime_checkable
@@ -97,8 +93,8 @@ RowParallelFn = AddRMSNormFn
 
 def paged_attention(q: jax.Array, k_new: jax.Array | None, v_new: jax.Array | None,
                     k_pages: jax.Array, v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
-                    sliding_window: int | None, prefetch: jax.Array | None = None,
-                    impl: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+                    sliding_window: int | None, impl: str = "auto",
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The default AttentionFn: ops.write_kv_pages then ops.ragged_paged_attention.
 
     Args:
@@ -106,7 +102,6 @@ def paged_attention(q: jax.Array, k_new: jax.Array | None, v_new: jax.Array | No
         (None: already in the pages).
       k_pages, v_pages: [K, P, L, H] the layer's page pools.
       inputs: the step's ragged metadata (slot_mapping, kv_lens, page_table, cu_q_lens, num_seqs).
-      prefetch: the next GEMM's weight, a hint for the Pallas kernel (see `AttentionFn`).
     Returns:
       (o [T, N, H], updated k_pages, updated v_pages).
     """
@@ -120,7 +115,7 @@ def paged_attention(q: jax.Array, k_new: jax.Array | None, v_new: jax.Array | No
     o = ops.ragged_paged_attention(
         q, k_pages, v_pages, jnp.asarray(inputs.kv_lens), jnp.asarray(inputs.page_table),
         jnp.asarray(inputs.cu_q_lens), jnp.asarray(inputs.num_seqs), sm_scale=sm_scale,
-        sliding_window=sliding_window, impl=impl, prefetch=prefetch)
+        sliding_window=sliding_window, impl=impl)
     return o, k_pages, v_pages
 
 
@@ -177,13 +172,13 @@ class Attention(nn.Module):
                 k_new = RMSNorm(h, cfg.rms_norm_eps, dt, name="k_norm")(k_new)
             q = apply_rope(q, inputs.positions, inv_freq)
             k_new = apply_rope(k_new, inputs.positions, inv_freq)
-        o_proj = Projection((n, h), (d,), ("q_heads", "head_dim"), ("embed",), dt,
-                            cfg.o_proj_bias, defer=True, name="o_proj")
         with jax.named_scope("paged_attention"):
             o, k_pages, v_pages = self.attention_fn(
                 q, k_new, v_new, k_pages, v_pages, inputs, sm_scale=h ** -0.5,
-                sliding_window=cfg.sliding_window, prefetch=o_proj.kernel)  # o: [T, N, H]
-        return o_proj(o), k_pages, v_pages  # [T, D]
+                sliding_window=cfg.sliding_window)  # o: [T, N, H]
+        out = Projection((n, h), (d,), ("q_heads", "head_dim"), ("embed",), dt,
+                         cfg.o_proj_bias, defer=True, name="o_proj")(o)  # [T, D]
+        return out, k_pages, v_pages
 
 
 class DecoderLayer(nn.Module):

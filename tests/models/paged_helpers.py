@@ -74,10 +74,8 @@ def build_step(seqs: list[PagedSeq], new_tokens: list[list[int]], *, page_size: 
 
 def dense_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
                     v_pages: jax.Array, inputs: StepInputs, *, sm_scale: float,
-                    sliding_window: int | None, prefetch: jax.Array | None = None,
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                    sliding_window: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """AttentionFn for ONE whole sequence given at once: plain causal softmax attention.
-    (`prefetch`, a kernel hint, is unused.)
 
     Ignores the pages (returned unchanged); the mask comes from the token positions only.
     """

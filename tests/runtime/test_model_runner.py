@@ -411,8 +411,7 @@ def test_custom_buckets_and_bucket_keys(params, cache_dir):
 def test_attention_fn_is_used(params, cache_dir):
     calls = []
 
-    def attention_fn(q, k_new, v_new, k_pages, v_pages, inputs, *, sm_scale, sliding_window,
-                     prefetch=None):
+    def attention_fn(q, k_new, v_new, k_pages, v_pages, inputs, *, sm_scale, sliding_window):
         calls.append(q.shape)
         return llama.paged_attention(q, k_new, v_new, k_pages, v_pages, inputs,
                                      sm_scale=sm_scale, sliding_window=sliding_window,
