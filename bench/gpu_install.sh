@@ -97,15 +97,43 @@ PY
 # line per tp printed. Needs R, PY and T0 (the script's start, $SECONDS) set; TBL=path runs it
 # with that skinny GEMM table (XLASERVE_SKINNY_GEMM_TABLE), ATBL=path with that attention tile
 # table (XLASERVE_ATTENTION_TABLE), EL=0|1 with XLASERVE_EARLY_LAUNCH (pallas_kernels/pdl.py),
-# XENV="NAME=VALUE ..." with those variables.
+# XENV="NAME=VALUE ..." with those variables. Where nvidia-smi exists, the GPUs' SM clock,
+# temperature, power and throttle reasons are sampled during the run into $R/NAME.clocks.csv
+# and summarized after it (clocks_summary): whether a host's spread comes from its clocks.
 run_tp() {
-  local name=$1 tps=$2; shift 2
+  local name=$1 tps=$2 rc sampler=; shift 2
   local args=("${TPS_ARGS[@]:---decode-batches 1 --all-reduce custom --no-prefill --greedy-steps 4 --child-timeout 200}")
+  if command -v nvidia-smi >/dev/null; then  # the GPUs' clocks, temperature and power, 4 Hz
+    nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,temperature.gpu,power.draw,clocks_throttle_reasons.active \
+      --format=csv,noheader -lms 250 > "$R/$name.clocks.csv" 2>/dev/null &
+    sampler=$!
+  fi
   timeout -s ABRT -k 5 420 env ${TBL:+XLASERVE_SKINNY_GEMM_TABLE=$TBL} \
     ${ATBL:+XLASERVE_ATTENTION_TABLE=$ATBL} ${EL:+XLASERVE_EARLY_LAUNCH=$EL} ${XENV:-} \
     $PY bench/tp_scaling.py --tp $tps ${args[@]} "$@" --out "$R/$name.json" \
     > "$R/$name.log" 2>&1
-  echo "=== $name rc=$? at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/$name.log" | head -4
+  rc=$?
+  if [ -n "$sampler" ]; then kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null; fi
+  echo "=== $name rc=$rc at $((SECONDS - T0))s"; grep -E "decode B=1" "$R/$name.log" | head -4
+  if [ -n "$sampler" ]; then clocks_summary "$R/$name.clocks.csv"; fi
+}
+# clocks_summary FILE: one line per GPU from run_tp's nvidia-smi samples: the SM clock's range
+# and median (MHz) over the samples where it ran above 1000 MHz (the run's busy part), the top
+# temperature and power, and the throttle-reason masks seen.
+clocks_summary() {
+  $PY - "$1" <<'PY'
+import collections, statistics, sys
+runs = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    f = [x.strip() for x in line.split(",")]
+    if len(f) >= 7 and f[2].split()[0].isdigit() and int(f[2].split()[0]) > 1000:
+        runs[f[1]].append((int(f[2].split()[0]), float(f[4]), float(f[5].split()[0]), f[6]))
+for gpu, s in sorted(runs.items()):
+    sm = [x[0] for x in s]
+    print(f"  gpu {gpu}: SM {min(sm)}-{max(sm)} MHz (median {statistics.median(sm):.0f}, "
+          f"{len(s)} samples), max {max(x[1] for x in s):.0f} C, {max(x[2] for x in s):.0f} W, "
+          f"throttle {' '.join(sorted({x[3] for x in s}))}")
+PY
 }
 # gpu_tests FILE...: the compiled (not interpreted) tests of FILEs (GPU_TESTS_K: a pytest -k
 # expression instead of "not Interpret"), GPU_TESTS_TIMEOUT s at most (default 120).
