@@ -96,7 +96,6 @@ FFI_TARGET = "triton_kernel_call_ffi"
 # "range" (default, session 27): the kernels take their rank from their output pointer
 # (AllReduce.ranges); "load": from the rank buffer (the A/B of bench/run_gpu_s27.sh)
 RANK_ENV = "XLASERVE_ALL_REDUCE_RANK"
-VARIANT_ENV = "XLASERVE_ALL_REDUCE_VARIANT"  # AllReduce.variant (experiments)
 MIN_JAX = (0, 11)  # measured on 0.11.2 (2 x H200); 0.10.2's launcher was not tried
 
 
@@ -242,9 +241,6 @@ class AllReduce:
     # kernels find their rank from their output pointer without a load when it lies in one
     # (`all_reduce_ptx._rank_and_sequence`); None: they load the rank buffer.
     ranges: tuple[tuple[int, int], ...] | None = None
-    # an experiment of the fused kernel (XLASERVE_ALL_REDUCE_VARIANT; all_reduce_ptx.
-    # add_rms_norm_ptx's `variant`: none is built now), "" for none
-    variant: str = ""
 
     @classmethod
     def create(cls, mesh: Mesh, model_axis: str = "model") -> AllReduce:
@@ -283,8 +279,7 @@ class AllReduce:
                     "~10 us slower per 8B step)")
         log.info("custom all-reduce: tp=%d, %d KiB workspace per device, messages up to %d KiB",
                  tp, workspace_bytes(tp) >> 10, MAX_MESSAGE_BYTES >> 10)
-        return cls(tp, addresses, arch, model_axis, ws, ranges,
-                   os.environ.get(VARIANT_ENV, ""))
+        return cls(tp, addresses, arch, model_axis, ws, ranges)
 
     def _opaque(self, name: str, ptx: str, buffers: tuple[int, ...], grid: int,
                 scalars: tuple[tuple[int, str], ...] = ()) -> bytes:
@@ -300,10 +295,9 @@ class AllReduce:
         return zlib.compress(call.to_proto(name, b""))
 
     def describe(self) -> str:
-        """How the kernels find their rank (and the experiment variant, if any)."""
-        how = ("its rank from its output pointer (each device's allocation range)"
-               if self.ranges else f"its rank loaded from memory ({RANK_ENV}=load)")
-        return how + (f", experiment variant {self.variant!r}" if self.variant else "")
+        """How the kernels find their rank."""
+        return ("its rank from its output pointer (each device's allocation range)"
+                if self.ranges else f"its rank loaded from memory ({RANK_ENV}=load)")
 
     def _rank(self) -> jax.Array:
         return jax.lax.axis_index(self.model_axis).astype(jnp.int32).reshape(1)
@@ -358,10 +352,8 @@ class AllReduce:
                              f"at most {CHUNK_BYTES} bytes, x like residual (or float32 split-K "
                              f"partials [S, T, D]), scale [D], one dtype of {sorted(DTYPES)}")
         dt = residual.dtype
-        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials, self.ranges,
-                               self.variant)
-        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials, self.ranges,
-                                        self.variant)
+        ptx = add_rms_norm_ptx(self.tp, dt, self.arch, d, eps, partials, self.ranges)
+        name = add_rms_norm_kernel_name(self.tp, dt, d, eps, partials, self.ranges)
         if rows is None:
             rows = jnp.full((1,), t, jnp.int32)
         if rows.shape != (1,) or rows.dtype != jnp.int32:

@@ -99,11 +99,10 @@ def kernel_name(tp: int, dtype: Any, ranges: Ranges | None = None) -> str:
 
 def add_rms_norm_kernel_name(tp: int, dtype: Any, dim: int, eps: float,
                              partials: tuple[int, int] | None = None,
-                             ranges: Ranges | None = None, variant: str = "") -> str:
+                             ranges: Ranges | None = None) -> str:
     k = f"_k{partials[0]}x{partials[1]}" if partials else ""
     return (f"xlaserve_all_reduce_add_rms_norm_tp{tp}_{DTYPES[jnp.dtype(dtype).name]}"
-            f"_d{dim}_e{_f32(eps)[2:]}{k}{'_rr' if ranges else ''}"
-            f"{f'_{variant}' if variant else ''}")
+            f"_d{dim}_e{_f32(eps)[2:]}{k}{'_rr' if ranges else ''}")
 
 
 def _check_tp(tp: int) -> None:
@@ -315,7 +314,7 @@ def add_rms_norm_row_ok(dim: int, dtype: Any) -> bool:
 
 def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
                      partials: tuple[int, int] | None = None,
-                     ranges: Ranges | None = None, variant: str = "") -> str:
+                     ranges: Ranges | None = None) -> str:
     """The PTX of the all-reduce fused with the residual add and RMSNorm that follow it.
 
     For each row (token) t, one CTA: s = sum over ranks of x[t] (float32, rank order, rounded to
@@ -333,10 +332,9 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     Parameters, in order: x, rank (i32[1]), rows (i32[1]), residual, scale [dim], out_x, out_h
     (buffers); the tp workspace addresses (u64). The grid is one CTA per row (at most
     MAX_CTAS). `dim`, `eps` and `partials` are constants of the code (they are in the kernel's
-    name). `ranges`: as `all_reduce_ptx`'s. `variant`: an experiment's name, "" for none (none
-    is in the code now: the last ones, measured without gain in session 28 (jp: each thread
-    waiting for all its vectors of a peer's row in one loop), and session 27 (nb, lt), stay at
-    commits 80761d0 and fd59fa4).
+    name). `ranges`: as `all_reduce_ptx`'s. (Variants measured without gain and removed: the
+    epilogue's one barrier and lazy clock read, session 27, commit fd59fa4; a joint wait for
+    all of a thread's vectors of a peer's row, session 28, commit 80761d0.)
     """
     _check_tp(tp)
     if not add_rms_norm_row_ok(dim, dtype):
@@ -345,9 +343,7 @@ def add_rms_norm_ptx(tp: int, dtype: Any, arch: int, dim: int, eps: float,
     if partials is not None and (partials[0] < 1 or not 1 <= partials[1] <= MAX_CTAS):
         raise ValueError(f"partials={partials}: needs (S >= 1, 1 <= T <= {MAX_CTAS})")
     dt = DTYPES[jnp.dtype(dtype).name]
-    if variant:
-        raise ValueError(f"variant={variant!r}: no experiment variant is built now (only '')")
-    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, partials, ranges, variant)
+    name = add_rms_norm_kernel_name(tp, dtype, dim, eps, partials, ranges)
     row_vec = dim * jnp.dtype(dtype).itemsize // 16
     per_thread = -(-row_vec // THREADS)
     n = 4 if dt == "f32" else 8  # elements per 16-byte vector

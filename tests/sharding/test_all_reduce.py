@@ -116,11 +116,6 @@ def test_ptx_with_ranges(fused: bool, tmp_path) -> None:
     _assembles(ptx, tmp_path)
 
 
-def test_no_variant_is_built() -> None:
-    with pytest.raises(ValueError, match="variant='jp'"):
-        ar.add_rms_norm_ptx(2, "bfloat16", 90, 4096, 1e-5, None, None, "jp")
-
-
 def test_add_rms_norm_limits() -> None:
     assert ar.fits_add_rms_norm((1, 4096), jnp.bfloat16)  # 8B decode, one token: 8 KiB rows
     assert ar.fits_add_rms_norm((128, 4096), jnp.bfloat16)
@@ -414,14 +409,13 @@ def test_describe_the_kernel_paths() -> None:
     assert "hidden 4096 float32 does not fit" in describe(hidden_size=4096, intermediate_size=256)
     assert "o_proj (with a bias) use XLA's collective" in describe(o_proj_bias=True)
     assert describe(o_proj_bias=True, mlp_bias=True).startswith("XLA's collective (o_proj and")
-    # the real kernel says how it finds its rank (and names an experiment variant)
+    # the real kernel says how it finds its rank
     for kernel, says in [
             (ar.AllReduce(2, (1 << 20, 2 << 20), 90, ranges=((0, 1 << 30), (1 << 30, 2 << 30))),
              "xlaserve's kernel (its rank from its output pointer (each device's allocation "
              "range)) for messages"),
             (ar.AllReduce(2, (1 << 20, 2 << 20), 90), "its rank loaded from memory "
-             "(XLASERVE_ALL_REDUCE_RANK=load)"),
-            (ar.AllReduce(2, (1 << 20, 2 << 20), 90, variant="jp"), "experiment variant 'jp'")]:
+             "(XLASERVE_ALL_REDUCE_RANK=load)")]:
         assert says in describe_all_reduce(mesh, ShardedRowParallel(mesh, _tiny_cfg(), kernel))
 
 
@@ -454,13 +448,12 @@ def _created(tp: int) -> tuple[Mesh, ar.AllReduce]:
     return mesh, ar.AllReduce.create(mesh)
 
 
-def _setup(tp: int, ranged: bool = True, variant: str = "") -> tuple[Mesh, ar.AllReduce]:
+def _setup(tp: int, ranged: bool = True) -> tuple[Mesh, ar.AllReduce]:
     """The mesh and kernel of tp GPUs, all on one workspace: `ranged` finds its rank from its
-    output pointer (AllReduce.ranges, the default of `create`), else it loads the rank;
-    `variant`: AllReduce.variant."""
+    output pointer (AllReduce.ranges, the default of `create`), else it loads the rank."""
     mesh, kernel = _created(tp)
     ranges = ar.allocation_ranges(_gpus()[:tp], kernel.addresses) if ranged else None
-    return mesh, dataclasses.replace(kernel, ranges=ranges, variant=variant)
+    return mesh, dataclasses.replace(kernel, ranges=ranges)
 
 
 @needs_gpus
@@ -577,15 +570,14 @@ def _ulps(got: np.ndarray, want: np.ndarray, mantissa_bits: int) -> np.ndarray:
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("shape", [(1, 4096), (16, 4096), (128, 4096), (3, 3584), (2, 2048),
                                    (5, 64)])
-@pytest.mark.parametrize("ranged,variant", [(False, ""), (True, "")])
-def test_add_rms_norm_equals_psum(dtype: str, shape: tuple[int, int], ranged: bool,
-                                  variant: str) -> None:
+@pytest.mark.parametrize("ranged", [False, True])
+def test_add_rms_norm_equals_psum(dtype: str, shape: tuple[int, int], ranged: bool) -> None:
     """residual + all-reduce, bit-equal to psum's at tp 2; the norm, in 16-bit dtypes, within
     an ulp or two of its dtype and equal for 99%+ of the elements (its float32 sum of squares
     is summed in another order than XLA's, and rsqrt may differ in the last bit); in float32
     within 1e-5."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp, ranged, variant)
+    mesh, kernel = _setup(tp, ranged)
     if not ar.fits_add_rms_norm(shape, dtype):
         pytest.skip("over the fused kernel's row limit for this dtype")
     fn, ref = _add_norm_fns(mesh, kernel, 1e-5)
@@ -612,14 +604,14 @@ def test_add_rms_norm_equals_psum(dtype: str, shape: tuple[int, int], ranged: bo
 
 @needs_gpus
 @pytest.mark.gpu
-@pytest.mark.parametrize("ranged,variant", [(False, ""), (True, "")])
-def test_chain_of_fused_and_plain_all_reduces(ranged: bool, variant: str) -> None:
+@pytest.mark.parametrize("ranged", [False, True])
+def test_chain_of_fused_and_plain_all_reduces(ranged: bool) -> None:
     """64 dependent calls in one program alternating the fused kernel (16 CTAs: one per row) and
     the plain one (8 CTAs: 8 KiB each), 10 calls with fresh inputs: the CTAs' counters advance
     differently, as across the engine's programs (steps of 129+ tokens at hidden <= 2048 take
     the plain kernel, smaller ones the fused kernel, on one workspace)."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp, ranged, variant)
+    mesh, kernel = _setup(tp, ranged)
     fn, ref = _add_norm_fns(mesh, kernel, 1e-6, chain=64)
     rng = np.random.default_rng(3)
     for _ in range(10):
@@ -638,15 +630,15 @@ def test_chain_of_fused_and_plain_all_reduces(ranged: bool, variant: str) -> Non
 @needs_gpus
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("splits,rows,ranged,variant", [
-    (4, 16, False, ""), (8, 1, False, ""), (3, 5, False, ""), (4, 1, True, ""), (2, 16, True, "")])
-def test_add_rms_norm_sums_split_k_partials(dtype: str, splits: int, rows: int, ranged: bool,
-                                            variant: str) -> None:
+@pytest.mark.parametrize("splits,rows,ranged", [
+    (4, 16, False), (8, 1, False), (3, 5, False), (4, 1, True), (2, 16, True)])
+def test_add_rms_norm_sums_split_k_partials(dtype: str, splits: int, rows: int,
+                                            ranged: bool) -> None:
     """float32 partials [S, T, D] per rank: the kernel's residual equals residual + psum(the
     partials' float32 sum rounded to the dtype) within one ulp of the dtype on 99%+ of the
     elements (XLA may sum the partials in another order), the norm within 2 ulps."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp, ranged, variant)
+    mesh, kernel = _setup(tp, ranged)
     d = 4096 if dtype == "bfloat16" else 2048
     split, rep = PartitionSpec("model"), PartitionSpec()
 
@@ -677,14 +669,14 @@ def test_add_rms_norm_sums_split_k_partials(dtype: str, splits: int, rows: int, 
 
 @needs_gpus
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows,ranged,variant", [(1, False, ""), (5, False, ""), (16, False, ""),
-                                                 (1, True, ""), (5, True, "")])
-def test_add_rms_norm_skips_padding_rows(rows: int, ranged: bool, variant: str) -> None:
+@pytest.mark.parametrize("rows,ranged", [(1, False), (5, False), (16, False), (1, True),
+                                         (5, True)])
+def test_add_rms_norm_skips_padding_rows(rows: int, ranged: bool) -> None:
     """rows < T: the first `rows` rows equal residual + psum and its norm (as without rows),
     the padding rows after them are zeros in both outputs; then a call with every row live on
     the same workspace still agrees (the skipped CTAs' counters stayed in step on all ranks)."""
     tp = min(len(_gpus()), 8)
-    mesh, kernel = _setup(tp, ranged, variant)
+    mesh, kernel = _setup(tp, ranged)
     d, t = 4096, 16
     split, rep = PartitionSpec("model"), PartitionSpec()
 
