@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Session 29 (issue 6): the batch-1 decode step at tp=2 against tp=1 on 2 x H200
+# (bench/results/session29_h200x2/README.md).
+#   a: where the ratio's host spread comes from, and one per-tp setting. Runs <variant>_<tp>[b|c]
+#     (the steady-state slope), in rotation: base_1 (tp=1 on the first GPU), g1_1 (tp=1 on the
+#     second GPU: CUDA_VISIBLE_DEVICES=1), base_2 (tp=2), el_2 (tp=2 with every PDL trigger
+#     family: XLASERVE_EARLY_LAUNCH=1). run_tp samples each GPU's clocks during every run.
+#   OUT=/tmp/out PART=a bash bench/run_gpu_s29.sh  (2 GPUs; carry .whl)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/gpu_install.sh && gpu_script 29 a || exit 1
+if [ "$PART" = a ]; then
+  env_of() { case $1 in
+    g1) echo CUDA_VISIBLE_DEVICES=1 ;;
+    el) echo XLASERVE_EARLY_LAUNCH=1 ;; esac; }
+  run_variants "base_1 base_2 g1_1 el_2 base_1b g1_1b base_2b el_2b base_1c g1_1c base_2c el_2c base_1d g1_1d base_2d el_2d" 500
+  pack_results
+  exit 0
+fi
+echo "unknown PART=$PART"; exit 2
