@@ -5,7 +5,9 @@
 #     (the steady-state slope), in rotation: base_1 (tp=1 on the first GPU), g1_1 (tp=1 on the
 #     second GPU: CUDA_VISIBLE_DEVICES=1), base_2 (tp=2), el_2 (tp=2 with every PDL trigger
 #     family: XLASERVE_EARLY_LAUNCH=1). run_tp samples each GPU's clocks during every run.
-#   OUT=/tmp/out PART=a bash bench/run_gpu_s29.sh  (2 GPUs; carry .whl)
+#   b: the same A/B on the warm host of part a: base_2 / el_2 alternated six times, then
+#     base_1 / el_1 twice (the triggers at tp=1).
+#   OUT=/tmp/out PART=a|b bash bench/run_gpu_s29.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 29 a || exit 1
@@ -14,6 +16,12 @@ if [ "$PART" = a ]; then
     g1) echo CUDA_VISIBLE_DEVICES=1 ;;
     el) echo XLASERVE_EARLY_LAUNCH=1 ;; esac; }
   run_variants "base_1 base_2 g1_1 el_2 base_1b g1_1b base_2b el_2b base_1c g1_1c base_2c el_2c base_1d g1_1d base_2d el_2d" 500
+  pack_results
+  exit 0
+fi
+if [ "$PART" = b ]; then
+  env_of() { [ "$1" = el ] && echo XLASERVE_EARLY_LAUNCH=1; }
+  run_variants "base_2 el_2 base_2b el_2b base_2c el_2c base_2d el_2d base_2e el_2e base_2f el_2f base_1 el_1 base_1b el_1b" 330
   pack_results
   exit 0
 fi
