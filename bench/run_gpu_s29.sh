@@ -7,7 +7,9 @@
 #     family: XLASERVE_EARLY_LAUNCH=1). run_tp samples each GPU's clocks during every run.
 #   b: the same A/B on the warm host of part a: base_2 / el_2 alternated six times, then
 #     base_1 / el_1 twice (the triggers at tp=1).
-#   OUT=/tmp/out PART=a|b bash bench/run_gpu_s29.sh  (2 GPUs; carry .whl)
+#   r: the ratio on the default: tp=1 and tp=2 alternated three times, then a traced run at
+#     each tp (per-kernel times per step).
+#   OUT=/tmp/out PART=a|b|r bash bench/run_gpu_s29.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 29 a || exit 1
@@ -22,6 +24,11 @@ fi
 if [ "$PART" = b ]; then
   env_of() { [ "$1" = el ] && echo XLASERVE_EARLY_LAUNCH=1; }
   run_variants "base_2 el_2 base_2b el_2b base_2c el_2c base_2d el_2d base_2e el_2e base_2f el_2f base_1 el_1 base_1b el_1b" 330
+  pack_results
+  exit 0
+fi
+if [ "$PART" = r ]; then
+  run_variants "base_1 base_2 base_1b base_2b base_1c base_2c base_2_t base_1_t" 420
   pack_results
   exit 0
 fi
