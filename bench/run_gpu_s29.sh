@@ -9,7 +9,11 @@
 #     base_1 / el_1 twice (the triggers at tp=1).
 #   r: the ratio on the default: tp=1 and tp=2 alternated three times, then a traced run at
 #     each tp (per-kernel times per step).
-#   OUT=/tmp/out PART=a|b|r bash bench/run_gpu_s29.sh  (2 GPUs; carry .whl)
+#   c: batch-1 attention's KV splits at tp=2 (small_decode max_splits; ctx 1025 has 17 64-key
+#     blocks): sp9 (9 splits of 2 blocks, as the default 12 gives, but no empty splits and 25%
+#     fewer partials for the combine: does XLA then make one combine fusion, as at tp=1's 6?),
+#     sp6 (6 splits of 3 blocks): runs base/sp9/sp6 alternated at tp=2, then a traced sp9.
+#   OUT=/tmp/out PART=a|b|r|c bash bench/run_gpu_s29.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 29 a || exit 1
@@ -29,6 +33,15 @@ if [ "$PART" = b ]; then
 fi
 if [ "$PART" = r ]; then
   run_variants "base_1 base_2 base_1b base_2b base_1c base_2c base_2_t base_1_t" 420
+  pack_results
+  exit 0
+fi
+if [ "$PART" = c ]; then
+  for n in 9 6; do
+    $PY bench/attention_table_variant.py --small-set max_splits=$n --out /tmp/at_sp$n.json || exit 1
+  done
+  at_of() { [ "$1" != base ] && echo "/tmp/at_$1.json"; }
+  run_variants "sp9_2 base_2 sp6_2 sp9_2b base_2b sp6_2b sp9_2_t sp9_2c base_2c" 400
   pack_results
   exit 0
 fi
