@@ -35,6 +35,9 @@ Session 25 (bench/results/session25_h200x2/README.md), one call: at tp=2 every f
 2.738 against the default's 2.733, 2.760 (no gain); at tp=1 the default plus one family:
 skinny_gemm (q/k/v) 4.401, rope_write_kv 4.404, ragged_paged_attention 4.375, against the
 default's 4.368-4.377. So q/k/v's GEMM and rope_write_kv are the triggers that cost tp=1.
+Session 29 (bench/results/session29_h200x2/README.md), the question being a per-tp default: at
+tp=2 every family against the default, alternated, -5 us over six pairs on one host and -15
+over three on another: within the spread, so no per-tp default.
 
 All four families take 26-38 us off tp=2 (the idle between gate/up and down_proj, and between
 q/k/v and rope_write_kv, goes) but add 20-55 us at tp=1, where XLA's GEMMs and fusions follow
