@@ -13,7 +13,9 @@
 #     blocks): sp9 (9 splits of 2 blocks, as the default 12 gives, but no empty splits and 25%
 #     fewer partials for the combine: does XLA then make one combine fusion, as at tp=1's 6?),
 #     sp6 (6 splits of 3 blocks): runs base/sp9/sp6 alternated at tp=2, then a traced sp9.
-#   OUT=/tmp/out PART=a|b|r|c bash bench/run_gpu_s29.sh  (2 GPUs; carry .whl)
+#   d (written at the end of session 29, not yet run): sp6 at tp=2 traced first (does XLA make
+#     one combine fusion at 6 splits, as at tp=1?), then base/sp6 alternated four times.
+#   OUT=/tmp/out PART=a|b|r|c|d bash bench/run_gpu_s29.sh  (2 GPUs; carry .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 29 a || exit 1
@@ -42,6 +44,13 @@ if [ "$PART" = c ]; then
   done
   at_of() { [ "$1" != base ] && echo "/tmp/at_$1.json"; }
   run_variants "sp9_2 base_2 sp6_2 sp9_2b base_2b sp6_2b sp9_2_t sp9_2c base_2c" 400
+  pack_results
+  exit 0
+fi
+if [ "$PART" = d ]; then
+  $PY bench/attention_table_variant.py --small-set max_splits=6 --out /tmp/at_sp6.json || exit 1
+  at_of() { [ "$1" != base ] && echo "/tmp/at_$1.json"; }
+  run_variants "sp6_2_t base_2 sp6_2 base_2b sp6_2b base_2c sp6_2c base_2d sp6_2d" 480
   pack_results
   exit 0
 fi
