@@ -19,39 +19,20 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh && gpu_script 29 a || exit 1
-if [ "$PART" = a ]; then
-  env_of() { case $1 in
-    g1) echo CUDA_VISIBLE_DEVICES=1 ;;
-    el) echo XLASERVE_EARLY_LAUNCH=1 ;; esac; }
-  run_variants "base_1 base_2 g1_1 el_2 base_1b g1_1b base_2b el_2b base_1c g1_1c base_2c el_2c base_1d g1_1d base_2d el_2d" 500
-  pack_results
-  exit 0
-fi
-if [ "$PART" = b ]; then
-  env_of() { [ "$1" = el ] && echo XLASERVE_EARLY_LAUNCH=1; }
-  run_variants "base_2 el_2 base_2b el_2b base_2c el_2c base_2d el_2d base_2e el_2e base_2f el_2f base_1 el_1 base_1b el_1b" 330
-  pack_results
-  exit 0
-fi
-if [ "$PART" = r ]; then
-  run_variants "base_1 base_2 base_1b base_2b base_1c base_2c base_2_t base_1_t" 420
-  pack_results
-  exit 0
-fi
-if [ "$PART" = c ]; then
-  for n in 9 6; do
-    $PY bench/attention_table_variant.py --small-set max_splits=$n --out /tmp/at_sp$n.json || exit 1
-  done
-  at_of() { [ "$1" != base ] && echo "/tmp/at_$1.json"; }
-  run_variants "sp9_2 base_2 sp6_2 sp9_2b base_2b sp6_2b sp9_2_t sp9_2c base_2c" 400
-  pack_results
-  exit 0
-fi
-if [ "$PART" = d ]; then
-  $PY bench/attention_table_variant.py --small-set max_splits=6 --out /tmp/at_sp6.json || exit 1
-  at_of() { [ "$1" != base ] && echo "/tmp/at_$1.json"; }
-  run_variants "sp6_2_t base_2 sp6_2 base_2b sp6_2b base_2c sp6_2c base_2d sp6_2d" 480
-  pack_results
-  exit 0
-fi
-echo "unknown PART=$PART"; exit 2
+# Variants: g1 (tp=1 on the second GPU), el (every PDL trigger family), spN (the attention
+# table with small_decode max_splits N, written on first use); base is the default.
+env_of() { case $1 in
+  g1) echo CUDA_VISIBLE_DEVICES=1 ;;
+  el) echo XLASERVE_EARLY_LAUNCH=1 ;; esac; }
+at_of() {
+  case $1 in sp*) [ -f "/tmp/at_$1.json" ] || $PY bench/attention_table_variant.py \
+    --small-set "max_splits=${1#sp}" --out "/tmp/at_$1.json" >&2; echo "/tmp/at_$1.json" ;; esac; }
+case $PART in
+  a) run_variants "base_1 base_2 g1_1 el_2 base_1b g1_1b base_2b el_2b base_1c g1_1c base_2c el_2c base_1d g1_1d base_2d el_2d" 500 ;;
+  b) run_variants "base_2 el_2 base_2b el_2b base_2c el_2c base_2d el_2d base_2e el_2e base_2f el_2f base_1 el_1 base_1b el_1b" 330 ;;
+  r) run_variants "base_1 base_2 base_1b base_2b base_1c base_2c base_2_t base_1_t" 420 ;;
+  c) run_variants "sp9_2 base_2 sp6_2 sp9_2b base_2b sp6_2b sp9_2_t sp9_2c base_2c" 400 ;;
+  d) run_variants "sp6_2_t base_2 sp6_2 base_2b sp6_2b base_2c sp6_2c base_2d sp6_2d" 480 ;;
+  *) echo "unknown PART=$PART"; exit 2 ;;
+esac
+pack_results
