@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Session 30 (issue 6): the 2-GPU kinds were withheld this session, so tp=2's per-device work is
+# measured on ONE H200 through a proxy: the 8B shape with the heads, KV heads, MLP width and
+# vocabulary of one tp=2 shard (16 q heads, 4 KV heads, intermediate 7168, vocab 64128) run at
+# tp=1. It runs every kernel of a tp=2 device's step at the same shapes, except that the
+# all-reduce + add + RMSNorm kernel is XLA's add + norm fusions (no peer) and the vocab-sharded
+# lm_head's all-gather is absent (bench/results/session30_h200/README.md).
+#   p: batch-1 attention's KV splits at the shard's shape (small_decode max_splits): h (the
+#     default: 12 splits at 4 KV heads), h6 (6 splits, as tp=1 gets), h9 (9); h_1_t and
+#     h6_1_t traced first (how many combine fusions XLA makes at 6 splits), then h/h6/h9
+#     alternated at ctx 1024, then h/h6 at ctx 4096 (hl, hl6: does 6 splits lose at a longer
+#     context, where each split walks 11 blocks instead of 6?), then the full 8B at tp=1 with
+#     the default and with 6 splits (b, b6: the same program expected, since tp=1 has 6).
+#   OUT=/tmp/out PART=p bash bench/run_gpu_s30.sh  (1 GPU; carry .whl)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/gpu_install.sh && gpu_script 30 p || exit 1
+PROXY=/tmp/h8b
+mkdir -p $PROXY && $PY - "$PROXY/config.json" <<'PY'
+import json, sys
+c = json.load(open("bench/configs/llama3.1-8b/config.json"))
+c.update(num_attention_heads=16, num_key_value_heads=4, intermediate_size=7168, vocab_size=64128)
+json.dump(c, open(sys.argv[1], "w"), indent=1)
+PY
+args_of() { case $1 in
+  h|h6|h9) echo --model $PROXY ;;
+  hl|hl6) echo --model $PROXY --context 4096 ;; esac; }
+at_of() { local n=; case $1 in *6) n=6 ;; *9) n=9 ;; esac
+  [ -n "$n" ] || return 0
+  [ -f "/tmp/at_sp$n.json" ] || $PY bench/attention_table_variant.py \
+    --small-set "max_splits=$n" --out "/tmp/at_sp$n.json" >&2; echo "/tmp/at_sp$n.json"; }
+case $PART in
+  p) run_variants "h_1_t h6_1_t h_1 h6_1 h9_1 h_1b h6_1b h9_1b h_1c h6_1c hl_1 hl6_1 hl_1b hl6_1b b_1 b6_1" 500 ;;
+  *) echo "unknown PART=$PART"; exit 2 ;;
+esac
+pack_results
