@@ -433,7 +433,9 @@ def combine_splits(o: jax.Array, m: jax.Array, l: jax.Array,  # noqa: E741
         out = (sum_s w_s o[s]) / (sum_s w_s l[s])   (a zero sum: 1, so such rows give 0)
 
     rounded to `dtype`. XLA makes two fusions of it (the maximum, then the merge: 1.2 + 1.85 us
-    per layer in the 8B batch-1 step at tp=2 with 12 splits). Four other forms were built,
+    per layer in the 8B batch-1 step at tp=2 with 12 splits) and one with 6 splits (1.73 us at
+    tp=2's shapes, 1.97 at tp=1's; session 30, where 6 splits at tp=2 then slowed attention by
+    0.74 us per layer at ctx 1024 and the step by 170 us at ctx 4096). Four other forms were built,
     tested and measured in that step on 2 x H200, and all were slower or no faster, so they
     were removed (BENCHMARKS.md sections 0u-0w; each stays in git): one Pallas launch (4.7 us
     per layer, session 24), the splits unrolled as static slices (XLA still made two fusions,

@@ -2,15 +2,48 @@
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import json
 import os
 import pathlib
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
 BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "tp_scaling.py"
+
+
+def _tp_scaling() -> Any:
+    """bench/tp_scaling.py as a module (bench/ is not a package; its bench-local imports)."""
+    if str(BENCH.parent) not in sys.path:
+        sys.path.append(str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("tp_scaling", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_shard_config_is_one_devices_share_of_the_8b() -> None:
+    """--shard-of N: heads, KV heads, MLP and vocab divided by N; one KV head per device when
+    N exceeds them; a size N does not divide is refused naming the field and value."""
+    tps = _tp_scaling()
+    from xlaserve.checkpoints import hf
+    cfg = hf.load_config(str(BENCH.parent / "configs" / "llama3.1-8b"))
+    half = tps.shard_config(cfg, 2)
+    assert (half.num_heads, half.num_kv_heads, half.head_dim, half.hidden_size,
+            half.intermediate_size, half.vocab_size) == (16, 4, 128, 4096, 7168, 64128)
+    assert half.num_layers == cfg.num_layers and tps.shard_config(cfg, 1) == cfg
+    assert tps.shard_config(cfg, 16).num_kv_heads == 1  # 8 KV heads over 16 devices
+    with pytest.raises(ValueError, match="num_heads=32 is not divisible by 3"):
+        tps.shard_config(cfg, 3)
+    with pytest.raises(ValueError, match="num_kv_heads=12 is not divisible by 8"):
+        tps.shard_config(cfg.replace(num_heads=48, num_kv_heads=12), 8)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        tps.shard_config(cfg, 0)
 
 
 @pytest.mark.slow
@@ -41,6 +74,25 @@ def test_tp_scaling_bench_alternating_program_copies(tmp_path: pathlib.Path) -> 
     assert report["checks"]["greedy_equal_tp2"]
 
 
+@pytest.mark.slow
+def test_tp_scaling_shard_of_runs_the_shard_at_tp1(tmp_path: pathlib.Path) -> None:
+    report = _run_bench(tmp_path, "--tp", "1", "--shard-of", "2", "--slope-iters", "4")
+    assert report["settings"]["shard_of"] == 2
+    c = report["config"]
+    assert (c["num_heads"], c["num_kv_heads"], c["intermediate_size"], c["vocab_size"]) == \
+        (4, 1, 128, 256)  # TINY: 8 heads, 2 KV heads, 256, 512
+    assert report["checks"]["greedy_equal_tp1"]
+
+
+def test_tp_scaling_shard_of_refuses_a_size_that_does_not_divide(tmp_path: pathlib.Path) -> None:
+    res = subprocess.run([sys.executable, str(BENCH), "--model", "tiny", "--tp", "1",
+                          "--shard-of", "3", "--out", str(tmp_path / "x.json")],
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2 and "num_heads=8 is not divisible by 3" in res.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
 def _run_bench(tmp_path: pathlib.Path, *args: str) -> dict:
     out = tmp_path / "tp.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -52,6 +104,10 @@ def _run_bench(tmp_path: pathlib.Path, *args: str) -> dict:
         env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert report["processes"] == "one per tp" and report["complete"] and not report["failed"]
+    assert report["complete"]
+    tps = list(itertools.takewhile(lambda a: not a.startswith("--"),
+                                   args[args.index("--tp") + 1:]))
+    if len(tps) > 1:  # several tps: one child process each
+        assert report["processes"] == "one per tp" and not report["failed"]
     assert report["device"].startswith("cpu") and report["jax"] and report["date"]
     return report
