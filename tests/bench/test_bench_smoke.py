@@ -7,7 +7,6 @@ loaded from its path for the arithmetic checks.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -15,6 +14,7 @@ import subprocess
 import sys
 from typing import Any
 
+import bench_modules  # tests/
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -27,16 +27,7 @@ ENGINE_FIELDS = ("token_buckets", "seq_buckets", "max_num_batched_tokens", "max_
 
 
 def _e2e_common() -> Any:
-    if "e2e_common" in sys.modules:
-        return sys.modules["e2e_common"]
-    if str(BENCH) not in sys.path:  # its bench-local imports (rooflines), as for the scripts
-        sys.path.append(str(BENCH))
-    spec = importlib.util.spec_from_file_location("e2e_common", BENCH / "e2e_common.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["e2e_common"] = mod  # dataclasses look their module up while it executes
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_modules.load("e2e_common")
 
 
 def _run(script: str, out: pathlib.Path, *args: str) -> dict[str, Any]:
@@ -140,17 +131,9 @@ def test_attention_peer_computes_the_same_op(monkeypatch: pytest.MonkeyPatch) ->
     assert attention.common.relative_error(fn(*args), ref) < 1e-2
 
 
-def _load(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_ncu_summary_reads_the_csv_and_relates_dram_bytes_to_the_counted_ones(
         tmp_path: pathlib.Path) -> None:
-    ncu = _load("attention_ncu")
+    ncu = bench_modules.load("attention_ncu")
     head = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
             '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
             '"Metric Value"')

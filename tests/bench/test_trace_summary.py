@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import pathlib
-import sys
 from typing import Any
 
+import bench_modules  # tests/
 import pytest
 
 BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
 
 
 def _mod() -> Any:
-    spec = importlib.util.spec_from_file_location("trace_summary", BENCH / "trace_summary.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("trace_summary", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_modules.load("trace_summary")
 
 
 @pytest.mark.parametrize("name,family", [
